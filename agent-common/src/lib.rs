@@ -1,0 +1,277 @@
+//! Types shared by the eBPF programs (`agent-ebpf`) and the agent (`agent`).
+//!
+//! Every type here is `#[repr(C)]` with explicit padding, so the kernel and
+//! userspace agree on its layout byte for byte and no padding can hide
+//! uninitialised bytes from the verifier or from aya's `Pod` reads.
+#![no_std]
+
+/// Number of syscall classes in the per-process breakdown (see [`SyscallClass`]).
+pub const SYSCALL_CLASSES: usize = 8;
+
+/// Length of the syscall-number → class table; numbers at or above it count as `Other`.
+///
+/// Must stay a power of two: the kernel masks the syscall number with `LEN - 1`
+/// so the verifier can prove the index in bounds.
+pub const SYSCALL_TABLE_LEN: usize = 512;
+
+/// `PF_KTHREAD` from `include/linux/sched.h`: the task is a kernel thread.
+pub const PF_KTHREAD: u32 = 0x0020_0000;
+
+/// Length of `task_struct::comm` (`TASK_COMM_LEN`).
+pub const COMM_LEN: usize = 16;
+
+/// Bytes of the exec'd file name carried by an exec event; longer names are cut.
+pub const FILENAME_LEN: usize = 256;
+
+/// Bounded per-syscall breakdown: each syscall number maps to one of these classes.
+///
+/// A per-syscall-number breakdown per process would multiply the process map by
+/// hundreds; eight classes keep the per-process cost fixed while still telling
+/// an operator whether a workload is doing file, network, memory or sync work.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyscallClass {
+    /// Anything not listed below.
+    Other = 0,
+    /// Files and file descriptors: read, write, open, stat, ...
+    File = 1,
+    /// Sockets: socket, connect, sendmsg, recvfrom, ...
+    Network = 2,
+    /// Address space: mmap, munmap, brk, mprotect, madvise, ...
+    Memory = 3,
+    /// Processes and signals: clone, execve, exit, wait4, kill, getpid, ...
+    Process = 4,
+    /// Waiting and synchronisation: futex, poll, epoll, select, nanosleep, ...
+    Sync = 5,
+    /// Clocks and timers: clock_gettime, gettimeofday, timer_*, ...
+    Time = 6,
+    /// Inter-process communication: pipe, msg*, sem*, shm*, eventfd, ...
+    Ipc = 7,
+}
+
+impl SyscallClass {
+    /// All classes, in index order.
+    pub const ALL: [SyscallClass; SYSCALL_CLASSES] = [
+        SyscallClass::Other,
+        SyscallClass::File,
+        SyscallClass::Network,
+        SyscallClass::Memory,
+        SyscallClass::Process,
+        SyscallClass::Sync,
+        SyscallClass::Time,
+        SyscallClass::Ipc,
+    ];
+
+    /// The name used in records and output formats.
+    pub const fn name(self) -> &'static str {
+        match self {
+            SyscallClass::Other => "other",
+            SyscallClass::File => "file",
+            SyscallClass::Network => "network",
+            SyscallClass::Memory => "memory",
+            SyscallClass::Process => "process",
+            SyscallClass::Sync => "sync",
+            SyscallClass::Time => "time",
+            SyscallClass::Ipc => "ipc",
+        }
+    }
+}
+
+/// Key of the per-process usage map: one process instance in one cgroup.
+///
+/// A process instance is (tgid, start time): a reused pid has another start
+/// time and so another key. The cgroup is part of the key so a process that
+/// moves between cgroups is billed to each for the time it spent there. The
+/// epoch is part of the key so each window's usage is a separate entry that
+/// userspace reads and deletes once the window is closed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProcKey {
+    /// `task_struct::start_time` of the thread-group leader (CLOCK_MONOTONIC ns).
+    pub start_ns: u64,
+    /// cgroup v2 id (the inode number of the cgroup's directory).
+    pub cgroup_id: u64,
+    /// Process id (thread-group id).
+    pub tgid: u32,
+    /// The accounting epoch the usage was charged in (see [`Control`]).
+    pub epoch: u32,
+}
+
+/// Per-CPU usage counters of one [`ProcKey`]; userspace sums them over CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcUsage {
+    /// Nanoseconds on CPU.
+    pub cpu_ns: u64,
+    /// Syscalls entered.
+    pub syscalls: u64,
+    /// Syscalls entered, by [`SyscallClass`] index.
+    pub syscalls_by_class: [u64; SYSCALL_CLASSES],
+}
+
+/// Node-level usage that has no process entry, per CPU and per epoch parity.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Buckets {
+    /// Every nanosecond charged in this epoch on this CPU, wherever it went:
+    /// the kernel-side total that process entries plus the buckets below must equal.
+    pub charged_ns: u64,
+    /// Time in the idle task (pid 0).
+    pub idle_ns: u64,
+    /// Time in kernel threads.
+    pub kernel_ns: u64,
+    /// Syscalls charged to kernel threads (e.g. io_uring workers).
+    pub kernel_syscalls: u64,
+    /// Time that could not be put in the process map (map full, task unreadable).
+    pub unattributed_ns: u64,
+    /// Syscalls that could not be put in the process map.
+    pub unattributed_syscalls: u64,
+    /// Folds that found the process map full (their usage went to `unattributed_*`).
+    pub map_full_drops: u64,
+    /// Folds whose task fields could not be read (their usage went to `unattributed_*`).
+    pub task_read_errors: u64,
+}
+
+/// Per-CPU state, in a one-entry per-CPU array.
+///
+/// The syscall hot path touches only this struct: it counts into the
+/// `pending_*` fields, which `sched_switch` folds into the outgoing process's
+/// [`ProcUsage`]. That keeps a hash lookup off every syscall.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuState {
+    /// When the running task's current interval began; 0 before the first event.
+    pub last_switch_ns: u64,
+    /// The first event this CPU saw after attach: the start of its accounted time.
+    pub first_switch_ns: u64,
+    /// Syscalls entered by the running task since its last fold.
+    pub pending_syscalls: u64,
+    /// The same, by class.
+    pub pending_by_class: [u64; SYSCALL_CLASSES],
+    /// Lifecycle events that did not fit in the ring buffer (metadata lost, usage kept).
+    pub events_lost: u64,
+    /// The epoch of the last fold that completed on this CPU. Once every CPU
+    /// shows the new epoch here, no program still writes the old one.
+    pub acked_epoch: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+    /// Node buckets, indexed by `epoch & 1`: cumulative, never reset, so
+    /// userspace reads a slot once the epoch has moved on and takes the difference.
+    pub buckets: [Buckets; 2],
+}
+
+/// Written by userspace, read by the fold: one entry in an array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Control {
+    /// The current accounting epoch. Userspace increments it to close a window,
+    /// waits for in-flight programs to finish, then reads the old epoch.
+    pub epoch: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+}
+
+/// Byte offsets into kernel structs, read from the kernel's BTF by the agent at load.
+///
+/// There is no CO-RE in Rust eBPF, so the agent resolves these itself and sets
+/// them as a read-only global before the programs are loaded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskOffsets {
+    /// `task_struct::pid`.
+    pub task_pid: u32,
+    /// `task_struct::tgid`.
+    pub task_tgid: u32,
+    /// `task_struct::flags`.
+    pub task_flags: u32,
+    /// `task_struct::start_time`.
+    pub task_start_time: u32,
+    /// `task_struct::group_leader`.
+    pub task_group_leader: u32,
+    /// `task_struct::real_parent`.
+    pub task_real_parent: u32,
+    /// `task_struct::signal`.
+    pub task_signal: u32,
+    /// `signal_struct::live` (an `atomic_t`).
+    pub signal_live: u32,
+    /// `linux_binprm::filename`.
+    pub binprm_filename: u32,
+    /// Set to 1 by the agent once the offsets above are filled in.
+    pub valid: u32,
+}
+
+/// Kind of a [`ProcEvent`].
+pub mod event_kind {
+    /// A new process (not a thread) was forked.
+    pub const FORK: u32 = 1;
+    /// A process called execve successfully.
+    pub const EXEC: u32 = 2;
+    /// The last thread of a process exited.
+    pub const EXIT: u32 = 3;
+}
+
+/// A process lifecycle event, sent through the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcEvent {
+    /// One of [`event_kind`].
+    pub kind: u32,
+    /// The process the event is about.
+    pub tgid: u32,
+    /// Its parent process (for FORK: the forking process).
+    pub ppid: u32,
+    /// Explicit padding; always zero.
+    pub _pad: u32,
+    /// The process's start time (CLOCK_MONOTONIC ns), as in [`ProcKey::start_ns`].
+    pub start_ns: u64,
+    /// When the event happened (CLOCK_MONOTONIC ns).
+    pub ts_ns: u64,
+    /// cgroup v2 id of the process at the event.
+    pub cgroup_id: u64,
+    /// `task_struct::comm` at the event, NUL-padded.
+    pub comm: [u8; COMM_LEN],
+    /// EXEC only: the file name passed to execve, NUL-terminated, cut at [`FILENAME_LEN`].
+    pub filename: [u8; FILENAME_LEN],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, contain only integers and integer
+    // arrays, and have no implicit padding (checked by the size tests below).
+    unsafe impl aya::Pod for super::ProcKey {}
+    unsafe impl aya::Pod for super::ProcUsage {}
+    unsafe impl aya::Pod for super::CpuState {}
+    unsafe impl aya::Pod for super::Buckets {}
+    unsafe impl aya::Pod for super::Control {}
+    unsafe impl aya::Pod for super::TaskOffsets {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    // Sizes equal to the sum of the fields prove there is no implicit padding.
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<ProcKey>(), 8 + 8 + 4 + 4);
+        assert_eq!(size_of::<ProcUsage>(), 8 + 8 + 8 * SYSCALL_CLASSES);
+        assert_eq!(size_of::<Buckets>(), 8 * 8);
+        assert_eq!(
+            size_of::<CpuState>(),
+            8 * (5 + SYSCALL_CLASSES) + 2 * size_of::<Buckets>()
+        );
+        assert_eq!(size_of::<Control>(), 8);
+        assert_eq!(size_of::<TaskOffsets>(), 4 * 10);
+        assert_eq!(
+            size_of::<ProcEvent>(),
+            4 * 4 + 8 * 3 + COMM_LEN + FILENAME_LEN
+        );
+    }
+
+    #[test]
+    fn class_table_length_is_a_power_of_two() {
+        assert!(SYSCALL_TABLE_LEN.is_power_of_two());
+    }
+}

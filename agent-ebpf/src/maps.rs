@@ -1,0 +1,90 @@
+//! Every map and global the programs share with userspace.
+//!
+//! Sizes here are defaults; the agent may resize `PROC_USAGE` at load
+//! (`EbpfLoader::set_max_entries`). Overflow of each map is counted in
+//! `CpuState`, never silent.
+
+use agent_common::{Control, CpuState, ProcKey, ProcUsage, SYSCALL_TABLE_LEN, TaskOffsets};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+
+/// Default number of (process instance, cgroup, epoch) entries held at once.
+///
+/// Userspace deletes an epoch's entries as soon as it closes the window, so
+/// this needs about twice the processes that run within one tick. Memory:
+/// entries × possible CPUs × 80 bytes (plus per-entry hash overhead), about
+/// 800 KiB per CPU at 10,240. When full, a fold's usage goes to the
+/// unattributed bucket and `map_full_drops` counts it.
+pub const PROC_USAGE_ENTRIES: u32 = 10_240;
+
+/// Ring buffer size for lifecycle events (bytes, a power of two).
+///
+/// An event is 320 bytes; 1 MiB holds ~3,200 events between two userspace
+/// reads. Reserve failures are counted in `CpuState::events_lost`; usage
+/// never travels through this buffer, so a lost event loses metadata only.
+pub const EVENTS_BYTES: u32 = 1 << 20;
+
+/// Per-process usage, folded in at context switch.
+#[map]
+pub static PROC_USAGE: PerCpuHashMap<ProcKey, ProcUsage> =
+    PerCpuHashMap::with_max_entries(PROC_USAGE_ENTRIES, 0);
+
+/// One entry per CPU: pending counters of the running task and node buckets.
+#[map]
+pub static CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
+
+/// The current epoch, written by userspace.
+#[map]
+pub static CONTROL: Array<Control> = Array::with_max_entries(1, 0);
+
+/// Process lifecycle events (fork, exec, exit).
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Struct member offsets resolved from the running kernel's BTF by the agent.
+#[unsafe(no_mangle)]
+pub static TASK_OFFSETS: TaskOffsets = TaskOffsets {
+    task_pid: 0,
+    task_tgid: 0,
+    task_flags: 0,
+    task_start_time: 0,
+    task_group_leader: 0,
+    task_real_parent: 0,
+    task_signal: 0,
+    signal_live: 0,
+    binprm_filename: 0,
+    valid: 0,
+};
+
+/// Syscall number → class index, filled by the agent for the running architecture.
+#[unsafe(no_mangle)]
+pub static SYSCALL_CLASS: [u8; SYSCALL_TABLE_LEN] = [0; SYSCALL_TABLE_LEN];
+
+/// The offsets, read through a volatile load so the compiler cannot fold in
+/// the zero placeholder values the agent replaces at load.
+#[inline(always)]
+pub fn offsets() -> TaskOffsets {
+    // SAFETY: a plain read of a static the loader initialised.
+    unsafe { core::ptr::read_volatile(&TASK_OFFSETS) }
+}
+
+/// The class index of syscall `nr`, always below `SYSCALL_CLASSES`.
+#[inline(always)]
+pub fn syscall_class(nr: u64) -> usize {
+    if nr >= SYSCALL_TABLE_LEN as u64 {
+        return 0;
+    }
+    let idx = (nr as usize) & (SYSCALL_TABLE_LEN - 1);
+    // SAFETY: idx is masked into the table's bounds; volatile for the same
+    // reason as `offsets`.
+    let class = unsafe { core::ptr::read_volatile(SYSCALL_CLASS.as_ptr().add(idx)) };
+    (class as usize) & (agent_common::SYSCALL_CLASSES - 1)
+}
+
+/// The current accounting epoch (0 until userspace sets one).
+#[inline(always)]
+pub fn epoch() -> u32 {
+    CONTROL.get(0).map_or(0, |c| c.epoch)
+}

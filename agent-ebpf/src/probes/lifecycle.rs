@@ -1,0 +1,128 @@
+//! Process lifecycle: fork, exec and exit events through the ring buffer.
+//!
+//! These carry metadata only (who, parent, name, start time). Usage stays in
+//! the maps, so a lost event costs a name, never a nanosecond.
+
+use agent_common::{ProcEvent, event_kind};
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
+    },
+    macros::raw_tracepoint,
+    programs::RawTracePointContext,
+};
+
+use crate::{
+    maps::{CPU_STATE, EVENTS, offsets},
+    task,
+};
+
+/// `sched_process_fork(struct task_struct *parent, struct task_struct *child)`.
+#[raw_tracepoint(tracepoint = "sched_process_fork")]
+pub fn process_fork(ctx: RawTracePointContext) -> i32 {
+    let _ = try_fork(&ctx);
+    0
+}
+
+fn try_fork(ctx: &RawTracePointContext) -> Result<(), i64> {
+    let off = offsets();
+    if off.valid == 0 {
+        return Err(-1);
+    }
+    let child: *const u8 = ctx.arg(1);
+    let pid: u32 = task::read(child, off.task_pid)?;
+    let tgid: u32 = task::read(child, off.task_tgid)?;
+    if pid != tgid {
+        // A new thread, not a new process.
+        return Ok(());
+    }
+    let start_ns: u64 = task::read(child, off.task_start_time)?;
+    let ppid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    emit(event_kind::FORK, tgid, ppid, start_ns, None)
+}
+
+/// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`.
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn process_exec(ctx: RawTracePointContext) -> i32 {
+    let _ = try_exec(&ctx);
+    0
+}
+
+fn try_exec(ctx: &RawTracePointContext) -> Result<(), i64> {
+    let off = offsets();
+    if off.valid == 0 {
+        return Err(-1);
+    }
+    let cur = task::current();
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let parent: *const u8 = task::read(cur, off.task_real_parent)?;
+    let ppid: u32 = task::read(parent, off.task_tgid)?;
+    let start_ns = task::leader_start_ns(cur)?;
+    let bprm: *const u8 = ctx.arg(2);
+    let filename: *const u8 = task::read(bprm, off.binprm_filename)?;
+    emit(event_kind::EXEC, tgid, ppid, start_ns, Some(filename))
+}
+
+/// `sched_process_exit(struct task_struct *p)`; reported once the last thread exits.
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn process_exit(_ctx: RawTracePointContext) -> i32 {
+    let _ = try_exit();
+    0
+}
+
+fn try_exit() -> Result<(), i64> {
+    let off = offsets();
+    if off.valid == 0 {
+        return Err(-1);
+    }
+    let cur = task::current();
+    // do_exit decrements signal->live before this tracepoint: zero means
+    // this is the process's last thread.
+    let signal: *const u8 = task::read(cur, off.task_signal)?;
+    let live: i32 = task::read(signal, off.signal_live)?;
+    if live != 0 {
+        return Ok(());
+    }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let parent: *const u8 = task::read(cur, off.task_real_parent)?;
+    let ppid: u32 = task::read(parent, off.task_tgid).unwrap_or(0);
+    let start_ns = task::leader_start_ns(cur)?;
+    emit(event_kind::EXIT, tgid, ppid, start_ns, None)
+}
+
+#[inline(always)]
+fn emit(
+    kind: u32,
+    tgid: u32,
+    ppid: u32,
+    start_ns: u64,
+    filename: Option<*const u8>,
+) -> Result<(), i64> {
+    let Some(mut entry) = EVENTS.reserve::<ProcEvent>(0) else {
+        if let Some(st) = CPU_STATE.get_ptr_mut(0) {
+            // SAFETY: this CPU's entry; a plain counter bump.
+            unsafe { (*st).events_lost += 1 };
+        }
+        return Err(-1);
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved, writable ProcEvent in the ring buffer;
+    // every field is written before submit.
+    unsafe {
+        (*ev).kind = kind;
+        (*ev).tgid = tgid;
+        (*ev).ppid = ppid;
+        (*ev)._pad = 0;
+        (*ev).start_ns = start_ns;
+        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).cgroup_id = bpf_get_current_cgroup_id();
+        (*ev).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        (*ev).filename[0] = 0;
+        if let Some(src) = filename {
+            let _ = bpf_probe_read_kernel_str_bytes(src, &mut (*ev).filename);
+        }
+    }
+    entry.submit(0);
+    Ok(())
+}

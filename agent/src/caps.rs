@@ -1,0 +1,101 @@
+//! The capabilities the agent needs, read from the kernel's view of this process.
+
+use std::fs;
+
+/// A Linux capability the agent uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cap {
+    /// Its name, e.g. `CAP_BPF`.
+    pub name: &'static str,
+    /// Its number in `linux/capability.h`.
+    pub bit: u32,
+    /// What the agent needs it for.
+    pub why: &'static str,
+}
+
+/// Loading BPF programs and maps (Linux ≥ 5.8).
+pub const CAP_BPF: Cap = Cap {
+    name: "CAP_BPF",
+    bit: 39,
+    why: "load eBPF programs and maps",
+};
+/// Attaching to tracepoints and perf events (Linux ≥ 5.8).
+pub const CAP_PERFMON: Cap = Cap {
+    name: "CAP_PERFMON",
+    bit: 38,
+    why: "attach tracing programs and the per-CPU timer",
+};
+/// Covers both of the above on any kernel.
+pub const CAP_SYS_ADMIN: Cap = Cap {
+    name: "CAP_SYS_ADMIN",
+    bit: 21,
+    why: "stands in for CAP_BPF and CAP_PERFMON",
+};
+/// Reading other users' /proc/<pid>/exe.
+pub const CAP_SYS_PTRACE: Cap = Cap {
+    name: "CAP_SYS_PTRACE",
+    bit: 19,
+    why: "read other processes' executable paths in /proc",
+};
+/// Reading /proc and cgroup files owned by other users.
+pub const CAP_DAC_READ_SEARCH: Cap = Cap {
+    name: "CAP_DAC_READ_SEARCH",
+    bit: 2,
+    why: "read other users' /proc and cgroup files",
+};
+/// Lifting RLIMIT_MEMLOCK for BPF maps on kernels before 5.11.
+pub const CAP_SYS_RESOURCE: Cap = Cap {
+    name: "CAP_SYS_RESOURCE",
+    bit: 24,
+    why: "lift the locked-memory limit for maps on kernels before 5.11",
+};
+
+/// The effective capability set of this process (`CapEff` in /proc/self/status).
+pub fn effective() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| parse_cap_eff(&s))
+        .unwrap_or(0)
+}
+
+/// Parses the `CapEff:` line of a status file.
+pub fn parse_cap_eff(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("CapEff:"))?;
+    u64::from_str_radix(line.trim_start_matches("CapEff:").trim(), 16).ok()
+}
+
+/// Whether `set` holds `cap`.
+pub fn has(set: u64, cap: Cap) -> bool {
+    set & (1u64 << cap.bit) != 0
+}
+
+/// The capabilities missing for loading and attaching the probes, by name.
+pub fn missing_for_probes(set: u64) -> Vec<Cap> {
+    if has(set, CAP_SYS_ADMIN) {
+        return Vec::new();
+    }
+    [CAP_BPF, CAP_PERFMON]
+        .into_iter()
+        .filter(|&c| !has(set, c))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cap_eff() {
+        let s = "Name:\tx\nCapInh:\t0\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(parse_cap_eff(s), Some(0x1ff_ffff_ffff));
+        assert_eq!(parse_cap_eff("CapEff:\tzz\n"), None);
+        assert_eq!(parse_cap_eff(""), None);
+    }
+
+    #[test]
+    fn sys_admin_covers_bpf_and_perfmon() {
+        assert!(missing_for_probes(1 << CAP_SYS_ADMIN.bit).is_empty());
+        assert_eq!(missing_for_probes(1 << CAP_BPF.bit), vec![CAP_PERFMON]);
+        assert_eq!(missing_for_probes(0), vec![CAP_BPF, CAP_PERFMON]);
+    }
+}

@@ -1,0 +1,156 @@
+//! The daemon's configuration file (TOML).
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::probes::{ProbeConfig, ProbeMode, VMLINUX_BTF};
+
+/// `mentat-agent run --config FILE`. Every key is optional.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The node's name in records; empty: `$NODE_NAME`, else the host name.
+    pub node_name: String,
+    /// Window length: one usage window per workload per tick.
+    #[serde(with = "duration_str")]
+    pub tick: Duration,
+    /// Period of the per-CPU timer that charges tasks that never block.
+    #[serde(with = "duration_str")]
+    pub cpu_tick: Duration,
+    /// Entries in the kernel's per-process usage map (≈ 2 × processes active per tick).
+    pub proc_map_entries: u32,
+    /// Kernel BTF.
+    pub btf_path: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_name: String::new(),
+            tick: Duration::from_secs(1),
+            cpu_tick: Duration::from_millis(100),
+            proc_map_entries: 10_240,
+            btf_path: PathBuf::from(VMLINUX_BTF),
+        }
+    }
+}
+
+/// Why a config file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The file is not valid (the message names the line and key).
+    #[error("config {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// toml's description, with line and column.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        if c.tick < Duration::from_millis(100) {
+            return Err(format!("tick = {:?} is below the 100ms minimum", c.tick));
+        }
+        if c.cpu_tick < Duration::from_millis(1) || c.cpu_tick > c.tick {
+            return Err(format!(
+                "cpu_tick = {:?} must be between 1ms and tick ({:?})",
+                c.cpu_tick, c.tick
+            ));
+        }
+        if c.proc_map_entries == 0 {
+            return Err("proc_map_entries must be at least 1".into());
+        }
+        Ok(c)
+    }
+
+    /// The probe settings this config asks for.
+    pub fn probe_config(&self) -> ProbeConfig {
+        ProbeConfig {
+            proc_map_entries: Some(self.proc_map_entries),
+            cpu_tick: self.cpu_tick,
+            btf_path: self.btf_path.clone(),
+            mode: ProbeMode::Metering,
+        }
+    }
+}
+
+/// The node name: `configured` if set, else `$NODE_NAME` (the DaemonSet's
+/// downward API), else the kernel's host name.
+pub fn node_name(configured: &str) -> String {
+    if !configured.is_empty() {
+        return configured.to_string();
+    }
+    if let Ok(n) = std::env::var("NODE_NAME")
+        && !n.is_empty()
+    {
+        return n;
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| String::from("unknown-node"))
+}
+
+/// Durations in the config are humantime strings ("1s", "250ms").
+mod duration_str {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_default() {
+        assert_eq!(Config::parse("").expect("parses"), Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_problem() {
+        let e = Config::parse("tick = \"1s\"\nbogus = 1\n").expect_err("unknown key");
+        assert!(e.contains("bogus") && e.contains("line 2"), "{e}");
+        let e = Config::parse("tick = \"soon\"").expect_err("bad duration");
+        assert!(e.contains("soon"), "{e}");
+        let e = Config::parse("tick = \"10ms\"").expect_err("too short");
+        assert!(e.contains("100ms"), "{e}");
+        let e = Config::parse("proc_map_entries = 0").expect_err("zero");
+        assert!(e.contains("proc_map_entries"), "{e}");
+    }
+}

@@ -1,0 +1,263 @@
+//! Who a process is: metadata from procfs, and cgroup v2 id → path.
+//!
+//! Everything read from /proc is hostile input: names may hold newlines or
+//! invalid UTF-8, and a process may vanish between two reads. Every reader
+//! here returns `None` rather than failing a tick.
+
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+/// What procfs says about a process instance.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcStat {
+    /// Parent process id.
+    pub ppid: u32,
+    /// Start time since boot, in ns (from clock ticks: 10 ms resolution at USER_HZ 100).
+    pub start_since_boot_ns: u64,
+    /// `comm` as the kernel shows it in stat.
+    pub comm: String,
+    /// The kernel's task flags (`PF_*`).
+    pub flags: u32,
+}
+
+/// Parses `/proc/<pid>/stat` content. The comm field is in parentheses and may
+/// itself contain spaces and parentheses, so fields are counted from the last `)`.
+pub fn parse_stat(content: &[u8]) -> Option<ProcStat> {
+    let open = content.iter().position(|&b| b == b'(')?;
+    let close = content.iter().rposition(|&b| b == b')')?;
+    let comm = String::from_utf8_lossy(content.get(open + 1..close)?).into_owned();
+    let rest = std::str::from_utf8(content.get(close + 1..)?).ok()?;
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    // After the comm: state(0) ppid(1) ... flags(6) ... starttime(19).
+    let ppid = fields.get(1)?.parse().ok()?;
+    let flags = fields.get(6)?.parse().ok()?;
+    let start_ticks: u64 = fields.get(19)?.parse().ok()?;
+    Some(ProcStat {
+        ppid,
+        start_since_boot_ns: start_ticks.saturating_mul(1_000_000_000 / clock_ticks_per_sec()),
+        comm,
+        flags,
+    })
+}
+
+fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100)
+}
+
+/// Reads `/proc/<pid>/stat`.
+pub fn read_stat(proc_root: &Path, pid: u32) -> Option<ProcStat> {
+    parse_stat(&fs::read(proc_root.join(pid.to_string()).join("stat")).ok()?)
+}
+
+/// Reads the process's executable path (`/proc/<pid>/exe`), lossily as UTF-8.
+pub fn read_exe(proc_root: &Path, pid: u32) -> Option<String> {
+    let target = fs::read_link(proc_root.join(pid.to_string()).join("exe")).ok()?;
+    Some(target.to_string_lossy().into_owned())
+}
+
+/// Whether procfs's start time matches the kernel's `start_ns` for the same
+/// pid, i.e. /proc still shows the same process instance and not a reused pid.
+///
+/// procfs counts in clock ticks on the boot-time clock, the kernel key in ns
+/// on the monotonic clock; they agree to within a tick on a host that never
+/// suspended, so two ticks of slack tell instances apart without false misses.
+pub fn same_instance(stat: &ProcStat, start_ns: u64) -> bool {
+    let tick = 1_000_000_000 / clock_ticks_per_sec();
+    stat.start_since_boot_ns.abs_diff(start_ns) <= 2 * tick
+}
+
+/// Turns a fixed, NUL-padded kernel name buffer into a string.
+pub fn c_name(buf: &[u8]) -> String {
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(buf.get(..end).unwrap_or_default()).into_owned()
+}
+
+/// Finds the cgroup v2 mount point in mountinfo content (`None` if there is none).
+pub fn find_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // Fields before " - " are mount info; the first after it is the fs type.
+        let (pre, post) = line.split_once(" - ")?;
+        if post.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let mount_point = pre.split_whitespace().nth(4)?;
+        Some(PathBuf::from(unescape_mountinfo(mount_point)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && let Some(oct) = bytes.get(i + 1..i + 4)
+            && let Ok(v) = u8::from_str_radix(std::str::from_utf8(oct).unwrap_or("x"), 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Resolves cgroup v2 ids (directory inode numbers) to paths under the v2 mount.
+#[derive(Debug)]
+pub struct Cgroups {
+    root: Option<PathBuf>,
+    paths: HashMap<u64, String>,
+    last_walk: Option<Instant>,
+}
+
+/// Walking the hierarchy on every unknown id would be quadratic in cgroup
+/// churn; one walk per interval finds every new cgroup at once.
+const MIN_WALK_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Bounds the walk on pathological hierarchies.
+const MAX_WALK_DEPTH: usize = 32;
+
+impl Cgroups {
+    /// Finds the v2 mount from `/proc/self/mountinfo`.
+    pub fn discover() -> Self {
+        let root = fs::read_to_string("/proc/self/mountinfo")
+            .ok()
+            .and_then(|m| find_cgroup2_mount(&m));
+        Self::with_root(root)
+    }
+
+    /// A resolver for a v2 hierarchy mounted at `root` (`None`: no v2 mount).
+    pub fn with_root(root: Option<PathBuf>) -> Self {
+        Self {
+            root,
+            paths: HashMap::new(),
+            last_walk: None,
+        }
+    }
+
+    /// The v2 mount point, if any.
+    pub fn root(&self) -> Option<&Path> {
+        self.root.as_deref()
+    }
+
+    /// The path of cgroup `id` relative to the v2 mount ("/" for the root), if it still exists.
+    pub fn path_of(&mut self, id: u64) -> Option<String> {
+        if let Some(p) = self.paths.get(&id) {
+            return Some(p.clone());
+        }
+        let due = self
+            .last_walk
+            .is_none_or(|t| t.elapsed() >= MIN_WALK_INTERVAL);
+        if due {
+            self.walk();
+        }
+        self.paths.get(&id).cloned()
+    }
+
+    fn walk(&mut self) {
+        self.last_walk = Some(Instant::now());
+        let Some(root) = self.root.clone() else {
+            return;
+        };
+        let mut stack = vec![(root.clone(), 0usize)];
+        while let Some((dir, depth)) = stack.pop() {
+            let Ok(meta) = fs::metadata(&dir) else {
+                continue;
+            };
+            let rel = match dir.strip_prefix(&root) {
+                Ok(r) if r.as_os_str().is_empty() => String::from("/"),
+                Ok(r) => format!("/{}", r.to_string_lossy()),
+                Err(_) => continue,
+            };
+            self.paths.insert(meta.ino(), rel);
+            if depth >= MAX_WALK_DEPTH {
+                continue;
+            }
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push((entry.path(), depth + 1));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_with_hostile_comm_parses() {
+        let line = b"42 (a) b (c\n) S 7 42 42 0 -1 4194560 1 0 0 0 3 4 0 0 20 0 1 0 12345 0 0";
+        let st = parse_stat(line).expect("parses");
+        assert_eq!(st.comm, "a) b (c\n");
+        assert_eq!(st.ppid, 7);
+        assert_eq!(st.flags, 4194560);
+        assert_eq!(
+            st.start_since_boot_ns,
+            12345 * (1_000_000_000 / clock_ticks_per_sec())
+        );
+    }
+
+    #[test]
+    fn truncated_or_garbage_stat_is_none() {
+        assert_eq!(parse_stat(b""), None);
+        assert_eq!(parse_stat(b"1 (x) S"), None);
+        assert_eq!(parse_stat(b"\xff\xfe (\xff) S x y"), None);
+        let full = b"42 (a) S 7 42 42 0 -1 4194560 1 0 0 0 3 4 0 0 20 0 1 0 12345 0 0";
+        for n in 0..full.len() {
+            // Never panics, whatever the cut.
+            let _ = parse_stat(&full[..n]);
+        }
+    }
+
+    #[test]
+    fn own_stat_matches_own_process() {
+        let st = read_stat(Path::new("/proc"), std::process::id()).expect("own stat");
+        assert_eq!(st.ppid, std::os::unix::process::parent_id());
+    }
+
+    #[test]
+    fn cgroup2_mount_found_with_escapes() {
+        let mi = "25 1 0:22 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n\
+                  30 1 0:26 / /sys/fs/cgroup/uni\\040fied rw,nosuid - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            find_cgroup2_mount(mi),
+            Some(PathBuf::from("/sys/fs/cgroup/uni fied"))
+        );
+        assert_eq!(
+            find_cgroup2_mount("25 1 0:22 / /x rw - cgroup c rw\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn c_name_stops_at_nul_and_tolerates_bad_utf8() {
+        assert_eq!(c_name(b"bash\0\0\0"), "bash");
+        assert_eq!(c_name(b"\xffx"), "\u{fffd}x");
+        assert_eq!(c_name(b"full"), "full");
+    }
+
+    #[test]
+    fn root_cgroup_resolves_to_slash() {
+        let mut cg = Cgroups::discover();
+        let Some(root) = cg.root().map(Path::to_path_buf) else {
+            panic!("no cgroup v2 mount on this machine; the agent requires one");
+        };
+        let ino = fs::metadata(&root).expect("stat v2 root").ino();
+        assert_eq!(cg.path_of(ino).as_deref(), Some("/"));
+    }
+}

@@ -1,0 +1,18 @@
+//! mentat-agent: meters what every process on a node consumes, with eBPF,
+//! and attributes it exactly. Modules follow the data flow in DESIGN.md:
+//! `probes` → `collect` (with `identity`) → `report` → `output` / `daemon` sinks.
+
+pub mod btf;
+pub mod caps;
+pub mod check;
+pub mod clock;
+pub mod collect;
+pub mod config;
+pub mod daemon;
+pub mod identity;
+pub mod output;
+pub mod probes;
+pub mod record;
+pub mod report;
+pub mod syscalls;
+pub mod usage;

@@ -1,0 +1,226 @@
+//! The `mentat-agent` command line.
+
+use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use mentat_agent::{
+    caps, check,
+    config::{self, Config},
+    daemon,
+    output::Format,
+    probes::{ProbeConfig, ProbeMode, Probes, VMLINUX_BTF},
+    record::{self, RecordOptions},
+};
+use tracing_subscriber::EnvFilter;
+
+/// Meters CPU time and syscalls of every process on this node with eBPF,
+/// exactly enough to bill.
+#[derive(Parser, Debug)]
+#[command(name = "mentat-agent", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Meter the node for a while, or one command and all its descendants, then print one record per process.
+    Record(RecordArgs),
+    /// Run the node daemon: close a usage window every tick and hand it to the sinks.
+    Run {
+        /// TOML config file (every key optional; see README for the keys and defaults).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// List what the agent needs from the kernel and whether each is present; exit 1 if it cannot run.
+    Check {
+        /// Where to read kernel BTF from.
+        #[arg(long, value_name = "PATH", default_value = VMLINUX_BTF)]
+        btf: PathBuf,
+    },
+    /// Attach probes and wait, printing their kernel run statistics at the end (benchmarks).
+    #[command(hide = true)]
+    Attach {
+        /// Which programs: the metering ones, or empty ones on the same hooks.
+        #[arg(long, value_enum, default_value = "metering")]
+        mode: AttachMode,
+        /// How long to stay attached.
+        #[arg(long, value_parser = parse_duration, default_value = "10s")]
+        duration: Duration,
+    },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum AttachMode {
+    Metering,
+    Floor,
+}
+
+#[derive(clap::Args, Debug)]
+struct RecordArgs {
+    /// How long to meter the whole node (e.g. 500ms, 10s, 2m). Ignored when a command is given:
+    /// then recording lasts until the command and all its descendants have exited.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    duration: Duration,
+    /// Output format: table (default on a terminal), jsonl (default otherwise) or csv.
+    #[arg(long, value_enum)]
+    format: Option<Format>,
+    /// Write records to FILE instead of stdout (the command's own output still goes to the terminal).
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// With a command: print every process on the node, not only the command's process tree.
+    #[arg(long)]
+    all: bool,
+    /// How often a window is closed while recording; records cover the whole run either way.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    tick: Duration,
+    /// The node name in records (default: $NODE_NAME, else the host name).
+    #[arg(long, default_value = "")]
+    node: String,
+    /// Test-only: shrink the kernel's per-process map to N entries to exercise overflow.
+    #[arg(long, hide = true, value_name = "N")]
+    proc_map_entries: Option<u32>,
+    /// The command to meter, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+/// Durations like "500ms", "10s", "2m" (humantime syntax).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration ({e}); use e.g. 500ms, 10s, 2m"))?;
+    if d.is_zero() {
+        return Err(format!("`{s}` is zero; give a positive duration"));
+    }
+    Ok(d)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Cmd::Run { .. } => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
+        .init();
+
+    match dispatch(cli.command) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("mentat-agent: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Exit code for a missing capability, as for any usage error.
+const EXIT_NO_PRIVILEGE: i32 = 2;
+
+/// Refuses to go on without the capabilities the probes need, naming them.
+fn require_capabilities() -> Option<i32> {
+    let missing = caps::missing_for_probes(caps::effective());
+    if missing.is_empty() {
+        return None;
+    }
+    let names: Vec<&str> = missing.iter().map(|c| c.name).collect();
+    eprintln!(
+        "mentat-agent: missing capability {} (needed to load and attach eBPF programs); \
+         run as root, or grant CAP_BPF and CAP_PERFMON",
+        names.join(" and ")
+    );
+    Some(EXIT_NO_PRIVILEGE)
+}
+
+fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
+    match cmd {
+        Cmd::Record(a) => {
+            if let Some(code) = require_capabilities() {
+                return Ok(code);
+            }
+            let opts = RecordOptions {
+                duration: a.duration,
+                format: a.format,
+                output: a.output,
+                all: a.all,
+                tick: a.tick,
+                probes: ProbeConfig {
+                    proc_map_entries: a.proc_map_entries,
+                    ..ProbeConfig::default()
+                },
+                node: config::node_name(&a.node),
+                command: a.command,
+            };
+            Ok(record::run(&opts)?)
+        }
+        Cmd::Run { config } => {
+            if let Some(code) = require_capabilities() {
+                return Ok(code);
+            }
+            let cfg = match &config {
+                Some(path) => Config::load(path)?,
+                None => Config::default(),
+            };
+            let node = config::node_name(&cfg.node_name);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(daemon::run(cfg, node, vec![Box::new(daemon::LogSink)]))?;
+            Ok(0)
+        }
+        Cmd::Check { btf } => {
+            let items = check::run(&ProbeConfig {
+                btf_path: btf,
+                ..ProbeConfig::default()
+            });
+            let mut fatal = false;
+            for i in &items {
+                let mark = match (i.ok, i.required) {
+                    (true, _) => "ok  ",
+                    (false, true) => "FAIL",
+                    (false, false) => "warn",
+                };
+                println!("{mark} {:<44} {}", i.what, i.detail);
+                fatal |= i.required && !i.ok;
+            }
+            if caps::missing_for_probes(caps::effective()).is_empty() {
+                if fatal {
+                    eprintln!("mentat-agent cannot run on this node: see the FAIL lines above");
+                    return Ok(1);
+                }
+                println!("mentat-agent can run on this node");
+                Ok(0)
+            } else {
+                Ok(require_capabilities().unwrap_or(EXIT_NO_PRIVILEGE))
+            }
+        }
+        Cmd::Attach { mode, duration } => {
+            if let Some(code) = require_capabilities() {
+                return Ok(code);
+            }
+            let probes = Probes::load(&ProbeConfig {
+                mode: match mode {
+                    AttachMode::Metering => ProbeMode::Metering,
+                    AttachMode::Floor => ProbeMode::Floor,
+                },
+                ..ProbeConfig::default()
+            })?;
+            // The caller (the benchmark) starts measuring once this line is out.
+            println!("attached");
+            std::thread::sleep(duration);
+            for (name, count, time) in probes.program_stats() {
+                println!(
+                    "{{\"program\":\"{name}\",\"run_count\":{count},\"run_time_ns\":{}}}",
+                    time.as_nanos()
+                );
+            }
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! The usage record (DESIGN.md's data model) as far as it exists so far, and
+//! its deterministic id.
+
+use std::time::SystemTime;
+
+use agent_common::{ProcUsage, SYSCALL_CLASSES, SyscallClass};
+use serde::Serialize;
+
+use crate::clock::rfc3339;
+
+/// A process instance in one cgroup: the unit usage is attributed to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InstanceKey {
+    /// Process id.
+    pub tgid: u32,
+    /// Process start, CLOCK_MONOTONIC ns.
+    pub start_ns: u64,
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+}
+
+/// Syscall counts by class, serialised as `{"other": n, "file": n, ...}`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyscallsByClass(pub [u64; SYSCALL_CLASSES]);
+
+impl Serialize for SyscallsByClass {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(SYSCALL_CLASSES))?;
+        for (class, n) in SyscallClass::ALL.iter().zip(self.0) {
+            m.serialize_entry(class.name(), &n)?;
+        }
+        m.end()
+    }
+}
+
+/// Metered quantities of one workload over one window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Metered {
+    /// Nanoseconds on CPU.
+    pub cpu_ns: u64,
+    /// Syscalls entered.
+    pub syscalls: u64,
+    /// Syscalls by class.
+    pub syscalls_by_class: SyscallsByClass,
+}
+
+impl Metered {
+    /// Adds another amount of usage.
+    pub fn add(&mut self, other: &Metered) {
+        self.cpu_ns += other.cpu_ns;
+        self.syscalls += other.syscalls;
+        for (a, b) in self
+            .syscalls_by_class
+            .0
+            .iter_mut()
+            .zip(other.syscalls_by_class.0)
+        {
+            *a += b;
+        }
+    }
+}
+
+impl From<&ProcUsage> for Metered {
+    fn from(u: &ProcUsage) -> Self {
+        Self {
+            cpu_ns: u.cpu_ns,
+            syscalls: u.syscalls,
+            syscalls_by_class: SyscallsByClass(u.syscalls_by_class),
+        }
+    }
+}
+
+/// `cpu_ns` as core-seconds.
+pub fn core_seconds(cpu_ns: u64) -> f64 {
+    cpu_ns as f64 / 1e9
+}
+
+/// One process instance's usage in one cgroup over one window.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessRecord {
+    /// Always "process".
+    pub record_type: &'static str,
+    /// hash(node, workload instance, window_start): the idempotency key.
+    pub record_id: String,
+    /// The node's name.
+    pub node: String,
+    /// Window start, RFC 3339 UTC.
+    pub window_start: String,
+    /// Window end, RFC 3339 UTC.
+    pub window_end: String,
+    /// What kind of workload this is ("process" until identity resolves more).
+    pub workload_kind: &'static str,
+    /// Process id.
+    pub pid: u32,
+    /// Process start, RFC 3339 UTC.
+    pub process_start_time: String,
+    /// Parent process id, where known.
+    pub ppid: Option<u32>,
+    /// The kernel's short name for the process.
+    pub comm: String,
+    /// Executable path, where known.
+    pub exe: Option<String>,
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+    /// cgroup path under the v2 mount, where it still exists.
+    pub cgroup_path: Option<String>,
+    /// Nanoseconds on CPU (exact).
+    pub cpu_ns: u64,
+    /// The same in core-seconds.
+    pub cpu_core_seconds: f64,
+    /// Syscalls entered.
+    pub syscalls: u64,
+    /// Syscalls by class.
+    pub syscalls_by_class: SyscallsByClass,
+    /// Whether the process had exited by the window's end.
+    pub exited: bool,
+}
+
+/// Node usage with no process: idle, kernel threads, or unattributed.
+#[derive(Clone, Debug, Serialize)]
+pub struct BucketRecord {
+    /// "idle", "kernel" or "unattributed".
+    pub record_type: &'static str,
+    /// hash(node, bucket, window_start).
+    pub record_id: String,
+    /// The node's name.
+    pub node: String,
+    /// Window start, RFC 3339 UTC.
+    pub window_start: String,
+    /// Window end, RFC 3339 UTC.
+    pub window_end: String,
+    /// Nanoseconds on CPU (exact).
+    pub cpu_ns: u64,
+    /// The same in core-seconds.
+    pub cpu_core_seconds: f64,
+    /// Syscalls with no process entry.
+    pub syscalls: u64,
+    /// Unattributed only: folds that found the process map full.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub map_full_drops: Option<u64>,
+    /// Unattributed only: folds whose task could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_read_errors: Option<u64>,
+}
+
+/// A window's (or a whole `record` run's) node-level figures.
+#[derive(Clone, Debug, Serialize)]
+pub struct SummaryRecord {
+    /// Always "summary".
+    pub record_type: &'static str,
+    /// The node's name.
+    pub node: String,
+    /// Window start, RFC 3339 UTC.
+    pub window_start: String,
+    /// Window end, RFC 3339 UTC.
+    pub window_end: String,
+    /// All CPU time the kernel side charged in the window, wherever it went.
+    pub accounted_cpu_ns: u64,
+    /// Σ cpu_ns of every process on the node plus the three buckets; equals
+    /// `accounted_cpu_ns` when nothing is lost or counted twice.
+    pub attributed_cpu_ns: u64,
+    /// Σ syscalls of every process on the node plus the buckets.
+    pub attributed_syscalls: u64,
+    /// Folds that found the process map full.
+    pub map_full_drops: u64,
+    /// Folds whose task could not be read.
+    pub task_read_errors: u64,
+    /// Lifecycle events lost (names may be missing; usage is not).
+    pub events_lost: u64,
+    /// Windows closed before every CPU acknowledged (late usage moved to the next one).
+    pub late_windows: u64,
+    /// Process records printed.
+    pub processes: usize,
+    /// Process records on the node in the window, printed or not.
+    pub processes_on_node: usize,
+    /// The metered command's exit code (`record -- CMD` only).
+    pub command_exit_code: Option<i32>,
+}
+
+/// 128-bit FNV-1a: stable across versions and platforms, which a record id
+/// must be (it is the idempotency key downstream).
+pub fn stable_id(parts: &[&[u8]]) -> String {
+    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
+    const PRIME: u128 = 0x0000000001000000000000000000013B;
+    let mut h = OFFSET;
+    for part in parts {
+        for &b in *part {
+            h ^= u128::from(b);
+            h = h.wrapping_mul(PRIME);
+        }
+        // A separator, so ("ab","c") and ("a","bc") differ.
+        h ^= 0xff;
+        h = h.wrapping_mul(PRIME);
+    }
+    format!("{h:032x}")
+}
+
+/// The id of a process record.
+pub fn process_record_id(node: &str, key: &InstanceKey, window_start: SystemTime) -> String {
+    stable_id(&[
+        node.as_bytes(),
+        b"process",
+        &key.tgid.to_le_bytes(),
+        &key.start_ns.to_le_bytes(),
+        &key.cgroup_id.to_le_bytes(),
+        rfc3339(window_start).as_bytes(),
+    ])
+}
+
+/// The id of a bucket record.
+pub fn bucket_record_id(node: &str, bucket: &str, window_start: SystemTime) -> String {
+    stable_id(&[
+        node.as_bytes(),
+        bucket.as_bytes(),
+        rfc3339(window_start).as_bytes(),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+
+    #[test]
+    fn record_ids_are_deterministic_and_distinct() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let k = InstanceKey {
+            tgid: 1,
+            start_ns: 2,
+            cgroup_id: 3,
+        };
+        let a = process_record_id("n1", &k, t);
+        assert_eq!(a, process_record_id("n1", &k, t));
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, process_record_id("n2", &k, t));
+        assert_ne!(
+            a,
+            process_record_id("n1", &InstanceKey { start_ns: 9, ..k }, t)
+        );
+        assert_ne!(a, process_record_id("n1", &k, t + Duration::from_secs(1)));
+        assert_ne!(stable_id(&[b"ab", b"c"]), stable_id(&[b"a", b"bc"]));
+    }
+
+    #[test]
+    fn syscalls_by_class_serialises_by_name() {
+        let mut c = [0; SYSCALL_CLASSES];
+        c[SyscallClass::Process as usize] = 5;
+        let json = serde_json::to_string(&SyscallsByClass(c)).expect("serialises");
+        assert!(json.contains("\"process\":5"), "{json}");
+        assert!(json.starts_with("{\"other\":0"), "{json}");
+    }
+}
