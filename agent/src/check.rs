@@ -5,7 +5,7 @@ use std::{fs, path::Path};
 use crate::{
     btf, caps,
     identity::find_cgroup2_mount,
-    probes::{ProbeConfig, Probes, TRACEPOINTS, VMLINUX_BTF},
+    probes::{ProbeConfig, Probes, TRACEPOINTS},
 };
 
 /// One requirement's verdict.
@@ -156,11 +156,6 @@ pub fn kernel_at_least(release: &str, major: u32, minor: u32) -> bool {
         return false;
     };
     (ma, mi) >= (major, minor)
-}
-
-/// Whether BTF is where the agent expects it by default.
-pub fn default_btf_present() -> bool {
-    Path::new(VMLINUX_BTF).is_file()
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! therefore lands in exactly one window.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     thread,
     time::{Duration, Instant},
 };
@@ -147,8 +147,6 @@ pub struct EpochUsage {
     pub buckets: agent_common::Buckets,
     /// Lifecycle events lost so far (cumulative).
     pub events_lost: u64,
-    /// Σ over CPUs of (last − first charge time): all time the kernel side has accounted (cumulative).
-    pub span_ns: u64,
     /// False when some CPU did not acknowledge the epoch in time; its late
     /// writes land in a later window.
     pub all_cpus_acked: bool,
@@ -266,9 +264,6 @@ impl Probes {
         };
         let slot = (old & 1) as usize;
         for st in &states {
-            if st.first_switch_ns != 0 {
-                usage.span_ns += st.last_switch_ns.saturating_sub(st.first_switch_ns);
-            }
             usage.events_lost += st.events_lost;
             if let Some(b) = st.buckets.get(slot) {
                 add_buckets(&mut usage.buckets, b);
@@ -281,17 +276,6 @@ impl Probes {
     /// The current epoch (the one being written).
     pub fn current_epoch(&self) -> u32 {
         self.epoch
-    }
-
-    /// The per-CPU bucket slot of `epoch`'s parity, summed over CPUs, without closing anything.
-    pub fn buckets_of_parity(&self, epoch: u32) -> Result<agent_common::Buckets, ProbeError> {
-        let mut sum = agent_common::Buckets::default();
-        for st in self.cpu_states()? {
-            if let Some(b) = st.buckets.get((epoch & 1) as usize) {
-                add_buckets(&mut sum, b);
-            }
-        }
-        Ok(sum)
     }
 
     fn wait_for_ack(&self, epoch: u32) -> Result<(Vec<CpuState>, bool), ProbeError> {
@@ -476,9 +460,4 @@ fn verifier_log_level() -> VerifierLogLevel {
             .unwrap_or_default(),
         Err(_) => VerifierLogLevel::default(),
     }
-}
-
-/// Whether kernel BTF exists at `path`.
-pub fn btf_present(path: &Path) -> bool {
-    path.is_file()
 }

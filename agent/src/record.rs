@@ -103,7 +103,10 @@ pub fn run(opts: &RecordOptions) -> Result<i32, RecordError> {
 
     let mut span = Span::default();
     let mut next_tick = Instant::now() + opts.tick;
-    let (root, exit_code) = if opts.command.is_empty() {
+    let (root, exit_code) = if let Some((prog, args)) = opts.command.split_first() {
+        let (pid, code) = run_command(prog, args, opts, &mut collector, &mut span, &mut next_tick)?;
+        (pid, Some(code))
+    } else {
         install_signal_handlers(false);
         let deadline = Instant::now() + opts.duration;
         info!(duration = ?opts.duration, "recording the whole node");
@@ -116,9 +119,6 @@ pub fn run(opts: &RecordOptions) -> Result<i32, RecordError> {
             }
         }
         (None, None)
-    } else {
-        let (pid, code) = run_command(opts, &mut collector, &mut span, &mut next_tick)?;
-        (Some(pid), Some(code))
     };
     span.add(&collector.close_window()?);
 
@@ -151,18 +151,20 @@ pub fn run(opts: &RecordOptions) -> Result<i32, RecordError> {
 }
 
 /// Spawns the command and waits for it and every descendant, closing
-/// windows on the way. Returns the command's pid and exit code.
+/// windows on the way. Returns the command's pid (`None` if it could not
+/// start) and exit code.
 fn run_command(
+    prog: &OsString,
+    args: &[OsString],
     opts: &RecordOptions,
     collector: &mut Collector,
     span: &mut Span,
     next_tick: &mut Instant,
-) -> Result<(u32, i32), RecordError> {
+) -> Result<(Option<u32>, i32), RecordError> {
     // Orphaned descendants are reparented to us, so waiting until we have no
     // children left means the whole tree has exited.
     // SAFETY: prctl with these arguments only sets a flag on this process.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let (prog, args) = opts.command.split_first().unwrap_or_else(|| unreachable!());
     let child = match Command::new(prog).args(args).spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -173,7 +175,7 @@ fn run_command(
             } else {
                 126
             };
-            return Ok((0, code));
+            return Ok((None, code));
         }
     };
     let pid = child.id();
@@ -200,7 +202,7 @@ fn run_command(
         }
     }
     CHILD.store(0, Ordering::SeqCst);
-    Ok((pid, exit_code.unwrap_or(0)))
+    Ok((Some(pid), exit_code.unwrap_or(0)))
 }
 
 /// Reaps every child that has exited: (pid, exit code) for each, and
