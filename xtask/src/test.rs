@@ -28,6 +28,7 @@ fn run_stages(args: &[OsString], tally: &mut TestTally) -> Result<()> {
         run_tee(
             &mut cargo([
                 "test",
+                "--no-fail-fast",
                 "--workspace",
                 "--exclude",
                 "agent-ebpf",
@@ -46,7 +47,14 @@ fn run_stages(args: &[OsString], tally: &mut TestTally) -> Result<()> {
         if !is_root() {
             bail!("the privileged tests need root (CI runs as root): rerun as root");
         }
-        let mut tests = cargo(["test", "--release", "-p", "mentat-tests", "--"]);
+        let mut tests = cargo([
+            "test",
+            "--no-fail-fast",
+            "--release",
+            "-p",
+            "mentat-tests",
+            "--",
+        ]);
         tests.arg("--test-threads=1").args(args);
         set_bin_env(&mut tests, &target_dir()?);
         run_tee(&mut tests, |line| tally.add_line(line))
