@@ -1,0 +1,1440 @@
+//! `bench`: what mentat-agent's probes add to the events they hook, and what the agent costs.
+//!
+//! Two micro workloads run in this process under three configurations, interleaved round by
+//! round (off, floor, metering, off, floor, metering, …) so that drift on a noisy machine
+//! hits all three alike:
+//!
+//! - `off`: nothing attached;
+//! - `floor`: `mentat-agent attach --mode floor`, empty programs on sys_enter and
+//!   sched_switch: the least any design hooking those events pays;
+//! - `metering`: `mentat-agent attach --mode metering`, the real programs.
+//!
+//! The workloads are a tight getppid loop (one sys_enter per call) and two processes
+//! ping-ponging a byte over two pipes on one CPU (per switch: one sched_switch and two
+//! syscalls). The figure that matters is what metering adds over `off`, against what the
+//! floor adds.
+//!
+//! Those timings run with `kernel.bpf_stats_enabled=0`: with it on, the kernel reads the
+//! clock twice around every program run, which adds the same to floor and metering and
+//! would pull their ratio toward 1. Each round then attaches both modes once more with the
+//! stats on, for the kernel's own run time per event of every program.
+//!
+//! Last, `mentat-agent run` runs for a while under the same workloads, for the daemon's own
+//! CPU time and peak RSS.
+//!
+//! Run as root through `cargo xtask bench [-- ARGS]`, which builds the agent and sets
+//! `MENTAT_AGENT_BIN`.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::hint::black_box;
+use std::io::{BufRead, BufReader, Read};
+use std::mem;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+
+/// Measures the overhead of mentat-agent's probes against empty programs on the same hooks,
+/// and the agent's own CPU time and memory. Needs root; run through `cargo xtask bench`.
+#[derive(Parser, Debug)]
+#[command(name = "bench")]
+struct Args {
+    /// Rounds of (off, floor, metering); figures are medians over rounds.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+    /// getppid calls per measurement.
+    #[arg(long, default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(1000..))]
+    iterations: u64,
+    /// Ping-pong round trips (two context switches each) per measurement.
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(100..))]
+    pingpong: u64,
+    /// Also write every figure, per round, as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// How long `mentat-agent run` is measured under load.
+    #[arg(long, default_value = "10", value_name = "SECONDS")]
+    footprint_secs: u64,
+}
+
+/// Loading and attaching takes well under a second; this only bounds a hung agent.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a stopped agent may take to exit before it is killed.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
+const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+/// Metering may add at most this factor of what empty programs on the same hooks add.
+const TARGET_RATIO: f64 = 1.2;
+
+/// One configuration the workloads run under.
+#[derive(Clone, Copy, Debug)]
+struct Config {
+    name: &'static str,
+    /// `attach --mode` argument; `None` for nothing attached.
+    mode: Option<&'static str>,
+    /// Whether `kernel.bpf_stats_enabled` is on while it runs.
+    stats: bool,
+}
+
+const OFF: usize = 0;
+const FLOOR: usize = 1;
+const METERING: usize = 2;
+const FLOOR_STATS: usize = 3;
+const METERING_STATS: usize = 4;
+/// In the order each round runs them; the indexes above point into it.
+const CONFIGS: [Config; 5] = [
+    Config {
+        name: "off",
+        mode: None,
+        stats: false,
+    },
+    Config {
+        name: "floor",
+        mode: Some("floor"),
+        stats: false,
+    },
+    Config {
+        name: "metering",
+        mode: Some("metering"),
+        stats: false,
+    },
+    Config {
+        name: "floor+stats",
+        mode: Some("floor"),
+        stats: true,
+    },
+    Config {
+        name: "metering+stats",
+        mode: Some("metering"),
+        stats: true,
+    },
+];
+
+// Set by SIGINT/SIGTERM so the benchmark stops between steps and still restores the sysctl
+// and stops the agents it started; dying at once would leave probes attached.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "bench must run as root: it attaches eBPF programs and writes {BPF_STATS_SYSCTL} \
+             (run `cargo xtask bench` as root)"
+        );
+    }
+    let agent = mentat_tests::agent_bin()?;
+    install_signal_handlers()?;
+    let machine = Machine::read()?;
+    let cpu = bench_cpu()?;
+    eprintln!(
+        "bench: {} CPU(s), kernel {}, {}; workloads pinned to CPU {cpu}; load average {}",
+        machine.cpus, machine.kernel, machine.cpu_model, machine.load_before
+    );
+    warn_foreign_agents(None);
+
+    // Restores the old value when dropped, whichever way this function returns.
+    let stats = BpfStats::take()?;
+    stats.set(false)?;
+
+    // Warms caches and tells how long one measurement takes, to size the attach durations.
+    let start = Instant::now();
+    let warm = measure(args, cpu)?;
+    let one_measurement = start.elapsed();
+    eprintln!(
+        "warm-up (not counted): getppid {:.1} ns/call, switch {:.1} ns, {:.1}s per measurement",
+        warm.getppid_ns,
+        warm.switch_ns,
+        one_measurement.as_secs_f64()
+    );
+
+    let mut runs: Vec<Vec<Measurement>> = vec![Vec::new(); CONFIGS.len()];
+    for round in 1..=args.rounds {
+        for (i, config) in CONFIGS.iter().enumerate() {
+            check_interrupted()?;
+            stats.set(config.stats)?;
+            let m = measure_config(&agent, config, args, cpu, one_measurement)
+                .with_context(|| format!("round {round}/{}: {}", args.rounds, config.name))?;
+            eprintln!(
+                "round {round}/{}: {:<14} getppid {:7.1} ns/call  switch {:7.1} ns  ({:.2} switches/round trip{})",
+                args.rounds,
+                config.name,
+                m.getppid_ns,
+                m.switch_ns,
+                m.switches_per_round_trip,
+                if m.covered {
+                    ""
+                } else {
+                    "; attach ended early"
+                },
+            );
+            runs[i].push(m);
+        }
+    }
+    stats.set(false)?;
+
+    check_interrupted()?;
+    eprintln!(
+        "footprint: `mentat-agent run` for {}s under a getppid loop and a ping-pong",
+        args.footprint_secs
+    );
+    let footprint = footprint(&agent, Duration::from_secs(args.footprint_secs), cpu)
+        .context("measuring the footprint of `mentat-agent run`")?;
+    drop(stats);
+
+    let report = Report::new(args, machine, cpu, runs, footprint)?;
+    report.print();
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report).context("serializing the report")?;
+        fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn install_signal_handlers() -> Result<()> {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; the handler only
+        // stores to an atomic, which is async-signal-safe.
+        let rc = unsafe {
+            let mut action: libc::sigaction = mem::zeroed();
+            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            // Restarted, so a signal mid-measurement does not fail a pipe read with EINTR.
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigaction(signal, &action, std::ptr::null_mut())
+        };
+        ensure!(
+            rc == 0,
+            "installing a signal handler: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Configurations
+
+/// One run of both workloads under one configuration.
+#[derive(Clone, Debug, Serialize)]
+struct Measurement {
+    getppid_ns: f64,
+    /// Involuntary switches away from the getppid loop: other work took its CPU.
+    getppid_preempted: u64,
+    switch_ns: f64,
+    /// Context switches the two processes counted per round trip (2 when nothing else ran).
+    switches_per_round_trip: f64,
+    /// False when the agent detached before the workloads ended (stats configurations only,
+    /// whose timings are then left out).
+    covered: bool,
+    /// Whether another mentat-agent process was running at the start (its probes add to
+    /// every configuration).
+    foreign_agents: bool,
+    /// Kernel run statistics of each program over the whole attach (stats configurations).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    programs: Vec<ProgramRun>,
+}
+
+/// One line of `mentat-agent attach` output.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+struct ProgramRun {
+    program: String,
+    run_count: u64,
+    run_time_ns: u64,
+}
+
+fn measure_config(
+    agent: &Path,
+    config: &Config,
+    args: &Args,
+    cpu: usize,
+    one_measurement: Duration,
+) -> Result<Measurement> {
+    let Some(mode) = config.mode else {
+        let foreign = warn_foreign_agents(None);
+        let mut m = measure(args, cpu)?;
+        m.foreign_agents = foreign;
+        return Ok(m);
+    };
+    // Timing runs are stopped as soon as they are done, so their duration is only a bound;
+    // stats runs must end on their own to print, so theirs is the measurement plus slack.
+    let duration = if config.stats {
+        one_measurement * 3 + Duration::from_secs(2)
+    } else {
+        (one_measurement * 10).max(Duration::from_secs(60))
+    };
+    let mut attach = AgentProcess::spawn(
+        agent,
+        [
+            "attach",
+            "--mode",
+            mode,
+            "--duration",
+            &format!("{}ms", duration.as_millis()),
+        ],
+    )?;
+    attach.wait_for_line(Stream::Stdout, "attached", ATTACH_TIMEOUT)?;
+    let foreign = warn_foreign_agents(Some(attach.pid()));
+    let mut m = measure(args, cpu)?;
+    m.foreign_agents = foreign;
+    let still_attached = attach.running()?;
+    if !config.stats {
+        let ended = attach.stop()?;
+        ensure!(
+            still_attached,
+            "`{}` detached before the measurement ended ({ended}); stderr:\n{}",
+            attach.what,
+            attach.drain(Stream::Stderr).join("\n")
+        );
+        return Ok(m);
+    }
+    m.covered = still_attached;
+    let status = attach.wait(duration + EXIT_TIMEOUT)?;
+    let stdout = attach.drain(Stream::Stdout);
+    ensure!(
+        status.success(),
+        "`{}` failed ({}): {}",
+        attach.what,
+        describe_status(status),
+        attach.drain(Stream::Stderr).join("\n")
+    );
+    for line in stdout.iter().filter(|l| l.starts_with('{')) {
+        let run: ProgramRun = serde_json::from_str(line)
+            .with_context(|| format!("`{}` printed an unexpected line: {line}", attach.what))?;
+        m.programs.push(run);
+    }
+    ensure!(
+        !m.programs.is_empty(),
+        "`{}` printed no program statistics; its stdout was {stdout:?}",
+        attach.what
+    );
+    Ok(m)
+}
+
+/// Both workloads, pinned to `cpu`.
+fn measure(args: &Args, cpu: usize) -> Result<Measurement> {
+    let (getppid_ns, getppid_preempted) = getppid(args.iterations, cpu)?;
+    let (switch_ns, switches_per_round_trip) = pingpong(args.pingpong, cpu)?;
+    Ok(Measurement {
+        getppid_ns,
+        getppid_preempted,
+        switch_ns,
+        switches_per_round_trip,
+        covered: true,
+        foreign_agents: false,
+        programs: Vec::new(),
+    })
+}
+
+/// Other mentat-agent processes (another engineer's tests, a daemon) would attach their own
+/// programs and make "off" not off; say so rather than report tainted numbers silently.
+fn warn_foreign_agents(own: Option<u32>) -> bool {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return false;
+    };
+    let foreign: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| Some(pid) != own)
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.trim_end() == "mentat-agent")
+        })
+        .collect();
+    if !foreign.is_empty() {
+        eprintln!(
+            "bench: WARNING: other mentat-agent processes are running (pids {foreign:?}); \
+             their probes add to every configuration"
+        );
+    }
+    !foreign.is_empty()
+}
+
+// ---------------------------------------------------------------------------------------
+// Workloads
+
+/// Nanoseconds per getppid call, and how often the loop was preempted.
+fn getppid(iterations: u64, cpu: usize) -> Result<(f64, u64)> {
+    let _pin = Pinned::to(cpu)?;
+    for _ in 0..iterations / 10 {
+        // SAFETY: getppid takes no arguments and cannot fail.
+        black_box(unsafe { libc::syscall(libc::SYS_getppid) });
+    }
+    let before = thread_rusage()?;
+    let start = Instant::now();
+    for _ in 0..iterations {
+        // SAFETY: as above. A raw syscall, as glibc may serve getppid without one.
+        black_box(unsafe { libc::syscall(libc::SYS_getppid) });
+    }
+    let elapsed = start.elapsed();
+    let after = thread_rusage()?;
+    let preempted = u64::try_from(after.ru_nivcsw - before.ru_nivcsw).unwrap_or(0);
+    Ok((elapsed.as_nanos() as f64 / iterations as f64, preempted))
+}
+
+/// Round trips before the clock starts, so both processes are running in steady state.
+const PINGPONG_WARMUP: u64 = 1000;
+
+/// Nanoseconds per context switch over `round_trips` round trips between this process and a
+/// child on the same CPU, and the switches per round trip the two counted.
+///
+/// On one CPU each side blocks in read until the other has written, so a round trip is two
+/// switches and no switch to idle; both sides' counters check that.
+fn pingpong(round_trips: u64, cpu: usize) -> Result<(f64, f64)> {
+    let _pin = Pinned::to(cpu)?;
+    let (to_child_rx, to_child_tx) = pipe()?;
+    let (to_parent_rx, to_parent_tx) = pipe()?;
+    let child = fork_child(|| {
+        bounce(
+            to_child_rx.as_raw_fd(),
+            to_parent_tx.as_raw_fd(),
+            Some(round_trips + PINGPONG_WARMUP),
+            false,
+        )
+    })?;
+    drop((to_child_rx, to_parent_tx));
+    let (tx, rx) = (to_child_tx.as_raw_fd(), to_parent_rx.as_raw_fd());
+
+    ensure!(
+        bounce_checked(tx, rx, PINGPONG_WARMUP),
+        "the ping-pong child stopped answering during warm-up"
+    );
+    let before = thread_rusage()?;
+    let start = Instant::now();
+    let ok = bounce_checked(tx, rx, round_trips);
+    let elapsed = start.elapsed();
+    let after = thread_rusage()?;
+    let child_usage = child.reap()?;
+    ensure!(ok, "the ping-pong child stopped answering");
+
+    let ours = (after.ru_nvcsw - before.ru_nvcsw) + (after.ru_nivcsw - before.ru_nivcsw);
+    // The child's counters cover its warm-up too; scale to per round trip.
+    let theirs = (child_usage.ru_nvcsw + child_usage.ru_nivcsw) as f64
+        / (round_trips + PINGPONG_WARMUP) as f64;
+    Ok((
+        elapsed.as_nanos() as f64 / (2 * round_trips) as f64,
+        ours as f64 / round_trips as f64 + theirs,
+    ))
+}
+
+fn bounce_checked(tx: RawFd, rx: RawFd, round_trips: u64) -> bool {
+    let mut byte = 0u8;
+    for _ in 0..round_trips {
+        // SAFETY: one byte to and from a valid local; the fds are open pipe ends we own.
+        let ok = unsafe {
+            libc::write(tx, (&raw const byte).cast(), 1) == 1
+                && libc::read(rx, (&raw mut byte).cast(), 1) == 1
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// The forked side of a ping-pong: reads then writes (or writes then reads when `lead`),
+/// `round_trips` times or until the pipe breaks, then exits. Only syscalls, as befits a
+/// child forked from a multi-threaded process.
+fn bounce(rx: RawFd, tx: RawFd, round_trips: Option<u64>, lead: bool) -> ! {
+    let mut byte = 0u8;
+    let mut done = 0u64;
+    // SAFETY: one byte to and from a valid local; the fds are open pipe ends.
+    unsafe {
+        if lead && libc::write(tx, (&raw const byte).cast(), 1) != 1 {
+            libc::_exit(1);
+        }
+        while round_trips != Some(done) {
+            if libc::read(rx, (&raw mut byte).cast(), 1) != 1
+                || libc::write(tx, (&raw const byte).cast(), 1) != 1
+            {
+                libc::_exit(1);
+            }
+            done += 1;
+        }
+        libc::_exit(0)
+    }
+}
+
+/// A getppid loop and a pinned ping-pong pair running until dropped, as background load.
+struct Load {
+    pids: Vec<libc::pid_t>,
+}
+
+impl Load {
+    fn start(cpu: usize) -> Result<Self> {
+        let mut load = Load { pids: Vec::new() };
+        load.pids.push(
+            fork_child(|| {
+                loop {
+                    // SAFETY: getppid takes no arguments and cannot fail.
+                    black_box(unsafe { libc::syscall(libc::SYS_getppid) });
+                }
+            })?
+            .into_pid(),
+        );
+        let pinned = Pinned::to(cpu)?;
+        let (a_rx, b_tx) = pipe()?;
+        let (b_rx, a_tx) = pipe()?;
+        // The leader forks the follower itself, so the follower dies with it. A bare fork:
+        // fork_child's error path allocates, which a forked child must not.
+        let leader = fork_child(|| {
+            // SAFETY: getpid has no preconditions.
+            let leader = unsafe { libc::getpid() };
+            // SAFETY: the follower only makes syscalls and leaves through _exit.
+            match unsafe { libc::fork() } {
+                // SAFETY: leaving without the parent's destructors, as a forked child must.
+                -1 => unsafe { libc::_exit(1) },
+                0 => {
+                    die_with_parent(leader);
+                    bounce(b_rx.as_raw_fd(), b_tx.as_raw_fd(), None, false)
+                }
+                _ => bounce(a_rx.as_raw_fd(), a_tx.as_raw_fd(), None, true),
+            }
+        })?;
+        load.pids.push(leader.into_pid());
+        drop(pinned);
+        Ok(load)
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        for &pid in &self.pids {
+            // SAFETY: our own unreaped children, so the pids cannot have been reused.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes, pipes, CPUs
+
+/// A forked child, killed and reaped when dropped unless reaped first.
+struct Forked {
+    pid: libc::pid_t,
+}
+
+impl Forked {
+    /// Waits for a clean exit and returns the child's resource usage.
+    fn reap(mut self) -> Result<libc::rusage> {
+        let pid = mem::replace(&mut self.pid, 0);
+        let mut status = 0;
+        // SAFETY: zeroed rusage is valid; wait4 writes status and rusage we own.
+        let mut usage: libc::rusage = unsafe { mem::zeroed() };
+        let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        ensure!(
+            rc == pid,
+            "waiting for child {pid}: {}",
+            std::io::Error::last_os_error()
+        );
+        ensure!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "child {pid} failed (wait status {status:#x})"
+        );
+        Ok(usage)
+    }
+
+    fn into_pid(mut self) -> libc::pid_t {
+        mem::replace(&mut self.pid, 0)
+    }
+}
+
+impl Drop for Forked {
+    fn drop(&mut self) {
+        if self.pid > 0 {
+            // SAFETY: our own unreaped child, so the pid cannot have been reused.
+            unsafe {
+                libc::kill(self.pid, libc::SIGKILL);
+                libc::waitpid(self.pid, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+}
+
+/// Forks a child that runs `body`, then exits; it is SIGKILLed if this process dies. `body`
+/// must only make syscalls: this process has threads, whose locks the child inherits held or
+/// not.
+fn fork_child(body: impl FnOnce()) -> Result<Forked> {
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the child only makes syscalls (see above) and leaves through _exit.
+    match unsafe { libc::fork() } {
+        -1 => bail!("fork: {}", std::io::Error::last_os_error()),
+        0 => {
+            die_with_parent(parent);
+            body();
+            // SAFETY: leaving without the parent's destructors, as a forked child must.
+            unsafe { libc::_exit(0) }
+        }
+        pid => Ok(Forked { pid }),
+    }
+}
+
+/// In a forked child: have the kernel SIGKILL it when `parent` dies, so no workload outlives
+/// the benchmark.
+fn die_with_parent(parent: libc::pid_t) {
+    // SAFETY: prctl, getppid and _exit have no memory-safety preconditions. The getppid
+    // check closes the race where the parent died before prctl ran.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        if libc::getppid() != parent {
+            libc::_exit(1);
+        }
+    }
+}
+
+/// A pipe as (read end, write end), closed on exec so agents spawned later do not inherit it.
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array we pass.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!("pipe2: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds are fresh and owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn thread_rusage() -> Result<libc::rusage> {
+    // SAFETY: zeroed rusage is valid; getrusage writes into it.
+    let mut usage: libc::rusage = unsafe { mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
+        bail!("getrusage: {}", std::io::Error::last_os_error());
+    }
+    Ok(usage)
+}
+
+/// Pins the calling thread to one CPU until dropped, then restores its old affinity.
+struct Pinned {
+    old: libc::cpu_set_t,
+}
+
+impl Pinned {
+    fn to(cpu: usize) -> Result<Self> {
+        let old = affinity()?;
+        // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes within it.
+        let mut one: libc::cpu_set_t = unsafe { mem::zeroed() };
+        unsafe { libc::CPU_SET(cpu, &mut one) };
+        set_affinity(&one).with_context(|| format!("pinning to CPU {cpu}"))?;
+        Ok(Self { old })
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if let Err(e) = set_affinity(&self.old) {
+            eprintln!("bench: WARNING: could not restore the CPU affinity: {e:#}");
+        }
+    }
+}
+
+fn affinity() -> Result<libc::cpu_set_t> {
+    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it.
+    let mut set: libc::cpu_set_t = unsafe { mem::zeroed() };
+    if unsafe { libc::sched_getaffinity(0, mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        bail!("sched_getaffinity: {}", std::io::Error::last_os_error());
+    }
+    Ok(set)
+}
+
+fn set_affinity(set: &libc::cpu_set_t) -> Result<()> {
+    // SAFETY: sched_setaffinity reads the set we pass.
+    if unsafe { libc::sched_setaffinity(0, mem::size_of::<libc::cpu_set_t>(), set) } != 0 {
+        bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The last CPU this process may run on: CPU 0 usually takes more of the interrupts.
+fn bench_cpu() -> Result<usize> {
+    let set = affinity()?;
+    (0..libc::CPU_SETSIZE as usize)
+        .rev()
+        // SAFETY: CPU_ISSET reads within the set for indexes below CPU_SETSIZE.
+        .find(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .context("this process may run on no CPU at all")
+}
+
+// ---------------------------------------------------------------------------------------
+// The agent as a child process
+
+#[derive(Clone, Copy)]
+enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// A running `mentat-agent`, its output read line by line; killed when dropped.
+struct AgentProcess {
+    child: Child,
+    what: String,
+    stdout: Receiver<String>,
+    stderr: Receiver<String>,
+    exited: Option<ExitStatus>,
+}
+
+impl AgentProcess {
+    fn spawn<const N: usize>(agent: &Path, args: [&str; N]) -> Result<Self> {
+        let mut command = Command::new(agent);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group, so a Ctrl-C reaches only this benchmark, which then
+            // stops the agent itself.
+            .process_group(0);
+        // SAFETY: prctl is async-signal-safe; it makes the kernel stop the agent (and
+        // detach its probes) if this benchmark dies without stopping it.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let what = std::iter::once(agent.as_os_str())
+            .chain(args.iter().map(OsStr::new))
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting `{what}`"))?;
+        let stdout = lines(child.stdout.take());
+        let stderr = lines(child.stderr.take());
+        Ok(Self {
+            child,
+            what,
+            stdout,
+            stderr,
+            exited: None,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn receiver(&self, stream: Stream) -> &Receiver<String> {
+        match stream {
+            Stream::Stdout => &self.stdout,
+            Stream::Stderr => &self.stderr,
+        }
+    }
+
+    /// Waits for a line containing `needle`; fails naming the agent's exit and stderr if it
+    /// exits first.
+    fn wait_for_line(&mut self, stream: Stream, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            check_interrupted()?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self
+                .receiver(stream)
+                .recv_timeout(left.min(Duration::from_millis(200)))
+            {
+                Ok(line) if line.contains(needle) => return Ok(()),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) if !left.is_zero() => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    bail!("`{}` printed no `{needle}` within {timeout:?}", self.what)
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = self.wait(EXIT_TIMEOUT)?;
+                    bail!(
+                        "`{}` exited ({}) before printing `{needle}`; stderr:\n{}",
+                        self.what,
+                        describe_status(status),
+                        self.drain(Stream::Stderr).join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    fn running(&mut self) -> Result<bool> {
+        if self.exited.is_none() {
+            self.exited = self
+                .child
+                .try_wait()
+                .with_context(|| format!("checking on `{}`", self.what))?;
+        }
+        Ok(self.exited.is_none())
+    }
+
+    /// Waits up to `timeout` for it to exit; past that kills it and fails.
+    fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while self.running()? {
+            if Instant::now() >= deadline {
+                self.kill();
+                bail!("`{}` did not exit within {timeout:?}; killed", self.what);
+            }
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                self.kill();
+                bail!("interrupted");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.exited
+            .context("the agent's exit status vanished after it exited")
+    }
+
+    /// Sends `signal` and waits for the exit; returns a description of how it ended.
+    fn signal_and_wait(&mut self, signal: libc::c_int) -> Result<ExitStatus> {
+        if self.running()? {
+            let pid = libc::pid_t::try_from(self.pid()).context("pid out of range")?;
+            // SAFETY: our own unreaped child, so the pid cannot have been reused.
+            unsafe { libc::kill(pid, signal) };
+        }
+        self.wait(EXIT_TIMEOUT)
+    }
+
+    /// Stops an `attach` early (it prints no statistics then).
+    fn stop(&mut self) -> Result<String> {
+        let status = self.signal_and_wait(libc::SIGTERM)?;
+        Ok(describe_status(status))
+    }
+
+    fn kill(&mut self) {
+        if self.exited.is_none() {
+            // Errors only mean it is already gone.
+            let _ = self.child.kill();
+            self.exited = self.child.wait().ok();
+        }
+    }
+
+    /// Every line received so far on `stream`, waiting briefly for the reader to catch up
+    /// once the agent has exited.
+    fn drain(&self, stream: Stream) -> Vec<String> {
+        let rx = self.receiver(stream);
+        if self.exited.is_some() {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            let mut out = Vec::new();
+            while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                out.push(line);
+            }
+            out
+        } else {
+            rx.try_iter().collect()
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Lines of a child's pipe, read on a thread so the child never blocks on a full pipe.
+fn lines(pipe: Option<impl Read + Send + 'static>) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    if let Some(pipe) = pipe {
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    rx
+}
+
+fn describe_status(status: ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        _ => "unknown exit status".to_owned(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// kernel.bpf_stats_enabled
+
+/// Switches `kernel.bpf_stats_enabled`, restoring the value it found when dropped.
+struct BpfStats {
+    old: String,
+}
+
+impl BpfStats {
+    fn take() -> Result<Self> {
+        let old = fs::read_to_string(BPF_STATS_SYSCTL).with_context(|| {
+            format!("reading {BPF_STATS_SYSCTL} (BPF run statistics need Linux ≥ 5.1)")
+        })?;
+        Ok(Self {
+            old: old.trim().to_owned(),
+        })
+    }
+
+    fn set(&self, on: bool) -> Result<()> {
+        fs::write(BPF_STATS_SYSCTL, if on { "1" } else { "0" })
+            .with_context(|| format!("writing {BPF_STATS_SYSCTL}"))
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Err(e) = fs::write(BPF_STATS_SYSCTL, &self.old) {
+            eprintln!(
+                "bench: WARNING: could not restore {BPF_STATS_SYSCTL} to {}: {e}",
+                self.old
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Footprint of `mentat-agent run`
+
+#[derive(Debug, Serialize)]
+struct Footprint {
+    /// How long the CPU time was measured, under load.
+    wall_ns: u64,
+    /// CPU time of the daemon (all threads) over that time, from its CPU-time clock (ns).
+    cpu_ns: u64,
+    /// The same from utime + stime in /proc/<pid>/stat, which counts whole clock ticks.
+    cpu_ns_from_stat: u64,
+    cpu_percent_of_one_core: f64,
+    /// CPU time from start until the probes were attached.
+    startup_cpu_ns: u64,
+    peak_rss_mib: f64,
+    /// Windows the daemon logged while measured (one per second expected).
+    windows: usize,
+}
+
+fn footprint(agent: &Path, period: Duration, cpu: usize) -> Result<Footprint> {
+    let mut daemon = AgentProcess::spawn(agent, ["run"])?;
+    daemon.wait_for_line(Stream::Stderr, "probes attached", ATTACH_TIMEOUT)?;
+    let pid = daemon.pid();
+    let startup_cpu_ns = process_cpu_clock_ns(pid)?;
+    warn_foreign_agents(Some(pid));
+
+    let load = Load::start(cpu)?;
+    daemon.drain(Stream::Stderr);
+    let stat_before = process_stat_cpu_ns(pid)?;
+    let cpu_before = process_cpu_clock_ns(pid)?;
+    let start = Instant::now();
+    while start.elapsed() < period {
+        check_interrupted()?;
+        ensure!(
+            daemon.running()?,
+            "`{}` exited under load: {}",
+            daemon.what,
+            daemon.drain(Stream::Stderr).join("\n")
+        );
+        thread::sleep(Duration::from_millis(100).min(period.saturating_sub(start.elapsed())));
+    }
+    let cpu_after = process_cpu_clock_ns(pid)?;
+    let wall = start.elapsed();
+    let stat_after = process_stat_cpu_ns(pid)?;
+    let peak_rss_kib = vm_hwm_kib(pid)?;
+    let windows = daemon
+        .drain(Stream::Stderr)
+        .iter()
+        .filter(|l| l.contains("window closed"))
+        .count();
+    drop(load);
+
+    let status = daemon.signal_and_wait(libc::SIGINT)?;
+    if !status.success() {
+        bail!(
+            "`{}` did not stop cleanly on SIGINT ({}): {}",
+            daemon.what,
+            describe_status(status),
+            daemon.drain(Stream::Stderr).join("\n")
+        );
+    }
+    let cpu_ns = cpu_after.saturating_sub(cpu_before);
+    let wall_ns = u64::try_from(wall.as_nanos()).context("measurement period overflows")?;
+    Ok(Footprint {
+        wall_ns,
+        cpu_ns,
+        cpu_ns_from_stat: stat_after.saturating_sub(stat_before),
+        cpu_percent_of_one_core: cpu_ns as f64 / wall_ns as f64 * 100.0,
+        startup_cpu_ns,
+        peak_rss_mib: peak_rss_kib as f64 / 1024.0,
+        windows,
+    })
+}
+
+/// CPU time of a whole process (all its threads) in ns, from its CPU-time clock: exact,
+/// where /proc/<pid>/stat only counts clock ticks (10 ms at 100 Hz, too coarse for a daemon
+/// that should use a few ms per second).
+fn process_cpu_clock_ns(pid: u32) -> Result<u64> {
+    let pid = libc::pid_t::try_from(pid).context("pid out of range")?;
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: clock_getcpuclockid writes the clock id into the local we pass.
+    let rc = unsafe { libc::clock_getcpuclockid(pid, &mut clock) };
+    ensure!(
+        rc == 0,
+        "clock_getcpuclockid({pid}): {}",
+        std::io::Error::from_raw_os_error(rc)
+    );
+    // SAFETY: a zeroed timespec is valid; clock_gettime writes into it.
+    let mut now: libc::timespec = unsafe { mem::zeroed() };
+    if unsafe { libc::clock_gettime(clock, &mut now) } != 0 {
+        bail!(
+            "reading the CPU-time clock of {pid}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let secs = u64::try_from(now.tv_sec).context("negative CPU time")?;
+    let nanos = u64::try_from(now.tv_nsec).context("negative CPU time")?;
+    Ok(secs * 1_000_000_000 + nanos)
+}
+
+/// utime + stime of a whole process (all its threads), in ns.
+fn process_stat_cpu_ns(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name (field 2) may hold spaces; fields after it are plain numbers.
+    let rest = stat
+        .rsplit_once(')')
+        .with_context(|| format!("{path} has no `)`: {stat}"))?
+        .1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Field 3 (state) is fields[0], so utime (14) and stime (15) are fields[11] and [12].
+    let ticks = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .with_context(|| format!("{path} is too short: {stat}"))?
+            .parse::<u64>()
+            .with_context(|| format!("{path} field {} is not a number", i + 3))
+    };
+    let total = ticks(11)? + ticks(12)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ensure!(hz > 0, "sysconf(_SC_CLK_TCK) failed");
+    Ok(total * 1_000_000_000 / hz as u64)
+}
+
+fn vm_hwm_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("{path} has no readable VmHWM line"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Machine
+
+#[derive(Debug, Serialize)]
+struct Machine {
+    cpus: usize,
+    kernel: String,
+    cpu_model: String,
+    memory_mib: u64,
+    load_before: String,
+    load_after: String,
+    date_utc: String,
+}
+
+impl Machine {
+    fn read() -> Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        let cpuinfo = fs::read_to_string("/proc/cpuinfo").context("reading /proc/cpuinfo")?;
+        let meminfo = fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+        let field = |text: &str, key: &str| {
+            text.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        };
+        let memory_kib: u64 = field(&meminfo, "MemTotal")
+            .and_then(|v| v.trim_end_matches("kB").trim().parse().ok())
+            .context("/proc/meminfo has no readable MemTotal")?;
+        Ok(Self {
+            cpus: usize::try_from(cpus).unwrap_or(0),
+            kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+                .context("reading /proc/sys/kernel/osrelease")?
+                .trim()
+                .to_owned(),
+            cpu_model: field(&cpuinfo, "model name").unwrap_or_else(|| "unknown CPU".to_owned()),
+            memory_mib: memory_kib / 1024,
+            load_before: load_average(),
+            load_after: String::new(),
+            date_utc: utc_now(),
+        })
+    }
+}
+
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// Now as `YYYY-MM-DD HH:MM UTC`, without a date library for one line.
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's `civil_from_days`).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Report
+
+/// Median and range of one figure over rounds.
+#[derive(Clone, Copy, Debug, Serialize)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(values: &[f64]) -> Option<Self> {
+        let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Self {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        })
+    }
+
+    fn show(s: Option<Self>) -> String {
+        s.map_or_else(
+            || "n/a".to_owned(),
+            |s| format!("{:.1} [{:.1}–{:.1}]", s.median, s.min, s.max),
+        )
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct ConfigSummary {
+    config: &'static str,
+    getppid_ns: Option<Spread>,
+    switch_ns: Option<Spread>,
+    switches_per_round_trip: Option<Spread>,
+    getppid_preempted: Option<Spread>,
+    rounds: Vec<Measurement>,
+}
+
+/// What one mode adds over `off`, from per-round differences (drift cancels within a round).
+#[derive(Debug, Serialize)]
+struct Added {
+    config: &'static str,
+    getppid_ns: Option<Spread>,
+    switch_ns: Option<Spread>,
+    /// Per switch minus two syscalls' worth (the ping-pong makes two per switch): an
+    /// estimate of the sched_switch hook's share.
+    sched_switch_share_ns: Option<Spread>,
+}
+
+#[derive(Debug, Serialize)]
+struct Ratio {
+    workload: &'static str,
+    floor_added_ns: f64,
+    metering_added_ns: f64,
+    /// metering_added / floor_added, from the medians; `None` when the floor adds nothing
+    /// measurable.
+    ratio: Option<f64>,
+    target: f64,
+    met: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+struct ProgramSummary {
+    mode: &'static str,
+    program: String,
+    /// run_time_ns / run_count per round.
+    ns_per_event: Option<Spread>,
+    events_per_round: Option<Spread>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    machine: Machine,
+    command: String,
+    rounds: u32,
+    iterations: u64,
+    pingpong_round_trips: u64,
+    cpu: usize,
+    configs: Vec<ConfigSummary>,
+    added: Vec<Added>,
+    ratios: Vec<Ratio>,
+    bpf_programs: Vec<ProgramSummary>,
+    footprint: Footprint,
+}
+
+impl Report {
+    fn new(
+        args: &Args,
+        mut machine: Machine,
+        cpu: usize,
+        runs: Vec<Vec<Measurement>>,
+        footprint: Footprint,
+    ) -> Result<Self> {
+        machine.load_after = load_average();
+        let spread = |ms: &[Measurement], f: fn(&Measurement) -> f64| {
+            Spread::of(&ms.iter().filter(|m| m.covered).map(f).collect::<Vec<_>>())
+        };
+        let added_by_round = |config: usize, f: fn(&Measurement) -> f64| -> Vec<f64> {
+            runs[OFF]
+                .iter()
+                .zip(&runs[config])
+                .map(|(off, on)| f(on) - f(off))
+                .collect()
+        };
+        let added: Vec<Added> = [FLOOR, METERING]
+            .into_iter()
+            .map(|c| {
+                let getppid = added_by_round(c, |m| m.getppid_ns);
+                let switch = added_by_round(c, |m| m.switch_ns);
+                let share: Vec<f64> = switch
+                    .iter()
+                    .zip(&getppid)
+                    .map(|(s, g)| s - 2.0 * g)
+                    .collect();
+                Added {
+                    config: CONFIGS[c].name,
+                    getppid_ns: Spread::of(&getppid),
+                    switch_ns: Spread::of(&switch),
+                    sched_switch_share_ns: Spread::of(&share),
+                }
+            })
+            .collect();
+        let ratio = |workload, floor: Option<Spread>, metering: Option<Spread>| -> Result<Ratio> {
+            let floor = floor.context("no floor rounds")?.median;
+            let metering = metering.context("no metering rounds")?.median;
+            let ratio = (floor > 0.0).then(|| metering / floor);
+            Ok(Ratio {
+                workload,
+                floor_added_ns: floor,
+                metering_added_ns: metering,
+                ratio,
+                target: TARGET_RATIO,
+                met: ratio.map(|r| r <= TARGET_RATIO),
+            })
+        };
+        let ratios = vec![
+            ratio("getppid", added[0].getppid_ns, added[1].getppid_ns)?,
+            ratio("context switch", added[0].switch_ns, added[1].switch_ns)?,
+        ];
+
+        let mut bpf_programs = Vec::new();
+        for config in [FLOOR_STATS, METERING_STATS] {
+            let mut per_program: BTreeMap<&str, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+            for m in &runs[config] {
+                for p in &m.programs {
+                    let entry = per_program.entry(p.program.as_str()).or_default();
+                    if p.run_count > 0 {
+                        entry.0.push(p.run_time_ns as f64 / p.run_count as f64);
+                    }
+                    entry.1.push(p.run_count as f64);
+                }
+            }
+            for (program, (ns, counts)) in per_program {
+                bpf_programs.push(ProgramSummary {
+                    mode: CONFIGS[config].mode.unwrap_or("none"),
+                    program: program.to_owned(),
+                    ns_per_event: Spread::of(&ns),
+                    events_per_round: Spread::of(&counts),
+                });
+            }
+        }
+
+        let configs = CONFIGS
+            .iter()
+            .zip(runs)
+            .map(|(config, rounds)| ConfigSummary {
+                config: config.name,
+                getppid_ns: spread(&rounds, |m| m.getppid_ns),
+                switch_ns: spread(&rounds, |m| m.switch_ns),
+                switches_per_round_trip: spread(&rounds, |m| m.switches_per_round_trip),
+                getppid_preempted: spread(&rounds, |m| m.getppid_preempted as f64),
+                rounds,
+            })
+            .collect();
+        Ok(Self {
+            machine,
+            command: std::iter::once("cargo xtask bench --".to_owned())
+                .chain(std::env::args().skip(1))
+                .collect::<Vec<_>>()
+                .join(" "),
+            rounds: args.rounds,
+            iterations: args.iterations,
+            pingpong_round_trips: args.pingpong,
+            cpu,
+            configs,
+            added,
+            ratios,
+            bpf_programs,
+            footprint,
+        })
+    }
+
+    fn print(&self) {
+        let m = &self.machine;
+        println!();
+        println!(
+            "mentat-agent overhead, {} — {} CPU(s) {}, {} MiB, kernel {}",
+            m.date_utc, m.cpus, m.cpu_model, m.memory_mib, m.kernel
+        );
+        println!(
+            "{} rounds; {} getppid calls and {} ping-pong round trips per measurement, on CPU {}; \
+             load average {} before, {} after",
+            self.rounds,
+            self.iterations,
+            self.pingpong_round_trips,
+            self.cpu,
+            m.load_before,
+            m.load_after
+        );
+        println!("command: {}", self.command);
+        let tainted: usize = self
+            .configs
+            .iter()
+            .map(|c| c.rounds.iter().filter(|m| m.foreign_agents).count())
+            .sum();
+        if tainted > 0 {
+            println!(
+                "WARNING: another mentat-agent was running during {tainted} measurement(s); \
+                 its probes inflate every configuration"
+            );
+        }
+        println!("figures: median [min–max] over rounds, in ns");
+        println!();
+        println!(
+            "{:<16} {:>26} {:>26} {:>10}",
+            "configuration", "getppid ns/call", "context switch ns", "sw/trip"
+        );
+        for c in &self.configs {
+            println!(
+                "{:<16} {:>26} {:>26} {:>10}",
+                c.config,
+                Spread::show(c.getppid_ns),
+                Spread::show(c.switch_ns),
+                c.switches_per_round_trip
+                    .map_or_else(|| "n/a".to_owned(), |s| format!("{:.2}", s.median)),
+            );
+        }
+        println!();
+        println!(
+            "{:<16} {:>26} {:>26} {:>26}",
+            "added over off", "per getppid", "per context switch", "sched_switch share (est.)"
+        );
+        for a in &self.added {
+            println!(
+                "{:<16} {:>26} {:>26} {:>26}",
+                a.config,
+                Spread::show(a.getppid_ns),
+                Spread::show(a.switch_ns),
+                Spread::show(a.sched_switch_share_ns),
+            );
+        }
+        println!();
+        for r in &self.ratios {
+            let verdict = match (r.ratio, r.met) {
+                (Some(ratio), Some(true)) => format!("{ratio:.2}× — meets ≤ {:.1}×", r.target),
+                (Some(ratio), _) => format!(
+                    "{ratio:.2}× — MISSES ≤ {:.1}× (metering adds {:.1} ns, the target allows {:.1} ns)",
+                    r.target,
+                    r.metering_added_ns,
+                    r.floor_added_ns * r.target
+                ),
+                (None, _) => "n/a — the floor added nothing measurable".to_owned(),
+            };
+            println!(
+                "metering/floor added, {:<15} {:.1} / {:.1} ns = {verdict}",
+                format!("{}:", r.workload),
+                r.metering_added_ns,
+                r.floor_added_ns
+            );
+        }
+        println!();
+        println!("BPF run time per event (kernel.bpf_stats_enabled=1, whole attach):");
+        println!(
+            "{:<10} {:<20} {:>26} {:>18}",
+            "mode", "program", "ns/event", "events (median)"
+        );
+        for p in &self.bpf_programs {
+            println!(
+                "{:<10} {:<20} {:>26} {:>18}",
+                p.mode,
+                p.program,
+                Spread::show(p.ns_per_event),
+                p.events_per_round
+                    .map_or_else(|| "n/a".to_owned(), |s| format!("{:.0}", s.median)),
+            );
+        }
+        let f = &self.footprint;
+        println!();
+        println!(
+            "mentat-agent run under load for {:.1}s: CPU {:.1} ms = {:.2}% of one core \
+             (/proc stat ticks: {:.0} ms), peak RSS {:.1} MiB, {} windows; \
+             {:.1} ms CPU to start and attach",
+            f.wall_ns as f64 / 1e9,
+            f.cpu_ns as f64 / 1e6,
+            f.cpu_percent_of_one_core,
+            f.cpu_ns_from_stat as f64 / 1e6,
+            f.peak_rss_mib,
+            f.windows,
+            f.startup_cpu_ns as f64 / 1e6
+        );
+    }
+}

@@ -1,0 +1,48 @@
+//! Shared helpers for mentat-agent's privileged end-to-end tests.
+//!
+//! Each test runs a real workload (this crate's `workload` binary) under the real agent
+//! (`mentat-agent record -- workload ...`) and compares what the agent recorded with
+//! ground truth the workload measured on its own: the pids it forked, the rusage
+//! `wait4` returned for them, the cgroup it moved itself into. Neither side's numbers
+//! come from the other, so a wrong agent cannot agree with the workload by accident.
+//!
+//! Paths to both binaries come from the environment (`MENTAT_AGENT_BIN`,
+//! `MENTAT_WORKLOAD_BIN`), set by `cargo xtask test`.
+
+pub mod cgroup;
+pub mod records;
+pub mod run;
+pub mod truth;
+
+pub use cgroup::{ScratchCgroup, cgroup2_mount};
+pub use records::{Bucket, ProcessRecord, Records, Summary, UnattributedBucket};
+pub use run::{
+    Output, Recording, agent_bin, node_steal_ns, record, record_workload, run_agent, workload_bin,
+};
+
+/// Whether `actual` lies within `tolerance` (a fraction, 0.01 = 1 %) of `expected`.
+pub fn within(actual: u64, expected: u64, tolerance: f64) -> bool {
+    (actual as f64 - expected as f64).abs() <= tolerance * expected as f64
+}
+
+/// `actual` relative to `expected`, as a signed percentage, for failure messages.
+pub fn percent_off(actual: u64, expected: u64) -> f64 {
+    if expected == 0 {
+        return f64::INFINITY;
+    }
+    (actual as f64 - expected as f64) / expected as f64 * 100.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn within_is_symmetric_around_expected() {
+        assert!(within(101, 100, 0.01));
+        assert!(within(99, 100, 0.01));
+        assert!(!within(102, 100, 0.01));
+        assert!(!within(98, 100, 0.01));
+        assert!(within(0, 0, 0.01));
+    }
+}
