@@ -87,7 +87,7 @@ impl SyscallClass {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ProcKey {
-    /// `task_struct::start_time` of the thread-group leader (CLOCK_MONOTONIC ns).
+    /// `task_struct::start_boottime` of the thread-group leader (CLOCK_BOOTTIME ns).
     pub start_ns: u64,
     /// cgroup v2 id (the inode number of the cgroup's directory).
     pub cgroup_id: u64,
@@ -96,6 +96,17 @@ pub struct ProcKey {
     /// The accounting epoch the usage was charged in (see [`Control`]).
     pub epoch: u32,
 }
+
+/// Socket traffic counters, indexed by the `NET_*` constants.
+pub const NET_COUNTERS: usize = 4;
+/// Payload bytes sent (what `sendmsg` returned).
+pub const NET_TX_BYTES: usize = 0;
+/// Payload bytes received (what `recvmsg` returned, peeks excluded).
+pub const NET_RX_BYTES: usize = 1;
+/// Send calls that moved at least one byte.
+pub const NET_TX_CALLS: usize = 2;
+/// Receive calls that moved at least one byte.
+pub const NET_RX_CALLS: usize = 3;
 
 /// Per-CPU usage counters of one [`ProcKey`]; userspace sums them over CPUs.
 #[repr(C)]
@@ -107,6 +118,8 @@ pub struct ProcUsage {
     pub syscalls: u64,
     /// Syscalls entered, by [`SyscallClass`] index.
     pub syscalls_by_class: [u64; SYSCALL_CLASSES],
+    /// IPv4/IPv6 socket traffic, by `NET_*` index.
+    pub net: [u64; NET_COUNTERS],
 }
 
 /// Node-level usage that has no process entry, per CPU and per epoch parity.
@@ -130,6 +143,10 @@ pub struct Buckets {
     pub map_full_drops: u64,
     /// Folds whose task fields could not be read (their usage went to `unattributed_*`).
     pub task_read_errors: u64,
+    /// Socket traffic of kernel threads, by `NET_*` index.
+    pub kernel_net: [u64; NET_COUNTERS],
+    /// Socket traffic with no process entry, by `NET_*` index.
+    pub unattributed_net: [u64; NET_COUNTERS],
 }
 
 /// Per-CPU state, in a one-entry per-CPU array.
@@ -148,6 +165,8 @@ pub struct CpuState {
     pub pending_syscalls: u64,
     /// The same, by class.
     pub pending_by_class: [u64; SYSCALL_CLASSES],
+    /// Socket traffic of the running task since its last fold, by `NET_*` index.
+    pub pending_net: [u64; NET_COUNTERS],
     /// Lifecycle events that did not fit in the ring buffer (metadata lost, usage kept).
     pub events_lost: u64,
     /// The epoch of the last fold that completed on this CPU. Once every CPU
@@ -184,8 +203,8 @@ pub struct TaskOffsets {
     pub task_tgid: u32,
     /// `task_struct::flags`.
     pub task_flags: u32,
-    /// `task_struct::start_time`.
-    pub task_start_time: u32,
+    /// `task_struct::start_boottime` (what /proc/<pid>/stat shows, in ns).
+    pub task_start_boottime: u32,
     /// `task_struct::group_leader`.
     pub task_group_leader: u32,
     /// `task_struct::real_parent`.
@@ -196,8 +215,42 @@ pub struct TaskOffsets {
     pub signal_live: u32,
     /// `linux_binprm::filename`.
     pub binprm_filename: u32,
+    /// `sock::__sk_common.skc_family`.
+    pub sock_family: u32,
+    /// `task_struct::ioac` (this thread's I/O accounting).
+    pub task_ioac: u32,
+    /// `signal_struct::ioac` (I/O of the process's threads that are gone).
+    pub signal_ioac: u32,
+    /// `task_io_accounting::read_bytes`.
+    pub ioac_read_bytes: u32,
+    /// `task_io_accounting::write_bytes`.
+    pub ioac_write_bytes: u32,
+    /// `task_io_accounting::cancelled_write_bytes`.
+    pub ioac_cancelled_write_bytes: u32,
     /// Set to 1 by the agent once the offsets above are filled in.
     pub valid: u32,
+}
+
+impl TaskOffsets {
+    /// All zero, not valid: the placeholder the eBPF object is built with.
+    pub const ZERO: TaskOffsets = TaskOffsets {
+        task_pid: 0,
+        task_tgid: 0,
+        task_flags: 0,
+        task_start_boottime: 0,
+        task_group_leader: 0,
+        task_real_parent: 0,
+        task_signal: 0,
+        signal_live: 0,
+        binprm_filename: 0,
+        sock_family: 0,
+        task_ioac: 0,
+        signal_ioac: 0,
+        ioac_read_bytes: 0,
+        ioac_write_bytes: 0,
+        ioac_cancelled_write_bytes: 0,
+        valid: 0,
+    };
 }
 
 /// Kind of a [`ProcEvent`].
@@ -222,14 +275,20 @@ pub struct ProcEvent {
     pub ppid: u32,
     /// Explicit padding; always zero.
     pub _pad: u32,
-    /// The process's start time (CLOCK_MONOTONIC ns), as in [`ProcKey::start_ns`].
+    /// The process's start time (CLOCK_BOOTTIME ns), as in [`ProcKey::start_ns`].
     pub start_ns: u64,
-    /// When the event happened (CLOCK_MONOTONIC ns).
+    /// When the event happened (CLOCK_BOOTTIME ns).
     pub ts_ns: u64,
     /// cgroup v2 id of the process at the event.
     pub cgroup_id: u64,
     /// `task_struct::comm` at the event, NUL-padded.
     pub comm: [u8; COMM_LEN],
+    /// EXIT only: storage bytes read by the whole process (`task_io_accounting`).
+    pub io_read_bytes: u64,
+    /// EXIT only: storage bytes written by the whole process.
+    pub io_write_bytes: u64,
+    /// EXIT only: written bytes cancelled before reaching storage (truncated dirty pages).
+    pub io_cancelled_write_bytes: u64,
     /// EXEC only: the file name passed to execve, NUL-terminated, cut at [`FILENAME_LEN`].
     pub filename: [u8; FILENAME_LEN],
 }
@@ -256,17 +315,20 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<ProcKey>(), 8 + 8 + 4 + 4);
-        assert_eq!(size_of::<ProcUsage>(), 8 + 8 + 8 * SYSCALL_CLASSES);
-        assert_eq!(size_of::<Buckets>(), 8 * 8);
+        assert_eq!(
+            size_of::<ProcUsage>(),
+            8 + 8 + 8 * SYSCALL_CLASSES + 8 * NET_COUNTERS
+        );
+        assert_eq!(size_of::<Buckets>(), 8 * 8 + 2 * 8 * NET_COUNTERS);
         assert_eq!(
             size_of::<CpuState>(),
-            8 * (5 + SYSCALL_CLASSES) + 2 * size_of::<Buckets>()
+            8 * (5 + SYSCALL_CLASSES + NET_COUNTERS) + 2 * size_of::<Buckets>()
         );
         assert_eq!(size_of::<Control>(), 8);
-        assert_eq!(size_of::<TaskOffsets>(), 4 * 10);
+        assert_eq!(size_of::<TaskOffsets>(), 4 * 16);
         assert_eq!(
             size_of::<ProcEvent>(),
-            4 * 4 + 8 * 3 + COMM_LEN + FILENAME_LEN
+            4 * 4 + 8 * 6 + COMM_LEN + FILENAME_LEN
         );
     }
 

@@ -45,18 +45,7 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 /// Struct member offsets resolved from the running kernel's BTF by the agent.
 #[unsafe(no_mangle)]
-pub static TASK_OFFSETS: TaskOffsets = TaskOffsets {
-    task_pid: 0,
-    task_tgid: 0,
-    task_flags: 0,
-    task_start_time: 0,
-    task_group_leader: 0,
-    task_real_parent: 0,
-    task_signal: 0,
-    signal_live: 0,
-    binprm_filename: 0,
-    valid: 0,
-};
+pub static TASK_OFFSETS: TaskOffsets = TaskOffsets::ZERO;
 
 /// Syscall number → class index, filled by the agent for the running architecture.
 #[unsafe(no_mangle)]

@@ -46,10 +46,10 @@ pub fn who(task: *const u8) -> Result<Who, i64> {
     Ok(Who::Process { start_ns })
 }
 
-/// `task->group_leader->start_time`: the process instance's start.
+/// `task->group_leader->start_boottime`: the process instance's start.
 #[inline(always)]
 pub fn leader_start_ns(task: *const u8) -> Result<u64, i64> {
     let off = offsets();
     let leader: *const u8 = read(task, off.task_group_leader)?;
-    read(leader, off.task_start_time)
+    read(leader, off.task_start_boottime)
 }

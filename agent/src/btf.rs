@@ -589,12 +589,21 @@ pub fn task_offsets(btf: &Btf) -> Result<TaskOffsets, BtfError> {
         task_pid: task("pid")?,
         task_tgid: task("tgid")?,
         task_flags: task("flags")?,
-        task_start_time: task("start_time")?,
+        task_start_boottime: task("start_boottime")?,
         task_group_leader: task("group_leader")?,
         task_real_parent: task("real_parent")?,
         task_signal: task("signal")?,
         signal_live: btf.member_offset("signal_struct", "live")?,
         binprm_filename: btf.member_offset("linux_binprm", "filename")?,
+        // skc_family lives in the embedded (named, not anonymous) sock_common.
+        sock_family: btf.member_offset("sock", "__sk_common")?
+            + btf.member_offset("sock_common", "skc_family")?,
+        task_ioac: task("ioac")?,
+        signal_ioac: btf.member_offset("signal_struct", "ioac")?,
+        ioac_read_bytes: btf.member_offset("task_io_accounting", "read_bytes")?,
+        ioac_write_bytes: btf.member_offset("task_io_accounting", "write_bytes")?,
+        ioac_cancelled_write_bytes: btf
+            .member_offset("task_io_accounting", "cancelled_write_bytes")?,
         valid: 1,
     })
 }
@@ -906,7 +915,7 @@ mod tests {
             o.task_pid,
             o.task_tgid,
             o.task_flags,
-            o.task_start_time,
+            o.task_start_boottime,
             o.task_group_leader,
             o.task_real_parent,
             o.task_signal,
@@ -927,7 +936,7 @@ mod tests {
             o.task_group_leader,
             o.task_real_parent,
             o.task_signal,
-            o.task_start_time,
+            o.task_start_boottime,
         ] {
             assert_eq!(ptr % 8, 0, "{o:?}");
         }
@@ -991,11 +1000,11 @@ mod tests {
         let task = bpftool_members(&dump, "task_struct");
         let start_time = task
             .iter()
-            .find(|(m, _)| m == "start_time")
+            .find(|(m, _)| m == "start_boottime")
             .map(|(_, bits)| *bits)
-            .expect("bpftool shows task_struct.start_time");
+            .expect("bpftool shows task_struct.start_boottime");
         let offsets = task_offsets(&btf).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(u64::from(offsets.task_start_time) * 8, start_time);
+        assert_eq!(u64::from(offsets.task_start_boottime) * 8, start_time);
 
         // Every directly named, non-bitfield member must agree, not just the ones we use.
         for (s, want_more) in [

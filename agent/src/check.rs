@@ -58,8 +58,8 @@ pub fn run(probe_config: &ProbeConfig) -> Vec<Item> {
         true,
         match &btf_result {
             Ok(o) => format!(
-                "task_struct offsets resolved (start_time at {}, group_leader at {})",
-                o.task_start_time, o.task_group_leader
+                "task_struct offsets resolved (start_boottime at {}, group_leader at {})",
+                o.task_start_boottime, o.task_group_leader
             ),
             Err(e) => format!("{e}; the kernel needs CONFIG_DEBUG_INFO_BTF=y"),
         },

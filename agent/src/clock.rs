@@ -1,5 +1,10 @@
-//! Kernel time (CLOCK_MONOTONIC nanoseconds, what `bpf_ktime_get_ns` and
-//! `task_struct::start_time` use) to wall-clock time at the edges.
+//! Kernel time to wall-clock time at the edges.
+//!
+//! Everything the agent timestamps is CLOCK_BOOTTIME nanoseconds: what
+//! `task_struct::start_boottime` (and so /proc/<pid>/stat) and
+//! `bpf_ktime_get_boot_ns` use, so process start times from the kernel and
+//! from procfs are on one clock. Unlike CLOCK_MONOTONIC it keeps counting
+//! through suspend, so it maps to the wall clock with one offset.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -8,21 +13,21 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 /// Converts monotonic kernel timestamps to wall-clock time.
 #[derive(Clone, Copy, Debug)]
 pub struct Clock {
-    /// Wall-clock time at monotonic zero (boot, less any suspend), in ns since the epoch.
+    /// Wall-clock time at boot, in ns since the epoch.
     boot_wall_ns: i128,
 }
 
 impl Clock {
     /// Reads both clocks now to find their offset.
     pub fn new() -> Self {
-        let mono = monotonic_ns();
+        let mono = boottime_ns();
         let wall = wall_ns();
         Self {
             boot_wall_ns: wall - i128::from(mono),
         }
     }
 
-    /// The wall-clock time of monotonic timestamp `mono_ns`.
+    /// The wall-clock time of boot-time timestamp `mono_ns`.
     pub fn to_wall(&self, mono_ns: u64) -> SystemTime {
         let ns = self.boot_wall_ns + i128::from(mono_ns);
         let ns = u64::try_from(ns.max(0)).unwrap_or(u64::MAX);
@@ -36,14 +41,14 @@ impl Default for Clock {
     }
 }
 
-/// CLOCK_MONOTONIC now, in ns: the clock `bpf_ktime_get_ns` reads.
-pub fn monotonic_ns() -> u64 {
+/// CLOCK_BOOTTIME now, in ns: the clock `bpf_ktime_get_boot_ns` reads.
+pub fn boottime_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: clock_gettime writes into the timespec we pass; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // SAFETY: clock_gettime writes into the timespec we pass; CLOCK_BOOTTIME always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
@@ -65,9 +70,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn monotonic_now_maps_to_wall_now() {
+    fn boottime_now_maps_to_wall_now() {
         let clock = Clock::new();
-        let mapped = clock.to_wall(monotonic_ns());
+        let mapped = clock.to_wall(boottime_ns());
         let now = SystemTime::now();
         let diff = match now.duration_since(mapped) {
             Ok(d) => d,

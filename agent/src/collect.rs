@@ -1,17 +1,25 @@
 //! Closes usage windows: reads a closed epoch from the probes, joins it with
-//! process lifecycle and procfs metadata, and yields per-instance deltas plus
-//! the node buckets. One call to [`Collector::close_window`] is one tick.
+//! process lifecycle and procfs metadata and with sampled memory and disk
+//! usage, and yields per-instance deltas plus the node buckets. One call to
+//! [`Collector::close_window`] is one tick.
 
-use std::{collections::HashMap, path::PathBuf, time::SystemTime};
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
 
-use agent_common::{Buckets, PF_KTHREAD, ProcEvent, event_kind};
+use agent_common::{Buckets, NET_COUNTERS, PF_KTHREAD, ProcEvent, event_kind};
 use tracing::{debug, warn};
 
 use crate::{
-    clock::{Clock, monotonic_ns},
-    identity::{self, Cgroups},
+    clock::{Clock, boottime_ns},
+    identity::{self, Cgroups, instance_start},
+    memory::{self, Integrator},
     probes::{ProbeError, Probes},
-    usage::{InstanceKey, Metered},
+    usage::{InstanceKey, Metered, Net},
 };
 
 /// What is known about a process instance (tgid, start).
@@ -25,7 +33,7 @@ pub struct ProcessInfo {
     pub comm: String,
     /// Executable path, where known.
     pub exe: Option<String>,
-    /// When it exited (CLOCK_MONOTONIC ns), if it has.
+    /// When it exited (CLOCK_BOOTTIME ns), if it has.
     pub exited_ns: Option<u64>,
     /// A kernel thread (its usage is in the kernel bucket; listed for completeness).
     pub kernel_thread: bool,
@@ -63,9 +71,9 @@ impl NodeBuckets {
 /// One closed window.
 #[derive(Clone, Debug)]
 pub struct Window {
-    /// Start, CLOCK_MONOTONIC ns.
+    /// Start, CLOCK_BOOTTIME ns.
     pub start_ns: u64,
-    /// End, CLOCK_MONOTONIC ns.
+    /// End, CLOCK_BOOTTIME ns.
     pub end_ns: u64,
     /// Start, wall clock.
     pub start: SystemTime,
@@ -101,6 +109,13 @@ pub struct Collector {
     infos: HashMap<(u32, u64), ProcessInfo>,
     /// tgid → start of the live instance with that pid, to resolve parents.
     live: HashMap<u32, u64>,
+    /// The cgroup each instance was last seen in (memory and disk go there).
+    cgroup_of: HashMap<(u32, u64), u64>,
+    mem: Integrator,
+    sample_every: Duration,
+    last_sample_ns: u64,
+    /// When metering began: usage of older processes before it is not ours.
+    metered_since_ns: u64,
     /// Cumulative bucket values per epoch parity at the last close of that parity.
     prev_buckets: [Buckets; 2],
     prev_events_lost: u64,
@@ -108,8 +123,10 @@ pub struct Collector {
 }
 
 impl Collector {
-    /// A collector over loaded probes. The first window starts now.
-    pub fn new(probes: Probes) -> Self {
+    /// A collector over loaded probes, sampling memory and disk every
+    /// `sample_every`. The first window starts now.
+    pub fn new(probes: Probes, sample_every: Duration) -> Self {
+        let now = boottime_ns();
         Self {
             probes,
             clock: Clock::new(),
@@ -117,9 +134,14 @@ impl Collector {
             proc_root: PathBuf::from("/proc"),
             infos: HashMap::new(),
             live: HashMap::new(),
+            cgroup_of: HashMap::new(),
+            mem: Integrator::default(),
+            sample_every,
+            last_sample_ns: 0,
+            metered_since_ns: now,
             prev_buckets: [Buckets::default(); 2],
             prev_events_lost: 0,
-            window_start_ns: monotonic_ns(),
+            window_start_ns: now,
         }
     }
 
@@ -133,18 +155,27 @@ impl Collector {
         &self.clock
     }
 
-    /// Applies the lifecycle events waiting in the ring buffer. Call often
-    /// (the buffer is finite); `close_window` calls it too.
-    pub fn poll_events(&mut self) {
+    /// Applies the lifecycle events waiting in the ring buffer, and samples
+    /// memory and disk when a sample is due. Call often (the ring buffer is
+    /// finite); `close_window` calls it too.
+    pub fn poll(&mut self) {
         let mut events = Vec::new();
         self.probes.drain_events(|ev| events.push(*ev));
         for ev in &events {
             self.apply_event(ev);
         }
+        let now = boottime_ns();
+        if now.saturating_sub(self.last_sample_ns) >= duration_ns(self.sample_every) {
+            self.sample_resources(now);
+        }
     }
 
     fn apply_event(&mut self, ev: &ProcEvent) {
         let comm = identity::c_name(&ev.comm);
+        let ev = &ProcEvent {
+            start_ns: instance_start(ev.start_ns),
+            ..*ev
+        };
         match ev.kind {
             event_kind::FORK => {
                 let parent = self.live.get(&ev.ppid).map(|&s| (ev.ppid, s));
@@ -182,19 +213,81 @@ impl Collector {
                     info.ppid = Some(ev.ppid);
                 }
                 info.exited_ns = Some(ev.ts_ns);
+                self.mem.exit(
+                    ev.tgid,
+                    ev.start_ns,
+                    ev.ts_ns,
+                    ev.io_read_bytes,
+                    ev.io_write_bytes,
+                    self.metered_since_ns,
+                );
+                self.cgroup_of
+                    .entry((ev.tgid, ev.start_ns))
+                    .or_insert(ev.cgroup_id);
             }
             other => debug!(kind = other, "unknown lifecycle event kind"),
         }
     }
 
+    /// Samples memory and disk of every user process on the node: a process
+    /// that sleeps through a window still holds its memory.
+    fn sample_resources(&mut self, now: u64) {
+        self.last_sample_ns = now;
+        let Ok(dir) = fs::read_dir(&self.proc_root) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            let start = match self.live.get(&pid) {
+                Some(&s) => s,
+                None => {
+                    let Some(stat) = identity::read_stat(&self.proc_root, pid) else {
+                        continue;
+                    };
+                    let start = stat.start_since_boot_ns;
+                    self.register_from_stat(pid, start, stat);
+                    start
+                }
+            };
+            if self.infos.get(&(pid, start)).is_some_and(|i| i.kernel_thread) {
+                continue;
+            }
+            let Some(sample) = memory::read_sample(&self.proc_root, pid) else {
+                continue;
+            };
+            if !self.cgroup_of.contains_key(&(pid, start))
+                && let Some(cg) = self.cgroup_id_from_proc(pid)
+            {
+                self.cgroup_of.insert((pid, start), cg);
+            }
+            self.mem.sample(pid, start, now, sample, self.metered_since_ns);
+        }
+        // Processes gone without an exit event (lost events) stop integrating.
+        self.mem
+            .forget_stale(now.saturating_sub(duration_ns(self.sample_every) * 4));
+    }
+
+    /// The v2 cgroup id of a process that has not run since metering began,
+    /// from /proc/<pid>/cgroup ("0::/path") and the directory's inode.
+    fn cgroup_id_from_proc(&self, pid: u32) -> Option<u64> {
+        let text = fs::read_to_string(self.proc_root.join(pid.to_string()).join("cgroup")).ok()?;
+        let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+        let root = self.cgroups.root()?;
+        let path = root.join(rel.trim_start_matches('/'));
+        Some(fs::metadata(path).ok()?.ino())
+    }
+
     /// Closes the current window and returns its usage.
     pub fn close_window(&mut self) -> Result<Window, ProbeError> {
-        self.poll_events();
+        self.poll();
         let old_epoch = self.probes.current_epoch();
         let epoch = self.probes.close_epoch()?;
-        let end_ns = monotonic_ns();
+        let end_ns = boottime_ns();
         // Events emitted up to the epoch switch name the processes in it.
-        self.poll_events();
+        self.poll();
+        self.sample_resources(end_ns);
 
         let slot = (old_epoch & 1) as usize;
         let prev = self.prev_buckets.get(slot).copied().unwrap_or_default();
@@ -218,20 +311,29 @@ impl Collector {
             );
         }
 
-        let mut processes: Vec<(InstanceKey, Metered)> = epoch
-            .processes
-            .iter()
-            .map(|(k, u)| {
-                (
-                    InstanceKey {
-                        tgid: k.tgid,
-                        start_ns: k.start_ns,
-                        cgroup_id: k.cgroup_id,
-                    },
-                    Metered::from(u),
-                )
-            })
-            .collect();
+        let mut merged: HashMap<InstanceKey, Metered> = HashMap::new();
+        for (k, u) in &epoch.processes {
+            let key = InstanceKey {
+                tgid: k.tgid,
+                start_ns: instance_start(k.start_ns),
+                cgroup_id: k.cgroup_id,
+            };
+            self.cgroup_of.insert((key.tgid, key.start_ns), key.cgroup_id);
+            merged.entry(key).or_default().add(&Metered::from(u));
+        }
+        for ((tgid, start_ns), md) in self.mem.take() {
+            // Memory and disk belong to the cgroup the process was last seen in.
+            let Some(&cgroup_id) = self.cgroup_of.get(&(tgid, start_ns)) else {
+                continue;
+            };
+            let key = InstanceKey {
+                tgid,
+                start_ns,
+                cgroup_id,
+            };
+            merged.entry(key).or_default().mem.add(&md);
+        }
+        let mut processes: Vec<(InstanceKey, Metered)> = merged.into_iter().collect();
         processes.sort_by_key(|(k, _)| *k);
         for (k, _) in &processes {
             self.ensure_info(k.tgid, k.start_ns);
@@ -257,25 +359,41 @@ impl Collector {
         if self.infos.contains_key(&(tgid, start_ns)) {
             return;
         }
-        let mut info = ProcessInfo::default();
-        if let Some(stat) = identity::read_stat(&self.proc_root, tgid)
-            && identity::same_instance(&stat, start_ns)
-        {
-            info.ppid = Some(stat.ppid);
-            info.parent = self.live.get(&stat.ppid).map(|&s| (stat.ppid, s));
-            info.comm = stat.comm;
-            info.kernel_thread = stat.flags & PF_KTHREAD != 0;
-            info.exe = identity::read_exe(&self.proc_root, tgid);
-            self.live.entry(tgid).or_insert(start_ns);
+        match identity::read_stat(&self.proc_root, tgid) {
+            Some(stat) if stat.start_since_boot_ns == start_ns => {
+                self.register_from_stat(tgid, start_ns, stat);
+            }
+            // Gone, or the pid already belongs to another instance.
+            _ => {
+                self.infos.insert((tgid, start_ns), ProcessInfo::default());
+            }
         }
-        self.infos.insert((tgid, start_ns), info);
+    }
+
+    fn register_from_stat(&mut self, tgid: u32, start_ns: u64, stat: identity::ProcStat) {
+        let info = ProcessInfo {
+            ppid: Some(stat.ppid),
+            parent: self.live.get(&stat.ppid).map(|&s| (stat.ppid, s)),
+            comm: stat.comm,
+            kernel_thread: stat.flags & PF_KTHREAD != 0,
+            exe: identity::read_exe(&self.proc_root, tgid),
+            exited_ns: None,
+        };
+        self.infos.entry((tgid, start_ns)).or_insert(info);
+        self.live.entry(tgid).or_insert(start_ns);
     }
 
     /// Forgets instances that exited before `before_ns`: nothing can be charged
     /// to them any more. The daemon calls this once a window's records are out.
     pub fn forget_exited_before(&mut self, before_ns: u64) {
-        self.infos
-            .retain(|_, i| i.exited_ns.is_none_or(|t| t >= before_ns));
+        let cgroup_of = &mut self.cgroup_of;
+        self.infos.retain(|k, i| {
+            let gone = i.exited_ns.is_some_and(|t| t < before_ns);
+            if gone {
+                cgroup_of.remove(k);
+            }
+            !gone
+        });
     }
 
     /// What is known about instance (tgid, start).
@@ -305,14 +423,28 @@ fn bucket_delta(now: &Buckets, prev: &Buckets) -> NodeBuckets {
         kernel: Metered {
             cpu_ns: d(now.kernel_ns, prev.kernel_ns),
             syscalls: d(now.kernel_syscalls, prev.kernel_syscalls),
+            net: net_delta(&now.kernel_net, &prev.kernel_net),
             ..Default::default()
         },
         unattributed: Metered {
             cpu_ns: d(now.unattributed_ns, prev.unattributed_ns),
             syscalls: d(now.unattributed_syscalls, prev.unattributed_syscalls),
+            net: net_delta(&now.unattributed_net, &prev.unattributed_net),
             ..Default::default()
         },
         map_full_drops: d(now.map_full_drops, prev.map_full_drops),
         task_read_errors: d(now.task_read_errors, prev.task_read_errors),
     }
+}
+
+fn net_delta(now: &[u64; NET_COUNTERS], prev: &[u64; NET_COUNTERS]) -> Net {
+    let mut d = [0u64; NET_COUNTERS];
+    for ((d, n), p) in d.iter_mut().zip(now).zip(prev) {
+        *d = n.saturating_sub(*p);
+    }
+    Net::from_counters(&d)
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }

@@ -21,6 +21,9 @@ pub struct Config {
     /// Period of the per-CPU timer that charges tasks that never block.
     #[serde(with = "duration_str")]
     pub cpu_tick: Duration,
+    /// How often memory and disk are sampled from procfs (≤ tick).
+    #[serde(with = "duration_str")]
+    pub sample_interval: Duration,
     /// Entries in the kernel's per-process usage map (≈ 2 × processes active per tick).
     pub proc_map_entries: u32,
     /// Kernel BTF.
@@ -33,6 +36,7 @@ impl Default for Config {
             node_name: String::new(),
             tick: Duration::from_secs(1),
             cpu_tick: Duration::from_millis(100),
+            sample_interval: Duration::from_secs(1),
             proc_map_entries: 10_240,
             btf_path: PathBuf::from(VMLINUX_BTF),
         }
@@ -83,6 +87,12 @@ impl Config {
             return Err(format!(
                 "cpu_tick = {:?} must be between 1ms and tick ({:?})",
                 c.cpu_tick, c.tick
+            ));
+        }
+        if c.sample_interval < Duration::from_millis(10) || c.sample_interval > c.tick {
+            return Err(format!(
+                "sample_interval = {:?} must be between 10ms and tick ({:?})",
+                c.sample_interval, c.tick
             ));
         }
         if c.proc_map_entries == 0 {

@@ -89,9 +89,12 @@ pub async fn run(
 
     let collector_stop = stop.clone();
     let tick = config.tick;
+    let sample = config.sample_interval;
     let handle = thread::Builder::new()
         .name("collector".into())
-        .spawn(move || collect_loop(Collector::new(probes), &node, tick, &collector_stop, &tx))
+        .spawn(move || {
+            collect_loop(Collector::new(probes, sample), &node, tick, &collector_stop, &tx)
+        })
         .map_err(|_| DaemonError::CollectorPanicked)?;
 
     let deliver = async {
@@ -148,7 +151,7 @@ fn collect_loop(
         thread::sleep(
             Duration::from_millis(50).min(next.saturating_duration_since(Instant::now())),
         );
-        collector.poll_events();
+        collector.poll();
     }
 }
 

@@ -62,15 +62,13 @@ pub fn read_exe(proc_root: &Path, pid: u32) -> Option<String> {
     Some(target.to_string_lossy().into_owned())
 }
 
-/// Whether procfs's start time matches the kernel's `start_ns` for the same
-/// pid, i.e. /proc still shows the same process instance and not a reused pid.
-///
-/// procfs counts in clock ticks on the boot-time clock, the kernel key in ns
-/// on the monotonic clock; they agree to within a tick on a host that never
-/// suspended, so two ticks of slack tell instances apart without false misses.
-pub fn same_instance(stat: &ProcStat, start_ns: u64) -> bool {
+/// A process instance's start as the agent keys it: `start_boottime` cut to
+/// the clock tick, which is exactly what /proc/<pid>/stat shows. Kernel keys
+/// and procfs reads then name an instance identically; two processes with one
+/// pid inside one tick (10 ms) would need the whole pid space to wrap in it.
+pub fn instance_start(start_boottime_ns: u64) -> u64 {
     let tick = 1_000_000_000 / clock_ticks_per_sec();
-    stat.start_since_boot_ns.abs_diff(start_ns) <= 2 * tick
+    start_boottime_ns - start_boottime_ns % tick
 }
 
 /// Turns a fixed, NUL-padded kernel name buffer into a string.

@@ -10,6 +10,7 @@ pub mod collect;
 pub mod config;
 pub mod daemon;
 pub mod identity;
+pub mod memory;
 pub mod output;
 pub mod probes;
 pub mod record;

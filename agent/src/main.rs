@@ -75,6 +75,9 @@ struct RecordArgs {
     /// How often a window is closed while recording; records cover the whole run either way.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     tick: Duration,
+    /// How often memory and disk are sampled (memory GB-seconds integrate these samples).
+    #[arg(long, value_parser = parse_duration, default_value = "100ms")]
+    sample: Duration,
     /// The node name in records (default: $NODE_NAME, else the host name).
     #[arg(long, default_value = "")]
     node: String,
@@ -148,6 +151,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 output: a.output,
                 all: a.all,
                 tick: a.tick,
+                sample: a.sample,
                 probes: ProbeConfig {
                     proc_map_entries: a.proc_map_entries,
                     ..ProbeConfig::default()

@@ -12,7 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::{Control, CpuState, ProcEvent, ProcKey, ProcUsage, SYSCALL_CLASSES};
+use agent_common::{
+    Control, CpuState, NET_COUNTERS, ProcEvent, ProcKey, ProcUsage, SYSCALL_CLASSES,
+};
 use aya::{
     Ebpf, EbpfError, EbpfLoader, VerifierLogLevel,
     maps::{Array, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -39,6 +41,13 @@ pub const TRACEPOINTS: &[(&str, &str)] = &[
     ("process_fork", "sched_process_fork"),
     ("process_exec", "sched_process_exec"),
     ("process_exit", "sched_process_exit"),
+];
+
+/// Socket traffic tracepoints (Linux ≥ 6.3). Without them the agent still
+/// meters everything else and reports network metering as unavailable.
+pub const NET_TRACEPOINTS: &[(&str, &str)] = &[
+    ("sock_send", "sock_send_length"),
+    ("sock_recv", "sock_recv_length"),
 ];
 
 /// The empty programs the benchmark attaches instead, for its floor.
@@ -136,6 +145,7 @@ pub struct Probes {
     events: Option<RingBuf<MapData>>,
     online_cpus: Vec<u32>,
     epoch: u32,
+    network: Result<(), String>,
 }
 
 /// One closed epoch's usage.
@@ -183,8 +193,16 @@ impl Probes {
         for &(name, hook) in hooks {
             attach_raw_tracepoint(&mut ebpf, name, hook)?;
         }
+        let mut network = Err("not attached".to_string());
         if config.mode == ProbeMode::Metering {
             attach_cpu_tick(&mut ebpf, &online_cpus, config.cpu_tick)?;
+            network = NET_TRACEPOINTS
+                .iter()
+                .try_for_each(|&(name, hook)| attach_raw_tracepoint(&mut ebpf, name, hook))
+                .map_err(|e| e.to_string());
+            if let Err(e) = &network {
+                warn!(error = %e, "network metering unavailable (needs Linux ≥ 6.3 socket tracepoints)");
+            }
         }
 
         let proc_usage = take_map(&mut ebpf, "PROC_USAGE")?;
@@ -199,7 +217,13 @@ impl Probes {
             events: Some(events),
             online_cpus,
             epoch: 0,
+            network,
         })
+    }
+
+    /// Whether socket traffic is metered, or why not.
+    pub fn network(&self) -> Result<(), &str> {
+        self.network.as_ref().map(|_| ()).map_err(String::as_str)
     }
 
     /// The loaded programs' names and kernel statistics (run count, run time),
@@ -366,6 +390,13 @@ fn add_usage(sum: &mut ProcUsage, v: &ProcUsage) {
     for i in 0..SYSCALL_CLASSES {
         sum.syscalls_by_class[i] += v.syscalls_by_class[i];
     }
+    add_net(&mut sum.net, &v.net);
+}
+
+fn add_net(sum: &mut [u64; NET_COUNTERS], v: &[u64; NET_COUNTERS]) {
+    for (s, v) in sum.iter_mut().zip(v) {
+        *s += v;
+    }
 }
 
 /// Adds `b` into `sum`, field by field.
@@ -378,6 +409,8 @@ pub fn add_buckets(sum: &mut agent_common::Buckets, b: &agent_common::Buckets) {
     sum.unattributed_syscalls += b.unattributed_syscalls;
     sum.map_full_drops += b.map_full_drops;
     sum.task_read_errors += b.task_read_errors;
+    add_net(&mut sum.kernel_net, &b.kernel_net);
+    add_net(&mut sum.unattributed_net, &b.unattributed_net);
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, ProbeError>

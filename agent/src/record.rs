@@ -34,6 +34,8 @@ pub struct RecordOptions {
     pub all: bool,
     /// How often a window is closed while recording (keeps kernel maps small).
     pub tick: Duration,
+    /// How often memory and disk are sampled.
+    pub sample: Duration,
     /// Probe settings.
     pub probes: ProbeConfig,
     /// The node's name in records.
@@ -97,7 +99,7 @@ fn install_signal_handlers(with_command: bool) {
 /// Runs `record`; returns the exit code to exit with (the command's, or 0).
 pub fn run(opts: &RecordOptions) -> Result<i32, RecordError> {
     let probes = Probes::load(&opts.probes)?;
-    let mut collector = Collector::new(probes);
+    let mut collector = Collector::new(probes, opts.sample);
     // Everything charged before this point predates the recording.
     collector.close_window()?;
 
@@ -112,7 +114,7 @@ pub fn run(opts: &RecordOptions) -> Result<i32, RecordError> {
         info!(duration = ?opts.duration, "recording the whole node");
         while Instant::now() < deadline && !STOP.load(Ordering::SeqCst) {
             thread::sleep(POLL.min(deadline.saturating_duration_since(Instant::now())));
-            collector.poll_events();
+            collector.poll();
             if Instant::now() >= next_tick {
                 span.add(&collector.close_window()?);
                 next_tick += opts.tick;
@@ -188,7 +190,7 @@ fn run_command(
     let mut exit_code = None;
     loop {
         thread::sleep(POLL);
-        collector.poll_events();
+        collector.poll();
         let (reaped, none_left) = reap_exited();
         if let Some(&(_, code)) = reaped.iter().find(|(p, _)| *p == pid) {
             exit_code = Some(code);

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use crate::{
     clock::rfc3339,
+    memory::gib_seconds,
     collect::{Collector, NodeBuckets, Window},
     output::Report,
     usage::{
@@ -51,7 +52,7 @@ impl Span {
     pub fn report(
         &self,
         collector: &mut Collector,
-        node: &str,
+        node_name: &str,
         include: impl Fn(&InstanceKey) -> bool,
         command_exit_code: Option<i32>,
     ) -> Report {
@@ -59,11 +60,9 @@ impl Span {
         let (end_ns, end) = self.end.unwrap_or((start_ns, start));
         let (ws, we) = (rfc3339(start), rfc3339(end));
         let mut processes = Vec::new();
-        let mut attributed_cpu_ns = 0u64;
-        let mut attributed_syscalls = 0u64;
+        let mut total = Metered::default();
         for (key, m) in &self.processes {
-            attributed_cpu_ns += m.cpu_ns;
-            attributed_syscalls += m.syscalls;
+            total.add(m);
             if !include(key) {
                 continue;
             }
@@ -73,8 +72,8 @@ impl Span {
                 .unwrap_or_default();
             processes.push(ProcessRecord {
                 record_type: "process",
-                record_id: process_record_id(node, key, start),
-                node: node.to_string(),
+                record_id: process_record_id(node_name, key, start),
+                node: node_name.to_string(),
                 window_start: ws.clone(),
                 window_end: we.clone(),
                 workload_kind: "process",
@@ -89,19 +88,29 @@ impl Span {
                 cpu_core_seconds: core_seconds(m.cpu_ns),
                 syscalls: m.syscalls,
                 syscalls_by_class: m.syscalls_by_class,
+                network_rx_bytes: m.net.rx_bytes,
+                network_tx_bytes: m.net.tx_bytes,
+                network_rx_calls: m.net.rx_calls,
+                network_tx_calls: m.net.tx_calls,
+                memory_gb_seconds: gib_seconds(m.mem.rss_byte_ns),
+                peak_rss_bytes: m.mem.peak_rss_bytes,
+                disk_read_bytes: m.mem.disk_read_bytes,
+                disk_write_bytes: m.mem.disk_write_bytes,
                 exited: info.exited_ns.is_some_and(|t| t <= end_ns),
             });
         }
         let b = &self.buckets;
         let bucket = |name: &'static str, m: &Metered, unattributed: bool| BucketRecord {
             record_type: name,
-            record_id: bucket_record_id(node, name, start),
-            node: node.to_string(),
+            record_id: bucket_record_id(node_name, name, start),
+            node: node_name.to_string(),
             window_start: ws.clone(),
             window_end: we.clone(),
             cpu_ns: m.cpu_ns,
             cpu_core_seconds: core_seconds(m.cpu_ns),
             syscalls: m.syscalls,
+            network_rx_bytes: m.net.rx_bytes,
+            network_tx_bytes: m.net.tx_bytes,
             map_full_drops: unattributed.then_some(b.map_full_drops),
             task_read_errors: unattributed.then_some(b.task_read_errors),
         };
@@ -111,17 +120,18 @@ impl Span {
             bucket("unattributed", &b.unattributed, true),
         ];
         for m in [&b.idle, &b.kernel, &b.unattributed] {
-            attributed_cpu_ns += m.cpu_ns;
-            attributed_syscalls += m.syscalls;
+            total.add(m);
         }
         let summary = SummaryRecord {
             record_type: "summary",
-            node: node.to_string(),
+            node: node_name.to_string(),
             window_start: ws,
             window_end: we,
             accounted_cpu_ns: b.charged_ns,
-            attributed_cpu_ns,
-            attributed_syscalls,
+            attributed_cpu_ns: total.cpu_ns,
+            attributed_syscalls: total.syscalls,
+            network_rx_bytes: total.net.rx_bytes,
+            network_tx_bytes: total.net.tx_bytes,
             map_full_drops: b.map_full_drops,
             task_read_errors: b.task_read_errors,
             events_lost: self.events_lost,

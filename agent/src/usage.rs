@@ -3,17 +3,20 @@
 
 use std::time::SystemTime;
 
-use agent_common::{ProcUsage, SYSCALL_CLASSES, SyscallClass};
+use agent_common::{
+    NET_COUNTERS, NET_RX_BYTES, NET_RX_CALLS, NET_TX_BYTES, NET_TX_CALLS, ProcUsage,
+    SYSCALL_CLASSES, SyscallClass,
+};
 use serde::Serialize;
 
-use crate::clock::rfc3339;
+use crate::{clock::rfc3339, memory::MemDisk};
 
 /// A process instance in one cgroup: the unit usage is attributed to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InstanceKey {
     /// Process id.
     pub tgid: u32,
-    /// Process start, CLOCK_MONOTONIC ns.
+    /// Process start: CLOCK_BOOTTIME ns cut to the clock tick (`identity::instance_start`).
     pub start_ns: u64,
     /// cgroup v2 id.
     pub cgroup_id: u64,
@@ -34,6 +37,39 @@ impl Serialize for SyscallsByClass {
     }
 }
 
+/// Socket payload traffic (IPv4 and IPv6; local IPC excluded).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Net {
+    /// Payload bytes sent.
+    pub tx_bytes: u64,
+    /// Payload bytes received.
+    pub rx_bytes: u64,
+    /// Send calls that moved data.
+    pub tx_calls: u64,
+    /// Receive calls that moved data.
+    pub rx_calls: u64,
+}
+
+impl Net {
+    /// From the kernel's `NET_*`-indexed counters.
+    pub fn from_counters(c: &[u64; NET_COUNTERS]) -> Self {
+        Self {
+            tx_bytes: c[NET_TX_BYTES],
+            rx_bytes: c[NET_RX_BYTES],
+            tx_calls: c[NET_TX_CALLS],
+            rx_calls: c[NET_RX_CALLS],
+        }
+    }
+
+    /// Adds another amount.
+    pub fn add(&mut self, o: &Net) {
+        self.tx_bytes += o.tx_bytes;
+        self.rx_bytes += o.rx_bytes;
+        self.tx_calls += o.tx_calls;
+        self.rx_calls += o.rx_calls;
+    }
+}
+
 /// Metered quantities of one workload over one window.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Metered {
@@ -43,6 +79,10 @@ pub struct Metered {
     pub syscalls: u64,
     /// Syscalls by class.
     pub syscalls_by_class: SyscallsByClass,
+    /// Socket traffic.
+    pub net: Net,
+    /// Memory and storage I/O.
+    pub mem: MemDisk,
 }
 
 impl Metered {
@@ -50,14 +90,11 @@ impl Metered {
     pub fn add(&mut self, other: &Metered) {
         self.cpu_ns += other.cpu_ns;
         self.syscalls += other.syscalls;
-        for (a, b) in self
-            .syscalls_by_class
-            .0
-            .iter_mut()
-            .zip(other.syscalls_by_class.0)
-        {
+        for (a, b) in self.syscalls_by_class.0.iter_mut().zip(other.syscalls_by_class.0) {
             *a += b;
         }
+        self.net.add(&other.net);
+        self.mem.add(&other.mem);
     }
 }
 
@@ -67,6 +104,8 @@ impl From<&ProcUsage> for Metered {
             cpu_ns: u.cpu_ns,
             syscalls: u.syscalls,
             syscalls_by_class: SyscallsByClass(u.syscalls_by_class),
+            net: Net::from_counters(&u.net),
+            mem: MemDisk::default(),
         }
     }
 }
@@ -113,6 +152,22 @@ pub struct ProcessRecord {
     pub syscalls: u64,
     /// Syscalls by class.
     pub syscalls_by_class: SyscallsByClass,
+    /// Socket payload bytes received (IPv4/IPv6, TCP and UDP).
+    pub network_rx_bytes: u64,
+    /// Socket payload bytes sent.
+    pub network_tx_bytes: u64,
+    /// Receive calls that moved data (the socket layer sees calls, not packets).
+    pub network_rx_calls: u64,
+    /// Send calls that moved data.
+    pub network_tx_calls: u64,
+    /// ∫ resident memory dt, in GiB-seconds.
+    pub memory_gb_seconds: f64,
+    /// Peak resident memory (VmHWM), bytes.
+    pub peak_rss_bytes: u64,
+    /// Bytes read from storage.
+    pub disk_read_bytes: u64,
+    /// Bytes written to storage (page-cache writeback included).
+    pub disk_write_bytes: u64,
     /// Whether the process had exited by the window's end.
     pub exited: bool,
 }
@@ -136,6 +191,10 @@ pub struct BucketRecord {
     pub cpu_core_seconds: f64,
     /// Syscalls with no process entry.
     pub syscalls: u64,
+    /// Socket payload bytes received with no process entry.
+    pub network_rx_bytes: u64,
+    /// Socket payload bytes sent with no process entry.
+    pub network_tx_bytes: u64,
     /// Unattributed only: folds that found the process map full.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub map_full_drops: Option<u64>,
@@ -162,6 +221,10 @@ pub struct SummaryRecord {
     pub attributed_cpu_ns: u64,
     /// Σ syscalls of every process on the node plus the buckets.
     pub attributed_syscalls: u64,
+    /// Σ socket bytes received, every process plus the buckets.
+    pub network_rx_bytes: u64,
+    /// Σ socket bytes sent, every process plus the buckets.
+    pub network_tx_bytes: u64,
     /// Folds that found the process map full.
     pub map_full_drops: u64,
     /// Folds whose task could not be read.

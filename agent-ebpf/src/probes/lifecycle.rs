@@ -7,7 +7,7 @@ use agent_common::{ProcEvent, event_kind};
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes,
+        bpf_ktime_get_boot_ns, bpf_probe_read_kernel_str_bytes,
     },
     macros::raw_tracepoint,
     programs::RawTracePointContext,
@@ -37,9 +37,9 @@ fn try_fork(ctx: &RawTracePointContext) -> Result<(), i64> {
         // A new thread, not a new process.
         return Ok(());
     }
-    let start_ns: u64 = task::read(child, off.task_start_time)?;
+    let start_ns: u64 = task::read(child, off.task_start_boottime)?;
     let ppid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    emit(event_kind::FORK, tgid, ppid, start_ns, None)
+    emit(event_kind::FORK, tgid, ppid, start_ns, None, [0; 3])
 }
 
 /// `sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)`.
@@ -61,7 +61,7 @@ fn try_exec(ctx: &RawTracePointContext) -> Result<(), i64> {
     let start_ns = task::leader_start_ns(cur)?;
     let bprm: *const u8 = ctx.arg(2);
     let filename: *const u8 = task::read(bprm, off.binprm_filename)?;
-    emit(event_kind::EXEC, tgid, ppid, start_ns, Some(filename))
+    emit(event_kind::EXEC, tgid, ppid, start_ns, Some(filename), [0; 3])
 }
 
 /// `sched_process_exit(struct task_struct *p)`; reported once the last thread exits.
@@ -88,7 +88,18 @@ fn try_exit() -> Result<(), i64> {
     let parent: *const u8 = task::read(cur, off.task_real_parent)?;
     let ppid: u32 = task::read(parent, off.task_tgid).unwrap_or(0);
     let start_ns = task::leader_start_ns(cur)?;
-    emit(event_kind::EXIT, tgid, ppid, start_ns, None)
+    // The process's storage I/O: threads already gone are summed in
+    // signal->ioac; this last thread's own is not folded in until release.
+    let io = [off.ioac_read_bytes, off.ioac_write_bytes, off.ioac_cancelled_write_bytes];
+    let mut totals = [0u64; 3];
+    let mut i = 0;
+    while i < 3 {
+        let mine: u64 = task::read(cur, off.task_ioac + io[i]).unwrap_or(0);
+        let gone: u64 = task::read(signal, off.signal_ioac + io[i]).unwrap_or(0);
+        totals[i] = mine + gone;
+        i += 1;
+    }
+    emit(event_kind::EXIT, tgid, ppid, start_ns, None, totals)
 }
 
 #[inline(always)]
@@ -98,6 +109,7 @@ fn emit(
     ppid: u32,
     start_ns: u64,
     filename: Option<*const u8>,
+    io: [u64; 3],
 ) -> Result<(), i64> {
     let Some(mut entry) = EVENTS.reserve::<ProcEvent>(0) else {
         if let Some(st) = CPU_STATE.get_ptr_mut(0) {
@@ -115,9 +127,12 @@ fn emit(
         (*ev).ppid = ppid;
         (*ev)._pad = 0;
         (*ev).start_ns = start_ns;
-        (*ev).ts_ns = bpf_ktime_get_ns();
+        (*ev).ts_ns = bpf_ktime_get_boot_ns();
         (*ev).cgroup_id = bpf_get_current_cgroup_id();
         (*ev).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        (*ev).io_read_bytes = io[0];
+        (*ev).io_write_bytes = io[1];
+        (*ev).io_cancelled_write_bytes = io[2];
         (*ev).filename[0] = 0;
         if let Some(src) = filename {
             let _ = bpf_probe_read_kernel_str_bytes(src, &mut (*ev).filename);

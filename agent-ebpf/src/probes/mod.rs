@@ -2,5 +2,6 @@
 
 pub mod floor;
 pub mod lifecycle;
+pub mod net;
 pub mod sched;
 pub mod syscalls;

@@ -7,7 +7,7 @@
 //! interval so far, so a task that never blocks still shows up in every
 //! window, not only when it is finally switched out.
 
-use agent_common::{Buckets, ProcKey, ProcUsage, SYSCALL_CLASSES};
+use agent_common::{Buckets, NET_COUNTERS, ProcKey, ProcUsage, SYSCALL_CLASSES};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
@@ -62,12 +62,15 @@ fn charge_current(take_syscalls: bool) {
         cpu_ns,
         syscalls: 0,
         syscalls_by_class: [0; SYSCALL_CLASSES],
+        net: [0; NET_COUNTERS],
     };
     if take_syscalls {
         usage.syscalls = st.pending_syscalls;
         usage.syscalls_by_class = st.pending_by_class;
+        usage.net = st.pending_net;
         st.pending_syscalls = 0;
         st.pending_by_class = [0; SYSCALL_CLASSES];
+        st.pending_net = [0; NET_COUNTERS];
     }
 
     let epoch = epoch();
@@ -83,14 +86,16 @@ fn charge(b: &mut Buckets, usage: &ProcUsage, epoch: u32) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if tgid == 0 {
         b.idle_ns += usage.cpu_ns;
-        // The idle task makes no syscalls; anything pending has no owner left.
+        // The idle task makes no syscalls and sends nothing; anything pending has no owner left.
         b.unattributed_syscalls += usage.syscalls;
+        add_net(&mut b.unattributed_net, &usage.net);
         return;
     }
     match task::who(task::current()) {
         Ok(Who::Kernel) => {
             b.kernel_ns += usage.cpu_ns;
             b.kernel_syscalls += usage.syscalls;
+            add_net(&mut b.kernel_net, &usage.net);
         }
         Ok(Who::Process { start_ns }) => {
             let key = ProcKey {
@@ -115,6 +120,16 @@ fn charge(b: &mut Buckets, usage: &ProcUsage, epoch: u32) {
 fn unattributed(b: &mut Buckets, usage: &ProcUsage) {
     b.unattributed_ns += usage.cpu_ns;
     b.unattributed_syscalls += usage.syscalls;
+    add_net(&mut b.unattributed_net, &usage.net);
+}
+
+#[inline(always)]
+fn add_net(sum: &mut [u64; NET_COUNTERS], v: &[u64; NET_COUNTERS]) {
+    let mut i = 0;
+    while i < NET_COUNTERS {
+        sum[i] += v[i];
+        i += 1;
+    }
 }
 
 /// Adds `usage` to `key`'s per-CPU entry, creating it if needed; false if the map is full.
@@ -133,6 +148,7 @@ fn fold(key: &ProcKey, usage: &ProcUsage) -> bool {
                 v.syscalls_by_class[i] += usage.syscalls_by_class[i];
                 i += 1;
             }
+            add_net(&mut v.net, &usage.net);
             return true;
         }
         match PROC_USAGE.insert(key, usage, BPF_NOEXIST as u64) {

@@ -1,0 +1,249 @@
+//! Memory GB-seconds and disk bytes per process instance, from procfs samples.
+//!
+//! Resident memory has no cheap kernel event to count (RSS changes on every
+//! page fault), so it is sampled and integrated over time with the
+//! trapezoid rule, from the process's start (RSS 0) to its exit. Disk bytes
+//! are `/proc/<pid>/io` `read_bytes` / `write_bytes` deltas between samples
+//! (bytes the process caused to be read from or written to storage, page
+//! cache writeback included), completed at exit from the totals the exit
+//! event carries, so I/O after the last sample is not lost.
+
+use std::{collections::HashMap, fs, path::Path};
+
+/// One sample of a live process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcSample {
+    /// Resident set size, bytes.
+    pub rss_bytes: u64,
+    /// Peak resident set size so far (VmHWM), bytes.
+    pub hwm_bytes: u64,
+    /// Cumulative storage bytes read.
+    pub read_bytes: u64,
+    /// Cumulative storage bytes written.
+    pub write_bytes: u64,
+}
+
+/// Parses `/proc/<pid>/status` for VmRSS and VmHWM (kB in the file).
+pub fn parse_status_memory(status: &str) -> Option<(u64, u64)> {
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .map(|n| n * 1024)
+    };
+    // Kernel threads have no VmRSS line: they hold no user memory.
+    Some((kb("VmRSS:")?, kb("VmHWM:").unwrap_or(0)))
+}
+
+/// Parses `/proc/<pid>/io` for read_bytes and write_bytes.
+pub fn parse_io(io: &str) -> Option<(u64, u64)> {
+    let field = |key: &str| {
+        io.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    Some((field("read_bytes:")?, field("write_bytes:")?))
+}
+
+/// Samples one process; `None` if it is gone, a kernel thread, or unreadable.
+pub fn read_sample(proc_root: &Path, pid: u32) -> Option<ProcSample> {
+    let dir = proc_root.join(pid.to_string());
+    let (rss_bytes, hwm_bytes) = parse_status_memory(&fs::read_to_string(dir.join("status")).ok()?)?;
+    // /proc/<pid>/io needs ptrace-read access; without it, memory still counts.
+    let (read_bytes, write_bytes) = fs::read_to_string(dir.join("io"))
+        .ok()
+        .and_then(|s| parse_io(&s))
+        .unwrap_or((0, 0));
+    Some(ProcSample {
+        rss_bytes,
+        hwm_bytes,
+        read_bytes,
+        write_bytes,
+    })
+}
+
+/// Memory and disk usage accumulated for one instance since the last take.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemDisk {
+    /// ∫ RSS dt, in byte-nanoseconds (exact integer; GB-s at presentation).
+    pub rss_byte_ns: u128,
+    /// Largest VmHWM seen, bytes.
+    pub peak_rss_bytes: u64,
+    /// Storage bytes read.
+    pub disk_read_bytes: u64,
+    /// Storage bytes written.
+    pub disk_write_bytes: u64,
+}
+
+impl MemDisk {
+    /// Adds another amount (peaks take the maximum).
+    pub fn add(&mut self, o: &MemDisk) {
+        self.rss_byte_ns += o.rss_byte_ns;
+        self.peak_rss_bytes = self.peak_rss_bytes.max(o.peak_rss_bytes);
+        self.disk_read_bytes += o.disk_read_bytes;
+        self.disk_write_bytes += o.disk_write_bytes;
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Last {
+    at_ns: u64,
+    sample: ProcSample,
+}
+
+/// Integrates samples per process instance `(tgid, start_ns)`.
+#[derive(Debug, Default)]
+pub struct Integrator {
+    last: HashMap<(u32, u64), Last>,
+    pending: HashMap<(u32, u64), MemDisk>,
+}
+
+impl Integrator {
+    /// Records a sample of instance `(tgid, start_ns)` taken at `now_ns`.
+    ///
+    /// `metered_since_ns` is when metering began: an instance older than that
+    /// is integrated from its first sample, and its I/O before it is not ours.
+    pub fn sample(&mut self, tgid: u32, start_ns: u64, now_ns: u64, s: ProcSample, metered_since_ns: u64) {
+        let key = (tgid, start_ns);
+        let acc = self.pending.entry(key).or_default();
+        acc.peak_rss_bytes = acc.peak_rss_bytes.max(s.hwm_bytes).max(s.rss_bytes);
+        match self.last.get(&key) {
+            Some(prev) => {
+                let dt = u128::from(now_ns.saturating_sub(prev.at_ns));
+                acc.rss_byte_ns += dt * u128::from(prev.sample.rss_bytes + s.rss_bytes) / 2;
+                acc.disk_read_bytes += s.read_bytes.saturating_sub(prev.sample.read_bytes);
+                acc.disk_write_bytes += s.write_bytes.saturating_sub(prev.sample.write_bytes);
+            }
+            None if start_ns >= metered_since_ns => {
+                // Born while metered: it had no memory and no I/O at start.
+                let dt = u128::from(now_ns.saturating_sub(start_ns));
+                acc.rss_byte_ns += dt * u128::from(s.rss_bytes) / 2;
+                acc.disk_read_bytes += s.read_bytes;
+                acc.disk_write_bytes += s.write_bytes;
+            }
+            None => {}
+        }
+        self.last.insert(key, Last { at_ns: now_ns, sample: s });
+    }
+
+    /// Completes an instance at its exit: memory held until `exit_ns`, and the
+    /// I/O since the last sample from the exit event's totals.
+    pub fn exit(&mut self, tgid: u32, start_ns: u64, exit_ns: u64, read_total: u64, write_total: u64, metered_since_ns: u64) {
+        let key = (tgid, start_ns);
+        let prev = self.last.remove(&key);
+        let acc = self.pending.entry(key).or_default();
+        match prev {
+            Some(prev) => {
+                let dt = u128::from(exit_ns.saturating_sub(prev.at_ns));
+                acc.rss_byte_ns += dt * u128::from(prev.sample.rss_bytes);
+                acc.disk_read_bytes += read_total.saturating_sub(prev.sample.read_bytes);
+                acc.disk_write_bytes += write_total.saturating_sub(prev.sample.write_bytes);
+            }
+            // Never sampled: too short-lived to see its memory; its I/O is all
+            // in the exit totals, if it was born while metered.
+            None if start_ns >= metered_since_ns => {
+                acc.disk_read_bytes += read_total;
+                acc.disk_write_bytes += write_total;
+            }
+            None => {}
+        }
+    }
+
+    /// Takes everything accumulated since the last take.
+    pub fn take(&mut self) -> HashMap<(u32, u64), MemDisk> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Forgets instances not sampled since `before_ns` (gone without an exit event).
+    pub fn forget_stale(&mut self, before_ns: u64) {
+        self.last.retain(|_, l| l.at_ns >= before_ns);
+    }
+}
+
+/// Converts byte-nanoseconds to GiB-seconds (the pricing unit: 1 GB = 1024³ bytes).
+pub fn gib_seconds(byte_ns: u128) -> f64 {
+    byte_ns as f64 / (1024.0 * 1024.0 * 1024.0) / 1e9
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1024 * 1024 * 1024;
+    const S: u64 = 1_000_000_000;
+
+    fn mem(rss: u64) -> ProcSample {
+        ProcSample {
+            rss_bytes: rss,
+            hwm_bytes: rss,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn constant_rss_integrates_to_rss_times_time() {
+        let mut i = Integrator::default();
+        // Born at 10 s with 1 GiB at once; sampled each second; exits at 14 s.
+        i.sample(1, 10 * S, 11 * S, mem(GIB), 0);
+        i.sample(1, 10 * S, 12 * S, mem(GIB), 0);
+        i.sample(1, 10 * S, 13 * S, mem(GIB), 0);
+        i.exit(1, 10 * S, 14 * S, 0, 0, 0);
+        let got = i.take()[&(1, 10 * S)];
+        // The first second is a ramp from 0 (trapezoid): 0.5 + 1 + 1 + 1.
+        assert!((gib_seconds(got.rss_byte_ns) - 3.5).abs() < 1e-9, "{got:?}");
+        assert_eq!(got.peak_rss_bytes, GIB);
+    }
+
+    #[test]
+    fn preexisting_processes_start_at_their_first_sample() {
+        let mut i = Integrator::default();
+        let sample = ProcSample {
+            rss_bytes: GIB,
+            hwm_bytes: 2 * GIB,
+            read_bytes: 100,
+            write_bytes: 200,
+        };
+        i.sample(1, S, 50 * S, sample, 40 * S);
+        let first = i.take()[&(1, S)];
+        assert_eq!(first.rss_byte_ns, 0);
+        assert_eq!((first.disk_read_bytes, first.disk_write_bytes), (0, 0));
+        assert_eq!(first.peak_rss_bytes, 2 * GIB);
+        i.sample(1, S, 51 * S, ProcSample { read_bytes: 150, write_bytes: 260, ..sample }, 40 * S);
+        let second = i.take()[&(1, S)];
+        assert_eq!((second.disk_read_bytes, second.disk_write_bytes), (50, 60));
+    }
+
+    #[test]
+    fn exit_totals_complete_io_after_the_last_sample() {
+        let mut i = Integrator::default();
+        let s = ProcSample {
+            write_bytes: 1000,
+            ..Default::default()
+        };
+        i.sample(7, 5 * S, 6 * S, s, 0);
+        i.exit(7, 5 * S, 7 * S, 0, 64 << 20, 0);
+        assert_eq!(i.take()[&(7, 5 * S)].disk_write_bytes, 64 << 20);
+        // A process never sampled: all its I/O comes from the exit event.
+        i.exit(8, 5 * S, 6 * S, 10, 20, 0);
+        let got = i.take()[&(8, 5 * S)];
+        assert_eq!((got.disk_read_bytes, got.disk_write_bytes), (10, 20));
+    }
+
+    #[test]
+    fn status_and_io_parse() {
+        let status = "Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n";
+        assert_eq!(parse_status_memory(status), Some((1024 * 1024, 2048 * 1024)));
+        assert_eq!(parse_status_memory("Name:\tkworker\n"), None);
+        let io = "rchar: 5\nwchar: 6\nread_bytes: 4096\nwrite_bytes: 8192\ncancelled_write_bytes: 0\n";
+        assert_eq!(parse_io(io), Some((4096, 8192)));
+        assert_eq!(parse_io("garbage"), None);
+    }
+
+    #[test]
+    fn own_process_samples() {
+        let s = read_sample(Path::new("/proc"), std::process::id()).expect("own sample");
+        assert!(s.rss_bytes > 0 && s.hwm_bytes >= s.rss_bytes, "{s:?}");
+    }
+}
