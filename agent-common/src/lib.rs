@@ -129,6 +129,9 @@ pub struct Buckets {
     /// Every nanosecond charged in this epoch on this CPU, wherever it went:
     /// the kernel-side total that process entries plus the buckets below must equal.
     pub charged_ns: u64,
+    /// Wall time on this CPU that no task ran: interrupts and time the
+    /// hypervisor stole, which the scheduler does not count as task run time.
+    pub irq_steal_ns: u64,
     /// Time in the idle task (pid 0).
     pub idle_ns: u64,
     /// Time in kernel threads.
@@ -157,8 +160,16 @@ pub struct Buckets {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuState {
-    /// When the running task's current interval began; 0 before the first event.
+    /// When the last charge on this CPU happened; 0 before the first event.
     pub last_switch_ns: u64,
+    /// The running task (`task_struct` address), set when it was switched in.
+    pub cur_task: u64,
+    /// Its `sum_exec_runtime` as far as it has been charged.
+    pub cur_runtime_ns: u64,
+    /// When it was switched in.
+    pub interval_start_ns: u64,
+    /// Its `sum_exec_runtime` when it was switched in.
+    pub interval_start_runtime_ns: u64,
     /// The first event this CPU saw after attach: the start of its accounted time.
     pub first_switch_ns: u64,
     /// Syscalls entered by the running task since its last fold.
@@ -217,6 +228,9 @@ pub struct TaskOffsets {
     pub binprm_filename: u32,
     /// `sock::__sk_common.skc_family`.
     pub sock_family: u32,
+    /// `task_struct::se.sum_exec_runtime`: the scheduler's own count of the
+    /// thread's run time (steal and, where configured, IRQ time excluded).
+    pub task_sum_exec_runtime: u32,
     /// `task_struct::ioac` (this thread's I/O accounting).
     pub task_ioac: u32,
     /// `signal_struct::ioac` (I/O of the process's threads that are gone).
@@ -244,6 +258,7 @@ impl TaskOffsets {
         signal_live: 0,
         binprm_filename: 0,
         sock_family: 0,
+        task_sum_exec_runtime: 0,
         task_ioac: 0,
         signal_ioac: 0,
         ioac_read_bytes: 0,
@@ -319,13 +334,13 @@ mod tests {
             size_of::<ProcUsage>(),
             8 + 8 + 8 * SYSCALL_CLASSES + 8 * NET_COUNTERS
         );
-        assert_eq!(size_of::<Buckets>(), 8 * 8 + 2 * 8 * NET_COUNTERS);
+        assert_eq!(size_of::<Buckets>(), 8 * 9 + 2 * 8 * NET_COUNTERS);
         assert_eq!(
             size_of::<CpuState>(),
-            8 * (5 + SYSCALL_CLASSES + NET_COUNTERS) + 2 * size_of::<Buckets>()
+            8 * (9 + SYSCALL_CLASSES + NET_COUNTERS) + 2 * size_of::<Buckets>()
         );
         assert_eq!(size_of::<Control>(), 8);
-        assert_eq!(size_of::<TaskOffsets>(), 4 * 16);
+        assert_eq!(size_of::<TaskOffsets>(), 4 * 17);
         assert_eq!(
             size_of::<ProcEvent>(),
             4 * 4 + 8 * 6 + COMM_LEN + FILENAME_LEN

@@ -598,6 +598,8 @@ pub fn task_offsets(btf: &Btf) -> Result<TaskOffsets, BtfError> {
         // skc_family lives in the embedded (named, not anonymous) sock_common.
         sock_family: btf.member_offset("sock", "__sk_common")?
             + btf.member_offset("sock_common", "skc_family")?,
+        task_sum_exec_runtime: task("se")?
+            + btf.member_offset("sched_entity", "sum_exec_runtime")?,
         task_ioac: task("ioac")?,
         signal_ioac: btf.member_offset("signal_struct", "ioac")?,
         ioac_read_bytes: btf.member_offset("task_io_accounting", "read_bytes")?,

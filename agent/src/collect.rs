@@ -46,6 +46,8 @@ pub struct NodeBuckets {
     pub charged_ns: u64,
     /// Idle.
     pub idle: Metered,
+    /// Wall time no task ran: interrupts and hypervisor steal.
+    pub irq_steal: Metered,
     /// Kernel threads.
     pub kernel: Metered,
     /// No process entry (map full, unreadable task).
@@ -61,6 +63,7 @@ impl NodeBuckets {
     pub fn add(&mut self, o: &NodeBuckets) {
         self.charged_ns += o.charged_ns;
         self.idle.add(&o.idle);
+        self.irq_steal.add(&o.irq_steal);
         self.kernel.add(&o.kernel);
         self.unattributed.add(&o.unattributed);
         self.map_full_drops += o.map_full_drops;
@@ -95,6 +98,7 @@ impl Window {
         let b = &self.buckets;
         self.processes.iter().map(|(_, m)| m.cpu_ns).sum::<u64>()
             + b.idle.cpu_ns
+            + b.irq_steal.cpu_ns
             + b.kernel.cpu_ns
             + b.unattributed.cpu_ns
     }
@@ -237,7 +241,11 @@ impl Collector {
             return;
         };
         for entry in dir.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
                 continue;
             };
             let start = match self.live.get(&pid) {
@@ -251,7 +259,11 @@ impl Collector {
                     start
                 }
             };
-            if self.infos.get(&(pid, start)).is_some_and(|i| i.kernel_thread) {
+            if self
+                .infos
+                .get(&(pid, start))
+                .is_some_and(|i| i.kernel_thread)
+            {
                 continue;
             }
             let Some(sample) = memory::read_sample(&self.proc_root, pid) else {
@@ -262,7 +274,8 @@ impl Collector {
             {
                 self.cgroup_of.insert((pid, start), cg);
             }
-            self.mem.sample(pid, start, now, sample, self.metered_since_ns);
+            self.mem
+                .sample(pid, start, now, sample, self.metered_since_ns);
         }
         // Processes gone without an exit event (lost events) stop integrating.
         self.mem
@@ -318,7 +331,8 @@ impl Collector {
                 start_ns: instance_start(k.start_ns),
                 cgroup_id: k.cgroup_id,
             };
-            self.cgroup_of.insert((key.tgid, key.start_ns), key.cgroup_id);
+            self.cgroup_of
+                .insert((key.tgid, key.start_ns), key.cgroup_id);
             merged.entry(key).or_default().add(&Metered::from(u));
         }
         for ((tgid, start_ns), md) in self.mem.take() {
@@ -418,6 +432,10 @@ fn bucket_delta(now: &Buckets, prev: &Buckets) -> NodeBuckets {
         charged_ns: d(now.charged_ns, prev.charged_ns),
         idle: Metered {
             cpu_ns: d(now.idle_ns, prev.idle_ns),
+            ..Default::default()
+        },
+        irq_steal: Metered {
+            cpu_ns: d(now.irq_steal_ns, prev.irq_steal_ns),
             ..Default::default()
         },
         kernel: Metered {

@@ -93,7 +93,13 @@ pub async fn run(
     let handle = thread::Builder::new()
         .name("collector".into())
         .spawn(move || {
-            collect_loop(Collector::new(probes, sample), &node, tick, &collector_stop, &tx)
+            collect_loop(
+                Collector::new(probes, sample),
+                &node,
+                tick,
+                &collector_stop,
+                &tx,
+            )
         })
         .map_err(|_| DaemonError::CollectorPanicked)?;
 

@@ -50,7 +50,8 @@ pub fn parse_io(io: &str) -> Option<(u64, u64)> {
 /// Samples one process; `None` if it is gone, a kernel thread, or unreadable.
 pub fn read_sample(proc_root: &Path, pid: u32) -> Option<ProcSample> {
     let dir = proc_root.join(pid.to_string());
-    let (rss_bytes, hwm_bytes) = parse_status_memory(&fs::read_to_string(dir.join("status")).ok()?)?;
+    let (rss_bytes, hwm_bytes) =
+        parse_status_memory(&fs::read_to_string(dir.join("status")).ok()?)?;
     // /proc/<pid>/io needs ptrace-read access; without it, memory still counts.
     let (read_bytes, write_bytes) = fs::read_to_string(dir.join("io"))
         .ok()
@@ -105,7 +106,14 @@ impl Integrator {
     ///
     /// `metered_since_ns` is when metering began: an instance older than that
     /// is integrated from its first sample, and its I/O before it is not ours.
-    pub fn sample(&mut self, tgid: u32, start_ns: u64, now_ns: u64, s: ProcSample, metered_since_ns: u64) {
+    pub fn sample(
+        &mut self,
+        tgid: u32,
+        start_ns: u64,
+        now_ns: u64,
+        s: ProcSample,
+        metered_since_ns: u64,
+    ) {
         let key = (tgid, start_ns);
         let acc = self.pending.entry(key).or_default();
         acc.peak_rss_bytes = acc.peak_rss_bytes.max(s.hwm_bytes).max(s.rss_bytes);
@@ -125,12 +133,26 @@ impl Integrator {
             }
             None => {}
         }
-        self.last.insert(key, Last { at_ns: now_ns, sample: s });
+        self.last.insert(
+            key,
+            Last {
+                at_ns: now_ns,
+                sample: s,
+            },
+        );
     }
 
     /// Completes an instance at its exit: memory held until `exit_ns`, and the
     /// I/O since the last sample from the exit event's totals.
-    pub fn exit(&mut self, tgid: u32, start_ns: u64, exit_ns: u64, read_total: u64, write_total: u64, metered_since_ns: u64) {
+    pub fn exit(
+        &mut self,
+        tgid: u32,
+        start_ns: u64,
+        exit_ns: u64,
+        read_total: u64,
+        write_total: u64,
+        metered_since_ns: u64,
+    ) {
         let key = (tgid, start_ns);
         let prev = self.last.remove(&key);
         let acc = self.pending.entry(key).or_default();
@@ -210,7 +232,17 @@ mod tests {
         assert_eq!(first.rss_byte_ns, 0);
         assert_eq!((first.disk_read_bytes, first.disk_write_bytes), (0, 0));
         assert_eq!(first.peak_rss_bytes, 2 * GIB);
-        i.sample(1, S, 51 * S, ProcSample { read_bytes: 150, write_bytes: 260, ..sample }, 40 * S);
+        i.sample(
+            1,
+            S,
+            51 * S,
+            ProcSample {
+                read_bytes: 150,
+                write_bytes: 260,
+                ..sample
+            },
+            40 * S,
+        );
         let second = i.take()[&(1, S)];
         assert_eq!((second.disk_read_bytes, second.disk_write_bytes), (50, 60));
     }
@@ -234,9 +266,13 @@ mod tests {
     #[test]
     fn status_and_io_parse() {
         let status = "Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n";
-        assert_eq!(parse_status_memory(status), Some((1024 * 1024, 2048 * 1024)));
+        assert_eq!(
+            parse_status_memory(status),
+            Some((1024 * 1024, 2048 * 1024))
+        );
         assert_eq!(parse_status_memory("Name:\tkworker\n"), None);
-        let io = "rchar: 5\nwchar: 6\nread_bytes: 4096\nwrite_bytes: 8192\ncancelled_write_bytes: 0\n";
+        let io =
+            "rchar: 5\nwchar: 6\nread_bytes: 4096\nwrite_bytes: 8192\ncancelled_write_bytes: 0\n";
         assert_eq!(parse_io(io), Some((4096, 8192)));
         assert_eq!(parse_io("garbage"), None);
     }

@@ -402,6 +402,7 @@ fn add_net(sum: &mut [u64; NET_COUNTERS], v: &[u64; NET_COUNTERS]) {
 /// Adds `b` into `sum`, field by field.
 pub fn add_buckets(sum: &mut agent_common::Buckets, b: &agent_common::Buckets) {
     sum.charged_ns += b.charged_ns;
+    sum.irq_steal_ns += b.irq_steal_ns;
     sum.idle_ns += b.idle_ns;
     sum.kernel_ns += b.kernel_ns;
     sum.kernel_syscalls += b.kernel_syscalls;

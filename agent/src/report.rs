@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use crate::{
     clock::rfc3339,
-    memory::gib_seconds,
     collect::{Collector, NodeBuckets, Window},
+    memory::gib_seconds,
     output::Report,
     usage::{
         BucketRecord, InstanceKey, Metered, ProcessRecord, SummaryRecord, bucket_record_id,
@@ -116,10 +116,11 @@ impl Span {
         };
         let buckets = vec![
             bucket("idle", &b.idle, false),
+            bucket("irq_steal", &b.irq_steal, false),
             bucket("kernel", &b.kernel, false),
             bucket("unattributed", &b.unattributed, true),
         ];
-        for m in [&b.idle, &b.kernel, &b.unattributed] {
+        for m in [&b.idle, &b.irq_steal, &b.kernel, &b.unattributed] {
             total.add(m);
         }
         let summary = SummaryRecord {

@@ -90,7 +90,12 @@ impl Metered {
     pub fn add(&mut self, other: &Metered) {
         self.cpu_ns += other.cpu_ns;
         self.syscalls += other.syscalls;
-        for (a, b) in self.syscalls_by_class.0.iter_mut().zip(other.syscalls_by_class.0) {
+        for (a, b) in self
+            .syscalls_by_class
+            .0
+            .iter_mut()
+            .zip(other.syscalls_by_class.0)
+        {
             *a += b;
         }
         self.net.add(&other.net);
@@ -175,7 +180,7 @@ pub struct ProcessRecord {
 /// Node usage with no process: idle, kernel threads, or unattributed.
 #[derive(Clone, Debug, Serialize)]
 pub struct BucketRecord {
-    /// "idle", "kernel" or "unattributed".
+    /// "idle", "irq_steal" (time no task ran: interrupts, hypervisor steal), "kernel" or "unattributed".
     pub record_type: &'static str,
     /// hash(node, bucket, window_start).
     pub record_id: String,

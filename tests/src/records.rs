@@ -71,7 +71,7 @@ pub struct Summary {
     pub window_end: OffsetDateTime,
     /// Kernel side: per CPU, first to last observed context switch, summed.
     pub accounted_cpu_ns: u64,
-    /// Every process record printed plus the three buckets.
+    /// Every process record printed plus the four buckets.
     pub attributed_cpu_ns: u64,
     pub map_full_drops: u64,
     pub events_lost: u64,
@@ -86,6 +86,7 @@ pub struct Summary {
 enum Line {
     Process(ProcessRecord),
     Idle(Bucket),
+    IrqSteal(Bucket),
     Kernel(Bucket),
     Unattributed(UnattributedBucket),
     Summary(Summary),
@@ -96,6 +97,8 @@ enum Line {
 pub struct Records {
     pub processes: Vec<ProcessRecord>,
     pub idle: Bucket,
+    /// Wall time no task ran (interrupts, hypervisor steal).
+    pub irq_steal: Bucket,
     pub kernel: Bucket,
     pub unattributed: UnattributedBucket,
     pub summary: Summary,
@@ -113,7 +116,8 @@ impl Records {
             .map(|(index, line)| (index + 1, line))
             .collect();
         let mut processes = Vec::new();
-        let (mut idle, mut kernel, mut unattributed, mut summary) = (None, None, None, None);
+        let (mut idle, mut irq_steal, mut kernel, mut unattributed, mut summary) =
+            (None, None, None, None, None);
         for (position, &(number, line)) in lines.iter().enumerate() {
             let parsed: Line = serde_json::from_str(line)
                 .with_context(|| format!("line {number} is not a valid record: {}", clip(line)))?;
@@ -125,6 +129,7 @@ impl Records {
                     processes.push(record);
                 }
                 Line::Idle(bucket) => set_once(&mut idle, bucket, "idle", number)?,
+                Line::IrqSteal(bucket) => set_once(&mut irq_steal, bucket, "irq_steal", number)?,
                 Line::Kernel(bucket) => set_once(&mut kernel, bucket, "kernel", number)?,
                 Line::Unattributed(bucket) => {
                     set_once(&mut unattributed, bucket, "unattributed", number)?;
@@ -155,6 +160,7 @@ impl Records {
         Ok(Records {
             processes,
             idle: idle.context("no idle bucket record")?,
+            irq_steal: irq_steal.context("no irq_steal bucket record")?,
             kernel: kernel.context("no kernel bucket record")?,
             unattributed: unattributed.context("no unattributed bucket record")?,
             summary,
@@ -172,11 +178,12 @@ impl Records {
         self.of_pid(pid).iter().map(|r| r.cpu_ns).sum()
     }
 
-    /// Σ cpu_ns over every process record and the three buckets: what the summary's
+    /// Σ cpu_ns over every process record and the four buckets: what the summary's
     /// `attributed_cpu_ns` must say, recomputed from the lines themselves.
     pub fn attributed_cpu_ns(&self) -> u64 {
         self.processes.iter().map(|r| r.cpu_ns).sum::<u64>()
             + self.idle.cpu_ns
+            + self.irq_steal.cpu_ns
             + self.kernel.cpu_ns
             + self.unattributed.cpu_ns
     }
@@ -248,6 +255,7 @@ mod tests {
 
     const PROCESS: &str = r#"{"record_type":"process","workload_kind":"process","record_id":"a1","node":"n","window_start":"2026-01-01T00:00:00Z","window_end":"2026-01-01T00:00:01.5Z","pid":42,"process_start_time":"2026-01-01T00:00:00.25Z","ppid":1,"comm":"sh","exe":null,"cgroup_id":7,"cgroup_path":"/x","cpu_ns":1000,"cpu_core_seconds":0.000001,"syscalls":3,"syscalls_by_class":{"process":2,"file":1},"exited":true}"#;
     const BUCKETS: &str = r#"{"record_type":"idle","cpu_ns":10,"cpu_core_seconds":0.00000001,"syscalls":0}
+{"record_type":"irq_steal","cpu_ns":0,"cpu_core_seconds":0.0,"syscalls":0}
 {"record_type":"kernel","cpu_ns":20,"cpu_core_seconds":0.00000002,"syscalls":0}
 {"record_type":"unattributed","cpu_ns":30,"cpu_core_seconds":0.00000003,"syscalls":4,"map_full_drops":0,"task_read_errors":0}"#;
     const SUMMARY: &str = r#"{"record_type":"summary","window_start":"2026-01-01T00:00:00Z","window_end":"2026-01-01T00:00:01.5Z","accounted_cpu_ns":1060,"attributed_cpu_ns":1060,"map_full_drops":0,"events_lost":0,"command_exit_code":null,"processes":1}"#;

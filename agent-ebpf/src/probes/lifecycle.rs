@@ -61,7 +61,14 @@ fn try_exec(ctx: &RawTracePointContext) -> Result<(), i64> {
     let start_ns = task::leader_start_ns(cur)?;
     let bprm: *const u8 = ctx.arg(2);
     let filename: *const u8 = task::read(bprm, off.binprm_filename)?;
-    emit(event_kind::EXEC, tgid, ppid, start_ns, Some(filename), [0; 3])
+    emit(
+        event_kind::EXEC,
+        tgid,
+        ppid,
+        start_ns,
+        Some(filename),
+        [0; 3],
+    )
 }
 
 /// `sched_process_exit(struct task_struct *p)`; reported once the last thread exits.
@@ -90,7 +97,11 @@ fn try_exit() -> Result<(), i64> {
     let start_ns = task::leader_start_ns(cur)?;
     // The process's storage I/O: threads already gone are summed in
     // signal->ioac; this last thread's own is not folded in until release.
-    let io = [off.ioac_read_bytes, off.ioac_write_bytes, off.ioac_cancelled_write_bytes];
+    let io = [
+        off.ioac_read_bytes,
+        off.ioac_write_bytes,
+        off.ioac_cancelled_write_bytes,
+    ];
     let mut totals = [0u64; 3];
     let mut i = 0;
     while i < 3 {
