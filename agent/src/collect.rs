@@ -20,6 +20,7 @@ use crate::{
     memory::{self, Integrator},
     probes::{ProbeError, Probes},
     usage::{InstanceKey, Metered, Net},
+    workload::{self, CgroupIdentity, WasmIdentity},
 };
 
 /// What is known about a process instance (tgid, start).
@@ -37,6 +38,8 @@ pub struct ProcessInfo {
     pub exited_ns: Option<u64>,
     /// A kernel thread (its usage is in the kernel bucket; listed for completeness).
     pub kernel_thread: bool,
+    /// The WASM runtime and module, when the process is one.
+    pub wasm: Option<WasmIdentity>,
 }
 
 /// The node buckets' deltas over one window.
@@ -115,6 +118,8 @@ pub struct Collector {
     live: HashMap<u32, u64>,
     /// The cgroup each instance was last seen in (memory and disk go there).
     cgroup_of: HashMap<(u32, u64), u64>,
+    /// What each cgroup's path says about its workload.
+    cgroup_identity: HashMap<u64, (Option<String>, CgroupIdentity)>,
     mem: Integrator,
     sample_every: Duration,
     last_sample_ns: u64,
@@ -139,6 +144,7 @@ impl Collector {
             infos: HashMap::new(),
             live: HashMap::new(),
             cgroup_of: HashMap::new(),
+            cgroup_identity: HashMap::new(),
             mem: Integrator::default(),
             sample_every,
             last_sample_ns: 0,
@@ -190,7 +196,10 @@ impl Collector {
                 info.ppid = Some(ev.ppid);
                 info.comm = comm;
                 // A forked child runs its parent's program until it execs.
-                info.exe = inherited.and_then(|p| p.exe);
+                if let Some(p) = inherited {
+                    info.exe = p.exe;
+                    info.wasm = p.wasm;
+                }
             }
             event_kind::EXEC => {
                 self.live.insert(ev.tgid, ev.start_ns);
@@ -204,6 +213,7 @@ impl Collector {
                 // may be relative. The process may already be gone, though.
                 info.exe = identity::read_exe(&proc_root, ev.tgid)
                     .or_else(|| Some(identity::c_name(&ev.filename)).filter(|s| !s.is_empty()));
+                info.wasm = detect_wasm(&proc_root, ev.tgid, &info.comm, info.exe.as_deref());
             }
             event_kind::EXIT => {
                 if self.live.get(&ev.tgid) == Some(&ev.start_ns) {
@@ -385,13 +395,21 @@ impl Collector {
     }
 
     fn register_from_stat(&mut self, tgid: u32, start_ns: u64, stat: identity::ProcStat) {
+        let kernel_thread = stat.flags & PF_KTHREAD != 0;
+        let exe = identity::read_exe(&self.proc_root, tgid);
+        let wasm = if kernel_thread {
+            None
+        } else {
+            detect_wasm(&self.proc_root, tgid, &stat.comm, exe.as_deref())
+        };
         let info = ProcessInfo {
             ppid: Some(stat.ppid),
             parent: self.live.get(&stat.ppid).map(|&s| (stat.ppid, s)),
             comm: stat.comm,
-            kernel_thread: stat.flags & PF_KTHREAD != 0,
-            exe: identity::read_exe(&self.proc_root, tgid),
+            kernel_thread,
+            exe,
             exited_ns: None,
+            wasm,
         };
         self.infos.entry((tgid, start_ns)).or_insert(info);
         self.live.entry(tgid).or_insert(start_ns);
@@ -415,9 +433,23 @@ impl Collector {
         self.infos.get(&(tgid, start_ns))
     }
 
-    /// The path of cgroup `id` under the v2 mount.
-    pub fn cgroup_path(&mut self, id: u64) -> Option<String> {
-        self.cgroups.path_of(id)
+    /// The path of cgroup `id` under the v2 mount, and what it says about
+    /// the workload (cached: a cgroup's path never changes while it exists).
+    pub fn cgroup(&mut self, id: u64) -> (Option<String>, CgroupIdentity) {
+        if let Some(known) = self.cgroup_identity.get(&id) {
+            return known.clone();
+        }
+        let path = self.cgroups.path_of(id);
+        let ident = path
+            .as_deref()
+            .map(workload::parse_cgroup_path)
+            .unwrap_or_default();
+        // An unknown path may appear at the next walk; only cache what resolved.
+        if path.is_some() {
+            self.cgroup_identity
+                .insert(id, (path.clone(), ident.clone()));
+        }
+        (path, ident)
     }
 
     /// The live instance with pid `tgid`, if known.
@@ -465,4 +497,18 @@ fn net_delta(now: &[u64; NET_COUNTERS], prev: &[u64; NET_COUNTERS]) -> Net {
 
 fn duration_ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// How much of a command line WASM detection reads: the module argument is
+/// near the front, and command lines can be megabytes.
+const CMDLINE_LIMIT: usize = 64 * 1024;
+
+fn detect_wasm(
+    proc_root: &std::path::Path,
+    pid: u32,
+    comm: &str,
+    exe: Option<&str>,
+) -> Option<WasmIdentity> {
+    let cmdline = identity::read_cmdline(proc_root, pid, CMDLINE_LIMIT).unwrap_or_default();
+    workload::detect_wasm(comm, exe, &cmdline)
 }

@@ -45,8 +45,8 @@ impl WindowSink for LogSink {
         let busiest = r
             .processes
             .iter()
-            .max_by_key(|p| p.cpu_ns)
-            .map(|p| format!("{}[{}] {:.3}s", p.comm, p.pid, p.cpu_core_seconds))
+            .max_by_key(|p| p.metrics.cpu_ns)
+            .map(|p| format!("{}[{}] {:.3}s", p.comm, p.pid, p.metrics.cpu_core_seconds))
             .unwrap_or_default();
         info!(
             window_end = %s.window_end,
@@ -139,7 +139,7 @@ fn collect_loop(
             let window = collector.close_window()?;
             let mut span = Span::default();
             span.add(&window);
-            let report = span.report(&mut collector, node, |_| true, None);
+            let report = span.report(&mut collector, node, |_| true, None, None);
             collector.forget_exited_before(window.start_ns);
             if tx.blocking_send(report).is_err() {
                 warn!("window receiver gone; stopping");

@@ -56,6 +56,17 @@ pub fn read_stat(proc_root: &Path, pid: u32) -> Option<ProcStat> {
     parse_stat(&fs::read(proc_root.join(pid.to_string()).join("stat")).ok()?)
 }
 
+/// Reads at most `limit` bytes of `/proc/<pid>/cmdline` (NUL-separated argv).
+///
+/// Command lines can be megabytes; what identity needs is near the front.
+pub fn read_cmdline(proc_root: &Path, pid: u32, limit: usize) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let f = fs::File::open(proc_root.join(pid.to_string()).join("cmdline")).ok()?;
+    let mut buf = Vec::new();
+    f.take(limit as u64).read_to_end(&mut buf).ok()?;
+    Some(buf)
+}
+
 /// Reads the process's executable path (`/proc/<pid>/exe`), lossily as UTF-8.
 pub fn read_exe(proc_root: &Path, pid: u32) -> Option<String> {
     let target = fs::read_link(proc_root.join(pid.to_string()).join("exe")).ok()?;

@@ -17,3 +17,4 @@ pub mod record;
 pub mod report;
 pub mod syscalls;
 pub mod usage;
+pub mod workload;

@@ -11,6 +11,7 @@ use mentat_agent::{
     output::Format,
     probes::{ProbeConfig, ProbeMode, Probes, VMLINUX_BTF},
     record::{self, RecordOptions},
+    report::GroupBy,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -72,6 +73,10 @@ struct RecordArgs {
     /// With a command: print every process on the node, not only the command's process tree.
     #[arg(long)]
     all: bool,
+    /// Sum records per process, container, pod, cgroup or workload; processes lacking the key
+    /// (e.g. in no container) form one group with a null key. Groups plus the buckets equal the node totals.
+    #[arg(long, value_enum, value_name = "KEY")]
+    group_by: Option<GroupBy>,
     /// How often a window is closed while recording; records cover the whole run either way.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     tick: Duration,
@@ -150,6 +155,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 format: a.format,
                 output: a.output,
                 all: a.all,
+                group_by: a.group_by,
                 tick: a.tick,
                 sample: a.sample,
                 probes: ProbeConfig {

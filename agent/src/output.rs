@@ -8,7 +8,10 @@ use std::io::{self, Write};
 use agent_common::SyscallClass;
 use serde::Serialize;
 
-use crate::usage::{BucketRecord, ProcessRecord, SummaryRecord, core_seconds};
+use crate::usage::{
+    BucketRecord, GroupRecord, Identity, Metered, Metrics, ProcessRecord, SummaryRecord,
+    core_seconds,
+};
 
 /// An output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -26,7 +29,9 @@ pub enum Format {
 pub struct Report {
     /// Process records, in the order to print.
     pub processes: Vec<ProcessRecord>,
-    /// Idle, kernel and unattributed.
+    /// With `--group-by`: group records, printed instead of the process records.
+    pub groups: Option<Vec<GroupRecord>>,
+    /// Idle, irq_steal, kernel and unattributed.
     pub buckets: Vec<BucketRecord>,
     /// Node-level totals.
     pub summary: SummaryRecord,
@@ -47,22 +52,34 @@ fn json_line<T: Serialize>(out: &mut dyn Write, v: &T) -> io::Result<()> {
 }
 
 fn write_jsonl(out: &mut dyn Write, r: &Report) -> io::Result<()> {
-    for p in &r.processes {
-        json_line(out, p)?;
+    match &r.groups {
+        Some(groups) => groups.iter().try_for_each(|g| json_line(out, g))?,
+        None => r.processes.iter().try_for_each(|p| json_line(out, p))?,
     }
-    for b in &r.buckets {
-        json_line(out, b)?;
-    }
+    r.buckets.iter().try_for_each(|b| json_line(out, b))?;
     json_line(out, &r.summary)
 }
 
-const CSV_HEADER: &[&str] = &[
+/// CSV columns shared by every row type: what, when, and the metrics.
+const CSV_COMMON: &[&str] = &[
     "record_type",
     "record_id",
     "node",
     "window_start",
     "window_end",
+];
+
+const CSV_IDENTITY: &[&str] = &[
     "workload_kind",
+    "container_id",
+    "container_runtime",
+    "pod_uid",
+    "qos_class",
+    "wasm_runtime",
+    "wasm_module",
+];
+
+const CSV_PROCESS: &[&str] = &[
     "pid",
     "process_start_time",
     "ppid",
@@ -70,58 +87,151 @@ const CSV_HEADER: &[&str] = &[
     "exe",
     "cgroup_id",
     "cgroup_path",
+    "exited",
+];
+
+const CSV_GROUP: &[&str] = &["group_by", "group", "processes", "cgroup_id", "cgroup_path"];
+
+const CSV_METRICS: &[&str] = &[
     "cpu_ns",
     "cpu_core_seconds",
     "syscalls",
+    "network_rx_bytes",
+    "network_tx_bytes",
+    "network_rx_calls",
+    "network_tx_calls",
+    "memory_gb_seconds",
+    "peak_rss_bytes",
+    "disk_read_bytes",
+    "disk_write_bytes",
 ];
 
+fn metric_cells(m: &Metrics) -> Vec<String> {
+    let mut cells = vec![
+        m.cpu_ns.to_string(),
+        format!("{:.9}", m.cpu_core_seconds),
+        m.syscalls.to_string(),
+        m.network_rx_bytes.to_string(),
+        m.network_tx_bytes.to_string(),
+        m.network_rx_calls.to_string(),
+        m.network_tx_calls.to_string(),
+        format!("{:.9}", m.memory_gb_seconds),
+        m.peak_rss_bytes.to_string(),
+        m.disk_read_bytes.to_string(),
+        m.disk_write_bytes.to_string(),
+    ];
+    cells.extend(m.syscalls_by_class.0.iter().map(u64::to_string));
+    cells
+}
+
+fn identity_cells(i: &Identity) -> Vec<String> {
+    let name = |v: Option<String>| v.unwrap_or_default();
+    vec![
+        name(i.workload_kind.map(|k| enum_name(&k))),
+        name(i.container_id.clone()),
+        name(i.container_runtime.map(|k| enum_name(&k))),
+        name(i.pod_uid.clone()),
+        name(i.qos_class.map(|k| enum_name(&k))),
+        name(i.wasm_runtime.clone()),
+        name(i.wasm_module.clone()),
+    ]
+}
+
+/// The serde name of a unit enum variant ("container", "cri-o", ...).
+fn enum_name<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|j| j.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 fn write_csv(out: &mut dyn Write, r: &Report) -> io::Result<()> {
-    let mut header: Vec<String> = CSV_HEADER.iter().map(|s| s.to_string()).collect();
+    let grouped = r.groups.is_some();
+    let mut header: Vec<String> = CSV_COMMON.iter().map(|s| s.to_string()).collect();
+    let middle: Vec<&str> = if grouped {
+        CSV_GROUP.iter().chain(CSV_IDENTITY).copied().collect()
+    } else {
+        CSV_IDENTITY.iter().chain(CSV_PROCESS).copied().collect()
+    };
+    header.extend(middle.iter().map(|s| s.to_string()));
+    header.extend(CSV_METRICS.iter().map(|s| s.to_string()));
     header.extend(
         SyscallClass::ALL
             .iter()
             .map(|c| format!("syscalls_{}", c.name())),
     );
-    header.push("exited".into());
     csv_row(out, &header)?;
-    for p in &r.processes {
-        let mut row = vec![
-            p.record_type.to_string(),
-            p.record_id.clone(),
-            p.node.clone(),
-            p.window_start.clone(),
-            p.window_end.clone(),
-            p.workload_kind.to_string(),
-            p.pid.to_string(),
-            p.process_start_time.clone(),
-            opt(p.ppid),
-            p.comm.clone(),
-            p.exe.clone().unwrap_or_default(),
-            p.cgroup_id.to_string(),
-            p.cgroup_path.clone().unwrap_or_default(),
-            p.cpu_ns.to_string(),
-            format!("{:.9}", p.cpu_core_seconds),
-            p.syscalls.to_string(),
-        ];
-        row.extend(p.syscalls_by_class.0.iter().map(u64::to_string));
-        row.push(p.exited.to_string());
-        csv_row(out, &row)?;
+    let common = |t: &str, id: &str, node: &str, ws: &str, we: &str| {
+        vec![
+            t.to_string(),
+            id.to_string(),
+            node.to_string(),
+            ws.to_string(),
+            we.to_string(),
+        ]
+    };
+    if let Some(groups) = &r.groups {
+        for g in groups {
+            let mut row = common(
+                g.record_type,
+                &g.record_id,
+                &g.node,
+                &g.window_start,
+                &g.window_end,
+            );
+            row.extend([
+                g.group_by.to_string(),
+                g.group.clone().unwrap_or_default(),
+                g.processes.to_string(),
+                opt(g.cgroup_id),
+                g.cgroup_path.clone().unwrap_or_default(),
+            ]);
+            row.extend(identity_cells(&g.identity));
+            row.extend(metric_cells(&g.metrics));
+            csv_row(out, &row)?;
+        }
+    } else {
+        for p in &r.processes {
+            let mut row = common(
+                p.record_type,
+                &p.record_id,
+                &p.node,
+                &p.window_start,
+                &p.window_end,
+            );
+            row.extend(identity_cells(&p.identity));
+            row.extend([
+                p.pid.to_string(),
+                p.process_start_time.clone(),
+                opt(p.ppid),
+                p.comm.clone(),
+                p.exe.clone().unwrap_or_default(),
+                p.cgroup_id.to_string(),
+                p.cgroup_path.clone().unwrap_or_default(),
+                p.exited.to_string(),
+            ]);
+            row.extend(metric_cells(&p.metrics));
+            csv_row(out, &row)?;
+        }
     }
     for b in &r.buckets {
-        let mut row = vec![
-            b.record_type.to_string(),
-            b.record_id.clone(),
-            b.node.clone(),
-            b.window_start.clone(),
-            b.window_end.clone(),
-        ];
-        row.resize(13, String::new());
-        row.extend([
-            b.cpu_ns.to_string(),
-            format!("{:.9}", b.cpu_core_seconds),
-            b.syscalls.to_string(),
-        ]);
-        row.resize(header.len(), String::new());
+        let mut row = common(
+            b.record_type,
+            &b.record_id,
+            &b.node,
+            &b.window_start,
+            &b.window_end,
+        );
+        row.resize(CSV_COMMON.len() + middle.len(), String::new());
+        let m = Metrics {
+            cpu_ns: b.cpu_ns,
+            cpu_core_seconds: b.cpu_core_seconds,
+            syscalls: b.syscalls,
+            network_rx_bytes: b.network_rx_bytes,
+            network_tx_bytes: b.network_tx_bytes,
+            ..Metrics::default()
+        };
+        row.extend(metric_cells(&m));
         csv_row(out, &row)?;
     }
     Ok(())
@@ -168,6 +278,36 @@ fn cut(s: &str, n: usize) -> String {
     }
 }
 
+/// Bytes as a short human figure (KiB, MiB, GiB).
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.1}{}", UNITS[unit])
+    }
+}
+
+fn metric_columns(m: &Metrics) -> String {
+    format!(
+        "{:>11.6} {:>10} {:>9} {:>9} {:>9.4} {:>9}",
+        m.cpu_core_seconds,
+        m.syscalls,
+        human_bytes(m.network_rx_bytes),
+        human_bytes(m.network_tx_bytes),
+        m.memory_gb_seconds,
+        human_bytes(m.disk_write_bytes),
+    )
+}
+
+const METRIC_HEADER: &str = "    CPU_SEC   SYSCALLS    NET_RX    NET_TX   MEM_GBS    DISK_W";
+
 fn write_table(out: &mut dyn Write, r: &Report) -> io::Result<()> {
     let s = &r.summary;
     writeln!(
@@ -175,44 +315,95 @@ fn write_table(out: &mut dyn Write, r: &Report) -> io::Result<()> {
         "node {}  window {} → {}",
         s.node, s.window_start, s.window_end
     )?;
-    writeln!(
-        out,
-        "{:>8} {:>8} {:<16} {:>12} {:>12} {:<6} CGROUP",
-        "PID", "PPID", "COMM", "CPU_SECONDS", "SYSCALLS", "EXITED"
-    )?;
-    let mut rows: Vec<&ProcessRecord> = r.processes.iter().collect();
-    rows.sort_by(|a, b| b.cpu_ns.cmp(&a.cpu_ns).then(a.pid.cmp(&b.pid)));
-    let (mut cpu, mut sys) = (0u64, 0u64);
-    for p in rows {
-        cpu += p.cpu_ns;
-        sys += p.syscalls;
-        writeln!(
-            out,
-            "{:>8} {:>8} {:<16} {:>12.6} {:>12} {:<6} {}",
-            p.pid,
-            opt(p.ppid),
-            cut(&printable(&p.comm), 16),
-            p.cpu_core_seconds,
-            p.syscalls,
-            if p.exited { "yes" } else { "no" },
-            printable(p.cgroup_path.as_deref().unwrap_or("?")),
-        )?;
+    let mut total = Metered::default();
+    match &r.groups {
+        Some(groups) => {
+            let by = groups.first().map_or("group", |g| g.group_by);
+            writeln!(
+                out,
+                "{:<28} {:<9} {:>5} {METRIC_HEADER}",
+                by.to_uppercase(),
+                "KIND",
+                "PROCS"
+            )?;
+            let mut rows: Vec<&GroupRecord> = groups.iter().collect();
+            rows.sort_by_key(|g| std::cmp::Reverse(g.metrics.cpu_ns));
+            for g in rows {
+                writeln!(
+                    out,
+                    "{:<28} {:<9} {:>5} {}",
+                    cut(&printable(g.group.as_deref().unwrap_or("(none)")), 28),
+                    g.identity
+                        .workload_kind
+                        .map(|k| enum_name(&k))
+                        .unwrap_or_else(|| "mixed".into()),
+                    g.processes,
+                    metric_columns(&g.metrics)
+                )?;
+            }
+            for p in &r.processes {
+                total.add(&p.metered);
+            }
+            writeln!(
+                out,
+                "{:<28} {:<9} {:>5} {}",
+                "TOTAL",
+                "",
+                r.processes.len(),
+                metric_columns(&Metrics::from(&total))
+            )?;
+        }
+        None => {
+            writeln!(
+                out,
+                "{:>8} {:>8} {:<16} {METRIC_HEADER} {:<9} CGROUP",
+                "PID", "PPID", "COMM", "KIND"
+            )?;
+            let mut rows: Vec<&ProcessRecord> = r.processes.iter().collect();
+            rows.sort_by(|a, b| {
+                b.metrics
+                    .cpu_ns
+                    .cmp(&a.metrics.cpu_ns)
+                    .then(a.pid.cmp(&b.pid))
+            });
+            for p in rows {
+                total.add(&p.metered);
+                writeln!(
+                    out,
+                    "{:>8} {:>8} {:<16} {} {:<9} {}",
+                    p.pid,
+                    opt(p.ppid),
+                    cut(&printable(&p.comm), 16),
+                    metric_columns(&p.metrics),
+                    p.identity
+                        .workload_kind
+                        .map(|k| enum_name(&k))
+                        .unwrap_or_default(),
+                    printable(p.cgroup_path.as_deref().unwrap_or("?")),
+                )?;
+            }
+            writeln!(
+                out,
+                "{:>8} {:>8} {:<16} {}",
+                "TOTAL",
+                "",
+                format!("{} processes", r.processes.len()),
+                metric_columns(&Metrics::from(&total))
+            )?;
+        }
     }
-    writeln!(
-        out,
-        "{:>8} {:>8} {:<16} {:>12.6} {:>12}",
-        "TOTAL",
-        "",
-        format!("{} processes", r.processes.len()),
-        core_seconds(cpu),
-        sys
-    )?;
     writeln!(out)?;
     for b in &r.buckets {
         writeln!(
             out,
-            "{:>8} {:>8} {:<16} {:>12.6} {:>12}",
-            "", "", b.record_type, b.cpu_core_seconds, b.syscalls
+            "{:>8} {:>8} {:<16} {:>11.6} {:>10} {:>9} {:>9}",
+            "",
+            "",
+            b.record_type,
+            b.cpu_core_seconds,
+            b.syscalls,
+            human_bytes(b.network_rx_bytes),
+            human_bytes(b.network_tx_bytes),
         )?;
     }
     writeln!(out)?;

@@ -18,7 +18,7 @@ use crate::{
     collect::Collector,
     output::{Format, write_report},
     probes::{ProbeConfig, ProbeError, Probes},
-    report::{Span, descendants},
+    report::{GroupBy, Span, descendants},
 };
 
 /// What to record and how to print it.
@@ -32,6 +32,8 @@ pub struct RecordOptions {
     pub output: Option<PathBuf>,
     /// With a command: print every process on the node, not just the command's tree.
     pub all: bool,
+    /// Sum the records by this key instead of printing one per process.
+    pub group_by: Option<GroupBy>,
     /// How often a window is closed while recording (keeps kernel maps small).
     pub tick: Duration,
     /// How often memory and disk are sampled.
@@ -146,6 +148,7 @@ pub fn run(opts: &RecordOptions) -> Result<i32, RecordError> {
             tree.as_ref()
                 .is_none_or(|t| t.contains(&(k.tgid, k.start_ns)))
         },
+        opts.group_by,
         exit_code,
     );
     write_output(opts, &report)?;

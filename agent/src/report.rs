@@ -1,24 +1,77 @@
 //! Turns closed windows into usage records: sums them over a span (one tick
-//! for the daemon, a whole run for `record`) and names what they belong to.
+//! for the daemon, a whole run for `record`), names what they belong to, and
+//! groups them by container, pod, cgroup or workload on request.
 
-use std::collections::{BTreeMap, HashSet};
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use crate::{
     clock::rfc3339,
     collect::{Collector, NodeBuckets, Window},
-    memory::gib_seconds,
     output::Report,
     usage::{
-        BucketRecord, InstanceKey, Metered, ProcessRecord, SummaryRecord, bucket_record_id,
-        core_seconds, process_record_id,
+        BucketRecord, GroupRecord, Identity, InstanceKey, Metered, Metrics, ProcessRecord,
+        SummaryRecord, bucket_record_id, group_record_id, process_record_id,
     },
+    workload::WorkloadKind,
 };
+
+/// What `--group-by` sums records by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupBy {
+    /// Each process instance (pid and start time).
+    Process,
+    /// Container id; processes in no container form the null group.
+    Container,
+    /// Kubernetes pod UID; processes in no pod form the null group.
+    Pod,
+    /// cgroup path.
+    Cgroup,
+    /// The most specific workload: container, else pod, else WASM process, else process.
+    Workload,
+}
+
+impl GroupBy {
+    /// The name used in records.
+    pub fn name(self) -> &'static str {
+        match self {
+            GroupBy::Process => "process",
+            GroupBy::Container => "container",
+            GroupBy::Pod => "pod",
+            GroupBy::Cgroup => "cgroup",
+            GroupBy::Workload => "workload",
+        }
+    }
+
+    /// The group key of a process record (`None`: the record lacks the key).
+    pub fn key_of(self, r: &ProcessRecord) -> Option<String> {
+        let id = &r.identity;
+        match self {
+            GroupBy::Process => Some(format!("{}:{}", r.pid, r.key.start_ns)),
+            GroupBy::Container => id.container_id.clone(),
+            GroupBy::Pod => id.pod_uid.clone(),
+            GroupBy::Cgroup => Some(
+                r.cgroup_path
+                    .clone()
+                    .unwrap_or_else(|| r.cgroup_id.to_string()),
+            ),
+            GroupBy::Workload => Some(match (&id.container_id, &id.pod_uid) {
+                (Some(c), _) => format!("container:{c}"),
+                (None, Some(p)) => format!("pod:{p}"),
+                _ if id.workload_kind == Some(WorkloadKind::Wasm) => format!("wasm:{}", r.pid),
+                _ => format!("process:{}", r.pid),
+            }),
+        }
+    }
+}
 
 /// Usage summed over consecutive windows.
 #[derive(Clone, Debug, Default)]
 pub struct Span {
-    start: Option<(u64, std::time::SystemTime)>,
-    end: Option<(u64, std::time::SystemTime)>,
+    start: Option<(u64, SystemTime)>,
+    end: Option<(u64, SystemTime)>,
     processes: BTreeMap<InstanceKey, Metered>,
     buckets: NodeBuckets,
     events_lost: u64,
@@ -47,16 +100,18 @@ impl Span {
         self.processes.keys()
     }
 
-    /// Builds the records; `include` picks which process records are printed
-    /// (all of them still count in the summary's node totals).
+    /// Builds the records. `include` picks which processes are reported (all
+    /// of them still count in the summary's node totals); `group_by` sums
+    /// the reported ones into groups.
     pub fn report(
         &self,
         collector: &mut Collector,
         node_name: &str,
         include: impl Fn(&InstanceKey) -> bool,
+        group_by: Option<GroupBy>,
         command_exit_code: Option<i32>,
     ) -> Report {
-        let (start_ns, start) = self.start.unwrap_or((0, std::time::UNIX_EPOCH));
+        let (start_ns, start) = self.start.unwrap_or((0, UNIX_EPOCH));
         let (end_ns, end) = self.end.unwrap_or((start_ns, start));
         let (ws, we) = (rfc3339(start), rfc3339(end));
         let mut processes = Vec::new();
@@ -70,33 +125,25 @@ impl Span {
                 .info(key.tgid, key.start_ns)
                 .cloned()
                 .unwrap_or_default();
+            let (cgroup_path, cg) = collector.cgroup(key.cgroup_id);
             processes.push(ProcessRecord {
                 record_type: "process",
                 record_id: process_record_id(node_name, key, start),
                 node: node_name.to_string(),
                 window_start: ws.clone(),
                 window_end: we.clone(),
-                workload_kind: "process",
+                identity: Identity::of(&cg, info.wasm.as_ref()),
                 pid: key.tgid,
                 process_start_time: rfc3339(collector.clock().to_wall(key.start_ns)),
                 ppid: info.ppid,
                 comm: info.comm,
                 exe: info.exe,
                 cgroup_id: key.cgroup_id,
-                cgroup_path: collector.cgroup_path(key.cgroup_id),
-                cpu_ns: m.cpu_ns,
-                cpu_core_seconds: core_seconds(m.cpu_ns),
-                syscalls: m.syscalls,
-                syscalls_by_class: m.syscalls_by_class,
-                network_rx_bytes: m.net.rx_bytes,
-                network_tx_bytes: m.net.tx_bytes,
-                network_rx_calls: m.net.rx_calls,
-                network_tx_calls: m.net.tx_calls,
-                memory_gb_seconds: gib_seconds(m.mem.rss_byte_ns),
-                peak_rss_bytes: m.mem.peak_rss_bytes,
-                disk_read_bytes: m.mem.disk_read_bytes,
-                disk_write_bytes: m.mem.disk_write_bytes,
+                cgroup_path,
+                metrics: Metrics::from(m),
                 exited: info.exited_ns.is_some_and(|t| t <= end_ns),
+                key: *key,
+                metered: *m,
             });
         }
         let b = &self.buckets;
@@ -107,7 +154,7 @@ impl Span {
             window_start: ws.clone(),
             window_end: we.clone(),
             cpu_ns: m.cpu_ns,
-            cpu_core_seconds: core_seconds(m.cpu_ns),
+            cpu_core_seconds: crate::usage::core_seconds(m.cpu_ns),
             syscalls: m.syscalls,
             network_rx_bytes: m.net.rx_bytes,
             network_tx_bytes: m.net.tx_bytes,
@@ -123,16 +170,20 @@ impl Span {
         for m in [&b.idle, &b.irq_steal, &b.kernel, &b.unattributed] {
             total.add(m);
         }
+        let totals = Metrics::from(&total);
         let summary = SummaryRecord {
             record_type: "summary",
             node: node_name.to_string(),
-            window_start: ws,
-            window_end: we,
+            window_start: ws.clone(),
+            window_end: we.clone(),
             accounted_cpu_ns: b.charged_ns,
-            attributed_cpu_ns: total.cpu_ns,
-            attributed_syscalls: total.syscalls,
-            network_rx_bytes: total.net.rx_bytes,
-            network_tx_bytes: total.net.tx_bytes,
+            attributed_cpu_ns: totals.cpu_ns,
+            attributed_syscalls: totals.syscalls,
+            network_rx_bytes: totals.network_rx_bytes,
+            network_tx_bytes: totals.network_tx_bytes,
+            memory_gb_seconds: totals.memory_gb_seconds,
+            disk_read_bytes: totals.disk_read_bytes,
+            disk_write_bytes: totals.disk_write_bytes,
             map_full_drops: b.map_full_drops,
             task_read_errors: b.task_read_errors,
             events_lost: self.events_lost,
@@ -141,12 +192,64 @@ impl Span {
             processes_on_node: self.processes.len(),
             command_exit_code,
         };
+        let groups = group_by.map(|g| group(&processes, g, node_name, start, &ws, &we));
         Report {
             processes,
+            groups,
             buckets,
             summary,
         }
     }
+}
+
+/// Sums process records into one group record per key.
+fn group(
+    processes: &[ProcessRecord],
+    by: GroupBy,
+    node_name: &str,
+    start: SystemTime,
+    ws: &str,
+    we: &str,
+) -> Vec<GroupRecord> {
+    struct Acc {
+        n: usize,
+        metered: Metered,
+        identity: Identity,
+        cgroup: Option<(u64, Option<String>)>,
+    }
+    let mut groups: BTreeMap<Option<String>, Acc> = BTreeMap::new();
+    for r in processes {
+        let cg = (r.cgroup_id, r.cgroup_path.clone());
+        let acc = groups.entry(by.key_of(r)).or_insert_with(|| Acc {
+            n: 0,
+            metered: Metered::default(),
+            identity: r.identity.clone(),
+            cgroup: Some(cg.clone()),
+        });
+        acc.n += 1;
+        acc.metered.add(&r.metered);
+        acc.identity.intersect(&r.identity);
+        if acc.cgroup.as_ref() != Some(&cg) {
+            acc.cgroup = None;
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(key, acc)| GroupRecord {
+            record_type: "group",
+            record_id: group_record_id(node_name, by.name(), key.as_deref(), start),
+            node: node_name.to_string(),
+            window_start: ws.to_string(),
+            window_end: we.to_string(),
+            group_by: by.name(),
+            group: key,
+            processes: acc.n,
+            identity: acc.identity,
+            cgroup_id: acc.cgroup.as_ref().map(|c| c.0),
+            cgroup_path: acc.cgroup.and_then(|c| c.1),
+            metrics: Metrics::from(&acc.metered),
+        })
+        .collect()
 }
 
 /// The instances in `candidates` that descend from (or are) `root`, following

