@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 use crate::{
     clock::{Clock, boottime_ns},
     identity::{self, Cgroups, instance_start},
-    memory::{self, Integrator},
+    memory::{self, CgroupIntegrator, Integrator},
     probes::{ProbeError, Probes},
     usage::{InstanceKey, Metered, Net},
     workload::{self, CgroupIdentity, WasmIdentity},
@@ -87,6 +87,10 @@ pub struct Window {
     pub end: SystemTime,
     /// Usage per process instance and cgroup.
     pub processes: Vec<(InstanceKey, Metered)>,
+    /// ∫ cgroup memory dt (byte-ns) per memory counter file.
+    pub cgroup_memory: HashMap<PathBuf, u128>,
+    /// The memory counter file of each cgroup in the window that has one.
+    pub cgroup_counters: HashMap<u64, PathBuf>,
     /// The node buckets.
     pub buckets: NodeBuckets,
     /// Lifecycle events lost in the window.
@@ -121,6 +125,10 @@ pub struct Collector {
     /// What each cgroup's path says about its workload.
     cgroup_identity: HashMap<u64, (Option<String>, CgroupIdentity)>,
     mem: Integrator,
+    cgroup_mem: CgroupIntegrator,
+    v1_memory_root: Option<PathBuf>,
+    /// Each cgroup's memory counter file, once resolved (`None`: it has none).
+    cgroup_counter: HashMap<u64, Option<PathBuf>>,
     sample_every: Duration,
     last_sample_ns: u64,
     /// When metering began: usage of older processes before it is not ours.
@@ -146,6 +154,11 @@ impl Collector {
             cgroup_of: HashMap::new(),
             cgroup_identity: HashMap::new(),
             mem: Integrator::default(),
+            cgroup_mem: CgroupIntegrator::default(),
+            v1_memory_root: fs::read_to_string("/proc/self/mountinfo")
+                .ok()
+                .and_then(|m| memory::find_v1_memory_mount(&m)),
+            cgroup_counter: HashMap::new(),
             sample_every,
             last_sample_ns: 0,
             metered_since_ns: now,
@@ -250,6 +263,8 @@ impl Collector {
         let Ok(dir) = fs::read_dir(&self.proc_root) else {
             return;
         };
+        // One live member per cgroup, to find and read its memory counter.
+        let mut cgroup_member: HashMap<u64, u32> = HashMap::new();
         for entry in dir.flatten() {
             let Some(pid) = entry
                 .file_name()
@@ -286,10 +301,38 @@ impl Collector {
             }
             self.mem
                 .sample(pid, start, now, sample, self.metered_since_ns);
+            if let Some(&cg) = self.cgroup_of.get(&(pid, start)) {
+                cgroup_member.entry(cg).or_insert(pid);
+            }
         }
+        for (cg, pid) in cgroup_member {
+            if let Some(counter) = self.memory_counter(cg, pid) {
+                self.cgroup_mem.sample(&counter, now);
+            }
+        }
+        self.cgroup_mem
+            .forget_stale(now.saturating_sub(duration_ns(self.sample_every) * 4));
         // Processes gone without an exit event (lost events) stop integrating.
         self.mem
             .forget_stale(now.saturating_sub(duration_ns(self.sample_every) * 4));
+    }
+
+    /// The memory counter file of cgroup `cg`, found through member `pid`.
+    fn memory_counter(&mut self, cg: u64, pid: u32) -> Option<PathBuf> {
+        if let Some(known) = self.cgroup_counter.get(&cg) {
+            return known.clone();
+        }
+        let (path, _) = self.cgroup(cg);
+        let root = self.cgroups.root()?.to_path_buf();
+        let counter = memory::cgroup_memory_counter(
+            &root,
+            path.as_deref()?,
+            self.v1_memory_root.as_deref(),
+            &self.proc_root,
+            pid,
+        );
+        self.cgroup_counter.insert(cg, counter.clone());
+        counter
     }
 
     /// The v2 cgroup id of a process that has not run since metering began,
@@ -357,6 +400,13 @@ impl Collector {
             };
             merged.entry(key).or_default().mem.add(&md);
         }
+        let cgroup_counters = merged
+            .keys()
+            .filter_map(|k| {
+                let counter = self.cgroup_counter.get(&k.cgroup_id)?.clone()?;
+                Some((k.cgroup_id, counter))
+            })
+            .collect();
         let mut processes: Vec<(InstanceKey, Metered)> = merged.into_iter().collect();
         processes.sort_by_key(|(k, _)| *k);
         for (k, _) in &processes {
@@ -371,6 +421,8 @@ impl Collector {
             start: self.clock.to_wall(start_ns),
             end: self.clock.to_wall(end_ns),
             processes,
+            cgroup_memory: self.cgroup_mem.take(),
+            cgroup_counters,
             buckets,
             events_lost,
             exact: epoch.all_cpus_acked,

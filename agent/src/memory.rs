@@ -8,7 +8,11 @@
 //! cache writeback included), completed at exit from the totals the exit
 //! event carries, so I/O after the last sample is not lost.
 
-use std::{collections::HashMap, fs, path::Path};
+use std::{
+    collections::HashMap,
+    fs,
+    path::{Path, PathBuf},
+};
 
 /// One sample of a live process.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -184,6 +188,98 @@ impl Integrator {
     }
 }
 
+/// Integrates cgroup memory counters (`memory.current` on v2,
+/// `memory.usage_in_bytes` on v1) per counter file.
+///
+/// Keyed by the file, not the v2 cgroup: on a hybrid host several v2
+/// cgroups can share one v1 memory cgroup, and its memory must count once.
+/// The counter includes page cache and kernel memory charged to the cgroup,
+/// which per-process RSS does not: it is what the cgroup's limit enforces.
+#[derive(Debug, Default)]
+pub struct CgroupIntegrator {
+    last: HashMap<PathBuf, (u64, u64)>,
+    pending: HashMap<PathBuf, u128>,
+}
+
+impl CgroupIntegrator {
+    /// Reads `counter` at `now_ns` and integrates since its last read.
+    pub fn sample(&mut self, counter: &Path, now_ns: u64) {
+        let Some(bytes) = fs::read_to_string(counter)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        else {
+            self.last.remove(counter);
+            return;
+        };
+        if let Some(&(at, prev)) = self.last.get(counter) {
+            let dt = u128::from(now_ns.saturating_sub(at));
+            *self.pending.entry(counter.to_path_buf()).or_default() +=
+                dt * u128::from(prev + bytes) / 2;
+        }
+        self.last.insert(counter.to_path_buf(), (now_ns, bytes));
+    }
+
+    /// Takes what was integrated since the last take, per counter file.
+    pub fn take(&mut self) -> HashMap<PathBuf, u128> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Forgets counters not read since `before_ns` (their cgroup is gone or idle).
+    pub fn forget_stale(&mut self, before_ns: u64) {
+        self.last.retain(|_, (at, _)| *at >= before_ns);
+    }
+}
+
+/// The memory counter file for cgroup v2 path `v2_rel` (relative to
+/// `v2_root`) of process `pid`: `memory.current` where the v2 memory
+/// controller is on, else the v1 memory cgroup's `memory.usage_in_bytes`.
+pub fn cgroup_memory_counter(
+    v2_root: &Path,
+    v2_rel: &str,
+    v1_memory_root: Option<&Path>,
+    proc_root: &Path,
+    pid: u32,
+) -> Option<PathBuf> {
+    let v2 = v2_root
+        .join(v2_rel.trim_start_matches('/'))
+        .join("memory.current");
+    if v2.is_file() {
+        return Some(v2);
+    }
+    let v1_root = v1_memory_root?;
+    let cgroups = fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).ok()?;
+    // v1 lines are "N:controller[,controller...]:/path".
+    let rel = cgroups.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == "memory")
+            .then_some(path)
+    })?;
+    let file = v1_root
+        .join(rel.trim_start_matches('/'))
+        .join("memory.usage_in_bytes");
+    // The v1 root's counter is the whole machine, not a workload.
+    (rel != "/" && file.is_file()).then_some(file)
+}
+
+/// Finds the v1 memory controller's mount in mountinfo content.
+pub fn find_v1_memory_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (pre, post) = line.split_once(" - ")?;
+        let mut post = post.split_whitespace();
+        if post.next()? != "cgroup" {
+            return None;
+        }
+        let options = post.nth(1)?;
+        options
+            .split(',')
+            .any(|o| o == "memory")
+            .then(|| PathBuf::from(pre.split_whitespace().nth(4).unwrap_or_default()))
+    })
+}
+
 /// Converts byte-nanoseconds to GiB-seconds (the pricing unit: 1 GB = 1024³ bytes).
 pub fn gib_seconds(byte_ns: u128) -> f64 {
     byte_ns as f64 / (1024.0 * 1024.0 * 1024.0) / 1e9
@@ -275,6 +371,32 @@ mod tests {
             "rchar: 5\nwchar: 6\nread_bytes: 4096\nwrite_bytes: 8192\ncancelled_write_bytes: 0\n";
         assert_eq!(parse_io(io), Some((4096, 8192)));
         assert_eq!(parse_io("garbage"), None);
+    }
+
+    #[test]
+    fn cgroup_counter_integrates_between_reads() {
+        let dir = std::env::temp_dir().join(format!("mentat-cg-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("temp dir");
+        let counter = dir.join("memory.current");
+        let mut c = CgroupIntegrator::default();
+        fs::write(&counter, "1073741824\n").expect("write");
+        c.sample(&counter, S);
+        fs::write(&counter, "1073741824\n").expect("write");
+        c.sample(&counter, 3 * S);
+        let got = c.take();
+        assert!((gib_seconds(got[&counter]) - 2.0).abs() < 1e-9, "{got:?}");
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn v1_memory_mount_found() {
+        let mi = "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n\
+                  32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n";
+        assert_eq!(
+            find_v1_memory_mount(mi),
+            Some(PathBuf::from("/sys/fs/cgroup/memory"))
+        );
+        assert_eq!(find_v1_memory_mount("1 2 3 / /x rw - cgroup2 c rw\n"), None);
     }
 
     #[test]

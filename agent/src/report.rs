@@ -3,13 +3,15 @@
 //! groups them by container, pod, cgroup or workload on request.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
+    path::PathBuf,
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use crate::{
     clock::rfc3339,
     collect::{Collector, NodeBuckets, Window},
+    memory::gib_seconds,
     output::Report,
     usage::{
         BucketRecord, GroupRecord, Identity, InstanceKey, Metered, Metrics, ProcessRecord,
@@ -73,6 +75,8 @@ pub struct Span {
     start: Option<(u64, SystemTime)>,
     end: Option<(u64, SystemTime)>,
     processes: BTreeMap<InstanceKey, Metered>,
+    cgroup_memory: HashMap<PathBuf, u128>,
+    cgroup_counters: HashMap<u64, PathBuf>,
     buckets: NodeBuckets,
     events_lost: u64,
     late_windows: u64,
@@ -88,11 +92,38 @@ impl Span {
         for (k, m) in &w.processes {
             self.processes.entry(*k).or_default().add(m);
         }
+        for (counter, byte_ns) in &w.cgroup_memory {
+            *self.cgroup_memory.entry(counter.clone()).or_default() += byte_ns;
+        }
+        self.cgroup_counters
+            .extend(w.cgroup_counters.iter().map(|(k, v)| (*k, v.clone())));
         self.buckets.add(&w.buckets);
         self.events_lost += w.events_lost;
         if !w.exact {
             self.late_windows += 1;
         }
+    }
+
+    /// Σ cgroup memory over the distinct memory counters of a group's members.
+    fn cgroup_memory_of(
+        &self,
+        processes: &[ProcessRecord],
+        by: GroupBy,
+        key: Option<&str>,
+    ) -> Option<f64> {
+        let counters: HashSet<&PathBuf> = processes
+            .iter()
+            .filter(|r| by.key_of(r).as_deref() == key)
+            .filter_map(|r| self.cgroup_counters.get(&r.cgroup_id))
+            .collect();
+        if counters.is_empty() {
+            return None;
+        }
+        let byte_ns = counters
+            .iter()
+            .filter_map(|c| self.cgroup_memory.get(*c))
+            .sum::<u128>();
+        Some(gib_seconds(byte_ns))
     }
 
     /// The instances with usage in the span.
@@ -192,7 +223,14 @@ impl Span {
             processes_on_node: self.processes.len(),
             command_exit_code,
         };
-        let groups = group_by.map(|g| group(&processes, g, node_name, start, &ws, &we));
+        let groups = group_by.map(|g| {
+            let mut groups = group(&processes, g, node_name, start, &ws, &we);
+            for gr in &mut groups {
+                gr.cgroup_memory_gb_seconds =
+                    self.cgroup_memory_of(&processes, g, gr.group.as_deref());
+            }
+            groups
+        });
         Report {
             processes,
             groups,
@@ -248,6 +286,7 @@ fn group(
             cgroup_id: acc.cgroup.as_ref().map(|c| c.0),
             cgroup_path: acc.cgroup.and_then(|c| c.1),
             metrics: Metrics::from(&acc.metered),
+            cgroup_memory_gb_seconds: None,
         })
         .collect()
 }

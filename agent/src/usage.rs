@@ -302,6 +302,10 @@ pub struct GroupRecord {
     /// What the group used.
     #[serde(flatten)]
     pub metrics: Metrics,
+    /// ∫ memory dt of the members' cgroups by the cgroups' own counters
+    /// (page cache and kernel memory included, each cgroup counted once),
+    /// in GiB-seconds; null where no member's cgroup has a memory counter.
+    pub cgroup_memory_gb_seconds: Option<f64>,
 }
 
 /// Node usage with no process: idle, kernel threads, or unattributed.
