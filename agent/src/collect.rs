@@ -18,6 +18,7 @@ use crate::{
     clock::{Clock, boottime_ns},
     identity::{self, Cgroups, instance_start},
     memory::{self, CgroupIntegrator, Integrator},
+    pods::{PodDirectory, PodName},
     probes::{ProbeError, Probes},
     usage::{InstanceKey, Metered, Net},
     workload::{self, CgroupIdentity, WasmIdentity},
@@ -129,6 +130,7 @@ pub struct Collector {
     v1_memory_root: Option<PathBuf>,
     /// Each cgroup's memory counter file, once resolved (`None`: it has none).
     cgroup_counter: HashMap<u64, Option<PathBuf>>,
+    pods: PodDirectory,
     sample_every: Duration,
     last_sample_ns: u64,
     /// When metering began: usage of older processes before it is not ours.
@@ -159,6 +161,7 @@ impl Collector {
                 .ok()
                 .and_then(|m| memory::find_v1_memory_mount(&m)),
             cgroup_counter: HashMap::new(),
+            pods: PodDirectory::default(),
             sample_every,
             last_sample_ns: 0,
             metered_since_ns: now,
@@ -166,6 +169,17 @@ impl Collector {
             prev_events_lost: 0,
             window_start_ns: now,
         }
+    }
+
+    /// Names pods from `pods` (by default no pod has a name).
+    pub fn with_pods(mut self, pods: PodDirectory) -> Self {
+        self.pods = pods;
+        self
+    }
+
+    /// The namespace and name of pod `uid`, if the pod list knows it.
+    pub fn pod_name(&self, uid: &str) -> Option<PodName> {
+        self.pods.lookup(uid)
     }
 
     /// The probes, for statistics.

@@ -7,7 +7,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::probes::{ProbeConfig, ProbeMode, VMLINUX_BTF};
+use crate::{
+    pods::PodSource,
+    probes::{ProbeConfig, ProbeMode, VMLINUX_BTF},
+};
 
 /// `mentat-agent run --config FILE`. Every key is optional.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -28,6 +31,11 @@ pub struct Config {
     pub proc_map_entries: u32,
     /// Kernel BTF.
     pub btf_path: PathBuf,
+    /// Where pod names and namespaces come from (off by default).
+    pub kubernetes: PodSource,
+    /// How often the pod list is fetched.
+    #[serde(with = "duration_str")]
+    pub pod_refresh: Duration,
 }
 
 impl Default for Config {
@@ -39,6 +47,8 @@ impl Default for Config {
             sample_interval: Duration::from_secs(1),
             proc_map_entries: 10_240,
             btf_path: PathBuf::from(VMLINUX_BTF),
+            kubernetes: PodSource::default(),
+            pod_refresh: Duration::from_secs(30),
         }
     }
 }

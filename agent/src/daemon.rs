@@ -18,6 +18,7 @@ use crate::{
     collect::Collector,
     config::Config,
     output::Report,
+    pods::PodDirectory,
     probes::{ProbeError, Probes},
     report::Span,
     usage::core_seconds,
@@ -90,11 +91,12 @@ pub async fn run(
     let collector_stop = stop.clone();
     let tick = config.tick;
     let sample = config.sample_interval;
+    let pods = PodDirectory::start(config.kubernetes.clone(), &node, config.pod_refresh);
     let handle = thread::Builder::new()
         .name("collector".into())
         .spawn(move || {
             collect_loop(
-                Collector::new(probes, sample),
+                Collector::new(probes, sample).with_pods(pods),
                 &node,
                 tick,
                 &collector_stop,

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod identity;
 pub mod memory;
 pub mod output;
+pub mod pods;
 pub mod probes;
 pub mod record;
 pub mod report;

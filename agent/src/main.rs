@@ -9,6 +9,7 @@ use mentat_agent::{
     config::{self, Config},
     daemon,
     output::Format,
+    pods::PodSource,
     probes::{ProbeConfig, ProbeMode, Probes, VMLINUX_BTF},
     record::{self, RecordOptions},
     report::GroupBy,
@@ -86,6 +87,16 @@ struct RecordArgs {
     /// The node name in records (default: $NODE_NAME, else the host name).
     #[arg(long, default_value = "")]
     node: String,
+    /// Pod-list URL for pod names and namespaces: the kubelet's /pods, or the API server's
+    /// /api/v1/pods?fieldSelector=spec.nodeName={node} ({node} is replaced).
+    #[arg(long, value_name = "URL", default_value = "")]
+    k8s_pods_url: String,
+    /// Bearer token file for the pod list (e.g. the ServiceAccount token).
+    #[arg(long, value_name = "FILE")]
+    k8s_token_file: Option<PathBuf>,
+    /// CA bundle (PEM) that signs the pod-list server's certificate.
+    #[arg(long, value_name = "FILE")]
+    k8s_ca_file: Option<PathBuf>,
     /// Test-only: shrink the kernel's per-process map to N entries to exercise overflow.
     #[arg(long, hide = true, value_name = "N")]
     proc_map_entries: Option<u32>,
@@ -163,6 +174,11 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                     ..ProbeConfig::default()
                 },
                 node: config::node_name(&a.node),
+                pods: PodSource {
+                    url: a.k8s_pods_url,
+                    token_file: a.k8s_token_file,
+                    ca_file: a.k8s_ca_file,
+                },
                 command: a.command,
             };
             Ok(record::run(&opts)?)

@@ -17,6 +17,7 @@ use tracing::{debug, info};
 use crate::{
     collect::Collector,
     output::{Format, write_report},
+    pods::{PodDirectory, PodSource},
     probes::{ProbeConfig, ProbeError, Probes},
     report::{GroupBy, Span, descendants},
 };
@@ -40,6 +41,8 @@ pub struct RecordOptions {
     pub sample: Duration,
     /// Probe settings.
     pub probes: ProbeConfig,
+    /// Where pod names come from.
+    pub pods: PodSource,
     /// The node's name in records.
     pub node: String,
     /// The command to meter, if any.
@@ -101,7 +104,8 @@ fn install_signal_handlers(with_command: bool) {
 /// Runs `record`; returns the exit code to exit with (the command's, or 0).
 pub fn run(opts: &RecordOptions) -> Result<i32, RecordError> {
     let probes = Probes::load(&opts.probes)?;
-    let mut collector = Collector::new(probes, opts.sample);
+    let pods = PodDirectory::start(opts.pods.clone(), &opts.node, Duration::from_secs(5));
+    let mut collector = Collector::new(probes, opts.sample).with_pods(pods);
     // Everything charged before this point predates the recording.
     collector.close_window()?;
 

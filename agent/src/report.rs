@@ -157,13 +157,18 @@ impl Span {
                 .cloned()
                 .unwrap_or_default();
             let (cgroup_path, cg) = collector.cgroup(key.cgroup_id);
+            let mut identity = Identity::of(&cg, info.wasm.as_ref());
+            if let Some(pod) = cg.pod_uid.as_deref().and_then(|u| collector.pod_name(u)) {
+                identity.k8s_namespace = Some(pod.namespace);
+                identity.k8s_pod_name = Some(pod.name);
+            }
             processes.push(ProcessRecord {
                 record_type: "process",
                 record_id: process_record_id(node_name, key, start),
                 node: node_name.to_string(),
                 window_start: ws.clone(),
                 window_end: we.clone(),
-                identity: Identity::of(&cg, info.wasm.as_ref()),
+                identity,
                 pid: key.tgid,
                 process_start_time: rfc3339(collector.clock().to_wall(key.start_ns)),
                 ppid: info.ppid,
