@@ -7,7 +7,8 @@ use agent_common::{
     NET_COUNTERS, NET_RX_BYTES, NET_RX_CALLS, NET_TX_BYTES, NET_TX_CALLS, ProcUsage,
     SYSCALL_CLASSES, SyscallClass,
 };
-use serde::Serialize;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     clock::rfc3339,
@@ -383,6 +384,209 @@ pub struct SummaryRecord {
     pub command_exit_code: Option<i32>,
 }
 
+/// The cost of one record: the spec's CostCalculator breakdown, exact.
+///
+/// Every component is unrounded `Decimal`; rounding happens only where money
+/// is shown. `pricing_version` names the price book that produced it, so a
+/// record can be re-priced later from its raw quantities.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cost {
+    /// CPU: core-seconds × cpu_per_core_hour / 3600.
+    pub cpu: Decimal,
+    /// Memory: GB-seconds × memory_per_gb_hour / 3600.
+    pub memory: Decimal,
+    /// GPU: GPU-seconds × gpu_per_hour / 3600.
+    pub gpu: Decimal,
+    /// Network: bytes × network_per_gb / 1024³ (per direction where the book splits it).
+    pub network: Decimal,
+    /// Storage: byte-seconds × storage_per_gb_month / (1024³ · 30 · 24 · 3600).
+    pub storage: Decimal,
+    /// LLM tokens, per model.
+    pub token: Decimal,
+    /// Sum of the above.
+    pub subtotal: Decimal,
+    /// Volume discount (subtracted).
+    pub discount: Decimal,
+    /// subtotal − discount.
+    pub total: Decimal,
+    /// ISO 4217 currency code.
+    pub currency: String,
+    /// The price book's version.
+    pub pricing_version: String,
+}
+
+/// Token usage of one model within a record.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenUsage {
+    /// The model (as `gen_ai.response.model` or `gen_ai.request.model` named it).
+    pub model: String,
+    /// Input tokens, cached ones included.
+    pub input: u64,
+    /// The part of `input` read from the provider's prompt cache.
+    pub cache_read_input: u64,
+    /// Output tokens, reasoning ones included.
+    pub output: u64,
+    /// The part of `output` spent on reasoning.
+    pub reasoning_output: u64,
+}
+
+/// One usage record as the ledger stores it and exporters ship it: DESIGN.md's
+/// usage record, raw quantities plus cost. Process records and the node
+/// buckets (`record_kind` idle, irq_steal, kernel, unattributed) both become one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    /// hash(node, workload instance, window_start): the idempotency key.
+    pub record_id: String,
+    /// The node.
+    pub node: String,
+    /// RFC 3339 UTC.
+    pub window_start: String,
+    /// RFC 3339 UTC.
+    pub window_end: String,
+    /// "process", or the bucket: "idle", "irq_steal", "kernel", "unattributed".
+    pub record_kind: String,
+    /// process, container, pod or wasm (process records).
+    pub workload_kind: Option<String>,
+    /// Process id.
+    pub pid: Option<u32>,
+    /// Process start, RFC 3339 UTC.
+    pub process_start_time: Option<String>,
+    /// Parent process id.
+    pub ppid: Option<u32>,
+    /// Short process name.
+    pub comm: Option<String>,
+    /// Executable path.
+    pub exe: Option<String>,
+    /// cgroup v2 id.
+    pub cgroup_id: Option<u64>,
+    /// cgroup path.
+    pub cgroup_path: Option<String>,
+    /// Container id.
+    pub container_id: Option<String>,
+    /// Container runtime.
+    pub container_runtime: Option<String>,
+    /// Pod UID.
+    pub pod_uid: Option<String>,
+    /// Pod namespace.
+    pub k8s_namespace: Option<String>,
+    /// Pod name.
+    pub k8s_pod_name: Option<String>,
+    /// WASM module.
+    pub wasm_module: Option<String>,
+    /// Trace context: the agent that ran.
+    pub agent_id: Option<String>,
+    /// Trace context: the flow.
+    pub flow_id: Option<String>,
+    /// Trace context: the flow run.
+    pub run_id: Option<String>,
+    /// Trace context: the user.
+    pub user_id: Option<String>,
+    /// Trace context: the project.
+    pub project_id: Option<String>,
+    /// Trace context: the customer (who is billed).
+    pub customer_id: Option<String>,
+    /// Trace context: the trace.
+    pub trace_id: Option<String>,
+    /// CPU, core-seconds (exact: ns / 10⁹).
+    pub cpu_core_seconds: Decimal,
+    /// Resident memory over time, GiB-seconds.
+    pub memory_gb_seconds: Decimal,
+    /// GPU time, seconds.
+    pub gpu_seconds: Decimal,
+    /// GPU memory over time, GiB-seconds.
+    pub gpu_memory_gb_seconds: Decimal,
+    /// Socket payload bytes received.
+    pub network_rx_bytes: u64,
+    /// Socket payload bytes sent.
+    pub network_tx_bytes: u64,
+    /// Storage bytes read.
+    pub disk_read_bytes: u64,
+    /// Storage bytes written.
+    pub disk_write_bytes: u64,
+    /// Bytes held on storage (absent where unknown).
+    pub storage_bytes: Option<u64>,
+    /// Syscalls.
+    pub syscalls: u64,
+    /// LLM token usage per model.
+    pub tokens: Vec<TokenUsage>,
+    /// The priced cost (absent until priced).
+    pub cost: Option<Cost>,
+}
+
+/// Exact core-seconds of `cpu_ns`.
+pub fn decimal_seconds(ns: u64) -> Decimal {
+    Decimal::from(ns) / Decimal::from(1_000_000_000u64)
+}
+
+/// Exact GiB-seconds of a byte-nanosecond integral (28 significant digits).
+pub fn decimal_gib_seconds(byte_ns: u128) -> Decimal {
+    // 1 GiB·s = 1024³ bytes × 10⁹ ns; dividing in two steps keeps the
+    // intermediate within Decimal's 96-bit mantissa for any realistic integral.
+    let byte_ns = Decimal::from_i128_with_scale(i128::try_from(byte_ns).unwrap_or(i128::MAX), 0);
+    byte_ns / Decimal::from(1_000_000_000u64) / Decimal::from(1u64 << 30)
+}
+
+impl UsageRecord {
+    /// The stored form of a process record.
+    pub fn from_process(p: &ProcessRecord) -> Self {
+        let name = |v: &Option<String>| v.clone();
+        let enum_str = |v: Option<String>| v;
+        Self {
+            record_id: p.record_id.clone(),
+            node: p.node.clone(),
+            window_start: p.window_start.clone(),
+            window_end: p.window_end.clone(),
+            record_kind: "process".into(),
+            workload_kind: enum_str(p.identity.workload_kind.map(|k| serde_name(&k))),
+            pid: Some(p.pid),
+            process_start_time: Some(p.process_start_time.clone()),
+            ppid: p.ppid,
+            comm: Some(p.comm.clone()),
+            exe: name(&p.exe),
+            cgroup_id: Some(p.cgroup_id),
+            cgroup_path: name(&p.cgroup_path),
+            container_id: name(&p.identity.container_id),
+            container_runtime: p.identity.container_runtime.map(|r| serde_name(&r)),
+            pod_uid: name(&p.identity.pod_uid),
+            k8s_namespace: name(&p.identity.k8s_namespace),
+            k8s_pod_name: name(&p.identity.k8s_pod_name),
+            wasm_module: name(&p.identity.wasm_module),
+            cpu_core_seconds: decimal_seconds(p.metered.cpu_ns),
+            memory_gb_seconds: decimal_gib_seconds(p.metered.mem.rss_byte_ns),
+            network_rx_bytes: p.metered.net.rx_bytes,
+            network_tx_bytes: p.metered.net.tx_bytes,
+            disk_read_bytes: p.metered.mem.disk_read_bytes,
+            disk_write_bytes: p.metered.mem.disk_write_bytes,
+            syscalls: p.metered.syscalls,
+            ..Self::default()
+        }
+    }
+
+    /// The stored form of a node bucket record.
+    pub fn from_bucket(b: &BucketRecord) -> Self {
+        Self {
+            record_id: b.record_id.clone(),
+            node: b.node.clone(),
+            window_start: b.window_start.clone(),
+            window_end: b.window_end.clone(),
+            record_kind: b.record_type.to_string(),
+            cpu_core_seconds: decimal_seconds(b.cpu_ns),
+            network_rx_bytes: b.network_rx_bytes,
+            network_tx_bytes: b.network_tx_bytes,
+            syscalls: b.syscalls,
+            ..Self::default()
+        }
+    }
+}
+
+/// The serde name of a unit enum variant ("container", "cri-o", ...).
+pub fn serde_name<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|j| j.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// 128-bit FNV-1a: stable across versions and platforms, which a record id
 /// must be (it is the idempotency key downstream).
 pub fn stable_id(parts: &[&[u8]]) -> String {
@@ -462,6 +666,15 @@ mod tests {
         );
         assert_ne!(a, process_record_id("n1", &k, t + Duration::from_secs(1)));
         assert_ne!(stable_id(&[b"ab", b"c"]), stable_id(&[b"a", b"bc"]));
+    }
+
+    #[test]
+    fn decimal_quantities_are_exact() {
+        assert_eq!(decimal_seconds(1_500_000_001).to_string(), "1.500000001");
+        let one_gib_hour = u128::from(1u64 << 30) * 3_600 * 1_000_000_000;
+        assert_eq!(decimal_gib_seconds(one_gib_hour), Decimal::from(3600));
+        let half = u128::from(1u64 << 29) * 1_000_000_000;
+        assert_eq!(decimal_gib_seconds(half), Decimal::new(5, 1));
     }
 
     #[test]
