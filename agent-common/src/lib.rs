@@ -152,6 +152,19 @@ pub struct Buckets {
     pub unattributed_net: [u64; NET_COUNTERS],
 }
 
+/// How many recently charged processes each CPU keeps in [`CpuState::slots`].
+pub const SLOTS: usize = 4;
+
+/// A process's usage accumulating on one CPU before it goes to the map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slot {
+    /// Whose usage; `tgid == 0` marks an empty slot.
+    pub key: ProcKey,
+    /// The usage not yet folded into `PROC_USAGE`.
+    pub usage: ProcUsage,
+}
+
 /// Per-CPU state, in a one-entry per-CPU array.
 ///
 /// The syscall hot path touches only this struct: it counts into the
@@ -185,6 +198,14 @@ pub struct CpuState {
     pub acked_epoch: u32,
     /// Explicit padding; always zero.
     pub _pad: u32,
+    /// Processes charged recently on this CPU: a switch between them updates
+    /// a slot, not the hash map. Slots are folded into `PROC_USAGE` when
+    /// evicted, and all of them before this CPU acknowledges a new epoch.
+    pub slots: [Slot; SLOTS],
+    /// The epoch the slots' usage belongs to.
+    pub slots_epoch: u32,
+    /// The slot to evict next (round robin).
+    pub next_victim: u32,
     /// Node buckets, indexed by `epoch & 1`: cumulative, never reset, so
     /// userspace reads a slot once the epoch has moved on and takes the difference.
     pub buckets: [Buckets; 2],
@@ -231,6 +252,14 @@ pub struct TaskOffsets {
     /// `task_struct::se.sum_exec_runtime`: the scheduler's own count of the
     /// thread's run time (steal and, where configured, IRQ time excluded).
     pub task_sum_exec_runtime: u32,
+    /// `task_struct::cgroups` (the task's `css_set`).
+    pub task_cgroups: u32,
+    /// `css_set::dfl_cgrp` (its cgroup v2 cgroup).
+    pub css_set_dfl_cgrp: u32,
+    /// `cgroup::kn` (the cgroup's kernfs node).
+    pub cgroup_kn: u32,
+    /// `kernfs_node::id` (the cgroup id `bpf_get_current_cgroup_id` returns).
+    pub kernfs_node_id: u32,
     /// `task_struct::ioac` (this thread's I/O accounting).
     pub task_ioac: u32,
     /// `signal_struct::ioac` (I/O of the process's threads that are gone).
@@ -259,6 +288,10 @@ impl TaskOffsets {
         binprm_filename: 0,
         sock_family: 0,
         task_sum_exec_runtime: 0,
+        task_cgroups: 0,
+        css_set_dfl_cgrp: 0,
+        cgroup_kn: 0,
+        kernfs_node_id: 0,
         task_ioac: 0,
         signal_ioac: 0,
         ioac_read_bytes: 0,
@@ -316,6 +349,7 @@ mod pod {
     unsafe impl aya::Pod for super::ProcUsage {}
     unsafe impl aya::Pod for super::CpuState {}
     unsafe impl aya::Pod for super::Buckets {}
+    unsafe impl aya::Pod for super::Slot {}
     unsafe impl aya::Pod for super::Control {}
     unsafe impl aya::Pod for super::TaskOffsets {}
 }
@@ -337,10 +371,13 @@ mod tests {
         assert_eq!(size_of::<Buckets>(), 8 * 9 + 2 * 8 * NET_COUNTERS);
         assert_eq!(
             size_of::<CpuState>(),
-            8 * (9 + SYSCALL_CLASSES + NET_COUNTERS) + 2 * size_of::<Buckets>()
+            8 * (9 + SYSCALL_CLASSES + NET_COUNTERS)
+                + SLOTS * size_of::<Slot>()
+                + 8
+                + 2 * size_of::<Buckets>()
         );
         assert_eq!(size_of::<Control>(), 8);
-        assert_eq!(size_of::<TaskOffsets>(), 4 * 17);
+        assert_eq!(size_of::<TaskOffsets>(), 4 * 21);
         assert_eq!(
             size_of::<ProcEvent>(),
             4 * 4 + 8 * 6 + COMM_LEN + FILENAME_LEN

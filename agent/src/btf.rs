@@ -600,6 +600,10 @@ pub fn task_offsets(btf: &Btf) -> Result<TaskOffsets, BtfError> {
             + btf.member_offset("sock_common", "skc_family")?,
         task_sum_exec_runtime: task("se")?
             + btf.member_offset("sched_entity", "sum_exec_runtime")?,
+        task_cgroups: task("cgroups")?,
+        css_set_dfl_cgrp: btf.member_offset("css_set", "dfl_cgrp")?,
+        cgroup_kn: btf.member_offset("cgroup", "kn")?,
+        kernfs_node_id: btf.member_offset("kernfs_node", "id")?,
         task_ioac: task("ioac")?,
         signal_ioac: btf.member_offset("signal_struct", "ioac")?,
         ioac_read_bytes: btf.member_offset("task_io_accounting", "read_bytes")?,

@@ -5,7 +5,7 @@ use std::{fs, path::Path};
 use crate::{
     btf, caps,
     identity::find_cgroup2_mount,
-    probes::{ProbeConfig, Probes, TRACEPOINTS},
+    probes::{BTF_TRACEPOINTS, NET_TRACEPOINTS, ProbeConfig, Probes, TRACEPOINTS},
 };
 
 /// One requirement's verdict.
@@ -130,7 +130,11 @@ pub fn run(probe_config: &ProbeConfig) -> Vec<Item> {
         ));
     }
 
-    let hooks: Vec<&str> = TRACEPOINTS.iter().map(|(_, h)| *h).collect();
+    let hooks: Vec<&str> = BTF_TRACEPOINTS
+        .iter()
+        .chain(TRACEPOINTS)
+        .map(|(_, h)| *h)
+        .collect();
     let what = format!(
         "probes load and attach ({} + perf cpu-clock)",
         hooks.join(", ")
@@ -139,7 +143,20 @@ pub fn run(probe_config: &ProbeConfig) -> Vec<Item> {
         items.push(item(what, false, true, "not tried: capabilities missing"));
     } else {
         match Probes::load(probe_config) {
-            Ok(_) => items.push(item(what, true, true, "loaded, attached and detached")),
+            Ok(p) => {
+                items.push(item(what, true, true, "loaded, attached and detached"));
+                let net: Vec<&str> = NET_TRACEPOINTS.iter().map(|(_, h)| *h).collect();
+                let net_what = format!("network metering ({})", net.join(", "));
+                items.push(match p.network() {
+                    Ok(()) => item(net_what, true, false, "attached"),
+                    Err(e) => item(
+                        net_what,
+                        false,
+                        false,
+                        format!("unavailable (needs Linux ≥ 6.3): {e}"),
+                    ),
+                });
+            }
             Err(e) => items.push(item(what, false, true, e.to_string())),
         }
     }

@@ -247,9 +247,9 @@ impl Collector {
                     self.live.remove(&ev.tgid);
                 }
                 let info = self.infos.entry((ev.tgid, ev.start_ns)).or_default();
-                if info.comm.is_empty() {
-                    info.comm = comm;
-                }
+                // The name at exit is the latest: a process may rename itself
+                // (prctl PR_SET_NAME) after exec.
+                info.comm = comm;
                 if info.ppid.is_none() {
                     info.ppid = Some(ev.ppid);
                 }

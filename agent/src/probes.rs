@@ -16,10 +16,10 @@ use agent_common::{
     Control, CpuState, NET_COUNTERS, ProcEvent, ProcKey, ProcUsage, SYSCALL_CLASSES,
 };
 use aya::{
-    Ebpf, EbpfError, EbpfLoader, VerifierLogLevel,
+    Btf, Ebpf, EbpfError, EbpfLoader, Endianness, VerifierLogLevel,
     maps::{Array, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        PerfEvent, ProgramError, RawTracePoint,
+        BtfTracePoint, PerfEvent, ProgramError, RawTracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
     util::online_cpus,
@@ -34,9 +34,11 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Where the running kernel describes its types.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
+/// The BTF tracepoints (tp_btf) the metering programs attach to, by program name.
+pub const BTF_TRACEPOINTS: &[(&str, &str)] = &[("sched_switch", "sched_switch")];
+
 /// The raw tracepoints the metering programs attach to, by program name.
 pub const TRACEPOINTS: &[(&str, &str)] = &[
-    ("sched_switch", "sched_switch"),
     ("sys_enter", "sys_enter"),
     ("process_fork", "sched_process_fork"),
     ("process_exec", "sched_process_exec"),
@@ -130,6 +132,14 @@ pub enum ProbeError {
     /// The object lacks something the agent expects: a build mismatch.
     #[error("the embedded eBPF object has no {0}")]
     Missing(&'static str),
+    /// aya could not read the kernel's BTF (needed to attach BTF tracepoints).
+    #[error("reading kernel BTF from {path}: {message}")]
+    KernelBtf {
+        /// The BTF file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
     /// The online CPU list could not be read.
     #[error("reading the online CPU list: {0}")]
     Cpus(std::io::Error),
@@ -195,6 +205,16 @@ impl Probes {
         }
         let mut network = Err("not attached".to_string());
         if config.mode == ProbeMode::Metering {
+            let kernel_btf =
+                Btf::parse_file(&config.btf_path, Endianness::default()).map_err(|e| {
+                    ProbeError::KernelBtf {
+                        path: config.btf_path.clone(),
+                        message: e.to_string(),
+                    }
+                })?;
+            for &(name, func) in BTF_TRACEPOINTS {
+                attach_btf_tracepoint(&mut ebpf, name, func, &kernel_btf)?;
+            }
             attach_cpu_tick(&mut ebpf, &online_cpus, config.cpu_tick)?;
             network = NET_TRACEPOINTS
                 .iter()
@@ -435,6 +455,27 @@ fn attach_raw_tracepoint(
         .map_err(err)?;
     prog.load().map_err(err)?;
     prog.attach(hook).map_err(err)?;
+    Ok(())
+}
+
+fn attach_btf_tracepoint(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    func: &'static str,
+    btf: &Btf,
+) -> Result<(), ProbeError> {
+    let err = |source| ProbeError::Program {
+        name,
+        hook: func,
+        source,
+    };
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut(name)
+        .ok_or(ProbeError::Missing(name))?
+        .try_into()
+        .map_err(err)?;
+    prog.load(func, btf).map_err(err)?;
+    prog.attach().map_err(err)?;
     Ok(())
 }
 

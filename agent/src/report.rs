@@ -255,7 +255,8 @@ fn group(
     we: &str,
 ) -> Vec<GroupRecord> {
     struct Acc {
-        n: usize,
+        /// Distinct process instances: a process that changed cgroups has a record per cgroup.
+        instances: HashSet<(u32, u64)>,
         metered: Metered,
         identity: Identity,
         cgroup: Option<(u64, Option<String>)>,
@@ -264,12 +265,12 @@ fn group(
     for r in processes {
         let cg = (r.cgroup_id, r.cgroup_path.clone());
         let acc = groups.entry(by.key_of(r)).or_insert_with(|| Acc {
-            n: 0,
+            instances: HashSet::new(),
             metered: Metered::default(),
             identity: r.identity.clone(),
             cgroup: Some(cg.clone()),
         });
-        acc.n += 1;
+        acc.instances.insert((r.key.tgid, r.key.start_ns));
         acc.metered.add(&r.metered);
         acc.identity.intersect(&r.identity);
         if acc.cgroup.as_ref() != Some(&cg) {
@@ -286,7 +287,7 @@ fn group(
             window_end: we.to_string(),
             group_by: by.name(),
             group: key,
-            processes: acc.n,
+            processes: acc.instances.len(),
             identity: acc.identity,
             cgroup_id: acc.cgroup.as_ref().map(|c| c.0),
             cgroup_path: acc.cgroup.and_then(|c| c.1),

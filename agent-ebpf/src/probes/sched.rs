@@ -11,12 +11,14 @@
 //! A per-CPU timer (`cpu_tick`, a perf event) charges the running task's run
 //! time so far, so a task that never blocks still shows up in every window.
 
-use agent_common::{Buckets, NET_COUNTERS, ProcKey, ProcUsage, SYSCALL_CLASSES};
+use agent_common::{
+    Buckets, CpuState, NET_COUNTERS, ProcKey, ProcUsage, SLOTS, SYSCALL_CLASSES, Slot,
+};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{perf_event, raw_tracepoint},
-    programs::{PerfEventContext, RawTracePointContext},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{btf_tracepoint, perf_event},
+    programs::{BtfTracePointContext, PerfEventContext},
 };
 
 use crate::{
@@ -28,10 +30,22 @@ use crate::{
 const EEXIST: i32 = -17;
 
 /// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, ...)`.
-#[raw_tracepoint(tracepoint = "sched_switch")]
-pub fn sched_switch(ctx: RawTracePointContext) -> i32 {
+///
+/// A BTF tracepoint: `prev` and `next` are typed kernel pointers, so their
+/// fields are read with direct loads rather than helper calls; this is the
+/// agent's hottest program after `sys_enter`.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
+    let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
-    charge_current(Some(next));
+    let off = offsets();
+    if off.valid == 0 {
+        return 0;
+    }
+    let who = Ok(task::who_btf(prev));
+    let prev_runtime = task::load::<u64>(prev, off.task_sum_exec_runtime);
+    let next_runtime = task::load::<u64>(next, off.task_sum_exec_runtime);
+    charge_current(prev, Some(prev_runtime), who, Some((next, next_runtime)));
     0
 }
 
@@ -40,7 +54,8 @@ pub fn cpu_tick(_ctx: PerfEventContext) -> u32 {
     // Syscall and socket counts stay pending: `sys_enter` may be
     // mid-increment under this interrupt, and only `sched_switch` (IRQs off)
     // can take them safely.
-    charge_current(None);
+    let cur = task::current();
+    charge_current(cur, runtime_of(cur), task::who(cur), None);
     0
 }
 
@@ -54,11 +69,17 @@ fn runtime_of(task: *const u8) -> Option<u64> {
     task::read(task, off.task_sum_exec_runtime).ok()
 }
 
-/// Charges the current task what it ran since its last charge; at a switch
-/// (`next` given) also its pending syscalls and socket counts, and the
+/// Charges the current task `cur` (who it is: `who`; its run time so far:
+/// `runtime`) what it ran since its last charge; at a switch (`next` given,
+/// with its run time) also its pending syscalls and socket counts, and the
 /// interval's time no task ran.
 #[inline(always)]
-fn charge_current(next: Option<*const u8>) {
+fn charge_current(
+    cur: *const u8,
+    runtime: Option<u64>,
+    who: Result<Who, i64>,
+    next: Option<(*const u8, u64)>,
+) {
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(st) = CPU_STATE.get_ptr_mut(0) else {
         return;
@@ -68,7 +89,6 @@ fn charge_current(next: Option<*const u8>) {
     let st = unsafe { &mut *st };
     let last = st.last_switch_ns;
     st.last_switch_ns = now;
-    let cur = task::current();
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
 
     let mut usage = ProcUsage {
@@ -85,7 +105,7 @@ fn charge_current(next: Option<*const u8>) {
         // The idle task has no run time of its own; its wall time is idle.
         usage.cpu_ns = now.saturating_sub(last);
     } else if st.cur_task == cur as u64
-        && let Some(rt) = runtime_of(cur)
+        && let Some(rt) = runtime
     {
         usage.cpu_ns = rt.saturating_sub(st.cur_runtime_ns);
         st.cur_runtime_ns = rt.max(st.cur_runtime_ns);
@@ -99,14 +119,13 @@ fn charge_current(next: Option<*const u8>) {
         // No baseline for this task (attach happened while it ran): wall time.
         usage.cpu_ns = now.saturating_sub(last);
     }
-    if let Some(next) = next {
+    if let Some((next, rt)) = next {
         usage.syscalls = st.pending_syscalls;
         usage.syscalls_by_class = st.pending_by_class;
         usage.net = st.pending_net;
         st.pending_syscalls = 0;
         st.pending_by_class = [0; SYSCALL_CLASSES];
         st.pending_net = [0; NET_COUNTERS];
-        let rt = runtime_of(next).unwrap_or(0);
         st.cur_task = next as u64;
         st.cur_runtime_ns = rt;
         st.interval_start_ns = now;
@@ -114,16 +133,85 @@ fn charge_current(next: Option<*const u8>) {
     }
 
     let epoch = epoch();
+    if st.slots_epoch != epoch {
+        // The window moved on: everything this CPU holds for the old one goes
+        // to the map before the new epoch is acknowledged below.
+        flush_slots(st);
+        st.slots_epoch = epoch;
+    }
     let b = &mut st.buckets[(epoch & 1) as usize];
     b.irq_steal_ns += irq_steal;
     b.charged_ns += irq_steal;
-    charge(b, &usage, epoch, tgid);
+    charge(st, &usage, epoch, tgid, who);
     st.acked_epoch = epoch;
+}
+
+/// Folds every slot into the map and empties it.
+#[inline(always)]
+fn flush_slots(st: &mut CpuState) {
+    let mut i = 0;
+    while i < SLOTS {
+        let slot = st.slots[i];
+        if slot.key.tgid != 0 {
+            spill(st, &slot);
+            st.slots[i].key.tgid = 0;
+        }
+        i += 1;
+    }
+}
+
+/// Folds one slot's usage into the map; if the map is full, into the
+/// unattributed bucket of the slot's epoch, counted as a drop.
+#[inline(always)]
+fn spill(st: &mut CpuState, slot: &Slot) {
+    if !fold(&slot.key, &slot.usage) {
+        let b = &mut st.buckets[(slot.key.epoch & 1) as usize];
+        b.map_full_drops += 1;
+        unattributed(b, &slot.usage);
+    }
+}
+
+/// Adds `usage` to the slot of `key`, taking over the next victim slot
+/// (after spilling it) when `key` has none.
+#[inline(always)]
+fn add_to_slot(st: &mut CpuState, key: &ProcKey, usage: &ProcUsage) {
+    let mut found = SLOTS;
+    let mut i = 0;
+    while i < SLOTS {
+        if st.slots[i].key == *key {
+            found = i;
+            break;
+        }
+        i += 1;
+    }
+    if found == SLOTS {
+        let victim = (st.next_victim as usize) & (SLOTS - 1);
+        st.next_victim = st.next_victim.wrapping_add(1);
+        let old = st.slots[victim];
+        if old.key.tgid != 0 {
+            spill(st, &old);
+        }
+        st.slots[victim] = Slot {
+            key: *key,
+            usage: ProcUsage::default(),
+        };
+        found = victim;
+    }
+    let v = &mut st.slots[found & (SLOTS - 1)].usage;
+    v.cpu_ns += usage.cpu_ns;
+    v.syscalls += usage.syscalls;
+    let mut c = 0;
+    while c < SYSCALL_CLASSES {
+        v.syscalls_by_class[c] += usage.syscalls_by_class[c];
+        c += 1;
+    }
+    add_net(&mut v.net, &usage.net);
 }
 
 /// Puts one interval's usage in the process map or in one of the node buckets.
 #[inline(always)]
-fn charge(b: &mut Buckets, usage: &ProcUsage, epoch: u32, tgid: u32) {
+fn charge(st: &mut CpuState, usage: &ProcUsage, epoch: u32, tgid: u32, who: Result<Who, i64>) {
+    let b = &mut st.buckets[(epoch & 1) as usize];
     b.charged_ns += usage.cpu_ns;
     if tgid == 0 {
         b.idle_ns += usage.cpu_ns;
@@ -132,23 +220,23 @@ fn charge(b: &mut Buckets, usage: &ProcUsage, epoch: u32, tgid: u32) {
         add_net(&mut b.unattributed_net, &usage.net);
         return;
     }
-    match task::who(task::current()) {
+    match who {
         Ok(Who::Kernel) => {
             b.kernel_ns += usage.cpu_ns;
             b.kernel_syscalls += usage.syscalls;
             add_net(&mut b.kernel_net, &usage.net);
         }
-        Ok(Who::Process { start_ns }) => {
+        Ok(Who::Process {
+            start_ns,
+            cgroup_id,
+        }) => {
             let key = ProcKey {
                 start_ns,
-                cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+                cgroup_id,
                 tgid,
                 epoch,
             };
-            if !fold(&key, usage) {
-                b.map_full_drops += 1;
-                unattributed(b, usage);
-            }
+            add_to_slot(st, &key, usage);
         }
         Err(_) => {
             b.task_read_errors += 1;
