@@ -16,6 +16,7 @@ pub mod output;
 pub mod pods;
 pub mod pricing;
 pub mod probes;
+pub mod prometheus;
 pub mod record;
 pub mod report;
 pub mod syscalls;
