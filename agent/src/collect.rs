@@ -20,6 +20,7 @@ use crate::{
     memory::{self, CgroupIntegrator, Integrator},
     pods::{PodDirectory, PodName},
     probes::{ProbeError, Probes},
+    storage::StorageMeter,
     usage::{InstanceKey, Metered, Net},
     workload::{self, CgroupIdentity, WasmIdentity},
 };
@@ -41,6 +42,8 @@ pub struct ProcessInfo {
     pub kernel_thread: bool,
     /// The WASM runtime and module, when the process is one.
     pub wasm: Option<WasmIdentity>,
+    /// The cgroup it exited in.
+    pub exit_cgroup: Option<u64>,
 }
 
 /// The node buckets' deltas over one window.
@@ -92,6 +95,8 @@ pub struct Window {
     pub cgroup_memory: HashMap<PathBuf, u128>,
     /// The memory counter file of each cgroup in the window that has one.
     pub cgroup_counters: HashMap<u64, PathBuf>,
+    /// Bytes on the writable layer of each container seen in the window, where measured.
+    pub storage: HashMap<String, u64>,
     /// The node buckets.
     pub buckets: NodeBuckets,
     /// Lifecycle events lost in the window.
@@ -131,6 +136,9 @@ pub struct Collector {
     /// Each cgroup's memory counter file, once resolved (`None`: it has none).
     cgroup_counter: HashMap<u64, Option<PathBuf>>,
     pods: PodDirectory,
+    storage: Option<StorageMeter>,
+    /// Containers seen running since the last window closed.
+    containers_seen: HashMap<String, u32>,
     sample_every: Duration,
     last_sample_ns: u64,
     /// When metering began: usage of older processes before it is not ours.
@@ -162,6 +170,8 @@ impl Collector {
                 .and_then(|m| memory::find_v1_memory_mount(&m)),
             cgroup_counter: HashMap::new(),
             pods: PodDirectory::default(),
+            storage: None,
+            containers_seen: HashMap::new(),
             sample_every,
             last_sample_ns: 0,
             metered_since_ns: now,
@@ -169,6 +179,12 @@ impl Collector {
             prev_events_lost: 0,
             window_start_ns: now,
         }
+    }
+
+    /// Measures containers' writable layers with `storage` (by default storage is absent).
+    pub fn with_storage(mut self, storage: StorageMeter) -> Self {
+        self.storage = Some(storage);
+        self
     }
 
     /// Names pods from `pods` (by default no pod has a name).
@@ -254,6 +270,7 @@ impl Collector {
                     info.ppid = Some(ev.ppid);
                 }
                 info.exited_ns = Some(ev.ts_ns);
+                info.exit_cgroup = Some(ev.cgroup_id);
                 self.mem.exit(
                     ev.tgid,
                     ev.start_ns,
@@ -262,9 +279,15 @@ impl Collector {
                     ev.io_write_bytes,
                     self.metered_since_ns,
                 );
-                self.cgroup_of
-                    .entry((ev.tgid, ev.start_ns))
-                    .or_insert(ev.cgroup_id);
+                // Its parent's I/O counters will include this process's at reap.
+                if let Some(&parent_start) = self.live.get(&ev.ppid) {
+                    self.mem.child_exited(
+                        (ev.ppid, parent_start),
+                        ev.io_read_bytes,
+                        ev.io_write_bytes,
+                    );
+                }
+                self.cgroup_of.insert((ev.tgid, ev.start_ns), ev.cgroup_id);
             }
             other => debug!(kind = other, "unknown lifecycle event kind"),
         }
@@ -323,12 +346,53 @@ impl Collector {
             if let Some(counter) = self.memory_counter(cg, pid) {
                 self.cgroup_mem.sample(&counter, now);
             }
+            if self.storage.is_some()
+                && let Some(container) = self.cgroup(cg).1.container_id
+            {
+                if let Some(storage) = &self.storage {
+                    storage.note(&container, pid, &self.proc_root);
+                }
+                self.containers_seen.insert(container, pid);
+            }
         }
         self.cgroup_mem
             .forget_stale(now.saturating_sub(duration_ns(self.sample_every) * 4));
         // Processes gone without an exit event (lost events) stop integrating.
         self.mem
             .forget_stale(now.saturating_sub(duration_ns(self.sample_every) * 4));
+    }
+
+    /// The measured writable layers of the containers seen since the last call.
+    fn take_storage(&mut self) -> HashMap<String, u64> {
+        let seen = std::mem::take(&mut self.containers_seen);
+        let Some(storage) = &self.storage else {
+            return HashMap::new();
+        };
+        seen.into_keys()
+            .filter_map(|c| storage.bytes(&c).map(|b| (c, b)))
+            .collect()
+    }
+
+    /// The cgroup an instance is in now, for its memory and disk: where it
+    /// exited; else the one cgroup it ran in this window; else (it moved, or
+    /// slept) what procfs says now; else the last known. 0 if none is known:
+    /// usage is never dropped for want of a cgroup.
+    fn current_cgroup(&mut self, tgid: u32, start_ns: u64, ran_in: Option<&Vec<u64>>) -> u64 {
+        if let Some(cg) = self
+            .infos
+            .get(&(tgid, start_ns))
+            .and_then(|i| i.exit_cgroup)
+        {
+            return cg;
+        }
+        if let Some([only]) = ran_in.map(Vec::as_slice) {
+            return *only;
+        }
+        if let Some(cg) = self.cgroup_id_from_proc(tgid) {
+            self.cgroup_of.insert((tgid, start_ns), cg);
+            return cg;
+        }
+        self.cgroup_of.get(&(tgid, start_ns)).copied().unwrap_or(0)
     }
 
     /// The memory counter file of cgroup `cg`, found through member `pid`.
@@ -392,21 +456,27 @@ impl Collector {
         }
 
         let mut merged: HashMap<InstanceKey, Metered> = HashMap::new();
+        // The cgroups each instance ran in during this window.
+        let mut ran_in: HashMap<(u32, u64), Vec<u64>> = HashMap::new();
         for (k, u) in &epoch.processes {
             let key = InstanceKey {
                 tgid: k.tgid,
                 start_ns: instance_start(k.start_ns),
                 cgroup_id: k.cgroup_id,
             };
-            self.cgroup_of
-                .insert((key.tgid, key.start_ns), key.cgroup_id);
+            ran_in
+                .entry((key.tgid, key.start_ns))
+                .or_default()
+                .push(key.cgroup_id);
             merged.entry(key).or_default().add(&Metered::from(u));
         }
+        for (instance, cgroups) in &ran_in {
+            if let [only] = cgroups.as_slice() {
+                self.cgroup_of.insert(*instance, *only);
+            }
+        }
         for ((tgid, start_ns), md) in self.mem.take() {
-            // Memory and disk belong to the cgroup the process was last seen in.
-            let Some(&cgroup_id) = self.cgroup_of.get(&(tgid, start_ns)) else {
-                continue;
-            };
+            let cgroup_id = self.current_cgroup(tgid, start_ns, ran_in.get(&(tgid, start_ns)));
             let key = InstanceKey {
                 tgid,
                 start_ns,
@@ -436,6 +506,7 @@ impl Collector {
             end: self.clock.to_wall(end_ns),
             processes,
             cgroup_memory: self.cgroup_mem.take(),
+            storage: self.take_storage(),
             cgroup_counters,
             buckets,
             events_lost,
@@ -476,6 +547,7 @@ impl Collector {
             exe,
             exited_ns: None,
             wasm,
+            exit_cgroup: None,
         };
         self.infos.entry((tgid, start_ns)).or_insert(info);
         self.live.entry(tgid).or_insert(start_ns);

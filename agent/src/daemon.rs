@@ -21,6 +21,7 @@ use crate::{
     pods::PodDirectory,
     probes::{ProbeError, Probes},
     report::Span,
+    storage::StorageMeter,
     usage::core_seconds,
 };
 
@@ -96,7 +97,9 @@ pub async fn run(
         .name("collector".into())
         .spawn(move || {
             collect_loop(
-                Collector::new(probes, sample).with_pods(pods),
+                Collector::new(probes, sample)
+                    .with_pods(pods)
+                    .with_storage(StorageMeter::start(Duration::from_secs(60))),
                 &node,
                 tick,
                 &collector_stop,

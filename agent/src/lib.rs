@@ -19,6 +19,7 @@ pub mod probes;
 pub mod prometheus;
 pub mod record;
 pub mod report;
+pub mod storage;
 pub mod syscalls;
 pub mod usage;
 pub mod workload;

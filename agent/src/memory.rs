@@ -99,10 +99,21 @@ struct Last {
 }
 
 /// Integrates samples per process instance `(tgid, start_ns)`.
+///
+/// A process's `/proc/<pid>/io` also grows by the totals of every child it
+/// reaps (the kernel folds them in at `wait`). Those bytes are the child's,
+/// already counted from the child's own exit totals, so each reaped child's
+/// totals become a debit against its parent's next deltas. The debit is
+/// applied when the parent's counters grow, which is when the reap has
+/// happened: the parent's lifetime total is exact, though a debit can meet
+/// the parent's own I/O first when it reaps late (then its own bytes show
+/// up one sample later).
 #[derive(Debug, Default)]
 pub struct Integrator {
     last: HashMap<(u32, u64), Last>,
     pending: HashMap<(u32, u64), MemDisk>,
+    /// Reaped children's (read, write) bytes not yet taken off the parent.
+    debit: HashMap<(u32, u64), (u64, u64)>,
 }
 
 impl Integrator {
@@ -125,15 +136,18 @@ impl Integrator {
             Some(prev) => {
                 let dt = u128::from(now_ns.saturating_sub(prev.at_ns));
                 acc.rss_byte_ns += dt * u128::from(prev.sample.rss_bytes + s.rss_bytes) / 2;
-                acc.disk_read_bytes += s.read_bytes.saturating_sub(prev.sample.read_bytes);
-                acc.disk_write_bytes += s.write_bytes.saturating_sub(prev.sample.write_bytes);
+                let io = (
+                    s.read_bytes.saturating_sub(prev.sample.read_bytes),
+                    s.write_bytes.saturating_sub(prev.sample.write_bytes),
+                );
+                add_io(acc, own_io(&mut self.debit, key, io));
             }
             None if start_ns >= metered_since_ns => {
                 // Born while metered: it had no memory and no I/O at start.
                 let dt = u128::from(now_ns.saturating_sub(start_ns));
                 acc.rss_byte_ns += dt * u128::from(s.rss_bytes) / 2;
-                acc.disk_read_bytes += s.read_bytes;
-                acc.disk_write_bytes += s.write_bytes;
+                let io = (s.read_bytes, s.write_bytes);
+                add_io(acc, own_io(&mut self.debit, key, io));
             }
             None => {}
         }
@@ -164,17 +178,31 @@ impl Integrator {
             Some(prev) => {
                 let dt = u128::from(exit_ns.saturating_sub(prev.at_ns));
                 acc.rss_byte_ns += dt * u128::from(prev.sample.rss_bytes);
-                acc.disk_read_bytes += read_total.saturating_sub(prev.sample.read_bytes);
-                acc.disk_write_bytes += write_total.saturating_sub(prev.sample.write_bytes);
+                let io = (
+                    read_total.saturating_sub(prev.sample.read_bytes),
+                    write_total.saturating_sub(prev.sample.write_bytes),
+                );
+                add_io(acc, own_io(&mut self.debit, key, io));
             }
             // Never sampled: too short-lived to see its memory; its I/O is all
             // in the exit totals, if it was born while metered.
             None if start_ns >= metered_since_ns => {
-                acc.disk_read_bytes += read_total;
-                acc.disk_write_bytes += write_total;
+                add_io(acc, own_io(&mut self.debit, key, (read_total, write_total)));
             }
             None => {}
         }
+        self.debit.remove(&key);
+    }
+
+    /// Notes that `parent` will reap a child whose exit totals were
+    /// (`read_total`, `write_total`): its counters will grow by them.
+    pub fn child_exited(&mut self, parent: (u32, u64), read_total: u64, write_total: u64) {
+        if read_total == 0 && write_total == 0 {
+            return;
+        }
+        let d = self.debit.entry(parent).or_default();
+        d.0 += read_total;
+        d.1 += write_total;
     }
 
     /// Takes everything accumulated since the last take.
@@ -185,7 +213,30 @@ impl Integrator {
     /// Forgets instances not sampled since `before_ns` (gone without an exit event).
     pub fn forget_stale(&mut self, before_ns: u64) {
         self.last.retain(|_, l| l.at_ns >= before_ns);
+        let last = &self.last;
+        self.debit.retain(|k, _| last.contains_key(k));
     }
+}
+
+/// What a process's counters grew by, less the reaped children's bytes it
+/// still owes: what the process itself read and wrote.
+fn own_io(
+    debit: &mut HashMap<(u32, u64), (u64, u64)>,
+    key: (u32, u64),
+    io: (u64, u64),
+) -> (u64, u64) {
+    let Some(d) = debit.get_mut(&key) else {
+        return io;
+    };
+    let taken = (io.0.min(d.0), io.1.min(d.1));
+    d.0 -= taken.0;
+    d.1 -= taken.1;
+    (io.0 - taken.0, io.1 - taken.1)
+}
+
+fn add_io(acc: &mut MemDisk, (read, write): (u64, u64)) {
+    acc.disk_read_bytes += read;
+    acc.disk_write_bytes += write;
 }
 
 /// Integrates cgroup memory counters (`memory.current` on v2,
@@ -357,6 +408,23 @@ mod tests {
         i.exit(8, 5 * S, 6 * S, 10, 20, 0);
         let got = i.take()[&(8, 5 * S)];
         assert_eq!((got.disk_read_bytes, got.disk_write_bytes), (10, 20));
+    }
+
+    #[test]
+    fn reaped_childrens_io_is_not_the_parents() {
+        let mut i = Integrator::default();
+        let io = |w| ProcSample {
+            write_bytes: w,
+            ..Default::default()
+        };
+        i.sample(1, 0, S, io(100), 0);
+        // The child wrote 64 MiB and exited; the parent reaps it, then writes 10 itself.
+        i.child_exited((1, 0), 0, 64 << 20);
+        i.sample(1, 0, 2 * S, io(100 + (64 << 20) + 10), 0);
+        assert_eq!(i.take()[&(1, 0)].disk_write_bytes, 100 + 10);
+        // Nothing is owed any more: later writes are all the parent's.
+        i.sample(1, 0, 3 * S, io(100 + (64 << 20) + 30), 0);
+        assert_eq!(i.take()[&(1, 0)].disk_write_bytes, 20);
     }
 
     #[test]

@@ -164,7 +164,11 @@ impl Metrics {
             }
         }
         for (name, help, v) in [
-            ("mentat_agent_windows_total", "Usage windows committed to the ledger.", s.agent.windows),
+            (
+                "mentat_agent_windows_total",
+                "Usage windows committed to the ledger.",
+                s.agent.windows,
+            ),
             (
                 "mentat_agent_map_full_drops_total",
                 "Charges that found the kernel process map full (their usage is in the unattributed bucket).",
@@ -181,7 +185,10 @@ impl Metrics {
                 s.agent.late_windows,
             ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
         }
         out
     }
@@ -191,7 +198,12 @@ impl Metrics {
 fn labels(r: &UsageRecord) -> Labels {
     let v = |o: &Option<String>| o.clone().unwrap_or_default();
     vec![
-        ("kind", r.workload_kind.clone().unwrap_or_else(|| r.record_kind.clone())),
+        (
+            "kind",
+            r.workload_kind
+                .clone()
+                .unwrap_or_else(|| r.record_kind.clone()),
+        ),
         ("namespace", v(&r.k8s_namespace)),
         ("pod", v(&r.k8s_pod_name)),
         ("container", v(&r.container_id)),
@@ -208,7 +220,9 @@ fn render_labels(labels: &Labels) -> String {
 
 /// Label values escape backslash, double quote and newline.
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -238,7 +252,13 @@ mod tests {
             }),
             ..Default::default()
         };
-        m.observe(&[r.clone(), r], AgentStats { windows: 1, ..Default::default() });
+        m.observe(
+            &[r.clone(), r],
+            AgentStats {
+                windows: 1,
+                ..Default::default()
+            },
+        );
         let text = m.render();
         assert!(
             text.contains(r#"mentat_cpu_seconds_total{kind="container",namespace="ns",pod="p\"o\nd",container="abc"} 0.2"#),
@@ -247,6 +267,9 @@ mod tests {
         assert!(text.contains(r#"direction="receive"} 20"#), "{text}");
         assert!(text.contains(r#"currency="USD"} 0.000002"#), "{text}");
         assert!(text.contains("mentat_agent_windows_total 1"), "{text}");
-        assert!(!text.contains("run-1") && !text.contains("user"), "no run or user labels: {text}");
+        assert!(
+            !text.contains("run-1") && !text.contains("user"),
+            "no run or user labels: {text}"
+        );
     }
 }

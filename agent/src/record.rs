@@ -20,6 +20,7 @@ use crate::{
     pods::{PodDirectory, PodSource},
     probes::{ProbeConfig, ProbeError, Probes},
     report::{GroupBy, Span, descendants},
+    storage::StorageMeter,
 };
 
 /// What to record and how to print it.
@@ -105,7 +106,9 @@ fn install_signal_handlers(with_command: bool) {
 pub fn run(opts: &RecordOptions) -> Result<i32, RecordError> {
     let probes = Probes::load(&opts.probes)?;
     let pods = PodDirectory::start(opts.pods.clone(), &opts.node, Duration::from_secs(5));
-    let mut collector = Collector::new(probes, opts.sample).with_pods(pods);
+    let mut collector = Collector::new(probes, opts.sample)
+        .with_pods(pods)
+        .with_storage(StorageMeter::start(Duration::from_secs(2)));
     // Everything charged before this point predates the recording.
     collector.close_window()?;
 

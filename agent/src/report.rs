@@ -77,6 +77,8 @@ pub struct Span {
     processes: BTreeMap<InstanceKey, Metered>,
     cgroup_memory: HashMap<PathBuf, u128>,
     cgroup_counters: HashMap<u64, PathBuf>,
+    /// The latest writable-layer size of each container.
+    storage: HashMap<String, u64>,
     buckets: NodeBuckets,
     events_lost: u64,
     late_windows: u64,
@@ -97,6 +99,8 @@ impl Span {
         }
         self.cgroup_counters
             .extend(w.cgroup_counters.iter().map(|(k, v)| (*k, v.clone())));
+        self.storage
+            .extend(w.storage.iter().map(|(k, v)| (k.clone(), *v)));
         self.buckets.add(&w.buckets);
         self.events_lost += w.events_lost;
         if !w.exact {
@@ -124,6 +128,30 @@ impl Span {
             .filter_map(|c| self.cgroup_memory.get(*c))
             .sum::<u128>();
         Some(gib_seconds(byte_ns))
+    }
+
+    /// Σ writable-layer bytes over the distinct containers of a group's members.
+    fn storage_of(
+        &self,
+        processes: &[ProcessRecord],
+        by: GroupBy,
+        key: Option<&str>,
+    ) -> Option<u64> {
+        let containers: HashSet<&str> = processes
+            .iter()
+            .filter(|r| by.key_of(r).as_deref() == key)
+            .filter_map(|r| r.identity.container_id.as_deref())
+            .collect();
+        let sizes: Vec<u64> = containers
+            .iter()
+            .filter_map(|c| self.storage.get(*c).copied())
+            .collect();
+        (!sizes.is_empty()).then(|| sizes.iter().sum())
+    }
+
+    /// The containers' writable-layer sizes last measured in the span.
+    pub fn storage(&self) -> &HashMap<String, u64> {
+        &self.storage
     }
 
     /// The instances with usage in the span.
@@ -233,6 +261,7 @@ impl Span {
             for gr in &mut groups {
                 gr.cgroup_memory_gb_seconds =
                     self.cgroup_memory_of(&processes, g, gr.group.as_deref());
+                gr.storage_bytes = self.storage_of(&processes, g, gr.group.as_deref());
             }
             groups
         });
@@ -293,6 +322,7 @@ fn group(
             cgroup_path: acc.cgroup.and_then(|c| c.1),
             metrics: Metrics::from(&acc.metered),
             cgroup_memory_gb_seconds: None,
+            storage_bytes: None,
         })
         .collect()
 }

@@ -307,6 +307,10 @@ pub struct GroupRecord {
     /// (page cache and kernel memory included, each cgroup counted once),
     /// in GiB-seconds; null where no member's cgroup has a memory counter.
     pub cgroup_memory_gb_seconds: Option<f64>,
+    /// Bytes the members' containers hold on their writable layers (overlay
+    /// upper dirs), last measured; absent where none was found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage_bytes: Option<u64>,
 }
 
 /// Node usage with no process: idle, kernel threads, or unattributed.

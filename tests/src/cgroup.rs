@@ -68,7 +68,8 @@ fn unescape_octal(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// A fresh, empty cgroup directly under the v2 root, removed when dropped.
+/// A fresh, empty cgroup directly under the v2 root, removed (with every cgroup a test
+/// made below it) when dropped.
 #[derive(Debug)]
 pub struct ScratchCgroup {
     path: PathBuf,
@@ -105,6 +106,20 @@ impl ScratchCgroup {
         format!("/{}", self.name)
     }
 
+    /// Creates the cgroup `relative` (e.g. `system.slice/docker-<id>.scope`) below this
+    /// one, with every missing parent, as a container runtime's tree would have it;
+    /// returns its directory.
+    pub fn create_child(&self, relative: &str) -> Result<PathBuf> {
+        let path = self.path.join(relative.trim_matches('/'));
+        fs::create_dir_all(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// The path records carry for the cgroup `relative` below this one.
+    pub fn relative_path_of(&self, relative: &str) -> String {
+        format!("/{}/{}", self.name, relative.trim_matches('/'))
+    }
+
     /// The cgroup's id as BPF sees it (`bpf_get_current_cgroup_id`): on cgroup v2 that
     /// is the kernfs node id, which is the directory's inode number.
     pub fn id(&self) -> Result<u64> {
@@ -119,24 +134,72 @@ impl ScratchCgroup {
     }
 
     fn try_remove(&mut self) -> Result<()> {
-        // A reaped task leaves its cgroup asynchronously, so rmdir can see EBUSY for a
-        // moment after the last process in it was reaped.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match fs::remove_dir(&self.path) {
-                Ok(()) => break,
-                Err(e) if e.kind() == ErrorKind::NotFound => break,
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
-                    thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| format!("removing {}", self.path.display()));
-                }
-            }
-        }
+        remove_tree(&self.path)?;
         self.removed = true;
         Ok(())
     }
+}
+
+/// Removes the cgroup at `path` and every cgroup below it, leaves first: a cgroup
+/// directory goes only with rmdir, and only once it has no children.
+fn remove_tree(path: &Path) -> Result<()> {
+    let entries = match fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", path.display())),
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", path.display()))?;
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_tree(&entry.path())?;
+        }
+    }
+    // A reaped task leaves its cgroup asynchronously, so rmdir can see EBUSY for a
+    // moment after the last process in it was reaped.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match fs::remove_dir(path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+}
+
+/// A random container id as runtimes make them: 64 lowercase hex digits.
+pub fn random_container_id() -> Result<String> {
+    Ok(hex(&random_bytes::<32>()?))
+}
+
+/// A random pod UID as Kubernetes makes them: a version 4 UUID, lowercase with dashes.
+pub fn random_pod_uid() -> Result<String> {
+    let mut bytes = random_bytes::<16>()?;
+    bytes[6] = (bytes[6] & 0x0f) | 0x40; // version 4
+    bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 4122 variant
+    let hex = hex(&bytes);
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    ))
+}
+
+fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut bytes = [0u8; N];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut urandom| std::io::Read::read_exact(&mut urandom, &mut bytes))
+        .context("reading /dev/urandom")?;
+    Ok(bytes)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Drop for ScratchCgroup {
@@ -177,6 +240,16 @@ mod tests {
             find_cgroup2_mount(mountinfo),
             Some(PathBuf::from("/mnt/my cgroups"))
         );
+    }
+
+    #[test]
+    fn random_ids_have_the_runtimes_shapes() {
+        let id = random_container_id().expect("a container id");
+        assert!(crate::records::is_container_id(&id), "{id}");
+        let uid = random_pod_uid().expect("a pod uid");
+        assert!(crate::records::is_pod_uid(&uid), "{uid}");
+        assert_eq!(&uid[14..15], "4", "UUID version of {uid}");
+        assert_ne!(random_container_id().expect("another id"), id);
     }
 
     #[test]

@@ -12,13 +12,18 @@
 pub mod cgroup;
 pub mod records;
 pub mod run;
+pub mod storage;
 pub mod truth;
 
-pub use cgroup::{ScratchCgroup, cgroup2_mount};
-pub use records::{Bucket, ProcessRecord, Records, Summary, UnattributedBucket};
-pub use run::{
-    Output, Recording, agent_bin, node_steal_ns, record, record_workload, run_agent, workload_bin,
+pub use cgroup::{ScratchCgroup, cgroup2_mount, random_container_id, random_pod_uid};
+pub use records::{
+    Bucket, GroupRecord, ProcessRecord, Records, Summary, Totals, UnattributedBucket,
 };
+pub use run::{
+    Output, RawRecording, Recording, agent_bin, node_steal_ns, record, record_command, record_raw,
+    record_workload, run_agent, workload_bin, workload_command,
+};
+pub use storage::storage_dir;
 
 /// Whether `actual` lies within `tolerance` (a fraction, 0.01 = 1 %) of `expected`.
 pub fn within(actual: u64, expected: u64, tolerance: f64) -> bool {

@@ -1,6 +1,6 @@
 //! Running the agent: binaries from the environment, a timeout, captured output.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
@@ -99,6 +99,24 @@ pub struct Recording {
 }
 
 impl Recording {
+    /// Every JSON line the command printed, in order: the ground truth of each workload
+    /// a shell command ran.
+    pub fn ground_truths<T: DeserializeOwned>(&self) -> Result<Vec<T>> {
+        self.output
+            .stdout
+            .lines()
+            .filter(|line| line.trim_start().starts_with('{'))
+            .map(|line| {
+                serde_json::from_str(line).with_context(|| {
+                    format!(
+                        "a workload's line on the stdout of {} is not ground truth: {line}",
+                        self.invocation
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// The workload's ground truth: the last JSON line on the agent's stdout, through
     /// which the workload's stdout passes untouched.
     pub fn ground_truth<T: DeserializeOwned>(&self) -> Result<T> {
@@ -128,41 +146,82 @@ impl Recording {
 ///
 /// With `workload_args` `None` no command is given (the agent records the whole node).
 pub fn record(agent_args: &[&str], workload_args: Option<&[&str]>) -> Result<Recording> {
+    let command = workload_args.map(workload_command).transpose()?;
+    record_command(agent_args, command.as_deref())
+}
+
+/// `workload ARGS...` as a command line for [`record_command`] or [`record_raw`].
+pub fn workload_command(args: &[&str]) -> Result<Vec<OsString>> {
+    Ok(std::iter::once(workload_bin()?.into_os_string())
+        .chain(args.iter().map(OsString::from))
+        .collect())
+}
+
+/// Like [`record`], with any command (`None`: the whole node).
+pub fn record_command(agent_args: &[&str], command: Option<&[OsString]>) -> Result<Recording> {
+    let raw = record_raw("jsonl", agent_args, command)?;
+    let records = Records::parse(&raw.text).with_context(|| {
+        format!(
+            "the records of {} break the JSONL contract; the agent ended with {}",
+            raw.invocation,
+            raw.output.describe()
+        )
+    })?;
+    Ok(Recording {
+        invocation: raw.invocation,
+        output: raw.output,
+        records,
+        steal_ns: raw.steal_ns,
+    })
+}
+
+/// What one `record` run wrote to its `--output` file, unparsed, in any format.
+#[derive(Clone, Debug)]
+pub struct RawRecording {
+    pub invocation: String,
+    pub output: Output,
+    /// The `--output` file's bytes, lossily decoded as UTF-8.
+    pub text: String,
+    /// As in [`Recording::steal_ns`].
+    pub steal_ns: u64,
+}
+
+/// `mentat-agent record --format FORMAT --output <tmp> AGENT_ARGS... [-- COMMAND...]`,
+/// whatever its exit code; `<tmp>` is read back unparsed.
+pub fn record_raw(
+    format: &str,
+    agent_args: &[&str],
+    command: Option<&[OsString]>,
+) -> Result<RawRecording> {
     let dir = tempfile::Builder::new()
         .prefix("mentat-test-")
         .tempdir()
         .context("creating a temporary directory for the agent's records")?;
-    let output_path = dir.path().join("records.jsonl");
-    let mut command = Command::new(agent_bin()?);
-    command
-        .args(["record", "--format", "jsonl", "--output"])
+    let output_path = dir.path().join("records");
+    let mut agent = Command::new(agent_bin()?);
+    agent
+        .args(["record", "--format", format, "--output"])
         .arg(&output_path)
         .args(agent_args);
-    if let Some(workload_args) = workload_args {
-        command.arg("--").arg(workload_bin()?).args(workload_args);
+    if let Some(command) = command {
+        agent.arg("--").args(command);
     }
-    let invocation = describe_command(&command);
+    let invocation = describe_command(&agent);
     let steal_before = node_steal_ns()?;
     let output =
-        run_with_timeout(command, RUN_TIMEOUT).with_context(|| format!("running {invocation}"))?;
+        run_with_timeout(agent, RUN_TIMEOUT).with_context(|| format!("running {invocation}"))?;
     let steal_ns = node_steal_ns()?.saturating_sub(steal_before);
-    let text = fs::read_to_string(&output_path).with_context(|| {
+    let bytes = fs::read(&output_path).with_context(|| {
         format!(
             "reading the records of {invocation} from {}; the agent ended with {}",
             output_path.display(),
             output.describe()
         )
     })?;
-    let records = Records::parse(&text).with_context(|| {
-        format!(
-            "the records of {invocation} break the JSONL contract; the agent ended with {}",
-            output.describe()
-        )
-    })?;
-    Ok(Recording {
+    Ok(RawRecording {
         invocation,
         output,
-        records,
+        text: String::from_utf8_lossy(&bytes).into_owned(),
         steal_ns,
     })
 }

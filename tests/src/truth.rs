@@ -60,3 +60,120 @@ pub struct ReusePid {
     /// The two instances, first then second; both have `pid`.
     pub instances: Vec<Child>,
 }
+
+/// `workload tcp`: a server and a client process, each in its own cgroup; the client
+/// sent BYTES over loopback TCP and the server read to EOF. Counts are the sums of what
+/// each process's own `write`/`read` calls returned.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tcp {
+    /// The workload itself: forked both and stayed where it was.
+    pub parent_pid: u32,
+    pub server_pid: u32,
+    pub client_pid: u32,
+    /// Payload bytes the client's `write` calls accepted.
+    pub bytes_sent: u64,
+    /// Payload bytes the server's `read` calls returned.
+    pub bytes_received: u64,
+}
+
+/// `workload udp`: the client sent datagrams to the server over loopback UDP; loopback
+/// may drop some when the receive buffer overflows, so both sides report their counts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Udp {
+    /// The workload itself: forked both and stayed where it was.
+    pub parent_pid: u32,
+    /// The receiver.
+    pub server_pid: u32,
+    /// The sender.
+    pub client_pid: u32,
+    pub datagrams_sent: u64,
+    pub bytes_sent: u64,
+    pub datagrams_received: u64,
+    pub bytes_received: u64,
+}
+
+/// One worker of `workload prefork`, as it counted itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreforkWorker {
+    pub pid: u32,
+    /// The cgroup directory the worker moved itself into (as given on the command line).
+    pub cgroup: String,
+    /// Connections it accepted (exactly `--requests-per-worker`).
+    pub connections: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+}
+
+/// One client process of `workload prefork`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreforkClient {
+    pub pid: u32,
+    /// Connections that got a full reply.
+    pub connections: u64,
+    /// Over those connections only: a connection still queued when the last worker
+    /// left is reset, and what the client sent on it is not here.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+/// `workload prefork`: workers sharing the parent's listening socket, and the clients
+/// that kept them busy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prefork {
+    /// Opened the listener, then forked the workers and the clients.
+    pub parent_pid: u32,
+    pub workers: Vec<PreforkWorker>,
+    pub clients: Vec<PreforkClient>,
+}
+
+/// `workload hold-memory --mib M --ms T`: the workload itself touched M MiB and held it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldMemory {
+    pub pid: u32,
+    pub mib: u64,
+    /// VmRSS before the allocation: the binary, stack and heap resident all along.
+    pub base_rss_bytes: u64,
+    /// From the first page touched to the last: RSS climbed from the base to the base
+    /// plus MIB MiB, about linearly, over this time.
+    pub touch_ns: u64,
+    /// From just after the last page was touched to just before exit (monotonic clock).
+    pub hold_ns: u64,
+    /// VmHWM from `/proc/self/status` just before exit, for failure messages.
+    pub vm_hwm_bytes: u64,
+}
+
+/// `workload write-file --mib M --path P`: the workload itself wrote and fsynced P.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriteFile {
+    pub pid: u32,
+    pub path: String,
+    /// What the `write` calls accepted; all of it was fsynced.
+    pub bytes_written: u64,
+    /// `write_bytes` of `/proc/self/io` after the fsync: what the kernel charged the
+    /// process for, the same source the agent reads, so only for failure messages.
+    pub proc_io_write_bytes: u64,
+}
+
+/// `workload hostile`: a parent and a re-executed child, both with a comm holding a
+/// newline, a comma, a double quote and an invalid UTF-8 byte; the child had ~1 MiB of argv.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hostile {
+    pub parent_pid: u32,
+    pub child_pid: u32,
+}
+
+/// `workload wrap -- CMD ARGS...`: CMD ran as the workload's child.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Wrap {
+    /// The workload itself, which reaped the child.
+    pub parent_pid: u32,
+    pub child_pid: u32,
+    /// From `wait4`: the child and every descendant it reaped.
+    pub rusage_cpu_ns: u64,
+    /// `None` when a signal ended it.
+    pub exit_code: Option<i32>,
+}
+
+/// The comm `workload hostile` gives itself and its child (`PR_SET_NAME`): a newline, a
+/// comma, a double quote and a byte that is not UTF-8, in 8 of the 15 bytes allowed.
+pub const HOSTILE_COMM: &[u8] = b"ev\nil,\"\xff";

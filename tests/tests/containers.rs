@@ -1,0 +1,278 @@
+//! Containers and pods: a process in a cgroup named the way a container runtime or the
+//! kubelet names it is recorded with that container's id and runtime, its pod's UID and
+//! QoS class, and the right workload kind.
+//!
+//! Real runtimes cannot run here (podman fails on setrlimit, crun refuses hybrid
+//! cgroups), so each test builds a container the way runtimes do: fresh namespaces from
+//! `unshare` (util-linux), the process pid 1 of its own pid namespace with its own
+//! /proc, moved into a cgroup v2 directory with the runtime's naming, nested as on a
+//! real node. Ids are random per run, and every tree sits under one unique top-level
+//! scratch cgroup, so nothing collides with a real runtime's directories; the agent
+//! resolves the innermost match, so the scratch prefix does not hide the layout.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use mentat_tests::truth::CgroupMove;
+use mentat_tests::{
+    ScratchCgroup, percent_off, random_container_id, random_pod_uid, record_command, workload_bin,
+};
+
+/// What the agent must say about a process in the cgroup at `path`.
+struct Expected<'a> {
+    /// Below the scratch root, e.g. `system.slice/docker-<id>.scope`.
+    path: String,
+    workload_kind: &'a str,
+    container_id: Option<&'a str>,
+    container_runtime: Option<&'a str>,
+    pod_uid: Option<&'a str>,
+    qos_class: Option<&'a str>,
+}
+
+/// `unshare` from PATH; the tests cannot build a container without it.
+fn unshare() -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("unshare"))
+        .find(|path| path.is_file())
+        .expect("no `unshare` on PATH: the container tests need util-linux's unshare")
+}
+
+/// Runs `workload cgroup --path <scratch>/<path> --ms 200` as pid 1 of fresh pid, mount
+/// (with its own /proc), UTS and IPC namespaces, under the agent, and checks its records.
+fn assert_recorded_as(expected: &Expected) {
+    const MS: u64 = 200;
+    let root = ScratchCgroup::create().expect("creating the scratch root cgroup");
+    let dir = root
+        .create_child(&expected.path)
+        .unwrap_or_else(|e| panic!("creating the container's cgroup: {e:#}"));
+    let command: Vec<OsString> = vec![
+        unshare().into(),
+        "--fork".into(),
+        "--pid".into(),
+        "--mount-proc".into(),
+        "--uts".into(),
+        "--ipc".into(),
+        workload_bin().expect("the workload binary").into(),
+        "cgroup".into(),
+        "--path".into(),
+        dir.clone().into(),
+        "--ms".into(),
+        MS.to_string().into(),
+    ];
+    let recording = record_command(&[], Some(&command))
+        .unwrap_or_else(|e| panic!("recording the container in {}: {e:#}", dir.display()));
+    assert_eq!(
+        recording.output.exit_code,
+        Some(0),
+        "{} failed: {}",
+        recording.invocation,
+        recording.output.describe()
+    );
+    let truth: CgroupMove = recording.ground_truth().expect("cgroup's ground truth");
+    // The workload saw itself as pid 1: it really ran in a pid namespace of its own.
+    assert_eq!(
+        truth.pid, 1,
+        "the workload is not pid 1 of a new pid namespace"
+    );
+
+    let expected_path = root.relative_path_of(&expected.path);
+    let records: Vec<_> = recording
+        .records
+        .processes
+        .iter()
+        .filter(|r| r.cgroup_id == truth.cgroup_id)
+        .collect();
+    assert!(
+        !records.is_empty(),
+        "no record in the container's cgroup {expected_path} (id {}); records: {:#?}",
+        truth.cgroup_id,
+        recording.records.processes
+    );
+    for record in &records {
+        // Records carry pids as the node sees them, not the namespace's pid 1.
+        assert_ne!(
+            record.pid, 1,
+            "a record of the container's process carries its in-namespace pid: {record:#?}"
+        );
+        let got = (
+            record.cgroup_path.as_deref(),
+            record.workload_kind.as_str(),
+            record.container_id.as_deref(),
+            record.container_runtime.as_deref(),
+            record.pod_uid.as_deref(),
+            record.qos_class.as_deref(),
+        );
+        let want = (
+            Some(expected_path.as_str()),
+            expected.workload_kind,
+            expected.container_id,
+            expected.container_runtime,
+            expected.pod_uid,
+            expected.qos_class,
+        );
+        assert_eq!(
+            got, want,
+            "(cgroup_path, workload_kind, container_id, container_runtime, pod_uid, qos_class) \
+             of the process in {expected_path}: agent (left) vs the layout (right); record: {record:#?}"
+        );
+    }
+
+    // The container is charged its CPU: at least 90 % of the process's rusage, as in
+    // cgroup.rs (it spent a few ms in the host cgroup before moving, then burned 200 ms).
+    let cpu_ns: u64 = records.iter().map(|r| r.cpu_ns).sum();
+    assert!(
+        cpu_ns as f64 >= 0.9 * truth.rusage_cpu_ns as f64,
+        "the container in {expected_path} was charged {cpu_ns} ns, {:+.1} % off its getrusage of {} ns",
+        percent_off(cpu_ns, truth.rusage_cpu_ns),
+        truth.rusage_cpu_ns
+    );
+
+    root.remove()
+        .expect("removing the scratch cgroup tree (leaves first)");
+}
+
+fn ids() -> (String, String, String) {
+    let id = random_container_id().expect("a random container id");
+    let uid = random_pod_uid().expect("a random pod uid");
+    // systemd reserves '-' in unit names for nesting; kubelet writes the UID with '_'.
+    let uid_ = uid.replace('-', "_");
+    (id, uid, uid_)
+}
+
+#[test]
+fn docker_with_the_systemd_driver() {
+    let (id, _, _) = ids();
+    assert_recorded_as(&Expected {
+        path: format!("system.slice/docker-{id}.scope"),
+        workload_kind: "container",
+        container_id: Some(&id),
+        container_runtime: Some("docker"),
+        pod_uid: None,
+        qos_class: None,
+    });
+}
+
+#[test]
+fn docker_with_the_cgroupfs_driver() {
+    let (id, _, _) = ids();
+    assert_recorded_as(&Expected {
+        path: format!("docker/{id}"),
+        workload_kind: "container",
+        container_id: Some(&id),
+        container_runtime: Some("docker"),
+        pod_uid: None,
+        qos_class: None,
+    });
+}
+
+#[test]
+fn containerd_cri_under_kubelet_with_the_systemd_driver() {
+    let (id, uid, uid_) = ids();
+    assert_recorded_as(&Expected {
+        path: format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice/cri-containerd-{id}.scope"
+        ),
+        workload_kind: "container",
+        container_id: Some(&id),
+        container_runtime: Some("containerd"),
+        pod_uid: Some(&uid),
+        qos_class: Some("burstable"),
+    });
+}
+
+#[test]
+fn cri_o_under_kubelet_with_the_systemd_driver() {
+    let (id, uid, uid_) = ids();
+    assert_recorded_as(&Expected {
+        path: format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid_}.slice/crio-{id}.scope"
+        ),
+        workload_kind: "container",
+        container_id: Some(&id),
+        container_runtime: Some("cri-o"),
+        pod_uid: Some(&uid),
+        qos_class: Some("besteffort"),
+    });
+}
+
+#[test]
+fn podman_with_the_systemd_driver() {
+    let (id, _, _) = ids();
+    assert_recorded_as(&Expected {
+        path: format!("machine.slice/libpod-{id}.scope"),
+        workload_kind: "container",
+        container_id: Some(&id),
+        container_runtime: Some("podman"),
+        pod_uid: None,
+        qos_class: None,
+    });
+}
+
+#[test]
+fn kubelet_cgroupfs_driver_burstable() {
+    let (id, uid, _) = ids();
+    assert_recorded_as(&Expected {
+        path: format!("kubepods/burstable/pod{uid}/{id}"),
+        workload_kind: "container",
+        container_id: Some(&id),
+        // A bare id under the cgroupfs driver does not say which CRI runtime made it.
+        container_runtime: None,
+        pod_uid: Some(&uid),
+        qos_class: Some("burstable"),
+    });
+}
+
+#[test]
+fn kubelet_cgroupfs_driver_guaranteed() {
+    let (id, uid, _) = ids();
+    assert_recorded_as(&Expected {
+        path: format!("kubepods/pod{uid}/{id}"),
+        workload_kind: "container",
+        container_id: Some(&id),
+        container_runtime: None,
+        pod_uid: Some(&uid),
+        qos_class: Some("guaranteed"),
+    });
+}
+
+#[test]
+fn a_pod_level_process_with_the_cgroupfs_driver() {
+    let (_, uid, _) = ids();
+    assert_recorded_as(&Expected {
+        path: format!("kubepods/besteffort/pod{uid}"),
+        workload_kind: "pod",
+        container_id: None,
+        container_runtime: None,
+        pod_uid: Some(&uid),
+        qos_class: Some("besteffort"),
+    });
+}
+
+#[test]
+fn a_pod_level_process_with_the_systemd_driver() {
+    let (_, uid, uid_) = ids();
+    assert_recorded_as(&Expected {
+        path: format!("kubepods.slice/kubepods-pod{uid_}.slice"),
+        workload_kind: "pod",
+        container_id: None,
+        container_runtime: None,
+        pod_uid: Some(&uid),
+        qos_class: Some("guaranteed"),
+    });
+}
+
+#[test]
+fn a_runtime_daemons_own_cgroup_is_no_container() {
+    // The runtime's daemon runs beside its containers, not in one; an agent matching
+    // "docker" or "containerd" anywhere in the path would call it a container.
+    assert_recorded_as(&Expected {
+        path: "system.slice/containerd.service".to_owned(),
+        workload_kind: "process",
+        container_id: None,
+        container_runtime: None,
+        pod_uid: None,
+        qos_class: None,
+    });
+}
