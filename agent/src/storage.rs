@@ -65,6 +65,9 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// How long "this container has no overlay root" is believed.
+const NO_LAYER_RETRY: Duration = Duration::from_secs(1);
+
 /// Walks no more than this many entries per layer: a pathological layer
 /// reports what was counted so far rather than stalling the thread.
 const MAX_ENTRIES: usize = 2_000_000;
@@ -112,8 +115,10 @@ pub struct StorageMeter {
 struct Inner {
     /// container id → (upper dir, last size, when measured).
     layers: HashMap<String, (PathBuf, Option<u64>, Option<Instant>)>,
-    /// Containers whose root is not an overlay (looked up once).
-    none: HashSet<String>,
+    /// Containers whose root was not an overlay when last looked at: a
+    /// container's first process may not have entered its root yet, so the
+    /// verdict expires after `NO_LAYER_RETRY`.
+    none: HashMap<String, Instant>,
 }
 
 impl StorageMeter {
@@ -148,19 +153,25 @@ impl StorageMeter {
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
-        if inner.layers.contains_key(container) || inner.none.contains(container) {
+        if inner.layers.contains_key(container)
+            || inner
+                .none
+                .get(container)
+                .is_some_and(|t| t.elapsed() < NO_LAYER_RETRY)
+        {
             return;
         }
         let mountinfo = fs::read_to_string(proc_root.join(pid.to_string()).join("mountinfo"));
         match mountinfo.ok().as_deref().and_then(root_upperdir) {
             Some(upper) => {
                 debug!(container, upper = %upper.display(), "writable layer");
+                inner.none.remove(container);
                 inner
                     .layers
                     .insert(container.to_string(), (upper, None, None));
             }
             None => {
-                inner.none.insert(container.to_string());
+                inner.none.insert(container.to_string(), Instant::now());
             }
         }
     }
@@ -184,7 +195,10 @@ impl StorageMeter {
             let on_host = self
                 .host_root
                 .join(upper.strip_prefix("/").unwrap_or(&upper));
-            let size = match allocated_bytes(&on_host) {
+            // Through the host's root first; where that is not readable (no
+            // hostPID, or pid 1 is not ours to inspect), as this process sees
+            // the path, which is the host's when the agent runs on the host.
+            let size = match allocated_bytes(&on_host).or_else(|_| allocated_bytes(&upper)) {
                 Ok(b) => Some(b),
                 Err(e) => {
                     debug!(container, path = %on_host.display(), error = %e, "writable layer unreadable");
