@@ -8,6 +8,8 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
+    api::ApiConfig,
+    export::OtlpConfig,
     pods::PodSource,
     probes::{ProbeConfig, ProbeMode, VMLINUX_BTF},
 };
@@ -36,6 +38,17 @@ pub struct Config {
     /// How often the pod list is fetched.
     #[serde(with = "duration_str")]
     pub pod_refresh: Duration,
+    /// The ledger's database file.
+    pub ledger_path: PathBuf,
+    /// How long windows are kept in full before hourly rollups replace them.
+    #[serde(with = "duration_str")]
+    pub retention: Duration,
+    /// The price book; unset: the built-in book (deploy/pricing.toml). SIGHUP reloads it.
+    pub pricing_path: Option<PathBuf>,
+    /// The query API.
+    pub api: ApiConfig,
+    /// OTLP export (the `OTEL_EXPORTER_OTLP_*` variables override it).
+    pub otlp: OtlpConfig,
 }
 
 impl Default for Config {
@@ -49,6 +62,11 @@ impl Default for Config {
             btf_path: PathBuf::from(VMLINUX_BTF),
             kubernetes: PodSource::default(),
             pod_refresh: Duration::from_secs(30),
+            ledger_path: PathBuf::from("/var/lib/mentat-agent/ledger.db"),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            pricing_path: None,
+            api: ApiConfig::default(),
+            otlp: OtlpConfig::default(),
         }
     }
 }

@@ -1,71 +1,49 @@
-//! `mentat-agent run`: the node daemon. One thread closes a window every
-//! tick; the async side hands each window's records to the sinks in order.
-//! The ledger and exporters of later stages are sinks; for now, a log line.
+//! `mentat-agent run`: the node daemon, and the one place the stages are
+//! called in order.
+//!
+//! A collector thread closes a window every tick. Each window's records are
+//! then priced, committed durably to the ledger (and queued for every
+//! exporter), counted for `/metrics`, and only then offered to the
+//! exporters, which read from the ledger's outbox. The query API reads the
+//! ledger. A crash loses at most the window being collected: everything
+//! committed is delivered after restart, and nothing is committed twice.
 
 use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread,
     time::{Duration, Instant},
 };
 
-use tokio::sync::mpsc;
+use rust_decimal::Decimal;
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::{
+    api::{self, AppState},
     collect::Collector,
     config::Config,
+    export::{self, OtlpExporter, Outbox},
+    ledger::Ledger,
     output::Report,
     pods::PodDirectory,
+    pricing::{PriceBook, PriceBookHandle, billed_party},
     probes::{ProbeError, Probes},
+    prometheus::{AgentStats, Metrics},
     report::Span,
     storage::StorageMeter,
-    usage::core_seconds,
+    usage::{UsageRecord, core_seconds, stable_id},
 };
 
-/// Receives every closed window's records, in order.
-pub trait WindowSink: Send {
-    /// Takes one window. An error is logged; the window is not retried here
-    /// (durable delivery is the ledger's job).
-    fn window(&mut self, report: &Report) -> Result<(), String>;
-}
+/// The price book shipped with the agent, used when no `pricing_path` is set.
+pub const DEFAULT_PRICE_BOOK: &str = include_str!("../../deploy/pricing.toml");
 
-/// Logs a one-line node summary per window.
-pub struct LogSink;
-
-impl WindowSink for LogSink {
-    fn window(&mut self, r: &Report) -> Result<(), String> {
-        let s = &r.summary;
-        let bucket = |name: &str| {
-            r.buckets
-                .iter()
-                .find(|b| b.record_type == name)
-                .map_or(0.0, |b| b.cpu_core_seconds)
-        };
-        let busiest = r
-            .processes
-            .iter()
-            .max_by_key(|p| p.metrics.cpu_ns)
-            .map(|p| format!("{}[{}] {:.3}s", p.comm, p.pid, p.metrics.cpu_core_seconds))
-            .unwrap_or_default();
-        info!(
-            window_end = %s.window_end,
-            processes = s.processes_on_node,
-            cpu_s = format!("{:.3}", core_seconds(s.accounted_cpu_ns)),
-            idle_s = format!("{:.3}", bucket("idle")),
-            kernel_s = format!("{:.3}", bucket("kernel")),
-            unattributed_s = format!("{:.3}", bucket("unattributed")),
-            syscalls = s.attributed_syscalls,
-            drops = s.map_full_drops,
-            conserved = s.accounted_cpu_ns == s.attributed_cpu_ns,
-            busiest,
-            "window closed"
-        );
-        Ok(())
-    }
-}
+/// The exporter name the OTLP outbox is kept under.
+const OTLP: &str = "otlp";
 
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -73,61 +51,334 @@ pub enum DaemonError {
     /// The probes could not be loaded or read.
     #[error(transparent)]
     Probe(#[from] ProbeError),
-    /// The collector thread died.
-    #[error("the collector thread panicked")]
-    CollectorPanicked,
+    /// The ledger could not be opened or written.
+    #[error("ledger: {0}")]
+    Ledger(#[from] crate::ledger::LedgerError),
+    /// The price book is not valid.
+    #[error(transparent)]
+    Pricing(#[from] crate::pricing::PricingError),
+    /// The API could not start.
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
+    /// The exporter is misconfigured.
+    #[error(transparent)]
+    Export(#[from] export::ExportError),
+    /// A thread of the daemon died.
+    #[error("the {0} thread panicked")]
+    Panicked(&'static str),
 }
 
-/// Runs until SIGINT or SIGTERM; the last partial window is closed and delivered.
-pub async fn run(
-    config: Config,
-    node: String,
-    mut sinks: Vec<Box<dyn WindowSink>>,
-) -> Result<(), DaemonError> {
+/// Logs a one-line node summary of a window.
+fn log_window(r: &Report, committed: usize) {
+    let s = &r.summary;
+    let bucket = |name: &str| {
+        r.buckets
+            .iter()
+            .find(|b| b.record_type == name)
+            .map_or(0.0, |b| b.cpu_core_seconds)
+    };
+    info!(
+        window_end = %s.window_end,
+        processes = s.processes_on_node,
+        committed,
+        cpu_s = format!("{:.3}", core_seconds(s.accounted_cpu_ns)),
+        idle_s = format!("{:.3}", bucket("idle")),
+        unattributed_s = format!("{:.3}", bucket("unattributed")),
+        drops = s.map_full_drops,
+        conserved = s.accounted_cpu_ns == s.attributed_cpu_ns,
+        "window closed"
+    );
+}
+
+/// What one window sends from the collector to the committing stage.
+struct ClosedWindow {
+    report: Report,
+    /// Writable-layer bytes per container, measured by the end of the window.
+    storage: HashMap<String, u64>,
+}
+
+/// Turns a window's report into the records the ledger stores.
+fn usage_records(w: &ClosedWindow) -> Vec<UsageRecord> {
+    let r = &w.report;
+    let mut out: Vec<UsageRecord> = r.processes.iter().map(UsageRecord::from_process).collect();
+    out.extend(r.buckets.iter().map(UsageRecord::from_bucket));
+    // One storage record per container: storage belongs to the container,
+    // not to each of its processes.
+    let mut seen = BTreeMap::new();
+    for p in &r.processes {
+        if let Some(c) = &p.identity.container_id
+            && let Some(&bytes) = w.storage.get(c)
+        {
+            seen.entry(c.clone()).or_insert((p, bytes));
+        }
+    }
+    for (container, (p, bytes)) in seen {
+        let base = UsageRecord::from_process(p);
+        out.push(UsageRecord {
+            record_id: stable_id(&[
+                r.summary.node.as_bytes(),
+                b"storage",
+                container.as_bytes(),
+                r.summary.window_start.as_bytes(),
+            ]),
+            record_kind: "storage".into(),
+            pid: None,
+            ppid: None,
+            comm: None,
+            exe: None,
+            process_start_time: None,
+            cgroup_id: None,
+            cgroup_path: None,
+            storage_bytes: Some(bytes),
+            ..UsageRecord {
+                cpu_core_seconds: Decimal::ZERO,
+                memory_gb_seconds: Decimal::ZERO,
+                network_rx_bytes: 0,
+                network_tx_bytes: 0,
+                disk_read_bytes: 0,
+                disk_write_bytes: 0,
+                syscalls: 0,
+                ..base
+            }
+        });
+    }
+    out
+}
+
+/// The ledger as the OTLP exporter's outbox.
+struct LedgerOutbox(Arc<Mutex<Ledger>>);
+
+impl Outbox for LedgerOutbox {
+    fn pending(&mut self, limit: usize) -> Result<Vec<UsageRecord>, String> {
+        let l = self
+            .0
+            .lock()
+            .map_err(|_| "ledger lock poisoned".to_string())?;
+        l.pending(OTLP, limit).map_err(|e| e.to_string())
+    }
+
+    fn delivered(&mut self, ids: &[String]) -> Result<(), String> {
+        let mut l = self
+            .0
+            .lock()
+            .map_err(|_| "ledger lock poisoned".to_string())?;
+        l.mark_delivered(OTLP, ids).map_err(|e| e.to_string())
+    }
+}
+
+/// Runs until SIGINT or SIGTERM; the last partial window is closed,
+/// committed and offered to the exporters before exit. SIGHUP reloads the
+/// price book (a bad book keeps the old one).
+pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
+    let book = match &config.pricing_path {
+        Some(path) => PriceBook::load(path)?,
+        None => PriceBook::parse(DEFAULT_PRICE_BOOK, "built-in deploy/pricing.toml")?,
+    };
+    info!(
+        version = book.version(),
+        currency = book.currency(),
+        "price book in force"
+    );
+    let prices = PriceBookHandle::new(book);
+
+    let ledger = Ledger::open(&config.ledger_path, config.retention)?;
+    match ledger.last_window_end()? {
+        Some(end) => info!(
+            resumes_after = %end,
+            "ledger opened; the time between its last window and now was not metered (the agent was down)"
+        ),
+        None => info!(path = %config.ledger_path.display(), "new ledger"),
+    }
+    let ledger = Arc::new(Mutex::new(ledger));
+    let metrics = Metrics::default();
+    let ready = Arc::new(AtomicBool::new(false));
+
     let probes = Probes::load(&config.probe_config())?;
     info!(node, tick = ?config.tick, "probes attached; metering");
-    let stop = Arc::new(AtomicBool::new(false));
-    let (tx, mut rx) = mpsc::channel::<Report>(16);
 
-    let collector_stop = stop.clone();
-    let tick = config.tick;
-    let sample = config.sample_interval;
-    let pods = PodDirectory::start(config.kubernetes.clone(), &node, config.pod_refresh);
-    let handle = thread::Builder::new()
-        .name("collector".into())
-        .spawn(move || {
-            collect_loop(
-                Collector::new(probes, sample)
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (wake_tx, wake_rx) = watch::channel(0u64);
+    let otlp = config.otlp.clone().with_env(|k| std::env::var(k).ok());
+    let exporters: Vec<&'static str> = if otlp.endpoint.is_empty() {
+        info!("OTLP export off (no endpoint configured)");
+        Vec::new()
+    } else {
+        vec![OTLP]
+    };
+    let exporter_task = if otlp.endpoint.is_empty() {
+        None
+    } else {
+        let mut exporter = OtlpExporter::new(&otlp, &node)?;
+        info!(endpoint = %otlp.endpoint, "OTLP export on");
+        let mut outbox = LedgerOutbox(ledger.clone());
+        let stop = stop_rx.clone();
+        Some(tokio::spawn(async move {
+            export::drain(&mut exporter, &mut outbox, wake_rx, stop).await;
+        }))
+    };
+
+    let api_state = AppState::new(ledger.clone(), metrics.clone(), ready.clone());
+    let mut api_stop = stop_rx.clone();
+    let api_config = config.api.clone();
+    let api_task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = api_stop.wait_for(|s| *s).await;
+        };
+        api::serve(&api_config, api_state, shutdown).await
+    });
+
+    let stop_flag = Arc::new(AtomicBool::new(false));
+    let (tx, mut rx) = mpsc::channel::<ClosedWindow>(16);
+    let collector = {
+        let stop = stop_flag.clone();
+        let node = node.clone();
+        let pods = PodDirectory::start(config.kubernetes.clone(), &node, config.pod_refresh);
+        let storage = StorageMeter::start(Duration::from_secs(60));
+        let (tick, sample) = (config.tick, config.sample_interval);
+        thread::Builder::new()
+            .name("collector".into())
+            .spawn(move || {
+                let collector = Collector::new(probes, sample)
                     .with_pods(pods)
-                    .with_storage(StorageMeter::start(Duration::from_secs(60))),
-                &node,
-                tick,
-                &collector_stop,
-                &tx,
-            )
-        })
-        .map_err(|_| DaemonError::CollectorPanicked)?;
+                    .with_storage(storage);
+                collect_loop(collector, &node, tick, &stop, &tx)
+            })
+            .map_err(|_| DaemonError::Panicked("collector"))?
+    };
+    ready.store(true, Ordering::SeqCst);
 
-    let deliver = async {
-        while let Some(report) = rx.recv().await {
-            for sink in &mut sinks {
-                if let Err(e) = sink.window(&report) {
-                    error!(error = %e, "a sink failed to take a window");
+    let commit = {
+        let ledger = ledger.clone();
+        let metrics = metrics.clone();
+        let prices = prices.clone();
+        async move {
+            let mut committed_windows = 0u64;
+            while let Some(w) = rx.recv().await {
+                let ledger = ledger.clone();
+                let book = prices.current();
+                let exporters = exporters.clone();
+                let result = tokio::task::spawn_blocking(move || {
+                    let mut records = usage_records(&w);
+                    price_all(&ledger, &book, &mut records, &w)?;
+                    let mut l = ledger
+                        .lock()
+                        .map_err(|_| "ledger lock poisoned".to_string())?;
+                    let n = l
+                        .commit_window(
+                            &w.report.summary.window_start,
+                            &w.report.summary.window_end,
+                            &records,
+                            &exporters,
+                        )
+                        .map_err(|e| e.to_string())?;
+                    Ok::<_, String>((w, records, n))
+                })
+                .await;
+                match result {
+                    Ok(Ok((w, records, n))) => {
+                        let s = &w.report.summary;
+                        metrics.observe(
+                            &records,
+                            AgentStats {
+                                windows: 1,
+                                map_full_drops: s.map_full_drops,
+                                events_lost: s.events_lost,
+                                late_windows: s.late_windows,
+                            },
+                        );
+                        log_window(&w.report, n);
+                        committed_windows += 1;
+                        let _ = wake_tx.send(committed_windows);
+                    }
+                    Ok(Err(e)) => error!(error = %e, "committing a window failed; it is lost"),
+                    Err(e) => error!(error = %e, "the commit task failed"),
                 }
             }
         }
     };
     let signals = async {
-        shutdown_signal().await;
+        shutdown_signal(&prices, config.pricing_path.clone()).await;
         info!("stopping: closing the last window");
-        stop.store(true, Ordering::SeqCst);
+        stop_flag.store(true, Ordering::SeqCst);
     };
-    // Delivery ends when the collector drops its sender, after the last window.
-    tokio::join!(deliver, signals);
-    match handle.join() {
-        Ok(r) => r,
-        Err(_) => Err(DaemonError::CollectorPanicked),
+    let compaction = compact_periodically(ledger.clone(), stop_rx.clone());
+    // The commit loop ends when the collector drops its sender after the last window.
+    tokio::join!(commit, signals);
+    let _ = stop_tx.send(true);
+    let collected = collector
+        .join()
+        .map_err(|_| DaemonError::Panicked("collector"));
+    compaction.abort();
+    if let Some(t) = exporter_task {
+        // One last drain attempt happens inside `drain` before it sees the stop.
+        let _ = t.await;
     }
+    match api_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e.into()),
+        Err(_) => return Err(DaemonError::Panicked("api")),
+    }
+    collected?
+}
+
+/// Prices every record of a window; month-to-date spend comes from the
+/// ledger (before this window) plus what this window already priced.
+fn price_all(
+    ledger: &Arc<Mutex<Ledger>>,
+    book: &PriceBook,
+    records: &mut [UsageRecord],
+    w: &ClosedWindow,
+) -> Result<(), String> {
+    let l = ledger
+        .lock()
+        .map_err(|_| "ledger lock poisoned".to_string())?;
+    let mut spend: HashMap<String, Decimal> = HashMap::new();
+    for r in records.iter_mut() {
+        let party = billed_party(r).map(str::to_string);
+        let mtd = match &party {
+            Some(p) => match spend.get(p) {
+                Some(d) => *d,
+                None => l
+                    .month_to_date(p, &w.report.summary.window_start)
+                    .map_err(|e| e.to_string())?,
+            },
+            None => Decimal::ZERO,
+        };
+        let cost = book.price(r, mtd);
+        if let Some(p) = party {
+            spend.insert(p, mtd + cost.total);
+        }
+        r.cost = Some(cost);
+    }
+    Ok(())
+}
+
+fn compact_periodically(
+    ledger: Arc<Mutex<Ledger>>,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let ledger = ledger.clone();
+            let now = crate::clock::rfc3339(std::time::SystemTime::now());
+            let result = tokio::task::spawn_blocking(move || {
+                ledger
+                    .lock()
+                    .map_err(|_| "ledger lock poisoned".to_string())
+                    .and_then(|mut l| l.compact(&now).map_err(|e| e.to_string()))
+            })
+            .await;
+            match result {
+                Ok(Ok(stats)) => info!(?stats, "ledger compacted"),
+                Ok(Err(e)) => warn!(error = %e, "ledger compaction failed"),
+                Err(e) => warn!(error = %e, "ledger compaction task failed"),
+            }
+        }
+    })
 }
 
 fn collect_loop(
@@ -135,7 +386,7 @@ fn collect_loop(
     node: &str,
     tick: Duration,
     stop: &AtomicBool,
-    tx: &mpsc::Sender<Report>,
+    tx: &mpsc::Sender<ClosedWindow>,
 ) -> Result<(), DaemonError> {
     let mut next = Instant::now() + tick;
     loop {
@@ -146,7 +397,11 @@ fn collect_loop(
             span.add(&window);
             let report = span.report(&mut collector, node, |_| true, None, None);
             collector.forget_exited_before(window.start_ns);
-            if tx.blocking_send(report).is_err() {
+            let closed = ClosedWindow {
+                report,
+                storage: span.storage().clone(),
+            };
+            if tx.blocking_send(closed).is_err() {
                 warn!("window receiver gone; stopping");
                 return Ok(());
             }
@@ -166,20 +421,31 @@ fn collect_loop(
     }
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
+async fn shutdown_signal(prices: &PriceBookHandle, pricing_path: Option<PathBuf>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        warn!("cannot listen for SIGTERM/SIGHUP; stop with SIGINT");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return,
+            _ = term.recv() => return,
+            _ = hup.recv() => {
+                match &pricing_path {
+                    // On failure reload() has logged why; the old book stays in force.
+                    Some(path) => {
+                        if prices.reload(path).is_ok() {
+                            info!(path = %path.display(), version = prices.current().version(), "price book reloaded");
+                        }
+                    }
+                    None => info!("SIGHUP: no pricing_path configured; the built-in book stays"),
+                }
             }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
     }
 }

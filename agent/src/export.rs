@@ -588,7 +588,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// exponential backoff while the receiver is down.
 pub async fn drain(
     exporter: &mut OtlpExporter,
-    outbox: &mut dyn Outbox,
+    outbox: &mut (dyn Outbox + Send),
     mut wake: tokio::sync::watch::Receiver<u64>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {

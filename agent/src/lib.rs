@@ -2,6 +2,7 @@
 //! and attributes it exactly. Modules follow the data flow in DESIGN.md:
 //! `probes` → `collect` (with `identity`) → `report` → `output` / `daemon` sinks.
 
+pub mod api;
 pub mod btf;
 pub mod caps;
 pub mod check;
@@ -11,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod export;
 pub mod identity;
+pub mod ledger;
 pub mod memory;
 pub mod output;
 pub mod pods;

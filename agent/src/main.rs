@@ -197,7 +197,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(daemon::run(cfg, node, vec![Box::new(daemon::LogSink)]))?;
+            runtime.block_on(daemon::run(cfg, node))?;
             Ok(0)
         }
         Cmd::Check { btf } => {

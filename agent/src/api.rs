@@ -1,0 +1,521 @@
+//! The read-only HTTP query API: usage trees, records, health, Prometheus.
+//!
+//! `GET /v1/usage` returns the spec's hierarchical aggregation: the root is
+//! everything in the range, each level splits its parent by the next
+//! `group_by` field, and records lacking that field form an explicit
+//! `unattributed` child, so at every level the children sum to the parent
+//! exactly (the ledger sums in exact decimal). Bound to loopback by default;
+//! bound anywhere else it requires a bearer token read from a file.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::{
+    Json, Router,
+    extract::{Query, Request, State},
+    http::{StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use time::{Duration as TimeDuration, OffsetDateTime, format_description::well_known::Rfc3339};
+use tracing::info;
+
+use crate::{
+    ledger::{self, Ledger, RecordQuery, Totals},
+    prometheus::Metrics,
+    usage::UsageRecord,
+};
+
+/// Where the API listens and who may call it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Listen address (default 127.0.0.1:9464).
+    pub bind: String,
+    /// A file holding the bearer token; required when `bind` is not loopback.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:9464".into(),
+            token_file: None,
+        }
+    }
+}
+
+/// Why the API could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The bind address is not an address.
+    #[error("api.bind {bind:?} is not a socket address: {message}")]
+    Bind {
+        /// The configured value.
+        bind: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// Bound off loopback without a token.
+    #[error(
+        "api.bind {0} is not loopback: set api.token_file so the API is not open to the network"
+    )]
+    NeedsToken(String),
+    /// The token file could not be read or is empty.
+    #[error("api.token_file {path}: {message}")]
+    Token {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// The listener failed.
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+}
+
+/// Shared state of the API.
+#[derive(Clone)]
+pub struct AppState {
+    /// The ledger (the daemon writes it; the API only reads).
+    pub ledger: Arc<Mutex<Ledger>>,
+    /// Prometheus counters.
+    pub metrics: Metrics,
+    /// Set once probes are attached and the ledger is open.
+    pub ready: Arc<AtomicBool>,
+    token: Option<Arc<str>>,
+}
+
+impl AppState {
+    /// State for an API over `ledger` and `metrics`.
+    pub fn new(ledger: Arc<Mutex<Ledger>>, metrics: Metrics, ready: Arc<AtomicBool>) -> Self {
+        Self {
+            ledger,
+            metrics,
+            ready,
+            token: None,
+        }
+    }
+}
+
+/// A 400/500 with a JSON body naming what was wrong.
+struct Problem(StatusCode, String);
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn bad(param: &str, why: impl std::fmt::Display) -> Problem {
+    Problem(
+        StatusCode::BAD_REQUEST,
+        format!("parameter `{param}`: {why}"),
+    )
+}
+
+/// Binds and serves until `shutdown` resolves.
+pub async fn serve(
+    config: &ApiConfig,
+    mut state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ApiError> {
+    let addr: SocketAddr =
+        config
+            .bind
+            .parse()
+            .map_err(|e: std::net::AddrParseError| ApiError::Bind {
+                bind: config.bind.clone(),
+                message: e.to_string(),
+            })?;
+    if let Some(path) = &config.token_file {
+        let token = std::fs::read_to_string(path).map_err(|e| ApiError::Token {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(ApiError::Token {
+                path: path.clone(),
+                message: "the file is empty".into(),
+            });
+        }
+        state.token = Some(token.into());
+    } else if !addr.ip().is_loopback() {
+        return Err(ApiError::NeedsToken(config.bind.clone()));
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ApiError::Listen { addr, source })?;
+    info!(%addr, "query API listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|source| ApiError::Listen { addr, source })
+}
+
+/// The routes.
+pub fn router(state: AppState) -> Router {
+    let guarded = Router::new()
+        .route("/v1/usage", get(usage))
+        .route("/v1/records", get(records))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .merge(guarded)
+        .with_state(state)
+}
+
+async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(token) = &state.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(token.as_ref()) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                Json(json!({ "error": "a valid bearer token is required" })),
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.ready.load(Ordering::SeqCst) {
+        "ready".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting").into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Query parameters shared by the usage and records endpoints.
+#[derive(Debug, Default, Deserialize)]
+pub struct RangeParams {
+    /// RFC 3339; default one hour before `to`.
+    pub from: Option<String>,
+    /// RFC 3339; default now.
+    pub to: Option<String>,
+    /// Comma-separated `field=value` exact matches.
+    #[serde(rename = "where")]
+    pub filter: Option<String>,
+    /// Comma-separated fields (usage only).
+    pub group_by: Option<String>,
+    /// Page size (records only; 1–1000, default 100).
+    pub limit: Option<usize>,
+    /// Cursor from a previous page (records only).
+    pub after: Option<String>,
+}
+
+/// A validated range and filter.
+#[derive(Debug)]
+pub struct Range {
+    /// RFC 3339.
+    pub from: String,
+    /// RFC 3339.
+    pub to: String,
+    /// Exact matches.
+    pub filters: Vec<(String, String)>,
+}
+
+fn field_ok(param: &str, name: &str) -> Result<(), Problem> {
+    if ledger::FIELDS.contains(&name) {
+        Ok(())
+    } else {
+        Err(bad(
+            param,
+            format!(
+                "unknown field `{name}`; known: {}",
+                ledger::FIELDS.join(", ")
+            ),
+        ))
+    }
+}
+
+fn range(p: &RangeParams) -> Result<Range, Problem> {
+    let parse = |name: &str, v: &str| {
+        OffsetDateTime::parse(v, &Rfc3339)
+            .map_err(|e| bad(name, format!("{v:?} is not RFC 3339 ({e})")))
+    };
+    let to = match &p.to {
+        Some(v) => parse("to", v)?,
+        None => OffsetDateTime::now_utc(),
+    };
+    let from = match &p.from {
+        Some(v) => parse("from", v)?,
+        None => to - TimeDuration::hours(1),
+    };
+    if from >= to {
+        return Err(bad("from", "must be before `to`"));
+    }
+    let fmt = |t: OffsetDateTime| t.format(&Rfc3339).map_err(|e| bad("to", e));
+    let mut filters = Vec::new();
+    for clause in p
+        .filter
+        .iter()
+        .flat_map(|w| w.split(','))
+        .filter(|c| !c.trim().is_empty())
+    {
+        let (k, v) = clause
+            .split_once('=')
+            .ok_or_else(|| bad("where", format!("{clause:?} is not field=value")))?;
+        field_ok("where", k.trim())?;
+        filters.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    Ok(Range {
+        from: fmt(from)?,
+        to: fmt(to)?,
+        filters,
+    })
+}
+
+/// Runs a ledger read off the async threads.
+async fn with_ledger<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce(&Ledger) -> Result<T, ledger::LedgerError> + Send + 'static,
+) -> Result<T, Problem> {
+    let ledger = state.ledger.clone();
+    tokio::task::spawn_blocking(move || {
+        let guard = ledger.lock().map_err(|_| {
+            Problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ledger lock poisoned".into(),
+            )
+        })?;
+        f(&guard).map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+    })
+    .await
+    .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+/// One node of the aggregation tree.
+#[derive(Debug, Serialize)]
+pub struct UsageNode {
+    /// The field this node's value is of (absent at the root).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    /// The value, or "unattributed" for records lacking the field.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Whether this is the explicit unattributed node.
+    pub unattributed: bool,
+    /// Sums over the node's records.
+    pub totals: Totals,
+    /// The next level (empty at the last).
+    pub children: Vec<UsageNode>,
+}
+
+async fn usage(
+    State(state): State<AppState>,
+    Query(p): Query<RangeParams>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let r = range(&p)?;
+    let fields: Vec<String> = p
+        .group_by
+        .iter()
+        .flat_map(|g| g.split(','))
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+        .map(str::to_string)
+        .collect();
+    for f in &fields {
+        field_ok("group_by", f)?;
+    }
+    if fields.len() > 6 {
+        return Err(bad("group_by", "at most 6 fields"));
+    }
+    let (from, to, filters) = (r.from.clone(), r.to.clone(), r.filters.clone());
+    let levels_fields = fields.clone();
+    let levels = with_ledger(&state, move |l| {
+        (0..=levels_fields.len())
+            .map(|depth| {
+                let names: Vec<&str> = levels_fields[..depth].iter().map(String::as_str).collect();
+                l.totals(&from, &to, &names, &filters)
+            })
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await?;
+    let root = build_tree(&fields, &levels);
+    Ok(Json(json!({
+        "from": r.from,
+        "to": r.to,
+        "group_by": fields,
+        "where": r.filters.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+        "root": root,
+    })))
+}
+
+/// Assembles the tree from one totals query per depth (depth d grouped by
+/// the first d fields).
+pub fn build_tree(fields: &[String], levels: &[Vec<(ledger::Group, Totals)>]) -> UsageNode {
+    let root_totals = levels
+        .first()
+        .and_then(|rows| rows.first())
+        .map(|(_, t)| t.clone())
+        .unwrap_or_default();
+    let mut root = UsageNode {
+        field: None,
+        key: None,
+        unattributed: false,
+        totals: root_totals,
+        children: Vec::new(),
+    };
+    attach(&mut root, &[], fields, levels, 1);
+    root
+}
+
+fn attach(
+    node: &mut UsageNode,
+    prefix: &[Option<String>],
+    fields: &[String],
+    levels: &[Vec<(ledger::Group, Totals)>],
+    depth: usize,
+) {
+    let (Some(rows), Some(field)) = (levels.get(depth), fields.get(depth - 1)) else {
+        return;
+    };
+    let mut children: BTreeMap<(bool, String), UsageNode> = BTreeMap::new();
+    for (group, totals) in rows.iter().filter(|(g, _)| g.starts_with(prefix)) {
+        let value = group.get(depth - 1).cloned().flatten();
+        let mut child = UsageNode {
+            field: Some(field.clone()),
+            key: Some(value.clone().unwrap_or_else(|| "unattributed".into())),
+            unattributed: value.is_none(),
+            totals: totals.clone(),
+            children: Vec::new(),
+        };
+        let mut next_prefix = prefix.to_vec();
+        next_prefix.push(value.clone());
+        attach(&mut child, &next_prefix, fields, levels, depth + 1);
+        // The unattributed node sorts last.
+        children.insert((value.is_none(), value.unwrap_or_default()), child);
+    }
+    node.children = children.into_values().collect();
+}
+
+async fn records(
+    State(state): State<AppState>,
+    Query(p): Query<RangeParams>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let r = range(&p)?;
+    let limit = p.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(bad("limit", format!("{limit} is outside 1..=1000")));
+    }
+    let after = match &p.after {
+        Some(c) => Some(
+            c.split_once('|')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| {
+                    bad(
+                        "after",
+                        format!("{c:?} is not a cursor from a previous page"),
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let q = RecordQuery {
+        from: r.from,
+        to: r.to,
+        filters: r.filters,
+        after,
+        limit,
+    };
+    let page = with_ledger(&state, move |l| l.records(&q)).await?;
+    let next = page.next.map(|(a, b)| format!("{a}|{b}"));
+    let records: Vec<&UsageRecord> = page.records.iter().collect();
+    Ok(Json(json!({ "records": records, "next": next })))
+}
+
+#[cfg(test)]
+mod tests {
+    use rust_decimal::Decimal;
+
+    use super::*;
+
+    fn t(cpu: i64) -> Totals {
+        Totals {
+            cpu_core_seconds: Decimal::from(cpu),
+            records: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tree_levels_nest_with_unattributed_last() {
+        let fields = vec!["user_id".to_string()];
+        let levels = vec![
+            vec![(vec![], t(6))],
+            vec![
+                (vec![None], t(1)),
+                (vec![Some("alice".into())], t(2)),
+                (vec![Some("bob".into())], t(3)),
+            ],
+        ];
+        let root = build_tree(&fields, &levels);
+        let keys: Vec<_> = root
+            .children
+            .iter()
+            .map(|c| c.key.clone().unwrap_or_default())
+            .collect();
+        assert_eq!(keys, ["alice", "bob", "unattributed"]);
+        assert!(root.children[2].unattributed);
+        let sum: Decimal = root
+            .children
+            .iter()
+            .map(|c| c.totals.cpu_core_seconds)
+            .sum();
+        assert_eq!(sum, root.totals.cpu_core_seconds);
+    }
+
+    #[test]
+    fn bad_parameters_name_themselves() {
+        let p = RangeParams {
+            from: Some("yesterday".into()),
+            ..Default::default()
+        };
+        let Err(Problem(code, msg)) = range(&p) else {
+            panic!("accepted a bad `from`");
+        };
+        assert_eq!(code, StatusCode::BAD_REQUEST);
+        assert!(msg.contains("`from`") && msg.contains("yesterday"), "{msg}");
+        let p = RangeParams {
+            filter: Some("colour=red".into()),
+            ..Default::default()
+        };
+        let Err(Problem(_, msg)) = range(&p) else {
+            panic!("accepted an unknown field");
+        };
+        assert!(msg.contains("`where`") && msg.contains("colour"), "{msg}");
+    }
+}

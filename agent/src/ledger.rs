@@ -1,0 +1,1190 @@
+//! The ledger: every closed window's usage records, durable on the node
+//! before any exporter sees them; an outbox per exporter; the queries the API
+//! and CLI ask; and compaction of old windows into exact hourly rollups.
+//!
+//! # Why SQLite
+//!
+//! The API's questions are SQL: a time range, equality filters on identity
+//! columns, grouping, paging by a cursor. SQLite in WAL mode gives atomic,
+//! fsynced commits with a documented recovery story, in one well-understood
+//! file an operator can copy or open with `sqlite3`. redb is a fine
+//! key-value store, but every secondary access path (by time, by exporter,
+//! by identity, rollups) would be an index we write and keep consistent by
+//! hand. `rusqlite` is built with SQLite bundled, so the version is ours.
+//!
+//! # Layout
+//!
+//! See `schema.rs`. In short: identities (node, pid, container, pod, trace
+//! context, ...) are stored once in `identities` and records point at them,
+//! so a record costs about 270 bytes on disk (mostly its 13 decimals)
+//! rather than kilobytes of repeated names; `records` is clustered by
+//! (window start, record_id), so a window appends and a range is one scan.
+//! Times are integer nanoseconds, returned in canonical RFC 3339 (UTC, `Z`,
+//! fraction without trailing zeros: what `clock::rfc3339` writes, so the
+//! agent's records round-trip byte for byte).
+//!
+//! # Exact totals
+//!
+//! Money and quantities are `Decimal`, never float. SQLite has no decimal
+//! type: `SUM` over TEXT converts to REAL. So decimals are stored in a
+//! compact exact binary form (`exact::DecBlob`) and summed in Rust with
+//! [`exact::Exact`], a 28-fractional-digit fixed point on `i128` parts.
+//! Integer sums make addition associative, so a total is the same whether it
+//! is summed from raw records, from hourly rollups, or from a mix; it is
+//! rounded to a `Decimal` (ties to even) once, at the end. Rollups store their
+//! exact sums as decimal text (they may exceed a `Decimal`'s 28 digits).
+//! (The alternative, fixed-point integers in several columns so SQLite's
+//! integer `SUM` could add them, needs four columns per value to reach 28
+//! digits without overflowing; summing in Rust is simpler and as exact.)
+//!
+//! # Durability
+//!
+//! The database runs in WAL mode with `synchronous = FULL`:
+//! - [`Ledger::commit_window`] is one transaction. COMMIT appends the
+//!   window's pages to the `-wal` file and fsyncs it before it returns, so
+//!   once `commit_window` returns `Ok` the window survives a process crash
+//!   and a power cut.
+//! - A checkpoint (SQLite's automatic one at 1,000 WAL pages, inside some
+//!   commit; and a TRUNCATE one after compaction) copies WAL pages into the
+//!   main file: it fsyncs the WAL, writes the db, fsyncs the db, then resets
+//!   the WAL. A crash at any point of it is recovered from the WAL on open.
+//! - A new ledger file is checkpointed and its directory fsynced at creation,
+//!   so the file's own directory entry is durable too (SQLite itself fsyncs
+//!   the directory when it creates the `-wal`).
+//!
+//! What a power cut can lose: nothing that `commit_window` returned `Ok`
+//! for. A commit in flight is either entirely there or entirely absent
+//! (WAL frames are checksummed; a transaction without its commit frame is
+//! ignored on recovery). The window being collected in memory, at most one
+//! tick, is lost: after a restart the agent resumes from
+//! [`Ledger::last_window_end`] and starts a new window from fresh counter
+//! readings; it never re-derives usage from counters whose start it does
+//! not know. A `mark_delivered` in flight may be lost, so a record can be
+//! delivered twice: delivery is at least once, and `record_id` is the key
+//! receivers deduplicate on. `commit_window` is idempotent, so retrying after
+//! an ambiguous failure (error or crash after the fsync) never duplicates.
+//! SIGKILL is tested; power loss relies on the fsyncs above and on storage
+//! that honours them.
+//!
+//! # Use
+//!
+//! One `Ledger` writes (it is `Send`, not `Sync`: share it behind a mutex);
+//! SQLite's WAL lets other connections read while it does. An exporter loops
+//! `pending` → deliver → `mark_delivered`; a record it can never deliver
+//! must still be marked (and logged), or it stays first in its queue and is
+//! never compacted.
+//!
+//! # Ranges
+//!
+//! A record belongs to the range its window *starts* in: `from <= window_start
+//! < to`, so adjacent ranges partition windows and nothing is counted twice.
+//! A rollup row counts when its hour starts in `[from, to)`: over compacted
+//! time, bounds are in effect rounded up to the hour.
+
+mod compact;
+mod exact;
+mod identity;
+mod row;
+mod schema;
+pub mod sim;
+mod sum;
+#[cfg(test)]
+mod tests;
+mod times;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    fs, io,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use rusqlite::{
+    Connection, OptionalExtension, Statement, Transaction, TransactionBehavior, params,
+    params_from_iter,
+    types::{Value, ValueRef},
+};
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+use self::{
+    exact::Exact,
+    identity::{IdentityCache, resolve_identity},
+    row::{INSERT_RECORD, insert_record, record_columns, record_from_row},
+    sum::{Acc, Currencies, blob_exact, is_priced},
+    times::{TimeCache, bad_ns, floor_hour, format_ns, month_bounds, now_ns, parse_time},
+};
+use crate::usage::UsageRecord;
+
+/// The identity and trace-context columns: the names `records` and `totals` accept as filters and group-bys.
+pub const FIELDS: [&str; 23] = [
+    "node",
+    "record_kind",
+    "workload_kind",
+    "pid",
+    "ppid",
+    "process_start_time",
+    "comm",
+    "exe",
+    "cgroup_id",
+    "cgroup_path",
+    "container_id",
+    "container_runtime",
+    "pod_uid",
+    "k8s_namespace",
+    "k8s_pod_name",
+    "wasm_module",
+    "agent_id",
+    "flow_id",
+    "run_id",
+    "user_id",
+    "project_id",
+    "customer_id",
+    "trace_id",
+];
+const N_FIELDS: usize = FIELDS.len();
+// Positions in FIELDS of the integer columns and of the billed party's.
+const PID: usize = 3;
+const PPID: usize = 4;
+const CGROUP_ID: usize = 8;
+
+/// Decimal columns, in `Acc::dec` order: the four quantities, then cost.
+const DEC_COLS: [&str; 13] = [
+    "cpu_core_seconds",
+    "memory_gb_seconds",
+    "gpu_seconds",
+    "gpu_memory_gb_seconds",
+    "cost_cpu",
+    "cost_memory",
+    "cost_gpu",
+    "cost_network",
+    "cost_storage",
+    "cost_token",
+    "cost_subtotal",
+    "cost_discount",
+    "cost_total",
+];
+
+/// Integer columns summed, in `Acc::ints` order.
+const INT_COLS: [&str; 10] = [
+    "network_rx_bytes",
+    "network_tx_bytes",
+    "disk_read_bytes",
+    "disk_write_bytes",
+    "storage_bytes",
+    "syscalls",
+    "tokens_input",
+    "tokens_cache_read_input",
+    "tokens_output",
+    "tokens_reasoning_output",
+];
+
+const HOUR_NS: i64 = 3_600_000_000_000;
+/// `meta` key: start of the oldest hour not yet compacted.
+const COMPACTED_BEFORE: &str = "compacted_before";
+/// WAL size kept after a checkpoint resets it.
+const JOURNAL_SIZE_LIMIT: i64 = 64 << 20;
+/// Identities kept in memory (a lookup miss costs one indexed query).
+const IDENTITY_CACHE_MAX: usize = 100_000;
+
+/// What went wrong, on which file, field or record.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// A file system operation on the ledger's files failed.
+    #[error("ledger {path}: {what}: {source}")]
+    Io {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// An SQLite operation failed.
+    #[error("ledger {path}: {what}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: Box<rusqlite::Error>,
+    },
+    /// An SQLite operation on one record failed.
+    #[error("ledger {path}: record {record_id}: {what}: {source}")]
+    Record {
+        path: PathBuf,
+        record_id: String,
+        what: &'static str,
+        #[source]
+        source: Box<rusqlite::Error>,
+    },
+    /// SQLite refused WAL mode (e.g. a file system without shared memory).
+    #[error("ledger {path}: journal mode is {mode:?}; the ledger needs WAL")]
+    NotWal { path: PathBuf, mode: String },
+    /// The file was written by a newer agent.
+    #[error("ledger {path}: schema version {found} is newer than this agent's {supported}")]
+    SchemaTooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    /// Stored data does not decode.
+    #[error("ledger {path}: stored data is corrupt: {what}")]
+    Corrupt { path: PathBuf, what: String },
+    /// A time argument or a record's window is not RFC 3339.
+    #[error("{what}: {value:?} is not an RFC 3339 time in 1677..2262: {reason}")]
+    BadTime {
+        what: String,
+        value: String,
+        reason: String,
+    },
+    /// A filter or group-by names no identity/trace-context column.
+    #[error("unknown field {field:?}; known fields: {}", FIELDS.join(", "))]
+    UnknownField { field: String },
+    /// A filter value does not fit its (integer) column.
+    #[error("field {field}: {value:?} is not a valid value (an unsigned integer)")]
+    BadFieldValue { field: String, value: String },
+    /// An exporter name is empty.
+    #[error("exporter names must not be empty")]
+    EmptyExporter,
+    /// A page of zero records was asked for.
+    #[error("limit must be at least 1")]
+    ZeroLimit,
+    /// A record's integer does not fit SQLite's signed 64 bits.
+    #[error("record {record_id}: {field} = {value} does not fit the ledger's 64-bit integers")]
+    OutOfRange {
+        record_id: String,
+        field: &'static str,
+        value: u64,
+    },
+    /// A record's token usage could not be encoded.
+    #[error("record {record_id}: cannot encode its tokens: {source}")]
+    Encode {
+        record_id: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A record lies in hours already rolled up; storing it could count it twice.
+    #[error(
+        "record {record_id}: window_start {window_start} lies before {compacted_before}, \
+         which is already compacted into hourly rollups; storing it could count it twice"
+    )]
+    Compacted {
+        record_id: String,
+        window_start: String,
+        compacted_before: String,
+    },
+    /// A sum left the exact range (±1.7·10^38, or a `Decimal`'s ±7.9·10^28, or u64).
+    #[error("the sum of {what} overflowed")]
+    Overflow { what: String },
+    /// A group's records were priced in more than one currency.
+    #[error("group {group:?} mixes currencies {currencies:?}; filter by currency before totalling")]
+    MixedCurrency {
+        group: Vec<Option<String>>,
+        currencies: Vec<String>,
+    },
+}
+
+/// Maps an SQLite error to one naming the file and the operation.
+fn sql<'a>(path: &'a Path, what: &'static str) -> impl Fn(rusqlite::Error) -> LedgerError + 'a {
+    move |source| LedgerError::Sqlite {
+        path: path.to_path_buf(),
+        what,
+        source: Box::new(source),
+    }
+}
+
+/// Maps an SQLite error to one naming the file, the record and the operation.
+fn record_err<'a>(
+    path: &'a Path,
+    record_id: &'a str,
+    what: &'static str,
+) -> impl Fn(rusqlite::Error) -> LedgerError + 'a {
+    move |source| LedgerError::Record {
+        path: path.to_path_buf(),
+        record_id: record_id.to_string(),
+        what,
+        source: Box::new(source),
+    }
+}
+
+fn corrupt(path: &Path, what: impl Into<String>) -> LedgerError {
+    LedgerError::Corrupt {
+        path: path.to_path_buf(),
+        what: what.into(),
+    }
+}
+
+fn overflow(what: &str) -> LedgerError {
+    LedgerError::Overflow {
+        what: what.to_string(),
+    }
+}
+
+/// A query for records: window start in [from, to), exact field matches,
+/// after a (window_start, record_id) cursor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordQuery {
+    /// Inclusive start (RFC 3339).
+    pub from: String,
+    /// Exclusive end (RFC 3339).
+    pub to: String,
+    /// `field = value` pairs, all of which must match.
+    pub filters: Vec<(String, String)>,
+    /// Return records after this (window_start, record_id): the previous page's `next`.
+    pub after: Option<(String, String)>,
+    /// Records per page (at least 1).
+    pub limit: usize,
+}
+
+/// One page of records, oldest first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Page {
+    /// The records.
+    pub records: Vec<UsageRecord>,
+    /// The cursor for the next page; None on the last page.
+    pub next: Option<(String, String)>,
+}
+
+/// One group's values of the group-by fields, in their order (None: the record has none).
+pub type Group = Vec<Option<String>>;
+
+/// Sums of each cost component.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CostTotals {
+    /// Σ cost.cpu.
+    pub cpu: Decimal,
+    /// Σ cost.memory.
+    pub memory: Decimal,
+    /// Σ cost.gpu.
+    pub gpu: Decimal,
+    /// Σ cost.network.
+    pub network: Decimal,
+    /// Σ cost.storage.
+    pub storage: Decimal,
+    /// Σ cost.token.
+    pub token: Decimal,
+    /// Σ cost.subtotal.
+    pub subtotal: Decimal,
+    /// Σ cost.discount.
+    pub discount: Decimal,
+    /// Σ cost.total.
+    pub total: Decimal,
+}
+
+/// Sums of every quantity and cost component over a set of records.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    /// Records summed.
+    pub records: u64,
+    /// Of which priced (the cost sums cover these).
+    pub priced_records: u64,
+    /// Σ cpu_core_seconds.
+    pub cpu_core_seconds: Decimal,
+    /// Σ memory_gb_seconds.
+    pub memory_gb_seconds: Decimal,
+    /// Σ gpu_seconds.
+    pub gpu_seconds: Decimal,
+    /// Σ gpu_memory_gb_seconds.
+    pub gpu_memory_gb_seconds: Decimal,
+    /// Σ network_rx_bytes.
+    pub network_rx_bytes: u64,
+    /// Σ network_tx_bytes.
+    pub network_tx_bytes: u64,
+    /// Σ disk_read_bytes.
+    pub disk_read_bytes: u64,
+    /// Σ disk_write_bytes.
+    pub disk_write_bytes: u64,
+    /// Σ storage_bytes over the records that report it (a gauge: byte-windows).
+    pub storage_bytes: u64,
+    /// Σ syscalls.
+    pub syscalls: u64,
+    /// Σ input tokens over all models.
+    pub tokens_input: u64,
+    /// Σ cached input tokens over all models.
+    pub tokens_cache_read_input: u64,
+    /// Σ output tokens over all models.
+    pub tokens_output: u64,
+    /// Σ reasoning output tokens over all models.
+    pub tokens_reasoning_output: u64,
+    /// Σ of each cost component.
+    pub cost: CostTotals,
+    /// The currency of the priced records (None when none is priced).
+    pub currency: Option<String>,
+}
+
+/// What one compaction did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CompactStats {
+    /// Raw records folded into rollups and deleted.
+    pub records_compacted: u64,
+    /// Rollup rows written (inserted or updated).
+    pub rollup_rows: u64,
+    /// Records past retention kept because some exporter has not confirmed them.
+    pub kept_undelivered: u64,
+}
+
+/// The durable local store of usage records.
+pub struct Ledger {
+    conn: Connection,
+    path: PathBuf,
+    retention: Duration,
+    identities: IdentityCache,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger")
+            .field("path", &self.path)
+            .field("retention", &self.retention)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ledger {
+    /// Opens or creates the ledger at `path` (creating parent dirs), with WAL and synchronous=FULL; runs schema migrations.
+    pub fn open(path: &Path, retention: Duration) -> Result<Ledger, LedgerError> {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir {
+            fs::create_dir_all(dir).map_err(|source| LedgerError::Io {
+                path: dir.to_path_buf(),
+                what: "creating the ledger's directory",
+                source,
+            })?;
+        }
+        let created = !path.try_exists().map_err(|source| LedgerError::Io {
+            path: path.to_path_buf(),
+            what: "checking whether the ledger exists",
+            source,
+        })?;
+        let mut conn = Connection::open(path).map_err(sql(path, "opening"))?;
+        // The daemon writes and the API may read from another connection; a
+        // writer waits for a checkpointing reader rather than failing.
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(sql(path, "setting busy_timeout"))?;
+        // Takes effect only before the first table exists, i.e. on a new file:
+        // lets compaction hand freed pages back to the file system.
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+            .map_err(sql(path, "setting auto_vacuum"))?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(sql(path, "setting journal_mode"))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(LedgerError::NotWal {
+                path: path.to_path_buf(),
+                mode,
+            });
+        }
+        // FULL: every commit fsyncs the WAL (NORMAL would only at checkpoints,
+        // and a power cut could then lose windows already handed to exporters).
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql(path, "setting synchronous"))?;
+        conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)
+            .map_err(sql(path, "setting journal_size_limit"))?;
+        conn.set_prepared_statement_cache_capacity(64);
+        migrate(&mut conn, path)?;
+        if created {
+            checkpoint(&conn, path)?;
+            if let Some(dir) = dir {
+                fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|source| LedgerError::Io {
+                        path: dir.to_path_buf(),
+                        what: "syncing the ledger's directory",
+                        source,
+                    })?;
+            }
+        }
+        Ok(Ledger {
+            conn,
+            path: path.to_path_buf(),
+            retention,
+            identities: IdentityCache::default(),
+        })
+    }
+
+    /// The ledger file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Commits one closed window's records atomically and durably, enqueuing each new one for every exporter; returns how many were new.
+    ///
+    /// One transaction, returning after the WAL fsync (see the module doc).
+    /// Idempotent: a record already present (same window start and
+    /// record_id) is neither written nor enqueued again. `window_end`
+    /// becomes the resume point ([`Ledger::last_window_end`]).
+    pub fn commit_window(
+        &mut self,
+        window_start: &str,
+        window_end: &str,
+        records: &[UsageRecord],
+        exporters: &[&str],
+    ) -> Result<usize, LedgerError> {
+        let ws = parse_time("window_start", window_start)?;
+        let we = parse_time("window_end", window_end)?;
+        if exporters.iter().any(|e| e.is_empty()) {
+            return Err(LedgerError::EmptyExporter);
+        }
+        let Ledger {
+            conn,
+            path,
+            identities,
+            ..
+        } = self;
+        let path = path.as_path();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql(path, "beginning a window's commit"))?;
+        let compacted_before = meta_get(&tx, path, COMPACTED_BEFORE)?;
+        let mut new_identities = Vec::new();
+        let mut spend: HashMap<(&str, i64), Exact> = HashMap::new();
+        let (mut starts, mut ends) = (TimeCache::default(), TimeCache::default());
+        let mut month: Option<(i64, i64)> = None;
+        let mut new = 0;
+        {
+            let mut insert = tx
+                .prepare_cached(INSERT_RECORD)
+                .map_err(sql(path, "preparing the record insert"))?;
+            let mut enqueue = tx
+                .prepare_cached(
+                    "INSERT INTO outbox (exporter, ws_ns, record_id) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT DO NOTHING",
+                )
+                .map_err(sql(path, "preparing the outbox insert"))?;
+            for r in records {
+                let rws = starts.parse(&r.window_start, || {
+                    format!("record {} window_start", r.record_id)
+                })?;
+                let rwe = ends.parse(&r.window_end, || {
+                    format!("record {} window_end", r.record_id)
+                })?;
+                if let Some(limit) = compacted_before.filter(|&c| rws < c) {
+                    if record_exists(&tx, path, rws, &r.record_id)? {
+                        continue;
+                    }
+                    return Err(LedgerError::Compacted {
+                        record_id: r.record_id.clone(),
+                        window_start: r.window_start.clone(),
+                        compacted_before: format_ns(limit).unwrap_or_else(|| limit.to_string()),
+                    });
+                }
+                let ident = resolve_identity(&tx, path, identities, &mut new_identities, r)?;
+                if insert_record(&mut insert, path, r, rws, rwe, ident)? == 0 {
+                    continue;
+                }
+                for e in exporters {
+                    enqueue
+                        .execute(params![e, rws, r.record_id])
+                        .map_err(record_err(path, &r.record_id, "enqueuing in the outbox"))?;
+                }
+                if let (Some(cost), Some(party)) = (&r.cost, billed_party(r)) {
+                    let m = match month {
+                        Some((start, next)) if (start..next).contains(&rws) => start,
+                        _ => {
+                            let b = month_bounds(rws).ok_or_else(|| bad_ns("window_start", rws))?;
+                            month = Some(b);
+                            b.0
+                        }
+                    };
+                    let sum = spend.entry((party, m)).or_default();
+                    *sum = sum
+                        .checked_add(Exact::from_decimal(cost.total))
+                        .ok_or_else(|| overflow("month-to-date spend"))?;
+                }
+                new += 1;
+            }
+        }
+        for ((party, month_ns), add) in spend {
+            add_spend(&tx, path, party, month_ns, add)?;
+        }
+        tx.execute(
+            "INSERT INTO windows (we_ns, ws_ns, committed_ns, records) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT DO NOTHING",
+            params![
+                we,
+                ws,
+                now_ns(),
+                i64::try_from(records.len()).unwrap_or(i64::MAX)
+            ],
+        )
+        .map_err(sql(path, "recording the window"))?;
+        tx.commit().map_err(sql(path, "committing a window"))?;
+        // Only now are the new identity rows durable, so only now cached.
+        for (hash, key, id) in new_identities {
+            identities.insert(hash, key, id);
+        }
+        Ok(new)
+    }
+
+    /// The end of the last committed window (None on a fresh ledger): after a crash, the agent resumes from here.
+    pub fn last_window_end(&self) -> Result<Option<String>, LedgerError> {
+        let path = &self.path;
+        let end: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT we_ns FROM windows ORDER BY we_ns DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql(path, "reading the last window"))?;
+        end.map(|ns| format_ns(ns).ok_or_else(|| corrupt(path, format!("window end {ns} ns"))))
+            .transpose()
+    }
+
+    /// Up to `limit` records not yet delivered to `exporter`, oldest first.
+    pub fn pending(&self, exporter: &str, limit: usize) -> Result<Vec<UsageRecord>, LedgerError> {
+        let path = &self.path;
+        let query = format!(
+            "SELECT {} FROM outbox o CROSS JOIN records r CROSS JOIN identities i \
+             WHERE o.exporter = ?1 AND r.ws_ns = o.ws_ns AND r.record_id = o.record_id \
+             AND i.id = r.ident ORDER BY o.ws_ns, o.record_id LIMIT ?2",
+            record_columns()
+        );
+        let mut stmt = self
+            .conn
+            .prepare_cached(&query)
+            .map_err(sql(path, "preparing pending"))?;
+        let mut rows = stmt
+            .query(params![exporter, saturating_i64(limit)])
+            .map_err(sql(path, "reading pending records"))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(sql(path, "reading pending records"))? {
+            out.push(record_from_row(row, path)?);
+        }
+        Ok(out)
+    }
+
+    /// Marks records delivered to `exporter` (only call after the exporter confirmed success); unknown or already delivered ids are ignored.
+    ///
+    /// The exporter's queue is walked oldest first until every id is found,
+    /// so confirming what [`Ledger::pending`] returned costs about the batch
+    /// size; an id not in the queue costs a walk of the whole queue.
+    pub fn mark_delivered(
+        &mut self,
+        exporter: &str,
+        record_ids: &[String],
+    ) -> Result<(), LedgerError> {
+        let path = self.path.as_path();
+        let mut wanted: HashSet<&str> = record_ids.iter().map(String::as_str).collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql(path, "beginning mark_delivered"))?;
+        let mut found: Vec<(i64, String)> = Vec::with_capacity(wanted.len());
+        {
+            let mut scan = tx
+                .prepare_cached(
+                    "SELECT ws_ns, record_id FROM outbox WHERE exporter = ?1 \
+                     ORDER BY ws_ns, record_id",
+                )
+                .map_err(sql(path, "preparing mark_delivered"))?;
+            let mut rows = scan
+                .query([exporter])
+                .map_err(sql(path, "walking the outbox"))?;
+            while let Some(row) = rows.next().map_err(sql(path, "walking the outbox"))? {
+                let id = row
+                    .get_ref(1)
+                    .map_err(sql(path, "walking the outbox"))?
+                    .as_str()
+                    .map_err(|_| corrupt(path, "an outbox record_id is not text"))?;
+                if wanted.remove(id) {
+                    let ws: i64 = row.get(0).map_err(sql(path, "walking the outbox"))?;
+                    found.push((ws, id.to_string()));
+                    if wanted.is_empty() {
+                        break;
+                    }
+                }
+            }
+        }
+        {
+            let mut delete = tx
+                .prepare_cached(
+                    "DELETE FROM outbox WHERE exporter = ?1 AND ws_ns = ?2 AND record_id = ?3",
+                )
+                .map_err(sql(path, "preparing mark_delivered"))?;
+            for (ws, id) in &found {
+                delete
+                    .execute(params![exporter, ws, id])
+                    .map_err(record_err(path, id, "marking delivered"))?;
+            }
+        }
+        tx.commit().map_err(sql(path, "committing mark_delivered"))
+    }
+
+    /// Records whose window starts in [from, to), matching every filter, paged by (window_start, record_id) after `q.after`.
+    pub fn records(&self, q: &RecordQuery) -> Result<Page, LedgerError> {
+        if q.limit == 0 {
+            return Err(LedgerError::ZeroLimit);
+        }
+        let path = &self.path;
+        let from = parse_time("from", &q.from)?;
+        let to = parse_time("to", &q.to)?;
+        let mut query = format!(
+            "SELECT {} FROM records r CROSS JOIN identities i \
+             WHERE i.id = r.ident AND r.ws_ns >= ?1 AND r.ws_ns < ?2",
+            record_columns()
+        );
+        let mut values = vec![Value::Integer(from), Value::Integer(to)];
+        if let Some((ws, id)) = &q.after {
+            let after = parse_time("after", ws)?;
+            query.push_str(" AND (r.ws_ns, r.record_id) > (?3, ?4)");
+            values.push(Value::Integer(after));
+            values.push(Value::Text(id.clone()));
+        }
+        push_filters(&mut query, &mut values, &q.filters)?;
+        query.push_str(&format!(
+            " ORDER BY r.ws_ns, r.record_id LIMIT ?{}",
+            values.len() + 1
+        ));
+        // One more than asked, to know whether a next page exists.
+        values.push(Value::Integer(saturating_i64(q.limit.saturating_add(1))));
+        let mut stmt = self
+            .conn
+            .prepare(&query)
+            .map_err(sql(path, "preparing records"))?;
+        let mut rows = stmt
+            .query(params_from_iter(values))
+            .map_err(sql(path, "reading records"))?;
+        let mut records = Vec::new();
+        while let Some(row) = rows.next().map_err(sql(path, "reading records"))? {
+            records.push(record_from_row(row, path)?);
+        }
+        let next = if records.len() > q.limit {
+            records.truncate(q.limit);
+            records
+                .last()
+                .map(|r| (r.window_start.clone(), r.record_id.clone()))
+        } else {
+            None
+        };
+        Ok(Page { records, next })
+    }
+
+    /// Sums of every quantity and cost component over [from, to), raw records and hourly rollups, grouped by the named fields.
+    ///
+    /// Rows come sorted by group values (None first); a range with no
+    /// records gives no rows. Filters are exact matches on [`FIELDS`].
+    pub fn totals(
+        &self,
+        from: &str,
+        to: &str,
+        group_by: &[&str],
+        filters: &[(String, String)],
+    ) -> Result<Vec<(Group, Totals)>, LedgerError> {
+        let path = &self.path;
+        let from = parse_time("from", from)?;
+        let to = parse_time("to", to)?;
+        let groups = group_by
+            .iter()
+            .map(|g| field_index(g))
+            .collect::<Result<Vec<_>, _>>()?;
+        let matching = if filters.is_empty() {
+            None
+        } else {
+            Some(self.matching_identities(filters)?)
+        };
+        let keep = |ident: i64| matching.as_ref().is_none_or(|m| m.contains(&ident));
+
+        // Sum per (identity, currency) first: no strings per row.
+        let mut currencies = Currencies::default();
+        let mut by_ident: HashMap<(i64, Option<usize>), Acc> = HashMap::new();
+        let raw = format!(
+            "SELECT ident, currency, {}, {} FROM records WHERE ws_ns >= ?1 AND ws_ns < ?2",
+            DEC_COLS.join(", "),
+            INT_COLS.join(", ")
+        );
+        let mut stmt = self
+            .conn
+            .prepare_cached(&raw)
+            .map_err(sql(path, "preparing totals"))?;
+        let mut rows = stmt
+            .query(params![from, to])
+            .map_err(sql(path, "summing records"))?;
+        while let Some(row) = rows.next().map_err(sql(path, "summing records"))? {
+            let ident: i64 = row.get(0).map_err(sql(path, "summing records"))?;
+            if !keep(ident) {
+                continue;
+            }
+            let cur = currencies.index(row, 1, path)?;
+            by_ident.entry((ident, cur)).or_default().add_raw(
+                row,
+                2,
+                is_priced(row, 1, path)?,
+                path,
+            )?;
+        }
+        let rollup = format!(
+            "SELECT ident, currency, records, priced, {}, {} FROM hourly \
+             WHERE hour_ns >= ?1 AND hour_ns < ?2",
+            DEC_COLS.join(", "),
+            INT_COLS.join(", ")
+        );
+        let mut stmt = self
+            .conn
+            .prepare_cached(&rollup)
+            .map_err(sql(path, "preparing totals"))?;
+        let mut rows = stmt
+            .query(params![from, to])
+            .map_err(sql(path, "summing rollups"))?;
+        while let Some(row) = rows.next().map_err(sql(path, "summing rollups"))? {
+            let ident: i64 = row.get(0).map_err(sql(path, "summing rollups"))?;
+            if !keep(ident) {
+                continue;
+            }
+            let cur = currencies.index(row, 1, path)?;
+            by_ident
+                .entry((ident, cur))
+                .or_default()
+                .add_rollup(row, 2, path)?;
+        }
+
+        // Then fold identities into their groups.
+        let key_query = if groups.is_empty() {
+            None
+        } else {
+            let cols: Vec<&str> = groups.iter().map(|&g| FIELDS[g]).collect();
+            Some(format!(
+                "SELECT {} FROM identities WHERE id = ?1",
+                cols.join(", ")
+            ))
+        };
+        let mut key_stmt = key_query
+            .map(|q| self.conn.prepare(&q))
+            .transpose()
+            .map_err(sql(path, "preparing group keys"))?;
+        let mut out: BTreeMap<Vec<Option<String>>, (Acc, BTreeSet<usize>)> = BTreeMap::new();
+        let mut keys: HashMap<i64, Vec<Option<String>>> = HashMap::new();
+        for ((ident, cur), acc) in by_ident {
+            let key = match (keys.get(&ident), key_stmt.as_mut()) {
+                (Some(k), _) => k.clone(),
+                (None, None) => Vec::new(),
+                (None, Some(stmt)) => {
+                    let k = group_key(stmt, path, ident, &groups)?;
+                    keys.insert(ident, k.clone());
+                    k
+                }
+            };
+            let slot = out.entry(key).or_default();
+            slot.0.merge(&acc)?;
+            slot.1.extend(cur);
+        }
+        out.into_iter()
+            .map(|(key, (acc, curs))| {
+                let names: Vec<String> = curs.iter().map(|&c| currencies.name(c)).collect();
+                if names.len() > 1 {
+                    return Err(LedgerError::MixedCurrency {
+                        group: key,
+                        currencies: names,
+                    });
+                }
+                let totals = acc.totals(names.into_iter().next())?;
+                Ok((key, totals))
+            })
+            .collect()
+    }
+
+    /// Month-to-date spend (Σ cost.total) of a billed party (customer_id, or user_id when customer_id is null) before `before`, rollups included.
+    ///
+    /// The month is `before`'s UTC calendar month. Kept as a running sum per
+    /// party and month at commit, so this does not scan a month of records:
+    /// it subtracts what lies at or after `before` (usually nothing).
+    pub fn month_to_date(&self, party: &str, before: &str) -> Result<Decimal, LedgerError> {
+        let path = &self.path;
+        let before_ns = parse_time("before", before)?;
+        let (start, next) = month_bounds(before_ns).ok_or_else(|| bad_ns("before", before_ns))?;
+        let stored: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT total FROM spend WHERE party = ?1 AND month_ns = ?2",
+                params![party, start],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql(path, "reading month-to-date spend"))?;
+        let mut sum = match stored {
+            Some(s) => Exact::parse(&s)
+                .ok_or_else(|| corrupt(path, format!("spend of {party:?}: {s:?}")))?,
+            None => Exact::ZERO,
+        };
+        // Party match: customer_id, or user_id where no customer is known.
+        const PARTY: &str = "(i.customer_id = ?3 OR (i.customer_id IS NULL AND i.user_id = ?3))";
+        let later_raw = format!(
+            "SELECT r.cost_total FROM records r CROSS JOIN identities i \
+             WHERE r.ws_ns >= ?1 AND r.ws_ns < ?2 AND i.id = r.ident \
+             AND r.currency IS NOT NULL AND {PARTY}"
+        );
+        let mut stmt = self
+            .conn
+            .prepare_cached(&later_raw)
+            .map_err(sql(path, "preparing month-to-date"))?;
+        let mut rows = stmt
+            .query(params![before_ns, next, party])
+            .map_err(sql(path, "reading month-to-date"))?;
+        while let Some(row) = rows.next().map_err(sql(path, "reading month-to-date"))? {
+            let v = row.get_ref(0).map_err(sql(path, "reading month-to-date"))?;
+            let e = blob_exact(v).ok_or_else(|| corrupt(path, "a stored cost_total"))?;
+            sum = sum
+                .checked_sub(e)
+                .ok_or_else(|| overflow("month-to-date spend"))?;
+        }
+        let later_rollups = format!(
+            "SELECT h.cost_total FROM hourly h CROSS JOIN identities i \
+             WHERE h.hour_ns >= ?1 AND h.hour_ns < ?2 AND i.id = h.ident AND {PARTY}"
+        );
+        let mut stmt = self
+            .conn
+            .prepare_cached(&later_rollups)
+            .map_err(sql(path, "preparing month-to-date"))?;
+        let mut rows = stmt
+            .query(params![before_ns, next, party])
+            .map_err(sql(path, "reading month-to-date"))?;
+        while let Some(row) = rows.next().map_err(sql(path, "reading month-to-date"))? {
+            let s: String = row.get(0).map_err(sql(path, "reading month-to-date"))?;
+            let e = Exact::parse(&s)
+                .ok_or_else(|| corrupt(path, format!("a rollup cost_total {s:?}")))?;
+            sum = sum
+                .checked_sub(e)
+                .ok_or_else(|| overflow("month-to-date spend"))?;
+        }
+        sum.to_decimal()
+            .ok_or_else(|| overflow("month-to-date spend"))
+    }
+
+    /// Compacts hours older than `now - retention` into exact hourly rollups, deleting raw records only once every exporter confirmed them.
+    ///
+    /// Undelivered records stay raw and are counted (a later run compacts
+    /// them once delivered). From this call on, records starting before the
+    /// cutoff can no longer be committed. See `compact.rs` for the steps.
+    pub fn compact(&mut self, now: &str) -> Result<CompactStats, LedgerError> {
+        let now_ns = parse_time("now", now)?;
+        let retention = i64::try_from(self.retention.as_nanos()).unwrap_or(i64::MAX);
+        let cutoff = floor_hour(now_ns.saturating_sub(retention));
+        compact::run(&mut self.conn, &self.path, cutoff)
+    }
+
+    /// Disk used by the ledger's files (main db, WAL and its shared-memory index) in bytes.
+    pub fn disk_bytes(&self) -> Result<u64, LedgerError> {
+        let mut total = 0;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = self.path.clone().into_os_string();
+            p.push(suffix);
+            let p = PathBuf::from(p);
+            match fs::metadata(&p) {
+                Ok(m) => total += m.len(),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(LedgerError::Io {
+                        path: p,
+                        what: "reading the file's size",
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Identity ids matching every filter.
+    fn matching_identities(
+        &self,
+        filters: &[(String, String)],
+    ) -> Result<HashSet<i64>, LedgerError> {
+        let path = &self.path;
+        let mut query = String::from("SELECT i.id FROM identities i WHERE 1");
+        let mut values = Vec::new();
+        push_filters(&mut query, &mut values, filters)?;
+        let mut stmt = self
+            .conn
+            .prepare(&query)
+            .map_err(sql(path, "preparing filters"))?;
+        let mut rows = stmt
+            .query(params_from_iter(values))
+            .map_err(sql(path, "applying filters"))?;
+        let mut out = HashSet::new();
+        while let Some(row) = rows.next().map_err(sql(path, "applying filters"))? {
+            out.insert(row.get(0).map_err(sql(path, "applying filters"))?);
+        }
+        Ok(out)
+    }
+}
+
+/// Brings the schema up to date, one migration per transaction.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), LedgerError> {
+    let supported = i64::try_from(schema::MIGRATIONS.len()).unwrap_or(i64::MAX);
+    loop {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql(path, "beginning a migration"))?;
+        // Read inside the write lock, so two agents opening at once do not
+        // both apply the same migration.
+        let found: i64 = tx
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sql(path, "reading the schema version"))?;
+        if found > supported || found < 0 {
+            return Err(LedgerError::SchemaTooNew {
+                path: path.to_path_buf(),
+                found,
+                supported,
+            });
+        }
+        let Some(migration) = usize::try_from(found)
+            .ok()
+            .and_then(|v| schema::MIGRATIONS.get(v))
+        else {
+            return Ok(());
+        };
+        tx.execute_batch(migration)
+            .map_err(sql(path, "migrating the schema"))?;
+        tx.pragma_update(None, "user_version", found + 1)
+            .map_err(sql(path, "setting the schema version"))?;
+        tx.commit().map_err(sql(path, "committing a migration"))?;
+        tracing::info!(path = %path.display(), version = found + 1, "ledger schema migrated");
+    }
+}
+
+/// Copies the WAL into the db (fsyncing both) and truncates it.
+fn checkpoint(conn: &Connection, path: &Path) -> Result<(), LedgerError> {
+    let busy: i64 = conn
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+        .map_err(sql(path, "checkpointing"))?;
+    if busy != 0 {
+        // A reader held an old snapshot; the next checkpoint finishes the job.
+        tracing::debug!(path = %path.display(), "ledger checkpoint incomplete: a reader is active");
+    }
+    Ok(())
+}
+
+fn meta_get(conn: &Connection, path: &Path, key: &str) -> Result<Option<i64>, LedgerError> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+        .map_err(sql(path, "reading ledger metadata"))
+}
+
+fn record_exists(conn: &Connection, path: &Path, ws: i64, id: &str) -> Result<bool, LedgerError> {
+    conn.prepare_cached("SELECT 1 FROM records WHERE ws_ns = ?1 AND record_id = ?2")
+        .and_then(|mut s| s.exists(params![ws, id]))
+        .map_err(sql(path, "looking up a record"))
+}
+
+/// Adds to a party's month spend.
+fn add_spend(
+    tx: &Transaction<'_>,
+    path: &Path,
+    party: &str,
+    month_ns: i64,
+    add: Exact,
+) -> Result<(), LedgerError> {
+    let stored: Option<String> = tx
+        .query_row(
+            "SELECT total FROM spend WHERE party = ?1 AND month_ns = ?2",
+            params![party, month_ns],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(sql(path, "reading month spend"))?;
+    let old = match stored {
+        Some(s) => {
+            Exact::parse(&s).ok_or_else(|| corrupt(path, format!("spend of {party:?}: {s:?}")))?
+        }
+        None => Exact::ZERO,
+    };
+    let total = old
+        .checked_add(add)
+        .ok_or_else(|| overflow("month-to-date spend"))?;
+    tx.execute(
+        "INSERT INTO spend (party, month_ns, total) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (party, month_ns) DO UPDATE SET total = excluded.total",
+        params![party, month_ns, total.to_string()],
+    )
+    .map_err(sql(path, "updating month spend"))?;
+    Ok(())
+}
+
+fn u64_to_i64(v: u64, what: &str) -> Result<i64, LedgerError> {
+    i64::try_from(v).map_err(|_| overflow(what))
+}
+
+fn saturating_i64(v: usize) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The index of a field name in [`FIELDS`], or an error naming it.
+fn field_index(name: &str) -> Result<usize, LedgerError> {
+    FIELDS
+        .iter()
+        .position(|f| *f == name)
+        .ok_or_else(|| LedgerError::UnknownField {
+            field: name.to_string(),
+        })
+}
+
+/// Appends ` AND i.<field> = ?n` for each filter (names validated, values bound).
+fn push_filters(
+    query: &mut String,
+    values: &mut Vec<Value>,
+    filters: &[(String, String)],
+) -> Result<(), LedgerError> {
+    for (field, value) in filters {
+        let idx = field_index(field)?;
+        let bad = || LedgerError::BadFieldValue {
+            field: field.clone(),
+            value: value.clone(),
+        };
+        let v = match idx {
+            PID | PPID => Value::Integer(i64::from(value.parse::<u32>().map_err(|_| bad())?)),
+            CGROUP_ID => Value::Integer(u64_bits(value.parse::<u64>().map_err(|_| bad())?)),
+            _ => Value::Text(value.clone()),
+        };
+        values.push(v);
+        query.push_str(&format!(" AND i.{} = ?{}", FIELDS[idx], values.len()));
+    }
+    Ok(())
+}
+
+/// A u64 stored in SQLite's i64, bit for bit (cgroup ids use all 64 bits in principle).
+fn u64_bits(v: u64) -> i64 {
+    i64::from_ne_bytes(v.to_ne_bytes())
+}
+
+fn bits_u64(v: i64) -> u64 {
+    u64::from_ne_bytes(v.to_ne_bytes())
+}
+
+/// One identity's values of the group-by fields, as text.
+fn group_key(
+    stmt: &mut Statement<'_>,
+    path: &Path,
+    ident: i64,
+    groups: &[usize],
+) -> Result<Vec<Option<String>>, LedgerError> {
+    let mut rows = stmt
+        .query([ident])
+        .map_err(sql(path, "reading group keys"))?;
+    let row = rows
+        .next()
+        .map_err(sql(path, "reading group keys"))?
+        .ok_or_else(|| corrupt(path, format!("identity {ident} is missing")))?;
+    groups
+        .iter()
+        .enumerate()
+        .map(|(col, &field)| {
+            let v = row.get_ref(col).map_err(sql(path, "reading group keys"))?;
+            Ok(match v {
+                ValueRef::Null => None,
+                ValueRef::Integer(i) if field == CGROUP_ID => Some(bits_u64(i).to_string()),
+                ValueRef::Integer(i) => Some(i.to_string()),
+                ValueRef::Real(f) => Some(f.to_string()),
+                ValueRef::Text(t) | ValueRef::Blob(t) => {
+                    Some(String::from_utf8_lossy(t).into_owned())
+                }
+            })
+        })
+        .collect()
+}
+
+/// Who is billed for a record: its customer, or its user where no customer is known.
+fn billed_party(r: &UsageRecord) -> Option<&str> {
+    r.customer_id.as_deref().or(r.user_id.as_deref())
+}

@@ -1,0 +1,158 @@
+//! The ledger's schema, migrated by SQLite's `user_version`.
+//!
+//! `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`. A migration
+//! is never edited once released: a change is a new entry. Each runs in its
+//! own transaction together with its `user_version` bump, so a crash leaves
+//! the file at one version or the next, never between.
+
+/// Every migration, in order.
+pub(super) const MIGRATIONS: &[&str] = &[V1];
+
+/// Version 1.
+///
+/// - `identities`: each distinct identity/trace-context tuple once. Records
+///   and rollups point at it, so a long-lived workload's names are stored
+///   once, not in every one-second record. `hash` is FNV-1a 64 of the tuple
+///   (collisions only cost a comparison: lookups check every column).
+/// - `records`: one row per record, clustered by (window start, record_id),
+///   so a window appends at the end of the B-tree and a time range is one
+///   contiguous scan. Times are integer ns since the epoch (RFC 3339 text
+///   does not sort: `…:00Z` > `…:00.5Z`). Decimals are `DecBlob`s (NULL for
+///   a plain zero); `currency` is NULL when the record is unpriced.
+/// - `outbox`: (exporter, record) pairs not yet delivered; a row is deleted
+///   on delivery. Both its B-trees are in time order, so a commit appends
+///   to them even while an exporter is down and its backlog grows (an index
+///   by the random-looking record_id cost 4× the write time there: each
+///   window dirtied a page per record). `outbox_by_record` answers
+///   compaction's "is this record still owed to anyone".
+/// - `windows`: committed windows; the newest is the resume point.
+/// - `hourly`: rollups per (hour, identity, currency; '' when unpriced), with
+///   exact sums as decimal text and integer sums.
+/// - `spend`: exact cost.total per (billed party, month start), kept at
+///   commit, for month-to-date without scanning a month of records.
+/// - `meta`: `compacted_before`, the start of the oldest hour not compacted.
+const V1: &str = "
+CREATE TABLE identities (
+    id INTEGER PRIMARY KEY,
+    hash INTEGER NOT NULL,
+    node TEXT NOT NULL,
+    record_kind TEXT NOT NULL,
+    workload_kind TEXT,
+    pid INTEGER,
+    ppid INTEGER,
+    process_start_time TEXT,
+    comm TEXT,
+    exe TEXT,
+    cgroup_id INTEGER,
+    cgroup_path TEXT,
+    container_id TEXT,
+    container_runtime TEXT,
+    pod_uid TEXT,
+    k8s_namespace TEXT,
+    k8s_pod_name TEXT,
+    wasm_module TEXT,
+    agent_id TEXT,
+    flow_id TEXT,
+    run_id TEXT,
+    user_id TEXT,
+    project_id TEXT,
+    customer_id TEXT,
+    trace_id TEXT
+);
+CREATE INDEX identities_hash ON identities (hash);
+
+CREATE TABLE records (
+    ws_ns INTEGER NOT NULL,
+    record_id TEXT NOT NULL,
+    we_ns INTEGER NOT NULL,
+    ident INTEGER NOT NULL,
+    cpu_core_seconds BLOB,
+    memory_gb_seconds BLOB,
+    gpu_seconds BLOB,
+    gpu_memory_gb_seconds BLOB,
+    network_rx_bytes INTEGER NOT NULL,
+    network_tx_bytes INTEGER NOT NULL,
+    disk_read_bytes INTEGER NOT NULL,
+    disk_write_bytes INTEGER NOT NULL,
+    storage_bytes INTEGER,
+    syscalls INTEGER NOT NULL,
+    tokens TEXT,
+    tokens_input INTEGER NOT NULL,
+    tokens_cache_read_input INTEGER NOT NULL,
+    tokens_output INTEGER NOT NULL,
+    tokens_reasoning_output INTEGER NOT NULL,
+    currency TEXT,
+    pricing_version TEXT,
+    cost_cpu BLOB,
+    cost_memory BLOB,
+    cost_gpu BLOB,
+    cost_network BLOB,
+    cost_storage BLOB,
+    cost_token BLOB,
+    cost_subtotal BLOB,
+    cost_discount BLOB,
+    cost_total BLOB,
+    PRIMARY KEY (ws_ns, record_id)
+) WITHOUT ROWID;
+
+CREATE TABLE outbox (
+    exporter TEXT NOT NULL,
+    ws_ns INTEGER NOT NULL,
+    record_id TEXT NOT NULL,
+    PRIMARY KEY (exporter, ws_ns, record_id)
+) WITHOUT ROWID;
+CREATE INDEX outbox_by_record ON outbox (ws_ns, record_id);
+
+CREATE TABLE windows (
+    we_ns INTEGER NOT NULL,
+    ws_ns INTEGER NOT NULL,
+    committed_ns INTEGER NOT NULL,
+    records INTEGER NOT NULL,
+    PRIMARY KEY (we_ns, ws_ns)
+) WITHOUT ROWID;
+
+CREATE TABLE hourly (
+    id INTEGER PRIMARY KEY,
+    hour_ns INTEGER NOT NULL,
+    ident INTEGER NOT NULL,
+    currency TEXT NOT NULL,
+    records INTEGER NOT NULL,
+    priced INTEGER NOT NULL,
+    cpu_core_seconds TEXT NOT NULL,
+    memory_gb_seconds TEXT NOT NULL,
+    gpu_seconds TEXT NOT NULL,
+    gpu_memory_gb_seconds TEXT NOT NULL,
+    cost_cpu TEXT NOT NULL,
+    cost_memory TEXT NOT NULL,
+    cost_gpu TEXT NOT NULL,
+    cost_network TEXT NOT NULL,
+    cost_storage TEXT NOT NULL,
+    cost_token TEXT NOT NULL,
+    cost_subtotal TEXT NOT NULL,
+    cost_discount TEXT NOT NULL,
+    cost_total TEXT NOT NULL,
+    network_rx_bytes INTEGER NOT NULL,
+    network_tx_bytes INTEGER NOT NULL,
+    disk_read_bytes INTEGER NOT NULL,
+    disk_write_bytes INTEGER NOT NULL,
+    storage_bytes INTEGER NOT NULL,
+    syscalls INTEGER NOT NULL,
+    tokens_input INTEGER NOT NULL,
+    tokens_cache_read_input INTEGER NOT NULL,
+    tokens_output INTEGER NOT NULL,
+    tokens_reasoning_output INTEGER NOT NULL,
+    UNIQUE (hour_ns, ident, currency)
+);
+
+CREATE TABLE spend (
+    party TEXT NOT NULL,
+    month_ns INTEGER NOT NULL,
+    total TEXT NOT NULL,
+    PRIMARY KEY (party, month_ns)
+) WITHOUT ROWID;
+
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+";

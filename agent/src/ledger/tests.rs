@@ -1,0 +1,1159 @@
+use std::{
+    collections::HashSet,
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Command, Stdio},
+    str::FromStr,
+};
+
+use super::{
+    identity::{identity_hash, identity_of},
+    sim::*,
+    times::{format_ns, now_ns, parse_time},
+    *,
+};
+use crate::usage::{Cost, TokenUsage};
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "mentat-ledger-{name}-{}-{}",
+            std::process::id(),
+            now_ns()
+        ));
+        fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+
+    fn db(&self) -> PathBuf {
+        self.0.join("state").join("ledger.db")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn d(s: &str) -> Decimal {
+    Decimal::from_str(s).expect("decimal")
+}
+
+fn t(s: i64) -> String {
+    format_ns(s * 1_000_000_000).expect("time")
+}
+
+/// 2026-01-01T00:00:00Z, in seconds.
+const T0: i64 = 1_767_225_600;
+
+/// A plain record in window [ws, ws + 10 s).
+fn rec(id: &str, ws: i64) -> UsageRecord {
+    UsageRecord {
+        record_id: id.into(),
+        node: "n1".into(),
+        window_start: t(ws),
+        window_end: t(ws + 10),
+        record_kind: "process".into(),
+        ..UsageRecord::default()
+    }
+}
+
+fn priced(mut r: UsageRecord, total: &str) -> UsageRecord {
+    r.cost = Some(Cost {
+        cpu: d(total),
+        subtotal: d(total),
+        total: d(total),
+        currency: "USD".into(),
+        pricing_version: "v1".into(),
+        ..Cost::default()
+    });
+    r
+}
+
+fn full_record() -> UsageRecord {
+    UsageRecord {
+        record_id: "0123456789abcdef0123456789abcdef".into(),
+        node: "node-a".into(),
+        window_start: "2026-01-01T00:00:00.5Z".into(),
+        window_end: "2026-01-01T00:00:01.500000001Z".into(),
+        record_kind: "process".into(),
+        workload_kind: Some("wasm".into()),
+        pid: Some(u32::MAX),
+        process_start_time: Some("2025-12-31T23:59:59.99Z".into()),
+        ppid: Some(1),
+        comm: Some("python3".into()),
+        exe: Some("/usr/bin/python3 ünïcode".into()),
+        cgroup_id: Some(u64::MAX - 1),
+        cgroup_path: Some("/kubepods.slice/pod-x.slice/cri-containerd-abc.scope".into()),
+        container_id: Some("c".repeat(64)),
+        container_runtime: Some("containerd".into()),
+        pod_uid: Some("1b4e28ba-2fa1-11d2-883f-0016d3cca427".into()),
+        k8s_namespace: Some("team-a".into()),
+        k8s_pod_name: Some("agent-0".into()),
+        wasm_module: Some("spin-app".into()),
+        agent_id: Some("agent-1".into()),
+        flow_id: Some("flow-1".into()),
+        run_id: Some("run-1".into()),
+        user_id: Some("user-1".into()),
+        project_id: Some("project-1".into()),
+        customer_id: Some("customer-1".into()),
+        trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+        cpu_core_seconds: d("1.500000001"),
+        memory_gb_seconds: d("0.4656612873077392578125000000"),
+        gpu_seconds: d("0.000"),
+        gpu_memory_gb_seconds: d("12.5"),
+        network_rx_bytes: i64::MAX as u64,
+        network_tx_bytes: 2,
+        disk_read_bytes: 3,
+        disk_write_bytes: 4,
+        storage_bytes: Some(5),
+        syscalls: 6,
+        tokens: vec![
+            TokenUsage {
+                model: "gpt-4o".into(),
+                input: 1000,
+                cache_read_input: 400,
+                output: 300,
+                reasoning_output: 100,
+            },
+            TokenUsage {
+                model: "claude-sonnet-4".into(),
+                input: 7,
+                cache_read_input: 0,
+                output: 9,
+                reasoning_output: 0,
+            },
+        ],
+        cost: Some(Cost {
+            cpu: d("0.0000277777777777777777777778"),
+            memory: d("0.0000000006853852"),
+            gpu: Decimal::ZERO,
+            network: d("0.10"),
+            storage: d("0.0000000000385802469135802469"),
+            token: d("0.0075"),
+            subtotal: d("0.1075277784631630"),
+            discount: d("-0.01"),
+            total: d("0.1175277784631630"),
+            currency: "EUR".into(),
+            pricing_version: "2026-01-b".into(),
+        }),
+    }
+}
+
+fn all(ledger: &Ledger, from: i64, to: i64) -> Vec<UsageRecord> {
+    let mut out = Vec::new();
+    let mut after = None;
+    loop {
+        let page = ledger
+            .records(&RecordQuery {
+                from: t(from),
+                to: t(to),
+                filters: vec![],
+                after: after.take(),
+                limit: 500,
+            })
+            .expect("records");
+        out.extend(page.records);
+        match page.next {
+            Some(n) => after = Some(n),
+            None => return out,
+        }
+    }
+}
+
+fn total_of(ledger: &Ledger, from: i64, to: i64) -> Totals {
+    let rows = ledger.totals(&t(from), &t(to), &[], &[]).expect("totals");
+    assert!(rows.len() <= 1);
+    rows.into_iter().next().map(|(_, t)| t).unwrap_or_default()
+}
+
+#[test]
+fn round_trip_keeps_every_field_exactly() {
+    let dir = TempDir::new("roundtrip");
+    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let full = full_record();
+    let bare = UsageRecord {
+        storage_bytes: None,
+        cpu_core_seconds: d("0.10"),
+        ..rec("bare", T0)
+    };
+    let n = ledger
+        .commit_window(
+            &full.window_start,
+            &full.window_end,
+            &[full.clone(), bare.clone()],
+            &["otlp"],
+        )
+        .expect("commit");
+    assert_eq!(n, 2);
+    let got = all(&ledger, T0 - 10, T0 + 100);
+    assert_eq!(got.len(), 2);
+    let by_id = |id: &str| got.iter().find(|r| r.record_id == id).expect(id).clone();
+    for (want, have) in [
+        (full, by_id("0123456789abcdef0123456789abcdef")),
+        (bare, by_id("bare")),
+    ] {
+        assert_eq!(have, want);
+        // PartialEq on Decimal ignores scale; the serialised form does not.
+        assert_eq!(
+            serde_json::to_string(&have).expect("json"),
+            serde_json::to_string(&want).expect("json")
+        );
+    }
+    let pending = ledger.pending("otlp", 10).expect("pending");
+    assert_eq!(pending.len(), 2);
+    // Times are kept as instants and come back in canonical form.
+    let shifted = UsageRecord {
+        window_start: "2026-01-01T01:00:10.500+01:00".into(),
+        window_end: "2026-01-01T00:00:20.000Z".into(),
+        ..rec("shifted", 0)
+    };
+    ledger
+        .commit_window(&t(T0 + 10), &t(T0 + 20), &[shifted], &[])
+        .expect("commit");
+    let back = ledger
+        .records(&RecordQuery {
+            from: t(T0 + 10),
+            to: t(T0 + 11),
+            filters: vec![],
+            after: None,
+            limit: 10,
+        })
+        .expect("records");
+    assert_eq!(back.records[0].window_start, "2026-01-01T00:00:10.5Z");
+    assert_eq!(back.records[0].window_end, "2026-01-01T00:00:20Z");
+    assert_eq!(
+        serde_json::to_string(&pending).expect("json"),
+        serde_json::to_string(&got).expect("json")
+    );
+}
+
+#[test]
+fn recommitting_a_window_writes_and_enqueues_nothing_new() {
+    let dir = TempDir::new("idem");
+    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let batch: Vec<_> = (0..50)
+        .map(|i| priced(rec(&format!("r{i}"), T0), "0.1"))
+        .collect();
+    assert_eq!(
+        ledger
+            .commit_window(&t(T0), &t(T0 + 10), &batch, &["a"])
+            .expect("1st"),
+        50
+    );
+    assert_eq!(
+        ledger
+            .commit_window(&t(T0), &t(T0 + 10), &batch, &["a"])
+            .expect("2nd"),
+        0
+    );
+    assert_eq!(ledger.pending("a", 1000).expect("pending").len(), 50);
+    // Delivered, then retried: still not enqueued again.
+    let ids: Vec<String> = batch.iter().map(|r| r.record_id.clone()).collect();
+    ledger.mark_delivered("a", &ids).expect("mark");
+    assert_eq!(
+        ledger
+            .commit_window(&t(T0), &t(T0 + 10), &batch, &["a"])
+            .expect("3rd"),
+        0
+    );
+    assert!(ledger.pending("a", 1000).expect("pending").is_empty());
+    // Duplicates within one call count once.
+    let dup = vec![rec("x", T0 + 10), rec("x", T0 + 10)];
+    assert_eq!(
+        ledger
+            .commit_window(&t(T0 + 10), &t(T0 + 20), &dup, &["a"])
+            .expect("dup"),
+        1
+    );
+    assert_eq!(all(&ledger, T0, T0 + 100).len(), 51);
+    let totals = total_of(&ledger, T0, T0 + 100);
+    assert_eq!(totals.records, 51);
+    assert_eq!(totals.cost.total, d("5"));
+    assert_eq!(
+        ledger.month_to_date("x", &t(T0 + 100)).expect("mtd"),
+        Decimal::ZERO
+    );
+}
+
+#[test]
+fn outboxes_are_independent_per_exporter() {
+    let dir = TempDir::new("outbox");
+    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    for w in 0..3 {
+        let ws = T0 + 10 * w;
+        let batch: Vec<_> = (0..4).map(|i| rec(&format!("w{w}-r{i}"), ws)).collect();
+        ledger
+            .commit_window(&t(ws), &t(ws + 10), &batch, &["otlp", "billing"])
+            .expect("commit");
+    }
+    let ids = |v: Vec<UsageRecord>| v.into_iter().map(|r| r.record_id).collect::<Vec<_>>();
+    let first = ids(ledger.pending("otlp", 5).expect("pending"));
+    assert_eq!(
+        first,
+        ["w0-r0", "w0-r1", "w0-r2", "w0-r3", "w1-r0"],
+        "oldest first"
+    );
+    ledger.mark_delivered("otlp", &first).expect("mark");
+    assert_eq!(ledger.pending("otlp", 100).expect("pending").len(), 7);
+    assert_eq!(ledger.pending("billing", 100).expect("pending").len(), 12);
+    assert!(ledger.pending("nobody", 100).expect("pending").is_empty());
+    // Marking for one exporter, or twice, or unknown ids, does not touch the other.
+    ledger
+        .mark_delivered("billing", &["w2-r3".into(), "nope".into()])
+        .expect("mark");
+    ledger
+        .mark_delivered("billing", &["w2-r3".into()])
+        .expect("again");
+    assert_eq!(ledger.pending("billing", 100).expect("pending").len(), 11);
+    assert_eq!(ledger.pending("otlp", 100).expect("pending").len(), 7);
+    assert!(matches!(
+        ledger.commit_window(&t(T0), &t(T0 + 10), &[], &[""]),
+        Err(LedgerError::EmptyExporter)
+    ));
+    // Without exporters, records are stored and owed to no one.
+    ledger
+        .commit_window(&t(T0 + 30), &t(T0 + 40), &[rec("quiet", T0 + 30)], &[])
+        .expect("commit");
+    assert_eq!(ledger.pending("otlp", 100).expect("pending").len(), 7);
+}
+
+/// The child half of the crash test: commits windows until killed.
+const CHILD_ENV: &str = "MENTAT_LEDGER_CRASH_CHILD";
+const CHILD_RECORDS: usize = 50;
+
+#[test]
+fn crash_child() {
+    let Ok(path) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let mut ledger = Ledger::open(Path::new(&path), DAY).expect("open");
+    for w in 0.. {
+        let ws = T0 + w;
+        let batch: Vec<_> = (0..CHILD_RECORDS)
+            .map(|i| priced(rec(&format!("w{w}-r{i}"), ws), "0.001"))
+            .collect();
+        ledger
+            .commit_window(&t(ws), &t(ws + 1), &batch, &["otlp"])
+            .expect("commit");
+        println!("committed {}", t(ws + 1));
+    }
+}
+
+#[test]
+fn sigkill_right_after_commit_loses_nothing() {
+    let dir = TempDir::new("crash");
+    let db = dir.db();
+    // This module's path without the crate: how the test harness names tests.
+    let module = module_path!().split_once("::").map_or("", |(_, m)| m);
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            &format!("{module}::crash_child"),
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, &db)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut last_seen = None;
+    let mut seen = 0;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("line");
+        if let Some(end) = line.strip_prefix("committed ") {
+            last_seen = Some(end.to_string());
+            seen += 1;
+            if seen == 20 {
+                // SIGKILL, while the child is inside its next commit_window.
+                child.kill().expect("kill");
+                break;
+            }
+        }
+    }
+    child.wait().expect("wait");
+    let last_seen = last_seen.expect("child committed");
+
+    let ledger = Ledger::open(&db, DAY).expect("reopen");
+    let end = ledger
+        .last_window_end()
+        .expect("last")
+        .expect("some window");
+    let end_ns = parse_time("end", &end).expect("time");
+    assert!(end_ns >= parse_time("seen", &last_seen).expect("time"));
+    // Every window there is whole: the one in flight is all or nothing.
+    let windows = usize::try_from((end_ns / 1_000_000_000) - T0).expect("windows");
+    assert!(windows >= 20);
+    let records = all(&ledger, T0, T0 + 10_000);
+    assert_eq!(records.len(), windows * CHILD_RECORDS);
+    let ids: HashSet<_> = records.iter().map(|r| r.record_id.as_str()).collect();
+    assert_eq!(ids.len(), records.len());
+    assert_eq!(
+        ledger.pending("otlp", 1_000_000).expect("pending").len(),
+        records.len()
+    );
+    let mtd = ledger.month_to_date("", &t(T0 + 100_000)).expect("mtd");
+    assert_eq!(mtd, Decimal::ZERO, "records have no party");
+}
+
+#[test]
+fn dropping_without_close_keeps_the_window() {
+    let dir = TempDir::new("forget");
+    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    assert_eq!(ledger.last_window_end().expect("last"), None);
+    ledger
+        .commit_window(&t(T0), &t(T0 + 10), &[rec("a", T0)], &["otlp"])
+        .expect("commit");
+    // No close, no checkpoint: the window lives only in the WAL.
+    std::mem::forget(ledger);
+    let ledger = Ledger::open(&dir.db(), DAY).expect("reopen");
+    assert_eq!(ledger.last_window_end().expect("last"), Some(t(T0 + 10)));
+    assert_eq!(ledger.pending("otlp", 10).expect("pending").len(), 1);
+}
+
+#[test]
+fn paging_returns_each_record_exactly_once_in_time_order() {
+    let dir = TempDir::new("paging");
+    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let mut expected = Vec::new();
+    // Sub-second window starts: as text "…:00Z" sorts after "…:00.5Z".
+    for w in 0..20i64 {
+        let ws_ns = (T0 + w / 2) * 1_000_000_000 + (w % 2) * 500_000_000;
+        let ws = format_ns(ws_ns).expect("time");
+        let we = format_ns(ws_ns + 500_000_000).expect("time");
+        let batch: Vec<_> = (0..50)
+            .map(|i| UsageRecord {
+                window_start: ws.clone(),
+                window_end: we.clone(),
+                user_id: (i % 3 != 0).then(|| format!("u{}", i % 2)),
+                ..rec(&format!("{:04}-{w}", 49 - i), 0)
+            })
+            .collect();
+        expected.extend(batch.iter().map(|r| (ws_ns, r.record_id.clone())));
+        ledger.commit_window(&ws, &we, &batch, &[]).expect("commit");
+    }
+    expected.sort();
+    let mut got = Vec::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let page = ledger
+            .records(&RecordQuery {
+                from: t(T0),
+                to: t(T0 + 10),
+                filters: vec![],
+                after: after.take(),
+                limit: 37,
+            })
+            .expect("page");
+        pages += 1;
+        got.extend(page.records.iter().map(|r| {
+            (
+                parse_time("ws", &r.window_start).expect("t"),
+                r.record_id.clone(),
+            )
+        }));
+        match page.next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(got.len(), 1000);
+    assert_eq!(
+        got, expected,
+        "each once, ordered by (window_start, record_id)"
+    );
+    assert_eq!(pages, 1000usize.div_ceil(37));
+
+    // With a filter, paging still covers exactly the matching records.
+    let mut n = 0;
+    let mut after = None;
+    loop {
+        let page = ledger
+            .records(&RecordQuery {
+                from: t(T0),
+                to: t(T0 + 10),
+                filters: vec![("user_id".into(), "u1".into())],
+                after: after.take(),
+                limit: 100,
+            })
+            .expect("page");
+        assert!(
+            page.records
+                .iter()
+                .all(|r| r.user_id.as_deref() == Some("u1"))
+        );
+        n += page.records.len();
+        match page.next {
+            Some(c) => after = Some(c),
+            None => break,
+        }
+    }
+    let u1 = (0..50).filter(|i| i % 3 != 0 && i % 2 == 1).count();
+    assert_eq!(n, 20 * u1);
+    // [from, to) is by window start: the half-open bound excludes T0 + 5.
+    let half = ledger
+        .records(&RecordQuery {
+            from: t(T0),
+            to: t(T0 + 5),
+            filters: vec![],
+            after: None,
+            limit: 10_000,
+        })
+        .expect("page");
+    assert_eq!(half.records.len(), 500);
+    assert!(half.next.is_none());
+}
+
+#[test]
+fn totals_group_with_nulls_and_stay_exact() {
+    let dir = TempDir::new("totals");
+    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let mut batch = Vec::new();
+    for i in 0..3000 {
+        let mut r = priced(rec(&format!("r{i}"), T0), "0.1");
+        r.cpu_core_seconds = d("0.1");
+        r.network_rx_bytes = 3;
+        r.tokens = vec![TokenUsage {
+            model: "m".into(),
+            input: 2,
+            cache_read_input: 1,
+            output: 1,
+            reasoning_output: 0,
+        }];
+        r.user_id = match i % 3 {
+            0 => None,
+            1 => Some("alice".into()),
+            _ => Some("bob".into()),
+        };
+        r.project_id = (i % 2 == 0).then(|| "p1".into());
+        batch.push(r);
+    }
+    ledger
+        .commit_window(&t(T0), &t(T0 + 10), &batch, &[])
+        .expect("commit");
+    let total = total_of(&ledger, T0, T0 + 10);
+    assert_eq!(total.records, 3000);
+    assert_eq!(total.priced_records, 3000);
+    assert_eq!(total.cost.total, Decimal::from(300), "3000 × 0.1 exactly");
+    assert_eq!(total.cpu_core_seconds, Decimal::from(300));
+    assert_eq!(total.network_rx_bytes, 9000);
+    assert_eq!(total.tokens_input, 6000);
+    assert_eq!(total.tokens_cache_read_input, 3000);
+    assert_eq!(total.currency.as_deref(), Some("USD"));
+
+    let rows = ledger
+        .totals(&t(T0), &t(T0 + 10), &["user_id", "project_id"], &[])
+        .expect("grouped");
+    let keys: Vec<_> = rows.iter().map(|(k, _)| k.clone()).collect();
+    let s = |v: &str| Some(v.to_string());
+    assert_eq!(
+        keys,
+        vec![
+            vec![None, None],
+            vec![None, s("p1")],
+            vec![s("alice"), None],
+            vec![s("alice"), s("p1")],
+            vec![s("bob"), None],
+            vec![s("bob"), s("p1")],
+        ]
+    );
+    for (_, t) in &rows {
+        assert_eq!(t.records, 500);
+        assert_eq!(t.cost.total, Decimal::from(50));
+    }
+    // Children sum to the parent exactly.
+    let sum: Decimal = rows.iter().map(|(_, t)| t.cost.total).sum();
+    assert_eq!(sum, total.cost.total);
+
+    // Filters narrow; integer fields take integer values.
+    let bob = ledger
+        .totals(
+            &t(T0),
+            &t(T0 + 10),
+            &[],
+            &[("user_id".into(), "bob".into())],
+        )
+        .expect("filtered");
+    assert_eq!(bob[0].1.records, 1000);
+    let none = ledger
+        .totals(&t(T0), &t(T0 + 10), &["pid"], &[("pid".into(), "7".into())])
+        .expect("filtered");
+    assert!(none.is_empty());
+}
+
+#[test]
+fn totals_refuse_mixed_currencies_in_one_group() {
+    let dir = TempDir::new("currency");
+    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let usd = priced(rec("a", T0), "1");
+    let mut eur = priced(rec("b", T0), "1");
+    if let Some(c) = eur.cost.as_mut() {
+        c.currency = "EUR".into();
+    }
+    eur.user_id = Some("eu".into());
+    ledger
+        .commit_window(&t(T0), &t(T0 + 10), &[usd, eur], &[])
+        .expect("commit");
+    let err = ledger
+        .totals(&t(T0), &t(T0 + 10), &[], &[])
+        .expect_err("mixed");
+    assert!(matches!(err, LedgerError::MixedCurrency { .. }), "{err}");
+    let split = ledger
+        .totals(&t(T0), &t(T0 + 10), &["user_id"], &[])
+        .expect("per user is fine");
+    assert_eq!(split.len(), 2);
+}
+
+#[test]
+fn unknown_fields_are_refused_by_name() {
+    let dir = TempDir::new("fields");
+    let ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let err = ledger
+        .totals(&t(T0), &t(T0 + 1), &["user_id", "colour"], &[])
+        .expect_err("group");
+    assert!(err.to_string().contains("\"colour\""), "{err}");
+    let err = ledger
+        .totals(
+            &t(T0),
+            &t(T0 + 1),
+            &[],
+            &[("user_id; DROP TABLE records".into(), "x".into())],
+        )
+        .expect_err("filter");
+    assert!(matches!(&err, LedgerError::UnknownField { field } if field.starts_with("user_id;")));
+    let q = |filters: Vec<(String, String)>, limit| RecordQuery {
+        from: t(T0),
+        to: t(T0 + 1),
+        filters,
+        after: None,
+        limit,
+    };
+    let err = ledger
+        .records(&q(vec![("cost".into(), "1".into())], 10))
+        .expect_err("records");
+    assert!(matches!(&err, LedgerError::UnknownField { field } if field == "cost"));
+    let err = ledger
+        .records(&q(vec![("pid".into(), "-1".into())], 10))
+        .expect_err("pid");
+    assert!(matches!(&err, LedgerError::BadFieldValue { field, .. } if field == "pid"));
+    assert!(matches!(
+        ledger.records(&q(vec![], 0)),
+        Err(LedgerError::ZeroLimit)
+    ));
+    let err = ledger
+        .totals("yesterday", &t(T0), &[], &[])
+        .expect_err("time");
+    assert!(
+        matches!(&err, LedgerError::BadTime { what, .. } if what == "from"),
+        "{err}"
+    );
+}
+
+#[test]
+fn compaction_keeps_totals_exact_and_undelivered_records() {
+    let dir = TempDir::new("compact");
+    let mut ledger = Ledger::open(&dir.db(), Duration::from_secs(3600)).expect("open");
+    // Three hours of 10 s windows, 12 workloads, 28-digit costs.
+    let mut all_ids = Vec::new();
+    for w in 0..(3 * 360) {
+        let ws = T0 + 10 * w;
+        let batch = synthetic_window(
+            "n1",
+            12,
+            ws * 1_000_000_000,
+            10_000_000_000,
+            1_200_000_000_000,
+        );
+        all_ids.extend(batch.iter().map(|r| r.record_id.clone()));
+        ledger
+            .commit_window(&t(ws), &t(ws + 10), &batch, &["otlp"])
+            .expect("commit");
+    }
+    // Deliver all but one record in the first hour.
+    let (kept_id, delivered) = all_ids.split_first().expect("ids");
+    ledger.mark_delivered("otlp", delivered).expect("mark");
+    let groupings: [&[&str]; 4] = [
+        &[],
+        &["user_id", "project_id"],
+        &["pid"],
+        &["run_id", "customer_id"],
+    ];
+    let before: Vec<_> = groupings
+        .iter()
+        .map(|g| {
+            ledger
+                .totals(&t(T0), &t(T0 + 3 * 3600), g, &[])
+                .expect("totals")
+        })
+        .collect();
+    let filtered = ledger
+        .totals(
+            &t(T0),
+            &t(T0 + 3 * 3600),
+            &[],
+            &[("customer_id".into(), "customer-2".into())],
+        )
+        .expect("totals");
+    let per_hour: Vec<_> = (0..3)
+        .map(|h| total_of(&ledger, T0 + h * 3600, T0 + (h + 1) * 3600))
+        .collect();
+    let raw_bytes = ledger.disk_bytes().expect("bytes");
+
+    // now = T0 + 3h + 30 min, retention 1 h: hours 0 and 1 are compacted.
+    let stats = ledger.compact(&t(T0 + 3 * 3600 + 1800)).expect("compact");
+    assert_eq!(stats.records_compacted, 2 * 360 * 12 - 1);
+    assert_eq!(stats.kept_undelivered, 1);
+    assert!(stats.rollup_rows >= 24, "{stats:?}");
+    for (g, want) in groupings.iter().zip(&before) {
+        let got = ledger
+            .totals(&t(T0), &t(T0 + 3 * 3600), g, &[])
+            .expect("totals");
+        assert_eq!(&got, want, "group by {g:?}");
+    }
+    let got = ledger
+        .totals(
+            &t(T0),
+            &t(T0 + 3 * 3600),
+            &[],
+            &[("customer_id".into(), "customer-2".into())],
+        )
+        .expect("totals");
+    assert_eq!(got, filtered);
+    for h in 0..3 {
+        assert_eq!(
+            total_of(&ledger, T0 + h * 3600, T0 + (h + 1) * 3600),
+            per_hour[h as usize]
+        );
+    }
+    // Only the undelivered record and the last hour are still raw.
+    let raw = all(&ledger, T0, T0 + 3 * 3600);
+    assert_eq!(raw.len(), 1 + 360 * 12);
+    assert_eq!(raw[0].record_id, *kept_id);
+    assert_eq!(ledger.pending("otlp", 10).expect("pending").len(), 1);
+    assert!(ledger.disk_bytes().expect("bytes") < raw_bytes);
+    // The resume point survives pruning of old windows.
+    assert_eq!(
+        ledger.last_window_end().expect("last"),
+        Some(t(T0 + 3 * 3600))
+    );
+
+    // Recommitting a compacted window is refused, not double counted.
+    let old = synthetic_window(
+        "n1",
+        12,
+        (T0 + 3000) * 1_000_000_000,
+        10_000_000_000,
+        1_200_000_000_000,
+    );
+    let err = ledger
+        .commit_window(&t(T0 + 3000), &t(T0 + 3010), &old, &["otlp"])
+        .expect_err("compacted");
+    assert!(matches!(err, LedgerError::Compacted { .. }), "{err}");
+    // …but the kept record is still there, so its retry is a no-op.
+    let first = synthetic_window(
+        "n1",
+        1,
+        T0 * 1_000_000_000,
+        10_000_000_000,
+        1_200_000_000_000,
+    );
+    assert_eq!(
+        ledger
+            .commit_window(&t(T0), &t(T0 + 10), &first, &["otlp"])
+            .expect("retry"),
+        0
+    );
+
+    // Once delivered, the straggler is folded into its existing rollup row.
+    ledger
+        .mark_delivered("otlp", std::slice::from_ref(kept_id))
+        .expect("mark");
+    let again = ledger.compact(&t(T0 + 3 * 3600 + 1800)).expect("compact");
+    assert_eq!(
+        (
+            again.records_compacted,
+            again.kept_undelivered,
+            again.rollup_rows
+        ),
+        (1, 0, 1)
+    );
+    for (g, want) in groupings.iter().zip(&before) {
+        let got = ledger
+            .totals(&t(T0), &t(T0 + 3 * 3600), g, &[])
+            .expect("totals");
+        assert_eq!(&got, want, "group by {g:?}");
+    }
+    // Nothing left to do.
+    let idle = ledger.compact(&t(T0 + 3 * 3600 + 1800)).expect("compact");
+    assert_eq!(idle, CompactStats::default());
+}
+
+#[test]
+fn rollup_totals_equal_raw_totals_to_the_last_digit() {
+    // Values whose Decimal sum depends on the order of addition.
+    let dir = TempDir::new("digits");
+    let mut ledger = Ledger::open(&dir.db(), Duration::ZERO).expect("open");
+    let mut exact_sum = Exact::ZERO;
+    for w in 0..40 {
+        let ws = T0 + 90 * w;
+        let batch: Vec<_> = (0..25)
+            .map(|i| {
+                let v = if (w + i) % 2 == 0 {
+                    d("8.000000000000000000000000001")
+                } else {
+                    d("0.0000000000000000000000000004")
+                };
+                exact_sum = exact_sum.checked_add(Exact::from_decimal(v)).expect("sum");
+                let mut r = priced(rec(&format!("{w}-{i}"), ws), "0");
+                r.memory_gb_seconds = v;
+                if let Some(c) = r.cost.as_mut() {
+                    c.total = v;
+                }
+                r
+            })
+            .collect();
+        ledger
+            .commit_window(&t(ws), &t(ws + 90), &batch, &[])
+            .expect("commit");
+    }
+    let raw = total_of(&ledger, T0, T0 + 3600);
+    assert_eq!(Some(raw.memory_gb_seconds), exact_sum.to_decimal());
+    let stats = ledger.compact(&t(T0 + 7200)).expect("compact");
+    assert_eq!(stats.records_compacted, 1000);
+    let rolled = total_of(&ledger, T0, T0 + 3600);
+    assert_eq!(rolled, raw);
+    assert_eq!(
+        rolled.memory_gb_seconds.to_string(),
+        raw.memory_gb_seconds.to_string()
+    );
+    assert_eq!(
+        ledger.month_to_date("", &t(T0 + 7200)).expect("mtd"),
+        Decimal::ZERO
+    );
+}
+
+#[test]
+fn month_to_date_spans_raw_records_and_rollups() {
+    let dir = TempDir::new("mtd");
+    let mut ledger = Ledger::open(&dir.db(), Duration::from_secs(3600)).expect("open");
+    // Dec 31 23:00 (last month), then Jan 1 00:00 .. 05:00, one record per 10 min.
+    let start = T0 - 3600;
+    let mut oracle: Vec<(i64, &str, Decimal)> = Vec::new();
+    for k in 0..36 {
+        let ws = start + 600 * k;
+        let mut customer = priced(rec(&format!("c{k}"), ws), "0.3333333333333333333333333333");
+        customer.customer_id = Some("acme".into());
+        customer.user_id = Some("ann".into());
+        let user = UsageRecord {
+            user_id: Some("acme".into()),
+            ..priced(rec(&format!("u{k}"), ws), "0.25")
+        };
+        let other = UsageRecord {
+            customer_id: Some("globex".into()),
+            user_id: Some("acme".into()),
+            ..priced(rec(&format!("o{k}"), ws), "7")
+        };
+        oracle.push((ws, "acme", d("0.3333333333333333333333333333")));
+        oracle.push((ws, "acme", d("0.25")));
+        oracle.push((ws, "globex", d("7")));
+        ledger
+            .commit_window(&t(ws), &t(ws + 600), &[customer, user, other], &[])
+            .expect("commit");
+    }
+    // Raw records count by window start; rolled-up ones by their hour's
+    // start (bounds inside a compacted hour round up to the hour).
+    let expect = |party: &str, before: i64, compacted_before: i64| -> Decimal {
+        let mut sum = Exact::ZERO;
+        for (ws, p, v) in &oracle {
+            let at = if *ws < compacted_before {
+                ws - ws.rem_euclid(3600)
+            } else {
+                *ws
+            };
+            if *p == party && *ws >= T0 && at < before {
+                sum = sum.checked_add(Exact::from_decimal(*v)).expect("sum");
+            }
+        }
+        sum.to_decimal().expect("decimal")
+    };
+    let check = |ledger: &Ledger, compacted_before: i64| {
+        for before in [
+            T0,
+            T0 + 1,
+            T0 + 1800,
+            T0 + 3600,
+            T0 + 4 * 3600 + 600,
+            T0 + 10 * 3600,
+        ] {
+            for party in ["acme", "globex", "ann"] {
+                assert_eq!(
+                    ledger.month_to_date(party, &t(before)).expect("mtd"),
+                    expect(party, before, compacted_before),
+                    "{party} before {}",
+                    t(before)
+                );
+            }
+        }
+    };
+    check(&ledger, i64::MIN);
+    assert_eq!(
+        ledger
+            .month_to_date("acme", &t(T0 + 2 * 3600))
+            .expect("mtd"),
+        d("6.9999999999999999999999999996")
+    );
+    // Last month's spend stays in last month.
+    assert_eq!(
+        ledger.month_to_date("globex", &t(T0 - 1)).expect("mtd"),
+        d("42")
+    );
+    // Compact the hours before 04:00 (retention 1 h, now 05:30).
+    let stats = ledger.compact(&t(T0 + 5 * 3600 + 1800)).expect("compact");
+    assert_eq!(stats.records_compacted, 3 * 6 * 5);
+    check(&ledger, T0 + 4 * 3600);
+    assert_eq!(
+        ledger.month_to_date("globex", &t(T0 - 1)).expect("mtd"),
+        d("42")
+    );
+}
+
+#[test]
+fn growth_one_hour_of_ten_second_windows_stays_in_budget() {
+    let dir = TempDir::new("growth");
+    let cfg = GrowthConfig {
+        workloads: 100,
+        window: Duration::from_secs(10),
+        span: Duration::from_secs(3600),
+        retention: Duration::ZERO,
+        compact_every: Duration::from_secs(7200),
+        run_length: Duration::from_secs(600),
+        start_unix_s: T0,
+    };
+    let report = simulate_growth(&dir.db(), &cfg).expect("simulate");
+    assert_eq!(report.records, 36_000);
+    let raw_bytes = report.peak_disk_bytes;
+    let mut ledger = Ledger::open(&dir.db(), Duration::ZERO).expect("open");
+    let stats = ledger.compact(&t(T0 + 3600)).expect("compact");
+    assert_eq!(stats.records_compacted, 36_000);
+    let after = ledger.disk_bytes().expect("bytes");
+    // Rollup rows: 50 workloads without trace context (1 row each) + 50
+    // agent workloads × 6 runs of 10 minutes = 350 in the hour.
+    assert_eq!(stats.rollup_rows, 350);
+    // Budget, from what a row holds (measured in brackets):
+    // - a rollup row ≤ 512 B [~360 B]: 13 exact sums as text (~21 chars
+    //   each), 10 integers, (hour, identity, currency), its unique-index entry;
+    // - an identity ≤ 768 B [~560 B]: 23 columns (511 B of ids and names
+    //   here: 64-hex container id, cgroup path, pod uid, trace context), its
+    //   hash-index entry;
+    // - 16 pages of fixed cost: header, schema, one root page per table and
+    //   index, the pointer map.
+    // The margins cover B-tree pages being ~80% full.
+    let identities: u64 = ledger
+        .conn
+        .query_row("SELECT COUNT(*) FROM identities", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(identities, 350, "one per workload and run");
+    let budget = stats.rollup_rows * 512 + identities * 768 + 16 * 4096;
+    println!(
+        "growth: {} records, raw {} B ({} B/record), compacted {} B, budget {} B",
+        report.records,
+        raw_bytes,
+        raw_bytes / report.records,
+        after,
+        budget
+    );
+    assert!(
+        after <= budget,
+        "{after} B after compaction > budget {budget} B"
+    );
+    // Raw: ~270 B/record in the db (numbers as compact decimals, identity
+    // by reference), plus the WAL between checkpoints.
+    assert!(
+        raw_bytes / report.records < 400,
+        "raw {} B/record",
+        raw_bytes / report.records
+    );
+}
+
+#[test]
+fn disk_use_levels_off_under_retention() {
+    let dir = TempDir::new("plateau");
+    let cfg = |span_h: u64, retention_h: u64| GrowthConfig {
+        workloads: 20,
+        window: Duration::from_secs(10),
+        span: Duration::from_secs(span_h * 3600),
+        retention: Duration::from_secs(retention_h * 3600),
+        compact_every: Duration::from_secs(3600),
+        run_length: Duration::from_secs(600),
+        start_unix_s: T0,
+    };
+    // Two hours raw: what the ledger holds just before each compaction.
+    let two_hours = simulate_growth(&dir.0.join("a.db"), &cfg(2, 24)).expect("simulate");
+    let six_hours = simulate_growth(&dir.0.join("b.db"), &cfg(6, 1)).expect("simulate");
+    assert_eq!(six_hours.compactions, 6);
+    assert_eq!(six_hours.compacted.kept_undelivered, 0);
+    assert!(
+        six_hours.peak_disk_bytes < two_hours.peak_disk_bytes * 5 / 4,
+        "peak {} B after 6 h vs {} B for 2 h raw",
+        six_hours.peak_disk_bytes,
+        two_hours.peak_disk_bytes
+    );
+}
+
+#[test]
+fn schema_constants_match_the_tables() {
+    let dir = TempDir::new("schema");
+    let ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let cols = |table: &str| -> Vec<String> {
+        let mut stmt = ledger
+            .conn
+            .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))
+            .expect("prepare");
+        stmt.query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows")
+    };
+    let identities = cols("identities");
+    assert_eq!(&identities[2..], FIELDS.as_slice());
+    let records = cols("records");
+    let hourly = cols("hourly");
+    for c in DEC_COLS.iter().chain(INT_COLS.iter()) {
+        assert!(records.iter().any(|r| r == c), "records lacks {c}");
+        assert!(hourly.iter().any(|r| r == c), "hourly lacks {c}");
+    }
+    assert_eq!(
+        (FIELDS[PID], FIELDS[PPID], FIELDS[CGROUP_ID]),
+        ("pid", "ppid", "cgroup_id")
+    );
+    let pragma = |p: &str| -> String {
+        ledger
+            .conn
+            .query_row(&format!("PRAGMA {p}"), [], |r| {
+                r.get::<_, rusqlite::types::Value>(0)
+            })
+            .map(|v| format!("{v:?}"))
+            .expect("pragma")
+    };
+    assert_eq!(pragma("journal_mode"), "Text(\"wal\")");
+    assert_eq!(pragma("synchronous"), "Integer(2)", "FULL");
+    assert_eq!(pragma("auto_vacuum"), "Integer(2)", "INCREMENTAL");
+    assert_eq!(
+        pragma("user_version"),
+        format!("Integer({})", schema::MIGRATIONS.len())
+    );
+    drop(ledger);
+    // Reopening migrates nothing; a newer file is refused.
+    let ledger = Ledger::open(&dir.db(), DAY).expect("reopen");
+    ledger
+        .conn
+        .pragma_update(None, "user_version", 99)
+        .expect("bump");
+    drop(ledger);
+    let err = Ledger::open(&dir.db(), DAY).expect_err("newer");
+    assert!(
+        matches!(err, LedgerError::SchemaTooNew { found: 99, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn errors_name_the_path() {
+    let dir = TempDir::new("errors");
+    let file = dir.0.join("not-a-dir");
+    fs::write(&file, b"x").expect("write");
+    let err = Ledger::open(&file.join("ledger.db"), DAY).expect_err("parent is a file");
+    assert!(err.to_string().contains("not-a-dir"), "{err}");
+    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let mut bad = rec("bad", T0);
+    bad.window_start = "2026-13-01T00:00:00Z".into();
+    let err = ledger
+        .commit_window(&t(T0), &t(T0 + 10), &[bad], &[])
+        .expect_err("bad time");
+    assert!(err.to_string().contains("record bad window_start"), "{err}");
+    let mut huge = rec("huge", T0);
+    huge.syscalls = u64::MAX;
+    let err = ledger
+        .commit_window(&t(T0), &t(T0 + 10), &[huge], &[])
+        .expect_err("out of range");
+    assert!(
+        matches!(&err, LedgerError::OutOfRange { record_id, field: "syscalls", .. } if record_id == "huge"),
+        "{err}"
+    );
+    // Nothing of a failed commit remains.
+    assert_eq!(ledger.last_window_end().expect("last"), None);
+}
+
+#[test]
+fn identities_are_stored_once() {
+    let dir = TempDir::new("idents");
+    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    for w in 0..10 {
+        let ws = T0 + 10 * w;
+        let batch = synthetic_window("n1", 20, ws * 1_000_000_000, 10_000_000_000, 60_000_000_000);
+        ledger
+            .commit_window(&t(ws), &t(ws + 10), &batch, &[])
+            .expect("commit");
+    }
+    drop(ledger);
+    // A reopened ledger (cold cache) finds them in the table.
+    let mut ledger = Ledger::open(&dir.db(), DAY).expect("reopen");
+    let ws = T0 + 100;
+    let batch = synthetic_window("n1", 20, ws * 1_000_000_000, 10_000_000_000, 60_000_000_000);
+    ledger
+        .commit_window(&t(ws), &t(ws + 10), &batch, &[])
+        .expect("commit");
+    let n: i64 = ledger
+        .conn
+        .query_row("SELECT COUNT(*) FROM identities", [], |r| r.get(0))
+        .expect("count");
+    // 10 plain workloads + 10 agent workloads × 2 runs (runs last 60 s).
+    assert_eq!(n, 10 + 10 * 2);
+    let mut a = rec("a", T0);
+    a.comm = Some("ab".into());
+    a.exe = Some("c".into());
+    let mut b = rec("b", T0);
+    b.comm = Some("a".into());
+    b.exe = Some("bc".into());
+    assert_ne!(
+        identity_hash(&identity_of(&a)),
+        identity_hash(&identity_of(&b))
+    );
+}
+
+/// Release-mode write cost: `cargo test --release -- --ignored --nocapture commit_cost`.
+#[test]
+#[ignore = "benchmark"]
+fn commit_cost_benchmark() {
+    let dir = TempDir::new("bench");
+    let cases: [(&str, &[&str], bool); 4] = [
+        ("no exporter", &[], false),
+        ("1 exporter keeping up", &["otlp"], true),
+        ("2 exporters keeping up", &["otlp", "billing"], true),
+        ("1 exporter down (backlog grows)", &["otlp"], false),
+    ];
+    for (i, (name, exporters, deliver)) in cases.into_iter().enumerate() {
+        let c = commit_cost(
+            &dir.0.join(format!("b{i}.db")),
+            1000,
+            300,
+            exporters,
+            deliver,
+        )
+        .expect("bench");
+        println!(
+            "commit_window, 300 windows × 1000 records, {name}: {:.2} µs/record \
+             (window p50 {:?}, p99 {:?}, max {:?}); mark_delivered {:.2} µs/record",
+            c.per_record_us, c.p50_window, c.p99_window, c.max_window, c.deliver_per_record_us
+        );
+    }
+}
