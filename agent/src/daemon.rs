@@ -181,7 +181,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     );
     let prices = PriceBookHandle::new(book);
 
-    let ledger = Ledger::open(&config.ledger_path, config.retention)?;
+    let ledger = Ledger::open(&config.ledger_path, config.raw_retention)?;
     match ledger.last_window_end()? {
         Some(end) => info!(
             resumes_after = %end,

@@ -19,6 +19,7 @@ pub mod pods;
 pub mod pricing;
 pub mod probes;
 pub mod prometheus;
+pub mod query;
 pub mod record;
 pub mod report;
 pub mod storage;

@@ -11,6 +11,7 @@ use mentat_agent::{
     output::Format,
     pods::PodSource,
     probes::{ProbeConfig, ProbeMode, Probes, VMLINUX_BTF},
+    query::{self, UsageFormat, UsageQuery},
     record::{self, RecordOptions},
     report::GroupBy,
 };
@@ -35,6 +36,8 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Query a running agent's ledger: usage over a time range as a tree, or billing events.
+    Usage(UsageArgs),
     /// List what the agent needs from the kernel and whether each is present; exit 1 if it cannot run.
     Check {
         /// Where to read kernel BTF from.
@@ -51,6 +54,37 @@ enum Cmd {
         #[arg(long, value_parser = parse_duration, default_value = "10s")]
         duration: Duration,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct UsageArgs {
+    /// How far back from now (e.g. 15m, 1h, 7d); default 1h. Conflicts with --from.
+    #[arg(long, value_parser = parse_duration, conflicts_with = "from")]
+    since: Option<Duration>,
+    /// Range start, RFC 3339 (e.g. 2026-11-24T00:00:00Z).
+    #[arg(long)]
+    from: Option<String>,
+    /// Range end, RFC 3339 (default now).
+    #[arg(long)]
+    to: Option<String>,
+    /// Comma-separated fields to group by, outermost first (e.g. user_id,project_id,agent_id).
+    #[arg(long, value_delimiter = ',')]
+    group_by: Vec<String>,
+    /// Exact-match filter, field=value (repeatable).
+    #[arg(long = "where", value_name = "FIELD=VALUE")]
+    filters: Vec<String>,
+    /// Output: table (default), json, csv, or jsonl.
+    #[arg(long, value_enum, default_value = "table")]
+    format: UsageFormat,
+    /// Emit every record in the range as a CloudEvent per line (use with --format jsonl).
+    #[arg(long)]
+    billing: bool,
+    /// The agent's API.
+    #[arg(long, default_value = "http://127.0.0.1:9464")]
+    api: String,
+    /// Bearer token file for an API bound off loopback.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -199,6 +233,33 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 .context("starting the async runtime")?;
             runtime.block_on(daemon::run(cfg, node))?;
             Ok(0)
+        }
+        Cmd::Usage(a) => {
+            if a.billing && a.format != UsageFormat::Jsonl {
+                anyhow::bail!("--billing emits CloudEvents as JSON lines: add --format jsonl");
+            }
+            let q = UsageQuery {
+                api: a.api,
+                token_file: a.token_file,
+                since: a.since.or(if a.from.is_none() {
+                    Some(Duration::from_secs(3600))
+                } else {
+                    None
+                }),
+                from: a.from,
+                to: a.to,
+                group_by: a.group_by,
+                filters: a.filters,
+                format: a.format,
+                billing: a.billing,
+            };
+            match q.run(&mut std::io::stdout().lock()) {
+                // The reader went away (`| head`): not an error.
+                Err(query::QueryError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    Ok(0)
+                }
+                r => r.map(|()| 0).map_err(Into::into),
+            }
         }
         Cmd::Check { btf } => {
             let items = check::run(&ProbeConfig {

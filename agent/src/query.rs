@@ -1,0 +1,356 @@
+//! `mentat-agent usage`: the query API from the command line.
+//!
+//! Reads a running agent's API (default 127.0.0.1:9464) and prints the usage
+//! tree as a table with totals and currency, as JSON or CSV; or, with
+//! `--billing`, every record in the range as a CloudEvent per line for a
+//! billing system to ingest idempotently (the event id is the record id).
+
+use std::{
+    io::{self, Write},
+    path::PathBuf,
+    time::Duration,
+};
+
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+
+use crate::pricing::present;
+
+/// What to ask the API and how to print it.
+#[derive(Clone, Debug)]
+pub struct UsageQuery {
+    /// The API's base URL.
+    pub api: String,
+    /// A bearer token file, when the API needs one.
+    pub token_file: Option<PathBuf>,
+    /// RFC 3339 range start (or `since`).
+    pub from: Option<String>,
+    /// RFC 3339 range end.
+    pub to: Option<String>,
+    /// A duration back from now (`--since 1h`).
+    pub since: Option<Duration>,
+    /// Group-by fields, outermost first.
+    pub group_by: Vec<String>,
+    /// `field=value` filters.
+    pub filters: Vec<String>,
+    /// Output format.
+    pub format: UsageFormat,
+    /// Emit CloudEvents (records) instead of the tree.
+    pub billing: bool,
+}
+
+/// Output formats of `usage`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UsageFormat {
+    /// Indented tree with totals and currency.
+    Table,
+    /// The API's JSON.
+    Json,
+    /// One row per tree node.
+    Csv,
+    /// One JSON object per line (with --billing: CloudEvents).
+    Jsonl,
+}
+
+/// Why a query failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The API could not be reached or answered with an error.
+    #[error("querying {url}: {message}")]
+    Http {
+        /// The URL.
+        url: String,
+        /// What went wrong (the API's error message where it gave one).
+        message: String,
+    },
+    /// The token file could not be read.
+    #[error("reading the token file {path}: {source}")]
+    Token {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: io::Error,
+    },
+    /// Writing the output failed.
+    #[error("writing output: {0}")]
+    Output(#[from] io::Error),
+}
+
+impl UsageQuery {
+    fn range_params(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if let Some(since) = self.since {
+            let from = std::time::SystemTime::now() - since;
+            p.push(("from".into(), crate::clock::rfc3339(from)));
+        }
+        if let Some(f) = &self.from {
+            p.push(("from".into(), f.clone()));
+        }
+        if let Some(t) = &self.to {
+            p.push(("to".into(), t.clone()));
+        }
+        if !self.filters.is_empty() {
+            p.push(("where".into(), self.filters.join(",")));
+        }
+        p
+    }
+
+    fn get(&self, path: &str, params: &[(String, String)]) -> Result<Value, QueryError> {
+        let url = format!("{}{path}", self.api.trim_end_matches('/'));
+        let mut req = ureq::get(&url);
+        for (k, v) in params {
+            req = req.query(k, v);
+        }
+        if let Some(path) = &self.token_file {
+            let token = std::fs::read_to_string(path).map_err(|source| QueryError::Token {
+                path: path.clone(),
+                source,
+            })?;
+            req = req.header("Authorization", format!("Bearer {}", token.trim()));
+        }
+        let http = |message: String| QueryError::Http {
+            url: url.clone(),
+            message,
+        };
+        let mut resp = req
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+            .map_err(|e| {
+                http(format!(
+                    "{e} (is `mentat-agent run` running with the API on?)"
+                ))
+            })?;
+        let status = resp.status();
+        let body: Value = resp
+            .body_mut()
+            .read_json()
+            .map_err(|e| http(format!("HTTP {status}: unreadable body: {e}")))?;
+        if !status.is_success() {
+            let msg = body["error"].as_str().unwrap_or("no message").to_string();
+            return Err(http(format!("HTTP {status}: {msg}")));
+        }
+        Ok(body)
+    }
+
+    /// Runs the query and prints it.
+    pub fn run(&self, out: &mut dyn Write) -> Result<(), QueryError> {
+        if self.billing {
+            return self.billing_events(out);
+        }
+        let mut params = self.range_params();
+        if !self.group_by.is_empty() {
+            params.push(("group_by".into(), self.group_by.join(",")));
+        }
+        let body = self.get("/v1/usage", &params)?;
+        match self.format {
+            UsageFormat::Json => writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&body).unwrap_or_default()
+            )?,
+            UsageFormat::Jsonl => {
+                for (path, node) in flatten(&body["root"]) {
+                    writeln!(out, "{}", json!({ "path": path, "totals": node["totals"] }))?;
+                }
+            }
+            UsageFormat::Csv => write_csv(out, &body)?,
+            UsageFormat::Table => write_table(out, &body)?,
+        }
+        Ok(())
+    }
+
+    /// Every record in the range as a CloudEvent (JSON lines), page by page.
+    fn billing_events(&self, out: &mut dyn Write) -> Result<(), QueryError> {
+        let mut after: Option<String> = None;
+        loop {
+            let mut params = self.range_params();
+            params.push(("limit".into(), "1000".into()));
+            if let Some(a) = &after {
+                params.push(("after".into(), a.clone()));
+            }
+            let page = self.get("/v1/records", &params)?;
+            for r in page["records"].as_array().into_iter().flatten() {
+                writeln!(out, "{}", cloud_event(r))?;
+            }
+            match page["next"].as_str() {
+                Some(n) => after = Some(n.to_string()),
+                None => return Ok(()),
+            }
+        }
+    }
+}
+
+/// A usage record as a CloudEvents 1.0 event (structured JSON mode).
+///
+/// `id` is the record id, so a consumer that stores ids ingests each record
+/// once however often it is replayed; `source` is the node; `subject` is who
+/// is billed (the customer, else the user, else "unattributed").
+pub fn cloud_event(r: &Value) -> Value {
+    let subject = r["customer_id"]
+        .as_str()
+        .or_else(|| r["user_id"].as_str())
+        .unwrap_or("unattributed");
+    json!({
+        "specversion": "1.0",
+        "id": r["record_id"],
+        "source": format!("mentat-agent://{}", r["node"].as_str().unwrap_or("unknown-node")),
+        "type": "dev.mentat.usage.v1",
+        "subject": subject,
+        "time": r["window_end"],
+        "datacontenttype": "application/json",
+        "data": r,
+    })
+}
+
+/// Every node of the tree with its path of keys, depth first.
+fn flatten(root: &Value) -> Vec<(Vec<String>, &Value)> {
+    let mut out = Vec::new();
+    fn walk<'a>(node: &'a Value, path: Vec<String>, out: &mut Vec<(Vec<String>, &'a Value)>) {
+        out.push((path.clone(), node));
+        for child in node["children"].as_array().into_iter().flatten() {
+            let mut p = path.clone();
+            p.push(child["key"].as_str().unwrap_or("?").to_string());
+            walk(child, p, out);
+        }
+    }
+    walk(root, Vec::new(), &mut out);
+    out
+}
+
+fn dec(v: &Value) -> Decimal {
+    v.as_str()
+        .and_then(|s| s.parse().ok())
+        .or_else(|| v.as_u64().map(Decimal::from))
+        .unwrap_or_default()
+}
+
+fn write_table(out: &mut dyn Write, body: &Value) -> io::Result<()> {
+    let root = &body["root"];
+    let currency = root["totals"]["currency"].as_str().unwrap_or("");
+    writeln!(
+        out,
+        "usage {} → {}{}",
+        body["from"].as_str().unwrap_or("?"),
+        body["to"].as_str().unwrap_or("?"),
+        match body["group_by"].as_array() {
+            Some(g) if !g.is_empty() => format!(
+                "  by {}",
+                g.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(" › ")
+            ),
+            _ => String::new(),
+        }
+    )?;
+    writeln!(
+        out,
+        "{:<40} {:>8} {:>12} {:>12} {:>12} {:>12} {:>14}",
+        "GROUP",
+        "RECORDS",
+        "CPU_SEC",
+        "MEM_GBS",
+        "NET_RX_B",
+        "NET_TX_B",
+        format!("COST {currency}")
+    )?;
+    for (path, node) in flatten(root) {
+        let t = &node["totals"];
+        let label = match path.last() {
+            None => "TOTAL".to_string(),
+            Some(k) => format!("{}{k}", "  ".repeat(path.len() - 1)),
+        };
+        writeln!(
+            out,
+            "{:<40} {:>8} {:>12.6} {:>12.6} {:>12} {:>12} {:>14}",
+            crate::output::printable(&label),
+            t["records"].as_u64().unwrap_or(0),
+            dec(&t["cpu_core_seconds"]),
+            dec(&t["memory_gb_seconds"]),
+            t["network_rx_bytes"].as_u64().unwrap_or(0),
+            t["network_tx_bytes"].as_u64().unwrap_or(0),
+            present(dec(&t["cost"]["total"]), currency),
+        )?;
+    }
+    Ok(())
+}
+
+fn write_csv(out: &mut dyn Write, body: &Value) -> io::Result<()> {
+    let fields: Vec<&str> = body["group_by"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let mut header: Vec<String> = fields.iter().map(|f| f.to_string()).collect();
+    header.extend(
+        [
+            "records",
+            "cpu_core_seconds",
+            "memory_gb_seconds",
+            "network_rx_bytes",
+            "network_tx_bytes",
+            "disk_read_bytes",
+            "disk_write_bytes",
+            "cost_total",
+            "currency",
+        ]
+        .map(String::from),
+    );
+    writeln!(out, "{}", header.join(","))?;
+    for (path, node) in flatten(&body["root"]) {
+        let t = &node["totals"];
+        let mut row: Vec<String> = (0..fields.len())
+            .map(|i| path.get(i).cloned().unwrap_or_default())
+            .collect();
+        row.extend([
+            t["records"].as_u64().unwrap_or(0).to_string(),
+            dec(&t["cpu_core_seconds"]).to_string(),
+            dec(&t["memory_gb_seconds"]).to_string(),
+            t["network_rx_bytes"].as_u64().unwrap_or(0).to_string(),
+            t["network_tx_bytes"].as_u64().unwrap_or(0).to_string(),
+            t["disk_read_bytes"].as_u64().unwrap_or(0).to_string(),
+            t["disk_write_bytes"].as_u64().unwrap_or(0).to_string(),
+            dec(&t["cost"]["total"]).to_string(),
+            t["currency"].as_str().unwrap_or("").to_string(),
+        ]);
+        let row: Vec<String> = row.iter().map(|f| crate::output::csv_field(f)).collect();
+        writeln!(out, "{}", row.join(","))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cloud_events_carry_the_record_id_and_billed_party() {
+        let r = json!({"record_id": "abc", "node": "n1", "window_end": "2026-01-01T00:00:01Z", "user_id": "u", "customer_id": null});
+        let e = cloud_event(&r);
+        assert_eq!(e["id"], "abc");
+        assert_eq!(e["source"], "mentat-agent://n1");
+        assert_eq!(e["subject"], "u");
+        assert_eq!(e["specversion"], "1.0");
+        assert_eq!(e["data"]["record_id"], "abc");
+    }
+
+    #[test]
+    fn tree_flattens_depth_first_with_paths() {
+        let root = json!({"totals": {}, "children": [
+            {"key": "a", "totals": {}, "children": [{"key": "x", "totals": {}, "children": []}]},
+            {"key": "unattributed", "totals": {}, "children": []}]});
+        let paths: Vec<Vec<String>> = flatten(&root).into_iter().map(|(p, _)| p).collect();
+        assert_eq!(
+            paths,
+            vec![
+                vec![],
+                vec!["a".to_string()],
+                vec!["a".into(), "x".into()],
+                vec!["unattributed".into()]
+            ]
+        );
+    }
+}
