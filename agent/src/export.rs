@@ -24,7 +24,7 @@ use opentelemetry_proto::tonic::{
     collector::metrics::v1::{
         ExportMetricsServiceRequest, metrics_service_client::MetricsServiceClient,
     },
-    common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
+    common::v1::{AnyValue, ArrayValue, InstrumentationScope, KeyValue, any_value},
     metrics::v1::{
         AggregationTemporality, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
         metric::Data, number_data_point::Value,
@@ -340,6 +340,26 @@ impl RequestBuilder {
                     scope: Some(InstrumentationScope {
                         name: "mentat-agent".into(),
                         version: env!("CARGO_PKG_VERSION").into(),
+                        // Delivery is at least once (a crash between the
+                        // receiver's ack and marking the batch delivered
+                        // sends it again); the ids let a receiver drop a
+                        // batch it has already applied.
+                        attributes: vec![KeyValue {
+                            key: "mentat.record_ids".into(),
+                            value: Some(AnyValue {
+                                value: Some(any_value::Value::ArrayValue(ArrayValue {
+                                    values: records
+                                        .iter()
+                                        .map(|r| AnyValue {
+                                            value: Some(any_value::Value::StringValue(
+                                                r.record_id.clone(),
+                                            )),
+                                        })
+                                        .collect(),
+                                })),
+                            }),
+                            ..Default::default()
+                        }],
                         ..Default::default()
                     }),
                     metrics,
