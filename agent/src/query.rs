@@ -14,7 +14,6 @@ use std::{
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
-use crate::pricing::present;
 
 /// What to ask the API and how to print it.
 #[derive(Clone, Debug)]
@@ -271,7 +270,9 @@ fn write_table(out: &mut dyn Write, body: &Value) -> io::Result<()> {
             dec(&t["memory_gb_seconds"]),
             t["network_rx_bytes"].as_u64().unwrap_or(0),
             t["network_tx_bytes"].as_u64().unwrap_or(0),
-            present(dec(&t["cost"]["total"]), currency),
+            // Per-process costs are often fractions of a cent: six decimals
+            // in the table; JSON and CSV carry the exact amounts.
+            dec(&t["cost"]["total"]).round_dp(6).to_string(),
         )?;
     }
     Ok(())
