@@ -182,6 +182,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_readme_config_example_parses() {
+        let readme = include_str!("../../README.md");
+        let block = readme
+            .split("```toml\n")
+            .find(|b| b.starts_with("node_name"))
+            .and_then(|b| b.split("```").next())
+            .expect("README has a ```toml block starting with node_name");
+        let c = Config::parse(block).unwrap_or_else(|e| panic!("README config: {e}"));
+        assert_eq!(c.api.bind, "127.0.0.1:9464");
+        assert_eq!(c.raw_retention, Duration::from_secs(3600));
+    }
+
+    #[test]
     fn empty_config_is_the_default() {
         assert_eq!(Config::parse("").expect("parses"), Config::default());
     }
