@@ -22,6 +22,7 @@ pub mod prometheus;
 pub mod query;
 pub mod record;
 pub mod report;
+pub mod spans;
 pub mod storage;
 pub mod syscalls;
 pub mod usage;

@@ -1,0 +1,107 @@
+//! Spans as the agent uses them: what the OTLP receiver hands to `context`.
+
+use std::collections::BTreeMap;
+
+/// The trace-context attributes that bind usage to an AI-agent flow.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RunContext {
+    /// `agent.id`.
+    pub agent_id: Option<String>,
+    /// `flow.id`.
+    pub flow_id: Option<String>,
+    /// `flow.run_id`.
+    pub run_id: Option<String>,
+    /// `user.id`.
+    pub user_id: Option<String>,
+    /// `project.id`.
+    pub project_id: Option<String>,
+    /// `customer.id`.
+    pub customer_id: Option<String>,
+    /// The W3C trace id (32 lowercase hex).
+    pub trace_id: Option<String>,
+}
+
+impl RunContext {
+    /// Whether nothing is known.
+    pub fn is_empty(&self) -> bool {
+        *self == RunContext::default()
+    }
+
+    /// Fills each unknown field from `parent` (a child inherits what it does not set).
+    pub fn inherit(&mut self, parent: &RunContext) {
+        fn fill(a: &mut Option<String>, b: &Option<String>) {
+            if a.is_none() {
+                a.clone_from(b);
+            }
+        }
+        fill(&mut self.agent_id, &parent.agent_id);
+        fill(&mut self.flow_id, &parent.flow_id);
+        fill(&mut self.run_id, &parent.run_id);
+        fill(&mut self.user_id, &parent.user_id);
+        fill(&mut self.project_id, &parent.project_id);
+        fill(&mut self.customer_id, &parent.customer_id);
+        fill(&mut self.trace_id, &parent.trace_id);
+    }
+
+    /// Sets the fields named by OpenTelemetry attribute keys (`flow.run_id`, …).
+    pub fn set_attribute(&mut self, key: &str, value: &str) {
+        let slot = match key {
+            "agent.id" => &mut self.agent_id,
+            "flow.id" => &mut self.flow_id,
+            "flow.run_id" => &mut self.run_id,
+            "user.id" => &mut self.user_id,
+            "project.id" => &mut self.project_id,
+            "customer.id" => &mut self.customer_id,
+            _ => return,
+        };
+        if !value.is_empty() {
+            *slot = Some(value.to_string());
+        }
+    }
+}
+
+/// LLM token usage a span reported (`gen_ai.usage.*`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SpanTokens {
+    /// `gen_ai.response.model`, else `gen_ai.request.model`.
+    pub model: String,
+    /// `gen_ai.usage.input_tokens` (cached ones included).
+    pub input: u64,
+    /// `gen_ai.usage.cache_read.input_tokens` (a part of `input`).
+    pub cache_read_input: u64,
+    /// `gen_ai.usage.output_tokens` (reasoning ones included).
+    pub output: u64,
+    /// `gen_ai.usage.reasoning.output_tokens` (a part of `output`), where reported.
+    pub reasoning_output: u64,
+}
+
+/// One finished span, as received.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Span {
+    /// 32 lowercase hex.
+    pub trace_id: String,
+    /// 16 lowercase hex.
+    pub span_id: String,
+    /// 16 lowercase hex, if the span has a parent.
+    pub parent_span_id: Option<String>,
+    /// The span's name.
+    pub name: String,
+    /// Start, Unix ns.
+    pub start_unix_ns: u64,
+    /// End, Unix ns.
+    pub end_unix_ns: u64,
+    /// The emitting process: the resource's `process.pid`, or for a loopback
+    /// client the pid owning the peer socket.
+    pub pid: Option<u32>,
+    /// The resource's `host.name`.
+    pub host: Option<String>,
+    /// `service.name`.
+    pub service: Option<String>,
+    /// Run context from the span's attributes, then its resource's (the
+    /// span's own win); `trace_id` is the span's.
+    pub context: RunContext,
+    /// Token usage, if the span reported any.
+    pub tokens: Option<SpanTokens>,
+    /// Every other attribute, as strings (kept for forwarding and views).
+    pub attributes: BTreeMap<String, String>,
+}
