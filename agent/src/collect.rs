@@ -16,10 +16,12 @@ use tracing::{debug, warn};
 
 use crate::{
     clock::{Clock, boottime_ns},
+    context::read_env_context,
     identity::{self, Cgroups, instance_start},
     memory::{self, CgroupIntegrator, Integrator},
     pods::{PodDirectory, PodName},
     probes::{ProbeError, Probes},
+    spans::RunContext,
     storage::StorageMeter,
     usage::{InstanceKey, Metered, Net},
     workload::{self, CgroupIdentity, WasmIdentity},
@@ -44,6 +46,8 @@ pub struct ProcessInfo {
     pub wasm: Option<WasmIdentity>,
     /// The cgroup it exited in.
     pub exit_cgroup: Option<u64>,
+    /// Its run context: from its environment at exec, else inherited from its parent.
+    pub context: RunContext,
 }
 
 /// The node buckets' deltas over one window.
@@ -136,6 +140,7 @@ pub struct Collector {
     /// Each cgroup's memory counter file, once resolved (`None`: it has none).
     cgroup_counter: HashMap<u64, Option<PathBuf>>,
     pods: PodDirectory,
+    bad_traceparents: u64,
     storage: Option<StorageMeter>,
     /// Containers seen running since the last window closed.
     containers_seen: HashMap<String, u32>,
@@ -170,6 +175,7 @@ impl Collector {
                 .and_then(|m| memory::find_v1_memory_mount(&m)),
             cgroup_counter: HashMap::new(),
             pods: PodDirectory::default(),
+            bad_traceparents: 0,
             storage: None,
             containers_seen: HashMap::new(),
             sample_every,
@@ -185,6 +191,11 @@ impl Collector {
     pub fn with_storage(mut self, storage: StorageMeter) -> Self {
         self.storage = Some(storage);
         self
+    }
+
+    /// `TRACEPARENT` values found malformed in environments (ignored).
+    pub fn bad_traceparents(&self) -> u64 {
+        self.bad_traceparents
     }
 
     /// Names pods from `pods` (by default no pod has a name).
@@ -242,6 +253,7 @@ impl Collector {
                 if let Some(p) = inherited {
                     info.exe = p.exe;
                     info.wasm = p.wasm;
+                    info.context = p.context;
                 }
             }
             event_kind::EXEC => {
@@ -257,6 +269,26 @@ impl Collector {
                 info.exe = identity::read_exe(&proc_root, ev.tgid)
                     .or_else(|| Some(identity::c_name(&ev.filename)).filter(|s| !s.is_empty()));
                 info.wasm = detect_wasm(&proc_root, ev.tgid, &info.comm, info.exe.as_deref());
+                let parent_ctx = self
+                    .live
+                    .get(&ev.ppid)
+                    .and_then(|&s| self.infos.get(&(ev.ppid, s)))
+                    .map(|p| p.context.clone())
+                    .unwrap_or_default();
+                let env = read_env_context(&proc_root, ev.tgid).unwrap_or_default();
+                if env.bad_traceparent {
+                    self.bad_traceparents += 1;
+                }
+                let info = self.infos.entry((ev.tgid, ev.start_ns)).or_default();
+                // Exec'd with its own context: that wins, the rest is inherited.
+                let mut ctx = env.context;
+                ctx.inherit(if ctx.is_empty() {
+                    &info.context
+                } else {
+                    &parent_ctx
+                });
+                ctx.inherit(&parent_ctx);
+                info.context = ctx;
             }
             event_kind::EXIT => {
                 if self.live.get(&ev.tgid) == Some(&ev.start_ns) {
@@ -548,6 +580,19 @@ impl Collector {
             exited_ns: None,
             wasm,
             exit_cgroup: None,
+            context: {
+                let mut ctx = read_env_context(&self.proc_root, tgid)
+                    .map(|e| e.context)
+                    .unwrap_or_default();
+                if let Some(p) = self
+                    .live
+                    .get(&stat.ppid)
+                    .and_then(|&s| self.infos.get(&(stat.ppid, s)))
+                {
+                    ctx.inherit(&p.context);
+                }
+                ctx
+            },
         };
         self.infos.entry((tgid, start_ns)).or_insert(info);
         self.live.entry(tgid).or_insert(start_ns);

@@ -395,7 +395,7 @@ fn collect_loop(
             let window = collector.close_window()?;
             let mut span = Span::default();
             span.add(&window);
-            let report = span.report(&mut collector, node, |_| true, None, None);
+            let report = span.report(&mut collector, node, |_| true, &[], None, None);
             collector.forget_exited_before(window.start_ns);
             let closed = ClosedWindow {
                 report,

@@ -9,6 +9,7 @@ pub mod check;
 pub mod clock;
 pub mod collect;
 pub mod config;
+pub mod context;
 pub mod daemon;
 pub mod export;
 pub mod identity;

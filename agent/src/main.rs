@@ -110,8 +110,8 @@ struct RecordArgs {
     all: bool,
     /// Sum records per process, container, pod, cgroup or workload; processes lacking the key
     /// (e.g. in no container) form one group with a null key. Groups plus the buckets equal the node totals.
-    #[arg(long, value_enum, value_name = "KEY")]
-    group_by: Option<GroupBy>,
+    #[arg(long, value_enum, value_name = "KEY", value_delimiter = ',')]
+    group_by: Vec<GroupBy>,
     /// How often a window is closed while recording; records cover the whole run either way.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     tick: Duration,

@@ -318,7 +318,7 @@ fn write_table(out: &mut dyn Write, r: &Report) -> io::Result<()> {
     let mut total = Metered::default();
     match &r.groups {
         Some(groups) => {
-            let by = groups.first().map_or("group", |g| g.group_by);
+            let by = groups.first().map_or("group", |g| g.group_by.as_str());
             writeln!(
                 out,
                 "{:<28} {:<9} {:>5} {METRIC_HEADER}",

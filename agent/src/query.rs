@@ -14,7 +14,6 @@ use std::{
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
-
 /// What to ask the API and how to print it.
 #[derive(Clone, Debug)]
 pub struct UsageQuery {

@@ -34,8 +34,8 @@ pub struct RecordOptions {
     pub output: Option<PathBuf>,
     /// With a command: print every process on the node, not just the command's tree.
     pub all: bool,
-    /// Sum the records by this key instead of printing one per process.
-    pub group_by: Option<GroupBy>,
+    /// Sum the records by these keys instead of printing one per process.
+    pub group_by: Vec<GroupBy>,
     /// How often a window is closed while recording (keeps kernel maps small).
     pub tick: Duration,
     /// How often memory and disk are sampled.
@@ -155,7 +155,8 @@ pub fn run(opts: &RecordOptions) -> Result<i32, RecordError> {
             tree.as_ref()
                 .is_none_or(|t| t.contains(&(k.tgid, k.start_ns)))
         },
-        opts.group_by,
+        &opts.group_by,
+        None,
         exit_code,
     );
     write_output(opts, &report)?;

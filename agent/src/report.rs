@@ -11,6 +11,7 @@ use std::{
 use crate::{
     clock::rfc3339,
     collect::{Collector, NodeBuckets, Window},
+    context::{SCALE, Share, SpanIndex, split_u64, split_u128},
     memory::gib_seconds,
     output::Report,
     usage::{
@@ -22,9 +23,22 @@ use crate::{
 
 /// What `--group-by` sums records by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
 pub enum GroupBy {
     /// Each process instance (pid and start time).
     Process,
+    /// `agent.id` of the run context.
+    AgentId,
+    /// `flow.id`.
+    FlowId,
+    /// `flow.run_id`.
+    RunId,
+    /// `user.id`.
+    UserId,
+    /// `project.id`.
+    ProjectId,
+    /// `customer.id`.
+    CustomerId,
     /// Container id; processes in no container form the null group.
     Container,
     /// Kubernetes pod UID; processes in no pod form the null group.
@@ -40,6 +54,12 @@ impl GroupBy {
     pub fn name(self) -> &'static str {
         match self {
             GroupBy::Process => "process",
+            GroupBy::AgentId => "agent_id",
+            GroupBy::FlowId => "flow_id",
+            GroupBy::RunId => "run_id",
+            GroupBy::UserId => "user_id",
+            GroupBy::ProjectId => "project_id",
+            GroupBy::CustomerId => "customer_id",
             GroupBy::Container => "container",
             GroupBy::Pod => "pod",
             GroupBy::Cgroup => "cgroup",
@@ -52,6 +72,12 @@ impl GroupBy {
         let id = &r.identity;
         match self {
             GroupBy::Process => Some(format!("{}:{}", r.pid, r.key.start_ns)),
+            GroupBy::AgentId => r.context.agent_id.clone(),
+            GroupBy::FlowId => r.context.flow_id.clone(),
+            GroupBy::RunId => r.context.run_id.clone(),
+            GroupBy::UserId => r.context.user_id.clone(),
+            GroupBy::ProjectId => r.context.project_id.clone(),
+            GroupBy::CustomerId => r.context.customer_id.clone(),
             GroupBy::Container => id.container_id.clone(),
             GroupBy::Pod => id.pod_uid.clone(),
             GroupBy::Cgroup => Some(
@@ -112,12 +138,12 @@ impl Span {
     fn cgroup_memory_of(
         &self,
         processes: &[ProcessRecord],
-        by: GroupBy,
+        by: &[GroupBy],
         key: Option<&str>,
     ) -> Option<f64> {
         let counters: HashSet<&PathBuf> = processes
             .iter()
-            .filter(|r| by.key_of(r).as_deref() == key)
+            .filter(|r| group_key(by, r).as_deref() == key)
             .filter_map(|r| self.cgroup_counters.get(&r.cgroup_id))
             .collect();
         if counters.is_empty() {
@@ -134,12 +160,12 @@ impl Span {
     fn storage_of(
         &self,
         processes: &[ProcessRecord],
-        by: GroupBy,
+        by: &[GroupBy],
         key: Option<&str>,
     ) -> Option<u64> {
         let containers: HashSet<&str> = processes
             .iter()
-            .filter(|r| by.key_of(r).as_deref() == key)
+            .filter(|r| group_key(by, r).as_deref() == key)
             .filter_map(|r| r.identity.container_id.as_deref())
             .collect();
         let sizes: Vec<u64> = containers
@@ -167,7 +193,8 @@ impl Span {
         collector: &mut Collector,
         node_name: &str,
         include: impl Fn(&InstanceKey) -> bool,
-        group_by: Option<GroupBy>,
+        group_by: &[GroupBy],
+        spans: Option<&SpanIndex>,
         command_exit_code: Option<i32>,
     ) -> Report {
         let (start_ns, start) = self.start.unwrap_or((0, UNIX_EPOCH));
@@ -190,25 +217,47 @@ impl Span {
                 identity.k8s_namespace = Some(pod.namespace);
                 identity.k8s_pod_name = Some(pod.name);
             }
-            processes.push(ProcessRecord {
-                record_type: "process",
-                record_id: process_record_id(node_name, key, start),
-                node: node_name.to_string(),
-                window_start: ws.clone(),
-                window_end: we.clone(),
-                identity,
-                pid: key.tgid,
-                process_start_time: rfc3339(collector.clock().to_wall(key.start_ns)),
-                ppid: info.ppid,
-                comm: info.comm,
-                exe: info.exe,
-                cgroup_id: key.cgroup_id,
-                cgroup_path,
-                metrics: Metrics::from(m),
-                exited: info.exited_ns.is_some_and(|t| t <= end_ns),
-                key: *key,
-                metered: *m,
-            });
+            let shares = match spans {
+                Some(index) => index.shares(key.tgid, unix_ns(start), unix_ns(end), &info.context),
+                None => vec![Share {
+                    context: info.context.clone(),
+                    parts: SCALE,
+                }],
+            };
+            let base_id = process_record_id(node_name, key, start);
+            let parts = split_metered(m, &shares);
+            for (share, part) in shares.iter().zip(parts) {
+                // One record per run the window is split between; the id names the run.
+                let record_id = if shares.len() == 1 {
+                    base_id.clone()
+                } else {
+                    crate::usage::stable_id(&[
+                        base_id.as_bytes(),
+                        share.context.run_id.as_deref().unwrap_or("").as_bytes(),
+                        share.context.agent_id.as_deref().unwrap_or("").as_bytes(),
+                    ])
+                };
+                processes.push(ProcessRecord {
+                    record_type: "process",
+                    record_id,
+                    node: node_name.to_string(),
+                    window_start: ws.clone(),
+                    window_end: we.clone(),
+                    identity: identity.clone(),
+                    pid: key.tgid,
+                    process_start_time: rfc3339(collector.clock().to_wall(key.start_ns)),
+                    ppid: info.ppid,
+                    comm: info.comm.clone(),
+                    exe: info.exe.clone(),
+                    cgroup_id: key.cgroup_id,
+                    cgroup_path: cgroup_path.clone(),
+                    context: share.context.clone(),
+                    metrics: Metrics::from(&part),
+                    exited: info.exited_ns.is_some_and(|t| t <= end_ns),
+                    key: *key,
+                    metered: part,
+                });
+            }
         }
         let b = &self.buckets;
         let bucket = |name: &'static str, m: &Metered, unattributed: bool| BucketRecord {
@@ -256,12 +305,12 @@ impl Span {
             processes_on_node: self.processes.len(),
             command_exit_code,
         };
-        let groups = group_by.map(|g| {
-            let mut groups = group(&processes, g, node_name, start, &ws, &we);
+        let groups = (!group_by.is_empty()).then(|| {
+            let mut groups = group(&processes, group_by, node_name, start, &ws, &we);
             for gr in &mut groups {
                 gr.cgroup_memory_gb_seconds =
-                    self.cgroup_memory_of(&processes, g, gr.group.as_deref());
-                gr.storage_bytes = self.storage_of(&processes, g, gr.group.as_deref());
+                    self.cgroup_memory_of(&processes, group_by, gr.group.as_deref());
+                gr.storage_bytes = self.storage_of(&processes, group_by, gr.group.as_deref());
             }
             groups
         });
@@ -277,7 +326,7 @@ impl Span {
 /// Sums process records into one group record per key.
 fn group(
     processes: &[ProcessRecord],
-    by: GroupBy,
+    by: &[GroupBy],
     node_name: &str,
     start: SystemTime,
     ws: &str,
@@ -293,7 +342,7 @@ fn group(
     let mut groups: BTreeMap<Option<String>, Acc> = BTreeMap::new();
     for r in processes {
         let cg = (r.cgroup_id, r.cgroup_path.clone());
-        let acc = groups.entry(by.key_of(r)).or_insert_with(|| Acc {
+        let acc = groups.entry(group_key(by, r)).or_insert_with(|| Acc {
             instances: HashSet::new(),
             metered: Metered::default(),
             identity: r.identity.clone(),
@@ -306,15 +355,16 @@ fn group(
             acc.cgroup = None;
         }
     }
+    let by_name = group_by_name(by);
     groups
         .into_iter()
         .map(|(key, acc)| GroupRecord {
             record_type: "group",
-            record_id: group_record_id(node_name, by.name(), key.as_deref(), start),
+            record_id: group_record_id(node_name, &by_name, key.as_deref(), start),
             node: node_name.to_string(),
             window_start: ws.to_string(),
             window_end: we.to_string(),
-            group_by: by.name(),
+            group_by: by_name.clone(),
             group: key,
             processes: acc.instances.len(),
             identity: acc.identity,
@@ -325,6 +375,64 @@ fn group(
             storage_bytes: None,
         })
         .collect()
+}
+
+/// The comma-joined names of the keys, as records show them.
+pub fn group_by_name(by: &[GroupBy]) -> String {
+    by.iter().map(|g| g.name()).collect::<Vec<_>>().join(",")
+}
+
+/// The group key of a record under several keys: the values joined with
+/// commas (missing ones empty); `None` when the record has none of them.
+pub fn group_key(by: &[GroupBy], r: &ProcessRecord) -> Option<String> {
+    let values: Vec<Option<String>> = by.iter().map(|g| g.key_of(r)).collect();
+    if values.iter().all(Option::is_none) {
+        return None;
+    }
+    Some(
+        values
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+}
+
+/// A wall-clock time as Unix ns.
+fn unix_ns(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Splits one window's usage between run shares, every integer exactly.
+fn split_metered(m: &Metered, shares: &[Share]) -> Vec<Metered> {
+    let mut out = vec![Metered::default(); shares.len()];
+    let mut each = |total: u64, set: &mut dyn FnMut(&mut Metered, u64)| {
+        for (o, v) in out.iter_mut().zip(split_u64(total, shares)) {
+            set(o, v);
+        }
+    };
+    each(m.cpu_ns, &mut |o, v| o.cpu_ns = v);
+    each(m.syscalls, &mut |o, v| o.syscalls = v);
+    for c in 0..m.syscalls_by_class.0.len() {
+        each(m.syscalls_by_class.0[c], &mut |o, v| {
+            o.syscalls_by_class.0[c] = v
+        });
+    }
+    each(m.net.rx_bytes, &mut |o, v| o.net.rx_bytes = v);
+    each(m.net.tx_bytes, &mut |o, v| o.net.tx_bytes = v);
+    each(m.net.rx_calls, &mut |o, v| o.net.rx_calls = v);
+    each(m.net.tx_calls, &mut |o, v| o.net.tx_calls = v);
+    each(m.mem.disk_read_bytes, &mut |o, v| o.mem.disk_read_bytes = v);
+    each(m.mem.disk_write_bytes, &mut |o, v| {
+        o.mem.disk_write_bytes = v
+    });
+    for (o, v) in out.iter_mut().zip(split_u128(m.mem.rss_byte_ns, shares)) {
+        o.mem.rss_byte_ns = v;
+        // A peak is not divisible: every part of the process reports it.
+        o.mem.peak_rss_bytes = m.mem.peak_rss_bytes;
+    }
+    out
 }
 
 /// The instances in `candidates` that descend from (or are) `root`, following

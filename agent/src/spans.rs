@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 /// The trace-context attributes that bind usage to an AI-agent flow.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct RunContext {
     /// `agent.id`.
     pub agent_id: Option<String>,

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     clock::rfc3339,
     memory::{MemDisk, gib_seconds},
+    spans::RunContext,
     workload::{CgroupIdentity, QosClass, Runtime, WasmIdentity, WorkloadKind, workload_kind},
 };
 
@@ -261,6 +262,10 @@ pub struct ProcessRecord {
     pub cgroup_id: u64,
     /// cgroup path under the v2 mount, where it still exists.
     pub cgroup_path: Option<String>,
+    /// The AI-agent flow run this usage belongs to (agent_id, flow_id, run_id,
+    /// user_id, project_id, customer_id, trace_id), where known.
+    #[serde(flatten)]
+    pub context: RunContext,
     /// What it used.
     #[serde(flatten)]
     pub metrics: Metrics,
@@ -287,8 +292,8 @@ pub struct GroupRecord {
     pub window_start: String,
     /// Window end, RFC 3339 UTC.
     pub window_end: String,
-    /// What the records were grouped by.
-    pub group_by: &'static str,
+    /// What the records were grouped by (comma-joined keys).
+    pub group_by: String,
     /// The group's key; null for the members that lack one (e.g. not in any container).
     pub group: Option<String>,
     /// Process instances in the group.
@@ -555,6 +560,13 @@ impl UsageRecord {
             k8s_namespace: name(&p.identity.k8s_namespace),
             k8s_pod_name: name(&p.identity.k8s_pod_name),
             wasm_module: name(&p.identity.wasm_module),
+            agent_id: p.context.agent_id.clone(),
+            flow_id: p.context.flow_id.clone(),
+            run_id: p.context.run_id.clone(),
+            user_id: p.context.user_id.clone(),
+            project_id: p.context.project_id.clone(),
+            customer_id: p.context.customer_id.clone(),
+            trace_id: p.context.trace_id.clone(),
             cpu_core_seconds: decimal_seconds(p.metered.cpu_ns),
             memory_gb_seconds: decimal_gib_seconds(p.metered.mem.rss_byte_ns),
             network_rx_bytes: p.metered.net.rx_bytes,
