@@ -19,7 +19,7 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{Query, Request, State},
+    extract::{Path as UrlPath, Query, Request, State},
     http::{StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -174,6 +174,7 @@ pub fn router(state: AppState) -> Router {
     let guarded = Router::new()
         .route("/v1/usage", get(usage))
         .route("/v1/records", get(records))
+        .route("/v1/runs/{run_id}", get(run_view))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -455,6 +456,167 @@ async fn records(
     let next = page.next.map(|(a, b)| format!("{a}|{b}"));
     let records: Vec<&UsageRecord> = page.records.iter().collect();
     Ok(Json(json!({ "records": records, "next": next })))
+}
+
+/// One span of a run, with the cost of what its process used while it ran.
+#[derive(Debug, Serialize)]
+struct SpanView {
+    trace_id: String,
+    span_id: String,
+    parent_span_id: Option<String>,
+    name: String,
+    agent_id: Option<String>,
+    pid: Option<u32>,
+    start: String,
+    end: String,
+    duration_ns: i64,
+    /// Inclusive: the run's usage of this span's process during the span
+    /// (records prorated by overlap), tokens included; a parent includes its
+    /// children's.
+    cost: rust_decimal::Decimal,
+    on_critical_path: bool,
+}
+
+/// `GET /v1/runs/{run_id}`: what run X cost, by agent and span, and its critical path.
+async fn run_view(
+    State(state): State<AppState>,
+    UrlPath(run_id): UrlPath<String>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    use rust_decimal::Decimal;
+    if run_id.is_empty() || run_id.len() > 256 {
+        return Err(bad("run_id", "must be 1 to 256 characters"));
+    }
+    let id = run_id.clone();
+    let (spans, records, by_agent, total) = with_ledger(&state, move |l| {
+        let spans = l.spans_of_run(&id)?;
+        let filters = vec![("run_id".to_string(), id.clone())];
+        // The run's records: everything since its first span (or the last day).
+        let start = spans.iter().map(|s| s.start_ns).min();
+        let from = match start {
+            Some(ns) => fmt_ns(ns - 60_000_000_000),
+            None => fmt_ns(now_ns() - 86_400_000_000_000),
+        };
+        let to = fmt_ns(now_ns() + 1);
+        let mut records = Vec::new();
+        let mut after = None;
+        loop {
+            let page = l.records(&RecordQuery {
+                from: from.clone(),
+                to: to.clone(),
+                filters: filters.clone(),
+                after: after.clone(),
+                limit: 1000,
+            })?;
+            records.extend(page.records);
+            match page.next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        let by_agent = l.totals(&from, &to, &["agent_id"], &filters)?;
+        let total = l.totals(&from, &to, &[], &filters)?;
+        Ok((spans, records, by_agent, total))
+    })
+    .await?;
+    if spans.is_empty() && records.is_empty() {
+        return Err(Problem(
+            StatusCode::NOT_FOUND,
+            format!("no usage or spans for run `{run_id}`"),
+        ));
+    }
+    let path = crate::context::critical_path(
+        &spans
+            .iter()
+            .map(|s| crate::context::PathSpan {
+                span_id: s.span_id.clone(),
+                parent: s.parent_span_id.clone(),
+                start: s.start_ns,
+                end: s.end_ns,
+            })
+            .collect::<Vec<_>>(),
+    );
+    let window = |r: &UsageRecord| Some((parse_ns(&r.window_start)?, parse_ns(&r.window_end)?));
+    let cost_during = |pid: Option<u32>, start: i64, end: i64| -> Decimal {
+        records
+            .iter()
+            .filter(|r| pid.is_some() && r.pid == pid)
+            .filter_map(|r| {
+                let (ws, we) = window(r)?;
+                let total = r.cost.as_ref()?.total;
+                let overlap = end.min(we) - start.max(ws);
+                if overlap <= 0 {
+                    return None;
+                }
+                let len = (we - ws).max(1);
+                Some(total * Decimal::from(overlap) / Decimal::from(len))
+            })
+            .sum()
+    };
+    let views: Vec<SpanView> = spans
+        .iter()
+        .map(|s| SpanView {
+            trace_id: s.trace_id.clone(),
+            span_id: s.span_id.clone(),
+            parent_span_id: s.parent_span_id.clone(),
+            name: s.name.clone(),
+            agent_id: s.agent_id.clone(),
+            pid: s.pid,
+            start: fmt_ns(s.start_ns),
+            end: fmt_ns(s.end_ns),
+            duration_ns: s.end_ns - s.start_ns,
+            cost: cost_during(s.pid, s.start_ns, s.end_ns),
+            on_critical_path: path.contains(&s.span_id),
+        })
+        .collect();
+    let critical: Vec<&SpanView> = path
+        .iter()
+        .filter_map(|id| views.iter().find(|v| &v.span_id == id))
+        .collect();
+    let duration_ns = match (
+        spans.iter().map(|s| s.start_ns).min(),
+        spans.iter().map(|s| s.end_ns).max(),
+    ) {
+        (Some(a), Some(b)) => b - a,
+        _ => 0,
+    };
+    Ok(Json(json!({
+        "run_id": run_id,
+        "totals": total.first().map(|(_, t)| t.clone()).unwrap_or_default(),
+        "by_agent": by_agent.iter().map(|(g, t)| json!({
+            "agent_id": g.first().cloned().flatten(),
+            "totals": t,
+        })).collect::<Vec<_>>(),
+        "duration_ns": duration_ns,
+        "spans": views,
+        "critical_path": critical.iter().map(|v| json!({
+            "span_id": v.span_id,
+            "name": v.name,
+            "agent_id": v.agent_id,
+            "duration_ns": v.duration_ns,
+            "cost": v.cost,
+        })).collect::<Vec<_>>(),
+        "critical_path_cost": critical.last().map(|v| v.cost).unwrap_or_default(),
+    })))
+}
+
+fn now_ns() -> i64 {
+    OffsetDateTime::now_utc().unix_timestamp_nanos() as i64
+}
+
+fn fmt_ns(ns: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+fn parse_ns(s: &str) -> Option<i64> {
+    i64::try_from(
+        OffsetDateTime::parse(s, &Rfc3339)
+            .ok()?
+            .unix_timestamp_nanos(),
+    )
+    .ok()
 }
 
 #[cfg(test)]

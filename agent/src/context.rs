@@ -318,6 +318,56 @@ pub fn split_u128(total: u128, shares: &[Share]) -> Vec<u128> {
     out
 }
 
+/// A span as the run view needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathSpan {
+    /// Span id.
+    pub span_id: String,
+    /// Parent span id.
+    pub parent: Option<String>,
+    /// Start, Unix ns.
+    pub start: i64,
+    /// End, Unix ns.
+    pub end: i64,
+}
+
+/// The critical path of a run: the chain of spans that determined its
+/// duration. It starts at the root that ends last (spans whose parent is not
+/// in the run are roots), and from each span descends into the child that
+/// ends last, since the parent could not end before it. Returns span ids,
+/// root first.
+pub fn critical_path(spans: &[PathSpan]) -> Vec<String> {
+    let ids: std::collections::HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+    let mut children: HashMap<&str, Vec<&PathSpan>> = HashMap::new();
+    let mut roots = Vec::new();
+    for s in spans {
+        match s
+            .parent
+            .as_deref()
+            .filter(|p| ids.contains(p) && *p != s.span_id)
+        {
+            Some(p) => children.entry(p).or_default().push(s),
+            None => roots.push(s),
+        }
+    }
+    fn latest<'a>(v: &[&'a PathSpan]) -> Option<&'a PathSpan> {
+        v.iter()
+            .copied()
+            .max_by(|a, b| a.end.cmp(&b.end).then(b.start.cmp(&a.start)))
+    }
+    let mut path = Vec::new();
+    let mut cur = latest(&roots);
+    // Bounded: a cycle in bad data cannot loop forever.
+    while let Some(s) = cur {
+        if path.len() > spans.len() {
+            break;
+        }
+        path.push(s.span_id.clone());
+        cur = children.get(s.span_id.as_str()).and_then(|c| latest(c));
+    }
+    path
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,6 +446,27 @@ mod tests {
         assert_eq!(shares.iter().map(|s| s.parts).sum::<u64>(), SCALE);
         let parts = split_u64(1_000_001, &shares);
         assert_eq!(parts.iter().sum::<u64>(), 1_000_001);
+    }
+
+    #[test]
+    fn critical_path_follows_the_last_finishing_child() {
+        let sp = |id: &str, parent: Option<&str>, start, end| PathSpan {
+            span_id: id.into(),
+            parent: parent.map(String::from),
+            start,
+            end,
+        };
+        // flow → {plan [0,30], code [30,90] → {llm [35,80], test [80,88]}}, plus a stray root ending early.
+        let spans = vec![
+            sp("flow", None, 0, 100),
+            sp("plan", Some("flow"), 0, 30),
+            sp("code", Some("flow"), 30, 90),
+            sp("llm", Some("code"), 35, 80),
+            sp("test", Some("code"), 80, 88),
+            sp("stray", Some("not-in-run"), 0, 10),
+        ];
+        assert_eq!(critical_path(&spans), ["flow", "code", "test"]);
+        assert!(critical_path(&[]).is_empty());
     }
 
     #[test]

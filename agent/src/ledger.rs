@@ -1010,6 +1010,99 @@ impl Ledger {
     }
 }
 
+/// A stored span of a run (see [`Ledger::commit_spans`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SpanRow {
+    /// 32 hex.
+    pub trace_id: String,
+    /// 16 hex.
+    pub span_id: String,
+    /// 16 hex, if any.
+    pub parent_span_id: Option<String>,
+    /// The run the span belongs to.
+    pub run_id: String,
+    /// `agent.id`, if any.
+    pub agent_id: Option<String>,
+    /// The span's name.
+    pub name: String,
+    /// Start, Unix ns.
+    pub start_ns: i64,
+    /// End, Unix ns.
+    pub end_ns: i64,
+    /// The emitting process.
+    pub pid: Option<u32>,
+    /// `service.name`.
+    pub service: Option<String>,
+}
+
+impl Ledger {
+    /// Stores spans (one durable transaction); a span already stored is kept as is.
+    pub fn commit_spans(&mut self, spans: &[SpanRow]) -> Result<usize, LedgerError> {
+        let path = self.path.clone();
+        let tx = self
+            .conn
+            .transaction()
+            .map_err(sql(&path, "beginning a span commit"))?;
+        let mut n = 0;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO spans (trace_id, span_id, parent_span_id, run_id, agent_id, \
+                     name, start_ns, end_ns, pid, service) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                )
+                .map_err(sql(&path, "preparing a span insert"))?;
+            for s in spans {
+                n += stmt
+                    .execute(rusqlite::params![
+                        s.trace_id,
+                        s.span_id,
+                        s.parent_span_id,
+                        s.run_id,
+                        s.agent_id,
+                        s.name,
+                        s.start_ns,
+                        s.end_ns,
+                        s.pid,
+                        s.service
+                    ])
+                    .map_err(sql(&path, "inserting a span"))?;
+            }
+        }
+        tx.commit().map_err(sql(&path, "committing spans"))?;
+        Ok(n)
+    }
+
+    /// Every stored span of run `run_id`, by start time.
+    pub fn spans_of_run(&self, run_id: &str) -> Result<Vec<SpanRow>, LedgerError> {
+        let path = &self.path;
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT trace_id, span_id, parent_span_id, run_id, agent_id, name, start_ns, end_ns, pid, service \
+                 FROM spans WHERE run_id = ?1 ORDER BY start_ns, span_id",
+            )
+            .map_err(sql(path, "preparing a span query"))?;
+        let rows = stmt
+            .query_map([run_id], |r| {
+                Ok(SpanRow {
+                    trace_id: r.get(0)?,
+                    span_id: r.get(1)?,
+                    parent_span_id: r.get(2)?,
+                    run_id: r.get(3)?,
+                    agent_id: r.get(4)?,
+                    name: r.get(5)?,
+                    start_ns: r.get(6)?,
+                    end_ns: r.get(7)?,
+                    pid: r.get(8)?,
+                    service: r.get(9)?,
+                })
+            })
+            .map_err(sql(path, "querying spans"))?;
+        rows.collect::<Result<Vec<_>, _>>()
+            .map_err(sql(path, "reading spans"))
+    }
+}
+
 /// Brings the schema up to date, one migration per transaction.
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), LedgerError> {
     let supported = i64::try_from(schema::MIGRATIONS.len()).unwrap_or(i64::MAX);

@@ -6,7 +6,7 @@
 //! the file at one version or the next, never between.
 
 /// Every migration, in order.
-pub(super) const MIGRATIONS: &[&str] = &[V1];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// Version 1.
 ///
@@ -155,4 +155,24 @@ CREATE TABLE meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 ) WITHOUT ROWID;
+";
+
+/// Version 2: spans received over OTLP that carry a run, for per-run views
+/// (cost by span, critical path). Keyed by (trace, span): a re-sent span is
+/// stored once.
+const V2: &str = "
+CREATE TABLE spans (
+    trace_id TEXT NOT NULL,
+    span_id TEXT NOT NULL,
+    parent_span_id TEXT,
+    run_id TEXT NOT NULL,
+    agent_id TEXT,
+    name TEXT NOT NULL,
+    start_ns INTEGER NOT NULL,
+    end_ns INTEGER NOT NULL,
+    pid INTEGER,
+    service TEXT,
+    PRIMARY KEY (trace_id, span_id)
+) WITHOUT ROWID;
+CREATE INDEX spans_by_run ON spans (run_id, start_ns);
 ";
