@@ -79,6 +79,9 @@ struct UsageArgs {
     /// Emit every record in the range as a CloudEvent per line (use with --format jsonl).
     #[arg(long)]
     billing: bool,
+    /// Show one flow run: its cost by agent and by span, and its critical path.
+    #[arg(long, value_name = "RUN_ID")]
+    run: Option<String>,
     /// The agent's API.
     #[arg(long, default_value = "http://127.0.0.1:9464")]
     api: String,
@@ -252,6 +255,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 filters: a.filters,
                 format: a.format,
                 billing: a.billing,
+                run: a.run,
             };
             match q.run(&mut std::io::stdout().lock()) {
                 // The reader went away (`| head`): not an error.

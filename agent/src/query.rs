@@ -35,6 +35,8 @@ pub struct UsageQuery {
     pub format: UsageFormat,
     /// Emit CloudEvents (records) instead of the tree.
     pub billing: bool,
+    /// Show one run's cost by agent and span, and its critical path.
+    pub run: Option<String>,
 }
 
 /// Output formats of `usage`.
@@ -134,6 +136,17 @@ impl UsageQuery {
 
     /// Runs the query and prints it.
     pub fn run(&self, out: &mut dyn Write) -> Result<(), QueryError> {
+        if let Some(run) = &self.run {
+            let body = self.get(&format!("/v1/runs/{}", url_segment(run)), &[])?;
+            return match self.format {
+                UsageFormat::Table => write_run(out, &body).map_err(Into::into),
+                _ => Ok(writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&body).unwrap_or_default()
+                )?),
+            };
+        }
         if self.billing {
             return self.billing_events(out);
         }
@@ -200,6 +213,84 @@ pub fn cloud_event(r: &Value) -> Value {
         "datacontenttype": "application/json",
         "data": r,
     })
+}
+
+/// Percent-encodes a path segment (run ids are free text).
+fn url_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A run: totals, by agent, spans with cost, critical path.
+fn write_run(out: &mut dyn Write, body: &Value) -> io::Result<()> {
+    let t = &body["totals"];
+    let currency = t["currency"].as_str().unwrap_or("");
+    writeln!(
+        out,
+        "run {}  duration {:.3} s  cost {} {}  cpu {:.6} s  tokens in {} out {}",
+        body["run_id"].as_str().unwrap_or("?"),
+        body["duration_ns"].as_i64().unwrap_or(0) as f64 / 1e9,
+        dec(&t["cost"]["total"]).round_dp(6),
+        currency,
+        dec(&t["cpu_core_seconds"]),
+        t["tokens_input"].as_u64().unwrap_or(0),
+        t["tokens_output"].as_u64().unwrap_or(0),
+    )?;
+    writeln!(out, "\nby agent:")?;
+    writeln!(
+        out,
+        "  {:<24} {:>12} {:>10} {:>10} {:>14}",
+        "AGENT",
+        "CPU_SEC",
+        "TOK_IN",
+        "TOK_OUT",
+        format!("COST {currency}")
+    )?;
+    for a in body["by_agent"].as_array().into_iter().flatten() {
+        let at = &a["totals"];
+        writeln!(
+            out,
+            "  {:<24} {:>12.6} {:>10} {:>10} {:>14}",
+            crate::output::printable(a["agent_id"].as_str().unwrap_or("(none)")),
+            dec(&at["cpu_core_seconds"]),
+            at["tokens_input"].as_u64().unwrap_or(0),
+            at["tokens_output"].as_u64().unwrap_or(0),
+            dec(&at["cost"]["total"]).round_dp(6),
+        )?;
+    }
+    writeln!(
+        out,
+        "\nspans (cost inclusive of children; * on the critical path):"
+    )?;
+    for s in body["spans"].as_array().into_iter().flatten() {
+        writeln!(
+            out,
+            "  {} {:<32} {:<16} {:>10.3} s {:>14}",
+            if s["on_critical_path"].as_bool() == Some(true) {
+                "*"
+            } else {
+                " "
+            },
+            crate::output::printable(s["name"].as_str().unwrap_or("?")),
+            crate::output::printable(s["agent_id"].as_str().unwrap_or("")),
+            s["duration_ns"].as_i64().unwrap_or(0) as f64 / 1e9,
+            dec(&s["cost"]).round_dp(6),
+        )?;
+    }
+    let path: Vec<&str> = body["critical_path"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    writeln!(out, "\ncritical path: {}", path.join(" → "))?;
+    Ok(())
 }
 
 /// Every node of the tree with its path of keys, depth first.
