@@ -24,7 +24,10 @@ use std::{
     path::Path,
 };
 
-use crate::spans::{RunContext, Span};
+use crate::{
+    spans::{RunContext, Span},
+    usage::{TokenUsage, UsageRecord, stable_id},
+};
 
 /// What a process's environment says.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -368,6 +371,48 @@ pub fn critical_path(spans: &[PathSpan]) -> Vec<String> {
     path
 }
 
+/// The usage record of a span's LLM tokens: one per span that reported
+/// any, over the span's interval, carrying the span's run context (with
+/// what it lacks taken from its process's context, `own`). Its id is the
+/// span's, so a span received twice is one record.
+pub fn token_record(node: &str, span: &Span, own: &RunContext) -> Option<UsageRecord> {
+    let tokens = span.tokens.as_ref()?;
+    let mut ctx = span.context.clone();
+    ctx.inherit(own);
+    let time = |ns: u64| {
+        crate::clock::rfc3339(std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns))
+    };
+    Some(UsageRecord {
+        record_id: stable_id(&[
+            node.as_bytes(),
+            b"tokens",
+            span.trace_id.as_bytes(),
+            span.span_id.as_bytes(),
+        ]),
+        node: node.to_string(),
+        window_start: time(span.start_unix_ns),
+        window_end: time(span.end_unix_ns.max(span.start_unix_ns)),
+        record_kind: "tokens".into(),
+        pid: span.pid,
+        comm: span.service.clone(),
+        agent_id: ctx.agent_id,
+        flow_id: ctx.flow_id,
+        run_id: ctx.run_id,
+        user_id: ctx.user_id,
+        project_id: ctx.project_id,
+        customer_id: ctx.customer_id,
+        trace_id: Some(span.trace_id.clone()),
+        tokens: vec![TokenUsage {
+            model: tokens.model.clone(),
+            input: tokens.input,
+            cache_read_input: tokens.cache_read_input.min(tokens.input),
+            output: tokens.output,
+            reasoning_output: tokens.reasoning_output.min(tokens.output),
+        }],
+        ..UsageRecord::default()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -467,6 +512,36 @@ mod tests {
         ];
         assert_eq!(critical_path(&spans), ["flow", "code", "test"]);
         assert!(critical_path(&[]).is_empty());
+    }
+
+    #[test]
+    fn token_records_carry_the_span_run_and_are_idempotent() {
+        let mut s = span(7, "run-1", 1_000_000_000, 3_000_000_000);
+        s.trace_id = "t".repeat(32);
+        s.span_id = "s".repeat(16);
+        s.tokens = Some(crate::spans::SpanTokens {
+            model: "gpt-4o".into(),
+            input: 1000,
+            cache_read_input: 200,
+            output: 50,
+            reasoning_output: 10,
+        });
+        let own = RunContext {
+            customer_id: Some("acme".into()),
+            ..Default::default()
+        };
+        let r = token_record("n", &s, &own).expect("a token record");
+        assert_eq!(r.run_id.as_deref(), Some("run-1"));
+        assert_eq!(r.customer_id.as_deref(), Some("acme"));
+        assert_eq!(r.tokens[0].input, 1000);
+        assert_eq!(r.window_start, "1970-01-01T00:00:01Z");
+        assert_eq!(
+            r.record_id,
+            token_record("n", &s, &own)
+                .map(|r| r.record_id)
+                .unwrap_or_default()
+        );
+        assert!(token_record("n", &span(7, "r", 0, 1), &own).is_none());
     }
 
     #[test]
