@@ -310,7 +310,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         .map_err(|_| DaemonError::Panicked("collector"));
     compaction.abort();
     if let Some(t) = exporter_task {
-        // One last drain attempt happens inside `drain` before it sees the stop.
+        // `drain` sends what is still pending (the last window included) before it returns.
         let _ = t.await;
     }
     match api_task.await {

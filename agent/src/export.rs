@@ -604,20 +604,21 @@ const MIN_BACKOFF: Duration = Duration::from_millis(500);
 /// … to this.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Drains `outbox` through `exporter` until `stop` resolves; retries with
-/// exponential backoff while the receiver is down.
+/// Drains `outbox` through `exporter` until `stop` is set; retries with
+/// exponential backoff while the receiver is down. Once stopping, it sends
+/// what is still pending (the daemon commits the last window before it sets
+/// `stop`) and returns at the first failure: undelivered records stay in the
+/// ledger and go out at the next start.
 pub async fn drain(
     exporter: &mut OtlpExporter,
     outbox: &mut (dyn Outbox + Send),
     mut wake: tokio::sync::watch::Receiver<u64>,
-    stop: tokio::sync::watch::Receiver<bool>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut backoff = MIN_BACKOFF;
     let mut failing = false;
     loop {
-        if *stop.borrow() {
-            return;
-        }
+        let stopping = *stop.borrow();
         let batch = match outbox.pending(BATCH) {
             Ok(b) => b,
             Err(e) => {
@@ -626,8 +627,15 @@ pub async fn drain(
             }
         };
         if batch.is_empty() {
-            // Nothing to do until the next window is committed.
-            let _ = tokio::time::timeout(Duration::from_secs(5), wake.changed()).await;
+            if stopping {
+                return;
+            }
+            // Nothing to do until the next window is committed, or the stop.
+            tokio::select! {
+                _ = wake.changed() => {}
+                _ = stop.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
             continue;
         }
         match exporter.send(&batch).await {
@@ -635,7 +643,7 @@ pub async fn drain(
                 let ids: Vec<String> = batch.iter().map(|r| r.record_id.clone()).collect();
                 if let Err(e) = outbox.delivered(&ids) {
                     // Delivered but not marked: it will be sent again, which
-                    // cumulative series and record ids make harmless downstream.
+                    // record ids and cumulative series make harmless downstream.
                     warn!(error = %e, "marking records delivered");
                 }
                 if failing {
@@ -646,11 +654,18 @@ pub async fn drain(
                 backoff = MIN_BACKOFF;
             }
             Err(e) => {
+                if stopping {
+                    warn!(error = %e, "stopping with records not yet exported; they stay in the ledger for the next start");
+                    return;
+                }
                 if !failing {
                     warn!(error = %e, "OTLP export failing; usage stays in the ledger and is retried");
                     failing = true;
                 }
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => {}
+                }
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }

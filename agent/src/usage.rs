@@ -532,7 +532,10 @@ pub fn decimal_gib_seconds(byte_ns: u128) -> Decimal {
     // 1 GiB·s = 1024³ bytes × 10⁹ ns; dividing in two steps keeps the
     // intermediate within Decimal's 96-bit mantissa for any realistic integral.
     let byte_ns = Decimal::from_i128_with_scale(i128::try_from(byte_ns).unwrap_or(i128::MAX), 0);
-    byte_ns / Decimal::from(1_000_000_000u64) / Decimal::from(1u64 << 30)
+    // Rounded to a fixed 18 places (10⁻¹⁸ GiB·s, far below a byte for a
+    // nanosecond) so that records sum exactly in any order: a quotient with
+    // 28 significant digits would round differently in every sum.
+    (byte_ns / Decimal::from(1_000_000_000u64) / Decimal::from(1u64 << 30)).round_dp(18)
 }
 
 impl UsageRecord {
