@@ -21,6 +21,7 @@ pub mod pricing;
 pub mod probes;
 pub mod prometheus;
 pub mod query;
+pub mod receiver;
 pub mod record;
 pub mod report;
 pub mod spans;

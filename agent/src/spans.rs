@@ -102,6 +102,6 @@ pub struct Span {
     pub context: RunContext,
     /// Token usage, if the span reported any.
     pub tokens: Option<SpanTokens>,
-    /// Every other attribute, as strings (kept for forwarding and views).
+    /// Every span attribute, as strings (including those mapped above).
     pub attributes: BTreeMap<String, String>,
 }
