@@ -8,7 +8,7 @@
 //! bound anywhere else it requires a bearer token read from a file.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
     path::PathBuf,
     sync::{
@@ -552,6 +552,44 @@ async fn run_view(
             })
             .sum()
     };
+    // Inclusive cost: the span's own process's usage while it ran, plus what
+    // its child spans in other processes cost (children in the same process
+    // are already inside the parent's interval).
+    let own: HashMap<&str, Decimal> = spans
+        .iter()
+        .map(|s| (s.span_id.as_str(), cost_during(s.pid, s.start_ns, s.end_ns)))
+        .collect();
+    let mut children: HashMap<&str, Vec<&crate::ledger::SpanRow>> = HashMap::new();
+    for s in &spans {
+        if let Some(p) = s.parent_span_id.as_deref() {
+            children.entry(p).or_default().push(s);
+        }
+    }
+    fn inclusive<'a>(
+        s: &'a crate::ledger::SpanRow,
+        own: &HashMap<&str, Decimal>,
+        children: &HashMap<&str, Vec<&'a crate::ledger::SpanRow>>,
+        depth: usize,
+    ) -> Decimal {
+        let mine = own.get(s.span_id.as_str()).copied().unwrap_or_default();
+        if depth > 64 {
+            return mine;
+        }
+        let from_children: Decimal = children
+            .get(s.span_id.as_str())
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                let whole = inclusive(c, own, children, depth + 1);
+                if c.pid == s.pid {
+                    whole - own.get(c.span_id.as_str()).copied().unwrap_or_default()
+                } else {
+                    whole
+                }
+            })
+            .sum();
+        mine + from_children
+    }
     let views: Vec<SpanView> = spans
         .iter()
         .map(|s| SpanView {
@@ -564,7 +602,7 @@ async fn run_view(
             start: fmt_ns(s.start_ns),
             end: fmt_ns(s.end_ns),
             duration_ns: s.end_ns - s.start_ns,
-            cost: cost_during(s.pid, s.start_ns, s.end_ns),
+            cost: inclusive(s, &own, &children, 0),
             on_critical_path: path.contains(&s.span_id),
         })
         .collect();
@@ -595,7 +633,8 @@ async fn run_view(
             "duration_ns": v.duration_ns,
             "cost": v.cost,
         })).collect::<Vec<_>>(),
-        "critical_path_cost": critical.last().map(|v| v.cost).unwrap_or_default(),
+        // The path's root includes everything under it.
+        "critical_path_cost": critical.first().map(|v| v.cost).unwrap_or_default(),
     })))
 }
 

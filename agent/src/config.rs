@@ -12,6 +12,7 @@ use crate::{
     export::OtlpConfig,
     pods::PodSource,
     probes::{ProbeConfig, ProbeMode, VMLINUX_BTF},
+    receiver::ReceiverConfig,
 };
 
 /// `mentat-agent run --config FILE`. Every key is optional.
@@ -54,6 +55,12 @@ pub struct Config {
     pub api: ApiConfig,
     /// OTLP export (the `OTEL_EXPORTER_OTLP_*` variables override it).
     pub otlp: OtlpConfig,
+    /// The OTLP trace receiver agents send their spans to.
+    pub receiver: ReceiverConfig,
+    /// How long a closed window waits for late spans before it is split
+    /// between runs and committed (SDKs export spans in batches, every 5 s by default).
+    #[serde(with = "duration_str")]
+    pub span_lag: Duration,
 }
 
 impl Default for Config {
@@ -73,6 +80,8 @@ impl Default for Config {
             pricing_path: None,
             api: ApiConfig::default(),
             otlp: OtlpConfig::default(),
+            receiver: ReceiverConfig::default(),
+            span_lag: Duration::from_secs(10),
         }
     }
 }

@@ -9,7 +9,7 @@
 //! committed is delivered after restart, and nothing is committed twice.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -26,15 +26,20 @@ use tracing::{error, info, warn};
 use crate::{
     api::{self, AppState},
     collect::Collector,
+    collect::Window,
     config::Config,
+    context::{SpanIndex, token_record},
     export::{self, OtlpExporter, Outbox},
     ledger::Ledger,
+    ledger::SpanRow,
     output::Report,
     pods::PodDirectory,
     pricing::{PriceBook, PriceBookHandle, billed_party},
     probes::{ProbeError, Probes},
     prometheus::{AgentStats, Metrics},
-    report::Span,
+    receiver::{self, Forwarder, ReceiverStats},
+    report::Span as Span_,
+    spans::Span,
     storage::StorageMeter,
     usage::{UsageRecord, core_seconds, stable_id},
 };
@@ -63,6 +68,9 @@ pub enum DaemonError {
     /// The exporter is misconfigured.
     #[error(transparent)]
     Export(#[from] export::ExportError),
+    /// The OTLP receiver is misconfigured.
+    #[error(transparent)]
+    Receiver(#[from] receiver::ReceiverError),
     /// A thread of the daemon died.
     #[error("the {0} thread panicked")]
     Panicked(&'static str),
@@ -95,12 +103,24 @@ struct ClosedWindow {
     report: Report,
     /// Writable-layer bytes per container, measured by the end of the window.
     storage: HashMap<String, u64>,
+    /// Token usage of the spans received since the last window.
+    tokens: Vec<UsageRecord>,
+    /// Those spans, for per-run views.
+    spans: Vec<SpanRow>,
+}
+
+/// Spans received and not yet handed to a window.
+#[derive(Default)]
+struct SpanInbox {
+    index: SpanIndex,
+    new: Vec<Span>,
 }
 
 /// Turns a window's report into the records the ledger stores.
 fn usage_records(w: &ClosedWindow) -> Vec<UsageRecord> {
     let r = &w.report;
     let mut out: Vec<UsageRecord> = r.processes.iter().map(UsageRecord::from_process).collect();
+    out.extend(w.tokens.iter().cloned());
     out.extend(r.buckets.iter().map(UsageRecord::from_bucket));
     // One storage record per container: storage belongs to the container,
     // not to each of its processes.
@@ -227,6 +247,34 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         api::serve(&api_config, api_state, shutdown).await
     });
 
+    // Spans from the agents on this node: the receiver feeds the inbox the
+    // collector reads when it splits windows between runs.
+    let inbox = Arc::new(Mutex::new(SpanInbox::default()));
+    let receiver_stats = Arc::new(ReceiverStats::default());
+    let (span_tx, mut span_rx) = receiver::span_channel(&config.receiver);
+    let forwarder = Forwarder::from_config(&config.receiver, receiver_stats.clone())?;
+    let receiver_task = {
+        let mut stop = stop_rx.clone();
+        let (cfg, stats) = (config.receiver.clone(), receiver_stats.clone());
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            receiver::serve(cfg, span_tx, stats, forwarder, shutdown).await
+        })
+    };
+    {
+        let inbox = inbox.clone();
+        tokio::spawn(async move {
+            while let Some(span) = span_rx.recv().await {
+                if let Ok(mut i) = inbox.lock() {
+                    i.new.push(span.clone());
+                    i.index.add(span);
+                }
+            }
+        });
+    }
+
     let stop_flag = Arc::new(AtomicBool::new(false));
     let (tx, mut rx) = mpsc::channel::<ClosedWindow>(16);
     let collector = {
@@ -234,14 +282,15 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         let node = node.clone();
         let pods = PodDirectory::start(config.kubernetes.clone(), &node, config.pod_refresh);
         let storage = StorageMeter::start(Duration::from_secs(60));
-        let (tick, sample) = (config.tick, config.sample_interval);
+        let (tick, sample, lag) = (config.tick, config.sample_interval, config.span_lag);
+        let inbox = inbox.clone();
         thread::Builder::new()
             .name("collector".into())
             .spawn(move || {
                 let collector = Collector::new(probes, sample)
                     .with_pods(pods)
                     .with_storage(storage);
-                collect_loop(collector, &node, tick, &stop, &tx)
+                collect_loop(collector, &node, tick, lag, &inbox, &stop, &tx)
             })
             .map_err(|_| DaemonError::Panicked("collector"))?
     };
@@ -263,6 +312,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
                     let mut l = ledger
                         .lock()
                         .map_err(|_| "ledger lock poisoned".to_string())?;
+                    l.commit_spans(&w.spans).map_err(|e| e.to_string())?;
                     let n = l
                         .commit_window(
                             &w.report.summary.window_start,
@@ -312,6 +362,11 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     if let Some(t) = exporter_task {
         // `drain` sends what is still pending (the last window included) before it returns.
         let _ = t.await;
+    }
+    match receiver_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => error!(error = %e, "the OTLP receiver failed"),
+        Err(_) => error!("the OTLP receiver task panicked"),
     }
     match api_task.await {
         Ok(Ok(())) => {}
@@ -381,34 +436,41 @@ fn compact_periodically(
     })
 }
 
+/// Closes a window every tick, holds it `lag` for late spans, then splits it
+/// between runs and sends it on. At stop, every held window goes out.
 fn collect_loop(
     mut collector: Collector,
     node: &str,
     tick: Duration,
+    lag: Duration,
+    inbox: &Mutex<SpanInbox>,
     stop: &AtomicBool,
     tx: &mpsc::Sender<ClosedWindow>,
 ) -> Result<(), DaemonError> {
     let mut next = Instant::now() + tick;
+    let mut held: VecDeque<(Window, Instant)> = VecDeque::new();
     loop {
         let stopping = stop.load(Ordering::SeqCst);
         if stopping || Instant::now() >= next {
-            let window = collector.close_window()?;
-            let mut span = Span::default();
-            span.add(&window);
-            let report = span.report(&mut collector, node, |_| true, &[], None, None);
-            collector.forget_exited_before(window.start_ns);
-            let closed = ClosedWindow {
-                report,
-                storage: span.storage().clone(),
-            };
-            if tx.blocking_send(closed).is_err() {
-                warn!("window receiver gone; stopping");
-                return Ok(());
-            }
+            held.push_back((collector.close_window()?, Instant::now()));
             next += tick;
             // After a stall (suspend, overload) skip missed ticks rather than burst.
             if next < Instant::now() {
                 next = Instant::now() + tick;
+            }
+        }
+        while held
+            .front()
+            .is_some_and(|(_, closed)| stopping || closed.elapsed() >= lag)
+        {
+            let Some((window, _)) = held.pop_front() else {
+                break;
+            };
+            let closed = split_window(&mut collector, node, &window, inbox);
+            collector.forget_exited_before(window.start_ns);
+            if tx.blocking_send(closed).is_err() {
+                warn!("window receiver gone; stopping");
+                return Ok(());
             }
         }
         if stopping {
@@ -419,6 +481,69 @@ fn collect_loop(
         );
         collector.poll();
     }
+}
+
+/// One window's records, split between runs by the spans received so far,
+/// plus the token records and span rows of the spans received since the last.
+fn split_window(
+    collector: &mut Collector,
+    node: &str,
+    window: &Window,
+    inbox: &Mutex<SpanInbox>,
+) -> ClosedWindow {
+    let mut span = Span_::default();
+    span.add(window);
+    let (report, new) = match inbox.lock() {
+        Ok(mut i) => {
+            let report = span.report(collector, node, |_| true, &[], Some(&i.index), None);
+            // Windows go out in order: a span that ended before this one
+            // started cannot touch any later window.
+            i.index.forget_before(unix_ns(window.start));
+            (report, std::mem::take(&mut i.new))
+        }
+        Err(_) => (
+            span.report(collector, node, |_| true, &[], None, None),
+            Vec::new(),
+        ),
+    };
+    let mut tokens = Vec::new();
+    let mut rows = Vec::new();
+    for s in &new {
+        let own = s
+            .pid
+            .and_then(|pid| collector.live_instance(pid).map(|start| (pid, start)))
+            .and_then(|(pid, start)| collector.info(pid, start))
+            .map(|i| i.context.clone())
+            .unwrap_or_default();
+        tokens.extend(token_record(node, s, &own));
+        let mut ctx = s.context.clone();
+        ctx.inherit(&own);
+        if let Some(run_id) = ctx.run_id.clone() {
+            rows.push(SpanRow {
+                trace_id: s.trace_id.clone(),
+                span_id: s.span_id.clone(),
+                parent_span_id: s.parent_span_id.clone(),
+                run_id,
+                agent_id: ctx.agent_id.clone(),
+                name: s.name.clone(),
+                start_ns: i64::try_from(s.start_unix_ns).unwrap_or(i64::MAX),
+                end_ns: i64::try_from(s.end_unix_ns).unwrap_or(i64::MAX),
+                pid: s.pid,
+                service: s.service.clone(),
+            });
+        }
+    }
+    ClosedWindow {
+        report,
+        storage: span.storage().clone(),
+        tokens,
+        spans: rows,
+    }
+}
+
+fn unix_ns(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 async fn shutdown_signal(prices: &PriceBookHandle, pricing_path: Option<PathBuf>) {
