@@ -493,10 +493,10 @@ async fn run_view(
         // The run's records: everything since its first span (or the last day).
         let start = spans.iter().map(|s| s.start_ns).min();
         let from = match start {
-            Some(ns) => fmt_ns(ns - 60_000_000_000),
-            None => fmt_ns(now_ns() - 86_400_000_000_000),
+            Some(ns) => crate::usage::rfc3339_of_ns(ns - 60_000_000_000),
+            None => crate::usage::rfc3339_of_ns(now_ns() - 86_400_000_000_000),
         };
-        let to = fmt_ns(now_ns() + 1);
+        let to = crate::usage::rfc3339_of_ns(now_ns() + 1);
         let mut records = Vec::new();
         let mut after = None;
         loop {
@@ -535,22 +535,10 @@ async fn run_view(
             })
             .collect::<Vec<_>>(),
     );
-    let window = |r: &UsageRecord| Some((parse_ns(&r.window_start)?, parse_ns(&r.window_end)?));
     let cost_during = |pid: Option<u32>, start: i64, end: i64| -> Decimal {
-        records
-            .iter()
-            .filter(|r| pid.is_some() && r.pid == pid)
-            .filter_map(|r| {
-                let (ws, we) = window(r)?;
-                let total = r.cost.as_ref()?.total;
-                let overlap = end.min(we) - start.max(ws);
-                if overlap <= 0 {
-                    return None;
-                }
-                let len = (we - ws).max(1);
-                Some(total * Decimal::from(overlap) / Decimal::from(len))
-            })
-            .sum()
+        pid.map_or(Decimal::ZERO, |pid| {
+            crate::usage::usage_during(&records, pid, start, end).0
+        })
     };
     // Inclusive cost: the span's own process's usage while it ran, plus what
     // its child spans in other processes cost (children in the same process
@@ -599,8 +587,8 @@ async fn run_view(
             name: s.name.clone(),
             agent_id: s.agent_id.clone(),
             pid: s.pid,
-            start: fmt_ns(s.start_ns),
-            end: fmt_ns(s.end_ns),
+            start: crate::usage::rfc3339_of_ns(s.start_ns),
+            end: crate::usage::rfc3339_of_ns(s.end_ns),
             duration_ns: s.end_ns - s.start_ns,
             cost: inclusive(s, &own, &children, 0),
             on_critical_path: path.contains(&s.span_id),
@@ -640,22 +628,6 @@ async fn run_view(
 
 fn now_ns() -> i64 {
     OffsetDateTime::now_utc().unix_timestamp_nanos() as i64
-}
-
-fn fmt_ns(ns: i64) -> String {
-    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default()
-}
-
-fn parse_ns(s: &str) -> Option<i64> {
-    i64::try_from(
-        OffsetDateTime::parse(s, &Rfc3339)
-            .ok()?
-            .unix_timestamp_nanos(),
-    )
-    .ok()
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ use crate::{
     pricing::{PriceBook, PriceBookHandle, billed_party},
     probes::{ProbeError, Probes},
     prometheus::{AgentStats, Metrics},
-    receiver::{self, Forwarder, ReceiverStats},
+    receiver::{self, Enricher, ForwardOptions, Forwarder, ReceiverStats},
     report::Span as Span_,
     spans::Span,
     storage::StorageMeter,
@@ -252,7 +252,26 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     let inbox = Arc::new(Mutex::new(SpanInbox::default()));
     let receiver_stats = Arc::new(ReceiverStats::default());
     let (span_tx, mut span_rx) = receiver::span_channel(&config.receiver);
-    let forwarder = Forwarder::from_config(&config.receiver, receiver_stats.clone())?;
+    let forwarder = match config
+        .receiver
+        .upstream
+        .as_ref()
+        .filter(|u| !u.endpoint.is_empty())
+    {
+        Some(upstream) => Some(Forwarder::start(
+            upstream,
+            ForwardOptions {
+                queue_bytes: config.receiver.forward_queue_bytes,
+                // A span's usage is committed once its windows have waited
+                // span_lag and closed; enrich after that.
+                delay: config.span_lag + config.tick * 2 + Duration::from_secs(2),
+                enrich: Some(cost_enricher(ledger.clone())),
+                ..ForwardOptions::default()
+            },
+            receiver_stats.clone(),
+        )?),
+        None => None,
+    };
     let receiver_task = {
         let mut stop = stop_rx.clone();
         let (cfg, stats) = (config.receiver.clone(), receiver_stats.clone());
@@ -539,6 +558,79 @@ fn split_window(
         tokens,
         spans: rows,
     }
+}
+
+/// Adds to each forwarded span the cost of what its process used while it
+/// ran (from the ledger): `mentat.cost.total`, `mentat.cost.currency`,
+/// `mentat.pricing.version` and `mentat.usage.cpu.time`. Spans whose process
+/// is unknown (no `process.pid` resource attribute) go upstream unchanged.
+fn cost_enricher(ledger: Arc<Mutex<Ledger>>) -> Enricher {
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
+    Arc::new(move |req| {
+        let Ok(l) = ledger.lock() else {
+            return;
+        };
+        for rs in &mut req.resource_spans {
+            let pid = rs
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|kv| kv.key == "process.pid"))
+                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                    Value::IntValue(i) => u32::try_from(*i).ok(),
+                    Value::StringValue(s) => s.parse().ok(),
+                    _ => None,
+                });
+            let Some(pid) = pid else {
+                continue;
+            };
+            for ss in &mut rs.scope_spans {
+                for span in &mut ss.spans {
+                    let (start, end) = (
+                        i64::try_from(span.start_time_unix_nano).unwrap_or(i64::MAX),
+                        i64::try_from(span.end_time_unix_nano).unwrap_or(i64::MAX),
+                    );
+                    let query = crate::ledger::RecordQuery {
+                        from: crate::usage::rfc3339_of_ns(start - 60_000_000_000),
+                        to: crate::usage::rfc3339_of_ns(end + 60_000_000_000),
+                        filters: vec![("pid".into(), pid.to_string())],
+                        after: None,
+                        limit: 10_000,
+                    };
+                    let Ok(page) = l.records(&query) else {
+                        continue;
+                    };
+                    let (cost, cpu) = crate::usage::usage_during(&page.records, pid, start, end);
+                    let Some(priced) = page.records.iter().find_map(|r| r.cost.as_ref()) else {
+                        continue;
+                    };
+                    let kv = |k: &str, v: Value| KeyValue {
+                        key: k.into(),
+                        value: Some(AnyValue { value: Some(v) }),
+                        ..Default::default()
+                    };
+                    use rust_decimal::prelude::ToPrimitive;
+                    span.attributes.extend([
+                        kv(
+                            "mentat.cost.total",
+                            Value::DoubleValue(cost.to_f64().unwrap_or(0.0)),
+                        ),
+                        kv(
+                            "mentat.cost.currency",
+                            Value::StringValue(priced.currency.clone()),
+                        ),
+                        kv(
+                            "mentat.pricing.version",
+                            Value::StringValue(priced.pricing_version.clone()),
+                        ),
+                        kv(
+                            "mentat.usage.cpu.time",
+                            Value::DoubleValue(cpu.to_f64().unwrap_or(0.0)),
+                        ),
+                    ]);
+                }
+            }
+        }
+    })
 }
 
 fn unix_ns(t: std::time::SystemTime) -> u64 {

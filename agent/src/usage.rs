@@ -598,6 +598,47 @@ impl UsageRecord {
     }
 }
 
+/// What process `pid` used during `[start, end]` (Unix ns), by its records:
+/// each record's cost and CPU prorated by how much of its window overlaps.
+/// Returns (cost, CPU core-seconds).
+pub fn usage_during(records: &[UsageRecord], pid: u32, start: i64, end: i64) -> (Decimal, Decimal) {
+    let mut cost = Decimal::ZERO;
+    let mut cpu = Decimal::ZERO;
+    for r in records.iter().filter(|r| r.pid == Some(pid)) {
+        let (Some(ws), Some(we)) = (unix_ns_of(&r.window_start), unix_ns_of(&r.window_end)) else {
+            continue;
+        };
+        let overlap = end.min(we) - start.max(ws);
+        if overlap <= 0 {
+            continue;
+        }
+        let share = Decimal::from(overlap) / Decimal::from((we - ws).max(1));
+        if let Some(c) = &r.cost {
+            cost += c.total * share;
+        }
+        cpu += r.cpu_core_seconds * share;
+    }
+    (cost, cpu)
+}
+
+/// Unix ns as RFC 3339 UTC.
+pub fn rfc3339_of_ns(ns: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// An RFC 3339 time as Unix ns.
+pub fn unix_ns_of(rfc3339: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .ok()?;
+    i64::try_from(t.unix_timestamp_nanos()).ok()
+}
+
 /// The serde name of a unit enum variant ("container", "cri-o", ...).
 pub fn serde_name<T: Serialize>(v: &T) -> String {
     serde_json::to_value(v)
