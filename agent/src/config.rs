@@ -86,6 +86,50 @@ impl Default for Config {
     }
 }
 
+/// The full default configuration, every key with its default and what it
+/// does (`mentat-agent config default`). A unit test keeps it equal to
+/// `Config::default()`.
+pub const DEFAULT_CONFIG_TOML: &str = r#"# mentat-agent configuration (TOML). Every key is optional; these are the defaults.
+
+node_name = ""              # node name in records; empty: $NODE_NAME, else the host name
+tick = "1s"                 # window length: one usage window per workload per tick (>= 100ms)
+cpu_tick = "100ms"          # per-CPU timer that charges tasks that never block (1ms .. tick)
+sample_interval = "1s"      # memory and disk sampling from procfs (10ms .. tick)
+span_lag = "10s"            # how long a closed window waits for late spans before it is committed
+proc_map_entries = 10240    # kernel per-process map entries (about 2 x processes active per tick)
+btf_path = "/sys/kernel/btf/vmlinux"
+ledger_path = "/var/lib/mentat-agent/ledger.db"
+raw_retention = "1h"        # windows kept record by record, then compacted into exact hourly rollups
+retention = "7d"            # how long usage is kept
+# pricing_path = "/etc/mentat-agent/pricing.toml"   # unset: the built-in book; SIGHUP reloads it
+pod_refresh = "30s"         # how often the pod list is fetched (when [kubernetes] url is set)
+
+[api]                       # read-only query API, /metrics, /healthz, /readyz
+bind = "127.0.0.1:9464"
+# token_file = "/var/run/secrets/mentat/api-token"  # required when bind is not loopback
+
+[otlp]                      # usage export; OTEL_EXPORTER_OTLP_* variables override these
+endpoint = ""               # e.g. "http://otel-collector:4317"; empty: export off
+timeout_ms = 0              # 0: 10 s
+# ca_file = "/etc/ssl/collector-ca.pem"
+[otlp.headers]              # e.g. api-key = "..."
+
+[receiver]                  # where agents on this node send their spans
+grpc_bind = "127.0.0.1:4317"
+http_bind = "127.0.0.1:4318"
+max_request_bytes = 4194304
+max_pending_spans = 100000
+max_concurrent_requests = 4
+forward_queue_bytes = 33554432
+# [receiver.upstream]       # forward received spans, enriched with cost
+# endpoint = "http://otel-collector:4317"
+
+[kubernetes]                # pod names and namespaces; empty url: off
+url = ""                    # e.g. "https://kubernetes.default.svc/api/v1/pods?fieldSelector=spec.nodeName={node}"
+# token_file = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+# ca_file = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+"#;
+
 /// Why a config file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -201,6 +245,12 @@ mod tests {
         let c = Config::parse(block).unwrap_or_else(|e| panic!("README config: {e}"));
         assert_eq!(c.api.bind, "127.0.0.1:9464");
         assert_eq!(c.raw_retention, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn the_printed_default_config_is_the_default() {
+        let c = Config::parse(DEFAULT_CONFIG_TOML).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c, Config::default());
     }
 
     #[test]

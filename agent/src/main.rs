@@ -44,6 +44,9 @@ enum Cmd {
         #[arg(long, value_name = "PATH", default_value = VMLINUX_BTF)]
         btf: PathBuf,
     },
+    /// Validate a config file (and its price book), or print the full default config.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Attach probes and wait, printing their kernel run statistics at the end (benchmarks).
     #[command(hide = true)]
     Attach {
@@ -54,6 +57,17 @@ enum Cmd {
         #[arg(long, value_parser = parse_duration, default_value = "10s")]
         duration: Duration,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Check FILE and the price book it names; print line-precise errors and exit 1 if invalid.
+    Check {
+        /// The config file (TOML).
+        file: PathBuf,
+    },
+    /// Print the full default config, every key documented.
+    Default,
 }
 
 #[derive(clap::Args, Debug)]
@@ -236,6 +250,41 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 .context("starting the async runtime")?;
             runtime.block_on(daemon::run(cfg, node))?;
             Ok(0)
+        }
+        Cmd::Config(ConfigCmd::Default) => {
+            print!("{}", config::DEFAULT_CONFIG_TOML);
+            Ok(0)
+        }
+        Cmd::Config(ConfigCmd::Check { file }) => {
+            let cfg = match Config::load(&file) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("mentat-agent: {e}");
+                    return Ok(1);
+                }
+            };
+            let book = match &cfg.pricing_path {
+                Some(p) => mentat_agent::pricing::PriceBook::load(p),
+                None => mentat_agent::pricing::PriceBook::parse(
+                    mentat_agent::daemon::DEFAULT_PRICE_BOOK,
+                    "built-in deploy/pricing.toml",
+                ),
+            };
+            match book {
+                Ok(b) => {
+                    println!(
+                        "{}: valid; price book version {} ({})",
+                        file.display(),
+                        b.version(),
+                        b.currency()
+                    );
+                    Ok(0)
+                }
+                Err(e) => {
+                    eprintln!("mentat-agent: {}: {e}", file.display());
+                    Ok(1)
+                }
+            }
         }
         Cmd::Usage(a) => {
             if a.billing && a.format != UsageFormat::Jsonl {
