@@ -130,6 +130,27 @@ pub fn run(probe_config: &ProbeConfig) -> Vec<Item> {
         ));
     }
 
+    items.push(match crate::gpu::GpuMeter::open(&crate::gpu::GpuConfig::default()) {
+        Ok(g) => {
+            let mig = g.devices().iter().filter(|d| d.mig_enabled).count();
+            item(
+                "GPU metering (NVML)",
+                true,
+                false,
+                format!(
+                    "{} device(s){}",
+                    g.devices().len(),
+                    if mig > 0 {
+                        format!("; {mig} with MIG: per-instance memory only, GPU time per device (NVML has no per-process time under MIG)")
+                    } else {
+                        String::new()
+                    }
+                ),
+            )
+        }
+        Err(e) => item("GPU metering (NVML)", false, false, format!("off: {e}")),
+    });
+
     let hooks: Vec<&str> = BTF_TRACEPOINTS
         .iter()
         .chain(TRACEPOINTS)

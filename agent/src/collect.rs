@@ -17,6 +17,7 @@ use tracing::{debug, warn};
 use crate::{
     clock::{Clock, boottime_ns},
     context::read_env_context,
+    gpu::GpuMeter,
     identity::{self, Cgroups, instance_start},
     memory::{self, CgroupIntegrator, Integrator},
     pods::{PodDirectory, PodName},
@@ -140,6 +141,7 @@ pub struct Collector {
     /// Each cgroup's memory counter file, once resolved (`None`: it has none).
     cgroup_counter: HashMap<u64, Option<PathBuf>>,
     pods: PodDirectory,
+    gpu: Option<GpuMeter>,
     bad_traceparents: u64,
     storage: Option<StorageMeter>,
     /// Containers seen running since the last window closed.
@@ -175,6 +177,7 @@ impl Collector {
                 .and_then(|m| memory::find_v1_memory_mount(&m)),
             cgroup_counter: HashMap::new(),
             pods: PodDirectory::default(),
+            gpu: None,
             bad_traceparents: 0,
             storage: None,
             containers_seen: HashMap::new(),
@@ -185,6 +188,12 @@ impl Collector {
             prev_events_lost: 0,
             window_start_ns: now,
         }
+    }
+
+    /// Meters GPUs with `gpu` (by default there is no GPU metering).
+    pub fn with_gpu(mut self, gpu: GpuMeter) -> Self {
+        self.gpu = Some(gpu);
+        self
     }
 
     /// Measures containers' writable layers with `storage` (by default storage is absent).
@@ -467,7 +476,7 @@ impl Collector {
 
         let slot = (old_epoch & 1) as usize;
         let prev = self.prev_buckets.get(slot).copied().unwrap_or_default();
-        let buckets = bucket_delta(&epoch.buckets, &prev);
+        let mut buckets = bucket_delta(&epoch.buckets, &prev);
         if let Some(p) = self.prev_buckets.get_mut(slot) {
             *p = epoch.buckets;
         }
@@ -516,6 +525,42 @@ impl Collector {
             };
             merged.entry(key).or_default().mem.add(&md);
         }
+        // GPU usage per process, on the cgroup the process is in now. NVML
+        // reports host pids; a pid the agent has not seen is looked up in procfs.
+        let mut gpu_unattributed = crate::usage::GpuMetered::default();
+        if let Some(gpu) = self.gpu.as_mut() {
+            let w = gpu.sample(std::time::Instant::now());
+            gpu_unattributed.gpu_ns = w.unattributed_gpu_ns;
+            gpu_unattributed.energy_mj = w.unattributed_energy_mj;
+            for u in &w.per_process {
+                let start = match self.live.get(&u.pid) {
+                    Some(&s) => s,
+                    None => match identity::read_stat(&self.proc_root, u.pid) {
+                        Some(stat) => {
+                            let s = stat.start_since_boot_ns;
+                            self.register_from_stat(u.pid, s, stat);
+                            s
+                        }
+                        None => {
+                            // Gone already: its GPU time has no owner left.
+                            gpu_unattributed.gpu_ns += u.gpu_ns;
+                            gpu_unattributed.energy_mj += u.energy_mj;
+                            continue;
+                        }
+                    },
+                };
+                let cgroup_id = self.current_cgroup(u.pid, start, ran_in.get(&(u.pid, start)));
+                let key = InstanceKey {
+                    tgid: u.pid,
+                    start_ns: start,
+                    cgroup_id,
+                };
+                let g = &mut merged.entry(key).or_default().gpu;
+                g.gpu_ns += u.gpu_ns;
+                g.memory_byte_ns += u.memory_byte_ns;
+                g.energy_mj += u.energy_mj;
+            }
+        }
         let cgroup_counters = merged
             .keys()
             .filter_map(|k| {
@@ -537,7 +582,10 @@ impl Collector {
             start: self.clock.to_wall(start_ns),
             end: self.clock.to_wall(end_ns),
             processes,
-            cgroup_memory: self.cgroup_mem.take(),
+            cgroup_memory: {
+                buckets.unattributed.gpu.add(&gpu_unattributed);
+                self.cgroup_mem.take()
+            },
             storage: self.take_storage(),
             cgroup_counters,
             buckets,

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use crate::{
     api::ApiConfig,
     export::OtlpConfig,
+    gpu::GpuConfig,
     pods::PodSource,
     probes::{ProbeConfig, ProbeMode, VMLINUX_BTF},
     receiver::ReceiverConfig,
@@ -57,6 +58,8 @@ pub struct Config {
     pub otlp: OtlpConfig,
     /// The OTLP trace receiver agents send their spans to.
     pub receiver: ReceiverConfig,
+    /// GPU metering through NVML (off by itself where no driver is found).
+    pub gpu: GpuConfig,
     /// How long a closed window waits for late spans before it is split
     /// between runs and committed (SDKs export spans in batches, every 5 s by default).
     #[serde(with = "duration_str")]
@@ -81,6 +84,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             otlp: OtlpConfig::default(),
             receiver: ReceiverConfig::default(),
+            gpu: GpuConfig::default(),
             span_lag: Duration::from_secs(10),
         }
     }
@@ -123,6 +127,9 @@ max_concurrent_requests = 4
 forward_queue_bytes = 33554432
 # [receiver.upstream]       # forward received spans, enriched with cost
 # endpoint = "http://otel-collector:4317"
+
+[gpu]                       # NVML; no driver or no GPU: GPU metering is off (one log line)
+# library_path = "/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1"   # default: libnvidia-ml.so.1
 
 [kubernetes]                # pod names and namespaces; empty url: off
 url = ""                    # e.g. "https://kubernetes.default.svc/api/v1/pods?fieldSelector=spec.nodeName={node}"

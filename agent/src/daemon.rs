@@ -30,6 +30,7 @@ use crate::{
     config::Config,
     context::{SpanIndex, token_record},
     export::{self, OtlpExporter, Outbox},
+    gpu::GpuMeter,
     ledger::Ledger,
     ledger::SpanRow,
     output::Report,
@@ -303,12 +304,20 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         let storage = StorageMeter::start(Duration::from_secs(60));
         let (tick, sample, lag) = (config.tick, config.sample_interval, config.span_lag);
         let inbox = inbox.clone();
+        let gpu_config = config.gpu.clone();
         thread::Builder::new()
             .name("collector".into())
             .spawn(move || {
-                let collector = Collector::new(probes, sample)
+                let mut collector = Collector::new(probes, sample)
                     .with_pods(pods)
                     .with_storage(storage);
+                match GpuMeter::open(&gpu_config) {
+                    Ok(gpu) => {
+                        info!(devices = gpu.devices().len(), "GPU metering on (NVML)");
+                        collector = collector.with_gpu(gpu);
+                    }
+                    Err(e) => info!(reason = %e, "GPU metering off"),
+                }
                 collect_loop(collector, &node, tick, lag, &inbox, &stop, &tx)
             })
             .map_err(|_| DaemonError::Panicked("collector"))?

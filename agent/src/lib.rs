@@ -12,6 +12,7 @@ pub mod config;
 pub mod context;
 pub mod daemon;
 pub mod export;
+pub mod gpu;
 pub mod identity;
 pub mod ledger;
 pub mod memory;

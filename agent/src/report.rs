@@ -427,6 +427,11 @@ fn split_metered(m: &Metered, shares: &[Share]) -> Vec<Metered> {
     each(m.mem.disk_write_bytes, &mut |o, v| {
         o.mem.disk_write_bytes = v
     });
+    each(m.gpu.gpu_ns, &mut |o, v| o.gpu.gpu_ns = v);
+    each(m.gpu.energy_mj, &mut |o, v| o.gpu.energy_mj = v);
+    for (o, v) in out.iter_mut().zip(split_u128(m.gpu.memory_byte_ns, shares)) {
+        o.gpu.memory_byte_ns = v;
+    }
     for (o, v) in out.iter_mut().zip(split_u128(m.mem.rss_byte_ns, shares)) {
         o.mem.rss_byte_ns = v;
         // A peak is not divisible: every part of the process reports it.

@@ -76,6 +76,26 @@ impl Net {
     }
 }
 
+/// GPU usage of one workload (from NVML).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuMetered {
+    /// SM-busy nanoseconds attributed.
+    pub gpu_ns: u64,
+    /// ∫ used GPU memory dt, byte-nanoseconds.
+    pub memory_byte_ns: u128,
+    /// Energy, millijoules.
+    pub energy_mj: u64,
+}
+
+impl GpuMetered {
+    /// Adds another amount.
+    pub fn add(&mut self, o: &GpuMetered) {
+        self.gpu_ns += o.gpu_ns;
+        self.memory_byte_ns += o.memory_byte_ns;
+        self.energy_mj += o.energy_mj;
+    }
+}
+
 /// Metered quantities of one workload over one window.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Metered {
@@ -89,6 +109,8 @@ pub struct Metered {
     pub net: Net,
     /// Memory and storage I/O.
     pub mem: MemDisk,
+    /// GPU time, memory and energy.
+    pub gpu: GpuMetered,
 }
 
 impl Metered {
@@ -106,6 +128,7 @@ impl Metered {
         }
         self.net.add(&other.net);
         self.mem.add(&other.mem);
+        self.gpu.add(&other.gpu);
     }
 }
 
@@ -117,6 +140,7 @@ impl From<&ProcUsage> for Metered {
             syscalls_by_class: SyscallsByClass(u.syscalls_by_class),
             net: Net::from_counters(&u.net),
             mem: MemDisk::default(),
+            gpu: GpuMetered::default(),
         }
     }
 }
@@ -211,6 +235,12 @@ pub struct Metrics {
     pub disk_read_bytes: u64,
     /// Bytes written to storage (page-cache writeback included).
     pub disk_write_bytes: u64,
+    /// GPU time (SM-busy), seconds.
+    pub gpu_seconds: f64,
+    /// ∫ GPU memory dt, GiB-seconds.
+    pub gpu_memory_gb_seconds: f64,
+    /// GPU energy, joules, where the device reports it.
+    pub gpu_energy_joules: f64,
 }
 
 impl From<&Metered> for Metrics {
@@ -228,6 +258,9 @@ impl From<&Metered> for Metrics {
             peak_rss_bytes: m.mem.peak_rss_bytes,
             disk_read_bytes: m.mem.disk_read_bytes,
             disk_write_bytes: m.mem.disk_write_bytes,
+            gpu_seconds: core_seconds(m.gpu.gpu_ns),
+            gpu_memory_gb_seconds: gib_seconds(m.gpu.memory_byte_ns),
+            gpu_energy_joules: m.gpu.energy_mj as f64 / 1000.0,
         }
     }
 }
@@ -572,6 +605,8 @@ impl UsageRecord {
             trace_id: p.context.trace_id.clone(),
             cpu_core_seconds: decimal_seconds(p.metered.cpu_ns),
             memory_gb_seconds: decimal_gib_seconds(p.metered.mem.rss_byte_ns),
+            gpu_seconds: decimal_seconds(p.metered.gpu.gpu_ns),
+            gpu_memory_gb_seconds: decimal_gib_seconds(p.metered.gpu.memory_byte_ns),
             network_rx_bytes: p.metered.net.rx_bytes,
             network_tx_bytes: p.metered.net.tx_bytes,
             disk_read_bytes: p.metered.mem.disk_read_bytes,

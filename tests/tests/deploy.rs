@@ -1,0 +1,730 @@
+//! deploy/: the Kubernetes manifests validate offline against the Kubernetes schemas
+//! (PyPI `kubernetes-validate`), the DaemonSet keeps the least-privilege model it
+//! documents, the agent config it ships passes the real agent's `config check` (and a
+//! broken one is refused at the right line), and the Grafana dashboard only queries
+//! metrics the agent exports.
+//!
+//! No cluster: the manifests are rendered with `kubectl kustomize` where kubectl is
+//! installed, and otherwise read from the files kustomization.yaml lists (the
+//! ConfigMap generator is then expanded here, without kustomize's name hash).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use mentat_tests::daemon::{Daemon, DaemonOptions, LedgerDir, poll, run_workload};
+use mentat_tests::run_agent;
+use serde_json::{Value, json};
+
+/// The oldest Kubernetes the manifests support (securityContext.appArmorProfile is a
+/// field from 1.30 on), and the newest `kubernetes-validate` ships schemas for.
+const KUBERNETES_VERSIONS: [&str; 2] = ["1.30.0", "1.37.0"];
+
+/// The capabilities the DaemonSet adds: exactly these, with ALL dropped.
+const CAPABILITIES: [&str; 5] = [
+    "BPF",
+    "PERFMON",
+    "SYS_RESOURCE",
+    "SYS_PTRACE",
+    "DAC_READ_SEARCH",
+];
+
+/// Host paths the agent only reads, and where they are mounted.
+const READ_ONLY_HOST_PATHS: [&str; 2] = ["/sys/kernel/btf", "/sys/fs/cgroup"];
+
+/// Host paths the agent writes: pinned maps and the ledger.
+const WRITABLE_HOST_PATHS: [&str; 2] = ["/sys/fs/bpf", "/var/lib/mentat-agent"];
+
+const CONFIG_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+fn deploy_dir() -> PathBuf {
+    repo_root().join("deploy")
+}
+
+/// YAML (one or more documents) to JSON values, through PyYAML (a dependency of
+/// kubernetes-validate, so present wherever this test can pass).
+fn yaml_documents(text: &str, what: &str) -> Vec<Value> {
+    let mut child = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, json, yaml\n\
+             json.dump([d for d in yaml.safe_load_all(sys.stdin) if d is not None], sys.stdout)",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 (run `cargo xtask setup`)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("writing YAML to python3");
+    let out = child.wait_with_output().expect("python3 yaml");
+    assert!(
+        out.status.success(),
+        "{what} is not valid YAML: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("python3 printed JSON")
+}
+
+fn read(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+fn kubectl() -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("kubectl"))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Every object `kubectl apply -k deploy/` would apply.
+fn rendered() -> Vec<Value> {
+    let dir = deploy_dir();
+    if let Some(kubectl) = kubectl() {
+        let out = Command::new(kubectl)
+            .arg("kustomize")
+            .arg(&dir)
+            .output()
+            .expect("running kubectl kustomize");
+        assert!(
+            out.status.success(),
+            "kubectl kustomize deploy/ failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return yaml_documents(
+            &String::from_utf8_lossy(&out.stdout),
+            "kubectl kustomize output",
+        );
+    }
+    // No kubectl: the files kustomization.yaml names, plus its ConfigMap generator.
+    let k = yaml_documents(&read(&dir.join("kustomization.yaml")), "kustomization.yaml");
+    let k = &k[0];
+    let namespace = k["namespace"].as_str().map(str::to_owned);
+    let mut docs = Vec::new();
+    for r in k["resources"].as_array().expect("kustomization resources") {
+        let file = r.as_str().expect("resource path");
+        docs.extend(yaml_documents(&read(&dir.join(file)), file));
+    }
+    for g in k["configMapGenerator"].as_array().into_iter().flatten() {
+        let mut data = serde_json::Map::new();
+        for f in g["files"].as_array().expect("generator files") {
+            let f = f.as_str().expect("file entry");
+            let (key, file) = f.split_once('=').unwrap_or((f, f));
+            data.insert(key.to_owned(), Value::String(read(&dir.join(file))));
+        }
+        docs.push(json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": g["name"], "namespace": namespace},
+            "data": data,
+        }));
+    }
+    docs
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+fn only<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    let found = find(docs, kind);
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one {kind}, found {}",
+        found.len()
+    );
+    found[0]
+}
+
+fn strings(v: &Value) -> BTreeSet<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_str().map(str::to_owned))
+        .collect()
+}
+
+fn write_temp(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+    path
+}
+
+#[test]
+fn every_manifest_validates_against_the_kubernetes_schemas() {
+    let docs = rendered();
+    assert!(docs.len() >= 8, "only {} objects rendered", docs.len());
+    let dir = tempfile::tempdir().expect("tempdir");
+    // One file per object, named after it, so a failure names the object.
+    let mut files = Vec::new();
+    for (i, d) in docs.iter().enumerate() {
+        let name = format!(
+            "{i:02}-{}-{}.json",
+            d["kind"].as_str().unwrap_or("unknown"),
+            d["metadata"]["name"].as_str().unwrap_or("unnamed")
+        );
+        files.push(write_temp(dir.path(), &name, &d.to_string()));
+    }
+    for version in KUBERNETES_VERSIONS {
+        let out = Command::new("python3")
+            .args([
+                "-m",
+                "kubernetes_validate",
+                "--strict",
+                "--quiet",
+                "-k",
+                version,
+            ])
+            .args(&files)
+            .output()
+            .expect("python3 -m kubernetes_validate (run `cargo xtask setup`)");
+        assert!(
+            out.status.success(),
+            "the manifests do not validate against Kubernetes {version}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // And the validator does refuse a broken object: a DaemonSet with an unknown field.
+    let mut bad = only(&docs, "DaemonSet").clone();
+    bad["spec"]["template"]["spec"]["hostPid"] = json!(true);
+    let bad_file = write_temp(dir.path(), "bad.json", &bad.to_string());
+    let out = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict", "--quiet", "-k"])
+        .arg(KUBERNETES_VERSIONS[0])
+        .arg(&bad_file)
+        .output()
+        .expect("python3 -m kubernetes_validate");
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stdout).contains("hostPid"),
+        "kubernetes-validate accepted a DaemonSet with an unknown field: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn the_daemonset_keeps_the_least_privilege_model() {
+    let docs = rendered();
+    for kind in [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "Secret",
+        "DaemonSet",
+        "Service",
+        "NetworkPolicy",
+    ] {
+        assert!(
+            !find(&docs, kind).is_empty(),
+            "no {kind} in the rendered manifests"
+        );
+    }
+    let ds = only(&docs, "DaemonSet");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["hostPID"], true,
+        "the agent needs the host's PID namespace"
+    );
+    assert_ne!(
+        pod["hostNetwork"], true,
+        "hostNetwork is not needed (hostPort is)"
+    );
+    let containers = pod["containers"].as_array().expect("containers");
+    assert_eq!(containers.len(), 1, "one container");
+    assert!(pod["initContainers"].is_null(), "no init containers");
+    let c = &containers[0];
+    let sc = &c["securityContext"];
+    assert_eq!(
+        sc["privileged"], false,
+        "privileged must be explicitly false"
+    );
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        strings(&sc["capabilities"]["drop"]),
+        BTreeSet::from(["ALL".to_owned()])
+    );
+    let added = sc["capabilities"]["add"]
+        .as_array()
+        .expect("capabilities.add");
+    let added_set = strings(&sc["capabilities"]["add"]);
+    assert_eq!(
+        added.len(),
+        added_set.len(),
+        "a capability is added twice: {added:?}"
+    );
+    assert_eq!(
+        added_set,
+        CAPABILITIES
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect::<BTreeSet<_>>(),
+        "the added capabilities must be exactly the agent's list"
+    );
+    assert!(pod["securityContext"]["sysctls"].is_null());
+
+    // Host paths: the read-only ones mounted read-only, the writable ones the only
+    // others, and no other host path at all.
+    let volumes = pod["volumes"].as_array().expect("volumes");
+    let host_paths: BTreeMap<String, String> = volumes
+        .iter()
+        .filter(|v| !v["hostPath"].is_null())
+        .map(|v| {
+            (
+                v["name"].as_str().expect("volume name").to_owned(),
+                v["hostPath"]["path"]
+                    .as_str()
+                    .expect("hostPath path")
+                    .to_owned(),
+            )
+        })
+        .collect();
+    let mut expected: BTreeSet<&str> = READ_ONLY_HOST_PATHS.into_iter().collect();
+    expected.extend(WRITABLE_HOST_PATHS);
+    assert_eq!(
+        host_paths
+            .values()
+            .map(String::as_str)
+            .collect::<BTreeSet<_>>(),
+        expected,
+        "host paths"
+    );
+    let mounts = c["volumeMounts"].as_array().expect("volumeMounts");
+    for (volume, path) in &host_paths {
+        let m = mounts
+            .iter()
+            .find(|m| m["name"] == volume.as_str())
+            .unwrap_or_else(|| panic!("host path {path} is not mounted"));
+        assert_eq!(
+            m["mountPath"],
+            path.as_str(),
+            "{path} is mounted where the agent looks"
+        );
+        if READ_ONLY_HOST_PATHS.contains(&path.as_str()) {
+            assert_eq!(m["readOnly"], true, "{path} must be mounted readOnly");
+        }
+    }
+    for m in mounts {
+        let volume = volumes
+            .iter()
+            .find(|v| v["name"] == m["name"])
+            .expect("every mount has a volume");
+        let writable = volume["emptyDir"].is_object()
+            || volume["hostPath"]["path"]
+                .as_str()
+                .is_some_and(|p| WRITABLE_HOST_PATHS.contains(&p));
+        if !writable {
+            assert_eq!(
+                m["readOnly"], true,
+                "mount {} must be readOnly",
+                m["mountPath"]
+            );
+        }
+    }
+
+    // Downward API, probes, scheduling, rollout, resources, ports.
+    let env = c["env"].as_array().expect("env");
+    let field = |name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["valueFrom"]["fieldRef"]["fieldPath"].clone())
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(field("NODE_NAME"), "spec.nodeName");
+    assert_eq!(field("HOST_IP"), "status.hostIP");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let tolerations = pod["tolerations"].as_array().expect("tolerations");
+    assert!(
+        tolerations
+            .iter()
+            .any(|t| t["operator"] == "Exists" && t["key"].is_null() && t["effect"].is_null()),
+        "a toleration for every taint: {tolerations:?}"
+    );
+    assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
+    assert_eq!(
+        ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"],
+        1
+    );
+    for kind in ["requests", "limits"] {
+        for r in ["cpu", "memory"] {
+            assert!(
+                c["resources"][kind][r].is_string(),
+                "resources.{kind}.{r} is set"
+            );
+        }
+    }
+    let ports = c["ports"].as_array().expect("ports");
+    for port in [4317, 4318] {
+        assert!(
+            ports
+                .iter()
+                .any(|p| p["containerPort"] == port && p["hostPort"] == port),
+            "OTLP port {port} is a hostPort"
+        );
+    }
+    assert!(
+        ports
+            .iter()
+            .any(|p| p["containerPort"] == 9464 && p["hostPort"].is_null())
+    );
+
+    // OTLP Service stays on the node; the NetworkPolicy covers the API port.
+    let otlp = find(&docs, "Service")
+        .into_iter()
+        .find(|s| {
+            s["spec"]["ports"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["port"] == 4317))
+        })
+        .expect("a Service for OTLP");
+    assert_eq!(otlp["spec"]["internalTrafficPolicy"], "Local");
+    let np = only(&docs, "NetworkPolicy");
+    assert_eq!(
+        strings(&np["spec"]["policyTypes"]),
+        BTreeSet::from(["Ingress".to_owned()])
+    );
+    let rules = np["spec"]["ingress"].as_array().expect("ingress rules");
+    let api_rule = rules
+        .iter()
+        .find(|r| {
+            r["ports"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["port"] == 9464))
+        })
+        .expect("an ingress rule for the API port");
+    let from = api_rule["from"]
+        .as_array()
+        .expect("the API rule names its sources");
+    assert!(
+        !from.is_empty() && from.iter().all(|f| f["ipBlock"].is_null()),
+        "the API is reachable only from pods in the cluster: {from:?}"
+    );
+
+    // RBAC is read-only.
+    for role in find(&docs, "ClusterRole") {
+        for rule in role["rules"].as_array().expect("rules") {
+            let verbs = strings(&rule["verbs"]);
+            assert!(
+                verbs.is_subset(&["get", "list", "watch"].map(str::to_owned).into()),
+                "ClusterRole {} may do more than read: {verbs:?}",
+                role["metadata"]["name"]
+            );
+        }
+    }
+}
+
+/// The shipped config and price book, as the ConfigMap carries them, with the price
+/// book's in-cluster path pointed at a copy in `dir`.
+fn shipped_config(dir: &Path) -> (PathBuf, String) {
+    let docs = rendered();
+    let cm = find(&docs, "ConfigMap")
+        .into_iter()
+        .find(|c| c["data"]["config.toml"].is_string())
+        .expect("a ConfigMap with config.toml");
+    let config = cm["data"]["config.toml"]
+        .as_str()
+        .expect("config.toml")
+        .to_owned();
+    let pricing = cm["data"]["pricing.toml"]
+        .as_str()
+        .expect("the ConfigMap carries pricing.toml");
+    let pricing_path = write_temp(dir, "pricing.toml", pricing);
+    assert!(
+        config.contains("pricing_path = \"/etc/mentat-agent/pricing.toml\""),
+        "the config names the ConfigMap's price book"
+    );
+    let config = config.replace(
+        "\"/etc/mentat-agent/pricing.toml\"",
+        &format!("{:?}", pricing_path.display().to_string()),
+    );
+    (write_temp(dir, "config.toml", &config), config)
+}
+
+#[test]
+fn config_check_accepts_the_shipped_config_and_refuses_broken_ones_at_their_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, text) = shipped_config(dir.path());
+    let out = run_agent(
+        ["config".as_ref(), "check".as_ref(), path.as_os_str()],
+        CONFIG_CHECK_TIMEOUT,
+    )
+    .expect("mentat-agent config check");
+    assert_eq!(
+        out.exit_code,
+        Some(0),
+        "the ConfigMap's config.toml is refused:\n{text}\n{}{}",
+        out.stdout,
+        out.describe()
+    );
+
+    // Settings the DaemonSet relies on.
+    for needle in [
+        "bind = \"0.0.0.0:9464\"",
+        "token_file = \"/var/run/secrets/mentat/api/token\"",
+        "grpc_bind = \"0.0.0.0:4317\"",
+        "http_bind = \"0.0.0.0:4318\"",
+        "ledger_path = \"/var/lib/mentat-agent/",
+    ] {
+        assert!(text.contains(needle), "config.toml lacks {needle:?}");
+    }
+
+    // An unknown key on a known line, and a bad value: refused, naming that line.
+    let lines = text.lines().count();
+    let cases = [
+        (format!("{text}\nbogus_key = 1\n"), lines + 2, "bogus_key"),
+        (
+            text.replacen("tick = \"1s\"", "tick = \"soon\"", 1),
+            text.lines()
+                .position(|l| l.starts_with("tick = "))
+                .expect("a tick line")
+                + 1,
+            "soon",
+        ),
+    ];
+    for (i, (broken, line, named)) in cases.iter().enumerate() {
+        let path = write_temp(dir.path(), &format!("broken-{i}.toml"), broken);
+        let out = run_agent(
+            ["config".as_ref(), "check".as_ref(), path.as_os_str()],
+            CONFIG_CHECK_TIMEOUT,
+        )
+        .expect("mentat-agent config check");
+        let said = format!("{}{}", out.stdout, out.stderr);
+        assert_eq!(
+            out.exit_code,
+            Some(1),
+            "a broken config is refused with 1: {said}"
+        );
+        assert!(
+            said.contains(&format!("line {line}")) && said.contains(named),
+            "config check must name line {line} and {named:?}: {said}"
+        );
+    }
+
+    // A broken price book in the ConfigMap is refused too.
+    let pricing = dir.path().join("pricing.toml");
+    let book = read(&pricing);
+    fs::write(&pricing, format!("{book}\nnot_a_price_key = \"1\"\n")).expect("writing pricing");
+    let out = run_agent(
+        ["config".as_ref(), "check".as_ref(), path.as_os_str()],
+        CONFIG_CHECK_TIMEOUT,
+    )
+    .expect("mentat-agent config check");
+    assert_eq!(
+        out.exit_code,
+        Some(1),
+        "a price book with an unknown key is refused: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    assert!(
+        format!("{}{}", out.stdout, out.stderr).contains("not_a_price_key"),
+        "the refusal names the key: {}",
+        out.stderr
+    );
+
+    // `config default` prints a config that `config check` accepts.
+    let out = run_agent(["config", "default"], CONFIG_CHECK_TIMEOUT).expect("config default");
+    assert_eq!(out.exit_code, Some(0), "{}", out.describe());
+    let default = write_temp(dir.path(), "default.toml", &out.stdout);
+    let out = run_agent(
+        ["config".as_ref(), "check".as_ref(), default.as_os_str()],
+        CONFIG_CHECK_TIMEOUT,
+    )
+    .expect("config check of the default");
+    assert_eq!(
+        out.exit_code,
+        Some(0),
+        "`config default` is refused: {}",
+        out.describe()
+    );
+}
+
+/// Every `mentat_*` metric name in a PromQL expression: an identifier followed by a
+/// selector (`{` or `[`); label names (`mentat_cost_currency` in `by (…)`) are not.
+fn metric_names(expr: &str, into: &mut BTreeSet<String>) {
+    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let mut rest = expr;
+    while let Some(at) = rest.find("mentat_") {
+        let boundary = !rest[..at].ends_with(is_ident);
+        let tail = &rest[at..];
+        let end = tail.find(|c: char| !is_ident(c)).unwrap_or(tail.len());
+        if boundary && tail[end..].starts_with(['{', '[']) {
+            into.insert(tail[..end].to_owned());
+        }
+        rest = &tail[end..];
+    }
+}
+
+fn dashboard_queries() -> Vec<String> {
+    let text = read(&deploy_dir().join("grafana-dashboard.json"));
+    let dash: Value = serde_json::from_str(&text).expect("grafana-dashboard.json parses");
+    assert!(dash["title"].is_string() && dash["uid"].is_string());
+    let mut exprs = Vec::new();
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    if (k == "expr" || k == "definition") && v.is_string() {
+                        out.push(v.as_str().unwrap_or_default().to_owned());
+                    } else {
+                        walk(v, out);
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(&dash, &mut exprs);
+    let titles: Vec<String> = dash["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .filter_map(|p| p["title"].as_str().map(str::to_lowercase))
+        .collect();
+    for wanted in ["namespace", "pod", "agent", "runs", "gpu", "drops"] {
+        assert!(
+            titles.iter().any(|t| t.contains(wanted)),
+            "no panel about {wanted}: {titles:?}"
+        );
+    }
+    exprs
+}
+
+#[test]
+fn the_dashboard_queries_only_metrics_the_agent_exports() {
+    let mut names = BTreeSet::new();
+    for e in dashboard_queries() {
+        metric_names(&e, &mut names);
+    }
+    assert!(
+        names.len() >= 5,
+        "the dashboard queries too few metrics: {names:?}"
+    );
+
+    // A running agent's /metrics, after it metered some CPU.
+    let dir = LedgerDir::new().expect("ledger dir");
+    let daemon = Daemon::start(&dir, &DaemonOptions::default()).expect("daemon starts");
+    run_workload(&["burn", "--threads", "1", "--ms", "300"]).expect("burn");
+    let mut exposed = String::new();
+    poll(Duration::from_secs(30), || {
+        exposed = daemon.metrics()?;
+        Ok(if exposed.contains("mentat_cost_total{") {
+            Ok(())
+        } else {
+            Err("no cost series yet".into())
+        })
+    })
+    .expect("/metrics has cost series");
+    let source = read(&repo_root().join("agent/src/prometheus.rs"));
+    for name in &names {
+        let family = format!("# TYPE {name} ");
+        if exposed.contains(&family) {
+            continue;
+        }
+        // A family appears only once it is non-zero: GPU time needs a GPU.
+        assert!(
+            name == "mentat_gpu_seconds_total" && source.contains(&format!("\"{name}\"")),
+            "the dashboard queries {name}, which the agent does not export:\n{exposed}"
+        );
+    }
+    drop(daemon);
+}
+
+#[test]
+fn the_collector_prometheus_and_servicemonitor_configs_parse() {
+    let dir = deploy_dir();
+    let collector = &yaml_documents(
+        &read(&dir.join("otel-collector.yaml")),
+        "otel-collector.yaml",
+    )[0];
+    for pipeline in collector["service"]["pipelines"]
+        .as_object()
+        .expect("pipelines")
+        .values()
+    {
+        for kind in ["receivers", "processors", "exporters"] {
+            for name in pipeline[kind].as_array().into_iter().flatten() {
+                let name = name.as_str().expect("component name");
+                assert!(
+                    collector[kind][name].is_object() || collector[kind].get(name).is_some(),
+                    "pipeline uses {kind} {name}, which is not defined"
+                );
+            }
+        }
+    }
+    assert!(collector["exporters"]["prometheusremotewrite"].is_object());
+    let scrape = &yaml_documents(
+        &read(&dir.join("prometheus-scrape.yaml")),
+        "prometheus-scrape.yaml",
+    )[0];
+    assert_eq!(scrape["scrape_configs"][0]["job_name"], "mentat-agent");
+    let sm = &yaml_documents(
+        &read(&dir.join("servicemonitor.yaml")),
+        "servicemonitor.yaml",
+    )[0];
+    assert_eq!(sm["kind"], "ServiceMonitor");
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], "api");
+    // The ServiceMonitor selects the metrics Service and names an existing port.
+    let docs = rendered();
+    let selector = sm["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("matchLabels");
+    let svc = find(&docs, "Service")
+        .into_iter()
+        .find(|s| {
+            selector
+                .iter()
+                .all(|(k, v)| &s["metadata"]["labels"][k] == v)
+        })
+        .expect("a Service the ServiceMonitor selects");
+    assert!(
+        svc["spec"]["ports"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["name"] == "api")),
+        "the selected Service has an `api` port"
+    );
+}
+
+#[test]
+fn the_dockerfile_builds_with_the_build_script() {
+    let dockerfile = read(&deploy_dir().join("Dockerfile"));
+    assert!(
+        dockerfile.contains("sh deploy/build-agent.sh"),
+        "the build stage runs deploy/build-agent.sh"
+    );
+    let script = deploy_dir().join("build-agent.sh");
+    let out = Command::new("sh")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .expect("sh -n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        repo_root().join("deploy/Dockerfile.dockerignore").is_file(),
+        "the build context (the repository root) has its ignore file next to the Dockerfile"
+    );
+}
