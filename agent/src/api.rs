@@ -289,8 +289,17 @@ fn range(p: &RangeParams) -> Result<Range, Problem> {
         let (k, v) = clause
             .split_once('=')
             .ok_or_else(|| bad("where", format!("{clause:?} is not field=value")))?;
-        field_ok("where", k.trim())?;
-        filters.push((k.trim().to_string(), v.trim().to_string()));
+        let (k, v) = (k.trim(), v.trim());
+        field_ok("where", k)?;
+        // Integer fields are checked here, so a bad value is the caller's 400,
+        // not a ledger error.
+        if matches!(k, "pid" | "ppid" | "cgroup_id") && v.parse::<u64>().is_err() {
+            return Err(bad(
+                "where",
+                format!("{k}={v:?}: {k} is an unsigned integer"),
+            ));
+        }
+        filters.push((k.to_string(), v.to_string()));
     }
     Ok(Range {
         from: fmt(from)?,
@@ -433,16 +442,19 @@ async fn records(
         return Err(bad("limit", format!("{limit} is outside 1..=1000")));
     }
     let after = match &p.after {
-        Some(c) => Some(
-            c.split_once('|')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| {
-                    bad(
-                        "after",
-                        format!("{c:?} is not a cursor from a previous page"),
-                    )
-                })?,
-        ),
+        Some(c) => {
+            let not_cursor = || {
+                bad(
+                    "after",
+                    format!("{c:?} is not a cursor from a previous page"),
+                )
+            };
+            let (time, id) = c.split_once('|').ok_or_else(not_cursor)?;
+            if OffsetDateTime::parse(time, &Rfc3339).is_err() || id.is_empty() {
+                return Err(not_cursor());
+            }
+            Some((time.to_string(), id.to_string()))
+        }
         None => None,
     };
     let q = RecordQuery {

@@ -3,7 +3,7 @@
 (tests/tests/runs.rs).
 
     interleave.py --endpoint http://127.0.0.1:PORT --run-a A --run-b B \
-        --lead-ms 1200 --tail-ms 1200
+        --lead-ms 1500 --tail-ms 1500
 
 The process burns CPU without a break from start to exit. With T0 = start +
 LEAD_MS, it emits, with the real OpenTelemetry SDK, span `task A` of run A over
@@ -36,8 +36,8 @@ def main():
     p.add_argument("--endpoint", required=True)
     p.add_argument("--run-a", required=True)
     p.add_argument("--run-b", required=True)
-    p.add_argument("--lead-ms", type=int, default=1200)
-    p.add_argument("--tail-ms", type=int, default=1200)
+    p.add_argument("--lead-ms", type=int, default=1500)
+    p.add_argument("--tail-ms", type=int, default=1500)
     args = p.parse_args()
 
     pid = os.getpid()

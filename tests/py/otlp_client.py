@@ -13,8 +13,8 @@ Options:
     --span-ms MS       each span's length (default 1)
     --spread-ms MS     start each span a random 0..MS ms before now (default 0:
                        all at once)
-    --raw-bytes N      send N random bytes as the request body instead of a
-                       request (gRPC: through a raw-bytes method handle)
+    --raw-bytes N      send N bytes of malformed protobuf (a field claiming 1 GiB)
+                       as the request body instead of a request
 
 Spans are valid (random ids); the resource names this
 process by `process.pid`. Prints one JSON line: how many requests were answered
@@ -48,7 +48,10 @@ def kv(key, value):
 
 def request_bytes(args):
     if args.raw_bytes:
-        return os.urandom(args.raw_bytes)
+        # Field 1 (resource_spans), length-delimited, claiming 1 GiB that never
+        # comes: malformed whatever follows.
+        head = b"\x0a\x80\x80\x80\x80\x04"
+        return head + b"\xff" * max(0, args.raw_bytes - len(head))
     now = time.time_ns()
     spans = []
     for i in range(args.spans):

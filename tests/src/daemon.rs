@@ -242,9 +242,12 @@ impl Daemon {
             command.env_remove(var);
         }
         let started = OffsetDateTime::now_utc();
-        let child = command
-            .spawn()
-            .with_context(|| format!("starting mentat-agent run --config {}", config_path.display()))?;
+        let child = command.spawn().with_context(|| {
+            format!(
+                "starting mentat-agent run --config {}",
+                config_path.display()
+            )
+        })?;
         let mut daemon = Daemon {
             child: Some(child),
             port,
@@ -318,7 +321,12 @@ impl Daemon {
     }
 
     /// `GET path?query` with `token` (or none).
-    pub fn get_as(&self, path: &str, query: &[(&str, &str)], token: Option<&str>) -> Result<Response> {
+    pub fn get_as(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        token: Option<&str>,
+    ) -> Result<Response> {
         http::get(&format!("{}{path}", self.url()), query, token)
     }
 
@@ -340,7 +348,10 @@ impl Daemon {
         let mut out = Vec::new();
         let mut after: Option<String> = None;
         for page in 0.. {
-            ensure!(page < 10_000, "more than 10,000 pages of records: a cursor loop?");
+            ensure!(
+                page < 10_000,
+                "more than 10,000 pages of records: a cursor loop?"
+            );
             let mut query = vec![("from", from), ("to", to), ("limit", "1000")];
             if let Some(a) = &after {
                 query.push(("after", a));
@@ -369,7 +380,12 @@ impl Daemon {
     /// The daemon's `/metrics` text.
     pub fn metrics(&self) -> Result<String> {
         let r = self.get("/metrics", &[])?;
-        ensure!(r.status == 200, "GET /metrics: HTTP {}: {}", r.status, r.body);
+        ensure!(
+            r.status == 200,
+            "GET /metrics: HTTP {}: {}",
+            r.status,
+            r.body
+        );
         Ok(r.body)
     }
 
@@ -512,9 +528,12 @@ pub fn run_workload(args: &[&str]) -> Result<String> {
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
     let (tx, rx) = mpsc::channel();
-    for (i, pipe) in [stdout.map(|p| Box::new(p) as Box<dyn Read + Send>), stderr.map(|p| Box::new(p) as Box<dyn Read + Send>)]
-        .into_iter()
-        .enumerate()
+    for (i, pipe) in [
+        stdout.map(|p| Box::new(p) as Box<dyn Read + Send>),
+        stderr.map(|p| Box::new(p) as Box<dyn Read + Send>),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let tx = tx.clone();
         thread::spawn(move || {
@@ -539,7 +558,10 @@ pub fn run_workload(args: &[&str]) -> Result<String> {
             args.join(" "),
             describe_status(s)
         ),
-        None => bail!("workload {} ran over 120 s; killed: {stderr}", args.join(" ")),
+        None => bail!(
+            "workload {} ran over 120 s; killed: {stderr}",
+            args.join(" ")
+        ),
     }
 }
 

@@ -43,6 +43,7 @@ impl Exact {
     }
 
     /// The sum; fails on overflow.
+    #[allow(clippy::should_implement_trait)] // fallible: Result, not `Add`
     pub fn add(self, other: Exact) -> Result<Exact> {
         match self.0.checked_add(other.0) {
             Some(v) => Ok(Exact(v)),

@@ -6,6 +6,12 @@
 //! `wait4` returned for them, the cgroup it moved itself into. Neither side's numbers
 //! come from the other, so a wrong agent cannot agree with the workload by accident.
 //!
+//! The daemon tests (otlp, outage, crash, prometheus, api) run `mentat-agent run` as a
+//! node daemon ([`daemon`]) and check its ledger, read back through its query API,
+//! against independent consumers of what it exports: an OTLP/gRPC receiver in Python
+//! ([`otlp`], `py/otlp_receiver.py`) and Debian's Prometheus. Sums of the ledger's
+//! decimal strings are exact ([`exact`]).
+//!
 //! Paths to both binaries come from the environment (`MENTAT_AGENT_BIN`,
 //! `MENTAT_WORKLOAD_BIN`), set by `cargo xtask test`.
 

@@ -66,7 +66,10 @@ impl Receiver {
                 );
             }
             if Instant::now() >= deadline {
-                bail!("the OTLP receiver did not listen within 30 s: {}", receiver.log());
+                bail!(
+                    "the OTLP receiver did not listen within 30 s: {}",
+                    receiver.log()
+                );
             }
             thread::sleep(Duration::from_millis(50));
         }

@@ -22,8 +22,21 @@ pub const CONTAINER_RUNTIMES: [&str; 4] = ["docker", "containerd", "cri-o", "pod
 /// Kubernetes QoS classes (`qos_class`).
 pub const QOS_CLASSES: [&str; 3] = ["guaranteed", "burstable", "besteffort"];
 
-/// Values of `record --group-by` (and of a group record's `group_by`).
-pub const GROUP_BY: [&str; 5] = ["process", "container", "pod", "cgroup", "workload"];
+/// Values of `record --group-by` (and of a group record's `group_by`): identity, then
+/// the run context (`agent.id`, `flow.id`, `flow.run_id`, ... of the trace-context join).
+pub const GROUP_BY: [&str; 11] = [
+    "process",
+    "container",
+    "pod",
+    "cgroup",
+    "workload",
+    "agent_id",
+    "flow_id",
+    "run_id",
+    "user_id",
+    "project_id",
+    "customer_id",
+];
 
 /// One process instance (pid, start time) in one cgroup.
 ///

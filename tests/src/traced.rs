@@ -223,8 +223,18 @@ pub fn run_reaped<S: AsRef<OsStr>>(
             String::from_utf8_lossy(&bytes).into_owned()
         })
     };
-    let stdout = read(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let stderr = read(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stdout = read(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = read(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
     let raw_pid = libc::pid_t::try_from(pid).context("pid out of range")?;
     let deadline = Instant::now() + timeout;
     let (status, usage) = loop {
@@ -288,10 +298,7 @@ pub fn unique_run_id(tag: &str) -> String {
 /// A random-looking W3C trace id (32 lowercase hex, not all zeros) from the time and pid.
 pub fn trace_id() -> String {
     let t = OffsetDateTime::now_utc().unix_timestamp_nanos() as u128;
-    format!(
-        "{:032x}",
-        (t ^ (u128::from(std::process::id()) << 64)) | 1
-    )
+    format!("{:032x}", (t ^ (u128::from(std::process::id()) << 64)) | 1)
 }
 
 /// A process's resident set, bytes (`VmRSS` in `/proc/<pid>/status`).

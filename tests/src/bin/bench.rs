@@ -306,6 +306,14 @@ struct Measurement {
     tcp_gib_s: Option<f64>,
     /// The same over the whole transfer, first byte to EOF, interruptions included.
     tcp_whole_gib_s: Option<f64>,
+    /// Involuntary switches away from the TCP sender and receiver.
+    tcp_preempted: Option<u64>,
+    /// Context switches of the TCP sender and receiver.
+    tcp_switches: Option<u64>,
+    /// read calls of the TCP receiver.
+    tcp_reads: Option<u64>,
+    /// CPU time of the TCP sender and receiver per GiB, ms.
+    tcp_cpu_ms_per_gib: Option<f64>,
     /// False when the agent detached before the workloads ended (stats configurations only,
     /// whose timings are then left out).
     covered: bool,
@@ -436,6 +444,10 @@ fn measure(args: &Args, cpus: Cpus) -> Result<Measurement> {
         switches_per_round_trip,
         tcp_gib_s: tcp.map(|t| t.median),
         tcp_whole_gib_s: tcp.map(|t| t.whole),
+        tcp_preempted: tcp.map(|t| t.preempted),
+        tcp_switches: tcp.map(|t| t.switches),
+        tcp_reads: tcp.map(|t| t.reads),
+        tcp_cpu_ms_per_gib: tcp.map(|t| t.cpu_ns as f64 / 1e6 / (args.tcp_bytes as f64 / GIB)),
         covered: true,
         foreign_agents: false,
         programs: Vec::new(),
@@ -456,6 +468,14 @@ fn foreign_agents(own: Option<u32>) -> Vec<u32> {
         .filter(|pid| {
             fs::read_to_string(format!("/proc/{pid}/comm"))
                 .is_ok_and(|comm| comm.trim_end() == "mentat-agent")
+        })
+        // A zombie has exited and detached its probes; only its parent has yet to reap it.
+        .filter(|pid| {
+            fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().next())
+                    .is_some_and(|state| state != "Z")
+            })
         })
         .collect()
 }
@@ -637,6 +657,15 @@ fn bounce(rx: RawFd, tx: RawFd, round_trips: Option<u64>, lead: bool) -> ! {
 struct Throughput {
     median: f64,
     whole: f64,
+    /// Involuntary switches away from the sender and the receiver: other work took their
+    /// CPUs.
+    preempted: u64,
+    /// Context switches of the sender and the receiver, voluntary and involuntary.
+    switches: u64,
+    /// read calls the receiver made, the one that saw EOF included.
+    reads: u64,
+    /// CPU time of the sender (its whole life) and the receiver (from accept to EOF), ns.
+    cpu_ns: u64,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -678,6 +707,7 @@ fn tcp_throughput(bytes: u64, sender_cpu: usize, receiver_cpu: usize) -> Result<
     let payload = vec![0x5au8; TCP_IO];
     let sender = fork_child(|| tcp_send(&target, bytes, &payload, &sender_set))?;
 
+    let before = thread_rusage()?;
     let (mut stream, _) = loop {
         match listener.accept() {
             Ok(accepted) => break accepted,
@@ -695,7 +725,9 @@ fn tcp_throughput(bytes: u64, sender_cpu: usize, receiver_cpu: usize) -> Result<
     let mut marks: Vec<(Instant, u64)> = Vec::with_capacity(CHUNKS as usize + 2);
     let mut step = 0;
     let mut next = 0;
+    let mut reads = 0u64;
     loop {
+        reads += 1;
         let n = match stream.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n as u64,
@@ -722,7 +754,9 @@ fn tcp_throughput(bytes: u64, sender_cpu: usize, receiver_cpu: usize) -> Result<
         }
     }
     let end = Instant::now();
-    sender.reap().context("the TCP sender failed")?;
+    let after = thread_rusage()?;
+    let sender = Usage::of(&sender.reap().context("the TCP sender failed")?);
+    let receiver = Usage::of(&after).minus(Usage::of(&before));
     ensure!(
         got == bytes,
         "the TCP receiver got {got} bytes, the sender sent {bytes}"
@@ -744,7 +778,41 @@ fn tcp_throughput(bytes: u64, sender_cpu: usize, receiver_cpu: usize) -> Result<
     Ok(Throughput {
         median: Spread::of(&chunks).map_or(f64::NAN, |s| s.median),
         whole: rate(first, last),
+        preempted: receiver.involuntary + sender.involuntary,
+        switches: receiver.voluntary + receiver.involuntary + sender.voluntary + sender.involuntary,
+        reads,
+        cpu_ns: receiver.cpu_ns + sender.cpu_ns,
     })
+}
+
+/// CPU time and context switches from a `rusage`.
+#[derive(Clone, Copy, Debug)]
+struct Usage {
+    cpu_ns: u64,
+    voluntary: u64,
+    involuntary: u64,
+}
+
+impl Usage {
+    fn of(u: &libc::rusage) -> Self {
+        let ns = |t: libc::timeval| {
+            u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000
+                + u64::try_from(t.tv_usec).unwrap_or(0) * 1000
+        };
+        Self {
+            cpu_ns: ns(u.ru_utime) + ns(u.ru_stime),
+            voluntary: u64::try_from(u.ru_nvcsw).unwrap_or(0),
+            involuntary: u64::try_from(u.ru_nivcsw).unwrap_or(0),
+        }
+    }
+
+    fn minus(self, earlier: Self) -> Self {
+        Self {
+            cpu_ns: self.cpu_ns.saturating_sub(earlier.cpu_ns),
+            voluntary: self.voluntary.saturating_sub(earlier.voluntary),
+            involuntary: self.involuntary.saturating_sub(earlier.involuntary),
+        }
+    }
 }
 
 /// The forked sender of [`tcp_throughput`]: pins itself, connects, writes `bytes` from
@@ -1533,6 +1601,11 @@ struct ConfigSummary {
     tcp_gib_s: Option<Spread>,
     /// The same from whole transfers.
     tcp_whole_gib_s: Option<Spread>,
+    tcp_preempted: Option<Spread>,
+    /// CPU time of the TCP sender and receiver per GiB, ms.
+    tcp_cpu_ms_per_gib: Option<Spread>,
+    tcp_switches: Option<Spread>,
+    tcp_reads: Option<Spread>,
     rounds: Vec<Measurement>,
 }
 
@@ -1571,10 +1644,71 @@ struct TcpKept {
     per_round_whole: Option<Spread>,
     /// Median throughput over median `off` throughput.
     of_medians: Option<f64>,
+    /// Each round's CPU time per GiB over the same round's `off` (above 1: costs more).
+    cpu_per_round: Option<Spread>,
     target: f64,
     /// Whether the median per-round ratio reaches the target (`None` for the floor, which
     /// hooks no socket event and has no target).
     met: Option<bool>,
+}
+
+/// The BPF run time one metering transfer triggers, from the per-program figures of the
+/// `metering+stats` rounds and the calls and switches the `metering` transfers made.
+#[derive(Debug, Serialize)]
+struct TcpProbeEstimate {
+    writes: u64,
+    reads: f64,
+    /// Two sched_switch runs per switch of the sender or receiver: away, and back.
+    sched_switch_runs: f64,
+    sys_enter_ns: f64,
+    sock_send_ns: f64,
+    sock_recv_ns: f64,
+    sched_switch_ns: f64,
+    /// The sum, per GiB, ms.
+    probe_ms_per_gib: f64,
+    /// The median `off` CPU time of sender and receiver per GiB, ms.
+    off_cpu_ms_per_gib: f64,
+    /// probe_ms_per_gib / off_cpu_ms_per_gib.
+    fraction_of_off_cpu: f64,
+}
+
+impl TcpProbeEstimate {
+    fn new(args: &Args, configs: &[ConfigSummary], programs: &[ProgramSummary]) -> Option<Self> {
+        let ns = |program: &str| {
+            programs
+                .iter()
+                .find(|p| p.mode == "metering" && p.program == program)
+                .and_then(|p| p.ns_per_event)
+                .map(|s| s.median)
+        };
+        let metering = &configs[METERING];
+        let writes = args.tcp_bytes.div_ceil(TCP_IO as u64);
+        let reads = metering.tcp_reads?.median;
+        let sched_switch_runs = 2.0 * metering.tcp_switches?.median;
+        let (sys_enter_ns, sock_send_ns, sock_recv_ns, sched_switch_ns) = (
+            ns("sys_enter")?,
+            ns("sock_send")?,
+            ns("sock_recv")?,
+            ns("sched_switch")?,
+        );
+        let probe_ns = writes as f64 * (sys_enter_ns + sock_send_ns)
+            + reads * (sys_enter_ns + sock_recv_ns)
+            + sched_switch_runs * sched_switch_ns;
+        let probe_ms_per_gib = probe_ns / 1e6 / (args.tcp_bytes as f64 / GIB);
+        let off_cpu_ms_per_gib = configs[OFF].tcp_cpu_ms_per_gib?.median;
+        Some(Self {
+            writes,
+            reads,
+            sched_switch_runs,
+            sys_enter_ns,
+            sock_send_ns,
+            sock_recv_ns,
+            sched_switch_ns,
+            probe_ms_per_gib,
+            off_cpu_ms_per_gib,
+            fraction_of_off_cpu: probe_ms_per_gib / off_cpu_ms_per_gib,
+        })
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -1603,6 +1737,7 @@ struct Report {
     added: Vec<Added>,
     ratios: Vec<Ratio>,
     tcp_kept: Vec<TcpKept>,
+    tcp_probe_estimate: Option<TcpProbeEstimate>,
     bpf_programs: Vec<ProgramSummary>,
     footprint: Footprint,
 }
@@ -1688,6 +1823,7 @@ impl Report {
                         config: CONFIGS[c].name,
                         per_round,
                         per_round_whole: Spread::of(&kept(|m| m.tcp_whole_gib_s)),
+                        cpu_per_round: Spread::of(&kept(|m| m.tcp_cpu_ms_per_gib)),
                         of_medians: median(OFF).zip(median(c)).map(|(off, on)| on / off),
                         target: TCP_TARGET,
                         met: (c == METERING)
@@ -1735,9 +1871,16 @@ impl Report {
                 getppid_preempted: spread(&rounds, |m| m.getppid_preempted as f64),
                 tcp_gib_s: spread(&rounds, |m| m.tcp_gib_s.unwrap_or(f64::NAN)),
                 tcp_whole_gib_s: spread(&rounds, |m| m.tcp_whole_gib_s.unwrap_or(f64::NAN)),
+                tcp_preempted: spread(&rounds, |m| m.tcp_preempted.map_or(f64::NAN, |p| p as f64)),
+                tcp_cpu_ms_per_gib: spread(&rounds, |m| m.tcp_cpu_ms_per_gib.unwrap_or(f64::NAN)),
+                tcp_switches: spread(&rounds, |m| m.tcp_switches.map_or(f64::NAN, |p| p as f64)),
+                tcp_reads: spread(&rounds, |m| m.tcp_reads.map_or(f64::NAN, |p| p as f64)),
                 rounds,
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let tcp_probe_estimate = cpus
+            .tcp_sender
+            .and_then(|_| TcpProbeEstimate::new(args, &configs, &bpf_programs));
         Ok(Self {
             machine,
             command: std::iter::once("cargo xtask bench --".to_owned())
@@ -1755,6 +1898,7 @@ impl Report {
             added,
             ratios,
             tcp_kept,
+            tcp_probe_estimate,
             bpf_programs,
             footprint,
         })
@@ -1859,38 +2003,46 @@ impl Report {
                 self.cpu
             );
             println!(
-                "{:<16} {:>30} {:>30}",
-                "configuration", "GiB/s (median chunk)", "GiB/s (whole transfer)"
+                "{:<16} {:>26} {:>26} {:>26} {:>18}",
+                "configuration",
+                "GiB/s (median chunk)",
+                "GiB/s (whole transfer)",
+                "CPU ms/GiB (both sides)",
+                "preempted"
             );
             for c in &self.configs {
                 println!(
-                    "{:<16} {:>30} {:>30}",
+                    "{:<16} {:>26} {:>26} {:>26} {:>18}",
                     c.config,
                     Spread::show_with(c.tcp_gib_s, 3),
                     Spread::show_with(c.tcp_whole_gib_s, 3),
+                    Spread::show_with(c.tcp_cpu_ms_per_gib, 1),
+                    Spread::show_with(c.tcp_preempted, 0),
                 );
             }
             println!();
             println!(
-                "{:<16} {:>30} {:>30} {:>12}",
-                "kept vs off",
-                "per round (median chunk)",
-                "per round (whole transfer)",
-                "of medians"
+                "{:<16} {:>26} {:>26} {:>12} {:>26}",
+                "vs off",
+                "kept (median chunk)",
+                "kept (whole transfer)",
+                "of medians",
+                "CPU per GiB"
             );
             for k in &self.tcp_kept {
                 println!(
-                    "{:<16} {:>30} {:>30} {:>12}",
+                    "{:<16} {:>26} {:>26} {:>12} {:>26}",
                     k.config,
                     Spread::show_with(k.per_round, 4),
                     Spread::show_with(k.per_round_whole, 4),
                     k.of_medians
                         .map_or_else(|| "n/a".to_owned(), |r| format!("{r:.4}")),
+                    Spread::show_with(k.cpu_per_round, 4),
                 );
             }
             for k in &self.tcp_kept {
                 if let (Some(met), Some(kept)) = (k.met, k.per_round) {
-                    let verdict = if met {
+                    let mut verdict = if met {
                         format!("meets ≥ {:.2}", k.target)
                     } else {
                         format!(
@@ -1899,6 +2051,13 @@ impl Report {
                             (k.target - kept.median) * 100.0
                         )
                     };
+                    if kept.min < k.target && kept.max > k.target {
+                        verdict += &format!(
+                            ", but the rounds ranged {:.4}–{:.4}: the noise is wider than the \
+                             margin",
+                            kept.min, kept.max
+                        );
+                    }
                     println!(
                         "{} keeps {:.2}% of off's TCP throughput (median per-round ratio of \
                          median chunks; {} from whole transfers) — {verdict}",
@@ -1911,6 +2070,25 @@ impl Report {
                     );
                 }
             }
+        }
+        if let Some(e) = &self.tcp_probe_estimate {
+            println!(
+                "metering's probes per transfer, from the run times below: {} writes × ({:.1} \
+                 sys_enter + {:.1} sock_send) + {:.0} reads × ({:.1} + {:.1} sock_recv) + {:.0} \
+                 sched_switch runs × {:.1} ns = {:.2} ms per GiB, {:.2}% of off's {:.1} ms CPU per \
+                 GiB",
+                e.writes,
+                e.sys_enter_ns,
+                e.sock_send_ns,
+                e.reads,
+                e.sys_enter_ns,
+                e.sock_recv_ns,
+                e.sched_switch_runs,
+                e.sched_switch_ns,
+                e.probe_ms_per_gib,
+                e.fraction_of_off_cpu * 100.0,
+                e.off_cpu_ms_per_gib
+            );
         }
         println!();
         println!("BPF run time per event (kernel.bpf_stats_enabled=1, whole attach):");

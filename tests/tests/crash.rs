@@ -1,0 +1,294 @@
+//! A crash: the daemon is SIGKILLed mid-run, with a workload running across the
+//! crash, and restarted on the same ledger. No window is lost or duplicated, in the
+//! ledger or at the OTLP receiver, and usage from before the crash is not counted again
+//! after it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mentat_tests::daemon::{
+    Daemon, DaemonOptions, LedgerDir, LedgerRecord, free_port, now_rfc3339, parse_time, poll,
+    rfc3339, truth_of, wait_until,
+};
+use mentat_tests::exact::Exact;
+use mentat_tests::otlp::{Receiver, deliveries};
+use mentat_tests::truth::Burn;
+use mentat_tests::workload_bin;
+use time::OffsetDateTime;
+
+fn ns(rfc3339: &str) -> i128 {
+    parse_time(rfc3339)
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .unix_timestamp_nanos()
+}
+
+/// The ledger's `windows` table (start ns, end ns, records committed), read with
+/// Python's sqlite3: the API has no view of it, and it is what says how many records
+/// each committed window had.
+fn committed_windows(ledger: &std::path::Path) -> Vec<(i128, i128, u64)> {
+    let script = "import json, sqlite3, sys\n\
+                  c = sqlite3.connect(sys.argv[1])\n\
+                  print(json.dumps(c.execute('SELECT ws_ns, we_ns, records FROM windows ORDER BY ws_ns').fetchall()))\n";
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(ledger)
+        .output()
+        .expect("running python3's sqlite3");
+    assert!(
+        out.status.success(),
+        "reading the windows table: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("windows as JSON")
+}
+
+#[test]
+fn a_sigkill_loses_and_duplicates_nothing() {
+    let t0 = Instant::now();
+    let dir = LedgerDir::new().expect("ledger dir");
+    let receiver = Receiver::start(free_port().expect("port"), dir.path()).expect("receiver");
+    let otlp = DaemonOptions {
+        otlp_endpoint: Some(receiver.endpoint()),
+        ..Default::default()
+    };
+    let from = rfc3339(OffsetDateTime::now_utc() - time::Duration::seconds(5));
+    let first = Daemon::start(&dir, &otlp).expect("starting the first daemon");
+
+    // A burner that runs across the crash: 7 s of CPU on one thread.
+    let mut burner = Command::new(workload_bin().expect("workload"))
+        .args(["burn", "--threads", "1", "--ms", "7000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting the burner");
+
+    // A few windows, then the crash, 400 ms into a window.
+    thread::sleep(Duration::from_millis(3400));
+    let killed_at = OffsetDateTime::now_utc();
+    let killed = first.kill().expect("SIGKILL");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&killed.status),
+        Some(libc::SIGKILL),
+        "{}",
+        killed.describe()
+    );
+    let second = Daemon::start(&dir, &otlp).expect("restarting after the crash");
+    let status = wait_until(&mut burner, Instant::now() + Duration::from_secs(60))
+        .expect("waiting for the burner")
+        .expect("the burner ran over 60 s");
+    assert!(status.success(), "the burner failed: {status}");
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(burner.stdout.as_mut().expect("burner stdout"), &mut stdout)
+        .expect("reading the burner's truth");
+    let burn: Burn = truth_of(&stdout).expect("burn's truth");
+    thread::sleep(Duration::from_millis(1500));
+    let stopped = second.stop().expect("stopping the second daemon");
+    assert_eq!(stopped.status.code(), Some(0), "{}", stopped.describe());
+    assert!(
+        stopped.log.contains("resumes_after"),
+        "the restarted daemon did not resume from the ledger's last window: {}",
+        stopped.describe()
+    );
+    let to = now_rfc3339();
+
+    // A third run, exporting too, delivers whatever the second left in the outbox
+    // (a graceful stop's own last export is tests/otlp.rs's to check) and serves the
+    // final reading of the ledger.
+    let third = Daemon::start(&dir, &otlp).expect("starting the reader");
+    let records = third.records(&from, &to).expect("records of both runs");
+    poll(Duration::from_secs(30), || {
+        let got = deliveries(&receiver.requests()?);
+        let missing: BTreeSet<&str> = records
+            .iter()
+            .filter(|r| !got.requests_of.contains_key(&r.record_id))
+            .map(|r| r.window_start.as_str())
+            .collect();
+        Ok(if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "records of windows {missing:?} never reached the receiver"
+            ))
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    // The receiver stops first: every id it got was then committed before the
+    // ledger is read below.
+    let requests = receiver.requests().expect("the receiver's requests");
+    let receiver_log = receiver.log();
+    receiver.stop();
+    let everything = third.records(&from, &now_rfc3339()).expect("every record");
+    third.stop().expect("stopping the reader");
+
+    // The ledger: every record id once.
+    let mut seen = BTreeSet::new();
+    let dups: Vec<&str> = records
+        .iter()
+        .filter(|r| !seen.insert(r.record_id.as_str()))
+        .map(|r| r.record_id.as_str())
+        .collect();
+    assert!(
+        dups.is_empty(),
+        "duplicate record ids in the ledger: {dups:?}"
+    );
+
+    // Windows: each record's window is one of the committed windows, every committed
+    // window has exactly the records it was committed with, and no two overlap, so
+    // no usage lies in two windows.
+    let mut windows: BTreeMap<i128, (i128, Vec<&LedgerRecord>)> = BTreeMap::new();
+    for r in &records {
+        let w = windows
+            .entry(ns(&r.window_start))
+            .or_insert((ns(&r.window_end), Vec::new()));
+        assert_eq!(
+            w.0,
+            ns(&r.window_end),
+            "records of the window starting {} disagree on its end: {}",
+            r.window_start,
+            r.window_end
+        );
+        w.1.push(r);
+    }
+    let committed = committed_windows(&dir.ledger());
+    let (lo, hi) = (ns(&from), ns(&to));
+    let committed: Vec<_> = committed
+        .into_iter()
+        .filter(|(ws, _, _)| (lo..hi).contains(ws))
+        .collect();
+    assert_eq!(
+        committed.iter().map(|w| w.0).collect::<Vec<_>>(),
+        windows.keys().copied().collect::<Vec<_>>(),
+        "the windows the ledger committed (left) vs those its records are in (right)"
+    );
+    for (ws, we, n) in &committed {
+        let (end, rs) = &windows[ws];
+        assert_eq!(end, we, "window {ws}: end");
+        assert_eq!(
+            rs.len() as u64,
+            *n,
+            "window starting {ws} ns was committed with {n} records; the ledger has {}",
+            rs.len()
+        );
+        for kind in ["idle", "kernel", "unattributed"] {
+            assert_eq!(
+                rs.iter().filter(|r| r.record_kind == kind).count(),
+                1,
+                "window starting {ws} ns: one `{kind}` bucket expected"
+            );
+        }
+        let mut instances = BTreeSet::new();
+        for r in rs.iter().filter(|r| r.record_kind == "process") {
+            assert!(
+                instances.insert((r.pid, r.process_start_time.clone())),
+                "window starting {ws} ns: process {:?} (started {:?}) has two records",
+                r.pid,
+                r.process_start_time
+            );
+        }
+    }
+    let spans: Vec<(i128, i128)> = windows.iter().map(|(ws, (we, _))| (*ws, *we)).collect();
+    for pair in spans.windows(2) {
+        assert!(
+            pair[0].1 <= pair[1].0,
+            "windows overlap: [{}, {}) and [{}, {}) ns",
+            pair[0].0,
+            pair[0].1,
+            pair[1].0,
+            pair[1].1
+        );
+    }
+    // Both runs are there: windows before the crash and after the restart.
+    let killed_ns = killed_at.unix_timestamp_nanos();
+    let before = spans.iter().filter(|w| w.1 <= killed_ns).count();
+    let after = spans.iter().filter(|w| w.0 >= killed_ns).count();
+    assert!(
+        before >= 2 && after >= 2,
+        "{before} windows before the crash, {after} after the restart"
+    );
+
+    // The burner ran across the crash. What was metered of it is at most what it
+    // used: a restarted agent that re-read counters it had already charged (or whose
+    // start it does not know) would charge it twice. 1 %: the agent's CPU agrees with
+    // wait4 within 1 % (tests/cpu.rs).
+    let burner: Vec<&LedgerRecord> = records
+        .iter()
+        .filter(|r| r.pid == Some(burn.child_pid) && r.record_kind == "process")
+        .collect();
+    let metered = burner
+        .iter()
+        .fold(Exact::ZERO, |acc, r| {
+            acc.add(r.exact("cpu_core_seconds").expect("cpu"))
+                .expect("sum")
+        })
+        .to_f64();
+    let rusage = burn.rusage_cpu_ns as f64 / 1e9;
+    assert!(
+        metered <= rusage * 1.01,
+        "the burner (pid {}) used {rusage} s of CPU by wait4 but the ledger charges {metered} s",
+        burn.child_pid
+    );
+    assert!(
+        burner.iter().any(|r| ns(&r.window_end) <= killed_ns)
+            && burner.iter().any(|r| ns(&r.window_start) >= killed_ns),
+        "the burner should have records before the crash and after the restart: {:?}",
+        burner
+            .iter()
+            .map(|r| (&r.window_start, &r.cpu_core_seconds))
+            .collect::<Vec<_>>()
+    );
+
+    // The receiver: every ledger record, and after dropping re-sent batches, each once.
+    let d = deliveries(&requests);
+    let all_ids: BTreeSet<&str> = everything.iter().map(|r| r.record_id.as_str()).collect();
+    for r in &records {
+        assert!(
+            d.requests_of.contains_key(&r.record_id),
+            "record {} (window {}) never reached the receiver",
+            r.record_id,
+            r.window_start
+        );
+    }
+    let twice: Vec<(&String, &u32)> = d.applied.iter().filter(|(_, n)| **n > 1).collect();
+    // A batch re-sent after a crash between the receiver's ack and the ledger's
+    // mark_delivered carries only records already received, and the receiver drops
+    // it; an id applied twice means a batch mixed old and new records.
+    let seqs: HashMap<&String, &Vec<u64>> = d.requests_of.iter().collect();
+    assert!(
+        twice.is_empty(),
+        "{} record ids applied twice at the receiver (re-sent in a batch with new ones), \
+         e.g. {:?}",
+        twice.len(),
+        twice
+            .iter()
+            .take(3)
+            .map(|(id, _)| (id, seqs.get(id)))
+            .collect::<Vec<_>>()
+    );
+    let unknown: Vec<&String> = d
+        .requests_of
+        .keys()
+        .filter(|id| !all_ids.contains(id.as_str()))
+        .take(5)
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "the receiver got record ids the ledger does not have: {unknown:?}"
+    );
+    println!(
+        "crash: {} windows ({before} before the crash, {after} after), {} records; burner \
+         metered {metered:.3} s of {rusage:.3} s; {} requests, {} re-sent batches ignored{}; {:?}",
+        spans.len(),
+        records.len(),
+        requests.len(),
+        d.ignored_batches.len(),
+        if receiver_log.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", receiver_log.trim())
+        },
+        t0.elapsed()
+    );
+}
