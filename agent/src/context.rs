@@ -179,29 +179,65 @@ pub struct Share {
 /// Fractions are integers out of this, so splits are exact.
 pub const SCALE: u64 = 1_000_000_000;
 
+/// What the split needs of a span: when, and for which run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Interval {
+    start_unix_ns: u64,
+    end_unix_ns: u64,
+    context: RunContext,
+}
+
+/// At most this many spans wait in the index for their windows. A span is
+/// ~200 bytes here, so the index stays under a few MiB whatever clients send;
+/// beyond it, spans are not used for splitting (counted as dropped) and
+/// their usage stays with the process's own context.
+pub const MAX_INDEXED_SPANS: usize = 20_000;
+
 /// Spans received, indexed by process, kept until they can no longer matter.
 #[derive(Debug, Default)]
 pub struct SpanIndex {
-    by_pid: HashMap<u32, Vec<Span>>,
+    by_pid: HashMap<u32, Vec<Interval>>,
+    len: usize,
+    dropped: u64,
 }
 
 impl SpanIndex {
-    /// Adds a span that names its process and carries a run.
-    pub fn add(&mut self, span: Span) {
-        if let Some(pid) = span.pid
-            && span.context.run_id.is_some()
-            && span.end_unix_ns > span.start_unix_ns
-        {
-            self.by_pid.entry(pid).or_default().push(span);
+    /// Adds a span that names its process and carries a run; false when the
+    /// index is full and the span was dropped.
+    pub fn add(&mut self, span: &Span) -> bool {
+        let (Some(pid), Some(_)) = (span.pid, span.context.run_id.as_ref()) else {
+            return true;
+        };
+        if span.end_unix_ns <= span.start_unix_ns {
+            return true;
         }
+        if self.len >= MAX_INDEXED_SPANS {
+            self.dropped += 1;
+            return false;
+        }
+        self.len += 1;
+        self.by_pid.entry(pid).or_default().push(Interval {
+            start_unix_ns: span.start_unix_ns,
+            end_unix_ns: span.end_unix_ns,
+            context: span.context.clone(),
+        });
+        true
+    }
+
+    /// Spans dropped because the index was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
     }
 
     /// Drops spans that ended before `before_unix_ns` (windows up to it are closed).
     pub fn forget_before(&mut self, before_unix_ns: u64) {
+        let mut len = 0;
         self.by_pid.retain(|_, spans| {
             spans.retain(|s| s.end_unix_ns >= before_unix_ns);
+            len += spans.len();
             !spans.is_empty()
         });
+        self.len = len;
     }
 
     /// How process `pid`'s usage in `[start, end)` (Unix ns) splits between
@@ -476,8 +512,8 @@ mod tests {
     fn overlapping_runs_share_equally_and_sum_to_the_whole() {
         let mut idx = SpanIndex::default();
         // Window [0, 100): run A covers [0, 60), run B covers [40, 100).
-        idx.add(span(7, "A", 0, 60));
-        idx.add(span(7, "B", 40, 100));
+        idx.add(&span(7, "A", 0, 60));
+        idx.add(&span(7, "B", 40, 100));
         let shares = idx.shares(7, 0, 100, &RunContext::default());
         let of = |run: &str| {
             shares
@@ -547,7 +583,7 @@ mod tests {
     #[test]
     fn uncovered_time_keeps_the_process_context() {
         let mut idx = SpanIndex::default();
-        idx.add(span(7, "A", 0, 25));
+        idx.add(&span(7, "A", 0, 25));
         let own = RunContext {
             run_id: Some("env-run".into()),
             ..Default::default()

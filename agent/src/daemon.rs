@@ -115,7 +115,13 @@ struct ClosedWindow {
 struct SpanInbox {
     index: SpanIndex,
     new: Vec<Span>,
+    /// Spans not stored because `new` was full.
+    new_dropped: u64,
 }
+
+/// At most this many received spans wait for the next window (their tokens
+/// and per-run rows); beyond it they are dropped and counted.
+const MAX_NEW_SPANS: usize = 10_000;
 
 /// Turns a window's report into the records the ledger stores.
 fn usage_records(w: &ClosedWindow) -> Vec<UsageRecord> {
@@ -273,14 +279,16 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         )?),
         None => None,
     };
+    // Bound before anything runs: a port in use stops start-up with its name.
+    let bound = receiver::Receiver::bind(config.receiver.clone()).await?;
     let receiver_task = {
         let mut stop = stop_rx.clone();
-        let (cfg, stats) = (config.receiver.clone(), receiver_stats.clone());
+        let stats = receiver_stats.clone();
         tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            receiver::serve(cfg, span_tx, stats, forwarder, shutdown).await
+            bound.run(span_tx, stats, forwarder, shutdown).await
         })
     };
     {
@@ -288,8 +296,18 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         tokio::spawn(async move {
             while let Some(span) = span_rx.recv().await {
                 if let Ok(mut i) = inbox.lock() {
-                    i.new.push(span.clone());
-                    i.index.add(span);
+                    i.index.add(&span);
+                    // Bounded like the index: a flood cannot grow the agent.
+                    if i.new.len() < MAX_NEW_SPANS {
+                        // Tokens and per-run rows need ids, times, context and
+                        // tokens only: the attribute map is most of a span's size.
+                        i.new.push(Span {
+                            attributes: Default::default(),
+                            ..span
+                        });
+                    } else {
+                        i.new_dropped += 1;
+                    }
                 }
             }
         });

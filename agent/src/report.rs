@@ -231,10 +231,20 @@ impl Span {
                 let record_id = if shares.len() == 1 {
                     base_id.clone()
                 } else {
+                    // The whole context names the part: two parts may differ
+                    // in any of its fields, and equal ids would collide.
+                    let c = &share.context;
+                    let field =
+                        |v: &Option<String>| v.as_deref().unwrap_or("\0").as_bytes().to_vec();
                     crate::usage::stable_id(&[
                         base_id.as_bytes(),
-                        share.context.run_id.as_deref().unwrap_or("").as_bytes(),
-                        share.context.agent_id.as_deref().unwrap_or("").as_bytes(),
+                        &field(&c.agent_id),
+                        &field(&c.flow_id),
+                        &field(&c.run_id),
+                        &field(&c.user_id),
+                        &field(&c.project_id),
+                        &field(&c.customer_id),
+                        &field(&c.trace_id),
                     ])
                 };
                 processes.push(ProcessRecord {
