@@ -505,10 +505,10 @@ async fn run_view(
         // The run's records: everything since its first span (or the last day).
         let start = spans.iter().map(|s| s.start_ns).min();
         let from = match start {
-            Some(ns) => crate::usage::rfc3339_of_ns(ns - 60_000_000_000),
-            None => crate::usage::rfc3339_of_ns(now_ns() - 86_400_000_000_000),
+            Some(ns) => crate::clock::rfc3339_of_ns(ns - 60_000_000_000),
+            None => crate::clock::rfc3339_of_ns(now_ns() - 86_400_000_000_000),
         };
-        let to = crate::usage::rfc3339_of_ns(now_ns() + 1);
+        let to = crate::clock::rfc3339_of_ns(now_ns() + 1);
         let mut records = Vec::new();
         let mut after = None;
         loop {
@@ -599,8 +599,8 @@ async fn run_view(
             name: s.name.clone(),
             agent_id: s.agent_id.clone(),
             pid: s.pid,
-            start: crate::usage::rfc3339_of_ns(s.start_ns),
-            end: crate::usage::rfc3339_of_ns(s.end_ns),
+            start: crate::clock::rfc3339_of_ns(s.start_ns),
+            end: crate::clock::rfc3339_of_ns(s.end_ns),
             duration_ns: s.end_ns - s.start_ns,
             cost: inclusive(s, &own, &children, 0),
             on_critical_path: path.contains(&s.span_id),

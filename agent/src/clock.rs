@@ -65,6 +65,26 @@ pub fn rfc3339(t: SystemTime) -> String {
         .unwrap_or_else(|_| String::from("invalid-time"))
 }
 
+/// A wall-clock time as Unix ns (0 before the epoch, saturating far after it).
+pub fn unix_ns(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Unix ns as RFC 3339 UTC.
+pub fn rfc3339_of_ns(ns: i64) -> String {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+/// An RFC 3339 time as Unix ns.
+pub fn unix_ns_of(rfc3339: &str) -> Option<i64> {
+    let t = OffsetDateTime::parse(rfc3339, &Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos()).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -544,7 +544,7 @@ fn split_window(
             let report = span.report(collector, node, |_| true, &[], Some(&i.index), None);
             // Windows go out in order: a span that ended before this one
             // started cannot touch any later window.
-            i.index.forget_before(unix_ns(window.start));
+            i.index.forget_before(crate::clock::unix_ns(window.start));
             (report, std::mem::take(&mut i.new))
         }
         Err(_) => (
@@ -617,8 +617,8 @@ fn cost_enricher(ledger: Arc<Mutex<Ledger>>) -> Enricher {
                         i64::try_from(span.end_time_unix_nano).unwrap_or(i64::MAX),
                     );
                     let query = crate::ledger::RecordQuery {
-                        from: crate::usage::rfc3339_of_ns(start - 60_000_000_000),
-                        to: crate::usage::rfc3339_of_ns(end + 60_000_000_000),
+                        from: crate::clock::rfc3339_of_ns(start - 60_000_000_000),
+                        to: crate::clock::rfc3339_of_ns(end + 60_000_000_000),
                         filters: vec![("pid".into(), pid.to_string())],
                         after: None,
                         limit: 10_000,
@@ -658,11 +658,6 @@ fn cost_enricher(ledger: Arc<Mutex<Ledger>>) -> Enricher {
             }
         }
     })
-}
-
-fn unix_ns(t: std::time::SystemTime) -> u64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 async fn shutdown_signal(prices: &PriceBookHandle, pricing_path: Option<PathBuf>) {

@@ -17,7 +17,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     path::PathBuf,
     str::FromStr,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use opentelemetry_proto::tonic::{
@@ -33,7 +33,6 @@ use opentelemetry_proto::tonic::{
 };
 use rust_decimal::{Decimal, prelude::ToPrimitive};
 use serde::Deserialize;
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tonic::{
     metadata::{MetadataKey, MetadataValue},
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
@@ -244,7 +243,7 @@ pub struct RequestBuilder {
 impl RequestBuilder {
     /// A builder for node `node`; the stream starts now.
     pub fn new(node: &str) -> Self {
-        let stream_start_ns = unix_ns(SystemTime::now());
+        let stream_start_ns = crate::clock::unix_ns(SystemTime::now());
         let kv = |k: &str, v: &str| kv(k, v);
         Self {
             resource: Resource {
@@ -272,12 +271,12 @@ impl RequestBuilder {
         let mut touched: BTreeMap<SeriesKey, Point> = BTreeMap::new();
         let mut latest_ns = self.stream_start_ns;
         for r in records {
-            let end_ns = parse_ns(&r.window_end).unwrap_or(self.stream_start_ns);
+            let end_ns = parse_unix_ns(&r.window_end).unwrap_or(self.stream_start_ns);
             latest_ns = latest_ns.max(end_ns);
             let start_ns = r
                 .process_start_time
                 .as_deref()
-                .and_then(parse_ns)
+                .and_then(parse_unix_ns)
                 .map_or(self.stream_start_ns, |s| s.max(self.stream_start_ns));
             for (quantity, extra, value) in quantities(r) {
                 if value.is_zero() {
@@ -496,14 +495,8 @@ fn kv(k: &str, v: &str) -> KeyValue {
     }
 }
 
-fn unix_ns(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
-fn parse_ns(rfc3339: &str) -> Option<u64> {
-    let t = OffsetDateTime::parse(rfc3339, &Rfc3339).ok()?;
-    u64::try_from(t.unix_timestamp_nanos()).ok()
+fn parse_unix_ns(rfc3339: &str) -> Option<u64> {
+    crate::clock::unix_ns_of(rfc3339).and_then(|n| u64::try_from(n).ok())
 }
 
 /// Sends records to one OTLP/gRPC endpoint.

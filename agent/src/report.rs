@@ -218,7 +218,12 @@ impl Span {
                 identity.k8s_pod_name = Some(pod.name);
             }
             let shares = match spans {
-                Some(index) => index.shares(key.tgid, unix_ns(start), unix_ns(end), &info.context),
+                Some(index) => index.shares(
+                    key.tgid,
+                    crate::clock::unix_ns(start),
+                    crate::clock::unix_ns(end),
+                    &info.context,
+                ),
                 None => vec![Share {
                     context: info.context.clone(),
                     parts: SCALE,
@@ -406,12 +411,6 @@ pub fn group_key(by: &[GroupBy], r: &ProcessRecord) -> Option<String> {
             .collect::<Vec<_>>()
             .join(","),
     )
-}
-
-/// A wall-clock time as Unix ns.
-fn unix_ns(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Splits one window's usage between run shares, every integer exactly.

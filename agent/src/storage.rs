@@ -39,30 +39,8 @@ pub fn root_upperdir(mountinfo: &str) -> Option<PathBuf> {
         options
             .split(',')
             .find_map(|o| o.strip_prefix("upperdir="))
-            .map(|p| PathBuf::from(unescape(p)))
+            .map(|p| PathBuf::from(crate::identity::unescape_mountinfo(p)))
     })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && let Some(oct) = b.get(i + 1..i + 4)
-            && let Some(v) = std::str::from_utf8(oct)
-                .ok()
-                .and_then(|o| u8::from_str_radix(o, 8).ok())
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// How long "this container has no overlay root" is believed.

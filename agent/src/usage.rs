@@ -11,7 +11,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    clock::rfc3339,
+    clock::{rfc3339, unix_ns_of},
     memory::{MemDisk, gib_seconds},
     spans::RunContext,
     workload::{CgroupIdentity, QosClass, Runtime, WasmIdentity, WorkloadKind, workload_kind},
@@ -654,24 +654,6 @@ pub fn usage_during(records: &[UsageRecord], pid: u32, start: i64, end: i64) -> 
         cpu += r.cpu_core_seconds * share;
     }
     (cost, cpu)
-}
-
-/// Unix ns as RFC 3339 UTC.
-pub fn rfc3339_of_ns(ns: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ns))
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
-
-/// An RFC 3339 time as Unix ns.
-pub fn unix_ns_of(rfc3339: &str) -> Option<i64> {
-    let t = time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
-        .ok()?;
-    i64::try_from(t.unix_timestamp_nanos()).ok()
 }
 
 /// The serde name of a unit enum variant ("container", "cri-o", ...).
