@@ -7,7 +7,7 @@
 # record in every window; export goes to the tests' independent OTLP receiver.
 set -euo pipefail
 N=${1:-1000}; SECS=${2:-30}
-AGENT=${MENTAT_AGENT_BIN:-target/release/mentat-agent}
+AGENT=${TEST_AGENT_BIN:-target/release/mentat-agent}
 DIR=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null; rm -rf "$DIR"' EXIT
 python3 tests/py/otlp_receiver.py --port 14397 --out "$DIR/received.jsonl" >/dev/null 2>&1 &
 cat > "$DIR/agent.toml" <<TOML

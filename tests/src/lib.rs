@@ -12,8 +12,8 @@
 //! ([`otlp`], `py/otlp_receiver.py`) and Debian's Prometheus. Sums of the ledger's
 //! decimal strings are exact ([`exact`]).
 //!
-//! Paths to both binaries come from the environment (`MENTAT_AGENT_BIN`,
-//! `MENTAT_WORKLOAD_BIN`), set by `cargo xtask test`.
+//! Paths to both binaries come from the environment (`TEST_AGENT_BIN`,
+//! `TEST_WORKLOAD_BIN`), set by `cargo xtask test`.
 
 pub mod cgroup;
 pub mod daemon;

@@ -15,20 +15,20 @@ use serde::de::DeserializeOwned;
 use crate::records::Records;
 
 /// Environment variable naming the `mentat-agent` binary under test.
-pub const AGENT_ENV: &str = "MENTAT_AGENT_BIN";
+pub const AGENT_ENV: &str = "TEST_AGENT_BIN";
 /// Environment variable naming this crate's `workload` binary.
-pub const WORKLOAD_ENV: &str = "MENTAT_WORKLOAD_BIN";
+pub const WORKLOAD_ENV: &str = "TEST_WORKLOAD_BIN";
 
 /// Longest any one agent run may take before the test gives up and kills it. The
 /// longest workload burns ~2 s of CPU; the rest is loading probes on a noisy machine.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// The agent under test, from `MENTAT_AGENT_BIN`.
+/// The agent under test, from `TEST_AGENT_BIN`.
 pub fn agent_bin() -> Result<PathBuf> {
     binary_from_env(AGENT_ENV, "the mentat-agent binary")
 }
 
-/// The workload helper, from `MENTAT_WORKLOAD_BIN`.
+/// The workload helper, from `TEST_WORKLOAD_BIN`.
 pub fn workload_bin() -> Result<PathBuf> {
     binary_from_env(WORKLOAD_ENV, "this crate's `workload` binary")
 }

@@ -87,8 +87,8 @@ fn build_release_bins() -> Result<()> {
 // The integration tests and the benchmark drive the real binaries; absolute paths keep
 // them independent of the directory cargo runs them from.
 fn set_bin_env(cmd: &mut Command, target_dir: &Path) {
-    cmd.env("MENTAT_AGENT_BIN", release_bin(target_dir, "mentat-agent"))
-        .env("MENTAT_WORKLOAD_BIN", release_bin(target_dir, "workload"));
+    cmd.env("TEST_AGENT_BIN", release_bin(target_dir, "mentat-agent"))
+        .env("TEST_WORKLOAD_BIN", release_bin(target_dir, "workload"));
 }
 
 /// Sets up, builds the release binaries and runs mentat-tests' `bench` with `args`.

@@ -325,7 +325,7 @@ fn outboxes_are_independent_per_exporter() {
 }
 
 /// The child half of the crash test: commits windows until killed.
-const CHILD_ENV: &str = "MENTAT_LEDGER_CRASH_CHILD";
+const CHILD_ENV: &str = "TEST_LEDGER_CRASH_CHILD";
 const CHILD_RECORDS: usize = 50;
 
 #[test]

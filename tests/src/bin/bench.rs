@@ -28,7 +28,7 @@
 //! CPU time and peak RSS.
 //!
 //! Run as root through `cargo xtask bench [-- ARGS]`, which builds the agent and sets
-//! `MENTAT_AGENT_BIN`.
+//! `TEST_AGENT_BIN`.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
