@@ -264,8 +264,13 @@ fn field_ok(param: &str, name: &str) -> Result<(), Problem> {
 
 fn range(p: &RangeParams) -> Result<Range, Problem> {
     let parse = |name: &str, v: &str| {
-        OffsetDateTime::parse(v, &Rfc3339)
-            .map_err(|e| bad(name, format!("{v:?} is not RFC 3339 ({e})")))
+        let t = OffsetDateTime::parse(v, &Rfc3339)
+            .map_err(|e| bad(name, format!("{v:?} is not RFC 3339 ({e})")))?;
+        // The ledger keeps times as i64 nanoseconds since the epoch.
+        if i64::try_from(t.unix_timestamp_nanos()).is_err() {
+            return Err(bad(name, format!("{v:?} is outside 1677..2262")));
+        }
+        Ok(t)
     };
     let to = match &p.to {
         Some(v) => parse("to", v)?,
@@ -321,7 +326,16 @@ async fn with_ledger<T: Send + 'static>(
                 "ledger lock poisoned".into(),
             )
         })?;
-        f(&guard).map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        f(&guard).map_err(|e| {
+            // The caller's arguments, not the ledger, are at fault for these.
+            let status = match e {
+                ledger::LedgerError::BadTime { .. } | ledger::LedgerError::UnknownField { .. } => {
+                    StatusCode::BAD_REQUEST
+                }
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            Problem(status, e.to_string())
+        })
     })
     .await
     .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?

@@ -94,6 +94,8 @@ impl Default for Config {
 /// does (`mentat-agent config default`). A unit test keeps it equal to
 /// `Config::default()`.
 pub const DEFAULT_CONFIG_TOML: &str = r#"# mentat-agent configuration (TOML). Every key is optional; these are the defaults.
+# Environment overrides: MENTAT_<KEY>, MENTAT_<TABLE>__<KEY> (MENTAT_TICK, MENTAT_API__BIND);
+# precedence: defaults < this file < OTEL_EXPORTER_OTLP_* (for [otlp]) < MENTAT_*.
 
 node_name = ""              # node name in records; empty: $NODE_NAME, else the host name
 tick = "1s"                 # window length: one usage window per workload per tick (>= 100ms)
@@ -137,7 +139,15 @@ url = ""                    # e.g. "https://kubernetes.default.svc/api/v1/pods?f
 # ca_file = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
 "#;
 
-/// Why a config file was refused.
+/// Environment variables that override config keys: `MENTAT_` followed by the
+/// key's path, upper-cased, with `__` between a table and its key
+/// (`MENTAT_TICK`, `MENTAT_API__BIND`, `MENTAT_RECEIVER__UPSTREAM__ENDPOINT`).
+pub const ENV_PREFIX: &str = "MENTAT_";
+
+/// The separator between a table and its key in an override's name.
+const ENV_SEPARATOR: &str = "__";
+
+/// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
@@ -156,24 +166,104 @@ pub enum ConfigError {
         /// toml's description, with line and column.
         message: String,
     },
+    /// An environment override is not valid.
+    #[error("environment variable {var}: {message}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// A config and where its keys came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resolved {
+    /// The configuration in effect.
+    pub config: Config,
+    /// The environment variables that overrode keys, in the order applied.
+    pub overrides: Vec<String>,
 }
 
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|message| ConfigError::Invalid {
-            path: path.to_path_buf(),
+        Self::resolve(Some(path), std::iter::empty()).map(|r| r.config)
+    }
+
+    /// The configuration in effect: the defaults, then `path` (if any), then
+    /// the standard `OTEL_EXPORTER_OTLP_*` variables for `[otlp]`, then the
+    /// `MENTAT_*` overrides, each later source winning key by key.
+    pub fn resolve(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Resolved, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.map_or_else(|| PathBuf::from("(defaults)"), Path::to_path_buf),
             message,
-        })
+        };
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                // Deserializing the text itself is what gives line-precise errors.
+                toml::from_str::<Config>(&text).map_err(|e| invalid(e.to_string()))?;
+                toml::from_str::<toml::Table>(&text).map_err(|e| invalid(e.to_string()))?
+            }
+            None => toml::Table::new(),
+        };
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let mut overrides = Vec::new();
+        for (var, key_path, value) in otel_overrides(&env)? {
+            set_checked(&mut table, &var, &key_path, value)?;
+            overrides.push(var);
+        }
+        let mut mentat: Vec<&(String, String)> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        mentat.sort();
+        for (var, raw) in mentat {
+            let key_path = env_key_path(var)?;
+            // A value is taken as a string when the key takes one, else as a
+            // TOML value (a number, a boolean, an array or an inline table).
+            let as_string = toml::Value::String(raw.clone());
+            if let Err(string_error) = set_checked(&mut table, var, &key_path, as_string) {
+                let parsed = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+                    .ok()
+                    .and_then(|mut t| t.remove("v"));
+                match parsed {
+                    Some(value) => set_checked(&mut table, var, &key_path, value)?,
+                    None => return Err(string_error),
+                }
+            }
+            overrides.push(var.clone());
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| invalid(e.to_string()))?;
+        config.validate().map_err(|message| {
+            if overrides.is_empty() {
+                invalid(message)
+            } else {
+                invalid(format!("{message} (with {})", overrides.join(", ")))
+            }
+        })?;
+        Ok(Resolved { config, overrides })
     }
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Self, String> {
         let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks the constraints between keys that types alone cannot.
+    fn validate(&self) -> Result<(), String> {
+        let c = self;
         if c.tick < Duration::from_millis(100) {
             return Err(format!("tick = {:?} is below the 100ms minimum", c.tick));
         }
@@ -192,7 +282,7 @@ impl Config {
         if c.proc_map_entries == 0 {
             return Err("proc_map_entries must be at least 1".into());
         }
-        Ok(c)
+        Ok(())
     }
 
     /// The probe settings this config asks for.
@@ -222,6 +312,112 @@ pub fn node_name(configured: &str) -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| String::from("unknown-node"))
+}
+
+/// The key path a `MENTAT_*` variable names (`MENTAT_API__BIND` → `api.bind`).
+fn env_key_path(var: &str) -> Result<Vec<String>, ConfigError> {
+    let rest = &var[ENV_PREFIX.len()..];
+    let path: Vec<String> = rest
+        .split(ENV_SEPARATOR)
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    if path.iter().any(|s| s.is_empty()) {
+        return Err(ConfigError::Env {
+            var: var.to_string(),
+            message: format!(
+                "names no config key: expected {ENV_PREFIX}<KEY> or {ENV_PREFIX}<TABLE>{ENV_SEPARATOR}<KEY>, e.g. MENTAT_API__BIND"
+            ),
+        });
+    }
+    Ok(path)
+}
+
+/// Sets `key_path` in `table` to `value` if the result still deserializes as
+/// a `Config`, naming `var` in the error otherwise.
+fn set_checked(
+    table: &mut toml::Table,
+    var: &str,
+    key_path: &[String],
+    value: toml::Value,
+) -> Result<(), ConfigError> {
+    let env_error = |message: String| ConfigError::Env {
+        var: var.to_string(),
+        message,
+    };
+    let mut candidate = table.clone();
+    let (key, tables) = key_path.split_last().expect("a key path is never empty");
+    let mut at = &mut candidate;
+    for (depth, name) in tables.iter().enumerate() {
+        let entry = at
+            .entry(name.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        at = entry.as_table_mut().ok_or_else(|| {
+            env_error(format!(
+                "`{}` is a value, not a table",
+                key_path[..=depth].join(".")
+            ))
+        })?;
+    }
+    at.insert(key.clone(), value);
+    toml::Value::Table(candidate.clone())
+        .try_into::<Config>()
+        .map_err(|e| {
+            env_error(format!(
+                "{} (key `{}`)",
+                e.message().trim(),
+                key_path.join(".")
+            ))
+        })?;
+    *table = candidate;
+    Ok(())
+}
+
+/// The standard OpenTelemetry exporter variables as `[otlp]` keys; the
+/// metrics-specific variable wins over the general one.
+fn otel_overrides(
+    env: &[(String, String)],
+) -> Result<Vec<(String, Vec<String>, toml::Value)>, ConfigError> {
+    let get = |name: &str| {
+        env.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| (name.to_string(), v.clone()))
+    };
+    let pick = |key: &str| {
+        get(&format!("OTEL_EXPORTER_OTLP_METRICS_{key}"))
+            .or_else(|| get(&format!("OTEL_EXPORTER_OTLP_{key}")))
+    };
+    let otlp = |key: &str| vec!["otlp".to_string(), key.to_string()];
+    let mut out = Vec::new();
+    if let Some((var, v)) = pick("ENDPOINT") {
+        out.push((var, otlp("endpoint"), toml::Value::String(v)));
+    }
+    if let Some((var, v)) = pick("HEADERS") {
+        // Each header is its own key, so the file's other headers stay.
+        for pair in v.split(',').filter(|p| !p.trim().is_empty()) {
+            let (k, val) = pair.split_once('=').ok_or_else(|| ConfigError::Env {
+                var: var.clone(),
+                message: format!("header {:?} is not key=value", pair.trim()),
+            })?;
+            let mut path = otlp("headers");
+            path.push(k.trim().to_ascii_lowercase());
+            out.push((
+                var.clone(),
+                path,
+                toml::Value::String(val.trim().to_string()),
+            ));
+        }
+    }
+    if let Some((var, v)) = pick("TIMEOUT") {
+        let ms: i64 = v.trim().parse().map_err(|_| ConfigError::Env {
+            var: var.clone(),
+            message: format!("{v:?} is not a whole number of milliseconds"),
+        })?;
+        out.push((var, otlp("timeout_ms"), toml::Value::Integer(ms)));
+    }
+    if let Some((var, v)) = pick("CERTIFICATE") {
+        out.push((var, otlp("ca_file"), toml::Value::String(v)));
+    }
+    Ok(out)
 }
 
 /// Durations in the config are humantime strings ("1s", "250ms").
@@ -263,6 +459,150 @@ mod tests {
     #[test]
     fn empty_config_is_the_default() {
         assert_eq!(Config::parse("").expect("parses"), Config::default());
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn resolve_env(pairs: &[(&str, &str)]) -> Result<Resolved, ConfigError> {
+        Config::resolve(None, env(pairs))
+    }
+
+    #[test]
+    fn mentat_variables_override_keys_by_their_type() {
+        let r = resolve_env(&[
+            ("MENTAT_TICK", "2s"),
+            ("MENTAT_API__BIND", "0.0.0.0:9464"),
+            ("MENTAT_PROC_MAP_ENTRIES", "500"),
+            ("MENTAT_NODE_NAME", "12345"),
+            ("MENTAT_PRICING_PATH", "/etc/book.toml"),
+            ("MENTAT_OTLP__HEADERS", "{ api-key = \"k\" }"),
+            ("PATH", "/usr/bin"),
+            ("TEST_AGENT_BIN", "/x"),
+        ])
+        .expect("valid overrides");
+        let c = &r.config;
+        assert_eq!(c.tick, Duration::from_secs(2));
+        assert_eq!(c.api.bind, "0.0.0.0:9464");
+        assert_eq!(c.proc_map_entries, 500);
+        // A digit string for a string key stays a string.
+        assert_eq!(c.node_name, "12345");
+        assert_eq!(c.pricing_path, Some(PathBuf::from("/etc/book.toml")));
+        assert_eq!(c.otlp.headers.get("api-key").map(String::as_str), Some("k"));
+        assert_eq!(r.overrides.len(), 6, "{:?}", r.overrides);
+        assert!(!r.overrides.iter().any(|v| v == "PATH"));
+    }
+
+    #[test]
+    fn the_environment_wins_over_the_file_key_by_key() {
+        let path =
+            std::env::temp_dir().join(format!("mentat-config-{}.agent.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "tick = \"5s\"\n[api]\nbind = \"127.0.0.1:1\"\n[otlp]\nendpoint = \"http://file:4317\"\n[otlp.headers]\nx-file = \"f\"\n",
+        )
+        .expect("write");
+        let r = Config::resolve(
+            Some(&path),
+            env(&[
+                ("MENTAT_API__BIND", "127.0.0.1:2"),
+                ("OTEL_EXPORTER_OTLP_HEADERS", "x-env=e"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(
+            r.config.tick,
+            Duration::from_secs(5),
+            "the file's key stays"
+        );
+        assert_eq!(r.config.api.bind, "127.0.0.1:2");
+        assert_eq!(r.config.otlp.endpoint, "http://file:4317");
+        let h = &r.config.otlp.headers;
+        assert_eq!(
+            (
+                h.get("x-file").map(String::as_str),
+                h.get("x-env").map(String::as_str)
+            ),
+            (Some("f"), Some("e"))
+        );
+        // The file's own errors still name their line.
+        std::fs::write(&path, "tick = \"5s\"\n\n[api]\nbind = 7\n").expect("write");
+        let e = Config::resolve(Some(&path), env(&[]))
+            .expect_err("bad type")
+            .to_string();
+        assert!(e.contains("line 4") && e.contains("agent.toml"), "{e}");
+        std::fs::remove_file(&path).ok();
+    }
+
+    #[test]
+    fn standard_otel_variables_set_otlp_and_mentat_ones_win() {
+        let r = resolve_env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://general:4317"),
+            ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://metrics:4317"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "Api-Key=s3cret, x-tenant = t1",
+            ),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/ca.pem"),
+        ])
+        .expect("valid");
+        let o = &r.config.otlp;
+        assert_eq!(o.endpoint, "http://metrics:4317");
+        assert_eq!(o.headers.get("api-key").map(String::as_str), Some("s3cret"));
+        assert_eq!(o.headers.get("x-tenant").map(String::as_str), Some("t1"));
+        assert_eq!(o.timeout_ms, 2500);
+        assert_eq!(o.ca_file, Some(PathBuf::from("/ca.pem")));
+        let r = resolve_env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4317"),
+            ("MENTAT_OTLP__ENDPOINT", "http://mentat:4317"),
+        ])
+        .expect("valid");
+        assert_eq!(r.config.otlp.endpoint, "http://mentat:4317");
+    }
+
+    #[test]
+    fn bad_overrides_name_the_variable() {
+        let cases: &[(&[(&str, &str)], &str, &str)] = &[
+            (&[("MENTAT_TIKC", "1s")], "MENTAT_TIKC", "tikc"),
+            (
+                &[("MENTAT_PROC_MAP_ENTRIES", "many")],
+                "MENTAT_PROC_MAP_ENTRIES",
+                "many",
+            ),
+            (&[("MENTAT_TICK", "soon")], "MENTAT_TICK", "soon"),
+            (
+                &[("MENTAT_API__BINDING", "x")],
+                "MENTAT_API__BINDING",
+                "binding",
+            ),
+            (&[("MENTAT_TICK__X", "1")], "MENTAT_TICK__X", "tick.x"),
+            (&[("MENTAT_", "1")], "MENTAT_", "names no config key"),
+            (
+                &[("MENTAT_API____BIND", "x")],
+                "MENTAT_API____BIND",
+                "names no config key",
+            ),
+            (
+                &[("OTEL_EXPORTER_OTLP_TIMEOUT", "10s")],
+                "OTEL_EXPORTER_OTLP_TIMEOUT",
+                "10s",
+            ),
+            (
+                &[("OTEL_EXPORTER_OTLP_HEADERS", "novalue")],
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "novalue",
+            ),
+            (&[("MENTAT_TICK", "50ms")], "MENTAT_TICK", "100ms"),
+        ];
+        for (pairs, var, detail) in cases {
+            let e = resolve_env(pairs).expect_err(var).to_string();
+            assert!(e.contains(var) && e.contains(detail), "{var}: {e}");
+        }
     }
 
     #[test]

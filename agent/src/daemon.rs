@@ -225,7 +225,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (wake_tx, wake_rx) = watch::channel(0u64);
-    let otlp = config.otlp.clone().with_env(|k| std::env::var(k).ok());
+    let otlp = config.otlp.clone();
     let exporters: Vec<&'static str> = if otlp.endpoint.is_empty() {
         info!("OTLP export off (no endpoint configured)");
         Vec::new()

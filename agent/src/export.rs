@@ -46,7 +46,7 @@ use crate::usage::UsageRecord;
 #[serde(default, deny_unknown_fields)]
 pub struct OtlpConfig {
     /// gRPC endpoint, e.g. `http://collector:4317`. Empty: export is off
-    /// unless `OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT` sets one.
+    /// unless `OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT` sets one (see `config`).
     pub endpoint: String,
     /// Extra request headers (e.g. an API key).
     pub headers: BTreeMap<String, String>,
@@ -57,44 +57,6 @@ pub struct OtlpConfig {
 }
 
 impl OtlpConfig {
-    /// This config with the standard `OTEL_EXPORTER_OTLP_*` variables applied
-    /// on top (the metrics-specific variable wins over the general one).
-    pub fn with_env(mut self, env: impl Fn(&str) -> Option<String>) -> Self {
-        let pick = |specific: &str, general: &str| env(specific).or_else(|| env(general));
-        if let Some(e) = pick(
-            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-        ) {
-            self.endpoint = e;
-        }
-        if let Some(h) = pick(
-            "OTEL_EXPORTER_OTLP_METRICS_HEADERS",
-            "OTEL_EXPORTER_OTLP_HEADERS",
-        ) {
-            for pair in h.split(',').filter(|p| !p.trim().is_empty()) {
-                if let Some((k, v)) = pair.split_once('=') {
-                    self.headers
-                        .insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-                }
-            }
-        }
-        if let Some(t) = pick(
-            "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT",
-            "OTEL_EXPORTER_OTLP_TIMEOUT",
-        )
-        .and_then(|t| t.parse().ok())
-        {
-            self.timeout_ms = t;
-        }
-        if let Some(c) = pick(
-            "OTEL_EXPORTER_OTLP_METRICS_CERTIFICATE",
-            "OTEL_EXPORTER_OTLP_CERTIFICATE",
-        ) {
-            self.ca_file = Some(PathBuf::from(c));
-        }
-        self
-    }
-
     fn timeout(&self) -> Duration {
         if self.timeout_ms == 0 {
             Duration::from_secs(10)
@@ -729,22 +691,6 @@ mod tests {
             points(&req, "process.cpu.time")[0].start_time_unix_nano,
             b.stream_start_ns
         );
-    }
-
-    #[test]
-    fn otel_env_overrides_config() {
-        let env = |k: &str| match k {
-            "OTEL_EXPORTER_OTLP_ENDPOINT" => Some("http://general:4317".to_string()),
-            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT" => Some("http://metrics:4317".to_string()),
-            "OTEL_EXPORTER_OTLP_HEADERS" => Some("Api-Key=s3cret, x-tenant = t1".to_string()),
-            "OTEL_EXPORTER_OTLP_TIMEOUT" => Some("2500".to_string()),
-            _ => None,
-        };
-        let c = OtlpConfig::default().with_env(env);
-        assert_eq!(c.endpoint, "http://metrics:4317");
-        assert_eq!(c.headers.get("api-key").map(String::as_str), Some("s3cret"));
-        assert_eq!(c.headers.get("x-tenant").map(String::as_str), Some("t1"));
-        assert_eq!(c.timeout(), Duration::from_millis(2500));
     }
 
     #[test]

@@ -238,10 +238,14 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             if let Some(code) = require_capabilities() {
                 return Ok(code);
             }
-            let cfg = match &config {
-                Some(path) => Config::load(path)?,
-                None => Config::default(),
-            };
+            let resolved = Config::resolve(config.as_deref(), std::env::vars())?;
+            if !resolved.overrides.is_empty() {
+                eprintln!(
+                    "mentat-agent: configuration overridden by {}",
+                    resolved.overrides.join(", ")
+                );
+            }
+            let cfg = resolved.config;
             let node = config::node_name(&cfg.node_name);
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -256,8 +260,9 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             Ok(0)
         }
         Cmd::Config(ConfigCmd::Check { file }) => {
-            let cfg = match Config::load(&file) {
-                Ok(c) => c,
+            // The environment is part of what runs, so it is checked too.
+            let (cfg, overrides) = match Config::resolve(Some(&file), std::env::vars()) {
+                Ok(r) => (r.config, r.overrides),
                 Err(e) => {
                     eprintln!("mentat-agent: {e}");
                     return Ok(1);
@@ -278,6 +283,9 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                         b.version(),
                         b.currency()
                     );
+                    if !overrides.is_empty() {
+                        println!("environment overrides: {}", overrides.join(", "));
+                    }
                     Ok(0)
                 }
                 Err(e) => {

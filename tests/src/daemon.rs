@@ -106,6 +106,8 @@ pub struct DaemonOptions {
     pub extra_keys: Option<String>,
     /// More tables (`[receiver]\ngrpc_bind = ...\n`), written after the others.
     pub extra_tables: Option<String>,
+    /// Environment variables for the daemon (e.g. `MENTAT_*` overrides).
+    pub env: Vec<(String, String)>,
 }
 
 /// A running `mentat-agent run`; killed (SIGKILL) if dropped while running.
@@ -241,6 +243,10 @@ impl Daemon {
         ] {
             command.env_remove(var);
         }
+        for (var, _) in std::env::vars().filter(|(k, _)| k.starts_with("MENTAT_")) {
+            command.env_remove(var);
+        }
+        command.envs(options.env.iter().map(|(k, v)| (k, v)));
         let started = OffsetDateTime::now_utc();
         let child = command.spawn().with_context(|| {
             format!(

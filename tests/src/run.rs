@@ -84,6 +84,18 @@ where
     run_with_timeout(command, timeout).with_context(|| format!("running {invocation}"))
 }
 
+/// Runs `mentat-agent ARGS...` like [`run_agent`], with `env` added to its environment.
+pub fn run_agent_env<I, S>(args: I, env: &[(&str, &str)], timeout: Duration) -> Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut command = Command::new(agent_bin()?);
+    command.args(args).envs(env.iter().copied());
+    let invocation = describe_command(&command);
+    run_with_timeout(command, timeout).with_context(|| format!("running {invocation} with {env:?}"))
+}
+
 /// One `mentat-agent record` run and the records it wrote.
 #[derive(Clone, Debug)]
 pub struct Recording {

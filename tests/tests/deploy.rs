@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use mentat_tests::daemon::{Daemon, DaemonOptions, LedgerDir, poll, run_workload};
-use mentat_tests::run_agent;
+use mentat_tests::{run_agent, run_agent_env};
 use serde_json::{Value, json};
 
 /// The oldest Kubernetes the manifests support (securityContext.appArmorProfile is a
@@ -555,6 +555,95 @@ fn config_check_accepts_the_shipped_config_and_refuses_broken_ones_at_their_line
         Some(0),
         "`config default` is refused: {}",
         out.describe()
+    );
+}
+
+#[test]
+fn environment_variables_override_config_keys_by_one_rule() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, _) = shipped_config(dir.path());
+    let check = |env: &[(&str, &str)]| {
+        run_agent_env(
+            ["config".as_ref(), "check".as_ref(), path.as_os_str()],
+            env,
+            CONFIG_CHECK_TIMEOUT,
+        )
+        .expect("mentat-agent config check")
+    };
+
+    // `config check` checks the environment the agent would run with, and says
+    // which variables took effect.
+    let out = check(&[
+        ("MENTAT_API__BIND", "127.0.0.1:19999"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+    ]);
+    assert_eq!(out.exit_code, Some(0), "{}", out.describe());
+    assert!(
+        out.stdout.contains("MENTAT_API__BIND") && out.stdout.contains("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        "config check lists the overrides: {}",
+        out.stdout
+    );
+    for (var, value, named) in [
+        ("MENTAT_API__BINDD", "127.0.0.1:1", "api.bindd"),
+        ("MENTAT_PROC_MAP_ENTRIES", "lots", "lots"),
+        ("MENTAT_TICK", "10ms", "100ms"),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "5s", "5s"),
+    ] {
+        let out = check(&[(var, value)]);
+        assert_eq!(out.exit_code, Some(1), "{var}={value} is refused: {}", out.describe());
+        assert!(
+            out.stderr.contains(var) && out.stderr.contains(named),
+            "the refusal names {var} and {named:?}: {}",
+            out.stderr
+        );
+    }
+
+    // The daemon runs with what the environment says: its file names the node
+    // `NODE`, the variable another name, and the records carry the variable's.
+    let ledger = LedgerDir::new().expect("ledger dir");
+    let daemon = Daemon::start(
+        &ledger,
+        &DaemonOptions {
+            env: vec![("MENTAT_NODE_NAME".into(), "node-from-env".into())],
+            ..DaemonOptions::default()
+        },
+    )
+    .expect("daemon starts");
+    let from = mentat_tests::daemon::now_rfc3339();
+    let mut records = Vec::new();
+    poll(Duration::from_secs(20), || {
+        records = daemon.records(&from, "2200-01-01T00:00:00Z")?;
+        Ok(if records.is_empty() {
+            Err("no window committed yet".to_string())
+        } else {
+            Ok(())
+        })
+    })
+    .expect("the daemon commits windows");
+    assert!(
+        records.iter().all(|r| r.node == "node-from-env"),
+        "records carry the overriding node name: {:?}",
+        records.iter().map(|r| &r.node).collect::<BTreeSet<_>>()
+    );
+    let stopped = daemon.stop().expect("daemon stops");
+    assert!(
+        stopped.log.contains("overridden by MENTAT_NODE_NAME"),
+        "the daemon says what overrode its config: {}",
+        stopped.describe()
+    );
+
+    // A variable that names no key stops the daemon before it meters anything.
+    let err = Daemon::start(
+        &ledger,
+        &DaemonOptions {
+            env: vec![("MENTAT_NODENAME".into(), "x".into())],
+            ..DaemonOptions::default()
+        },
+    )
+    .expect_err("an unknown MENTAT_ variable is refused");
+    assert!(
+        format!("{err:#}").contains("MENTAT_NODENAME"),
+        "the error names the variable: {err:#}"
     );
 }
 
