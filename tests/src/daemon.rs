@@ -108,6 +108,9 @@ pub struct DaemonOptions {
     pub extra_tables: Option<String>,
     /// Environment variables for the daemon (e.g. `MENTAT_*` overrides).
     pub env: Vec<(String, String)>,
+    /// A command that runs the agent (e.g. `setpriv ... --`): the agent's path and
+    /// arguments follow it.
+    pub wrapper: Vec<String>,
 }
 
 /// A running `mentat-agent run`; killed (SIGKILL) if dropped while running.
@@ -217,7 +220,14 @@ impl Daemon {
             .with_context(|| format!("writing {}", config_path.display()))?;
         let log = dir.path().join(format!("daemon-{n}.log"));
         let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut command = Command::new(agent_bin()?);
+        let mut command = match options.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(agent_bin()?);
+                c
+            }
+            None => Command::new(agent_bin()?),
+        };
         command
             .arg("run")
             .arg("--config")

@@ -11,7 +11,8 @@ use anyhow::{Context, Result};
 use crate::cmd::{self, elapsed, find_program, output, privileged, probe};
 
 /// Debian packages the tests and benchmarks run (util-linux: `unshare`, which the
-/// container tests build containers with; prometheus: the server that scrapes the
+/// container tests build containers with, and `setpriv`, which the least-privilege test
+/// drops capabilities with; prometheus: the server that scrapes the
 /// daemon's /metrics in tests/tests/prometheus.rs).
 pub const APT_PACKAGES: &[&str] = &["bpftool", "iproute2", "util-linux", "prometheus"];
 
