@@ -80,6 +80,15 @@ pub fn missing_for_probes(set: u64) -> Vec<Cap> {
         .collect()
 }
 
+/// The capabilities without which the agent runs but sees less of other users'
+/// processes (executable paths, run context, disk I/O).
+pub fn missing_for_other_users(set: u64) -> Vec<Cap> {
+    [CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH]
+        .into_iter()
+        .filter(|&c| !has(set, c))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

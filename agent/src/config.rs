@@ -567,7 +567,9 @@ mod tests {
 
     #[test]
     fn bad_overrides_name_the_variable() {
-        let cases: &[(&[(&str, &str)], &str, &str)] = &[
+        // (environment, the variable the error must name, a detail it must give)
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a str, &'a str);
+        let cases: &[Case] = &[
             (&[("MENTAT_TIKC", "1s")], "MENTAT_TIKC", "tikc"),
             (
                 &[("MENTAT_PROC_MAP_ENTRIES", "many")],

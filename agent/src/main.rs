@@ -238,6 +238,14 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             if let Some(code) = require_capabilities() {
                 return Ok(code);
             }
+            for cap in caps::missing_for_other_users(caps::effective()) {
+                tracing::warn!(
+                    capability = cap.name,
+                    "missing; the agent cannot {} (run context and executable paths of \
+                     other users' processes go unread)",
+                    cap.why
+                );
+            }
             let resolved = Config::resolve(config.as_deref(), std::env::vars())?;
             if !resolved.overrides.is_empty() {
                 eprintln!(

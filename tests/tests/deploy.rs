@@ -805,15 +805,50 @@ fn the_collector_prometheus_and_servicemonitor_configs_parse() {
 
 #[test]
 fn the_dockerfile_builds_with_the_build_script() {
+    // `cargo xtask test` builds the agent the tests run with deploy/build-agent.sh
+    // (stage b), so the script is exercised on every run; this test holds the
+    // Dockerfile's build stage to doing nothing the script does not.
     let dockerfile = read(&deploy_dir().join("Dockerfile"));
+    let build_stage = dockerfile
+        .split("\nFROM ")
+        .find(|stage| stage.contains(" AS build"))
+        .expect("a build stage (FROM ... AS build)");
+    // RUN instructions, continuation lines joined.
+    let runs: Vec<String> = build_stage
+        .replace("\\\n", " ")
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("RUN "))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    let script = read(&deploy_dir().join("build-agent.sh"));
+    for run in &runs {
+        let covered = if run.starts_with("rustup toolchain install") {
+            // The script installs the nightly and rust-src itself where missing.
+            script.contains("rustup toolchain install") && script.contains("rust-src")
+        } else {
+            run.contains("sh deploy/build-agent.sh")
+                && run.split("&&").skip(1).all(|step| {
+                    step.trim()
+                        .starts_with("install -D -m 0755 target/release/mentat-agent")
+                })
+        };
+        assert!(
+            covered,
+            "the build stage's `RUN {run}` is not what deploy/build-agent.sh does"
+        );
+    }
     assert!(
-        dockerfile.contains("sh deploy/build-agent.sh"),
-        "the build stage runs deploy/build-agent.sh"
+        runs.iter().any(|r| r.contains("sh deploy/build-agent.sh")),
+        "the build stage runs deploy/build-agent.sh: {runs:?}"
     );
-    let script = deploy_dir().join("build-agent.sh");
+    let xtask = read(&repo_root().join("xtask/src/test.rs"));
+    assert!(
+        xtask.contains("deploy/build-agent.sh"),
+        "cargo xtask test builds the agent with the image's script"
+    );
     let out = Command::new("sh")
         .arg("-n")
-        .arg(&script)
+        .arg(deploy_dir().join("build-agent.sh"))
         .output()
         .expect("sh -n");
     assert!(

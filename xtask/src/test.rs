@@ -70,6 +70,16 @@ fn stage(id: &str, what: &str, body: impl FnOnce() -> Result<()>) -> Result<()> 
 }
 
 fn build_release_bins() -> Result<()> {
+    // The container image's build stage runs this very script (deploy/Dockerfile),
+    // so every test run proves it still builds the agent from a checkout.
+    let mut image_build = Command::new("sh");
+    image_build
+        .arg("deploy/build-agent.sh")
+        .current_dir(crate::cargo::workspace_root());
+    run_step(
+        "building the agent with deploy/build-agent.sh (the image's build stage)",
+        image_build,
+    )?;
     run_step(
         "building the release binaries of mentat-agent and mentat-tests",
         cargo([
