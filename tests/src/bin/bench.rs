@@ -73,7 +73,9 @@ struct Args {
     #[arg(long, default_value_t = DEFAULT_TCP_BYTES, value_name = "BYTES")]
     tcp_bytes: u64,
     /// How long `mentat-agent run` is measured under load.
-    #[arg(long, default_value = "10", value_name = "SECONDS")]
+    /// At least span_lag (10 s) plus a few ticks, so committing windows (pricing,
+    /// ledger writes) is part of what is measured.
+    #[arg(long, default_value = "30", value_name = "SECONDS")]
     footprint_secs: u64,
 }
 
@@ -1116,9 +1118,18 @@ struct AgentProcess {
 
 impl AgentProcess {
     fn spawn<const N: usize>(agent: &Path, args: [&str; N]) -> Result<Self> {
+        Self::spawn_env(agent, args, &[])
+    }
+
+    fn spawn_env<const N: usize>(
+        agent: &Path,
+        args: [&str; N],
+        env: &[(&str, String)],
+    ) -> Result<Self> {
         let mut command = Command::new(agent);
         command
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -1349,7 +1360,21 @@ struct Footprint {
 
 fn footprint(agent: &Path, period: Duration, cpu: usize) -> Result<Footprint> {
     wait_until_alone(None)?;
-    let mut daemon = AgentProcess::spawn(agent, ["run"])?;
+    // Its own ledger and ports: the daemon's defaults belong to an installed agent.
+    let scratch = std::env::temp_dir().join(format!("mentat-bench-{}", std::process::id()));
+    fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let ledger = scratch.join("ledger.db");
+    let free = |what: &str| -> Result<String> {
+        let l = TcpListener::bind("127.0.0.1:0").with_context(|| format!("a port for {what}"))?;
+        Ok(l.local_addr()?.to_string())
+    };
+    let env = [
+        ("MENTAT_LEDGER_PATH", ledger.display().to_string()),
+        ("MENTAT_API__BIND", free("the API")?),
+        ("MENTAT_RECEIVER__GRPC_BIND", free("OTLP gRPC")?),
+        ("MENTAT_RECEIVER__HTTP_BIND", free("OTLP HTTP")?),
+    ];
+    let mut daemon = AgentProcess::spawn_env(agent, ["run"], &env)?;
     daemon.wait_for_line(Stream::Stderr, "probes attached", ATTACH_TIMEOUT)?;
     let pid = daemon.pid();
     let startup_cpu_ns = process_cpu_clock_ns(pid)?;
@@ -1381,6 +1406,8 @@ fn footprint(agent: &Path, period: Duration, cpu: usize) -> Result<Footprint> {
     drop(load);
 
     let status = daemon.signal_and_wait(libc::SIGINT)?;
+    // Best effort: a leftover scratch ledger in /tmp harms nothing.
+    let _ = fs::remove_dir_all(&scratch);
     if !status.success() {
         bail!(
             "`{}` did not stop cleanly on SIGINT ({}): {}",
