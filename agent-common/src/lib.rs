@@ -193,6 +193,9 @@ pub struct CpuState {
     pub pending_net: [u64; NET_COUNTERS],
     /// Lifecycle events that did not fit in the ring buffer (metadata lost, usage kept).
     pub events_lost: u64,
+    /// Environment copies at exec that did not fit in their ring buffer (the
+    /// agent then reads /proc/<pid>/environ, if the process is still there).
+    pub envs_lost: u64,
     /// The epoch of the last fold that completed on this CPU. Once every CPU
     /// shows the new epoch here, no program still writes the old one.
     pub acked_epoch: u32,
@@ -270,6 +273,12 @@ pub struct TaskOffsets {
     pub ioac_write_bytes: u32,
     /// `task_io_accounting::cancelled_write_bytes`.
     pub ioac_cancelled_write_bytes: u32,
+    /// `task_struct::mm`.
+    pub task_mm: u32,
+    /// `mm_struct::env_start` (user address of the environment block).
+    pub mm_env_start: u32,
+    /// `mm_struct::env_end`.
+    pub mm_env_end: u32,
     /// Set to 1 by the agent once the offsets above are filled in.
     pub valid: u32,
 }
@@ -297,6 +306,9 @@ impl TaskOffsets {
         ioac_read_bytes: 0,
         ioac_write_bytes: 0,
         ioac_cancelled_write_bytes: 0,
+        task_mm: 0,
+        mm_env_start: 0,
+        mm_env_end: 0,
         valid: 0,
     };
 }
@@ -309,6 +321,36 @@ pub mod event_kind {
     pub const EXEC: u32 = 2;
     /// The last thread of a process exited.
     pub const EXIT: u32 = 3;
+}
+
+/// Bytes of a process's environment copied at exec: enough for most
+/// environments; a longer one is cut here and marked truncated. A power of two,
+/// so the kernel side can bound a length with a mask.
+pub const ENV_COPY_MAX: usize = 16384;
+
+/// The head of an environment copy in the `ENV_EVENTS` ring buffer, followed
+/// by `copied` bytes of the environment block (NUL-separated `KEY=value`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnvHeader {
+    /// The process that exec'd.
+    pub tgid: u32,
+    /// Bytes that follow this header.
+    pub copied: u32,
+    /// The process's start time, as in [`ProcEvent::start_ns`].
+    pub start_ns: u64,
+    /// The environment block's whole length (more than `copied`: truncated).
+    pub total: u64,
+}
+
+/// Per-CPU scratch space an environment copy is assembled in.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct EnvScratch {
+    /// Written first.
+    pub header: EnvHeader,
+    /// The environment block's first bytes.
+    pub bytes: [u8; ENV_COPY_MAX],
 }
 
 /// A process lifecycle event, sent through the ring buffer.
@@ -352,6 +394,7 @@ mod pod {
     unsafe impl aya::Pod for super::Slot {}
     unsafe impl aya::Pod for super::Control {}
     unsafe impl aya::Pod for super::TaskOffsets {}
+    unsafe impl aya::Pod for super::EnvHeader {}
 }
 
 #[cfg(test)]
@@ -371,17 +414,27 @@ mod tests {
         assert_eq!(size_of::<Buckets>(), 8 * 9 + 2 * 8 * NET_COUNTERS);
         assert_eq!(
             size_of::<CpuState>(),
-            8 * (9 + SYSCALL_CLASSES + NET_COUNTERS)
+            8 * (10 + SYSCALL_CLASSES + NET_COUNTERS)
                 + SLOTS * size_of::<Slot>()
                 + 8
                 + 2 * size_of::<Buckets>()
         );
         assert_eq!(size_of::<Control>(), 8);
-        assert_eq!(size_of::<TaskOffsets>(), 4 * 21);
+        assert_eq!(size_of::<TaskOffsets>(), 4 * 24);
+        assert_eq!(size_of::<EnvHeader>(), 4 + 4 + 8 + 8);
+        assert_eq!(
+            size_of::<EnvScratch>(),
+            size_of::<EnvHeader>() + ENV_COPY_MAX
+        );
         assert_eq!(
             size_of::<ProcEvent>(),
             4 * 4 + 8 * 6 + COMM_LEN + FILENAME_LEN
         );
+    }
+
+    #[test]
+    fn env_copy_max_is_a_power_of_two() {
+        assert!(ENV_COPY_MAX.is_power_of_two());
     }
 
     #[test]

@@ -4,7 +4,9 @@
 //! (`EbpfLoader::set_max_entries`). Overflow of each map is counted in
 //! `CpuState`, never silent.
 
-use agent_common::{Control, CpuState, ProcKey, ProcUsage, SYSCALL_TABLE_LEN, TaskOffsets};
+use agent_common::{
+    Control, CpuState, EnvScratch, ProcKey, ProcUsage, SYSCALL_TABLE_LEN, TaskOffsets,
+};
 use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -42,6 +44,22 @@ pub static CONTROL: Array<Control> = Array::with_max_entries(1, 0);
 /// Process lifecycle events (fork, exec, exit).
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Ring buffer size for environment copies at exec (bytes, a power of two).
+///
+/// A copy is its length plus 24 bytes, at most 16 KiB; typical environments
+/// are 1–4 KiB, so 2 MiB holds some 500–2,000 execs between two userspace
+/// reads. Reserve failures are counted in `CpuState::envs_lost`, and the agent
+/// then falls back to reading /proc/<pid>/environ.
+pub const ENV_EVENTS_BYTES: u32 = 1 << 21;
+
+/// Environment blocks copied at exec, read by the agent for the run context.
+#[map]
+pub static ENV_EVENTS: RingBuf = RingBuf::with_byte_size(ENV_EVENTS_BYTES, 0);
+
+/// Per-CPU scratch space for one environment copy (too big for the BPF stack).
+#[map]
+pub static ENV_SCRATCH: PerCpuArray<EnvScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Struct member offsets resolved from the running kernel's BTF by the agent.
 #[unsafe(no_mangle)]

@@ -610,6 +610,10 @@ pub fn task_offsets(btf: &Btf) -> Result<TaskOffsets, BtfError> {
         ioac_write_bytes: btf.member_offset("task_io_accounting", "write_bytes")?,
         ioac_cancelled_write_bytes: btf
             .member_offset("task_io_accounting", "cancelled_write_bytes")?,
+        task_mm: task("mm")?,
+        // Both sit in an anonymous struct inside mm_struct on recent kernels.
+        mm_env_start: btf.member_offset("mm_struct", "env_start")?,
+        mm_env_end: btf.member_offset("mm_struct", "env_end")?,
         valid: 1,
     })
 }

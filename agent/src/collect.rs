@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 
 use crate::{
     clock::{Clock, boottime_ns},
-    context::read_env_context,
+    context::{EnvContext, context_from_environ, read_env_context},
     gpu::GpuMeter,
     identity::{self, Cgroups, instance_start},
     memory::{self, CgroupIntegrator, Integrator},
@@ -154,6 +154,21 @@ pub struct Collector {
     prev_buckets: [Buckets; 2],
     prev_events_lost: u64,
     window_start_ns: u64,
+    /// Environments copied by the kernel at exec, by process instance, until
+    /// their EXEC event is applied.
+    exec_env: HashMap<(u32, u64), ExecEnv>,
+    /// Calls of `poll` so far.
+    polls: u64,
+}
+
+/// What a process's environment said at exec, from the kernel's copy.
+#[derive(Debug)]
+struct ExecEnv {
+    env: EnvContext,
+    /// The copy holds only the first `ENV_COPY_MAX` bytes.
+    truncated: bool,
+    /// The `poll` that drained it.
+    seen: u64,
 }
 
 impl Collector {
@@ -186,6 +201,8 @@ impl Collector {
             metered_since_ns: now,
             prev_buckets: [Buckets::default(); 2],
             prev_events_lost: 0,
+            exec_env: HashMap::new(),
+            polls: 0,
             window_start_ns: now,
         }
     }
@@ -234,9 +251,33 @@ impl Collector {
     pub fn poll(&mut self) {
         let mut events = Vec::new();
         self.probes.drain_events(|ev| events.push(*ev));
+        // After the events: the kernel writes a copy before its EXEC event.
+        let polls = self.polls;
+        self.polls += 1;
+        let exec_env = &mut self.exec_env;
+        self.probes.drain_env(|h, bytes| {
+            let truncated = h.total > u64::from(h.copied);
+            // A cut copy may end inside a variable: only whole entries count.
+            let whole = if truncated {
+                &bytes[..bytes.iter().rposition(|&b| b == 0).map_or(0, |i| i + 1)]
+            } else {
+                bytes
+            };
+            exec_env.insert(
+                (h.tgid, instance_start(h.start_ns)),
+                ExecEnv {
+                    env: context_from_environ(whole),
+                    truncated,
+                    seen: polls,
+                },
+            );
+        });
         for ev in &events {
             self.apply_event(ev);
         }
+        // A copy whose EXEC event was not in this poll or the next was lost
+        // with that event.
+        self.exec_env.retain(|_, e| e.seen == polls);
         let now = boottime_ns();
         if now.saturating_sub(self.last_sample_ns) >= duration_ns(self.sample_every) {
             self.sample_resources(now);
@@ -284,7 +325,13 @@ impl Collector {
                     .and_then(|&s| self.infos.get(&(ev.ppid, s)))
                     .map(|p| p.context.clone())
                     .unwrap_or_default();
-                let env = read_env_context(&proc_root, ev.tgid).unwrap_or_default();
+                // The kernel's copy at exec is there even when the process has
+                // already exited; a cut one is completed from /proc if it can be.
+                let env = match self.exec_env.remove(&(ev.tgid, ev.start_ns)) {
+                    Some(copy) if !copy.truncated => copy.env,
+                    Some(copy) => read_env_context(&proc_root, ev.tgid).unwrap_or(copy.env),
+                    None => read_env_context(&proc_root, ev.tgid).unwrap_or_default(),
+                };
                 if env.bad_traceparent {
                     self.bad_traceparents += 1;
                 }

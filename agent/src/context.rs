@@ -2,10 +2,12 @@
 //!
 //! Two sources, no code change in the workloads:
 //! - **the environment at exec**: only `TRACEPARENT`, `OTEL_RESOURCE_ATTRIBUTES`
-//!   and `OTEL_SERVICE_NAME` are read from `/proc/<pid>/environ`; nothing else
-//!   from the environment is kept or logged (it holds secrets). A process
-//!   without its own context inherits its parent's, so a run's subprocesses
-//!   stay in the run.
+//!   and `OTEL_SERVICE_NAME` are kept, from the kernel's copy of the
+//!   environment block taken at exec (so a process that exits at once keeps
+//!   its own context), or from `/proc/<pid>/environ` where the copy was cut
+//!   or lost; nothing else from the environment is kept or logged (it holds
+//!   secrets). A process without its own context inherits its parent's, so a
+//!   run's subprocesses stay in the run.
 //! - **spans** received over OTLP (module `receiver`): a span carrying
 //!   `flow.run_id` binds its process's usage during `[start, end]` to that run.
 //!

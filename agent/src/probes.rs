@@ -13,7 +13,7 @@ use std::{
 };
 
 use agent_common::{
-    Control, CpuState, NET_COUNTERS, ProcEvent, ProcKey, ProcUsage, SYSCALL_CLASSES,
+    Control, CpuState, EnvHeader, NET_COUNTERS, ProcEvent, ProcKey, ProcUsage, SYSCALL_CLASSES,
 };
 use aya::{
     Btf, Ebpf, EbpfError, EbpfLoader, Endianness, VerifierLogLevel,
@@ -153,6 +153,7 @@ pub struct Probes {
     cpu_state: Option<PerCpuArray<MapData, CpuState>>,
     control: Option<Array<MapData, Control>>,
     events: Option<RingBuf<MapData>>,
+    env_events: Option<RingBuf<MapData>>,
     online_cpus: Vec<u32>,
     epoch: u32,
     network: Result<(), String>,
@@ -229,12 +230,14 @@ impl Probes {
         let cpu_state = take_map(&mut ebpf, "CPU_STATE")?;
         let control = take_map(&mut ebpf, "CONTROL")?;
         let events = take_map(&mut ebpf, "EVENTS")?;
+        let env_events = take_map(&mut ebpf, "ENV_EVENTS")?;
         Ok(Self {
             ebpf,
             proc_usage: Some(proc_usage),
             cpu_state: Some(cpu_state),
             control: Some(control),
             events: Some(events),
+            env_events: Some(env_events),
             online_cpus,
             epoch: 0,
             network,
@@ -276,6 +279,26 @@ impl Probes {
         }
     }
 
+    /// Calls `f` for each environment copy waiting in its ring buffer (drain
+    /// the lifecycle events first: an EXEC seen there has its copy here).
+    pub fn drain_env(&mut self, mut f: impl FnMut(&EnvHeader, &[u8])) {
+        let Some(env) = self.env_events.as_mut() else {
+            return;
+        };
+        let head = std::mem::size_of::<EnvHeader>();
+        while let Some(item) = env.next() {
+            if item.len() < head {
+                warn!(len = item.len(), "short environment copy ignored");
+                continue;
+            }
+            // SAFETY: the item starts with an EnvHeader written by the kernel
+            // side with this layout; read_unaligned assumes no alignment.
+            let h = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<EnvHeader>()) };
+            let end = head.saturating_add(h.copied as usize).min(item.len());
+            f(&h, &item[head..end]);
+        }
+    }
+
     /// Starts a new epoch and returns everything charged in the previous one.
     pub fn close_epoch(&mut self) -> Result<EpochUsage, ProbeError> {
         let old = self.epoch;
@@ -308,7 +331,9 @@ impl Probes {
         };
         let slot = (old & 1) as usize;
         for st in &states {
-            usage.events_lost += st.events_lost;
+            // A lost environment copy is lost metadata too (the agent falls
+            // back to /proc for it), counted with the lifecycle events.
+            usage.events_lost += st.events_lost + st.envs_lost;
             if let Some(b) = st.buckets.get(slot) {
                 add_buckets(&mut usage.buckets, b);
             }

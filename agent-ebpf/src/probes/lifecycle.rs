@@ -3,18 +3,20 @@
 //! These carry metadata only (who, parent, name, start time). Usage stays in
 //! the maps, so a lost event costs a name, never a nanosecond.
 
-use agent_common::{ProcEvent, event_kind};
+use agent_common::{ENV_COPY_MAX, EnvHeader, ProcEvent, event_kind};
 use aya_ebpf::{
+    cty::c_void,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_ktime_get_boot_ns, bpf_probe_read_kernel_str_bytes,
+        generated::bpf_probe_read_user,
     },
     macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
 
 use crate::{
-    maps::{CPU_STATE, EVENTS, offsets},
+    maps::{CPU_STATE, ENV_EVENTS, ENV_SCRATCH, EVENTS, offsets},
     task,
 };
 
@@ -61,6 +63,9 @@ fn try_exec(ctx: &RawTracePointContext) -> Result<(), i64> {
     let start_ns = task::leader_start_ns(cur)?;
     let bprm: *const u8 = ctx.arg(2);
     let filename: *const u8 = task::read(bprm, off.binprm_filename)?;
+    // Before the EXEC event: userspace drains EVENTS first, so an EXEC it
+    // sees always has its environment copy already in ENV_EVENTS.
+    copy_env(cur, tgid, start_ns);
     emit(
         event_kind::EXEC,
         tgid,
@@ -111,6 +116,60 @@ fn try_exit() -> Result<(), i64> {
         i += 1;
     }
     emit(event_kind::EXIT, tgid, ppid, start_ns, None, totals)
+}
+
+/// Copies the new program's environment block (the first `ENV_COPY_MAX`
+/// bytes) to `ENV_EVENTS`. No parsing here: the agent keeps only the
+/// allowlisted variables and drops the rest. A process that exits before
+/// the agent could read /proc/<pid>/environ keeps its own run context this way.
+#[inline(always)]
+fn copy_env(cur: *const u8, tgid: u32, start_ns: u64) {
+    let off = offsets();
+    let Ok(mm) = task::read::<*const u8>(cur, off.task_mm) else {
+        return;
+    };
+    let (Ok(start), Ok(end)) = (
+        task::read::<u64>(mm, off.mm_env_start),
+        task::read::<u64>(mm, off.mm_env_end),
+    ) else {
+        return;
+    };
+    let total = end.saturating_sub(start);
+    let Some(scratch) = ENV_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    let copied = if total > ENV_COPY_MAX as u64 {
+        ENV_COPY_MAX as u32
+    } else {
+        total as u32
+    };
+    // SAFETY: `scratch` is this CPU's entry, used by this program only and
+    // never across a sleep; `copied` ≤ ENV_COPY_MAX bounds both the read
+    // into `bytes` and the output of header + bytes.
+    unsafe {
+        (*scratch).header = EnvHeader {
+            tgid,
+            copied: 0,
+            start_ns,
+            total,
+        };
+        let bytes = (*scratch).bytes.as_mut_ptr();
+        let n = copied & (ENV_COPY_MAX as u32 * 2 - 1);
+        if n > ENV_COPY_MAX as u32 {
+            return;
+        }
+        if bpf_probe_read_user(bytes.cast::<c_void>(), n, start as *const c_void) != 0 {
+            return;
+        }
+        (*scratch).header.copied = n;
+        let size = core::mem::size_of::<EnvHeader>() + n as usize;
+        let copy = core::slice::from_raw_parts(scratch.cast::<u8>().cast_const(), size);
+        if ENV_EVENTS.output::<[u8]>(copy, 0).is_err()
+            && let Some(st) = CPU_STATE.get_ptr_mut(0)
+        {
+            (*st).envs_lost += 1;
+        }
+    }
 }
 
 #[inline(always)]
