@@ -952,6 +952,9 @@ mod tests {
         }
         assert!(o.signal_live < 4096 && o.binprm_filename < 4096, "{o:?}");
         assert_eq!(o.binprm_filename % 8, 0, "{o:?}");
+        // env_end follows env_start (both unsigned long) in mm_struct's anonymous struct.
+        assert_eq!(o.mm_env_start + 8, o.mm_env_end, "{o:?}");
+        assert_eq!(o.task_mm % 8, 0, "{o:?}");
     }
 
     /// Non-bitfield members of the first sized `STRUCT 'name'` in `bpftool ... format raw`
