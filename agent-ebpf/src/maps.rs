@@ -69,13 +69,17 @@ pub static TASK_OFFSETS: TaskOffsets = TaskOffsets::ZERO;
 #[unsafe(no_mangle)]
 pub static SYSCALL_CLASS: [u8; SYSCALL_TABLE_LEN] = [0; SYSCALL_TABLE_LEN];
 
-/// The offsets, read through a volatile load so the compiler cannot fold in
-/// the zero placeholder values the agent replaces at load.
-#[inline(always)]
-pub fn offsets() -> TaskOffsets {
-    // SAFETY: a plain read of a static the loader initialised.
-    unsafe { core::ptr::read_volatile(&TASK_OFFSETS) }
+/// One offset of [`TASK_OFFSETS`] (`off!(task_flags)`), read through a
+/// volatile load so the compiler cannot fold in the zero placeholder the agent
+/// replaces at load. One field at a time: a volatile read of the whole struct
+/// would cost a load per field on every use, in the hottest programs.
+macro_rules! off {
+    ($field:ident) => {
+        // SAFETY: a plain read of a static the loader initialised.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!($crate::maps::TASK_OFFSETS.$field)) }
+    };
 }
+pub(crate) use off;
 
 /// The class index of syscall `nr`, always below `SYSCALL_CLASSES`.
 #[inline(always)]

@@ -3,7 +3,7 @@
 use agent_common::PF_KTHREAD;
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
 
-use crate::maps::offsets;
+use crate::maps::off;
 
 /// Reads a `T` at `base + off` in kernel memory.
 #[inline(always)]
@@ -34,11 +34,10 @@ pub enum Who {
 /// Classifies the current task `task` and finds its process's start time and cgroup.
 #[inline(always)]
 pub fn who(task: *const u8) -> Result<Who, i64> {
-    let off = offsets();
-    if off.valid == 0 {
+    if off!(valid) == 0 {
         return Err(-1);
     }
-    let flags: u32 = read(task, off.task_flags)?;
+    let flags: u32 = read(task, off!(task_flags))?;
     if flags & PF_KTHREAD != 0 {
         return Ok(Who::Kernel);
     }
@@ -54,9 +53,8 @@ pub fn who(task: *const u8) -> Result<Who, i64> {
 /// `task->group_leader->start_boottime`: the process instance's start.
 #[inline(always)]
 pub fn leader_start_ns(task: *const u8) -> Result<u64, i64> {
-    let off = offsets();
-    let leader: *const u8 = read(task, off.task_group_leader)?;
-    read(leader, off.task_start_boottime)
+    let leader: *const u8 = read(task, off!(task_group_leader))?;
+    read(leader, off!(task_start_boottime))
 }
 
 /// Reads a `T` at `base + off` where `base` is a BTF-typed kernel pointer
@@ -73,17 +71,16 @@ pub fn load<T: Copy>(base: *const u8, off: u32) -> T {
 /// Classifies a BTF-typed task pointer with direct loads (see [`load`]).
 #[inline(always)]
 pub fn who_btf(task: *const u8) -> Who {
-    let off = offsets();
-    if load::<u32>(task, off.task_flags) & PF_KTHREAD != 0 {
+    if load::<u32>(task, off!(task_flags)) & PF_KTHREAD != 0 {
         return Who::Kernel;
     }
-    let leader: *const u8 = load(task, off.task_group_leader);
+    let leader: *const u8 = load(task, off!(task_group_leader));
     // task->cgroups->dfl_cgrp->kn->id: what bpf_get_current_cgroup_id returns.
-    let css_set: *const u8 = load(task, off.task_cgroups);
-    let cgroup: *const u8 = load(css_set, off.css_set_dfl_cgrp);
-    let kn: *const u8 = load(cgroup, off.cgroup_kn);
+    let css_set: *const u8 = load(task, off!(task_cgroups));
+    let cgroup: *const u8 = load(css_set, off!(css_set_dfl_cgrp));
+    let kn: *const u8 = load(cgroup, off!(cgroup_kn));
     Who::Process {
-        start_ns: load(leader, off.task_start_boottime),
-        cgroup_id: load(kn, off.kernfs_node_id),
+        start_ns: load(leader, off!(task_start_boottime)),
+        cgroup_id: load(kn, off!(kernfs_node_id)),
     }
 }

@@ -8,15 +8,14 @@ use aya_ebpf::{
     cty::c_void,
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_boot_ns, bpf_probe_read_kernel_str_bytes,
-        generated::bpf_probe_read_user,
+        bpf_ktime_get_boot_ns, bpf_probe_read_kernel_str_bytes, generated::bpf_probe_read_user,
     },
     macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
 
 use crate::{
-    maps::{CPU_STATE, ENV_EVENTS, ENV_SCRATCH, EVENTS, offsets},
+    maps::{CPU_STATE, ENV_EVENTS, ENV_SCRATCH, EVENTS, off},
     task,
 };
 
@@ -28,18 +27,17 @@ pub fn process_fork(ctx: RawTracePointContext) -> i32 {
 }
 
 fn try_fork(ctx: &RawTracePointContext) -> Result<(), i64> {
-    let off = offsets();
-    if off.valid == 0 {
+    if off!(valid) == 0 {
         return Err(-1);
     }
     let child: *const u8 = ctx.arg(1);
-    let pid: u32 = task::read(child, off.task_pid)?;
-    let tgid: u32 = task::read(child, off.task_tgid)?;
+    let pid: u32 = task::read(child, off!(task_pid))?;
+    let tgid: u32 = task::read(child, off!(task_tgid))?;
     if pid != tgid {
         // A new thread, not a new process.
         return Ok(());
     }
-    let start_ns: u64 = task::read(child, off.task_start_boottime)?;
+    let start_ns: u64 = task::read(child, off!(task_start_boottime))?;
     let ppid = (bpf_get_current_pid_tgid() >> 32) as u32;
     emit(event_kind::FORK, tgid, ppid, start_ns, None, [0; 3])
 }
@@ -52,17 +50,16 @@ pub fn process_exec(ctx: RawTracePointContext) -> i32 {
 }
 
 fn try_exec(ctx: &RawTracePointContext) -> Result<(), i64> {
-    let off = offsets();
-    if off.valid == 0 {
+    if off!(valid) == 0 {
         return Err(-1);
     }
     let cur = task::current();
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let parent: *const u8 = task::read(cur, off.task_real_parent)?;
-    let ppid: u32 = task::read(parent, off.task_tgid)?;
+    let parent: *const u8 = task::read(cur, off!(task_real_parent))?;
+    let ppid: u32 = task::read(parent, off!(task_tgid))?;
     let start_ns = task::leader_start_ns(cur)?;
     let bprm: *const u8 = ctx.arg(2);
-    let filename: *const u8 = task::read(bprm, off.binprm_filename)?;
+    let filename: *const u8 = task::read(bprm, off!(binprm_filename))?;
     // Before the EXEC event: userspace drains EVENTS first, so an EXEC it
     // sees always has its environment copy already in ENV_EVENTS.
     copy_env(cur, tgid, start_ns);
@@ -84,34 +81,33 @@ pub fn process_exit(_ctx: RawTracePointContext) -> i32 {
 }
 
 fn try_exit() -> Result<(), i64> {
-    let off = offsets();
-    if off.valid == 0 {
+    if off!(valid) == 0 {
         return Err(-1);
     }
     let cur = task::current();
     // do_exit decrements signal->live before this tracepoint: zero means
     // this is the process's last thread.
-    let signal: *const u8 = task::read(cur, off.task_signal)?;
-    let live: i32 = task::read(signal, off.signal_live)?;
+    let signal: *const u8 = task::read(cur, off!(task_signal))?;
+    let live: i32 = task::read(signal, off!(signal_live))?;
     if live != 0 {
         return Ok(());
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let parent: *const u8 = task::read(cur, off.task_real_parent)?;
-    let ppid: u32 = task::read(parent, off.task_tgid).unwrap_or(0);
+    let parent: *const u8 = task::read(cur, off!(task_real_parent))?;
+    let ppid: u32 = task::read(parent, off!(task_tgid)).unwrap_or(0);
     let start_ns = task::leader_start_ns(cur)?;
     // The process's storage I/O: threads already gone are summed in
     // signal->ioac; this last thread's own is not folded in until release.
     let io = [
-        off.ioac_read_bytes,
-        off.ioac_write_bytes,
-        off.ioac_cancelled_write_bytes,
+        off!(ioac_read_bytes),
+        off!(ioac_write_bytes),
+        off!(ioac_cancelled_write_bytes),
     ];
     let mut totals = [0u64; 3];
     let mut i = 0;
     while i < 3 {
-        let mine: u64 = task::read(cur, off.task_ioac + io[i]).unwrap_or(0);
-        let gone: u64 = task::read(signal, off.signal_ioac + io[i]).unwrap_or(0);
+        let mine: u64 = task::read(cur, off!(task_ioac) + io[i]).unwrap_or(0);
+        let gone: u64 = task::read(signal, off!(signal_ioac) + io[i]).unwrap_or(0);
         totals[i] = mine + gone;
         i += 1;
     }
@@ -124,13 +120,12 @@ fn try_exit() -> Result<(), i64> {
 /// the agent could read /proc/<pid>/environ keeps its own run context this way.
 #[inline(always)]
 fn copy_env(cur: *const u8, tgid: u32, start_ns: u64) {
-    let off = offsets();
-    let Ok(mm) = task::read::<*const u8>(cur, off.task_mm) else {
+    let Ok(mm) = task::read::<*const u8>(cur, off!(task_mm)) else {
         return;
     };
     let (Ok(start), Ok(end)) = (
-        task::read::<u64>(mm, off.mm_env_start),
-        task::read::<u64>(mm, off.mm_env_end),
+        task::read::<u64>(mm, off!(mm_env_start)),
+        task::read::<u64>(mm, off!(mm_env_end)),
     ) else {
         return;
     };

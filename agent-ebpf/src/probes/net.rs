@@ -10,7 +10,7 @@ use agent_common::{NET_RX_BYTES, NET_RX_CALLS, NET_TX_BYTES, NET_TX_CALLS};
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 
 use crate::{
-    maps::{CPU_STATE, offsets},
+    maps::{CPU_STATE, off},
     task,
 };
 
@@ -44,13 +44,12 @@ fn count(ctx: &RawTracePointContext, bytes_idx: usize, calls_idx: usize) {
     if ret <= 0 {
         return;
     }
-    let off = offsets();
-    if off.valid == 0 {
+    if off!(valid) == 0 {
         return;
     }
     let sk: *const u8 = ctx.arg(0);
     // Unix sockets and netlink are local IPC, not network traffic.
-    match task::read::<u16>(sk, off.sock_family) {
+    match task::read::<u16>(sk, off!(sock_family)) {
         Ok(AF_INET) | Ok(AF_INET6) => {}
         _ => return,
     }

@@ -22,7 +22,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{CPU_STATE, PROC_USAGE, epoch, offsets},
+    maps::{CPU_STATE, PROC_USAGE, epoch, off},
     task::{self, Who},
 };
 
@@ -38,13 +38,12 @@ const EEXIST: i32 = -17;
 pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     let prev: *const u8 = ctx.arg(1);
     let next: *const u8 = ctx.arg(2);
-    let off = offsets();
-    if off.valid == 0 {
+    if off!(valid) == 0 {
         return 0;
     }
     let who = Ok(task::who_btf(prev));
-    let prev_runtime = task::load::<u64>(prev, off.task_sum_exec_runtime);
-    let next_runtime = task::load::<u64>(next, off.task_sum_exec_runtime);
+    let prev_runtime = task::load::<u64>(prev, off!(task_sum_exec_runtime));
+    let next_runtime = task::load::<u64>(next, off!(task_sum_exec_runtime));
     charge_current(prev, Some(prev_runtime), who, Some((next, next_runtime)));
     0
 }
@@ -62,11 +61,10 @@ pub fn cpu_tick(_ctx: PerfEventContext) -> u32 {
 /// The running task's `sum_exec_runtime`, if readable.
 #[inline(always)]
 fn runtime_of(task: *const u8) -> Option<u64> {
-    let off = offsets();
-    if off.valid == 0 {
+    if off!(valid) == 0 {
         return None;
     }
-    task::read(task, off.task_sum_exec_runtime).ok()
+    task::read(task, off!(task_sum_exec_runtime)).ok()
 }
 
 /// Charges the current task `cur` (who it is: `who`; its run time so far:
