@@ -1,9 +1,23 @@
 //! GPU metering through NVML (nvml-wrapper): per-process GPU time, GPU memory
 //! and energy, one [`GpuWindow`] per tick.
 //!
+//! # Discovery
+//!
+//! Devices are enumerated (index, UUID, name, MIG mode) at [`GpuMeter::open`],
+//! again every [`GpuConfig::discovery_interval`], and on the tick after any
+//! NVML error (a GPU that fell off the bus then costs one skipped tick, not
+//! one per tick until the next scheduled discovery). A device is known by its
+//! UUID, not its index: indices are renumbered when a GPU appears or goes. A
+//! device whose UUID persists keeps its baselines; a new one starts with
+//! fresh baselines, so its first reading only sets them, as every device's
+//! does on the meter's first tick; a vanished one is dropped with its
+//! baselines. Between discoveries devices are read by UUID, so a renumbering
+//! cannot make one device's counters look like another's. Enumeration failing
+//! is an NVML error like any other (see below).
+//!
 //! # What one tick measures
 //!
-//! For every device found at [`GpuMeter::open`]:
+//! For every device known at the tick:
 //!
 //! * **GPU time, sampled.** `nvmlDeviceGetProcessUtilization` returns the
 //!   driver's buffered per-process samples newer than the last timestamp seen.
@@ -40,12 +54,13 @@
 //! # Errors during a tick
 //!
 //! Any NVML error other than `NOT_SUPPORTED` (a capability, handled as above) or
-//! `NOT_FOUND` from the sample query (no new samples) skips that tick's GPU
-//! data: the window comes back with `skipped = true` and no usage, `errors`
-//! grows by one, and a warning is logged at most once a minute. The baselines
-//! that *were* read on that tick are still advanced, so the skipped interval is
-//! not billed to the next tick; a counter that could not be read at all carries
-//! its delta into the next good tick rather than losing it.
+//! `NOT_FOUND` from the sample query (no new samples), in discovery or in a
+//! device's reading, skips that tick's GPU data: the window comes back with
+//! `skipped = true` and no usage, `errors` grows by one, and a warning is
+//! logged at most once a minute. The devices already known are still read, and
+//! the baselines that *were* read on that tick are advanced, so the skipped
+//! interval is not billed to the next tick; a counter that could not be read at
+//! all carries its delta into the next good tick rather than losing it.
 //!
 //! # MIG
 //!
@@ -63,8 +78,9 @@
 //!
 //! Sampled GPU time is as fine as the driver's sampling period (about 1/6 s on
 //! recent datacenter boards); processes with short kernels between samples are
-//! undercounted. Devices are discovered once, at open: a GPU that appears later
-//! needs a restart.
+//! undercounted. A GPU that appears is metered from its first reading after
+//! the next discovery (up to `discovery_interval` late); a process's usage on
+//! it before then is not billed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -84,13 +100,30 @@ pub const DEFAULT_LIBRARY: &str = "libnvidia-ml.so.1";
 /// fallen off the bus would otherwise log on every tick.
 pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
+/// How often devices are enumerated again unless the config says otherwise.
+pub const DEFAULT_DISCOVERY_INTERVAL: Duration = Duration::from_secs(60);
+
 /// `[gpu]` in the agent's config.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct GpuConfig {
     /// Path (or soname) of libnvidia-ml; `None`: [`DEFAULT_LIBRARY`]. The
     /// DaemonSet points it at the host driver it mounts.
     pub library_path: Option<PathBuf>,
+    /// How often devices are enumerated again, so that a GPU added (or
+    /// removed) after start is metered (or dropped) without a restart. `0s`:
+    /// on every tick.
+    #[serde(with = "crate::clock::duration_str")]
+    pub discovery_interval: Duration,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        Self {
+            library_path: None,
+            discovery_interval: DEFAULT_DISCOVERY_INTERVAL,
+        }
+    }
 }
 
 impl GpuConfig {
@@ -166,9 +199,16 @@ pub enum GpuError {
         call: &'static str,
         source: NvmlError,
     },
-    #[error("NVML {call} failed for GPU {index}: {source}")]
+    #[error("NVML {call} failed while enumerating GPU {index}: {source}")]
+    Discover {
+        index: u32,
+        call: &'static str,
+        source: NvmlError,
+    },
+    #[error("NVML {call} failed for GPU {index} ({uuid}): {source}")]
     Device {
         index: u32,
+        uuid: String,
         call: &'static str,
         source: NvmlError,
     },
@@ -181,6 +221,16 @@ struct DeviceState {
     last_seen_us: Option<u64>,
     /// Energy counter at the last reading, mJ.
     last_energy_mj: Option<u64>,
+}
+
+/// What the meter keeps about one device between ticks, keyed by its UUID.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Tracked {
+    state: DeviceState,
+    /// Whether the device has been read since it was found: its first
+    /// reading only sets baselines (the interval before it was known is not
+    /// the device's to bill).
+    read_once: bool,
 }
 
 /// One process in a device's running lists.
@@ -219,8 +269,16 @@ struct DeviceResult {
 /// An open NVML session and the baselines between ticks.
 pub struct GpuMeter {
     nvml: Nvml,
+    discovery_interval: Duration,
+    /// The devices known now, sorted by index.
     devices: Vec<DeviceInfo>,
-    states: Vec<DeviceState>,
+    /// Baselines by device UUID; exactly the UUIDs of `devices`.
+    tracked: BTreeMap<String, Tracked>,
+    /// The last successful enumeration; `None` until the first tick (open
+    /// has just enumerated).
+    last_discovery: Option<Instant>,
+    /// Enumerate on the next tick whatever the interval (set by an error).
+    rediscover: bool,
     last_tick: Option<Instant>,
     errors: u64,
     last_error_log: Option<Instant>,
@@ -245,31 +303,71 @@ impl GpuMeter {
             .lib_path(path.as_os_str())
             .init()
             .map_err(|source| init_error(&path, source))?;
-        let count = nvml.device_count().map_err(|source| GpuError::Call {
-            call: "nvmlDeviceGetCount",
-            source,
-        })?;
-        if count == 0 {
+        let devices = enumerate(&nvml)?;
+        if devices.is_empty() {
             return Err(GpuError::NoDevices { path });
         }
-        let mut devices = Vec::with_capacity(count as usize);
-        for index in 0..count {
-            devices.push(discover(&nvml, index)?);
-        }
-        let states = vec![DeviceState::default(); devices.len()];
+        let tracked = devices
+            .iter()
+            .map(|d| (d.uuid.clone(), Tracked::default()))
+            .collect();
         Ok(GpuMeter {
             nvml,
+            discovery_interval: config.discovery_interval,
             devices,
-            states,
+            tracked,
+            last_discovery: None,
+            rediscover: false,
             last_tick: None,
             errors: 0,
             last_error_log: None,
         })
     }
 
-    /// The devices found at open.
+    /// The devices known now (found at open or by the last discovery).
     pub fn devices(&self) -> &[DeviceInfo] {
         &self.devices
+    }
+
+    /// Enumerates the devices if a discovery is due at `now`, and adopts what
+    /// it found; an error leaves the known devices as they were (and the
+    /// discovery due, so the next tick tries again).
+    fn discover_if_due(&mut self, now: Instant) -> Result<(), GpuError> {
+        let due = match self.last_discovery {
+            // Open has just enumerated: the interval starts at the first tick.
+            None => {
+                self.last_discovery = Some(now);
+                false
+            }
+            Some(last) => {
+                self.rediscover || now.saturating_duration_since(last) >= self.discovery_interval
+            }
+        };
+        if !due {
+            return Ok(());
+        }
+        let found = enumerate(&self.nvml)?;
+        let mut tracked = BTreeMap::new();
+        for device in &found {
+            let kept = self.tracked.remove(&device.uuid);
+            if kept.is_none() {
+                tracing::info!(
+                    index = device.index,
+                    uuid = %device.uuid,
+                    name = %device.name,
+                    "GPU found; metered from its next reading"
+                );
+            }
+            tracked.insert(device.uuid.clone(), kept.unwrap_or_default());
+        }
+        for uuid in self.tracked.keys() {
+            tracing::info!(uuid = %uuid, "GPU gone; no longer metered");
+        }
+        self.tracked = tracked;
+        self.devices = found;
+        self.last_discovery = Some(now);
+        self.rediscover = false;
+        Ok(())
     }
 
     /// NVML errors since open.
@@ -285,25 +383,28 @@ impl GpuMeter {
             .map(|last| duration_ns(now.saturating_duration_since(last)));
         self.last_tick = Some(now);
 
+        // A failed discovery still lets the known devices be read below, so
+        // their baselines move past this tick.
+        let mut failure = self.discover_if_due(now).err();
         let mut readings = Vec::with_capacity(self.devices.len());
-        let mut failure = None;
-        for (slot, info) in self.devices.iter().enumerate() {
-            let (reading, error) =
-                read_device(&self.nvml, info.index, self.states[slot].last_seen_us);
+        for info in &self.devices {
+            let tracked = self.tracked.entry(info.uuid.clone()).or_default();
+            let (reading, error) = read_device(&self.nvml, info, tracked.state.last_seen_us);
             // Advance whatever baselines were read, even on a failed tick, so
             // the skipped interval is not billed to the next one.
-            let state = &mut self.states[slot];
-            let previous = *state;
+            let previous = tracked.state;
             if let Some(samples) = &reading.samples {
-                state.last_seen_us = newest(previous.last_seen_us, samples);
+                tracked.state.last_seen_us = newest(previous.last_seen_us, samples);
             }
             if let Some(energy) = reading.energy_mj {
-                state.last_energy_mj = Some(energy);
+                tracked.state.last_energy_mj = Some(energy);
             }
+            let first = !tracked.read_once;
+            tracked.read_once = true;
             if failure.is_none() {
                 failure = error;
             }
-            readings.push((previous, reading));
+            readings.push((previous, reading, first));
         }
 
         let mut window = GpuWindow {
@@ -312,6 +413,7 @@ impl GpuMeter {
         };
         if let Some(error) = failure {
             self.errors += 1;
+            self.rediscover = true;
             window.errors = self.errors;
             window.skipped = true;
             if should_log(self.last_error_log, now) {
@@ -329,7 +431,11 @@ impl GpuMeter {
             // First tick: baselines only.
             return window;
         };
-        for (info, (previous, reading)) in self.devices.iter().zip(&readings) {
+        for (info, (previous, reading, first)) in self.devices.iter().zip(&readings) {
+            if *first {
+                // Found since the last tick: baselines only.
+                continue;
+            }
             let result = attribute_device(&info.uuid, previous, reading, tick_ns);
             window.per_process.extend(result.usages);
             window.unattributed_gpu_ns = window
@@ -355,9 +461,18 @@ fn init_error(path: &Path, source: NvmlError) -> GpuError {
     }
 }
 
+/// Every device NVML sees now, in index order.
+fn enumerate(nvml: &Nvml) -> Result<Vec<DeviceInfo>, GpuError> {
+    let count = nvml.device_count().map_err(|source| GpuError::Call {
+        call: "nvmlDeviceGetCount",
+        source,
+    })?;
+    (0..count).map(|index| discover(nvml, index)).collect()
+}
+
 fn discover(nvml: &Nvml, index: u32) -> Result<DeviceInfo, GpuError> {
     let err = |call| {
-        move |source| GpuError::Device {
+        move |source| GpuError::Discover {
             index,
             call,
             source,
@@ -383,12 +498,13 @@ fn discover(nvml: &Nvml, index: u32) -> Result<DeviceInfo, GpuError> {
     })
 }
 
-/// Reads one device. Every query is attempted even after one fails, so the
+/// Reads one device, found by UUID: its index may have changed since the
+/// last discovery. Every query is attempted even after one fails, so the
 /// caller can still advance the baselines that were read; the first failure
 /// is returned beside the reading.
 fn read_device(
     nvml: &Nvml,
-    index: u32,
+    info: &DeviceInfo,
     last_seen_us: Option<u64>,
 ) -> (DeviceReading, Option<GpuError>) {
     let mut reading = DeviceReading::default();
@@ -396,16 +512,17 @@ fn read_device(
     let mut fail = |call: &'static str, source: NvmlError| {
         if failure.is_none() {
             failure = Some(GpuError::Device {
-                index,
+                index: info.index,
+                uuid: info.uuid.clone(),
                 call,
                 source,
             });
         }
     };
-    let device = match nvml.device_by_index(index) {
+    let device = match nvml.device_by_uuid(info.uuid.as_str()) {
         Ok(device) => device,
         Err(source) => {
-            fail("nvmlDeviceGetHandleByIndex", source);
+            fail("nvmlDeviceGetHandleByUUID", source);
             return (reading, failure);
         }
     };
@@ -890,10 +1007,18 @@ mod tests {
     fn config_defaults_to_the_system_library_and_rejects_unknown_keys() {
         let config: GpuConfig = toml::from_str("").expect("empty config");
         assert_eq!(config.library(), Path::new(DEFAULT_LIBRARY));
-        let config: GpuConfig =
-            toml::from_str("library_path = \"/host/lib/libnvidia-ml.so.1\"").expect("path");
+        assert_eq!(config.discovery_interval, Duration::from_secs(60));
+        assert_eq!(config, GpuConfig::default());
+        let config: GpuConfig = toml::from_str(
+            "library_path = \"/host/lib/libnvidia-ml.so.1\"\ndiscovery_interval = \"10s\"",
+        )
+        .expect("path and interval");
         assert_eq!(config.library(), Path::new("/host/lib/libnvidia-ml.so.1"));
+        assert_eq!(config.discovery_interval, Duration::from_secs(10));
         assert!(toml::from_str::<GpuConfig>("libary_path = \"x\"").is_err());
+        let e = toml::from_str::<GpuConfig>("discovery_interval = \"often\"")
+            .expect_err("not a duration");
+        assert!(e.to_string().contains("often"), "{e}");
         assert_eq!(
             serde_json::to_string(&Attribution::Estimated).expect("json"),
             "\"estimated\""

@@ -15,17 +15,35 @@
  * lets tests running in parallel in one process each load their own copy of the
  * library from their own temp dir, with no process-wide environment variable.
  *
- * The current tick: the integer in `<script>.tick` (absent or empty: tick 0).
- * The test writes it before each sample, so the stub never has to guess a tick
- * from the order or number of calls the meter makes.
+ * The current tick comes from one of two sources:
+ *   - by default, the integer in `<script>.tick` (absent or empty: tick 0),
+ *     which a test calling the meter itself writes before each sample;
+ *   - with a `clock` line, the time since nvmlInit_v2: tick = elapsed ms /
+ *     period, held at the last tick any line names. A test running the
+ *     whole agent, whose ticks it does not control, uses this.
+ * Either way the stub never guesses a tick from the order or number of calls
+ * the meter makes. The tick is taken when the meter calls nvmlInit_v2,
+ * nvmlDeviceGetCount_v2 (the start of an enumeration) or
+ * nvmlDeviceGetHandleByUUID (the start of one device's reading), and every
+ * other call answers for that tick: one enumeration, or one device's process
+ * list, samples, utilization and energy, always come from a single tick, as
+ * a clock tick falling between two calls would otherwise split them.
  *
  * Script format: one record per line, fields separated by spaces, `#` starts a
  * comment, blank lines ignored. A missing script, an unknown keyword or a
  * malformed line makes nvmlInit_v2 answer NVML_ERROR_UNKNOWN.
  *
- *   device <index> <uuid> <name> <mig 0|1> <procutil ok|unsupported>
- *       A GPU. Indices must be 0, 1, ... in order. procutil=unsupported makes
- *       nvmlDeviceGetProcessUtilization answer NVML_ERROR_NOT_SUPPORTED.
+ *   device <n> <uuid> <name> <mig 0|1> <procutil ok|unsupported> [<from> [<until>]]
+ *       A GPU, present from tick <from> (default 0) until before tick <until>
+ *       (default: never gone). <n> numbers the script's devices 0, 1, ... in
+ *       order, and is what the lines below name; NVML's index is the
+ *       device's rank among those present at the tick, so it shifts when an
+ *       earlier device goes, as on a real node. procutil=unsupported makes
+ *       nvmlDeviceGetProcessUtilization answer NVML_ERROR_NOT_SUPPORTED. A
+ *       handle of a device that is gone answers NVML_ERROR_GPU_IS_LOST.
+ *   clock <ms>
+ *       Take the tick from the clock, <ms> milliseconds a tick (see above).
+ * In the lines below, <device> is a device's <n>.
  *   util <tick> <device> <gpu%> <mem%>
  *       nvmlDeviceGetUtilizationRates during that tick (none: NOT_SUPPORTED).
  *   energy <tick> <device> <total mJ>
@@ -47,6 +65,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 typedef int nvmlReturn_t;
 typedef struct stub_device *nvmlDevice_t;
@@ -58,6 +77,7 @@ enum {
     NVML_ERROR_NOT_SUPPORTED = 3,
     NVML_ERROR_INSUFFICIENT_SIZE = 7,
     NVML_ERROR_NOT_FOUND = 6,
+    NVML_ERROR_GPU_IS_LOST = 15,
     NVML_ERROR_UNKNOWN = 999,
 };
 
@@ -88,11 +108,12 @@ typedef struct {
 #define NO_VALUE 0xFFFFFFFFu
 
 struct stub_device {
-    unsigned int index;
+    unsigned int number; /* the script's <n>, not NVML's index */
     char uuid[96];
     char name[96];
     unsigned int mig;
     int procutil_supported;
+    long from, until;    /* present in [from, until); until < 0: never gone */
 };
 
 enum row_kind { ROW_UTIL, ROW_ENERGY, ROW_PROC, ROW_SAMPLE, ROW_ERROR };
@@ -114,6 +135,10 @@ static struct row rows[MAX_ROWS];
 static unsigned int row_count;
 static int initialized;
 static char script_path[PATH_MAX];
+static long clock_ms;        /* > 0: clock mode */
+static long last_tick;       /* the clock holds here */
+static struct timespec init_time;
+static long tick;            /* the tick taken at the last init/count/handle-by-UUID */
 
 static int find_script(void) {
     const char *env = getenv("NVML_STUB_SCRIPT");
@@ -136,6 +161,8 @@ static int load_script(void) {
     char line[512];
     device_count = 0;
     row_count = 0;
+    clock_ms = 0;
+    last_tick = 0;
     int bad = 0;
     while (fgets(line, sizeof line, f)) {
         char *hash = strchr(line, '#');
@@ -149,14 +176,22 @@ static int load_script(void) {
             struct stub_device d;
             char procutil[32];
             memset(&d, 0, sizeof d);
-            if (device_count >= MAX_DEVICES ||
-                sscanf(line, "%*s %u %95s %95s %u %31s", &d.index, d.uuid, d.name, &d.mig, procutil) != 5 ||
-                d.index != device_count) {
+            d.until = -1;
+            int n = sscanf(line, "%*s %u %95s %95s %u %31s %ld %ld", &d.number, d.uuid, d.name, &d.mig,
+                           procutil, &d.from, &d.until);
+            if (device_count >= MAX_DEVICES || n < 5 || d.number != device_count || d.from < 0 ||
+                (d.until >= 0 && d.until <= d.from)) {
                 bad = 1;
                 continue;
             }
             d.procutil_supported = strcmp(procutil, "unsupported") != 0;
+            if (d.from > last_tick) last_tick = d.from;
+            if (d.until > last_tick) last_tick = d.until;
             devices[device_count++] = d;
+            continue;
+        }
+        if (!strcmp(kw, "clock")) {
+            if (sscanf(line, "%*s %ld", &clock_ms) != 1 || clock_ms <= 0) bad = 1;
             continue;
         }
         if (row_count >= MAX_ROWS) { bad = 1; continue; }
@@ -182,21 +217,47 @@ static int load_script(void) {
             bad = 1;
             continue;
         }
+        if (r.tick > last_tick) last_tick = r.tick;
         rows[row_count++] = r;
     }
     fclose(f);
     return bad ? -1 : 0;
 }
 
-static long current_tick(void) {
+/* Takes the tick from the clock or the tick file (see the header). */
+static void take_tick(void) {
+    if (clock_ms > 0) {
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long elapsed_ms = (now.tv_sec - init_time.tv_sec) * 1000 + (now.tv_nsec - init_time.tv_nsec) / 1000000;
+        tick = elapsed_ms / clock_ms;
+        if (tick > last_tick) tick = last_tick;
+        return;
+    }
     char path[PATH_MAX + 8];
     snprintf(path, sizeof path, "%s.tick", script_path);
     FILE *f = fopen(path, "r");
-    if (!f) return 0;
-    long tick = 0;
+    tick = 0;
+    if (!f) return;
     if (fscanf(f, "%ld", &tick) != 1) tick = 0;
     fclose(f);
+}
+
+static long current_tick(void) {
     return tick;
+}
+
+static int present(const struct stub_device *d) {
+    long t = current_tick();
+    return t >= d->from && (d->until < 0 || t < d->until);
+}
+
+/* The device NVML numbers `index` at this tick, or NULL. */
+static struct stub_device *by_index(unsigned int index) {
+    for (unsigned int i = 0; i < device_count; i++) {
+        if (present(&devices[i]) && index-- == 0) return &devices[i];
+    }
+    return NULL;
 }
 
 /* The scripted error for `function` in the current tick, or NVML_SUCCESS. */
@@ -222,9 +283,20 @@ static int valid(nvmlDevice_t d) {
         if (e_ != NVML_SUCCESS) return e_;          \
     } while (0)
 
+/* ENTER for calls on a device handle: the handle must name a scripted device,
+ * which must still be there. */
+#define ENTER_DEVICE(fn, device)                                \
+    do {                                                        \
+        ENTER(fn);                                              \
+        if (!valid(device)) return NVML_ERROR_INVALID_ARGUMENT; \
+        if (!present(device)) return NVML_ERROR_GPU_IS_LOST;    \
+    } while (0)
+
 nvmlReturn_t nvmlInit_v2(void) {
     /* No devices is a valid script: it is how a node without GPUs looks. */
     if (find_script() || load_script()) return NVML_ERROR_UNKNOWN;
+    clock_gettime(CLOCK_MONOTONIC, &init_time);
+    take_tick();
     initialized = 1;
     return NVML_SUCCESS;
 }
@@ -239,6 +311,7 @@ const char *nvmlErrorString(nvmlReturn_t result) {
     case NVML_SUCCESS: return "Success";
     case NVML_ERROR_NOT_SUPPORTED: return "Not Supported";
     case NVML_ERROR_NOT_FOUND: return "Not Found";
+    case NVML_ERROR_GPU_IS_LOST: return "GPU is lost";
     default: return "Unknown Error (nvml stub)";
     }
 }
@@ -251,36 +324,53 @@ nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int length) {
 }
 
 nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count) {
+    if (initialized) take_tick();
     ENTER("nvmlDeviceGetCount_v2");
     if (!count) return NVML_ERROR_INVALID_ARGUMENT;
-    *count = device_count;
+    unsigned int n = 0;
+    for (unsigned int i = 0; i < device_count; i++) n += present(&devices[i]);
+    *count = n;
     return NVML_SUCCESS;
 }
 
 nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device) {
     ENTER("nvmlDeviceGetHandleByIndex_v2");
-    if (!device || index >= device_count) return NVML_ERROR_INVALID_ARGUMENT;
-    *device = &devices[index];
+    struct stub_device *d = by_index(index);
+    if (!device || !d) return NVML_ERROR_INVALID_ARGUMENT;
+    *device = d;
     return NVML_SUCCESS;
 }
 
+nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t *device) {
+    if (initialized) take_tick();
+    ENTER("nvmlDeviceGetHandleByUUID");
+    if (!uuid || !device) return NVML_ERROR_INVALID_ARGUMENT;
+    for (unsigned int i = 0; i < device_count; i++) {
+        if (present(&devices[i]) && !strcmp(devices[i].uuid, uuid)) {
+            *device = &devices[i];
+            return NVML_SUCCESS;
+        }
+    }
+    return NVML_ERROR_NOT_FOUND;
+}
+
 nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length) {
-    ENTER("nvmlDeviceGetUUID");
-    if (!valid(device) || !uuid || length <= strlen(device->uuid)) return NVML_ERROR_INVALID_ARGUMENT;
+    ENTER_DEVICE("nvmlDeviceGetUUID", device);
+    if (!uuid || length <= strlen(device->uuid)) return NVML_ERROR_INVALID_ARGUMENT;
     snprintf(uuid, length, "%s", device->uuid);
     return NVML_SUCCESS;
 }
 
 nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int length) {
-    ENTER("nvmlDeviceGetName");
-    if (!valid(device) || !name || length <= strlen(device->name)) return NVML_ERROR_INVALID_ARGUMENT;
+    ENTER_DEVICE("nvmlDeviceGetName", device);
+    if (!name || length <= strlen(device->name)) return NVML_ERROR_INVALID_ARGUMENT;
     snprintf(name, length, "%s", device->name);
     return NVML_SUCCESS;
 }
 
 nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t device, unsigned int *current, unsigned int *pending) {
-    ENTER("nvmlDeviceGetMigMode");
-    if (!valid(device) || !current || !pending) return NVML_ERROR_INVALID_ARGUMENT;
+    ENTER_DEVICE("nvmlDeviceGetMigMode", device);
+    if (!current || !pending) return NVML_ERROR_INVALID_ARGUMENT;
     *current = device->mig;
     *pending = device->mig;
     return NVML_SUCCESS;
@@ -290,12 +380,12 @@ nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t device, unsigned int *current, un
  * set *count to what is needed and answer INSUFFICIENT_SIZE (SUCCESS if 0). */
 static nvmlReturn_t running_processes(nvmlDevice_t device, int graphics, unsigned int *count,
                                       nvmlProcessInfo_t *infos) {
-    if (!valid(device) || !count) return NVML_ERROR_INVALID_ARGUMENT;
+    if (!count) return NVML_ERROR_INVALID_ARGUMENT;
     long tick = current_tick();
     unsigned int n = 0, capacity = infos ? *count : 0;
     for (unsigned int i = 0; i < row_count; i++) {
         const struct row *r = &rows[i];
-        if (r->kind != ROW_PROC || r->tick != tick || r->device != device->index || r->graphics != graphics)
+        if (r->kind != ROW_PROC || r->tick != tick || r->device != device->number || r->graphics != graphics)
             continue;
         if (n < capacity) {
             infos[n].pid = r->pid;
@@ -312,26 +402,26 @@ static nvmlReturn_t running_processes(nvmlDevice_t device, int graphics, unsigne
 
 nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t device, unsigned int *count,
                                                      nvmlProcessInfo_t *infos) {
-    ENTER("nvmlDeviceGetComputeRunningProcesses_v3");
+    ENTER_DEVICE("nvmlDeviceGetComputeRunningProcesses_v3", device);
     return running_processes(device, 0, count, infos);
 }
 
 nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v3(nvmlDevice_t device, unsigned int *count,
                                                       nvmlProcessInfo_t *infos) {
-    ENTER("nvmlDeviceGetGraphicsRunningProcesses_v3");
+    ENTER_DEVICE("nvmlDeviceGetGraphicsRunningProcesses_v3", device);
     return running_processes(device, 1, count, infos);
 }
 
 nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device, nvmlProcessUtilizationSample_t *utilization,
                                              unsigned int *count, unsigned long long lastSeenTimeStamp) {
-    ENTER("nvmlDeviceGetProcessUtilization");
-    if (!valid(device) || !count) return NVML_ERROR_INVALID_ARGUMENT;
+    ENTER_DEVICE("nvmlDeviceGetProcessUtilization", device);
+    if (!count) return NVML_ERROR_INVALID_ARGUMENT;
     if (!device->procutil_supported) return NVML_ERROR_NOT_SUPPORTED;
     long tick = current_tick();
     unsigned int n = 0, capacity = utilization ? *count : 0;
     for (unsigned int i = 0; i < row_count; i++) {
         const struct row *r = &rows[i];
-        if (r->kind != ROW_SAMPLE || r->tick > tick || r->device != device->index || r->value <= lastSeenTimeStamp)
+        if (r->kind != ROW_SAMPLE || r->tick > tick || r->device != device->number || r->value <= lastSeenTimeStamp)
             continue;
         if (n < capacity) {
             utilization[n].pid = r->pid;
@@ -350,12 +440,12 @@ nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t device, nvmlProcessUti
 }
 
 nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_t *utilization) {
-    ENTER("nvmlDeviceGetUtilizationRates");
-    if (!valid(device) || !utilization) return NVML_ERROR_INVALID_ARGUMENT;
+    ENTER_DEVICE("nvmlDeviceGetUtilizationRates", device);
+    if (!utilization) return NVML_ERROR_INVALID_ARGUMENT;
     long tick = current_tick();
     for (unsigned int i = 0; i < row_count; i++) {
         const struct row *r = &rows[i];
-        if (r->kind == ROW_UTIL && r->tick == tick && r->device == device->index) {
+        if (r->kind == ROW_UTIL && r->tick == tick && r->device == device->number) {
             utilization->gpu = r->a;
             utilization->memory = r->b;
             return NVML_SUCCESS;
@@ -365,12 +455,12 @@ nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_
 }
 
 nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t device, unsigned long long *energy) {
-    ENTER("nvmlDeviceGetTotalEnergyConsumption");
-    if (!valid(device) || !energy) return NVML_ERROR_INVALID_ARGUMENT;
+    ENTER_DEVICE("nvmlDeviceGetTotalEnergyConsumption", device);
+    if (!energy) return NVML_ERROR_INVALID_ARGUMENT;
     long tick = current_tick();
     for (unsigned int i = 0; i < row_count; i++) {
         const struct row *r = &rows[i];
-        if (r->kind == ROW_ENERGY && r->tick == tick && r->device == device->index) {
+        if (r->kind == ROW_ENERGY && r->tick == tick && r->device == device->number) {
             *energy = r->value;
             return NVML_SUCCESS;
         }

@@ -19,6 +19,7 @@ pub mod cgroup;
 pub mod daemon;
 pub mod exact;
 pub mod http;
+pub mod nvml_stub;
 pub mod otlp;
 pub mod records;
 pub mod run;

@@ -4,11 +4,11 @@
 //! loaded library or a script; the tick the stub answers for is the number in
 //! `nvml-stub.script.tick`, written before each `GpuMeter::sample`.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use mentat_agent::gpu::{Attribution, GpuConfig, GpuError, GpuMeter, GpuUsage, GpuWindow};
+use mentat_tests::nvml_stub::NvmlStub;
 
 const MS: u64 = 1_000_000;
 const SEC: u64 = 1_000_000_000;
@@ -18,45 +18,30 @@ const MIB: u128 = 1 << 20;
 const DEV0: &str = "GPU-00000000-aaaa-0000-0000-000000000000";
 const DEV1: &str = "GPU-11111111-bbbb-0000-0000-000000000000";
 
-struct Stub {
-    dir: tempfile::TempDir,
-}
+struct Stub(NvmlStub);
 
 impl Stub {
-    /// Compiles the stub (`cc -shared -fPIC`) and writes `script` beside it.
     fn build(script: &str) -> Stub {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("nvml-stub/nvml_stub.c");
-        let status = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
-            .args(["-shared", "-fPIC", "-o"])
-            .arg(dir.path().join("libnvidia-ml.so.1"))
-            .arg(&source)
-            .status()
-            .expect("run cc");
-        assert!(status.success(), "cc failed on {}", source.display());
-        std::fs::write(dir.path().join("nvml-stub.script"), script).expect("write script");
-        let stub = Stub { dir };
-        stub.set_tick(0);
-        stub
+        Stub(NvmlStub::build(script).unwrap_or_else(|e| panic!("{e:#}")))
     }
 
     fn library(&self) -> PathBuf {
-        self.dir.path().join("libnvidia-ml.so.1")
+        self.0.library()
     }
 
     fn set_tick(&self, tick: u32) {
-        std::fs::write(
-            self.dir.path().join("nvml-stub.script.tick"),
-            tick.to_string(),
-        )
-        .expect("write tick");
+        self.0.set_tick(tick).unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
+    fn config(&self) -> GpuConfig {
+        GpuConfig {
+            library_path: Some(self.library()),
+            ..GpuConfig::default()
+        }
     }
 
     fn open(&self) -> GpuMeter {
-        GpuMeter::open(&GpuConfig {
-            library_path: Some(self.library()),
-        })
-        .expect("open the stub NVML")
+        GpuMeter::open(&self.config()).expect("open the stub NVML")
     }
 }
 
@@ -281,6 +266,7 @@ fn absent_library_is_an_error_naming_the_path() {
     let missing = dir.path().join("no-such/libnvidia-ml.so.1");
     let err = GpuMeter::open(&GpuConfig {
         library_path: Some(missing.clone()),
+        ..GpuConfig::default()
     })
     .expect_err("no library, no meter");
     assert!(matches!(err, GpuError::Load { .. }), "{err:?}");
@@ -294,10 +280,7 @@ fn absent_library_is_an_error_naming_the_path() {
 #[test]
 fn no_devices_is_an_error() {
     let stub = Stub::build("# a node whose driver sees no GPU\n");
-    let err = GpuMeter::open(&GpuConfig {
-        library_path: Some(stub.library()),
-    })
-    .expect_err("no devices, no meter");
+    let err = GpuMeter::open(&stub.config()).expect_err("no devices, no meter");
     assert!(matches!(err, GpuError::NoDevices { .. }), "{err:?}");
     assert!(err.to_string().contains("no GPU devices"), "{err}");
 }
@@ -307,9 +290,206 @@ fn failed_init_is_an_error() {
     // A script the stub cannot parse makes nvmlInit_v2 fail, as a driver
     // mismatch would.
     let stub = Stub::build("bogus line\n");
-    let err = GpuMeter::open(&GpuConfig {
-        library_path: Some(stub.library()),
-    })
-    .expect_err("init fails");
+    let err = GpuMeter::open(&stub.config()).expect_err("init fails");
     assert!(matches!(err, GpuError::Init { .. }), "{err:?}");
+}
+
+/// Devices come and go between ticks. Discovery every 10 s; the meter's ticks
+/// are 10 s apart, then 5 s, then 1 s, so discovery runs on some ticks and not
+/// others.
+const DISCOVERY_SCRIPT: &str = "\
+device 0 GPU-keep Stub-A 0 ok
+device 1 GPU-gone Stub-B 0 unsupported 0 2
+device 2 GPU-new  Stub-C 0 unsupported 1
+device 3 GPU-late Stub-D 0 ok 3
+
+# keep: one process, no device utilization, so all its energy follows its samples
+proc   0 0 100 compute 1073741824
+proc   1 0 100 compute 1073741824
+proc   2 0 100 compute 1073741824
+proc   3 0 100 compute 1073741824
+proc   4 0 100 compute 1073741824
+proc   5 0 100 compute 1073741824
+sample 0 0 100 1000000 50 0
+sample 1 0 100 1500000 50 0
+sample 2 0 100 2000000 40 0
+sample 3 0 100 2500000 20 0
+sample 4 0 100 3000000 100 0
+sample 5 0 100 3100000 100 0
+energy 0 0 1000
+energy 1 0 1100
+energy 2 0 1300
+energy 3 0 1400
+energy 4 0 2400
+energy 5 0 2450
+
+# gone: present at ticks 0 and 1 only
+proc   0 1 200 compute 1073741824
+proc   1 1 200 compute 1073741824
+util   0 1 50 0
+util   1 1 50 0
+energy 0 1 9000
+energy 1 1 9500
+
+# new: appears at tick 1, as index 2; index 1 once gone has gone. Its energy
+# counter is below gone's last reading: baselines taken by index would bill
+# it nothing.
+proc   1 2 300 compute 2147483648
+proc   2 2 300 compute 2147483648
+proc   3 2 300 compute 2147483648
+proc   4 2 300 compute 2147483648
+proc   5 2 300 compute 2147483648
+util   1 2 100 0
+util   2 2 100 0
+util   3 2 100 0
+util   4 2 100 0
+util   5 2 100 0
+energy 1 2 5000
+energy 2 2 5600
+energy 3 2 5700
+energy 4 2 6700
+energy 5 2 6800
+
+# late: appears at tick 3, between two discoveries
+proc   3 3 400 compute 1048576
+proc   4 3 400 compute 1048576
+proc   5 3 400 compute 1048576
+sample 3 3 400 7000000 90 0
+energy 3 3 100
+energy 4 3 200
+energy 5 3 300
+
+# tick 4: the discovery that is due fails
+error  4 nvmlDeviceGetCount_v2 999
+";
+
+#[test]
+fn devices_are_rediscovered_by_uuid() {
+    use Attribution::{Estimated, Sampled};
+
+    let stub = Stub::build(DISCOVERY_SCRIPT);
+    let mut meter = GpuMeter::open(&GpuConfig {
+        discovery_interval: Duration::from_secs(10),
+        ..stub.config()
+    })
+    .expect("open the stub NVML");
+    let uuids = |w: &GpuWindow| -> Vec<(u32, String)> {
+        w.devices
+            .iter()
+            .map(|d| (d.index, d.uuid.clone()))
+            .collect()
+    };
+    let device = |pairs: &[(u32, &str)]| -> Vec<(u32, String)> {
+        pairs.iter().map(|&(i, u)| (i, u.to_string())).collect()
+    };
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    let s = u128::from(SEC);
+    const GIB: u128 = 1 << 30;
+
+    let w0 = meter.sample(at(0));
+    assert!(w0.per_process.is_empty(), "{w0:?}");
+    assert_eq!(uuids(&w0), device(&[(0, "GPU-keep"), (1, "GPU-gone")]));
+
+    // Discovery finds GPU-new (index 2): its first reading is a baseline.
+    stub.set_tick(1);
+    let w1 = meter.sample(at(10));
+    assert_eq!(
+        uuids(&w1),
+        device(&[(0, "GPU-keep"), (1, "GPU-gone"), (2, "GPU-new")])
+    );
+    assert_eq!(
+        rows(&w1),
+        vec![
+            (100, "GPU-keep", 250 * MS, GIB * 10 * s, 100, Sampled),
+            (200, "GPU-gone", 5 * SEC, GIB * 10 * s, 500, Estimated),
+        ]
+    );
+
+    // GPU-gone has gone and GPU-new is index 1 now; GPU-new's baselines are
+    // its own (energy 5000 -> 5600, not gone's 9500 -> 5600).
+    stub.set_tick(2);
+    let w2 = meter.sample(at(20));
+    assert_eq!(uuids(&w2), device(&[(0, "GPU-keep"), (1, "GPU-new")]));
+    assert_eq!(
+        rows(&w2),
+        vec![
+            (100, "GPU-keep", 200 * MS, GIB * 10 * s, 200, Sampled),
+            (300, "GPU-new", 10 * SEC, 2 * GIB * 10 * s, 600, Estimated),
+        ]
+    );
+    assert_eq!(meter.devices().len(), 2);
+
+    // 5 s after the last discovery: none runs, GPU-late is not seen yet.
+    stub.set_tick(3);
+    let w3 = meter.sample(at(25));
+    assert_eq!(uuids(&w3), device(&[(0, "GPU-keep"), (1, "GPU-new")]));
+    assert_eq!(
+        rows(&w3),
+        vec![
+            (100, "GPU-keep", 100 * MS, GIB * 5 * s, 100, Sampled),
+            (300, "GPU-new", 5 * SEC, 2 * GIB * 5 * s, 100, Estimated),
+        ]
+    );
+
+    // The discovery due now fails: the tick is skipped and counted, the known
+    // devices stay, and what they were read for this tick is not billed later.
+    stub.set_tick(4);
+    let w4 = meter.sample(at(30));
+    assert!(w4.skipped, "{w4:?}");
+    assert_eq!((w4.errors, meter.errors()), (1, 1));
+    assert!(w4.per_process.is_empty());
+    assert_eq!(uuids(&w4), device(&[(0, "GPU-keep"), (1, "GPU-new")]));
+
+    // The failed discovery is still due: the next tick runs it and finds
+    // GPU-late, whose first reading is a baseline.
+    stub.set_tick(5);
+    let w5 = meter.sample(at(31));
+    assert!(!w5.skipped, "{w5:?}");
+    assert_eq!(
+        uuids(&w5),
+        device(&[(0, "GPU-keep"), (1, "GPU-new"), (2, "GPU-late")])
+    );
+    assert_eq!(
+        rows(&w5),
+        vec![
+            (100, "GPU-keep", 100 * MS, GIB * s, 50, Sampled),
+            (300, "GPU-new", SEC, 2 * GIB * s, 100, Estimated),
+        ]
+    );
+    assert_eq!(w5.errors, 1);
+}
+
+#[test]
+fn a_device_that_goes_between_discoveries_costs_one_tick() {
+    // GPU-b goes at tick 1 while the next discovery is an hour away: reading
+    // it by UUID fails (the tick is skipped), and the error makes the next
+    // tick enumerate again, which drops it.
+    let stub = Stub::build(
+        "device 0 GPU-a Stub-A 0 unsupported
+         device 1 GPU-b Stub-B 0 unsupported 0 1
+         util 0 0 50 0
+         util 1 0 50 0
+         util 2 0 50 0
+         proc 2 0 1 compute 0
+        ",
+    );
+    let mut meter = GpuMeter::open(&GpuConfig {
+        discovery_interval: Duration::from_secs(3600),
+        ..stub.config()
+    })
+    .expect("open the stub NVML");
+    let t0 = Instant::now();
+    meter.sample(t0);
+    stub.set_tick(1);
+    let w1 = meter.sample(t0 + Duration::from_secs(1));
+    assert!(w1.skipped && w1.errors == 1, "{w1:?}");
+    stub.set_tick(2);
+    let w2 = meter.sample(t0 + Duration::from_secs(2));
+    assert!(!w2.skipped, "{w2:?}");
+    assert_eq!(w2.devices.len(), 1);
+    assert_eq!(
+        rows(&w2),
+        vec![(1, "GPU-a", 500 * MS, 0, 0, Attribution::Estimated)]
+    );
 }
