@@ -149,6 +149,7 @@ const GPU_MEMORY: Quantity = q(
     "GPU memory over time",
     false,
 );
+const GPU_ENERGY: Quantity = q("mentat.usage.gpu.energy", "J", "GPU energy", false);
 const SYSCALLS: Quantity = q(
     "mentat.usage.syscalls",
     "{syscall}",
@@ -169,7 +170,7 @@ const COST_TOTAL: Quantity = q(
     false,
 );
 
-const ALL: [&Quantity; 11] = [
+const ALL: [&Quantity; 12] = [
     &CPU,
     &NODE_CPU,
     &NET,
@@ -177,6 +178,7 @@ const ALL: [&Quantity; 11] = [
     &MEMORY,
     &GPU,
     &GPU_MEMORY,
+    &GPU_ENERGY,
     &SYSCALLS,
     &TOKENS,
     &COST,
@@ -398,6 +400,7 @@ fn quantities(r: &UsageRecord) -> Vec<(&'static Quantity, Extra, Decimal)> {
         (&MEMORY, vec![], r.memory_gb_seconds),
         (&GPU, vec![], r.gpu_seconds),
         (&GPU_MEMORY, vec![], r.gpu_memory_gb_seconds),
+        (&GPU_ENERGY, vec![], r.gpu_energy_joules),
         (&SYSCALLS, vec![], Decimal::from(r.syscalls)),
     ];
     for t in &r.tokens {

@@ -16,7 +16,7 @@
 //!
 //! See `schema.rs`. In short: identities (node, pid, container, pod, trace
 //! context, ...) are stored once in `identities` and records point at them,
-//! so a record costs about 270 bytes on disk (mostly its 13 decimals)
+//! so a record costs about 270 bytes on disk (mostly its 14 decimals)
 //! rather than kilobytes of repeated names; `records` is clustered by
 //! (window start, record_id), so a window appends and a range is one scan.
 //! Times are integer nanoseconds, returned in canonical RFC 3339 (UTC, `Z`,
@@ -148,12 +148,13 @@ const PID: usize = 3;
 const PPID: usize = 4;
 const CGROUP_ID: usize = 8;
 
-/// Decimal columns, in `Acc::dec` order: the four quantities, then cost.
-const DEC_COLS: [&str; 13] = [
+/// Decimal columns, in `Acc::dec` order: the five quantities, then cost.
+const DEC_COLS: [&str; 14] = [
     "cpu_core_seconds",
     "memory_gb_seconds",
     "gpu_seconds",
     "gpu_memory_gb_seconds",
+    "gpu_energy_joules",
     "cost_cpu",
     "cost_memory",
     "cost_gpu",
@@ -384,6 +385,8 @@ pub struct Totals {
     pub gpu_seconds: Decimal,
     /// Σ gpu_memory_gb_seconds.
     pub gpu_memory_gb_seconds: Decimal,
+    /// Σ gpu_energy_joules.
+    pub gpu_energy_joules: Decimal,
     /// Σ network_rx_bytes.
     pub network_rx_bytes: u64,
     /// Σ network_tx_bytes.

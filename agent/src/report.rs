@@ -440,6 +440,8 @@ fn split_metered(m: &Metered, shares: &[Share]) -> Vec<Metered> {
     each(m.gpu.energy_mj, &mut |o, v| o.gpu.energy_mj = v);
     for (o, v) in out.iter_mut().zip(split_u128(m.gpu.memory_byte_ns, shares)) {
         o.gpu.memory_byte_ns = v;
+        // How the GPU time was obtained holds for every part of it.
+        o.gpu.attribution = m.gpu.attribution;
     }
     for (o, v) in out.iter_mut().zip(split_u128(m.mem.rss_byte_ns, shares)) {
         o.mem.rss_byte_ns = v;

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     clock::{rfc3339, unix_ns_of},
+    gpu::Attribution,
     memory::{MemDisk, gib_seconds},
     spans::RunContext,
     workload::{CgroupIdentity, QosClass, Runtime, WasmIdentity, WorkloadKind, workload_kind},
@@ -85,14 +86,23 @@ pub struct GpuMetered {
     pub memory_byte_ns: u128,
     /// Energy, millijoules.
     pub energy_mj: u64,
+    /// How the GPU time was obtained; `None`: no GPU seen.
+    pub attribution: Option<Attribution>,
 }
 
 impl GpuMetered {
-    /// Adds another amount.
+    /// Adds another amount. The sum is `Estimated` if any part is: a
+    /// figure that is partly a guess is a guess.
     pub fn add(&mut self, o: &GpuMetered) {
         self.gpu_ns += o.gpu_ns;
         self.memory_byte_ns += o.memory_byte_ns;
         self.energy_mj += o.energy_mj;
+        self.attribution = match (self.attribution, o.attribution) {
+            (Some(Attribution::Estimated), _) | (_, Some(Attribution::Estimated)) => {
+                Some(Attribution::Estimated)
+            }
+            (a, b) => a.or(b),
+        };
     }
 }
 
@@ -241,6 +251,9 @@ pub struct Metrics {
     pub gpu_memory_gb_seconds: f64,
     /// GPU energy, joules, where the device reports it.
     pub gpu_energy_joules: f64,
+    /// `sampled` (per-process samples) or `estimated` (device utilization
+    /// split by used memory); null without GPU use.
+    pub gpu_attribution: Option<Attribution>,
 }
 
 impl From<&Metered> for Metrics {
@@ -261,6 +274,7 @@ impl From<&Metered> for Metrics {
             gpu_seconds: core_seconds(m.gpu.gpu_ns),
             gpu_memory_gb_seconds: gib_seconds(m.gpu.memory_byte_ns),
             gpu_energy_joules: m.gpu.energy_mj as f64 / 1000.0,
+            gpu_attribution: m.gpu.attribution,
         }
     }
 }
@@ -537,6 +551,13 @@ pub struct UsageRecord {
     pub gpu_seconds: Decimal,
     /// GPU memory over time, GiB-seconds.
     pub gpu_memory_gb_seconds: Decimal,
+    /// GPU energy, joules (exact: mJ / 10³), where the device reports it.
+    #[serde(default)]
+    pub gpu_energy_joules: Decimal,
+    /// How `gpu_seconds` was obtained: "sampled" or "estimated" (see the
+    /// `gpu` module); absent without GPU use.
+    #[serde(default)]
+    pub gpu_attribution: Option<String>,
     /// Socket payload bytes received.
     pub network_rx_bytes: u64,
     /// Socket payload bytes sent.
@@ -553,6 +574,11 @@ pub struct UsageRecord {
     pub tokens: Vec<TokenUsage>,
     /// The priced cost (absent until priced).
     pub cost: Option<Cost>,
+}
+
+/// Exact joules of `energy_mj`.
+pub fn decimal_joules(energy_mj: u64) -> Decimal {
+    Decimal::from(energy_mj) / Decimal::from(1000u64)
 }
 
 /// Exact core-seconds of `cpu_ns`.
@@ -607,6 +633,8 @@ impl UsageRecord {
             memory_gb_seconds: decimal_gib_seconds(p.metered.mem.rss_byte_ns),
             gpu_seconds: decimal_seconds(p.metered.gpu.gpu_ns),
             gpu_memory_gb_seconds: decimal_gib_seconds(p.metered.gpu.memory_byte_ns),
+            gpu_energy_joules: decimal_joules(p.metered.gpu.energy_mj),
+            gpu_attribution: p.metered.gpu.attribution.map(|a| serde_name(&a)),
             network_rx_bytes: p.metered.net.rx_bytes,
             network_tx_bytes: p.metered.net.tx_bytes,
             disk_read_bytes: p.metered.mem.disk_read_bytes,

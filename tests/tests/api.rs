@@ -69,6 +69,7 @@ fn record_numbers(r: &LedgerRecord) -> BTreeMap<String, Exact> {
         "memory_gb_seconds",
         "gpu_seconds",
         "gpu_memory_gb_seconds",
+        "gpu_energy_joules",
         "network_rx_bytes",
         "network_tx_bytes",
         "disk_read_bytes",
@@ -403,8 +404,18 @@ fn bad_parameters_get_400_naming_the_parameter() {
             "before",
         ),
         // Valid RFC 3339, but past what the ledger's nanosecond times can hold.
-        ("/v1/records", &[("to", "2999-01-01T00:00:00Z")], "`to`", "2262"),
-        ("/v1/usage", &[("from", "1600-01-01T00:00:00Z")], "`from`", "1677"),
+        (
+            "/v1/records",
+            &[("to", "2999-01-01T00:00:00Z")],
+            "`to`",
+            "2262",
+        ),
+        (
+            "/v1/usage",
+            &[("from", "1600-01-01T00:00:00Z")],
+            "`from`",
+            "1677",
+        ),
         ("/v1/usage", &[("group_by", "bogus")], "`group_by`", "bogus"),
         ("/v1/usage", &[("where", "nofield=1")], "`where`", "nofield"),
         ("/v1/usage", &[("where", "comm")], "`where`", "comm"),

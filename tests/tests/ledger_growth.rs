@@ -24,9 +24,9 @@ const T0: i64 = 1_767_225_600;
 
 /// Per-row sizes, from the ledger's module docs and its own unit tests
 /// (agent/src/ledger.rs, agent/src/ledger/tests.rs: measured values in brackets):
-/// - a raw record ≤ 400 B [~270 B: 13 compact decimals, 10 integers, its keys, the
+/// - a raw record ≤ 400 B [~270 B: 14 compact decimals, 10 integers, its keys, the
 ///   identity by reference];
-/// - an hourly rollup row ≤ 512 B [~360 B: 13 exact sums as text, 10 integers, (hour,
+/// - an hourly rollup row ≤ 512 B [~360 B: 14 exact sums as text, 10 integers, (hour,
 ///   identity, currency) and its unique-index entry];
 /// - an identity ≤ 768 B [~560 B: 23 columns, 511 B of ids and names in these
 ///   records, and its hash-index entry];

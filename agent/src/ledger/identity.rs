@@ -110,6 +110,8 @@ pub(super) fn identity_of(r: &UsageRecord) -> [ValRef<'_>; N_FIELDS] {
         memory_gb_seconds: _,
         gpu_seconds: _,
         gpu_memory_gb_seconds: _,
+        gpu_energy_joules: _,
+        gpu_attribution: _,
         network_rx_bytes: _,
         network_tx_bytes: _,
         disk_read_bytes: _,

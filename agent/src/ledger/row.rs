@@ -16,9 +16,10 @@ pub(super) const INSERT_RECORD: &str = "INSERT INTO records (ws_ns, record_id, w
      network_rx_bytes, network_tx_bytes, disk_read_bytes, disk_write_bytes, storage_bytes, \
      syscalls, tokens, tokens_input, tokens_cache_read_input, tokens_output, \
      tokens_reasoning_output, currency, pricing_version, cost_cpu, cost_memory, cost_gpu, \
-     cost_network, cost_storage, cost_token, cost_subtotal, cost_discount, cost_total) \
+     cost_network, cost_storage, cost_token, cost_subtotal, cost_discount, cost_total, \
+     gpu_energy_joules, gpu_attribution) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
-     ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30) \
+     ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32) \
      ON CONFLICT (ws_ns, record_id) DO NOTHING";
 
 /// Inserts one record's row; returns 0 when it was already there.
@@ -62,7 +63,7 @@ pub(super) fn insert_record(
     let cost = r.cost.as_ref();
     let dec = |f: fn(&Cost) -> &Decimal| cost.and_then(|c| DecBlob::of(f(c)));
     let bind_err = record_err(path, &r.record_id, "storing it");
-    let values: [&dyn ToSql; 30] = [
+    let values: [&dyn ToSql; 32] = [
         &ws,
         &r.record_id,
         &we,
@@ -95,6 +96,8 @@ pub(super) fn insert_record(
         &dec(|c| &c.subtotal),
         &dec(|c| &c.discount),
         &dec(|c| &c.total),
+        &DecBlob::of(&r.gpu_energy_joules),
+        &r.gpu_attribution,
     ];
     for (i, v) in values.iter().enumerate() {
         stmt.raw_bind_parameter(i + 1, v).map_err(&bind_err)?;
@@ -110,7 +113,8 @@ pub(super) fn record_columns() -> String {
          r.gpu_memory_gb_seconds, r.network_rx_bytes, r.network_tx_bytes, r.disk_read_bytes, \
          r.disk_write_bytes, r.storage_bytes, r.syscalls, r.tokens, r.currency, \
          r.pricing_version, r.cost_cpu, r.cost_memory, r.cost_gpu, r.cost_network, \
-         r.cost_storage, r.cost_token, r.cost_subtotal, r.cost_discount, r.cost_total, {}",
+         r.cost_storage, r.cost_token, r.cost_subtotal, r.cost_discount, r.cost_total, \
+         r.gpu_energy_joules, r.gpu_attribution, {}",
         ids.join(", ")
     )
 }
@@ -162,8 +166,8 @@ pub(super) fn record_from_row(row: &Row<'_>, path: &Path) -> Result<UsageRecord,
         }),
     };
     let storage_bytes: Option<i64> = row.get(11).map_err(&e)?;
-    // Identity columns start at 25, in FIELDS order.
-    let f = |k: usize| 25 + k;
+    // Identity columns start at 27, in FIELDS order.
+    let f = |k: usize| 27 + k;
     Ok(UsageRecord {
         window_start: time(0, "window_start")?,
         window_end: time(2, "window_end")?,
@@ -171,6 +175,8 @@ pub(super) fn record_from_row(row: &Row<'_>, path: &Path) -> Result<UsageRecord,
         memory_gb_seconds: dec(4)?,
         gpu_seconds: dec(5)?,
         gpu_memory_gb_seconds: dec(6)?,
+        gpu_energy_joules: dec(25)?,
+        gpu_attribution: text(26)?,
         network_rx_bytes: uint(7)?,
         network_tx_bytes: uint(8)?,
         disk_read_bytes: uint(9)?,

@@ -6,7 +6,7 @@
 //! the file at one version or the next, never between.
 
 /// Every migration, in order.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// Version 1.
 ///
@@ -175,4 +175,14 @@ CREATE TABLE spans (
     PRIMARY KEY (trace_id, span_id)
 ) WITHOUT ROWID;
 CREATE INDEX spans_by_run ON spans (run_id, start_ns);
+";
+
+/// Version 3: GPU energy (a `DecBlob`, NULL for zero, as the other
+/// quantities) and how each record's GPU time was obtained ("sampled",
+/// "estimated"; NULL without GPU use). Rollups sum the energy; they do not
+/// keep the attribution, which describes one record's figure.
+const V3: &str = "
+ALTER TABLE records ADD COLUMN gpu_energy_joules BLOB;
+ALTER TABLE records ADD COLUMN gpu_attribution TEXT;
+ALTER TABLE hourly ADD COLUMN gpu_energy_joules TEXT NOT NULL DEFAULT '0';
 ";

@@ -216,6 +216,9 @@ fn synthetic_record(
     } else {
         Decimal::ZERO
     };
+    // A 300 W board, busy for gpu_seconds; derived, not drawn, so the random
+    // sequence (and every other figure) stays what it was before energy.
+    let gpu_energy_joules = gpu_seconds * Decimal::from(300);
     let network_rx_bytes = rng.below(10 << 20);
     let network_tx_bytes = rng.below(10 << 20);
     let storage_held = rng.below(20 << 30);
@@ -316,6 +319,8 @@ fn synthetic_record(
         memory_gb_seconds,
         gpu_seconds,
         gpu_memory_gb_seconds,
+        gpu_energy_joules,
+        gpu_attribution: gpu.then(|| "sampled".to_string()),
         network_rx_bytes,
         network_tx_bytes,
         disk_read_bytes: rng.below(50 << 20),

@@ -59,7 +59,7 @@ pub(super) struct Acc {
     /// Of which priced.
     pub(super) priced: u64,
     /// Sums of DEC_COLS.
-    pub(super) dec: [Exact; 13],
+    pub(super) dec: [Exact; DEC_COLS.len()],
     /// Sums of INT_COLS.
     pub(super) ints: [u64; 10],
 }
@@ -154,7 +154,7 @@ impl Acc {
 
     /// The totals, each rounded to a `Decimal` once.
     pub(super) fn totals(&self, currency: Option<String>) -> Result<Totals, LedgerError> {
-        let mut d = [Decimal::ZERO; 13];
+        let mut d = [Decimal::ZERO; DEC_COLS.len()];
         for (k, name) in DEC_COLS.iter().enumerate() {
             d[k] = self.dec[k].to_decimal().ok_or_else(|| overflow(name))?;
         }
@@ -163,6 +163,7 @@ impl Acc {
             mem,
             gpu_s,
             gpu_mem,
+            gpu_energy,
             cpu,
             memory,
             gpu,
@@ -181,6 +182,7 @@ impl Acc {
             memory_gb_seconds: mem,
             gpu_seconds: gpu_s,
             gpu_memory_gb_seconds: gpu_mem,
+            gpu_energy_joules: gpu_energy,
             network_rx_bytes: rx,
             network_tx_bytes: tx,
             disk_read_bytes: dr,

@@ -108,6 +108,8 @@ fn full_record() -> UsageRecord {
         memory_gb_seconds: d("0.4656612873077392578125000000"),
         gpu_seconds: d("0.000"),
         gpu_memory_gb_seconds: d("12.5"),
+        gpu_energy_joules: d("31.415"),
+        gpu_attribution: Some("estimated".into()),
         network_rx_bytes: i64::MAX as u64,
         network_tx_bytes: 2,
         disk_read_bytes: 3,
@@ -949,7 +951,7 @@ fn growth_one_hour_of_ten_second_windows_stays_in_budget() {
     // agent workloads × 6 runs of 10 minutes = 350 in the hour.
     assert_eq!(stats.rollup_rows, 350);
     // Budget, from what a row holds (measured in brackets):
-    // - a rollup row ≤ 512 B [~360 B]: 13 exact sums as text (~21 chars
+    // - a rollup row ≤ 512 B [~360 B]: 14 exact sums as text (~21 chars
     //   each), 10 integers, (hour, identity, currency), its unique-index entry;
     // - an identity ≤ 768 B [~560 B]: 23 columns (511 B of ids and names
     //   here: 64-hex container id, cgroup path, pod uid, trace context), its
