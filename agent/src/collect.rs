@@ -106,6 +106,8 @@ pub struct Window {
     pub buckets: NodeBuckets,
     /// Lifecycle events lost in the window.
     pub events_lost: u64,
+    /// NVML errors at the window's GPU reading (0 or 1: its GPU data was skipped).
+    pub gpu_errors: u64,
     /// False when a CPU was late to acknowledge the epoch (its late usage is in the next window).
     pub exact: bool,
 }
@@ -517,6 +519,10 @@ impl Collector {
         let old_epoch = self.probes.current_epoch();
         let epoch = self.probes.close_epoch()?;
         let end_ns = boottime_ns();
+        // Read beside end_ns, so the GPU meter's tick is the window's length:
+        // GPU memory and estimated GPU time are then used × window, not × the
+        // time between two later points of this function.
+        let gpu_now = std::time::Instant::now();
         // Events emitted up to the epoch switch name the processes in it.
         self.poll();
         self.sample_resources(end_ns);
@@ -575,8 +581,10 @@ impl Collector {
         // GPU usage per process, on the cgroup the process is in now. NVML
         // reports host pids; a pid the agent has not seen is looked up in procfs.
         let mut gpu_unattributed = crate::usage::GpuMetered::default();
+        let mut gpu_errors = 0;
         if let Some(gpu) = self.gpu.as_mut() {
-            let w = gpu.sample(std::time::Instant::now());
+            let w = gpu.sample(gpu_now);
+            gpu_errors = u64::from(w.skipped);
             gpu_unattributed.gpu_ns = w.unattributed_gpu_ns;
             gpu_unattributed.energy_mj = w.unattributed_energy_mj;
             for u in &w.per_process {
@@ -603,9 +611,12 @@ impl Collector {
                     cgroup_id,
                 };
                 let g = &mut merged.entry(key).or_default().gpu;
-                g.gpu_ns += u.gpu_ns;
-                g.memory_byte_ns += u.memory_byte_ns;
-                g.energy_mj += u.energy_mj;
+                g.add(&crate::usage::GpuMetered {
+                    gpu_ns: u.gpu_ns,
+                    memory_byte_ns: u.memory_byte_ns,
+                    energy_mj: u.energy_mj,
+                    attribution: Some(u.attribution),
+                });
             }
         }
         let cgroup_counters = merged
@@ -637,6 +648,7 @@ impl Collector {
             cgroup_counters,
             buckets,
             events_lost,
+            gpu_errors,
             exact: epoch.all_cpus_acked,
         })
     }

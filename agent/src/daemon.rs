@@ -108,6 +108,8 @@ struct ClosedWindow {
     tokens: Vec<UsageRecord>,
     /// Those spans, for per-run views.
     spans: Vec<SpanRow>,
+    /// NVML errors at the window's GPU reading.
+    gpu_errors: u64,
 }
 
 /// Spans received and not yet handed to a window.
@@ -380,6 +382,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
                                 map_full_drops: s.map_full_drops,
                                 events_lost: s.events_lost,
                                 late_windows: s.late_windows,
+                                gpu_errors: w.gpu_errors,
                             },
                         );
                         log_window(&w.report, n);
@@ -584,6 +587,7 @@ fn split_window(
         storage: span.storage().clone(),
         tokens,
         spans: rows,
+        gpu_errors: window.gpu_errors,
     }
 }
 

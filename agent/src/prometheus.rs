@@ -38,6 +38,8 @@ pub struct AgentStats {
     pub events_lost: u64,
     /// Windows closed before every CPU acknowledged.
     pub late_windows: u64,
+    /// Windows whose GPU data an NVML error skipped.
+    pub gpu_errors: u64,
 }
 
 /// Counters for `/metrics`, shared between the daemon and the API.
@@ -119,6 +121,19 @@ impl Metrics {
                 base.clone(),
                 r.gpu_seconds,
             );
+            // GiB-seconds to byte-seconds, as for memory.
+            s.add(
+                "mentat_gpu_memory_byte_seconds_total",
+                "Used GPU memory integrated over time, byte-seconds.",
+                base.clone(),
+                r.gpu_memory_gb_seconds * Decimal::from(1u64 << 30),
+            );
+            s.add(
+                "mentat_gpu_energy_joules_total",
+                "GPU energy, joules, where the device reports it.",
+                base.clone(),
+                r.gpu_energy_joules,
+            );
             s.add(
                 "mentat_syscalls_total",
                 "Syscalls entered.",
@@ -148,6 +163,7 @@ impl Metrics {
         s.agent.map_full_drops += stats.map_full_drops;
         s.agent.events_lost += stats.events_lost;
         s.agent.late_windows += stats.late_windows;
+        s.agent.gpu_errors += stats.gpu_errors;
     }
 
     /// The exposition text (format 0.0.4).
@@ -183,6 +199,11 @@ impl Metrics {
                 "mentat_agent_late_windows_total",
                 "Windows closed before every CPU acknowledged (their late usage is in the next window).",
                 s.agent.late_windows,
+            ),
+            (
+                "mentat_agent_gpu_errors_total",
+                "Windows whose GPU data an NVML error skipped (CPU and the rest are metered as usual).",
+                s.agent.gpu_errors,
             ),
         ] {
             let _ = writeln!(
@@ -245,6 +266,8 @@ mod tests {
             user_id: Some("u".into()),
             cpu_core_seconds: Decimal::from_str("0.1").unwrap_or_default(),
             network_rx_bytes: 10,
+            gpu_energy_joules: Decimal::from_str("1.25").unwrap_or_default(),
+            gpu_memory_gb_seconds: Decimal::from_str("0.5").unwrap_or_default(),
             cost: Some(Cost {
                 total: Decimal::from_str("0.000001").unwrap_or_default(),
                 currency: "USD".into(),
@@ -256,6 +279,7 @@ mod tests {
             &[r.clone(), r],
             AgentStats {
                 windows: 1,
+                gpu_errors: 3,
                 ..Default::default()
             },
         );
@@ -267,6 +291,18 @@ mod tests {
         assert!(text.contains(r#"direction="receive"} 20"#), "{text}");
         assert!(text.contains(r#"currency="USD"} 0.000002"#), "{text}");
         assert!(text.contains("mentat_agent_windows_total 1"), "{text}");
+        assert!(text.contains("mentat_agent_gpu_errors_total 3"), "{text}");
+        assert!(
+            text.contains(r#"mentat_gpu_energy_joules_total{kind="container",namespace="ns",pod="p\"o\nd",container="abc"} 2.5"#),
+            "{text}"
+        );
+        // 2 × 0.5 GiB·s, in byte-seconds.
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("mentat_gpu_memory_byte_seconds_total{")
+                    && l.ends_with("} 1073741824")),
+            "{text}"
+        );
         assert!(
             !text.contains("run-1") && !text.contains("user"),
             "no run or user labels: {text}"

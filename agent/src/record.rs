@@ -16,6 +16,7 @@ use tracing::{debug, info};
 
 use crate::{
     collect::Collector,
+    gpu::{GpuConfig, GpuMeter},
     output::{Format, write_report},
     pods::{PodDirectory, PodSource},
     probes::{ProbeConfig, ProbeError, Probes},
@@ -109,7 +110,17 @@ pub fn run(opts: &RecordOptions) -> Result<i32, RecordError> {
     let mut collector = Collector::new(probes, opts.sample)
         .with_pods(pods)
         .with_storage(StorageMeter::start(Duration::from_secs(2)));
-    // Everything charged before this point predates the recording.
+    // The system's NVML, as the dynamic loader finds it (`run` takes a path from its
+    // config); none: records carry no GPU usage, as on any node without a driver.
+    match GpuMeter::open(&GpuConfig::default()) {
+        Ok(gpu) => {
+            info!(devices = gpu.devices().len(), "GPU metering on (NVML)");
+            collector = collector.with_gpu(gpu);
+        }
+        Err(e) => debug!(reason = %e, "GPU metering off"),
+    }
+    // Everything charged before this point predates the recording (and the GPU
+    // meter's first reading only sets its baselines).
     collector.close_window()?;
 
     let mut span = Span::default();
