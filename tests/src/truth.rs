@@ -51,6 +51,21 @@ pub struct CgroupMove {
     pub rusage_cpu_ns: u64,
 }
 
+/// `workload gated --path DIR --ms M`: the workload moved itself into DIR, waited for a
+/// line on stdin, burned M ms of CPU, and exited when stdin closed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gated {
+    /// As the process sees itself: 1 when it is pid 1 of a pid namespace.
+    pub pid: u32,
+    /// Inode number of DIR, which is the cgroup's id on cgroup v2.
+    pub cgroup_id: u64,
+    /// `getrusage(RUSAGE_SELF)` when the gate line arrived: start-up and the move,
+    /// before the test let the workload run.
+    pub rusage_at_gate_ns: u64,
+    /// `getrusage(RUSAGE_SELF)` just before exit.
+    pub rusage_cpu_ns: u64,
+}
+
 /// `workload reuse-pid --first-ms A --second-ms B`: two children with the same pid,
 /// the second forked (with `clone3`'s `set_tid`) after the first was reaped.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

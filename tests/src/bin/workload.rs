@@ -26,8 +26,8 @@ use std::{env, fs, mem, process, thread};
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand, ValueEnum};
 use mentat_tests::truth::{
-    Burn, CgroupMove, Child, Getppid, HOSTILE_COMM, HoldMemory, Hostile, Prefork, PreforkClient,
-    PreforkWorker, ReusePid, SpawnMany, Tcp, Udp, Wrap, WriteFile,
+    Burn, CgroupMove, Child, Gated, Getppid, HOSTILE_COMM, HoldMemory, Hostile, Prefork,
+    PreforkClient, PreforkWorker, ReusePid, SpawnMany, Tcp, Udp, Wrap, WriteFile,
 };
 use serde::Serialize;
 
@@ -64,6 +64,14 @@ enum Command {
     },
     /// Move this process into the cgroup v2 directory PATH, then burn MS ms of CPU.
     Cgroup {
+        #[arg(long)]
+        path: PathBuf,
+        #[arg(long)]
+        ms: u64,
+    },
+    /// Move this process into the cgroup v2 directory PATH and print `ready`; on a line
+    /// from stdin burn MS ms of CPU; exit when stdin closes.
+    Gated {
         #[arg(long)]
         path: PathBuf,
         #[arg(long)]
@@ -179,6 +187,7 @@ fn main() -> Result<()> {
         Command::Getppid { count } => getppid(count),
         Command::SpawnMany { n, ms } => spawn_many(n, ms),
         Command::Cgroup { path, ms } => cgroup(&path, ms),
+        Command::Gated { path, ms } => gated(&path, ms),
         Command::ExitCode { code } => exit_code(code),
         Command::ReusePid {
             first_ms,
@@ -278,6 +287,34 @@ fn cgroup(path: &Path, ms: u64) -> Result<()> {
     print_truth(&CgroupMove {
         pid,
         cgroup_id,
+        rusage_cpu_ns: self_rusage_ns()?,
+    })
+}
+
+/// A process a test can name (to a stand-in GPU driver, say) before it does anything,
+/// and that lives as long as the test needs it to.
+fn gated(path: &Path, ms: u64) -> Result<()> {
+    move_into_cgroup(path)?;
+    let cgroup_id = fs::metadata(path)
+        .with_context(|| format!("stat {}", path.display()))?
+        .ino();
+    {
+        let mut stdout = io::stdout().lock();
+        writeln!(stdout, "ready")
+            .and_then(|()| stdout.flush())
+            .context("writing `ready`")?;
+    }
+    let mut stdin = io::stdin().lock();
+    let mut line = String::new();
+    io::BufRead::read_line(&mut stdin, &mut line).context("reading the gate line")?;
+    ensure!(!line.is_empty(), "stdin closed before the gate line");
+    let rusage_at_gate_ns = self_rusage_ns()?;
+    burn_cpu(ms);
+    io::copy(&mut stdin, &mut io::sink()).context("waiting for stdin to close")?;
+    print_truth(&Gated {
+        pid: process::id(),
+        cgroup_id,
+        rusage_at_gate_ns,
         rusage_cpu_ns: self_rusage_ns()?,
     })
 }
