@@ -42,9 +42,17 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let who = Ok(task::who_btf(prev));
+    // A direct load: cheaper than the bpf_get_current_pid_tgid helper.
+    let tgid = task::load::<u32>(prev, off!(task_tgid));
     let prev_runtime = task::load::<u64>(prev, off!(task_sum_exec_runtime));
     let next_runtime = task::load::<u64>(next, off!(task_sum_exec_runtime));
-    charge_current(prev, Some(prev_runtime), who, Some((next, next_runtime)));
+    charge_current(
+        prev,
+        tgid,
+        Some(prev_runtime),
+        who,
+        Some((next, next_runtime)),
+    );
     0
 }
 
@@ -54,7 +62,8 @@ pub fn cpu_tick(_ctx: PerfEventContext) -> u32 {
     // mid-increment under this interrupt, and only `sched_switch` (IRQs off)
     // can take them safely.
     let cur = task::current();
-    charge_current(cur, runtime_of(cur), task::who(cur), None);
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    charge_current(cur, tgid, runtime_of(cur), task::who(cur), None);
     0
 }
 
@@ -67,13 +76,14 @@ fn runtime_of(task: *const u8) -> Option<u64> {
     task::read(task, off!(task_sum_exec_runtime)).ok()
 }
 
-/// Charges the current task `cur` (who it is: `who`; its run time so far:
+/// Charges the current task `cur` (its process: `tgid`, 0 for idle; who it is: `who`; its run time so far:
 /// `runtime`) what it ran since its last charge; at a switch (`next` given,
 /// with its run time) also its pending syscalls and socket counts, and the
 /// interval's time no task ran.
 #[inline(always)]
 fn charge_current(
     cur: *const u8,
+    tgid: u32,
     runtime: Option<u64>,
     who: Result<Who, i64>,
     next: Option<(*const u8, u64)>,
@@ -87,7 +97,6 @@ fn charge_current(
     let st = unsafe { &mut *st };
     let last = st.last_switch_ns;
     st.last_switch_ns = now;
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
 
     let mut usage = ProcUsage {
         cpu_ns: 0,
