@@ -23,13 +23,13 @@ pub struct Config {
     /// The node's name in records; empty: `$NODE_NAME`, else the host name.
     pub node_name: String,
     /// Window length: one usage window per workload per tick.
-    #[serde(with = "duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub tick: Duration,
     /// Period of the per-CPU timer that charges tasks that never block.
-    #[serde(with = "duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub cpu_tick: Duration,
     /// How often memory and disk are sampled from procfs (≤ tick).
-    #[serde(with = "duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub sample_interval: Duration,
     /// Entries in the kernel's per-process usage map (≈ 2 × processes active per tick).
     pub proc_map_entries: u32,
@@ -38,17 +38,17 @@ pub struct Config {
     /// Where pod names and namespaces come from (off by default).
     pub kubernetes: PodSource,
     /// How often the pod list is fetched.
-    #[serde(with = "duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub pod_refresh: Duration,
     /// The ledger's database file.
     pub ledger_path: PathBuf,
     /// How long usage is kept (as hourly rollups past `raw_retention`).
-    #[serde(with = "duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub retention: Duration,
     /// How long windows are kept record by record before they are compacted
     /// into hourly rollups with exact totals. Raw windows cost ~270 bytes per
     /// record: at 1,000 workloads and 1 s ticks, about 1 GB an hour.
-    #[serde(with = "duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub raw_retention: Duration,
     /// The price book; unset: the built-in book (deploy/pricing.toml). SIGHUP reloads it.
     pub pricing_path: Option<PathBuf>,
@@ -62,7 +62,7 @@ pub struct Config {
     pub gpu: GpuConfig,
     /// How long a closed window waits for late spans before it is split
     /// between runs and committed (SDKs export spans in batches, every 5 s by default).
-    #[serde(with = "duration_str")]
+    #[serde(with = "crate::clock::duration_str")]
     pub span_lag: Duration,
 }
 
@@ -132,6 +132,7 @@ forward_queue_bytes = 33554432
 
 [gpu]                       # NVML; no driver or no GPU: GPU metering is off (one log line)
 # library_path = "/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1"   # default: libnvidia-ml.so.1
+discovery_interval = "60s"  # how often GPUs are listed again (added/removed GPUs without a restart); "0s": every tick
 
 [kubernetes]                # pod names and namespaces; empty url: off
 url = ""                    # e.g. "https://kubernetes.default.svc/api/v1/pods?fieldSelector=spec.nodeName={node}"
@@ -420,19 +421,6 @@ fn otel_overrides(
     Ok(out)
 }
 
-/// Durations in the config are humantime strings ("1s", "250ms").
-mod duration_str {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -454,6 +442,19 @@ mod tests {
     fn the_printed_default_config_is_the_default() {
         let c = Config::parse(DEFAULT_CONFIG_TOML).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c, Config::default());
+        // Keys with a serde default parse even when missing: the ones the
+        // printed config must still document, since operators read it.
+        for key in [
+            "discovery_interval",
+            "span_lag",
+            "raw_retention",
+            "pod_refresh",
+        ] {
+            assert!(
+                DEFAULT_CONFIG_TOML.contains(&format!("\n{key} = ")),
+                "`config default` does not document {key}"
+            );
+        }
     }
 
     #[test]

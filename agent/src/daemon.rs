@@ -119,6 +119,31 @@ struct SpanInbox {
     new: Vec<Span>,
     /// Spans not stored because `new` was full.
     new_dropped: u64,
+    /// Malformed `TRACEPARENT` values seen in environments so far.
+    bad_traceparents: u64,
+}
+
+impl SpanInbox {
+    /// The counters as (name, help, value), for `/metrics`.
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        vec![
+            (
+                "mentat_agent_spans_unindexed_total",
+                "Received spans not used to split usage between runs because the span index was full.",
+                self.index.dropped(),
+            ),
+            (
+                "mentat_agent_spans_unrecorded_total",
+                "Received spans whose tokens and per-run rows were dropped because too many waited for the next window.",
+                self.new_dropped,
+            ),
+            (
+                "mentat_agent_bad_traceparents_total",
+                "Malformed TRACEPARENT values in process environments (ignored).",
+                self.bad_traceparents,
+            ),
+        ]
+    }
 }
 
 /// At most this many received spans wait for the next window (their tokens
@@ -260,6 +285,16 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     // collector reads when it splits windows between runs.
     let inbox = Arc::new(Mutex::new(SpanInbox::default()));
     let receiver_stats = Arc::new(ReceiverStats::default());
+    {
+        let (inbox, stats) = (inbox.clone(), receiver_stats.clone());
+        metrics.add_source(move || {
+            let mut c = stats.counters();
+            if let Ok(i) = inbox.lock() {
+                c.extend(i.counters());
+            }
+            c
+        });
+    }
     let (span_tx, mut span_rx) = receiver::span_channel(&config.receiver);
     let forwarder = match config
         .receiver
@@ -548,6 +583,7 @@ fn split_window(
             // Windows go out in order: a span that ended before this one
             // started cannot touch any later window.
             i.index.forget_before(crate::clock::unix_ns(window.start));
+            i.bad_traceparents = collector.bad_traceparents();
             (report, std::mem::take(&mut i.new))
         }
         Err(_) => (

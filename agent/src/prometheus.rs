@@ -42,10 +42,23 @@ pub struct AgentStats {
     pub gpu_errors: u64,
 }
 
+/// One counter a module keeps itself: (name, help, value).
+pub type Counter = (&'static str, &'static str, u64);
+
+/// Reads a module's own counters when `/metrics` is rendered.
+type Source = Box<dyn Fn() -> Vec<Counter> + Send + Sync>;
+
 /// Counters for `/metrics`, shared between the daemon and the API.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Metrics {
     inner: Arc<Mutex<State>>,
+    sources: Arc<Mutex<Vec<Source>>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +79,14 @@ impl State {
 }
 
 impl Metrics {
+    /// Adds counters that `source` reads live (a receiver's, an index's) to
+    /// every rendering.
+    pub fn add_source(&self, source: impl Fn() -> Vec<Counter> + Send + Sync + 'static) {
+        if let Ok(mut s) = self.sources.lock() {
+            s.push(Box::new(source));
+        }
+    }
+
     /// Adds one committed window's records.
     pub fn observe(&self, records: &[UsageRecord], stats: AgentStats) {
         let Ok(mut s) = self.inner.lock() else {
@@ -210,6 +231,15 @@ impl Metrics {
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
             );
+        }
+        drop(s);
+        if let Ok(sources) = self.sources.lock() {
+            for (name, help, v) in sources.iter().flat_map(|f| f()) {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+                );
+            }
         }
         out
     }

@@ -168,6 +168,55 @@ pub struct ReceiverStats {
     pub forward_dropped: AtomicU64,
 }
 
+impl ReceiverStats {
+    /// The counters as (name, help, value), for `/metrics`.
+    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            (
+                "mentat_agent_receiver_requests_total",
+                "OTLP export requests decoded and handled (gRPC and HTTP).",
+                v(&self.requests),
+            ),
+            (
+                "mentat_agent_receiver_spans_total",
+                "Spans received with valid ids.",
+                v(&self.spans),
+            ),
+            (
+                "mentat_agent_receiver_rejected_requests_total",
+                "OTLP requests refused: malformed, too large, unsupported encoding or too slow.",
+                v(&self.rejected_requests),
+            ),
+            (
+                "mentat_agent_receiver_rejected_spans_total",
+                "Spans skipped for an invalid trace, span or parent id.",
+                v(&self.rejected_spans),
+            ),
+            (
+                "mentat_agent_receiver_dropped_spans_total",
+                "Valid spans dropped because max_pending_spans were already waiting.",
+                v(&self.dropped_spans),
+            ),
+            (
+                "mentat_agent_forwarded_spans_total",
+                "Spans the upstream endpoint accepted.",
+                v(&self.forwarded),
+            ),
+            (
+                "mentat_agent_forward_errors_total",
+                "Failed sends to the upstream endpoint, each attempt counted.",
+                v(&self.forward_errors),
+            ),
+            (
+                "mentat_agent_forward_dropped_spans_total",
+                "Spans never delivered upstream: queue full, retries spent, or refused.",
+                v(&self.forward_dropped),
+            ),
+        ]
+    }
+}
+
 /// Why the receiver could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiverError {

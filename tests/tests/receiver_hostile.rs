@@ -132,6 +132,14 @@ fn raw_exchange(port: u16, request: Vec<u8>, timeout: Duration) -> Result<(Vec<u
 }
 
 /// The status code of an HTTP/1.1 response's first line.
+/// An unlabelled counter's value in the daemon's `/metrics`.
+fn counter(d: &TracedDaemon, name: &str) -> Result<u64> {
+    let text = d.daemon.metrics()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .with_context(|| format!("/metrics has no {name}:\n{text}"))
+}
+
 fn http_status(response: &[u8]) -> Option<u16> {
     let line = response.split(|&b| b == b'\n').next()?;
     let line = std::str::from_utf8(line).ok()?;
@@ -212,6 +220,13 @@ fn malformed_traceparent_is_ignored_and_the_agent_keeps_running() -> Result<()> 
         }
     }
     still_serves(&mut d, "malformed TRACEPARENTs")?;
+    // Both workloads (and their forked children, which inherit nothing to parse)
+    // exec'd with a malformed TRACEPARENT: counted, not silent.
+    let bad = counter(&d, "mentat_agent_bad_traceparents_total")?;
+    ensure!(
+        bad >= 2,
+        "mentat_agent_bad_traceparents_total is {bad} after two malformed TRACEPARENTs"
+    );
 
     // The same under `mentat-agent record`.
     let mut command: Vec<OsString> = vec!["env".into(), "TRACEPARENT=garbage".into()];
@@ -297,6 +312,12 @@ fn oversized_malformed_and_random_input_get_clean_errors() -> Result<()> {
         answered(&bad_grpc, "INVALID_ARGUMENT") == 1,
         "a malformed gRPC request got {bad_grpc}"
     );
+    // Five requests were refused above, each counted once.
+    let refused = counter(&d, "mentat_agent_receiver_rejected_requests_total")?;
+    ensure!(
+        refused == 5,
+        "mentat_agent_receiver_rejected_requests_total is {refused} after 5 refused requests"
+    );
     still_serves(&mut d, "oversized and malformed requests")?;
 
     // Random bytes straight onto both ports: the server closes the connection (after
@@ -349,6 +370,7 @@ fn a_span_flood_is_refused_past_the_pending_bound() -> Result<()> {
     let mut peak = baseline;
     let run_id = unique_run_id("flood");
     let (target, url) = (grpc_target(&d), http_url(&d));
+    let mut rejected_total = 0;
     // Large requests (5,000 spans, ~0.4 MiB each) four at a time: each alone is
     // 50 times the pending bound.
     for (proto, dest) in [("grpc", "--target"), ("http", "--url")] {
@@ -368,6 +390,7 @@ fn a_span_flood_is_refused_past_the_pending_bound() -> Result<()> {
         ])?;
         let ok = if proto == "grpc" { "OK" } else { "200" };
         let rejected = summary["rejected_spans"].as_u64().unwrap_or(0);
+        rejected_total += rejected;
         ensure!(
             answered(&summary, ok) == 12,
             "{proto} flood: not every request was answered {ok}: {summary}"
@@ -389,6 +412,17 @@ fn a_span_flood_is_refused_past_the_pending_bound() -> Result<()> {
         peak = peak.max(rss_bytes(pid)?);
     }
     still_serves(&mut d, "a flood of large requests")?;
+    // Every span the clients were told was rejected is on /metrics as dropped
+    // (they were all valid, so none is counted as malformed).
+    let dropped = counter(&d, "mentat_agent_receiver_dropped_spans_total")?;
+    ensure!(
+        dropped == rejected_total,
+        "mentat_agent_receiver_dropped_spans_total is {dropped}; the clients were told {rejected_total}"
+    );
+    ensure!(
+        counter(&d, "mentat_agent_receiver_rejected_spans_total")? == 0,
+        "valid spans counted as malformed"
+    );
     let flooded = time::OffsetDateTime::now_utc();
     d.wait_committed(flooded, Duration::from_secs(30))
         .context("windows stopped being committed after the flood")?;
