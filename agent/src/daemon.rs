@@ -150,6 +150,38 @@ impl SpanInbox {
 /// and per-run rows); beyond it they are dropped and counted.
 const MAX_NEW_SPANS: usize = 10_000;
 
+/// The first wait before a failed commit is tried again; it doubles up to
+/// [`COMMIT_RETRY_MAX`].
+const COMMIT_RETRY_FIRST: Duration = Duration::from_millis(500);
+/// The longest wait between two tries of a failed commit.
+const COMMIT_RETRY_MAX: Duration = Duration::from_secs(10);
+/// Tries of a failing commit once the daemon is stopping.
+const COMMIT_TRIES_AT_STOP: u32 = 3;
+
+/// Prices one window and writes it, with its spans, to the ledger.
+fn commit_one(
+    ledger: &Arc<Mutex<Ledger>>,
+    book: &PriceBook,
+    exporters: &[&'static str],
+    w: &ClosedWindow,
+) -> Result<(Vec<UsageRecord>, usize), String> {
+    let mut records = usage_records(w);
+    price_all(ledger, book, &mut records, w)?;
+    let mut l = ledger
+        .lock()
+        .map_err(|_| "ledger lock poisoned".to_string())?;
+    l.commit_spans(&w.spans).map_err(|e| e.to_string())?;
+    let n = l
+        .commit_window(
+            &w.report.summary.window_start,
+            &w.report.summary.window_end,
+            &records,
+            exporters,
+        )
+        .map_err(|e| e.to_string())?;
+    Ok((records, n))
+}
+
 /// Turns a window's report into the records the ledger stores.
 fn usage_records(w: &ClosedWindow) -> Vec<UsageRecord> {
     let r = &w.report;
@@ -383,49 +415,86 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         let ledger = ledger.clone();
         let metrics = metrics.clone();
         let prices = prices.clone();
+        let stop_flag = stop_flag.clone();
         async move {
             let mut committed_windows = 0u64;
-            while let Some(w) = rx.recv().await {
-                let ledger = ledger.clone();
-                let book = prices.current();
-                let exporters = exporters.clone();
-                let result = tokio::task::spawn_blocking(move || {
-                    let mut records = usage_records(&w);
-                    price_all(&ledger, &book, &mut records, &w)?;
-                    let mut l = ledger
-                        .lock()
-                        .map_err(|_| "ledger lock poisoned".to_string())?;
-                    l.commit_spans(&w.spans).map_err(|e| e.to_string())?;
-                    let n = l
-                        .commit_window(
-                            &w.report.summary.window_start,
-                            &w.report.summary.window_end,
-                            &records,
-                            &exporters,
-                        )
-                        .map_err(|e| e.to_string())?;
-                    Ok::<_, String>((w, records, n))
-                })
-                .await;
-                match result {
-                    Ok(Ok((w, records, n))) => {
-                        let s = &w.report.summary;
-                        metrics.observe(
-                            &records,
-                            AgentStats {
-                                windows: 1,
-                                map_full_drops: s.map_full_drops,
-                                events_lost: s.events_lost,
-                                late_windows: s.late_windows,
-                                gpu_errors: w.gpu_errors,
-                            },
-                        );
-                        log_window(&w.report, n);
-                        committed_windows += 1;
-                        let _ = wake_tx.send(committed_windows);
+            while let Some(mut w) = rx.recv().await {
+                // A window that cannot be written (disk full, I/O error) is
+                // kept and retried, never dropped: later windows queue behind
+                // it (the channel, then the collector), so billing resumes
+                // where it stopped once the ledger can be written again.
+                let mut backoff = COMMIT_RETRY_FIRST;
+                let mut failures = 0u32;
+                loop {
+                    let ledger = ledger.clone();
+                    let book = prices.current();
+                    let exporters = exporters.clone();
+                    let result = tokio::task::spawn_blocking(move || {
+                        match commit_one(&ledger, &book, &exporters, &w) {
+                            Ok((records, n)) => Ok((w, records, n)),
+                            Err(e) => Err((Box::new(w), e)),
+                        }
+                    })
+                    .await;
+                    match result {
+                        Ok(Ok((w, records, n))) => {
+                            let s = &w.report.summary;
+                            metrics.observe(
+                                &records,
+                                AgentStats {
+                                    windows: 1,
+                                    map_full_drops: s.map_full_drops,
+                                    events_lost: s.events_lost,
+                                    late_windows: s.late_windows,
+                                    gpu_errors: w.gpu_errors,
+                                },
+                            );
+                            if failures > 0 {
+                                info!(
+                                    window_start = %s.window_start,
+                                    failures,
+                                    "window committed after failed attempts"
+                                );
+                            }
+                            log_window(&w.report, n);
+                            committed_windows += 1;
+                            let _ = wake_tx.send(committed_windows);
+                            break;
+                        }
+                        Ok(Err((back, e))) => {
+                            failures += 1;
+                            metrics.commit_failed();
+                            let s = &back.report.summary;
+                            // At stop there is no later: a few more tries, then say
+                            // exactly which window is lost.
+                            if stop_flag.load(Ordering::SeqCst) && failures >= COMMIT_TRIES_AT_STOP
+                            {
+                                error!(
+                                    window_start = %s.window_start,
+                                    window_end = %s.window_end,
+                                    error = %e,
+                                    "stopping with a window the ledger cannot take: it is lost"
+                                );
+                                break;
+                            }
+                            if failures == 1 || failures.is_multiple_of(10) {
+                                warn!(
+                                    window_start = %s.window_start,
+                                    error = %e,
+                                    failures,
+                                    retry_in = ?backoff,
+                                    "committing a window failed; it is kept and retried, later windows wait"
+                                );
+                            }
+                            w = *back;
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(COMMIT_RETRY_MAX);
+                        }
+                        Err(e) => {
+                            error!(error = %e, "the commit task panicked; its window is lost");
+                            break;
+                        }
                     }
-                    Ok(Err(e)) => error!(error = %e, "committing a window failed; it is lost"),
-                    Err(e) => error!(error = %e, "the commit task failed"),
                 }
             }
         }

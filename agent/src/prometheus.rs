@@ -65,6 +65,8 @@ impl std::fmt::Debug for Metrics {
 struct State {
     families: BTreeMap<&'static str, Family>,
     agent: AgentStats,
+    /// Failed attempts to write a window to the ledger (each retried).
+    commit_failures: u64,
 }
 
 impl State {
@@ -84,6 +86,14 @@ impl Metrics {
     pub fn add_source(&self, source: impl Fn() -> Vec<Counter> + Send + Sync + 'static) {
         if let Ok(mut s) = self.sources.lock() {
             s.push(Box::new(source));
+        }
+    }
+
+    /// Counts one failed attempt to write a window (as it happens: the
+    /// window itself is observed once it is written).
+    pub fn commit_failed(&self) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.commit_failures += 1;
         }
     }
 
@@ -220,6 +230,11 @@ impl Metrics {
                 "mentat_agent_late_windows_total",
                 "Windows closed before every CPU acknowledged (their late usage is in the next window).",
                 s.agent.late_windows,
+            ),
+            (
+                "mentat_agent_commit_failures_total",
+                "Failed attempts to write a window to the ledger (the window is kept and retried).",
+                s.commit_failures,
             ),
             (
                 "mentat_agent_gpu_errors_total",
