@@ -106,7 +106,7 @@ proc_map_entries = 10240    # kernel per-process map entries (about 2 x processe
 btf_path = "/sys/kernel/btf/vmlinux"
 ledger_path = "/var/lib/mentat-agent/ledger.db"
 raw_retention = "1h"        # windows kept record by record, then compacted into exact hourly rollups
-retention = "7d"            # how long usage is kept
+retention = "7d"            # how long usage is kept: older rollups and spans are deleted (>= raw_retention)
 # pricing_path = "/etc/mentat-agent/pricing.toml"   # unset: the built-in book; SIGHUP reloads it
 pod_refresh = "30s"         # how often the pod list is fetched (when [kubernetes] url is set)
 
@@ -282,6 +282,12 @@ impl Config {
         }
         if c.proc_map_entries == 0 {
             return Err("proc_map_entries must be at least 1".into());
+        }
+        if c.retention < c.raw_retention {
+            return Err(format!(
+                "retention = {:?} is shorter than raw_retention ({:?}): rollups would be deleted before the records they replace",
+                c.retention, c.raw_retention
+            ));
         }
         Ok(())
     }
@@ -618,5 +624,7 @@ mod tests {
         assert!(e.contains("100ms"), "{e}");
         let e = Config::parse("proc_map_entries = 0").expect_err("zero");
         assert!(e.contains("proc_map_entries"), "{e}");
+        let e = Config::parse("retention = \"30m\"").expect_err("shorter than raw");
+        assert!(e.contains("raw_retention"), "{e}");
     }
 }

@@ -504,7 +504,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         info!("stopping: closing the last window");
         stop_flag.store(true, Ordering::SeqCst);
     };
-    let compaction = compact_periodically(ledger.clone(), stop_rx.clone());
+    let compaction = compact_periodically(ledger.clone(), config.retention, stop_rx.clone());
     // The commit loop ends when the collector drops its sender after the last window.
     tokio::join!(commit, signals);
     let _ = stop_tx.send(true);
@@ -563,25 +563,32 @@ fn price_all(
 
 fn compact_periodically(
     ledger: Arc<Mutex<Ledger>>,
+    retention: Duration,
     mut stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        // Soon after start, then hourly: a daemon restarted more often than
+        // hourly still compacts and expires.
+        let mut wait = Duration::from_secs(60);
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
+            wait = Duration::from_secs(3600);
             let ledger = ledger.clone();
             let now = crate::clock::rfc3339(std::time::SystemTime::now());
             let result = tokio::task::spawn_blocking(move || {
-                ledger
+                let mut l = ledger
                     .lock()
-                    .map_err(|_| "ledger lock poisoned".to_string())
-                    .and_then(|mut l| l.compact(&now).map_err(|e| e.to_string()))
+                    .map_err(|_| "ledger lock poisoned".to_string())?;
+                let compacted = l.compact(&now).map_err(|e| e.to_string())?;
+                let expired = l.expire(&now, retention).map_err(|e| e.to_string())?;
+                Ok::<_, String>((compacted, expired))
             })
             .await;
             match result {
-                Ok(Ok(stats)) => info!(?stats, "ledger compacted"),
+                Ok(Ok((stats, expired))) => info!(?stats, ?expired, "ledger compacted"),
                 Ok(Err(e)) => warn!(error = %e, "ledger compaction failed"),
                 Err(e) => warn!(error = %e, "ledger compaction task failed"),
             }

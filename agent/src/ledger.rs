@@ -424,6 +424,17 @@ pub struct CompactStats {
     pub kept_undelivered: u64,
 }
 
+/// What one expiry deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ExpireStats {
+    /// Hourly rollup rows older than the retention.
+    pub hourly_rows: u64,
+    /// Stored spans that ended before it.
+    pub spans: u64,
+    /// Identities no record or rollup refers to any more.
+    pub identities: u64,
+}
+
 /// The durable local store of usage records.
 pub struct Ledger {
     conn: Connection,
@@ -965,6 +976,47 @@ impl Ledger {
         let retention = i64::try_from(self.retention.as_nanos()).unwrap_or(i64::MAX);
         let cutoff = floor_hour(now_ns.saturating_sub(retention));
         compact::run(&mut self.conn, &self.path, cutoff)
+    }
+
+    /// Deletes usage older than `retention` before `now`: hourly rollups,
+    /// stored spans, and the identities only they referred to. Raw records an
+    /// exporter has not confirmed are never deleted here (compaction keeps and
+    /// counts them); the month-to-date spend rows are a few per party and stay.
+    pub fn expire(&mut self, now: &str, retention: Duration) -> Result<ExpireStats, LedgerError> {
+        let now_ns = parse_time("now", now)?;
+        let keep = i64::try_from(retention.as_nanos()).unwrap_or(i64::MAX);
+        let cutoff = floor_hour(now_ns.saturating_sub(keep));
+        let path = &self.path;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql(path, "beginning expiry"))?;
+        let count = |n: usize| n as u64;
+        let hourly_rows = tx
+            .execute("DELETE FROM hourly WHERE hour_ns < ?1", params![cutoff])
+            .map_err(sql(path, "deleting expired rollups"))?;
+        let spans = tx
+            .execute("DELETE FROM spans WHERE end_ns < ?1", params![cutoff])
+            .map_err(sql(path, "deleting expired spans"))?;
+        // NOT IN with a subquery is evaluated once, into a temporary index.
+        let identities = tx
+            .execute(
+                "DELETE FROM identities WHERE id NOT IN (SELECT ident FROM hourly) \
+                 AND id NOT IN (SELECT ident FROM records)",
+                [],
+            )
+            .map_err(sql(path, "deleting unused identities"))?;
+        tx.commit().map_err(sql(path, "committing expiry"))?;
+        if identities > 0 {
+            // Cached ids may name deleted rows: a later record with such an
+            // identity gets a new row.
+            self.identities = IdentityCache::default();
+        }
+        Ok(ExpireStats {
+            hourly_rows: count(hourly_rows),
+            spans: count(spans),
+            identities: count(identities),
+        })
     }
 
     /// Disk used by the ledger's files (main db, WAL and its shared-memory index) in bytes.

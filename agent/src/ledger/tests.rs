@@ -1012,6 +1012,98 @@ fn disk_use_levels_off_under_retention() {
 }
 
 #[test]
+fn expiry_deletes_rollups_spans_and_identities_past_retention_only() {
+    let dir = TempDir::new("expire");
+    let mut ledger = Ledger::open(&dir.db(), Duration::from_secs(3600)).expect("open");
+    let hour = 3600;
+    // Hour 0 and hour 24, each one window of a workload of its own, plus a
+    // workload in both; all delivered, so compaction rolls them up.
+    let old_only = rec("old-only", T0);
+    let mut both_old = rec("both-old", T0);
+    both_old.pid = Some(4242);
+    let mut new_only = rec("new-only", T0 + 24 * hour);
+    new_only.pid = Some(7);
+    let mut both_new = rec("both-new", T0 + 24 * hour);
+    both_new.pid = Some(4242);
+    both_new.process_start_time = both_old.process_start_time.clone();
+    ledger
+        .commit_window(&t(T0), &t(T0 + 10), &[old_only, both_old], &["otlp"])
+        .expect("commit");
+    ledger
+        .commit_window(
+            &t(T0 + 24 * hour),
+            &t(T0 + 24 * hour + 10),
+            &[new_only, both_new],
+            &["otlp"],
+        )
+        .expect("commit");
+    let span = |id: &str, end: i64| SpanRow {
+        trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+        span_id: id.into(),
+        run_id: "r".into(),
+        name: "s".into(),
+        start_ns: (end - 1) * 1_000_000_000,
+        end_ns: end * 1_000_000_000,
+        ..SpanRow::default()
+    };
+    ledger
+        .commit_spans(&[
+            span("00f067aa0ba902b7", T0 + 10),
+            span("00f067aa0ba902b8", T0 + 24 * hour + 10),
+        ])
+        .expect("spans");
+    ledger
+        .mark_delivered(
+            "otlp",
+            &[
+                "old-only".into(),
+                "both-old".into(),
+                "new-only".into(),
+                "both-new".into(),
+            ],
+        )
+        .expect("mark");
+    ledger.compact(&t(T0 + 26 * hour)).expect("compact");
+    let old_total = total_of(&ledger, T0, T0 + hour);
+    assert_eq!(
+        old_total.records, 2,
+        "both old records are in the rollup: {old_total:?}"
+    );
+
+    // Retention of 12 h at hour 26: hour 0 goes, hour 24 stays.
+    let stats = ledger
+        .expire(&t(T0 + 26 * hour), Duration::from_secs(12 * 3600))
+        .expect("expire");
+    assert_eq!(stats.spans, 1, "{stats:?}");
+    assert!(stats.hourly_rows >= 2, "{stats:?}");
+    // The old-only workload's identity goes; the one also seen at hour 24 stays.
+    assert_eq!(stats.identities, 1, "{stats:?}");
+    assert_eq!(total_of(&ledger, T0, T0 + hour).records, 0);
+    let kept = total_of(&ledger, T0 + 24 * hour, T0 + 25 * hour);
+    assert_eq!(kept.records, 2, "hour 24 is inside retention: {kept:?}");
+
+    // The deleted identity comes back as a new row when it is seen again, and
+    // a second expiry with nothing old deletes nothing.
+    ledger
+        .commit_window(
+            &t(T0 + 25 * hour),
+            &t(T0 + 25 * hour + 10),
+            &[rec("old-only-again", T0 + 25 * hour)],
+            &[],
+        )
+        .expect("commit after expiry");
+    assert_eq!(
+        all(&ledger, T0 + 25 * hour, T0 + 26 * hour).len(),
+        1,
+        "the record with a re-created identity is readable"
+    );
+    let again = ledger
+        .expire(&t(T0 + 26 * hour), Duration::from_secs(12 * 3600))
+        .expect("expire again");
+    assert_eq!(again, ExpireStats::default());
+}
+
+#[test]
 fn schema_constants_match_the_tables() {
     let dir = TempDir::new("schema");
     let ledger = Ledger::open(&dir.db(), DAY).expect("open");
