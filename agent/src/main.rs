@@ -148,6 +148,9 @@ struct RecordArgs {
     /// CA bundle (PEM) that signs the pod-list server's certificate.
     #[arg(long, value_name = "FILE")]
     k8s_ca_file: Option<PathBuf>,
+    /// NVML library to meter GPUs with (default: the system's libnvidia-ml.so.1).
+    #[arg(long, value_name = "FILE")]
+    gpu_library: Option<PathBuf>,
     /// Test-only: shrink the kernel's per-process map to N entries to exercise overflow.
     #[arg(long, hide = true, value_name = "N")]
     proc_map_entries: Option<u32>,
@@ -230,6 +233,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                     token_file: a.k8s_token_file,
                     ca_file: a.k8s_ca_file,
                 },
+                gpu_library: a.gpu_library,
                 command: a.command,
             };
             Ok(record::run(&opts)?)

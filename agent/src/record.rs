@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::{
     collect::Collector,
@@ -47,6 +47,8 @@ pub struct RecordOptions {
     pub pods: PodSource,
     /// The node's name in records.
     pub node: String,
+    /// NVML library path (`None`: the system's, as the dynamic loader finds it).
+    pub gpu_library: Option<PathBuf>,
     /// The command to meter, if any.
     pub command: Vec<OsString>,
 }
@@ -110,13 +112,18 @@ pub fn run(opts: &RecordOptions) -> Result<i32, RecordError> {
     let mut collector = Collector::new(probes, opts.sample)
         .with_pods(pods)
         .with_storage(StorageMeter::start(Duration::from_secs(2)));
-    // The system's NVML, as the dynamic loader finds it (`run` takes a path from its
-    // config); none: records carry no GPU usage, as on any node without a driver.
-    match GpuMeter::open(&GpuConfig::default()) {
+    // No NVML: records carry no GPU usage, as on any node without a driver.
+    let gpu = GpuConfig {
+        library_path: opts.gpu_library.clone(),
+        ..GpuConfig::default()
+    };
+    match GpuMeter::open(&gpu) {
         Ok(gpu) => {
             info!(devices = gpu.devices().len(), "GPU metering on (NVML)");
             collector = collector.with_gpu(gpu);
         }
+        // Asked for by name: say why it is not used.
+        Err(e) if opts.gpu_library.is_some() => warn!(reason = %e, "GPU metering off"),
         Err(e) => debug!(reason = %e, "GPU metering off"),
     }
     // Everything charged before this point predates the recording (and the GPU

@@ -154,3 +154,34 @@ fn check_reports_btf_and_sched_switch() {
         );
     }
 }
+
+#[test]
+fn a_gpu_library_that_does_not_load_is_named_and_cpu_is_still_metered() {
+    let missing = "/nonexistent/libnvidia-ml.so.1";
+    let recording = record(
+        &["--gpu-library", missing],
+        Some(&["burn", "--threads", "1", "--ms", "200"]),
+    )
+    .expect("recording with a missing NVML library");
+    let output = &recording.output;
+    assert_eq!(output.exit_code, Some(0), "{}", output.describe());
+    assert!(
+        output.stderr.contains("GPU metering off") && output.stderr.contains(missing),
+        "an NVML library asked for by name and not loaded is named: {}",
+        output.stderr
+    );
+    let burn: mentat_tests::truth::Burn = recording.ground_truth().expect("ground truth");
+    let child = recording
+        .records
+        .processes
+        .iter()
+        .filter(|p| p.pid == burn.child_pid)
+        .map(|p| p.cpu_ns)
+        .sum::<u64>();
+    // 1 %: the tolerance tests/cpu.rs justifies for a burner against wait4.
+    assert!(
+        child.abs_diff(burn.rusage_cpu_ns) * 100 <= burn.rusage_cpu_ns,
+        "the burner without GPU metering: {child} ns, wait4 {} ns",
+        burn.rusage_cpu_ns
+    );
+}
