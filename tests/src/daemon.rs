@@ -393,6 +393,44 @@ impl Daemon {
         Ok(out)
     }
 
+    /// An unlabelled counter's value on `/metrics` (the agent's own, e.g.
+    /// `mentat_agent_windows_total`).
+    pub fn counter(&self, name: &str) -> Result<u64> {
+        let text = self.metrics()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .with_context(|| format!("/metrics has no counter {name}"))
+    }
+
+    /// Every record whose window starts at or after `from`, once a window
+    /// starting after `t` is committed: windows commit in order, so every
+    /// window that held something before `t` is then in (waits at most `timeout`).
+    pub fn records_once_past(
+        &self,
+        from: &str,
+        t: OffsetDateTime,
+        timeout: Duration,
+    ) -> Result<Vec<LedgerRecord>> {
+        let mut records = Vec::new();
+        poll(timeout, || {
+            let to = rfc3339(OffsetDateTime::now_utc() + time::Duration::hours(1));
+            records = self.records(from, &to)?;
+            let past = records
+                .iter()
+                .any(|r| parse_time(&r.window_start).is_ok_and(|s| s > t));
+            Ok(if past {
+                Ok(())
+            } else {
+                Err(format!(
+                    "no window starting after {} committed yet",
+                    rfc3339(t)
+                ))
+            })
+        })
+        .with_context(|| format!("daemon log:\n{}", tail(&self.log(), 3000)))?;
+        Ok(records)
+    }
+
     /// The daemon's `/metrics` text.
     pub fn metrics(&self) -> Result<String> {
         let r = self.get("/metrics", &[])?;

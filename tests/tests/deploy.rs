@@ -986,29 +986,17 @@ fn the_daemonsets_capabilities_are_enough_to_meter_another_users_workload() {
 
     let exited_at = time::OffsetDateTime::now_utc();
     let from = mentat_tests::daemon::rfc3339(daemon.started);
-    let mut mine = Vec::new();
-    // Every window that held the burner is committed once one that starts after
-    // its exit is (windows commit in order).
-    poll(Duration::from_secs(30), || {
-        let all = daemon.records(&from, "2200-01-01T00:00:00Z")?;
-        let past_exit = all.iter().any(|r| {
-            mentat_tests::daemon::parse_time(&r.window_start).is_ok_and(|t| t > exited_at)
-        });
-        mine = all
-            .into_iter()
-            .filter(|r| r.pid == Some(burn.child_pid))
-            .collect();
-        Ok(if past_exit && !mine.is_empty() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{} records of pid {}; past its exit: {past_exit}",
-                mine.len(),
-                burn.child_pid
-            ))
-        })
-    })
-    .expect("the burner's windows are committed");
+    let mine: Vec<_> = daemon
+        .records_once_past(&from, exited_at, Duration::from_secs(30))
+        .expect("the burner's windows are committed")
+        .into_iter()
+        .filter(|r| r.pid == Some(burn.child_pid))
+        .collect();
+    assert!(
+        !mine.is_empty(),
+        "no records of the burner (pid {})",
+        burn.child_pid
+    );
     let cpu_ns: f64 = mine
         .iter()
         .map(|r| r.exact("cpu_core_seconds").expect("cpu").to_f64() * 1e9)

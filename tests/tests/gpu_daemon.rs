@@ -373,17 +373,9 @@ fn gpu_usage_lands_on_the_right_pids_and_containers() {
 
     let truths: Vec<(Gated, u64)> = tenants.into_iter().map(Tenant::finish).collect();
     let exited = OffsetDateTime::now_utc();
-    // Windows are committed in order: one that starts after the exits means the
-    // windows holding them are in.
-    poll(Duration::from_secs(30), || {
-        Ok(if window_after(&fetch()?, exited) {
-            Ok(())
-        } else {
-            Err("no window after the workloads exited yet".into())
-        })
-    })
-    .expect("the workloads' last windows");
-    let records = fetch().expect("records");
+    let records = daemon
+        .records_once_past(&from, exited, Duration::from_secs(30))
+        .expect("the workloads' last windows");
     let metrics = daemon.metrics().expect("/metrics");
     let stopped = daemon.stop().expect("stopping the daemon");
     assert!(stopped.status.success(), "{}", stopped.describe());
@@ -691,19 +683,9 @@ fn without_the_library_the_daemon_meters_cpu_and_check_says_so() {
     tenant.release();
     let (truth, cpu_ns) = tenant.finish();
     let exited = OffsetDateTime::now_utc();
-    let fetch = || {
-        let to = rfc3339(OffsetDateTime::now_utc() + time::Duration::hours(1));
-        daemon.records(&from, &to)
-    };
-    poll(Duration::from_secs(30), || {
-        Ok(if window_after(&fetch()?, exited) {
-            Ok(())
-        } else {
-            Err("no window after the workload exited yet".into())
-        })
-    })
-    .expect("the workload's last window");
-    let records = fetch().expect("records");
+    let records = daemon
+        .records_once_past(&from, exited, Duration::from_secs(30))
+        .expect("the workload's last window");
     let stopped = daemon.stop().expect("stopping the daemon");
     assert!(stopped.status.success(), "{}", stopped.describe());
 

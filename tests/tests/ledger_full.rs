@@ -108,13 +108,6 @@ fn truncate_wal(db: &Path) -> Result<()> {
     Ok(())
 }
 
-fn counter(daemon: &Daemon, name: &str) -> Result<u64> {
-    let text = daemon.metrics()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .with_context(|| format!("/metrics has no {name}"))
-}
-
 #[test]
 fn a_full_ledger_disk_delays_windows_and_loses_none() -> Result<()> {
     let fs = Tmpfs::mount()?;
@@ -133,7 +126,7 @@ fn a_full_ledger_disk_delays_windows_and_loses_none() -> Result<()> {
     let started = rfc3339(daemon.started);
     // A few windows land before the disk fills.
     poll(Duration::from_secs(20), || {
-        let n = counter(&daemon, "mentat_agent_windows_total")?;
+        let n = daemon.counter("mentat_agent_windows_total")?;
         Ok(if n >= 2 {
             Ok(())
         } else {
@@ -156,7 +149,7 @@ fn a_full_ledger_disk_delays_windows_and_loses_none() -> Result<()> {
     let burn_ended = OffsetDateTime::now_utc();
     // The windows of the burn (and a few after it) fail to commit.
     poll(Duration::from_secs(20), || {
-        let n = counter(&daemon, "mentat_agent_commit_failures_total")?;
+        let n = daemon.counter("mentat_agent_commit_failures_total")?;
         Ok(if n >= 3 {
             Ok(())
         } else {
@@ -164,28 +157,20 @@ fn a_full_ledger_disk_delays_windows_and_loses_none() -> Result<()> {
         })
     })
     .with_context(|| format!("daemon log:\n{}", daemon.log()))?;
-    let windows_while_full = counter(&daemon, "mentat_agent_windows_total")?;
+    let windows_while_full = daemon.counter("mentat_agent_windows_total")?;
     std::thread::sleep(Duration::from_secs(2));
     ensure!(
-        counter(&daemon, "mentat_agent_windows_total")? == windows_while_full,
+        daemon.counter("mentat_agent_windows_total")? == windows_while_full,
         "windows were committed while the ledger's disk was full"
     );
 
     fs::remove_file(&filler)?;
     // Every held window goes in once there is room, and then new ones.
-    let mut records = Vec::new();
-    poll(Duration::from_secs(60), || {
-        records = daemon.records(&started, "2200-01-01T00:00:00Z")?;
-        let past = records.iter().any(|r| {
-            parse_time(&r.window_start).is_ok_and(|t| t > burn_ended + time::Duration::seconds(2))
-        });
-        Ok(if past {
-            Ok(())
-        } else {
-            Err("no window after the burn committed yet".into())
-        })
-    })
-    .with_context(|| format!("daemon log:\n{}", daemon.log()))?;
+    let records = daemon.records_once_past(
+        &started,
+        burn_ended + time::Duration::seconds(2),
+        Duration::from_secs(60),
+    )?;
 
     // No gap: each window starts where the previous one ended.
     let mut windows: Vec<(OffsetDateTime, OffsetDateTime)> = records

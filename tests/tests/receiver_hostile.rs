@@ -132,14 +132,6 @@ fn raw_exchange(port: u16, request: Vec<u8>, timeout: Duration) -> Result<(Vec<u
 }
 
 /// The status code of an HTTP/1.1 response's first line.
-/// An unlabelled counter's value in the daemon's `/metrics`.
-fn counter(d: &TracedDaemon, name: &str) -> Result<u64> {
-    let text = d.daemon.metrics()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .with_context(|| format!("/metrics has no {name}:\n{text}"))
-}
-
 fn http_status(response: &[u8]) -> Option<u16> {
     let line = response.split(|&b| b == b'\n').next()?;
     let line = std::str::from_utf8(line).ok()?;
@@ -222,7 +214,7 @@ fn malformed_traceparent_is_ignored_and_the_agent_keeps_running() -> Result<()> 
     still_serves(&mut d, "malformed TRACEPARENTs")?;
     // Both workloads (and their forked children, which inherit nothing to parse)
     // exec'd with a malformed TRACEPARENT: counted, not silent.
-    let bad = counter(&d, "mentat_agent_bad_traceparents_total")?;
+    let bad = d.daemon.counter("mentat_agent_bad_traceparents_total")?;
     ensure!(
         bad >= 2,
         "mentat_agent_bad_traceparents_total is {bad} after two malformed TRACEPARENTs"
@@ -313,7 +305,9 @@ fn oversized_malformed_and_random_input_get_clean_errors() -> Result<()> {
         "a malformed gRPC request got {bad_grpc}"
     );
     // Five requests were refused above, each counted once.
-    let refused = counter(&d, "mentat_agent_receiver_rejected_requests_total")?;
+    let refused = d
+        .daemon
+        .counter("mentat_agent_receiver_rejected_requests_total")?;
     ensure!(
         refused == 5,
         "mentat_agent_receiver_rejected_requests_total is {refused} after 5 refused requests"
@@ -414,13 +408,17 @@ fn a_span_flood_is_refused_past_the_pending_bound() -> Result<()> {
     still_serves(&mut d, "a flood of large requests")?;
     // Every span the clients were told was rejected is on /metrics as dropped
     // (they were all valid, so none is counted as malformed).
-    let dropped = counter(&d, "mentat_agent_receiver_dropped_spans_total")?;
+    let dropped = d
+        .daemon
+        .counter("mentat_agent_receiver_dropped_spans_total")?;
     ensure!(
         dropped == rejected_total,
         "mentat_agent_receiver_dropped_spans_total is {dropped}; the clients were told {rejected_total}"
     );
     ensure!(
-        counter(&d, "mentat_agent_receiver_rejected_spans_total")? == 0,
+        d.daemon
+            .counter("mentat_agent_receiver_rejected_spans_total")?
+            == 0,
         "valid spans counted as malformed"
     );
     let flooded = time::OffsetDateTime::now_utc();
