@@ -38,4 +38,5 @@ fi
 say "building mentat-agent (release)"
 CARGO_RESOLVER_INCOMPATIBLE_RUST_VERSIONS=fallback \
     cargo build --release --locked -p mentat-agent
-ls -l target/release/mentat-agent >&2
+# CARGO_TARGET_DIR moves the output (the tests build with one of their own).
+ls -l "${CARGO_TARGET_DIR:-target}/release/mentat-agent" >&2
