@@ -219,7 +219,9 @@ impl Probes {
             attach_cpu_tick(&mut ebpf, &online_cpus, config.cpu_tick)?;
             network = NET_TRACEPOINTS
                 .iter()
-                .try_for_each(|&(name, hook)| attach_raw_tracepoint(&mut ebpf, name, hook))
+                .try_for_each(|&(name, hook)| {
+                    attach_btf_tracepoint(&mut ebpf, name, hook, &kernel_btf)
+                })
                 .map_err(|e| e.to_string());
             if let Err(e) = &network {
                 warn!(error = %e, "network metering unavailable (needs Linux ≥ 6.3 socket tracepoints)");

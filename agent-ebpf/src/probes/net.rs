@@ -7,7 +7,7 @@
 //! into the process's entry at its next context switch: no hash update here.
 
 use agent_common::{NET_RX_BYTES, NET_RX_CALLS, NET_TX_BYTES, NET_TX_CALLS};
-use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 
 use crate::{
     maps::{CPU_STATE, off},
@@ -20,15 +20,18 @@ const AF_INET6: u16 = 10;
 const MSG_PEEK: i32 = 2;
 
 /// `sock_send_length(struct sock *sk, int ret, int flags)`.
-#[raw_tracepoint(tracepoint = "sock_send_length")]
-pub fn sock_send(ctx: RawTracePointContext) -> i32 {
+///
+/// BTF tracepoints, as `sched_switch`: `sk` is typed, so its family is a
+/// direct load rather than a `bpf_probe_read_kernel` call on every send.
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sock_send(ctx: BtfTracePointContext) -> i32 {
     count(&ctx, NET_TX_BYTES, NET_TX_CALLS);
     0
 }
 
 /// `sock_recv_length(struct sock *sk, int ret, int flags)`.
-#[raw_tracepoint(tracepoint = "sock_recv_length")]
-pub fn sock_recv(ctx: RawTracePointContext) -> i32 {
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sock_recv(ctx: BtfTracePointContext) -> i32 {
     let flags: u64 = ctx.arg(2);
     if (flags as i32) & MSG_PEEK != 0 {
         return 0;
@@ -38,7 +41,7 @@ pub fn sock_recv(ctx: RawTracePointContext) -> i32 {
 }
 
 #[inline(always)]
-fn count(ctx: &RawTracePointContext, bytes_idx: usize, calls_idx: usize) {
+fn count(ctx: &BtfTracePointContext, bytes_idx: usize, calls_idx: usize) {
     let ret: u64 = ctx.arg(1);
     let ret = ret as i32;
     if ret <= 0 {
@@ -49,8 +52,11 @@ fn count(ctx: &RawTracePointContext, bytes_idx: usize, calls_idx: usize) {
     }
     let sk: *const u8 = ctx.arg(0);
     // Unix sockets and netlink are local IPC, not network traffic.
-    match task::read::<u16>(sk, off!(sock_family)) {
-        Ok(AF_INET) | Ok(AF_INET6) => {}
+    if sk.is_null() {
+        return;
+    }
+    match task::load::<u16>(sk, off!(sock_family)) {
+        AF_INET | AF_INET6 => {}
         _ => return,
     }
     if let Some(st) = CPU_STATE.get_ptr_mut(0) {
