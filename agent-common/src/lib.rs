@@ -155,16 +155,6 @@ pub struct Buckets {
 /// How many recently charged processes each CPU keeps in [`CpuState::slots`].
 pub const SLOTS: usize = 4;
 
-/// A process's usage accumulating on one CPU before it goes to the map.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Slot {
-    /// Whose usage; `tgid == 0` marks an empty slot.
-    pub key: ProcKey,
-    /// The usage not yet folded into `PROC_USAGE`.
-    pub usage: ProcUsage,
-}
-
 /// Per-CPU state, in a one-entry per-CPU array.
 ///
 /// The syscall hot path touches only this struct: it counts into the
@@ -204,7 +194,11 @@ pub struct CpuState {
     /// Processes charged recently on this CPU: a switch between them updates
     /// a slot, not the hash map. Slots are folded into `PROC_USAGE` when
     /// evicted, and all of them before this CPU acknowledges a new epoch.
-    pub slots: [Slot; SLOTS],
+    /// The keys sit together (96 bytes) so the search on every switch reads
+    /// two cache lines, not one per slot; `tgid == 0` marks an empty slot.
+    pub slot_keys: [ProcKey; SLOTS],
+    /// Each slot's usage not yet folded into `PROC_USAGE`.
+    pub slot_usage: [ProcUsage; SLOTS],
     /// The epoch the slots' usage belongs to.
     pub slots_epoch: u32,
     /// The slot to evict next (round robin).
@@ -391,7 +385,6 @@ mod pod {
     unsafe impl aya::Pod for super::ProcUsage {}
     unsafe impl aya::Pod for super::CpuState {}
     unsafe impl aya::Pod for super::Buckets {}
-    unsafe impl aya::Pod for super::Slot {}
     unsafe impl aya::Pod for super::Control {}
     unsafe impl aya::Pod for super::TaskOffsets {}
     unsafe impl aya::Pod for super::EnvHeader {}
@@ -415,7 +408,7 @@ mod tests {
         assert_eq!(
             size_of::<CpuState>(),
             8 * (10 + SYSCALL_CLASSES + NET_COUNTERS)
-                + SLOTS * size_of::<Slot>()
+                + SLOTS * (size_of::<ProcKey>() + size_of::<ProcUsage>())
                 + 8
                 + 2 * size_of::<Buckets>()
         );

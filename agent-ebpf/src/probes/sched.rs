@@ -11,9 +11,7 @@
 //! A per-CPU timer (`cpu_tick`, a perf event) charges the running task's run
 //! time so far, so a task that never blocks still shows up in every window.
 
-use agent_common::{
-    Buckets, CpuState, NET_COUNTERS, ProcKey, ProcUsage, SLOTS, SYSCALL_CLASSES, Slot,
-};
+use agent_common::{Buckets, CpuState, NET_COUNTERS, ProcKey, ProcUsage, SLOTS, SYSCALL_CLASSES};
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
@@ -171,10 +169,11 @@ fn zero<const N: usize>(a: &mut [u64; N]) {
 fn flush_slots(st: &mut CpuState) {
     let mut i = 0;
     while i < SLOTS {
-        let slot = st.slots[i];
-        if slot.key.tgid != 0 {
-            spill(st, &slot);
-            st.slots[i].key.tgid = 0;
+        let key = st.slot_keys[i];
+        if key.tgid != 0 {
+            let usage = st.slot_usage[i];
+            spill(st, &key, &usage);
+            st.slot_keys[i].tgid = 0;
         }
         i += 1;
     }
@@ -183,11 +182,11 @@ fn flush_slots(st: &mut CpuState) {
 /// Folds one slot's usage into the map; if the map is full, into the
 /// unattributed bucket of the slot's epoch, counted as a drop.
 #[inline(always)]
-fn spill(st: &mut CpuState, slot: &Slot) {
-    if !fold(&slot.key, &slot.usage) {
-        let b = &mut st.buckets[(slot.key.epoch & 1) as usize];
+fn spill(st: &mut CpuState, key: &ProcKey, usage: &ProcUsage) {
+    if !fold(key, usage) {
+        let b = &mut st.buckets[(key.epoch & 1) as usize];
         b.map_full_drops += 1;
-        unattributed(b, &slot.usage);
+        unattributed(b, usage);
     }
 }
 
@@ -198,7 +197,7 @@ fn add_to_slot(st: &mut CpuState, key: &ProcKey, usage: &ProcUsage) {
     let mut found = SLOTS;
     let mut i = 0;
     while i < SLOTS {
-        if st.slots[i].key == *key {
+        if st.slot_keys[i] == *key {
             found = i;
             break;
         }
@@ -207,16 +206,17 @@ fn add_to_slot(st: &mut CpuState, key: &ProcKey, usage: &ProcUsage) {
     if found == SLOTS {
         let victim = (st.next_victim as usize) & (SLOTS - 1);
         st.next_victim = st.next_victim.wrapping_add(1);
-        let old = st.slots[victim];
-        if old.key.tgid != 0 {
-            spill(st, &old);
+        let old = st.slot_keys[victim];
+        if old.tgid != 0 {
+            let old_usage = st.slot_usage[victim];
+            spill(st, &old, &old_usage);
         }
         // The new slot starts as this usage: nothing to zero, then add.
-        st.slots[victim].key = *key;
-        st.slots[victim].usage = *usage;
+        st.slot_keys[victim] = *key;
+        st.slot_usage[victim] = *usage;
         return;
     }
-    let v = &mut st.slots[found & (SLOTS - 1)].usage;
+    let v = &mut st.slot_usage[found & (SLOTS - 1)];
     v.cpu_ns += usage.cpu_ns;
     v.syscalls += usage.syscalls;
     let mut c = 0;
