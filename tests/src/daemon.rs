@@ -521,6 +521,21 @@ pub struct LedgerCost {
     pub pricing_version: String,
 }
 
+/// The CPU nanoseconds `records` bill to process `pid`, summed exactly
+/// (`cpu_core_seconds` has nanosecond resolution).
+pub fn cpu_ns_of(records: &[LedgerRecord], pid: u32) -> Result<u64> {
+    let mut sum = crate::exact::Exact::ZERO;
+    for r in records.iter().filter(|r| r.pid == Some(pid)) {
+        sum = sum.add(r.exact("cpu_core_seconds")?)?;
+    }
+    let unit = 10i128.pow(crate::exact::SCALE - 9);
+    ensure!(
+        sum.0 % unit == 0,
+        "pid {pid}: CPU {sum} s has more than nine decimals"
+    );
+    u64::try_from(sum.0 / unit).with_context(|| format!("pid {pid}: CPU {sum} s is negative"))
+}
+
 /// One record from `/v1/records`.
 #[derive(Clone, Debug, Deserialize)]
 pub struct LedgerRecord {

@@ -997,10 +997,7 @@ fn the_daemonsets_capabilities_are_enough_to_meter_another_users_workload() {
         "no records of the burner (pid {})",
         burn.child_pid
     );
-    let cpu_ns: f64 = mine
-        .iter()
-        .map(|r| r.exact("cpu_core_seconds").expect("cpu").to_f64() * 1e9)
-        .sum();
+    let cpu_ns = mentat_tests::daemon::cpu_ns_of(&mine, burn.child_pid).expect("CPU") as f64;
     let truth = burn.rusage_cpu_ns as f64;
     // 2 %: the agent meters a burner within 1 % of wait4 with every capability
     // (tests/cpu.rs); fewer capabilities must not cost accuracy beyond that.

@@ -29,7 +29,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use mentat_tests::daemon::{
-    Daemon, DaemonOptions, LedgerDir, LedgerRecord, parse_time, poll, rfc3339,
+    Daemon, DaemonOptions, LedgerDir, LedgerRecord, cpu_ns_of, parse_time, poll, rfc3339,
 };
 use mentat_tests::exact::{Exact, SCALE};
 use mentat_tests::nvml_stub::NvmlStub;
@@ -565,12 +565,7 @@ fn gpu_usage_lands_on_the_right_pids_and_containers() {
             expected >= BURN_MS * 1_000_000,
             "pid {pid} burned only {expected} ns"
         );
-        let metered = records
-            .iter()
-            .filter(|r| r.pid == Some(pid))
-            .map(|r| field(r, "cpu_core_seconds"))
-            .fold(Exact::ZERO, |a, b| a.add(b).expect("sum"));
-        let metered = u64::try_from(ns(metered)).expect("non-negative");
+        let metered = cpu_ns_of(&records, pid).expect("the CPU of the pid");
         assert!(
             mentat_tests::within(metered, expected, 0.01),
             "pid {pid}: the agent metered {metered} ns of CPU, rusage says {expected} ns ({:+.2} %)",
@@ -706,12 +701,7 @@ fn without_the_library_the_daemon_meters_cpu_and_check_says_so() {
         off[0]
     );
     let expected = cpu_ns - truth.rusage_at_gate_ns;
-    let metered = records
-        .iter()
-        .filter(|r| r.pid == Some(pid))
-        .map(|r| field(r, "cpu_core_seconds"))
-        .fold(Exact::ZERO, |a, b| a.add(b).expect("sum"));
-    let metered = u64::try_from(ns(metered)).expect("non-negative");
+    let metered = cpu_ns_of(&records, pid).expect("the CPU of the pid");
     assert!(
         mentat_tests::within(metered, expected, 0.01),
         "the agent metered {metered} ns of CPU, rusage says {expected} ns ({:+.2} %)",

@@ -188,11 +188,7 @@ fn a_full_ledger_disk_delays_windows_and_loses_none() -> Result<()> {
         );
     }
     // The burner ran while nothing could be written: all of it is there.
-    let cpu_ns: f64 = records
-        .iter()
-        .filter(|r| r.pid == Some(burn.child_pid))
-        .map(|r| r.exact("cpu_core_seconds").map(|e| e.to_f64() * 1e9))
-        .sum::<Result<f64>>()?;
+    let cpu_ns = mentat_tests::daemon::cpu_ns_of(&records, burn.child_pid)? as f64;
     let truth = burn.rusage_cpu_ns as f64;
     // 2 %: the agent meters a burner within 1 % of wait4 (tests/cpu.rs); the
     // outage adds nothing to that.
