@@ -49,6 +49,9 @@ pub struct ProcessInfo {
     pub exit_cgroup: Option<u64>,
     /// Its run context: from its environment at exec, else inherited from its parent.
     pub context: RunContext,
+    /// Its pid inside its container's pid namespace (`None`: the host's), which
+    /// is what an SDK in the container reports as `process.pid`.
+    pub ns_pid: Option<u32>,
 }
 
 /// The node buckets' deltas over one window.
@@ -301,6 +304,7 @@ impl Collector {
                 info.parent = parent;
                 info.ppid = Some(ev.ppid);
                 info.comm = comm;
+                info.ns_pid = identity::read_ns_pid(&self.proc_root, ev.tgid);
                 // A forked child runs its parent's program until it execs.
                 if let Some(p) = inherited {
                     info.exe = p.exe;
@@ -321,6 +325,7 @@ impl Collector {
                 info.exe = identity::read_exe(&proc_root, ev.tgid)
                     .or_else(|| Some(identity::c_name(&ev.filename)).filter(|s| !s.is_empty()));
                 info.wasm = detect_wasm(&proc_root, ev.tgid, &info.comm, info.exe.as_deref());
+                info.ns_pid = identity::read_ns_pid(&proc_root, ev.tgid);
                 let parent_ctx = self
                     .live
                     .get(&ev.ppid)
@@ -687,6 +692,11 @@ impl Collector {
             exited_ns: None,
             wasm,
             exit_cgroup: None,
+            ns_pid: if kernel_thread {
+                None
+            } else {
+                identity::read_ns_pid(&self.proc_root, tgid)
+            },
             context: {
                 let mut ctx = read_env_context(&self.proc_root, tgid)
                     .map(|e| e.context)
@@ -740,6 +750,46 @@ impl Collector {
                 .insert(id, (path.clone(), ident.clone()));
         }
         (path, ident)
+    }
+
+    /// The host pid of the process that is `ns_pid` inside the container
+    /// `container_id` or the pod `pod_uid` (at least one given), among the
+    /// processes live now or exited in windows not yet closed; `None` when no
+    /// process, or more than one, fits.
+    pub fn host_pid(
+        &mut self,
+        ns_pid: u32,
+        container_id: Option<&str>,
+        pod_uid: Option<&str>,
+    ) -> Option<u32> {
+        if container_id.is_none() && pod_uid.is_none() {
+            return None;
+        }
+        let candidates: Vec<((u32, u64), Option<u64>)> = self
+            .infos
+            .iter()
+            .filter(|(_, i)| i.ns_pid == Some(ns_pid))
+            .map(|(k, i)| (*k, i.exit_cgroup))
+            .collect();
+        let mut found = None;
+        for ((pid, start), exit_cgroup) in candidates {
+            // Where it is now (or ended): a process moved into its container
+            // after exec must be matched by that container.
+            let cg = exit_cgroup
+                .or_else(|| self.cgroup_id_from_proc(pid))
+                .or_else(|| self.cgroup_of.get(&(pid, start)).copied());
+            let Some(cg) = cg else { continue };
+            let ident = self.cgroup(cg).1;
+            let fits = container_id.is_none_or(|c| ident.container_id.as_deref() == Some(c))
+                && pod_uid.is_none_or(|u| ident.pod_uid.as_deref() == Some(u));
+            if fits {
+                if found.is_some_and(|f| f != pid) {
+                    return None;
+                }
+                found = Some(pid);
+            }
+        }
+        found
     }
 
     /// The live instance with pid `tgid`, if known.

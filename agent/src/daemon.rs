@@ -121,6 +121,11 @@ struct SpanInbox {
     new_dropped: u64,
     /// Malformed `TRACEPARENT` values seen in environments so far.
     bad_traceparents: u64,
+    /// Spans whose pid is a container's, waiting for the collector to map it
+    /// to the host's (it knows each process's container and namespace pid).
+    unmapped: Vec<Span>,
+    /// Spans whose container pid matched no process, or several.
+    unmapped_pids: u64,
 }
 
 impl SpanInbox {
@@ -136,6 +141,11 @@ impl SpanInbox {
                 "mentat_agent_spans_unrecorded_total",
                 "Received spans whose tokens and per-run rows were dropped because too many waited for the next window.",
                 self.new_dropped,
+            ),
+            (
+                "mentat_agent_span_pids_unmapped_total",
+                "Spans naming a pid in a container (container.id or k8s.pod.uid) that matched no process there, or several: they bind no process's usage.",
+                self.unmapped_pids,
             ),
             (
                 "mentat_agent_bad_traceparents_total",
@@ -365,6 +375,18 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         tokio::spawn(async move {
             while let Some(span) = span_rx.recv().await {
                 if let Ok(mut i) = inbox.lock() {
+                    if span.pid_scope.is_some() {
+                        // Bounded like `new`, which these join once mapped.
+                        if i.unmapped.len() < MAX_NEW_SPANS {
+                            i.unmapped.push(Span {
+                                attributes: Default::default(),
+                                ..span
+                            });
+                        } else {
+                            i.new_dropped += 1;
+                        }
+                        continue;
+                    }
                     i.index.add(&span);
                     // Bounded like the index: a flood cannot grow the agent.
                     if i.new.len() < MAX_NEW_SPANS {
@@ -655,6 +677,22 @@ fn split_window(
     span.add(window);
     let (report, new) = match inbox.lock() {
         Ok(mut i) => {
+            // Container pids to host pids, before the spans are used.
+            for mut s in std::mem::take(&mut i.unmapped) {
+                let scope = s.pid_scope.take().unwrap_or_default();
+                s.pid = s.pid.and_then(|p| {
+                    collector.host_pid(p, scope.container_id.as_deref(), scope.pod_uid.as_deref())
+                });
+                if s.pid.is_none() {
+                    i.unmapped_pids += 1;
+                }
+                i.index.add(&s);
+                if i.new.len() < MAX_NEW_SPANS {
+                    i.new.push(s);
+                } else {
+                    i.new_dropped += 1;
+                }
+            }
             let report = span.report(collector, node, |_| true, &[], Some(&i.index), None);
             // Windows go out in order: a span that ended before this one
             // started cannot touch any later window.

@@ -67,6 +67,24 @@ pub fn read_cmdline(proc_root: &Path, pid: u32, limit: usize) -> Option<Vec<u8>>
     Some(buf)
 }
 
+/// The process's pid in its own (innermost) pid namespace, from the `NSpid:`
+/// line of `/proc/<pid>/status`; `None` in the host's namespace (one entry),
+/// when gone, or on a kernel without the line.
+pub fn read_ns_pid(proc_root: &Path, pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(proc_root.join(pid.to_string()).join("status")).ok()?;
+    parse_ns_pid(&status)
+}
+
+/// The innermost pid of an `NSpid:` line with more than one entry.
+pub fn parse_ns_pid(status: &str) -> Option<u32> {
+    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    let pids: Vec<&str> = line.split_whitespace().collect();
+    if pids.len() < 2 {
+        return None;
+    }
+    pids.last()?.parse().ok()
+}
+
 /// Reads the process's executable path (`/proc/<pid>/exe`), lossily as UTF-8.
 pub fn read_exe(proc_root: &Path, pid: u32) -> Option<String> {
     let target = fs::read_link(proc_root.join(pid.to_string()).join("exe")).ok()?;
@@ -206,6 +224,15 @@ impl Cgroups {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn ns_pid_is_the_innermost_of_several() {
+        assert_eq!(parse_ns_pid("Name:\tx\nNSpid:\t4321\t17\t1\n"), Some(1));
+        assert_eq!(parse_ns_pid("NSpid:\t4321\n"), None, "host namespace only");
+        assert_eq!(parse_ns_pid("Name:\tx\n"), None);
+        assert_eq!(parse_ns_pid("NSpid:\t4321\tzz\n"), None);
+    }
+
     use super::*;
 
     #[test]

@@ -95,7 +95,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     export::OtlpConfig,
-    spans::{RunContext, Span, SpanTokens},
+    spans::{PidScope, RunContext, Span, SpanTokens},
 };
 
 /// Heap a decoded request may take, as a multiple of `max_request_bytes`.
@@ -1056,7 +1056,9 @@ pub fn spans_of(request: &ExportTraceServiceRequest, peer_pid: Option<u32>) -> V
     let mut out = Vec::new();
     for rs in &request.resource_spans {
         let resource: &[KeyValue] = rs.resource.as_ref().map_or(&[], |r| &r.attributes);
-        let pid = resource_pid(resource).or(peer_pid);
+        let claimed = resource_pid(resource);
+        let pid = claimed.or(peer_pid);
+        let mut scope = PidScope::default();
         let mut host = None;
         let mut service = None;
         let mut base = RunContext::default();
@@ -1065,6 +1067,10 @@ pub fn spans_of(request: &ExportTraceServiceRequest, peer_pid: Option<u32>) -> V
             match kv.key.as_str() {
                 "host.name" => host = scalar(value),
                 "service.name" => service = scalar(value),
+                "container.id" => {
+                    scope.container_id = scalar(value).map(|v| v.to_ascii_lowercase())
+                }
+                "k8s.pod.uid" => scope.pod_uid = scalar(value).map(|v| v.to_ascii_lowercase()),
                 key => {
                     if let Some(v) = scalar(value) {
                         base.set_attribute(key, &v);
@@ -1072,6 +1078,10 @@ pub fn spans_of(request: &ExportTraceServiceRequest, peer_pid: Option<u32>) -> V
                 }
             }
         }
+        // A peer's pid is the host's; only a claimed pid can be a container's.
+        let pid_scope = (claimed.is_some()
+            && (scope.container_id.is_some() || scope.pod_uid.is_some()))
+        .then_some(scope);
         for span in rs.scope_spans.iter().flat_map(|ss| &ss.spans) {
             let (Some(trace_id), Some(span_id)) =
                 (hex_id(&span.trace_id, 16), hex_id(&span.span_id, 8))
@@ -1105,6 +1115,7 @@ pub fn spans_of(request: &ExportTraceServiceRequest, peer_pid: Option<u32>) -> V
                 start_unix_ns: span.start_time_unix_nano,
                 end_unix_ns: span.end_time_unix_nano,
                 pid,
+                pid_scope: pid_scope.clone(),
                 host: host.clone(),
                 service: service.clone(),
                 context,
@@ -1848,6 +1859,35 @@ mod tests {
             vec![span(1, vec![])],
         );
         assert_eq!(spans_of(&req, Some(5))[0].pid, Some(5));
+    }
+
+    #[test]
+    fn a_claimed_pid_with_a_container_or_pod_is_scoped_to_it() {
+        let id = "ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef0123456789";
+        let req = request(
+            vec![kv("process.pid", s("1")), kv("container.id", s(id))],
+            vec![span(1, vec![])],
+        );
+        let scope = spans_of(&req, Some(5))[0].pid_scope.clone();
+        assert_eq!(
+            scope.and_then(|s| s.container_id),
+            Some(id.to_ascii_lowercase())
+        );
+        let req = request(
+            vec![kv("process.pid", s("1")), kv("k8s.pod.uid", s("U-1"))],
+            vec![span(1, vec![])],
+        );
+        assert_eq!(
+            spans_of(&req, None)[0]
+                .pid_scope
+                .clone()
+                .and_then(|s| s.pod_uid),
+            Some("u-1".into())
+        );
+        // The peer's pid is the host's: a container named beside no claimed pid scopes nothing.
+        let req = request(vec![kv("container.id", s(id))], vec![span(1, vec![])]);
+        let got = &spans_of(&req, Some(5))[0];
+        assert_eq!((got.pid, got.pid_scope.is_none()), (Some(5), true));
     }
 
     #[test]

@@ -75,6 +75,15 @@ pub struct SpanTokens {
     pub reasoning_output: u64,
 }
 
+/// Where a span's `process.pid` lives: a container's or pod's pid namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PidScope {
+    /// `container.id` (64 hex).
+    pub container_id: Option<String>,
+    /// `k8s.pod.uid`.
+    pub pod_uid: Option<String>,
+}
+
 /// One finished span, as received.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Span {
@@ -93,6 +102,10 @@ pub struct Span {
     /// The emitting process: the resource's `process.pid`, or for a loopback
     /// client the pid owning the peer socket.
     pub pid: Option<u32>,
+    /// The resource's `container.id` and `k8s.pod.uid` when it names a
+    /// `process.pid`: that pid is then the one inside the container's pid
+    /// namespace, to be mapped to the host's before the span is used.
+    pub pid_scope: Option<PidScope>,
     /// The resource's `host.name`.
     pub host: Option<String>,
     /// `service.name`.

@@ -15,6 +15,10 @@ Options:
                        all at once)
     --raw-bytes N      send N bytes of malformed protobuf (a field claiming 1 GiB)
                        as the request body instead of a request
+    --pid P            the resource's process.pid (default: this process's)
+    --resource K=V     one more resource attribute (repeatable)
+    --start-ns T       every span starts at T (Unix ns) and ends at --end-ns
+    --end-ns T
 
 Spans are valid (random ids); the resource names this
 process by `process.pid`. Prints one JSON line: how many requests were answered
@@ -56,6 +60,9 @@ def request_bytes(args):
     spans = []
     for i in range(args.spans):
         start = now - random.randrange(args.spread_ms * 1_000_000 + 1)
+        end = start + args.span_ms * 1_000_000
+        if args.start_ns:
+            start, end = args.start_ns, args.end_ns
         attrs = [kv("flow.run_id", args.run_id)] if args.run_id else []
         if i == 0 and args.pad:
             attrs.append(kv("padding", "x" * args.pad))
@@ -65,7 +72,7 @@ def request_bytes(args):
                 span_id=os.urandom(7) + b"\x01",
                 name=f"flood {i}",
                 start_time_unix_nano=start,
-                end_time_unix_nano=start + args.span_ms * 1_000_000,
+                end_time_unix_nano=end,
                 attributes=attrs,
             )
         )
@@ -73,7 +80,11 @@ def request_bytes(args):
         resource_spans=[
             trace_pb2.ResourceSpans(
                 resource=resource_pb2.Resource(
-                    attributes=[kv("service.name", "otlp-client"), kv("process.pid", os.getpid())]
+                    attributes=[
+                        kv("service.name", "otlp-client"),
+                        kv("process.pid", args.pid if args.pid else os.getpid()),
+                    ]
+                    + [kv(*r.split("=", 1)) for r in args.resource]
                 ),
                 scope_spans=[trace_pb2.ScopeSpans(spans=spans)],
             )
@@ -143,6 +154,10 @@ def main():
     p.add_argument("--raw-bytes", type=int, default=0)
     p.add_argument("--span-ms", type=int, default=1)
     p.add_argument("--spread-ms", type=int, default=0)
+    p.add_argument("--pid", type=int, default=0)
+    p.add_argument("--resource", action="append", default=[])
+    p.add_argument("--start-ns", type=int, default=0)
+    p.add_argument("--end-ns", type=int, default=0)
     args = p.parse_args()
 
     send = send_grpc if args.proto == "grpc" else send_http
