@@ -12,10 +12,11 @@
 //!   `flow.run_id` binds its process's usage during `[start, end]` to that run.
 //!
 //! The split rule, for a process's usage in one window: usage is taken as
-//! spread evenly over the window; each instant of the window belongs to the
-//! runs whose spans (of that process) cover it, shared equally when several
-//! do; instants no span covers belong to the process's environment context
-//! (or to no run). Each run gets the fraction of the window it owns; integer
+//! spread evenly over the part of the window the process was alive (from its
+//! start or the window's, to its exit or the window's end); each instant of
+//! that belongs to the runs whose spans (of that process) cover it, shared
+//! equally when several do; instants no span covers belong to the process's
+//! environment context (or to no run). Each run gets the fraction it owns; integer
 //! quantities are split by largest remainder so the parts sum exactly to the
 //! whole.
 

@@ -218,12 +218,26 @@ impl Span {
                 identity.k8s_pod_name = Some(pod.name);
             }
             let shares = match spans {
-                Some(index) => index.shares(
-                    key.tgid,
-                    crate::clock::unix_ns(start),
-                    crate::clock::unix_ns(end),
-                    &info.context,
-                ),
+                Some(index) => {
+                    // Usage is spread over the part of the window the process
+                    // was alive, not the whole window: a process that lived
+                    // 300 ms, all under one span, is all that span's.
+                    let hi = end_ns.max(start_ns);
+                    let alive_from = key.start_ns.max(start_ns).min(hi);
+                    let alive_to = info.exited_ns.unwrap_or(hi).min(hi).max(alive_from);
+                    let (from, to) = if alive_to > alive_from {
+                        (alive_from, alive_to)
+                    } else {
+                        (start_ns, hi)
+                    };
+                    let unix_start = crate::clock::unix_ns(start);
+                    index.shares(
+                        key.tgid,
+                        unix_start + (from - start_ns),
+                        unix_start + (to - start_ns),
+                        &info.context,
+                    )
+                }
                 None => vec![Share {
                     context: info.context.clone(),
                     parts: SCALE,

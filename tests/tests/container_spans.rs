@@ -81,16 +81,18 @@ fn cpu_ns(v: &Value) -> Result<i128> {
 #[test]
 fn a_containers_namespace_pid_binds_the_right_process() -> Result<()> {
     require_python_otel()?;
-    // Windows wait 8 s for late spans: the spans below go out a few seconds
-    // after the workload ends.
-    let d = TracedDaemon::start("8s", "")?;
+    // Windows wait 5 s for late spans: the spans below go out after the
+    // workload ends.
+    let d = TracedDaemon::start("5s", "")?;
     let root = ScratchCgroup::create()?;
     let id = random_container_id()?;
     let cgroup = root.create_child(&format!("system.slice/docker-{id}.scope"))?;
 
     // The workload is pid 1 of its own pid namespace, moves itself into the
     // container's cgroup and burns there.
-    let started = OffsetDateTime::now_utc();
+    // 20 ms early: the kernel keeps a process's start time at clock-tick
+    // resolution (10 ms), rounded down, and the span must cover all of it.
+    let started = OffsetDateTime::now_utc() - time::Duration::milliseconds(20);
     let out = Command::new(unshare()?)
         .args(["--fork", "--pid", "--mount-proc"])
         .arg(workload_bin()?)
@@ -119,13 +121,9 @@ fn a_containers_namespace_pid_binds_the_right_process() -> Result<()> {
     );
 
     // Its SDK would say process.pid = 1 and container.id = the container. The
-    // span covers the whole windows the process lived in (the split spreads a
-    // window's usage over the window), so the run owns all of the process's CPU.
-    std::thread::sleep(Duration::from_millis(2500));
-    let (started, ended) = (
-        started - time::Duration::seconds(2),
-        ended + time::Duration::seconds(2),
-    );
+    // span covers the process's life, which is shorter than the windows it ran
+    // in: the split spreads usage over the part of a window the process was
+    // alive, so the run owns all of its CPU.
     let run = unique_run_id("container");
     send_span(&d, 1, &[format!("container.id={id}")], started, ended, &run)?;
     // A pid the container does not have: bound to nothing, counted.
