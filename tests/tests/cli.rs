@@ -160,7 +160,7 @@ fn a_gpu_library_that_does_not_load_is_named_and_cpu_is_still_metered() {
     let missing = "/nonexistent/libnvidia-ml.so.1";
     let recording = record(
         &["--gpu-library", missing],
-        Some(&["burn", "--threads", "1", "--ms", "200"]),
+        Some(&["burn", "--threads", "1", "--ms", "1000"]),
     )
     .expect("recording with a missing NVML library");
     let output = &recording.output;
@@ -178,7 +178,8 @@ fn a_gpu_library_that_does_not_load_is_named_and_cpu_is_still_metered() {
         .filter(|p| p.pid == burn.child_pid)
         .map(|p| p.cpu_ns)
         .sum::<u64>();
-    // 1 %: the tolerance tests/cpu.rs justifies for a burner against wait4.
+    // 1 %: the tolerance tests/cpu.rs justifies for a burner against wait4, over
+    // as long a burn (a second): the per-process differences are a few ms at most.
     assert!(
         child.abs_diff(burn.rusage_cpu_ns) * 100 <= burn.rusage_cpu_ns,
         "the burner without GPU metering: {child} ns, wait4 {} ns",
