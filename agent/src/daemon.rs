@@ -40,7 +40,7 @@ use crate::{
     prometheus::{AgentStats, Metrics},
     receiver::{self, Enricher, ForwardOptions, Forwarder, ReceiverStats},
     report::Span as Span_,
-    spans::Span,
+    spans::{PidScope, Span},
     storage::StorageMeter,
     usage::{UsageRecord, core_seconds, stable_id},
 };
@@ -129,6 +129,52 @@ struct SpanInbox {
 }
 
 impl SpanInbox {
+    /// Takes a received span: indexed and queued for the next window, or, when
+    /// its pid is a container's, held until the collector maps it.
+    fn receive(&mut self, span: Span) {
+        // Tokens and per-run rows need ids, times, context and tokens only:
+        // the attribute map is most of a span's size.
+        let span = Span {
+            attributes: Default::default(),
+            ..span
+        };
+        if span.pid_scope.is_some() {
+            // Bounded like `new`, which these join once mapped.
+            if self.unmapped.len() < MAX_NEW_SPANS {
+                self.unmapped.push(span);
+            } else {
+                self.new_dropped += 1;
+            }
+            return;
+        }
+        self.index.add(&span);
+        // Bounded like the index: a flood cannot grow the agent.
+        if self.new.len() < MAX_NEW_SPANS {
+            self.new.push(span);
+        } else {
+            self.new_dropped += 1;
+        }
+    }
+
+    /// Maps the held spans' container pids to host pids with `collector`, then
+    /// takes them as received spans (a pid no process fits is counted and dropped).
+    fn map_pids(&mut self, collector: &mut Collector) {
+        // Spans of one process come in batches: map each (pid, scope) once.
+        let mut mapped: HashMap<(u32, PidScope), Option<u32>> = HashMap::new();
+        for mut s in std::mem::take(&mut self.unmapped) {
+            let scope = s.pid_scope.take().unwrap_or_default();
+            s.pid = s.pid.and_then(|p| {
+                *mapped.entry((p, scope.clone())).or_insert_with(|| {
+                    collector.host_pid(p, scope.container_id.as_deref(), scope.pod_uid.as_deref())
+                })
+            });
+            if s.pid.is_none() {
+                self.unmapped_pids += 1;
+            }
+            self.receive(s);
+        }
+    }
+
     /// The counters as (name, help, value), for `/metrics`.
     fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
         vec![
@@ -375,30 +421,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         tokio::spawn(async move {
             while let Some(span) = span_rx.recv().await {
                 if let Ok(mut i) = inbox.lock() {
-                    if span.pid_scope.is_some() {
-                        // Bounded like `new`, which these join once mapped.
-                        if i.unmapped.len() < MAX_NEW_SPANS {
-                            i.unmapped.push(Span {
-                                attributes: Default::default(),
-                                ..span
-                            });
-                        } else {
-                            i.new_dropped += 1;
-                        }
-                        continue;
-                    }
-                    i.index.add(&span);
-                    // Bounded like the index: a flood cannot grow the agent.
-                    if i.new.len() < MAX_NEW_SPANS {
-                        // Tokens and per-run rows need ids, times, context and
-                        // tokens only: the attribute map is most of a span's size.
-                        i.new.push(Span {
-                            attributes: Default::default(),
-                            ..span
-                        });
-                    } else {
-                        i.new_dropped += 1;
-                    }
+                    i.receive(span);
                 }
             }
         });
@@ -678,21 +701,7 @@ fn split_window(
     let (report, new) = match inbox.lock() {
         Ok(mut i) => {
             // Container pids to host pids, before the spans are used.
-            for mut s in std::mem::take(&mut i.unmapped) {
-                let scope = s.pid_scope.take().unwrap_or_default();
-                s.pid = s.pid.and_then(|p| {
-                    collector.host_pid(p, scope.container_id.as_deref(), scope.pod_uid.as_deref())
-                });
-                if s.pid.is_none() {
-                    i.unmapped_pids += 1;
-                }
-                i.index.add(&s);
-                if i.new.len() < MAX_NEW_SPANS {
-                    i.new.push(s);
-                } else {
-                    i.new_dropped += 1;
-                }
-            }
+            i.map_pids(collector);
             let report = span.report(collector, node, |_| true, &[], Some(&i.index), None);
             // Windows go out in order: a span that ended before this one
             // started cannot touch any later window.

@@ -76,7 +76,7 @@ pub struct SpanTokens {
 }
 
 /// Where a span's `process.pid` lives: a container's or pod's pid namespace.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct PidScope {
     /// `container.id` (64 hex).
     pub container_id: Option<String>,
