@@ -212,6 +212,17 @@ impl Drop for ScratchCgroup {
     }
 }
 
+/// `unshare` (util-linux) from PATH: how the tests give a workload a
+/// container's own pid, mount and other namespaces.
+pub fn unshare_bin() -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("unshare"))
+        .find(|path| path.is_file())
+        .expect("no `unshare` on PATH: the container tests need util-linux's unshare")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

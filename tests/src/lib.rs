@@ -27,7 +27,7 @@ pub mod storage;
 pub mod traced;
 pub mod truth;
 
-pub use cgroup::{ScratchCgroup, cgroup2_mount, random_container_id, random_pod_uid};
+pub use cgroup::{ScratchCgroup, cgroup2_mount, random_container_id, random_pod_uid, unshare_bin};
 pub use records::{
     Bucket, GroupRecord, ProcessRecord, Records, Summary, Totals, UnattributedBucket,
 };

@@ -4,7 +4,6 @@
 //! the right process's usage to the span's run; a pid it cannot place binds
 //! nothing and is counted, rather than billing the host's pid 1.
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -16,15 +15,6 @@ use mentat_tests::truth::CgroupMove;
 use mentat_tests::workload_bin;
 use serde_json::Value;
 use time::OffsetDateTime;
-
-fn unshare() -> Result<PathBuf> {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("unshare"))
-        .find(|path| path.is_file())
-        .context("no `unshare` on PATH (util-linux)")
-}
 
 /// Sends one span over gRPC with `resource` attributes, for `pid`, covering
 /// [`start`, `end`], in run `run_id`.
@@ -93,7 +83,7 @@ fn a_containers_namespace_pid_binds_the_right_process() -> Result<()> {
     // 20 ms early: the kernel keeps a process's start time at clock-tick
     // resolution (10 ms), rounded down, and the span must cover all of it.
     let started = OffsetDateTime::now_utc() - time::Duration::milliseconds(20);
-    let out = Command::new(unshare()?)
+    let out = Command::new(mentat_tests::unshare_bin())
         .args(["--fork", "--pid", "--mount-proc"])
         .arg(workload_bin()?)
         .args(["cgroup", "--path"])

@@ -11,7 +11,6 @@
 //! resolves the innermost match, so the scratch prefix does not hide the layout.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
 
 use mentat_tests::truth::CgroupMove;
 use mentat_tests::{
@@ -29,16 +28,6 @@ struct Expected<'a> {
     qos_class: Option<&'a str>,
 }
 
-/// `unshare` from PATH; the tests cannot build a container without it.
-fn unshare() -> PathBuf {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("unshare"))
-        .find(|path| path.is_file())
-        .expect("no `unshare` on PATH: the container tests need util-linux's unshare")
-}
-
 /// Runs `workload cgroup --path <scratch>/<path> --ms 200` as pid 1 of fresh pid, mount
 /// (with its own /proc), UTS and IPC namespaces, under the agent, and checks its records.
 fn assert_recorded_as(expected: &Expected) {
@@ -48,7 +37,7 @@ fn assert_recorded_as(expected: &Expected) {
         .create_child(&expected.path)
         .unwrap_or_else(|e| panic!("creating the container's cgroup: {e:#}"));
     let command: Vec<OsString> = vec![
-        unshare().into(),
+        mentat_tests::unshare_bin().into(),
         "--fork".into(),
         "--pid".into(),
         "--mount-proc".into(),

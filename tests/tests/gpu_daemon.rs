@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
@@ -111,16 +111,6 @@ fn script(p1: u32, p2: u32, p3: u32) -> String {
     s
 }
 
-/// `unshare` from PATH: a container's pid namespace.
-fn unshare() -> PathBuf {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("unshare"))
-        .find(|path| path.is_file())
-        .expect("no `unshare` on PATH: this test needs util-linux's unshare")
-}
-
 /// A `workload gated` process, waiting for its gate line.
 struct Tenant {
     what: &'static str,
@@ -146,7 +136,7 @@ impl Tenant {
                     .into_iter()
                     .chain([workload.into_os_string()]),
             );
-            unshare().into()
+            mentat_tests::unshare_bin().into()
         } else {
             workload.into()
         };
