@@ -265,3 +265,21 @@ fn a_runtime_daemons_own_cgroup_is_no_container() {
         qos_class: None,
     });
 }
+
+#[test]
+fn a_systemd_slice_prefix_name_path_written_literally() {
+    // Some shims write runc's systemd cgroup spec `slice:prefix:name` into the path
+    // as is instead of converting it to `slice/prefix-name.scope`: one directory whose
+    // name holds both the pod's slice and the container.
+    let (id, uid, uid_) = ids();
+    assert_recorded_as(&Expected {
+        path: format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice:cri-containerd:{id}"
+        ),
+        workload_kind: "container",
+        container_id: Some(&id),
+        container_runtime: Some("containerd"),
+        pod_uid: Some(&uid),
+        qos_class: Some("burstable"),
+    });
+}
