@@ -334,7 +334,9 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     let ledger = Arc::new(Mutex::new(ledger));
     let metrics = {
         let prices = prices.clone();
-        Metrics::new(config.metrics.clone(), move |m| prices.current().has_model(m))
+        Metrics::new(config.metrics.clone(), move |m| {
+            prices.current().has_model(m)
+        })
     };
     let ready = Arc::new(AtomicBool::new(false));
 

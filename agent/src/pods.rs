@@ -289,12 +289,17 @@ mod tests {
         let map = fetch(&url.replace("{node}", "n1"), &PodSource::default()).expect("fetch");
         let head = server.join().expect("server");
         assert_eq!(
-            map.get("7c4e2a1b-3f5d-4e6a-9b8c-0d1e2f3a4b5c").map(|p| p.name.as_str()),
+            map.get("7c4e2a1b-3f5d-4e6a-9b8c-0d1e2f3a4b5c")
+                .map(|p| p.name.as_str()),
             Some("web-0")
         );
         let accept = head
             .lines()
-            .find_map(|l| l.to_ascii_lowercase().strip_prefix("accept: ").map(str::to_owned))
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("accept: ")
+                    .map(str::to_owned)
+            })
             .unwrap_or_default();
         assert!(
             accept.starts_with("application/json;as=partialobjectmetadatalist;g=meta.k8s.io;v=v1"),

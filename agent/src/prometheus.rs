@@ -269,6 +269,8 @@ impl Metrics {
             return;
         };
         let s = &mut *guard;
+        // Ended workloads first: their places under the cap are free for this window.
+        s.end_idle(now);
         for r in records {
             let base = labels(r);
             if let Some(last) = s.workloads.get_mut(&base) {
@@ -378,7 +380,6 @@ impl Metrics {
                 );
             }
         }
-        s.end_idle(now);
         s.agent.windows += stats.windows;
         s.agent.map_full_drops += stats.map_full_drops;
         s.agent.events_lost += stats.events_lost;
@@ -627,11 +628,19 @@ mod tests {
         assert_eq!(series_lines(&text), 5, "{text}");
         assert!(!text.contains("random-"), "{text}");
         assert_eq!(
-            total(&text, "mentat_tokens_total", &[r#"model="unpriced""#, r#"type="input""#]),
+            total(
+                &text,
+                "mentat_tokens_total",
+                &[r#"model="unpriced""#, r#"type="input""#]
+            ),
             Decimal::from(6_000)
         );
         assert_eq!(
-            total(&text, "mentat_tokens_total", &[r#"model="gpt-4o""#, r#"type="output""#]),
+            total(
+                &text,
+                "mentat_tokens_total",
+                &[r#"model="gpt-4o""#, r#"type="output""#]
+            ),
             Decimal::from(20)
         );
         assert!(
@@ -655,7 +664,10 @@ mod tests {
         let text = m.render();
         // Five containers' own series and one `other`.
         assert_eq!(series_lines(&text), 6, "{text}");
-        assert_eq!(total(&text, "mentat_cpu_seconds_total", &[]), Decimal::from(200));
+        assert_eq!(
+            total(&text, "mentat_cpu_seconds_total", &[]),
+            Decimal::from(200)
+        );
         assert_eq!(
             total(&text, "mentat_cpu_seconds_total", &[r#"container="other""#]),
             Decimal::from(190)

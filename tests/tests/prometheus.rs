@@ -489,8 +489,19 @@ fn random_model_names_and_exited_containers_leave_the_series_bounded() {
         let out = mentat_tests::traced::run_python(
             "otlp_client.py",
             &[
-                "grpc", "--target", &target, "--spans", "200", "--requests", "15", "--tokens",
-                &tokens, "--model", "random", "--span-ms", "100",
+                "grpc",
+                "--target",
+                &target,
+                "--spans",
+                "200",
+                "--requests",
+                "15",
+                "--tokens",
+                &tokens,
+                "--model",
+                "random",
+                "--span-ms",
+                "100",
             ],
             &[],
             Duration::from_secs(120),
@@ -596,7 +607,8 @@ fn random_model_names_and_exited_containers_leave_the_series_bounded() {
         BTreeSet::from(["unpriced".to_owned()]),
         "model label values Prometheus stored"
     );
-    let now = prom.query("count({__name__=~\"mentat_.+\", __name__!~\"mentat_agent_.+\", kind!=\"other\"})");
+    let now = prom
+        .query("count({__name__=~\"mentat_.+\", __name__!~\"mentat_agent_.+\", kind!=\"other\"})");
     let count = now.first().map_or(0.0, |s| value_of(&s["value"]));
     assert!(
         count > 0.0 && count <= MAX_SERIES as f64,
