@@ -17,11 +17,14 @@
 //!   no record for `series_grace` has all its series removed, and counted in
 //!   `mentat_agent_metric_series_ended_total`. Prometheus has scraped their
 //!   last values by then (the grace is many scrape intervals) and marks the
-//!   series stale. Should the same label set come back, its counters start
-//!   again from 0, which Prometheus reads as a counter reset, as after an
-//!   exporter restart: `rate()` and `increase()` count only what is new. An
-//!   ended value is never moved into another series, which would count it a
-//!   second time.
+//!   series stale. Should the same label set come back (a container idle for
+//!   longer than the grace, a pod re-created under its name), its counter
+//!   continues from its last value, remembered for the last `max_series`
+//!   ended series: Prometheus sees one monotonic counter across the gap, and
+//!   `rate()`/`increase()` count only what is new. A series whose value was
+//!   forgotten starts again from 0, which Prometheus reads as a counter
+//!   reset, as after an exporter restart. An ended value is never moved into
+//!   another series, which would count it a second time.
 //! - **A cap**: at most `max_series` usage series. A series that would be
 //!   created past it is folded into the family's series whose namespace, pod,
 //!   container and kind are all `other` (one per family, direction, type,
@@ -131,6 +134,13 @@ struct State {
     folded: u64,
     ended: u64,
     unpriced_tokens: u64,
+    /// Last values of ended series (family, labels) → (value, order), so one
+    /// that comes back continues from there: at most `max_series`, the
+    /// oldest forgotten first.
+    tombstones: HashMap<(&'static str, Labels), (Decimal, u64)>,
+    /// Tombstones by age, oldest first.
+    tombstone_order: BTreeMap<u64, (&'static str, Labels)>,
+    tombstone_seq: u64,
 }
 
 /// Kind, namespace, pod and container: the first labels of every usage series.
@@ -152,9 +162,12 @@ impl State {
         }
         let mut labels = base.clone();
         labels.extend_from_slice(extra);
-        let f = self.families.entry(name).or_default();
-        f.help = help;
-        let labels = if f.series.contains_key(&labels) {
+        let exists = |s: &Self, l: &Labels| {
+            s.families
+                .get(name)
+                .is_some_and(|f| f.series.contains_key(l))
+        };
+        let labels = if exists(self, &labels) {
             labels
         } else if self.series < self.config.max_series {
             self.series += 1;
@@ -168,9 +181,39 @@ impl State {
             l.extend_from_slice(extra);
             l
         };
-        let e = f.series.entry(labels).or_default();
+        // A series created again continues from its last exposed value where
+        // that is remembered: Prometheus then sees one monotonic counter.
+        let start = if exists(self, &labels) {
+            None
+        } else {
+            self.revive(name, &labels)
+        };
+        let f = self.families.entry(name).or_default();
+        f.help = help;
+        let e = f.series.entry(labels).or_insert(start.unwrap_or_default());
         // Saturating: only a cost that overflowed in pricing (counted there) gets near it.
         *e = e.checked_add(v).unwrap_or(Decimal::MAX);
+    }
+
+    /// The remembered last value of an ended series, forgetting it.
+    fn revive(&mut self, name: &'static str, labels: &Labels) -> Option<Decimal> {
+        let (v, seq) = self.tombstones.remove(&(name, labels.clone()))?;
+        self.tombstone_order.remove(&seq);
+        Some(v)
+    }
+
+    /// Remembers an ended series' last value, forgetting the oldest past `max_series`.
+    fn bury(&mut self, name: &'static str, labels: Labels, v: Decimal) {
+        self.tombstone_seq += 1;
+        let seq = self.tombstone_seq;
+        self.tombstone_order.insert(seq, (name, labels.clone()));
+        self.tombstones.insert((name, labels), (v, seq));
+        while self.tombstones.len() > self.config.max_series {
+            let Some((_, key)) = self.tombstone_order.pop_first() else {
+                break;
+            };
+            self.tombstones.remove(&key);
+        }
     }
 
     /// Ends the series of workloads with no record since `now - series_grace`.
@@ -183,24 +226,26 @@ impl State {
             return;
         }
         let other = other_base();
-        let (workloads, mut removed, mut removed_other) = (&self.workloads, 0usize, 0usize);
-        for f in self.families.values_mut() {
-            f.series.retain(|labels, _| {
+        let (workloads, mut removed, mut ended) = (&self.workloads, 0usize, Vec::new());
+        for (name, f) in &mut self.families {
+            f.series.retain(|labels, v| {
                 let base = labels.get(..BASE_LABELS).unwrap_or_default();
                 let keep = workloads.contains_key(base);
                 if !keep {
-                    if base == other.as_slice() {
-                        removed_other += 1;
-                    } else {
+                    if base != other.as_slice() {
                         removed += 1;
                     }
+                    ended.push((*name, labels.clone(), *v));
                 }
                 keep
             });
         }
         self.families.retain(|_, f| !f.series.is_empty());
         self.series = self.series.saturating_sub(removed);
-        self.ended += (removed + removed_other) as u64;
+        self.ended += ended.len() as u64;
+        for (name, labels, v) in ended {
+            self.bury(name, labels, v);
+        }
     }
 
     /// `model` as a label value: itself if the book lists it, else `unpriced`.
@@ -438,7 +483,7 @@ impl Metrics {
             ),
             (
                 "mentat_agent_metric_series_ended_total",
-                "Usage series removed because their workload had no record for series_grace (they restart from 0 if it returns).",
+                "Usage series removed because their workload had no record for series_grace (one that returns continues from its last value while that is remembered).",
                 s.ended,
             ),
             (
@@ -605,6 +650,34 @@ mod tests {
     }
 
     #[test]
+    fn a_series_that_comes_back_continues_from_its_last_value() {
+        let m = Metrics::new(
+            MetricsConfig {
+                series_grace: Duration::from_secs(10),
+                max_series: 10,
+            },
+            |_| true,
+        );
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        m.observe_at(&[container(1), container(1)], AgentStats::default(), at(0));
+        m.observe_at(&[container(2)], AgentStats::default(), at(20));
+        assert!(!m.render().contains(r#"container="c1""#));
+        m.observe_at(&[container(1)], AgentStats::default(), at(21));
+        // 2 before it ended, 1 since: Prometheus sees 2 then 3 across the gap, an
+        // increase of 1 (a restart from 0 would show 1 < 2, a reset, also right;
+        // but 1 after, say, 0.5 would hide 0.5 of usage).
+        assert_eq!(
+            total(
+                &m.render(),
+                "mentat_cpu_seconds_total",
+                &[r#"container="c1""#]
+            ),
+            Decimal::from(3)
+        );
+    }
+
+    #[test]
     fn models_the_book_does_not_list_are_one_label_value_and_counted() {
         let m = Metrics::new(MetricsConfig::default(), |model| model == "gpt-4o");
         let mut r = container(1);
@@ -717,7 +790,9 @@ mod tests {
         );
         m.observe_at(&[container(1)], AgentStats::default(), at(30));
         let text = m.render();
-        // c2, c3 and other ended; c1 starts again from 0: a counter reset, not 2.
+        // c2, c3 and other ended, and with them more series than max_series ended
+        // since c1 did: its last value is forgotten, and it starts again from 0 (a
+        // counter reset to Prometheus), never from a value it did not have.
         assert_eq!(
             total(&text, "mentat_cpu_seconds_total", &[r#"container="c1""#]),
             Decimal::ONE,
