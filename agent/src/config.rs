@@ -64,6 +64,8 @@ pub struct Config {
     /// between runs and committed (SDKs export spans in batches, every 5 s by default).
     #[serde(with = "crate::clock::duration_str")]
     pub span_lag: Duration,
+    /// Bounds on `/metrics`' series.
+    pub metrics: crate::prometheus::MetricsConfig,
 }
 
 impl Default for Config {
@@ -86,6 +88,7 @@ impl Default for Config {
             receiver: ReceiverConfig::default(),
             gpu: GpuConfig::default(),
             span_lag: Duration::from_secs(10),
+            metrics: crate::prometheus::MetricsConfig::default(),
         }
     }
 }
@@ -138,6 +141,10 @@ discovery_interval = "60s"  # how often GPUs are listed again (added/removed GPU
 url = ""                    # e.g. "https://kubernetes.default.svc/api/v1/pods?fieldSelector=spec.nodeName={node}"
 # token_file = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 # ca_file = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+
+[metrics]                   # bounds on /metrics' usage series
+max_series = 10000          # past it, new series are folded into namespace/pod/container/kind="other" (counted)
+series_grace = "5m"         # a workload's series end this long after its last record (exited containers, pods, processes)
 "#;
 
 /// Environment variables that override config keys: `MENTAT_` followed by the

@@ -332,7 +332,12 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         None => info!(path = %config.ledger_path.display(), "new ledger"),
     }
     let ledger = Arc::new(Mutex::new(ledger));
-    let metrics = Metrics::default();
+    let metrics = {
+        let prices = prices.clone();
+        Metrics::new(config.metrics.clone(), move |m| {
+            prices.current().has_model(m)
+        })
+    };
     let ready = Arc::new(AtomicBool::new(false));
 
     let probes = Probes::load(&config.probe_config())?;

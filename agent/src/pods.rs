@@ -11,7 +11,10 @@ use std::{
     collections::HashMap,
     fs,
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     thread,
     time::Duration,
 };
@@ -115,6 +118,22 @@ pub struct PodDirectory {
     names: Arc<RwLock<HashMap<String, PodName>>>,
 }
 
+/// Pod-list fetches that failed (names stay as last fetched), since start.
+pub fn list_failures() -> u64 {
+    POD_LIST_FAILURES.load(Ordering::Relaxed)
+}
+
+static POD_LIST_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// Asks the API server for object metadata only (a `PartialObjectMetadataList`):
+/// the agent needs each pod's UID, name and namespace, and a full `PodList`
+/// carries every container's environment values, secrets passed as env
+/// included. The plain JSON fallback is for servers that do not serve the
+/// metadata form (the kubelet's `/pods` returns the full list whatever is
+/// asked); both parse the same, since only `metadata` is read.
+const ACCEPT: &str =
+    "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json;q=0.9";
+
 /// Bodies larger than this are refused: a node's pod list is far smaller.
 const MAX_BODY: u64 = 64 << 20;
 
@@ -139,12 +158,14 @@ impl PodDirectory {
                         }
                         failing = false;
                     }
-                    // Logged once per outage, not once per attempt.
-                    Err(e) if !failing => {
-                        warn!(error = %e, "pod names unavailable; records keep the pod UID");
-                        failing = true;
+                    // Counted each time; logged once per outage, not once per attempt.
+                    Err(e) => {
+                        POD_LIST_FAILURES.fetch_add(1, Ordering::Relaxed);
+                        if !failing {
+                            warn!(error = %e, "pod names unavailable; records keep the pod UID");
+                            failing = true;
+                        }
                     }
-                    Err(_) => {}
                 }
                 thread::sleep(refresh);
             }
@@ -185,7 +206,7 @@ fn fetch(url: &str, source: &PodSource) -> Result<HashMap<String, PodName>, Pods
         .tls_config(tls.build())
         .build()
         .into();
-    let mut req = agent.get(url);
+    let mut req = agent.get(url).header("Accept", ACCEPT);
     if let Some(path) = &source.token_file {
         let token = fs::read_to_string(path).map_err(|e| PodsError::File {
             path: path.clone(),
@@ -228,6 +249,84 @@ mod tests {
         let e = parse_pod_list("http://x/pods", b"<html>").expect_err("not json");
         assert!(e.to_string().contains("http://x/pods"), "{e}");
         assert!(parse_pod_list("u", br#"{"items":[{"metadata":{}}]}"#).is_err());
+    }
+
+    /// Serves one HTTP request on loopback with `status` and `body`; returns
+    /// the URL and a handle yielding the request's head.
+    fn one_shot(status: u16, body: &'static str) -> (String, thread::JoinHandle<String>) {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!(
+            "http://{}/api/v1/pods?fieldSelector=spec.nodeName={{node}}",
+            listener.local_addr().expect("addr")
+        );
+        let server = thread::spawn(move || {
+            let (mut conn, _) = listener.accept().expect("accept");
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let _ = write!(
+                conn,
+                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            String::from_utf8_lossy(&head).into_owned()
+        });
+        (url, server)
+    }
+
+    #[test]
+    fn asks_for_metadata_only_and_reads_a_partial_object_metadata_list() {
+        // What an API server answers to the metadata Accept header: no spec, no env.
+        let (url, server) = one_shot(
+            200,
+            r#"{"kind":"PartialObjectMetadataList","apiVersion":"meta.k8s.io/v1","metadata":{},
+               "items":[{"kind":"PartialObjectMetadata","apiVersion":"meta.k8s.io/v1",
+               "metadata":{"name":"web-0","namespace":"shop","uid":"7c4e2a1b-3f5d-4e6a-9b8c-0d1e2f3a4b5c"}}]}"#,
+        );
+        let map = fetch(&url.replace("{node}", "n1"), &PodSource::default()).expect("fetch");
+        let head = server.join().expect("server");
+        assert_eq!(
+            map.get("7c4e2a1b-3f5d-4e6a-9b8c-0d1e2f3a4b5c")
+                .map(|p| p.name.as_str()),
+            Some("web-0")
+        );
+        let accept = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("accept: ")
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        assert!(
+            accept.starts_with("application/json;as=partialobjectmetadatalist;g=meta.k8s.io;v=v1"),
+            "request head: {head}"
+        );
+        assert!(head.contains("spec.nodeName=n1"), "{head}");
+    }
+
+    #[test]
+    fn failed_pod_lists_are_counted() {
+        let (url, server) = one_shot(500, "{}");
+        let before = list_failures();
+        let _dir = PodDirectory::start(
+            PodSource {
+                url,
+                ..PodSource::default()
+            },
+            "n1",
+            Duration::from_secs(3600),
+        );
+        server.join().expect("server");
+        // The count follows the response; poll rather than sleep a guessed time.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while list_failures() == before && std::time::Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert!(list_failures() > before);
     }
 
     #[test]

@@ -369,6 +369,11 @@ impl PriceBook {
         product(&[per_1k], Decimal::ONE_THOUSAND, record_id)
     }
 
+    /// Whether the book lists `model` (a token price exists for it).
+    pub fn has_model(&self, model: &str) -> bool {
+        self.models.contains_key(model)
+    }
+
     /// The percent of the tier holding `month_to_date`.
     fn discount_percent(&self, month_to_date: Decimal) -> Decimal {
         let spend = month_to_date.max(Decimal::ZERO);
@@ -539,18 +544,39 @@ fn product(factors: &[Decimal], divisor: Decimal, record_id: &str) -> Decimal {
         .try_fold(Decimal::ONE, |acc, f| acc.checked_mul(*f))
         .and_then(|p| p.checked_div(divisor))
         .unwrap_or_else(|| {
-            tracing::error!(record_id, "cost overflows Decimal; component priced at 0");
+            if count_overflow() {
+                tracing::error!(record_id, "cost overflows Decimal; component priced at 0");
+            }
             Decimal::ZERO
         })
 }
 
-/// Σ `parts`, saturating (see [`product`] on why overflow cannot happen in practice).
+/// Σ `parts`, saturating (see [`product`] on why overflow cannot happen in
+/// practice); a saturated sum is counted in [`cost_overflows`].
 fn sum(parts: &[Decimal]) -> Decimal {
     parts
         .iter()
         .try_fold(Decimal::ZERO, |acc, p| acc.checked_add(*p))
-        .unwrap_or(Decimal::MAX)
+        .unwrap_or_else(|| {
+            if count_overflow() {
+                tracing::error!("a cost sum overflows Decimal; saturated at its maximum");
+            }
+            Decimal::MAX
+        })
 }
+
+/// Counts one overflow; true at the 1st, 2nd, 4th, 8th… so a flood of them
+/// logs a line per doubling, not one per record.
+fn count_overflow() -> bool {
+    (COST_OVERFLOWS.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two()
+}
+
+/// Cost components that overflowed `Decimal` (priced at 0, or a sum saturated), since start.
+pub fn cost_overflows() -> u64 {
+    COST_OVERFLOWS.load(Ordering::Relaxed)
+}
+
+static COST_OVERFLOWS: AtomicU64 = AtomicU64::new(0);
 
 /// A price, bound or percent as written: a string, an integer or a float,
 /// with its place in the text.
@@ -1057,6 +1083,31 @@ output_per_1k = "0.02"
         assert_eq!(c.total, dec("0.0475"));
         assert_sums(&c);
         assert!(unpriced_model_usages() > before);
+    }
+
+    #[test]
+    fn overflowing_costs_are_counted_not_panicked_on() {
+        // A price no book should hold times the largest count a client can claim:
+        // 1.8e19 tokens × 1e20 per 1k exceeds Decimal's 7.9e28.
+        let text = with(r#"input_per_1k = "0.0025""#, r#"input_per_1k = "1e20""#);
+        let b = PriceBook::parse(&text, "t").expect("valid");
+        let before = cost_overflows();
+        let r = UsageRecord {
+            tokens: vec![TokenUsage {
+                model: "gpt-4o".into(),
+                input: u64::MAX,
+                ..TokenUsage::default()
+            }],
+            cpu_core_seconds: dec("1"),
+            ..record()
+        };
+        let c = b.price(&r, Decimal::ZERO);
+        // The token component is priced at 0; the rest of the record still is.
+        assert_eq!(c.token, Decimal::ZERO);
+        assert!(c.cpu > Decimal::ZERO);
+        // Other tests run in parallel and may overflow too: at least one more.
+        assert!(cost_overflows() > before);
+        assert!(b.has_model("gpt-4o") && !b.has_model("not-in-the-book"));
     }
 
     #[test]

@@ -6,16 +6,70 @@
 //! trace ids are never labels (they would explode the series count); per-run
 //! usage is the query API's and the OTLP export's job. Sums are exact
 //! `Decimal`s, printed in full.
+//!
+//! # Bounded series
+//!
+//! - **Models**: the `model` label comes from client spans, so a model the
+//!   price book does not list is exposed as `model="unpriced"` (its tokens are
+//!   counted in `mentat_agent_unpriced_tokens_total`); the label's values are
+//!   the book's models plus that one.
+//! - **Workloads end**: a workload (its kind, namespace, pod, container) with
+//!   no record for `series_grace` has all its series removed, and counted in
+//!   `mentat_agent_metric_series_ended_total`. Prometheus has scraped their
+//!   last values by then (the grace is many scrape intervals) and marks the
+//!   series stale. Should the same label set come back (a container idle for
+//!   longer than the grace, a pod re-created under its name), its counter
+//!   continues from its last value, remembered for the last `max_series`
+//!   ended series: Prometheus sees one monotonic counter across the gap, and
+//!   `rate()`/`increase()` count only what is new. A series whose value was
+//!   forgotten starts again from 0, which Prometheus reads as a counter
+//!   reset, as after an exporter restart. An ended value is never moved into
+//!   another series, which would count it a second time.
+//! - **A cap**: at most `max_series` usage series. A series that would be
+//!   created past it is folded into the family's series whose namespace, pod,
+//!   container and kind are all `other` (one per family, direction, type,
+//!   model and currency, so the fold itself is bounded), and each folded
+//!   increment is counted in `mentat_agent_metric_series_folded_total`. Only
+//!   new increments are folded: a value already exposed under its own labels
+//!   stays there.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fmt::Write as _,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use rust_decimal::Decimal;
+use serde::Deserialize;
 
 use crate::usage::UsageRecord;
+
+/// The label value of models the price book does not list.
+pub const UNPRICED_MODEL: &str = "unpriced";
+
+/// The label value series past `max_series` are folded into.
+pub const OTHER: &str = "other";
+
+/// Bounds on `/metrics`' usage series (`[metrics]` in the config).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Most usage series; new ones past it are folded into `other`.
+    pub max_series: usize,
+    /// How long a workload's series stay after its last record.
+    #[serde(with = "crate::clock::duration_str")]
+    pub series_grace: Duration,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            max_series: 10_000,
+            series_grace: Duration::from_secs(300),
+        }
+    }
+}
 
 /// A label set, in a fixed order.
 type Labels = Vec<(&'static str, String)>;
@@ -48,6 +102,9 @@ pub type Counter = (&'static str, &'static str, u64);
 /// Reads a module's own counters when `/metrics` is rendered.
 type Source = Box<dyn Fn() -> Vec<Counter> + Send + Sync>;
 
+/// Tells whether the price book in force lists a model.
+type ModelFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// Counters for `/metrics`, shared between the daemon and the API.
 #[derive(Clone, Default)]
 pub struct Metrics {
@@ -61,26 +118,174 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct State {
     families: BTreeMap<&'static str, Family>,
     agent: AgentStats,
     /// Failed attempts to write a window to the ledger (each retried).
     commit_failures: u64,
+    config: MetricsConfig,
+    /// `None`: every model keeps its name (no book to check against).
+    known_models: Option<ModelFilter>,
+    /// Workloads (the base labels) that have series, and when a record last named them.
+    workloads: HashMap<Labels, Instant>,
+    /// Usage series, not counting the `other` ones.
+    series: usize,
+    folded: u64,
+    ended: u64,
+    unpriced_tokens: u64,
+    /// Last values of ended series (family, labels) → (value, order), so one
+    /// that comes back continues from there: at most `max_series`, the
+    /// oldest forgotten first.
+    tombstones: HashMap<(&'static str, Labels), (Decimal, u64)>,
+    /// Tombstones by age, oldest first.
+    tombstone_order: BTreeMap<u64, (&'static str, Labels)>,
+    tombstone_seq: u64,
 }
 
+/// Kind, namespace, pod and container: the first labels of every usage series.
+const BASE_LABELS: usize = 4;
+
 impl State {
-    fn add(&mut self, name: &'static str, help: &'static str, labels: Labels, v: Decimal) {
+    /// Adds `v` to the series (`base` + `extra`), creating it if the cap allows, else folding it.
+    fn add(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        base: &Labels,
+        extra: &[(&'static str, String)],
+        v: Decimal,
+        now: Instant,
+    ) {
         if v.is_zero() {
             return;
         }
+        let mut labels = base.clone();
+        labels.extend_from_slice(extra);
+        let exists = |s: &Self, l: &Labels| {
+            s.families
+                .get(name)
+                .is_some_and(|f| f.series.contains_key(l))
+        };
+        let labels = if exists(self, &labels) {
+            labels
+        } else if self.series < self.config.max_series {
+            self.series += 1;
+            self.workloads.entry(base.clone()).or_insert(now);
+            labels
+        } else {
+            self.folded += 1;
+            let other = other_base();
+            self.workloads.insert(other.clone(), now);
+            let mut l = other;
+            l.extend_from_slice(extra);
+            l
+        };
+        // A series created again continues from its last exposed value where
+        // that is remembered: Prometheus then sees one monotonic counter.
+        let start = if exists(self, &labels) {
+            None
+        } else {
+            self.revive(name, &labels)
+        };
         let f = self.families.entry(name).or_default();
         f.help = help;
-        *f.series.entry(labels).or_default() += v;
+        let e = f.series.entry(labels).or_insert(start.unwrap_or_default());
+        // Saturating: only a cost that overflowed in pricing (counted there) gets near it.
+        *e = e.checked_add(v).unwrap_or(Decimal::MAX);
+    }
+
+    /// The remembered last value of an ended series, forgetting it.
+    fn revive(&mut self, name: &'static str, labels: &Labels) -> Option<Decimal> {
+        let (v, seq) = self.tombstones.remove(&(name, labels.clone()))?;
+        self.tombstone_order.remove(&seq);
+        Some(v)
+    }
+
+    /// Remembers an ended series' last value, forgetting the oldest past `max_series`.
+    fn bury(&mut self, name: &'static str, labels: Labels, v: Decimal) {
+        self.tombstone_seq += 1;
+        let seq = self.tombstone_seq;
+        self.tombstone_order.insert(seq, (name, labels.clone()));
+        self.tombstones.insert((name, labels), (v, seq));
+        while self.tombstones.len() > self.config.max_series {
+            let Some((_, key)) = self.tombstone_order.pop_first() else {
+                break;
+            };
+            self.tombstones.remove(&key);
+        }
+    }
+
+    /// Ends the series of workloads with no record since `now - series_grace`.
+    fn end_idle(&mut self, now: Instant) {
+        let grace = self.config.series_grace;
+        let before = self.workloads.len();
+        self.workloads
+            .retain(|_, last| now.saturating_duration_since(*last) <= grace);
+        if self.workloads.len() == before {
+            return;
+        }
+        let other = other_base();
+        let (workloads, mut removed, mut ended) = (&self.workloads, 0usize, Vec::new());
+        for (name, f) in &mut self.families {
+            f.series.retain(|labels, v| {
+                let base = labels.get(..BASE_LABELS).unwrap_or_default();
+                let keep = workloads.contains_key(base);
+                if !keep {
+                    if base != other.as_slice() {
+                        removed += 1;
+                    }
+                    ended.push((*name, labels.clone(), *v));
+                }
+                keep
+            });
+        }
+        self.families.retain(|_, f| !f.series.is_empty());
+        self.series = self.series.saturating_sub(removed);
+        self.ended += ended.len() as u64;
+        for (name, labels, v) in ended {
+            self.bury(name, labels, v);
+        }
+    }
+
+    /// `model` as a label value: itself if the book lists it, else `unpriced`.
+    fn model_label(&self, model: &str) -> String {
+        match &self.known_models {
+            Some(known) if !known(model) => UNPRICED_MODEL.to_string(),
+            _ => model.to_string(),
+        }
     }
 }
 
+/// The base labels of folded series.
+fn other_base() -> Labels {
+    ["kind", "namespace", "pod", "container"]
+        .into_iter()
+        .map(|k| (k, OTHER.to_string()))
+        .collect()
+}
+
+/// `v` GiB in bytes, saturating (a measured quantity never gets near it).
+fn gib_to_bytes(v: Decimal) -> Decimal {
+    v.checked_mul(Decimal::from(1u64 << 30))
+        .unwrap_or(Decimal::MAX)
+}
+
 impl Metrics {
+    /// Metrics bounded by `config`, with models the book does not list
+    /// (`known_models` false) under `model="unpriced"`.
+    pub fn new(
+        config: MetricsConfig,
+        known_models: impl Fn(&str) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        let m = Self::default();
+        if let Ok(mut s) = m.inner.lock() {
+            s.config = config;
+            s.known_models = Some(Arc::new(known_models));
+        }
+        m
+    }
+
     /// Adds counters that `source` reads live (a receiver's, an index's) to
     /// every rendering.
     pub fn add_source(&self, source: impl Fn() -> Vec<Counter> + Send + Sync + 'static) {
@@ -99,94 +304,124 @@ impl Metrics {
 
     /// Adds one committed window's records.
     pub fn observe(&self, records: &[UsageRecord], stats: AgentStats) {
-        let Ok(mut s) = self.inner.lock() else {
+        self.observe_at(records, stats, Instant::now());
+    }
+
+    /// As [`observe`](Self::observe), at `now`: series of workloads last seen
+    /// more than `series_grace` before it end.
+    pub fn observe_at(&self, records: &[UsageRecord], stats: AgentStats, now: Instant) {
+        let Ok(mut guard) = self.inner.lock() else {
             return;
         };
+        let s = &mut *guard;
+        // Ended workloads first: their places under the cap are free for this window.
+        s.end_idle(now);
         for r in records {
             let base = labels(r);
+            if let Some(last) = s.workloads.get_mut(&base) {
+                *last = now;
+            }
+            let dir = |d: &str| [("direction", d.to_string())];
             s.add(
                 "mentat_cpu_seconds_total",
                 "CPU time by the scheduler's clock, seconds.",
-                base.clone(),
+                &base,
+                &[],
                 r.cpu_core_seconds,
+                now,
             );
-            let dir = |d: &str| {
-                let mut l = base.clone();
-                l.push(("direction", d.to_string()));
-                l
-            };
-            s.add(
-                "mentat_network_bytes_total",
-                "Socket payload bytes.",
-                dir("receive"),
-                Decimal::from(r.network_rx_bytes),
-            );
-            s.add(
-                "mentat_network_bytes_total",
-                "Socket payload bytes.",
-                dir("transmit"),
-                Decimal::from(r.network_tx_bytes),
-            );
-            s.add(
-                "mentat_disk_bytes_total",
-                "Storage bytes read and written.",
-                dir("read"),
-                Decimal::from(r.disk_read_bytes),
-            );
-            s.add(
-                "mentat_disk_bytes_total",
-                "Storage bytes read and written.",
-                dir("write"),
-                Decimal::from(r.disk_write_bytes),
-            );
+            for (d, v) in [
+                ("receive", r.network_rx_bytes),
+                ("transmit", r.network_tx_bytes),
+            ] {
+                s.add(
+                    "mentat_network_bytes_total",
+                    "Socket payload bytes.",
+                    &base,
+                    &dir(d),
+                    Decimal::from(v),
+                    now,
+                );
+            }
+            for (d, v) in [("read", r.disk_read_bytes), ("write", r.disk_write_bytes)] {
+                s.add(
+                    "mentat_disk_bytes_total",
+                    "Storage bytes read and written.",
+                    &base,
+                    &dir(d),
+                    Decimal::from(v),
+                    now,
+                );
+            }
             // GiB-seconds to byte-seconds: Prometheus wants base units.
             s.add(
                 "mentat_memory_byte_seconds_total",
                 "Resident memory integrated over time, byte-seconds.",
-                base.clone(),
-                r.memory_gb_seconds * Decimal::from(1u64 << 30),
+                &base,
+                &[],
+                gib_to_bytes(r.memory_gb_seconds),
+                now,
             );
             s.add(
                 "mentat_gpu_seconds_total",
                 "GPU time, seconds.",
-                base.clone(),
+                &base,
+                &[],
                 r.gpu_seconds,
+                now,
             );
             // GiB-seconds to byte-seconds, as for memory.
             s.add(
                 "mentat_gpu_memory_byte_seconds_total",
                 "Used GPU memory integrated over time, byte-seconds.",
-                base.clone(),
-                r.gpu_memory_gb_seconds * Decimal::from(1u64 << 30),
+                &base,
+                &[],
+                gib_to_bytes(r.gpu_memory_gb_seconds),
+                now,
             );
             s.add(
                 "mentat_gpu_energy_joules_total",
                 "GPU energy, joules, where the device reports it.",
-                base.clone(),
+                &base,
+                &[],
                 r.gpu_energy_joules,
+                now,
             );
             s.add(
                 "mentat_syscalls_total",
                 "Syscalls entered.",
-                base.clone(),
+                &base,
+                &[],
                 Decimal::from(r.syscalls),
+                now,
             );
             for t in &r.tokens {
+                let model = s.model_label(&t.model);
+                if model == UNPRICED_MODEL {
+                    s.unpriced_tokens = s
+                        .unpriced_tokens
+                        .saturating_add(t.input)
+                        .saturating_add(t.output);
+                }
                 for (kind, n) in [("input", t.input), ("output", t.output)] {
-                    let mut l = base.clone();
-                    l.push(("model", t.model.clone()));
-                    l.push(("type", kind.to_string()));
-                    s.add("mentat_tokens_total", "LLM tokens.", l, Decimal::from(n));
+                    s.add(
+                        "mentat_tokens_total",
+                        "LLM tokens (models the price book does not list: model=\"unpriced\").",
+                        &base,
+                        &[("model", model.clone()), ("type", kind.to_string())],
+                        Decimal::from(n),
+                        now,
+                    );
                 }
             }
             if let Some(c) = &r.cost {
-                let mut l = base.clone();
-                l.push(("currency", c.currency.clone()));
                 s.add(
                     "mentat_cost_total",
                     "Cost after discount, in the currency's major unit.",
-                    l,
+                    &base,
+                    &[("currency", c.currency.clone())],
                     c.total,
+                    now,
                 );
             }
         }
@@ -241,12 +476,48 @@ impl Metrics {
                 "Windows whose GPU data an NVML error skipped (CPU and the rest are metered as usual).",
                 s.agent.gpu_errors,
             ),
+            (
+                "mentat_agent_metric_series_folded_total",
+                "Increments that found /metrics at max_series and were added to the series labelled \"other\" instead.",
+                s.folded,
+            ),
+            (
+                "mentat_agent_metric_series_ended_total",
+                "Usage series removed because their workload had no record for series_grace (one that returns continues from its last value while that is remembered).",
+                s.ended,
+            ),
+            (
+                "mentat_agent_unpriced_tokens_total",
+                "Tokens of models the price book does not list: priced at 0 (kept in the records; re-price after adding the model).",
+                s.unpriced_tokens,
+            ),
+            (
+                "mentat_agent_cost_overflows_total",
+                "Cost components too large for Decimal: priced at 0 (or a sum saturated); the raw quantities are kept.",
+                crate::pricing::cost_overflows(),
+            ),
+            (
+                "mentat_agent_storage_walks_truncated_total",
+                "Writable-layer walks stopped at 2,000,000 entries: that container's storage_bytes is an undercount.",
+                crate::storage::walks_truncated(),
+            ),
+            (
+                "mentat_agent_pod_list_failures_total",
+                "Pod-list fetches that failed (pod names and namespaces stay as last fetched; usage is not affected).",
+                crate::pods::list_failures(),
+            ),
         ] {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP mentat_agent_metric_series Usage series on /metrics now, not counting the \"other\" ones (at most max_series).\n\
+             # TYPE mentat_agent_metric_series gauge\nmentat_agent_metric_series {}",
+            s.series
+        );
         drop(s);
         if let Ok(sources) = self.sources.lock() {
             for (name, help, v) in sources.iter().flat_map(|f| f()) {
@@ -352,5 +623,181 @@ mod tests {
             !text.contains("run-1") && !text.contains("user"),
             "no run or user labels: {text}"
         );
+    }
+
+    fn container(id: usize) -> UsageRecord {
+        UsageRecord {
+            record_kind: "process".into(),
+            workload_kind: Some("container".into()),
+            container_id: Some(format!("c{id}")),
+            cpu_core_seconds: Decimal::ONE,
+            ..Default::default()
+        }
+    }
+
+    /// The sample of the series whose labels contain all of `with`, summed.
+    fn total(text: &str, family: &str, with: &[&str]) -> Decimal {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{family}{{")) && with.iter().all(|w| l.contains(w)))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<Decimal>().ok())
+            .sum()
+    }
+
+    fn series_lines(text: &str) -> usize {
+        text.lines()
+            .filter(|l| l.starts_with("mentat_") && l.contains('{'))
+            .count()
+    }
+
+    #[test]
+    fn a_series_that_comes_back_continues_from_its_last_value() {
+        let m = Metrics::new(
+            MetricsConfig {
+                series_grace: Duration::from_secs(10),
+                max_series: 10,
+            },
+            |_| true,
+        );
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        m.observe_at(&[container(1), container(1)], AgentStats::default(), at(0));
+        m.observe_at(&[container(2)], AgentStats::default(), at(20));
+        assert!(!m.render().contains(r#"container="c1""#));
+        m.observe_at(&[container(1)], AgentStats::default(), at(21));
+        // 2 before it ended, 1 since: Prometheus sees 2 then 3 across the gap, an
+        // increase of 1 (a restart from 0 would show 1 < 2, a reset, also right;
+        // but 1 after, say, 0.5 would hide 0.5 of usage).
+        assert_eq!(
+            total(
+                &m.render(),
+                "mentat_cpu_seconds_total",
+                &[r#"container="c1""#]
+            ),
+            Decimal::from(3)
+        );
+    }
+
+    #[test]
+    fn models_the_book_does_not_list_are_one_label_value_and_counted() {
+        let m = Metrics::new(MetricsConfig::default(), |model| model == "gpt-4o");
+        let mut r = container(1);
+        r.tokens = (0..2_000)
+            .map(|i| crate::usage::TokenUsage {
+                model: format!("random-{i}"),
+                input: 3,
+                output: 4,
+                ..Default::default()
+            })
+            .chain([crate::usage::TokenUsage {
+                model: "gpt-4o".into(),
+                input: 10,
+                output: 20,
+                ..Default::default()
+            }])
+            .collect();
+        m.observe(&[r], AgentStats::default());
+        let text = m.render();
+        // cpu, 2 types × (gpt-4o, unpriced): nothing per random name.
+        assert_eq!(series_lines(&text), 5, "{text}");
+        assert!(!text.contains("random-"), "{text}");
+        assert_eq!(
+            total(
+                &text,
+                "mentat_tokens_total",
+                &[r#"model="unpriced""#, r#"type="input""#]
+            ),
+            Decimal::from(6_000)
+        );
+        assert_eq!(
+            total(
+                &text,
+                "mentat_tokens_total",
+                &[r#"model="gpt-4o""#, r#"type="output""#]
+            ),
+            Decimal::from(20)
+        );
+        assert!(
+            text.contains("mentat_agent_unpriced_tokens_total 14000\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn series_past_the_cap_fold_into_other_and_lose_nothing() {
+        let m = Metrics::new(
+            MetricsConfig {
+                max_series: 5,
+                ..MetricsConfig::default()
+            },
+            |_| true,
+        );
+        let records: Vec<UsageRecord> = (0..100).map(container).collect();
+        m.observe(&records, AgentStats::default());
+        m.observe(&records, AgentStats::default());
+        let text = m.render();
+        // Five containers' own series and one `other`.
+        assert_eq!(series_lines(&text), 6, "{text}");
+        assert_eq!(
+            total(&text, "mentat_cpu_seconds_total", &[]),
+            Decimal::from(200)
+        );
+        assert_eq!(
+            total(&text, "mentat_cpu_seconds_total", &[r#"container="other""#]),
+            Decimal::from(190)
+        );
+        assert!(text.contains("mentat_agent_metric_series 5\n"), "{text}");
+        assert!(
+            text.contains("mentat_agent_metric_series_folded_total 190\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn series_of_a_workload_gone_for_the_grace_end_and_restart_from_zero() {
+        let grace = Duration::from_secs(10);
+        let m = Metrics::new(
+            MetricsConfig {
+                series_grace: grace,
+                max_series: 2,
+            },
+            |_| true,
+        );
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        m.observe_at(&[container(1), container(2)], AgentStats::default(), at(0));
+        m.observe_at(&[container(2)], AgentStats::default(), at(10));
+        // c1 is still within its grace.
+        assert!(m.render().contains(r#"container="c1""#));
+        m.observe_at(&[container(2)], AgentStats::default(), at(11));
+        let text = m.render();
+        assert!(!text.contains(r#"container="c1""#), "{text}");
+        assert_eq!(
+            total(&text, "mentat_cpu_seconds_total", &[r#"container="c2""#]),
+            Decimal::from(3)
+        );
+        assert!(
+            text.contains("mentat_agent_metric_series_ended_total 1\n"),
+            "{text}"
+        );
+        // Its place under the cap is free again: a new container gets its own series.
+        m.observe_at(&[container(3), container(1)], AgentStats::default(), at(12));
+        let text = m.render();
+        assert!(text.contains(r#"container="c3""#), "{text}");
+        // c1 came back while the cap was full again: folded, not added to its old value.
+        assert_eq!(
+            total(&text, "mentat_cpu_seconds_total", &[r#"container="other""#]),
+            Decimal::ONE
+        );
+        m.observe_at(&[container(1)], AgentStats::default(), at(30));
+        let text = m.render();
+        // c2, c3 and other ended, and with them more series than max_series ended
+        // since c1 did: its last value is forgotten, and it starts again from 0 (a
+        // counter reset to Prometheus), never from a value it did not have.
+        assert_eq!(
+            total(&text, "mentat_cpu_seconds_total", &[r#"container="c1""#]),
+            Decimal::ONE,
+            "{text}"
+        );
+        assert!(!text.contains(r#"container="other""#), "{text}");
     }
 }

@@ -15,7 +15,10 @@ use std::{
     fs,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -51,7 +54,35 @@ const NO_LAYER_RETRY: Duration = Duration::from_secs(1);
 const MAX_ENTRIES: usize = 2_000_000;
 
 /// Allocated bytes (blocks × 512) under `dir`, hard links counted once.
+///
+/// A walk that reaches `MAX_ENTRIES` stops there and reports what it counted
+/// (an undercount), counted in [`walks_truncated`] and logged.
 pub fn allocated_bytes(dir: &Path) -> std::io::Result<u64> {
+    let (total, complete) = allocated_bytes_upto(dir, MAX_ENTRIES)?;
+    if !complete {
+        let n = WALKS_TRUNCATED.fetch_add(1, Ordering::Relaxed) + 1;
+        // One line per doubling: a layer re-measured every minute does not flood the log.
+        if n.is_power_of_two() {
+            warn!(
+                path = %dir.display(),
+                max_entries = MAX_ENTRIES,
+                truncated_walks = n,
+                "writable layer has more entries than the walk limit: storage_bytes undercounts it"
+            );
+        }
+    }
+    Ok(total)
+}
+
+/// Storage walks stopped at the entry limit (their layer's size is an undercount), since start.
+pub fn walks_truncated() -> u64 {
+    WALKS_TRUNCATED.load(Ordering::Relaxed)
+}
+
+static WALKS_TRUNCATED: AtomicU64 = AtomicU64::new(0);
+
+/// Allocated bytes under `dir` and whether the walk saw every entry (at most `max_entries`).
+fn allocated_bytes_upto(dir: &Path, max_entries: usize) -> std::io::Result<(u64, bool)> {
     let mut total = 0u64;
     let mut seen = HashSet::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -64,8 +95,8 @@ pub fn allocated_bytes(dir: &Path) -> std::io::Result<u64> {
         };
         for e in read.flatten() {
             entries += 1;
-            if entries > MAX_ENTRIES {
-                return Ok(total);
+            if entries > max_entries {
+                return Ok((total, false));
             }
             let Ok(m) = e.metadata() else {
                 continue;
@@ -79,7 +110,7 @@ pub fn allocated_bytes(dir: &Path) -> std::io::Result<u64> {
             }
         }
     }
-    Ok(total)
+    Ok((total, true))
 }
 
 /// Writable-layer sizes by container id, measured in the background.
@@ -223,6 +254,18 @@ mod tests {
             (1 << 20..(1 << 20) + (64 << 10)).contains(&bytes),
             "{bytes}"
         );
+        fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_walk_past_the_limit_says_it_stopped() {
+        let dir = std::env::temp_dir().join(format!("mentat-storage-cap-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("mkdir");
+        for i in 0..10 {
+            fs::write(dir.join(i.to_string()), [1u8]).expect("write");
+        }
+        assert!(!allocated_bytes_upto(&dir, 5).expect("walk").1);
+        assert!(allocated_bytes_upto(&dir, 10).expect("walk").1);
         fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

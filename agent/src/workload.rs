@@ -37,6 +37,7 @@
 //! | kubelet `--cgroup-root` | systemd | `/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/kubelet-kubepods-burstable-pod<uid_>.slice/…` | as above | as above | uid, class |
 //! | kind / nested | both | `/system.slice/docker-<node>.scope/kubelet.slice/…-pod<uid_>.slice/cri-containerd-<id>.scope`, `/system.slice/docker-<node>.scope/kubepods/burstable/pod<uid>/<id>` | innermost id | innermost | innermost pod |
 //! | static pod | both | `…/kubepods-burstable-pod<32 hex>.slice/…` | as above | as above | the 32-hex UID as is |
+//! | runc's systemd form written literally (some shims, a kubelet/runtime cgroup-driver mismatch) | systemd | `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice:cri-containerd:<id>`, `/system.slice/containerd.service/kubepods-besteffort-pod<uid_>.slice:cri-containerd:<id>`, `…-pod<uid_>.slice:crio:<id>`, `/system.slice:docker:<id>` | id (`slice:prefix:name` read as `slice/prefix-name.scope`) | as the prefix names it | uid, class of the slice |
 //! | anything else | – | `/`, `/init.scope`, `/user.slice/user-0.slice/session-1.scope`, `/system.slice/containerd.service` | None | None | None |
 //!
 //! Components are read from the root down and the innermost identity wins: a
@@ -58,6 +59,8 @@
 //! wasmedge, wasmer, wamr; spin, slight, wws, lunatic), recognised from the exe
 //! basename, `argv[0]`'s basename or comm, in that order: comm is cut to 15 bytes
 //! by the kernel, so every shim shows there as `containerd-shim`.
+
+use std::borrow::Cow;
 
 /// What kind of workload a record belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -120,10 +123,15 @@ pub fn parse_cgroup_path(path: &str) -> CgroupIdentity {
     let path = path.strip_suffix('\n').unwrap_or(path);
     let path = path.strip_suffix(" (deleted)").unwrap_or(path);
 
+    let components: Vec<Cow<'_, str>> = path
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .flat_map(systemd_triple)
+        .collect();
     let mut found = CgroupIdentity::default();
     let mut parent: Option<&str> = None;
     let mut grandparent: Option<&str> = None;
-    for component in path.split('/').filter(|c| !c.is_empty()) {
+    for component in components.iter().map(|c| c.as_ref()) {
         match classify_component(component, parent, grandparent) {
             Some(Component::Pod { uid, qos }) => {
                 found = CgroupIdentity {
@@ -146,6 +154,31 @@ pub fn parse_cgroup_path(path: &str) -> CgroupIdentity {
         parent = Some(component);
     }
     found
+}
+
+/// A component in runc's systemd `slice:prefix:name` form, which some shims
+/// write into the path literally instead of converting it, stands for the
+/// slice and, inside it, the unit `<prefix>-<name>.scope`; anything else is
+/// one component as is.
+///
+/// Only the exact shape is expanded: three non-empty fields, the first a
+/// `.slice` unit, no further `:`. The expansion is then classified like any
+/// other path, so a triple whose parts match no convention resolves to nothing.
+fn systemd_triple(component: &str) -> Vec<Cow<'_, str>> {
+    let mut parts = component.split(':');
+    if let (Some(slice), Some(prefix), Some(name), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+        && slice.len() > ".slice".len()
+        && slice.ends_with(".slice")
+        && !prefix.is_empty()
+        && !name.is_empty()
+    {
+        return vec![
+            Cow::Borrowed(slice),
+            Cow::Owned(format!("{prefix}-{name}.scope")),
+        ];
+    }
+    vec![Cow::Borrowed(component)]
 }
 
 /// What one path component says about the processes below it.
@@ -758,6 +791,25 @@ mod tests {
         // A static pod's UID is kubelet's config hash.
         ("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{STATIC_UID}.slice/cri-containerd-{C1}.scope",
                                                            (Some(C1), Some(Containerd), Some(STATIC_UID), Some(Burstable))),
+        // runc's systemd `slice:prefix:name` form, written literally by some shims.
+        ("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice:cri-containerd:{C1}",
+                                                           (Some(C1), Some(Containerd), Some(UID), Some(Burstable))),
+        ("/system.slice/containerd.service/kubepods-besteffort-pod{UID_}.slice:cri-containerd:{C2}",
+                                                           (Some(C2), Some(Containerd), Some(UID), Some(BestEffort))),
+        ("/kubepods-pod{UID_}.slice:crio:{C1}",            (Some(C1), Some(CriO), Some(UID), Some(Guaranteed))),
+        ("/kubepods.slice/kubepods-pod{UID_}.slice:docker:{C1}/container",
+                                                           (Some(C1), Some(Docker), Some(UID), Some(Guaranteed))),
+        ("/system.slice:docker:{C1}",                      (Some(C1), Some(Docker), None, None)),
+        ("{KIND}/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/kubelet-kubepods-burstable-pod{UID_}.slice:cri-containerd:{C1}",
+                                                           (Some(C1), Some(Containerd), Some(UID), Some(Burstable))),
+        ("/kubepods.slice/kubepods-burstable-pod{UID_}.slice:crio-conmon:{C1}",
+                                                           (None, None, Some(UID), Some(Burstable))),
+        // Near misses of the triple: not a slice, a part missing, one part too many.
+        ("/kubepods-pod{UID_}.scope:cri-containerd:{C1}",  (None, None, None, None)),
+        ("/kubepods-pod{UID_}.slice:cri-containerd:",      (None, None, None, None)),
+        ("/kubepods-pod{UID_}.slice::{C1}",                (None, None, None, None)),
+        ("/kubepods-pod{UID_}.slice:cri-containerd:{C1}:x", (None, None, None, None)),
+        ("/.slice:docker:{C1}",                            (None, None, None, None)),
         // Not containers.
         ("",                                               (None, None, None, None)),
         ("/",                                              (None, None, None, None)),

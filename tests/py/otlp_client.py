@@ -19,6 +19,9 @@ Options:
     --resource K=V     one more resource attribute (repeatable)
     --start-ns T       every span starts at T (Unix ns) and ends at --end-ns
     --end-ns T
+    --tokens N         gen_ai.usage.input_tokens = N and output_tokens = 2N on every
+                       span, with gen_ai.request.model = --model
+    --model M          the model (default gpt-4o); "random": a fresh random name per span
 
 Spans are valid (random ids); the resource names this
 process by `process.pid`. Prints one JSON line: how many requests were answered
@@ -64,6 +67,13 @@ def request_bytes(args):
         if args.start_ns:
             start, end = args.start_ns, args.end_ns
         attrs = [kv("flow.run_id", args.run_id)] if args.run_id else []
+        if args.tokens:
+            model = f"m-{os.urandom(8).hex()}" if args.model == "random" else args.model
+            attrs += [
+                kv("gen_ai.request.model", model),
+                kv("gen_ai.usage.input_tokens", args.tokens),
+                kv("gen_ai.usage.output_tokens", 2 * args.tokens),
+            ]
         if i == 0 and args.pad:
             attrs.append(kv("padding", "x" * args.pad))
         spans.append(
@@ -158,6 +168,8 @@ def main():
     p.add_argument("--resource", action="append", default=[])
     p.add_argument("--start-ns", type=int, default=0)
     p.add_argument("--end-ns", type=int, default=0)
+    p.add_argument("--tokens", type=int, default=0)
+    p.add_argument("--model", default="gpt-4o")
     args = p.parse_args()
 
     send = send_grpc if args.proto == "grpc" else send_http

@@ -265,3 +265,121 @@ fn a_runtime_daemons_own_cgroup_is_no_container() {
         qos_class: None,
     });
 }
+
+#[test]
+fn a_systemd_slice_prefix_name_path_written_literally() {
+    // Some shims write runc's systemd cgroup spec `slice:prefix:name` into the path
+    // as is instead of converting it to `slice/prefix-name.scope`: one directory whose
+    // name holds both the pod's slice and the container.
+    let (id, uid, uid_) = ids();
+    assert_recorded_as(&Expected {
+        path: format!(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice:cri-containerd:{id}"
+        ),
+        workload_kind: "container",
+        container_id: Some(&id),
+        container_runtime: Some("containerd"),
+        pod_uid: Some(&uid),
+        qos_class: Some("burstable"),
+    });
+}
+
+/// A stand-in for the API server's pod list on loopback: answers every request with a
+/// `PartialObjectMetadataList` naming one pod, and keeps each request's head.
+struct FakeApiServer {
+    url: String,
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FakeApiServer {
+    fn start(uid: &str, namespace: &str, name: &str) -> FakeApiServer {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!(
+            "http://{}/api/v1/pods?fieldSelector=spec.nodeName={{node}}",
+            listener.local_addr().expect("addr")
+        );
+        let body = format!(
+            r#"{{"kind":"PartialObjectMetadataList","apiVersion":"meta.k8s.io/v1","metadata":{{}},"items":[{{"kind":"PartialObjectMetadata","apiVersion":"meta.k8s.io/v1","metadata":{{"uid":"{uid}","name":"{name}","namespace":"{namespace}"}}}}]}}"#
+        );
+        let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = heads.clone();
+        // Detached: it serves until the test process exits.
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                kept.lock()
+                    .expect("lock")
+                    .push(String::from_utf8_lossy(&head).into_owned());
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        FakeApiServer { url, heads }
+    }
+}
+
+#[test]
+fn pod_names_come_from_a_metadata_only_pod_list() {
+    let (id, uid, _) = ids();
+    let api = FakeApiServer::start(&uid, "shop", "web-0");
+    let root = ScratchCgroup::create().expect("creating the scratch root cgroup");
+    let dir = root
+        .create_child(&format!("kubepods/burstable/pod{uid}/{id}"))
+        .expect("the container's cgroup");
+    let command: Vec<OsString> = vec![
+        workload_bin().expect("the workload binary").into(),
+        "cgroup".into(),
+        "--path".into(),
+        dir.clone().into(),
+        "--ms".into(),
+        "1500".into(),
+    ];
+    let recording = record_command(&["--k8s-pods-url", &api.url], Some(&command))
+        .expect("recording the pod's container");
+    let truth: CgroupMove = recording.ground_truth().expect("cgroup's ground truth");
+    let records: Vec<_> = recording
+        .records
+        .processes
+        .iter()
+        .filter(|r| r.cgroup_id == truth.cgroup_id)
+        .collect();
+    assert!(!records.is_empty(), "no record in {}", dir.display());
+    for r in &records {
+        assert_eq!(
+            (
+                r.pod_uid.as_deref(),
+                r.k8s_namespace.as_deref(),
+                r.k8s_pod_name.as_deref()
+            ),
+            (Some(uid.as_str()), Some("shop"), Some("web-0")),
+            "{r:#?}"
+        );
+    }
+    let heads = api.heads.lock().expect("lock").clone();
+    assert!(!heads.is_empty(), "the agent never asked for the pod list");
+    for head in &heads {
+        let accept = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("accept: ")
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        // Metadata only: a full PodList carries every container's env values.
+        assert!(
+            accept.starts_with("application/json;as=partialobjectmetadatalist;g=meta.k8s.io;v=v1"),
+            "the pod list was asked for without the metadata-only Accept: {head}"
+        );
+    }
+    root.remove().expect("removing the scratch cgroups");
+}

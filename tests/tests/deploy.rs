@@ -38,8 +38,8 @@ const CAPABILITIES: [&str; 5] = [
 /// Host paths the agent only reads, and where they are mounted.
 const READ_ONLY_HOST_PATHS: [&str; 2] = ["/sys/kernel/btf", "/sys/fs/cgroup"];
 
-/// Host paths the agent writes: pinned maps and the ledger.
-const WRITABLE_HOST_PATHS: [&str; 2] = ["/sys/fs/bpf", "/var/lib/mentat-agent"];
+/// Host paths the agent writes: the ledger only (it pins no BPF object, so bpffs is not mounted).
+const WRITABLE_HOST_PATHS: [&str; 1] = ["/var/lib/mentat-agent"];
 
 const CONFIG_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -422,9 +422,16 @@ fn the_daemonset_keeps_the_least_privilege_model() {
         "the API is reachable only from pods in the cluster: {from:?}"
     );
 
-    // RBAC is read-only.
+    // RBAC is read-only, and pods are all it reads (the node name comes from the
+    // downward API; nodes are never fetched).
     for role in find(&docs, "ClusterRole") {
         for rule in role["rules"].as_array().expect("rules") {
+            assert_eq!(
+                strings(&rule["resources"]),
+                BTreeSet::from(["pods".to_owned()]),
+                "ClusterRole {} reads more than pods",
+                role["metadata"]["name"]
+            );
             let verbs = strings(&rule["verbs"]);
             assert!(
                 verbs.is_subset(&["get", "list", "watch"].map(str::to_owned).into()),

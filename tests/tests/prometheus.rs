@@ -435,3 +435,189 @@ fn promql_returns_the_series_and_values_the_agent_exposed() {
         t0.elapsed()
     );
 }
+
+/// The mentat_ usage series (not the agent's own `mentat_agent_*`) in an exposition.
+fn usage_series(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter(|l| l.starts_with("mentat_") && !l.starts_with("mentat_agent_"))
+        .collect()
+}
+
+/// Series bounds end to end: 3,000 spans, each naming a different random model, do
+/// not add a series per model (neither on /metrics nor in Prometheus, which scrapes
+/// throughout), and a container that exited leaves /metrics and Prometheus' instant
+/// queries once `series_grace` has passed.
+#[test]
+fn random_model_names_and_exited_containers_leave_the_series_bounded() {
+    const MAX_SERIES: usize = 100;
+    const SPANS: usize = 3_000;
+    const TOKENS: u64 = 5;
+    mentat_tests::traced::require_python_otel().expect("python OpenTelemetry packages");
+    let dir = LedgerDir::new().expect("ledger dir");
+    let grpc = free_port().expect("port");
+    let daemon = Daemon::start(
+        &dir,
+        &DaemonOptions {
+            extra_keys: Some("span_lag = \"2s\"\n".into()),
+            extra_tables: Some(format!(
+                "[metrics]\nmax_series = {MAX_SERIES}\nseries_grace = \"8s\"\n\
+                 [receiver]\ngrpc_bind = \"127.0.0.1:{grpc}\"\nhttp_bind = \"127.0.0.1:{}\"\n",
+                free_port().expect("port")
+            )),
+            ..Default::default()
+        },
+    )
+    .expect("daemon");
+    let prom = Prometheus::start(dir.path(), daemon.port());
+    let since = unix_ms() as f64 / 1000.0;
+
+    // A container: a process in a cgroup named as Docker's systemd driver names it.
+    let id = mentat_tests::random_container_id().expect("container id");
+    let root = mentat_tests::ScratchCgroup::create().expect("scratch cgroup");
+    let cg = root
+        .create_child(&format!("system.slice/docker-{id}.scope"))
+        .expect("container cgroup");
+    let label = format!("container=\"{id}\"");
+    thread::scope(|s| {
+        let cg = cg.to_string_lossy().into_owned();
+        let burn = s.spawn(move || {
+            run_workload(&["cgroup", "--path", &cg, "--ms", "1500"]).expect("container workload")
+        });
+        // The spans: 15 requests of 200, every span a model no book lists.
+        let target = format!("127.0.0.1:{grpc}");
+        let tokens = TOKENS.to_string();
+        let out = mentat_tests::traced::run_python(
+            "otlp_client.py",
+            &[
+                "grpc",
+                "--target",
+                &target,
+                "--spans",
+                "200",
+                "--requests",
+                "15",
+                "--tokens",
+                &tokens,
+                "--model",
+                "random",
+                "--span-ms",
+                "100",
+            ],
+            &[],
+            Duration::from_secs(120),
+        )
+        .and_then(|r| r.ok("py/otlp_client.py"))
+        .expect("otlp_client.py");
+        let summary: Value = serde_json::from_str(out.stdout.lines().last().unwrap_or("{}"))
+            .expect("client summary");
+        assert_eq!(summary["spans_sent"], SPANS, "{summary}");
+        assert_eq!(summary["rejected_spans"], 0, "{summary}");
+        burn.join().expect("burn thread");
+    });
+
+    // Every span's tokens reach /metrics, under one model value.
+    let want = (SPANS as u64 * TOKENS * 3).to_string();
+    poll(Duration::from_secs(60), || {
+        let text = daemon.metrics()?;
+        let got = text
+            .lines()
+            .find_map(|l| l.strip_prefix("mentat_agent_unpriced_tokens_total "))
+            .unwrap_or("none")
+            .to_owned();
+        Ok(if got == want {
+            Ok(())
+        } else {
+            Err(format!("unpriced tokens {got}, want {want}"))
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e:#}; daemon log:\n{}", daemon.log()));
+    let text = daemon.metrics().expect("/metrics");
+    let usage = usage_series(&text);
+    let own = usage.iter().filter(|l| !l.contains("=\"other\"")).count();
+    assert!(
+        own <= MAX_SERIES,
+        "{own} usage series on /metrics, above max_series {MAX_SERIES}"
+    );
+    assert!(
+        !text.contains("model=\"m-"),
+        "a random model name became a label value:\n{text}"
+    );
+    assert_eq!(
+        exposition_sum(&text, "mentat_tokens_total", &[("model", "unpriced")]),
+        (SPANS as u64 * TOKENS * 3) as f64,
+        "{text}"
+    );
+
+    // The container's series: seen, then gone once it has been idle for the grace.
+    poll(Duration::from_secs(60), || {
+        let r = prom.query(&format!("mentat_cpu_seconds_total{{{label}}}"));
+        Ok(if r.is_empty() {
+            Err(format!("Prometheus has no series with {label} yet"))
+        } else {
+            Ok(())
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e:#}; /metrics:\n{}", daemon.metrics().unwrap_or_default()));
+    root.remove().expect("removing the scratch cgroups");
+    poll(Duration::from_secs(90), || {
+        let text = daemon.metrics()?;
+        Ok(if text.contains(&label) {
+            Err(format!("/metrics still has {label}"))
+        } else {
+            Ok(())
+        })
+    })
+    .expect("the exited container's series end");
+    poll(Duration::from_secs(30), || {
+        let r = prom.query(&format!("{{{label}}}"));
+        Ok(if r.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("Prometheus still returns {r:?}"))
+        })
+    })
+    .expect("Prometheus marks the ended series stale");
+    let text = daemon.metrics().expect("/metrics");
+    assert!(
+        !text.contains("mentat_agent_metric_series_ended_total 0\n"),
+        "{text}"
+    );
+
+    // Prometheus never stored a series per random model, and holds no more usage
+    // series now than the cap (plus the `other` ones).
+    let r = http::get(
+        &format!("{}/api/v1/series", prom.url()),
+        &[
+            ("match[]", "mentat_tokens_total"),
+            ("start", &since.to_string()),
+        ],
+        None,
+    )
+    .expect("series");
+    let series = r.json().expect("series JSON")["data"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let models: BTreeSet<String> = series
+        .iter()
+        .filter_map(|s| s["model"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        models,
+        BTreeSet::from(["unpriced".to_owned()]),
+        "model label values Prometheus stored"
+    );
+    let now = prom
+        .query("count({__name__=~\"mentat_.+\", __name__!~\"mentat_agent_.+\", kind!=\"other\"})");
+    let count = now.first().map_or(0.0, |s| value_of(&s["value"]));
+    assert!(
+        count > 0.0 && count <= MAX_SERIES as f64,
+        "Prometheus holds {count} usage series now (max_series {MAX_SERIES})"
+    );
+    println!(
+        "prometheus bounds: {SPANS} random models → models {models:?}; {count} usage series in \
+         Prometheus, {} on /metrics",
+        usage_series(&text).len()
+    );
+    daemon.stop().expect("stopping the daemon");
+}
