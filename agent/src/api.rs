@@ -5,7 +5,16 @@
 //! `group_by` field, and records lacking that field form an explicit
 //! `unattributed` child, so at every level the children sum to the parent
 //! exactly (the ledger sums in exact decimal). Bound to loopback by default;
-//! bound anywhere else it requires a bearer token read from a file.
+//! bound anywhere else it requires a bearer token read from a file, compared
+//! in constant time.
+//!
+//! Reads never touch the daemon's writer: each request reads on its own
+//! read-only SQLite connection (from a small pool), which WAL lets run beside
+//! the commits, so a heavy query cannot delay billing. Requests are bounded:
+//! a range of at most [`MAX_RANGE_DAYS`] days, at most [`MAX_GROUPS`] groups
+//! per usage tree, [`MAX_RUN_RECORDS`] records and [`MAX_RUN_SPANS`] spans per
+//! run view, 1,000 records per page, and [`MAX_CONCURRENT_READS`] reads at a
+//! time; a request over a bound gets a 400 naming it.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -89,11 +98,24 @@ pub enum ApiError {
     },
 }
 
+/// The longest range one request may ask for, in days.
+pub const MAX_RANGE_DAYS: i64 = 31;
+/// The most groups a usage tree may have at its deepest level.
+pub const MAX_GROUPS: usize = 10_000;
+/// The most records a run view reads.
+pub const MAX_RUN_RECORDS: usize = 100_000;
+/// The most spans a run view reads.
+pub const MAX_RUN_SPANS: usize = 10_000;
+/// Reads running at once (more wait their turn).
+pub const MAX_CONCURRENT_READS: usize = 4;
+/// Most records or dead letters per quarantine page.
+const MAX_QUARANTINE_PAGE: usize = 1000;
+
 /// Shared state of the API.
 #[derive(Clone)]
 pub struct AppState {
-    /// The ledger (the daemon writes it; the API only reads).
-    pub ledger: Arc<Mutex<Ledger>>,
+    /// Read-only connections to the ledger (the daemon writes it on its own).
+    readers: Readers,
     /// Prometheus counters.
     pub metrics: Metrics,
     /// Set once probes are attached and the ledger is open.
@@ -102,15 +124,61 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// State for an API over `ledger` and `metrics`.
-    pub fn new(ledger: Arc<Mutex<Ledger>>, metrics: Metrics, ready: Arc<AtomicBool>) -> Self {
+    /// State for an API over the ledger at `ledger_path` and `metrics`.
+    pub fn new(ledger_path: PathBuf, metrics: Metrics, ready: Arc<AtomicBool>) -> Self {
         Self {
-            ledger,
+            readers: Readers {
+                path: ledger_path,
+                idle: Arc::new(Mutex::new(Vec::new())),
+                permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_READS)),
+            },
             metrics,
             ready,
             token: None,
         }
     }
+}
+
+/// A pool of read-only connections to the ledger file.
+#[derive(Clone)]
+struct Readers {
+    path: PathBuf,
+    idle: Arc<Mutex<Vec<Ledger>>>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl Readers {
+    fn take(&self) -> Result<Ledger, ledger::LedgerError> {
+        let pooled = self.idle.lock().ok().and_then(|mut v| v.pop());
+        match pooled {
+            Some(l) => Ok(l),
+            None => Ledger::open_read_only(&self.path),
+        }
+    }
+
+    fn give_back(&self, l: Ledger) {
+        if let Ok(mut v) = self.idle.lock()
+            && v.len() < MAX_CONCURRENT_READS
+        {
+            v.push(l);
+        }
+    }
+}
+
+/// Compares a presented token with the configured one in time that depends
+/// only on the configured token's length, never on where they differ.
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = u8::from(given.len() != expected.len());
+    for (i, e) in expected.iter().enumerate() {
+        // Out of range reads wrap, so every byte of `expected` is compared.
+        let g = given
+            .get(i)
+            .or_else(|| given.get(i % given.len().max(1)))
+            .copied()
+            .unwrap_or(0);
+        diff |= std::hint::black_box(g ^ e);
+    }
+    std::hint::black_box(diff) == 0
 }
 
 /// A 400/500 with a JSON body naming what was wrong.
@@ -175,6 +243,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/usage", get(usage))
         .route("/v1/records", get(records))
         .route("/v1/runs/{run_id}", get(run_view))
+        .route("/v1/quarantine", get(quarantine))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -191,7 +260,7 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(token.as_ref()) {
+        if !given.is_some_and(|g| token_matches(g.as_bytes(), token.as_bytes())) {
             return (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer")],
@@ -283,6 +352,14 @@ fn range(p: &RangeParams) -> Result<Range, Problem> {
     if from >= to {
         return Err(bad("from", "must be before `to`"));
     }
+    if to - from > TimeDuration::days(MAX_RANGE_DAYS) {
+        return Err(bad(
+            "from",
+            format!(
+                "the range from `from` to `to` is longer than the limit of {MAX_RANGE_DAYS} days per request: ask for it in parts"
+            ),
+        ));
+    }
     let fmt = |t: OffsetDateTime| t.format(&Rfc3339).map_err(|e| bad("to", e));
     let mut filters = Vec::new();
     for clause in p
@@ -313,32 +390,39 @@ fn range(p: &RangeParams) -> Result<Range, Problem> {
     })
 }
 
-/// Runs a ledger read off the async threads.
+/// Runs a ledger read off the async threads, on a read-only connection of
+/// its own (never the daemon's writer), at most [`MAX_CONCURRENT_READS`] at once.
 async fn with_ledger<T: Send + 'static>(
     state: &AppState,
-    f: impl FnOnce(&Ledger) -> Result<T, ledger::LedgerError> + Send + 'static,
+    f: impl FnOnce(&Ledger) -> Result<T, Problem> + Send + 'static,
 ) -> Result<T, Problem> {
-    let ledger = state.ledger.clone();
+    let readers = state.readers.clone();
+    let _permit = readers
+        .permits
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|e| Problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     tokio::task::spawn_blocking(move || {
-        let guard = ledger.lock().map_err(|_| {
-            Problem(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "ledger lock poisoned".into(),
-            )
-        })?;
-        f(&guard).map_err(|e| {
-            // The caller's arguments, not the ledger, are at fault for these.
-            let status = match e {
-                ledger::LedgerError::BadTime { .. } | ledger::LedgerError::UnknownField { .. } => {
-                    StatusCode::BAD_REQUEST
-                }
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            Problem(status, e.to_string())
-        })
+        let l = readers.take().map_err(ledger_problem)?;
+        let out = f(&l);
+        readers.give_back(l);
+        out
     })
     .await
     .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+/// A ledger error as an HTTP problem: the caller's fault for bad arguments.
+fn ledger_problem(e: ledger::LedgerError) -> Problem {
+    let status = match e {
+        ledger::LedgerError::BadTime { .. }
+        | ledger::LedgerError::UnknownField { .. }
+        | ledger::LedgerError::BadFieldValue { .. }
+        | ledger::LedgerError::ZeroLimit => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    Problem(status, e.to_string())
 }
 
 /// One node of the aggregation tree.
@@ -380,12 +464,24 @@ async fn usage(
     let (from, to, filters) = (r.from.clone(), r.to.clone(), r.filters.clone());
     let levels_fields = fields.clone();
     let levels = with_ledger(&state, move |l| {
-        (0..=levels_fields.len())
-            .map(|depth| {
-                let names: Vec<&str> = levels_fields[..depth].iter().map(String::as_str).collect();
-                l.totals(&from, &to, &names, &filters)
-            })
-            .collect::<Result<Vec<_>, _>>()
+        let mut levels = Vec::with_capacity(levels_fields.len() + 1);
+        for depth in 0..=levels_fields.len() {
+            let names: Vec<&str> = levels_fields[..depth].iter().map(String::as_str).collect();
+            let rows = l
+                .totals(&from, &to, &names, &filters)
+                .map_err(ledger_problem)?;
+            if rows.len() > MAX_GROUPS {
+                return Err(bad(
+                    "group_by",
+                    format!(
+                        "{} groups at depth {depth}, over the limit of {MAX_GROUPS}: group by fewer fields, filter with `where`, or ask for a shorter range",
+                        rows.len()
+                    ),
+                ));
+            }
+            levels.push(rows);
+        }
+        Ok(levels)
     })
     .await?;
     let root = build_tree(&fields, &levels);
@@ -478,7 +574,7 @@ async fn records(
         after,
         limit,
     };
-    let page = with_ledger(&state, move |l| l.records(&q)).await?;
+    let page = with_ledger(&state, move |l| l.records(&q).map_err(ledger_problem)).await?;
     let next = page.next.map(|(a, b)| format!("{a}|{b}"));
     let records: Vec<&UsageRecord> = page.records.iter().collect();
     Ok(Json(json!({ "records": records, "next": next })))
@@ -514,33 +610,53 @@ async fn run_view(
     }
     let id = run_id.clone();
     let (spans, records, by_agent, total) = with_ledger(&state, move |l| {
-        let spans = l.spans_of_run(&id)?;
+        let too_big = |what: &str, limit: usize| {
+            bad(
+                "run_id",
+                format!("run `{id}` has more than {limit} {what}, the limit of one run view: query /v1/records?where=run_id={id} page by page instead"),
+            )
+        };
+        let spans = l.spans_of_run(&id).map_err(ledger_problem)?;
+        if spans.len() > MAX_RUN_SPANS {
+            return Err(too_big("spans", MAX_RUN_SPANS));
+        }
         let filters = vec![("run_id".to_string(), id.clone())];
-        // The run's records: everything since its first span (or the last day).
+        // The run's records: everything since its first span (or the last
+        // day), and at most the longest range one request may cover.
+        let now = now_ns();
+        let earliest = now - MAX_RANGE_DAYS * 86_400_000_000_000;
         let start = spans.iter().map(|s| s.start_ns).min();
         let from = match start {
-            Some(ns) => crate::clock::rfc3339_of_ns(ns - 60_000_000_000),
-            None => crate::clock::rfc3339_of_ns(now_ns() - 86_400_000_000_000),
+            Some(ns) => ns.saturating_sub(60_000_000_000).max(earliest),
+            None => now - 86_400_000_000_000,
         };
-        let to = crate::clock::rfc3339_of_ns(now_ns() + 1);
+        let from = crate::clock::rfc3339_of_ns(from);
+        let to = crate::clock::rfc3339_of_ns(now.saturating_add(1));
         let mut records = Vec::new();
         let mut after = None;
         loop {
-            let page = l.records(&RecordQuery {
-                from: from.clone(),
-                to: to.clone(),
-                filters: filters.clone(),
-                after: after.clone(),
-                limit: 1000,
-            })?;
+            let page = l
+                .records(&RecordQuery {
+                    from: from.clone(),
+                    to: to.clone(),
+                    filters: filters.clone(),
+                    after: after.clone(),
+                    limit: 1000,
+                })
+                .map_err(ledger_problem)?;
             records.extend(page.records);
+            if records.len() > MAX_RUN_RECORDS {
+                return Err(too_big("records", MAX_RUN_RECORDS));
+            }
             match page.next {
                 Some(n) => after = Some(n),
                 None => break,
             }
         }
-        let by_agent = l.totals(&from, &to, &["agent_id"], &filters)?;
-        let total = l.totals(&from, &to, &[], &filters)?;
+        let by_agent = l
+            .totals(&from, &to, &["agent_id"], &filters)
+            .map_err(ledger_problem)?;
+        let total = l.totals(&from, &to, &[], &filters).map_err(ledger_problem)?;
         Ok((spans, records, by_agent, total))
     })
     .await?;
@@ -653,7 +769,45 @@ async fn run_view(
 }
 
 fn now_ns() -> i64 {
-    OffsetDateTime::now_utc().unix_timestamp_nanos() as i64
+    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos()).unwrap_or(i64::MAX)
+}
+
+/// Query parameters of `/v1/quarantine`.
+#[derive(Debug, Default, Deserialize)]
+pub struct QuarantineParams {
+    /// Records per page (1–1000, default 100); also the most dead letters shown.
+    pub limit: Option<usize>,
+    /// Cursor from a previous page's `next`.
+    pub before: Option<i64>,
+}
+
+/// `GET /v1/quarantine`: records the ledger set aside (newest first, paged),
+/// and records exporters' receivers refused for good (dead letters).
+async fn quarantine(
+    State(state): State<AppState>,
+    Query(p): Query<QuarantineParams>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let limit = p.limit.unwrap_or(100);
+    if !(1..=MAX_QUARANTINE_PAGE).contains(&limit) {
+        return Err(bad(
+            "limit",
+            format!("{limit} is outside 1..={MAX_QUARANTINE_PAGE}"),
+        ));
+    }
+    let before = p.before;
+    let (records, next, total, dead) = with_ledger(&state, move |l| {
+        let (records, next) = l.quarantined(limit, before).map_err(ledger_problem)?;
+        let total = l.quarantine_count().map_err(ledger_problem)?;
+        let dead = l.dead_letters(limit).map_err(ledger_problem)?;
+        Ok((records, next, total, dead))
+    })
+    .await?;
+    Ok(Json(json!({
+        "quarantined": total,
+        "records": records,
+        "next": next,
+        "dead_letters": dead,
+    })))
 }
 
 #[cfg(test)]

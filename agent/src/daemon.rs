@@ -13,7 +13,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
     time::{Duration, Instant},
@@ -33,6 +33,7 @@ use crate::{
     gpu::GpuMeter,
     ledger::Ledger,
     ledger::SpanRow,
+    ledger::{Committed, SeriesState},
     output::Report,
     pods::PodDirectory,
     pricing::{PriceBook, PriceBookHandle, billed_party},
@@ -214,29 +215,145 @@ const COMMIT_RETRY_MAX: Duration = Duration::from_secs(10);
 /// Tries of a failing commit once the daemon is stopping.
 const COMMIT_TRIES_AT_STOP: u32 = 3;
 
-/// Prices one window and writes it, with its spans, to the ledger.
+/// Counters of the commit path, for `/metrics`.
+#[derive(Debug, Default)]
+struct CommitCounters {
+    /// Records set aside into the ledger's quarantine.
+    quarantined: AtomicU64,
+    /// Times the ledger's lock was found poisoned (a holder panicked) and recovered.
+    poisoned: AtomicU64,
+    /// Window commits that panicked (their records were quarantined).
+    panicked: AtomicU64,
+}
+
+impl CommitCounters {
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        vec![
+            (
+                "mentat_agent_quarantined_records_total",
+                "Records the ledger refused for a reason retrying cannot fix (before the compaction watermark, a time outside 1677..2262, a count past 64 bits...): set aside in its quarantine table (GET /v1/quarantine) while the rest of their window was committed.",
+                self.quarantined.load(Ordering::Relaxed),
+            ),
+            (
+                "mentat_agent_ledger_lock_poisoned_total",
+                "Times the ledger's lock was found poisoned by a panicked holder and taken over (the panicked transaction was rolled back).",
+                self.poisoned.load(Ordering::Relaxed),
+            ),
+            (
+                "mentat_agent_commit_panics_total",
+                "Window commits that panicked; their records were set aside in the quarantine, and later windows went on.",
+                self.panicked.load(Ordering::Relaxed),
+            ),
+        ]
+    }
+}
+
+/// Locks the ledger; a lock poisoned by a panicked holder is taken over and
+/// counted (SQLite rolled the holder's transaction back, and the ledger's
+/// caches change only after a commit), rather than stopping billing for good.
+fn lock_ledger<'a>(
+    ledger: &'a Mutex<Ledger>,
+    counters: &CommitCounters,
+) -> std::sync::MutexGuard<'a, Ledger> {
+    ledger.lock().unwrap_or_else(|poisoned| {
+        counters.poisoned.fetch_add(1, Ordering::Relaxed);
+        warn!("the ledger's lock was poisoned by a panic; taking it over");
+        ledger.clear_poison();
+        poisoned.into_inner()
+    })
+}
+
+/// Why a window's commit failed.
+#[derive(Debug)]
+struct CommitFailure {
+    /// Retrying may succeed (I/O, disk full, busy).
+    transient: bool,
+    message: String,
+}
+
+impl From<crate::ledger::LedgerError> for CommitFailure {
+    fn from(e: crate::ledger::LedgerError) -> Self {
+        Self {
+            transient: e.is_transient(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Prices one window and writes it, with its spans, to the ledger; records
+/// the ledger cannot take for good are quarantined, the rest committed.
 fn commit_one(
     ledger: &Arc<Mutex<Ledger>>,
     book: &PriceBook,
     exporters: &[&'static str],
     w: &ClosedWindow,
-) -> Result<(Vec<UsageRecord>, usize), String> {
+    counters: &CommitCounters,
+) -> Result<(Vec<UsageRecord>, Committed), CommitFailure> {
     let mut records = usage_records(w);
-    price_all(ledger, book, &mut records, w)?;
-    let mut l = ledger
-        .lock()
-        .map_err(|_| "ledger lock poisoned".to_string())?;
-    l.commit_spans(&w.spans).map_err(|e| e.to_string())?;
-    let n = l
-        .commit_window(
-            &w.report.summary.window_start,
-            &w.report.summary.window_end,
-            &records,
-            exporters,
-        )
-        .map_err(|e| e.to_string())?;
-    Ok((records, n))
+    price_all(ledger, book, &mut records, w, counters)?;
+    let mut l = lock_ledger(ledger, counters);
+    l.commit_spans(&w.spans)?;
+    let committed = l.commit_window_or_quarantine(
+        &w.report.summary.window_start,
+        &w.report.summary.window_end,
+        &records,
+        exporters,
+    )?;
+    Ok((records, committed))
 }
+
+/// The last resort for a window whose commit failed for a reason retrying
+/// will not fix, or panicked: its records go to the quarantine whole, with
+/// the reason, so the windows behind it can go on.
+fn quarantine_window(
+    ledger: &Arc<Mutex<Ledger>>,
+    w: &ClosedWindow,
+    reason: &str,
+    counters: &CommitCounters,
+) -> Result<Committed, CommitFailure> {
+    let records = usage_records(w);
+    let mut l = lock_ledger(ledger, counters);
+    Ok(l.quarantine_records(
+        &w.report.summary.window_start,
+        &w.report.summary.window_end,
+        &records,
+        reason,
+    )?)
+}
+
+/// Counts and logs what a commit set aside: one WARN per record naming it,
+/// at most [`QUARANTINE_LOGS_PER_WINDOW`] per window, then one line with the rest.
+fn report_quarantined(committed: &Committed, counters: &CommitCounters) {
+    let n = committed.quarantined.len();
+    if n == 0 {
+        return;
+    }
+    counters.quarantined.fetch_add(n as u64, Ordering::Relaxed);
+    for q in committed
+        .quarantined
+        .iter()
+        .take(QUARANTINE_LOGS_PER_WINDOW)
+    {
+        warn!(
+            record_id = %q.record_id,
+            kind = %q.record_kind,
+            run_id = q.run_id.as_deref().unwrap_or(""),
+            window_start = %q.window_start,
+            reason = %q.reason,
+            "record quarantined: the ledger cannot take it; the rest of its window was committed (see GET /v1/quarantine)"
+        );
+    }
+    if n > QUARANTINE_LOGS_PER_WINDOW {
+        warn!(
+            more = n - QUARANTINE_LOGS_PER_WINDOW,
+            window_start = %committed.quarantined[0].window_start,
+            "more records of this window quarantined (see GET /v1/quarantine)"
+        );
+    }
+}
+
+/// Quarantined records logged one by one per window (the rest in one line).
+const QUARANTINE_LOGS_PER_WINDOW: usize = 10;
 
 /// Turns a window's report into the records the ledger stores.
 fn usage_records(w: &ClosedWindow) -> Vec<UsageRecord> {
@@ -288,23 +405,54 @@ fn usage_records(w: &ClosedWindow) -> Vec<UsageRecord> {
 }
 
 /// The ledger as the OTLP exporter's outbox.
-struct LedgerOutbox(Arc<Mutex<Ledger>>);
+struct LedgerOutbox(Arc<Mutex<Ledger>>, Arc<CommitCounters>);
+
+impl LedgerOutbox {
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        lock_ledger(&self.0, &self.1)
+    }
+}
 
 impl Outbox for LedgerOutbox {
     fn pending(&mut self, limit: usize) -> Result<Vec<UsageRecord>, String> {
-        let l = self
-            .0
-            .lock()
-            .map_err(|_| "ledger lock poisoned".to_string())?;
-        l.pending(OTLP, limit).map_err(|e| e.to_string())
+        self.ledger()
+            .pending(OTLP, limit)
+            .map_err(|e| e.to_string())
     }
 
-    fn delivered(&mut self, ids: &[String]) -> Result<(), String> {
-        let mut l = self
-            .0
-            .lock()
-            .map_err(|_| "ledger lock poisoned".to_string())?;
-        l.mark_delivered(OTLP, ids).map_err(|e| e.to_string())
+    fn series(&mut self, keys: &[&str]) -> Result<HashMap<String, SeriesState>, String> {
+        self.ledger()
+            .export_series(OTLP, keys)
+            .map_err(|e| e.to_string())
+    }
+
+    fn delivered(
+        &mut self,
+        record_ids: &[String],
+        series: &[(String, SeriesState)],
+        rejected: Option<&str>,
+    ) -> Result<(), String> {
+        self.ledger()
+            .mark_delivered_with(OTLP, record_ids, series, rejected)
+            .map_err(|e| e.to_string())
+    }
+
+    fn dead_letter(&mut self, record_ids: &[String], reason: &str) -> Result<(), String> {
+        self.ledger()
+            .dead_letter(OTLP, record_ids, reason)
+            .map_err(|e| e.to_string())
+    }
+
+    fn evict_series(&mut self, idle_before_ns: u64) -> Result<u64, String> {
+        self.ledger()
+            .evict_export_series(OTLP, idle_before_ns)
+            .map_err(|e| e.to_string())
+    }
+
+    fn reset_series(&mut self) -> Result<u64, String> {
+        self.ledger()
+            .reset_export_series(OTLP)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -333,6 +481,11 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     }
     let ledger = Arc::new(Mutex::new(ledger));
     let metrics = Metrics::default();
+    let commit_counters = Arc::new(CommitCounters::default());
+    {
+        let c = commit_counters.clone();
+        metrics.add_source(move || c.counters());
+    }
     let ready = Arc::new(AtomicBool::new(false));
 
     let probes = Probes::load(&config.probe_config())?;
@@ -352,14 +505,19 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     } else {
         let mut exporter = OtlpExporter::new(&otlp, &node)?;
         info!(endpoint = %otlp.endpoint, "OTLP export on");
-        let mut outbox = LedgerOutbox(ledger.clone());
+        let mut outbox = LedgerOutbox(ledger.clone(), commit_counters.clone());
         let stop = stop_rx.clone();
+        let stats = Arc::new(export::ExportStats::default());
+        {
+            let stats = stats.clone();
+            metrics.add_source(move || stats.counters());
+        }
         Some(tokio::spawn(async move {
-            export::drain(&mut exporter, &mut outbox, wake_rx, stop).await;
+            export::drain(&mut exporter, &mut outbox, &stats, wake_rx, stop).await;
         }))
     };
 
-    let api_state = AppState::new(ledger.clone(), metrics.clone(), ready.clone());
+    let api_state = AppState::new(config.ledger_path.clone(), metrics.clone(), ready.clone());
     let mut api_stop = stop_rx.clone();
     let api_config = config.api.clone();
     let api_task = tokio::spawn(async move {
@@ -461,6 +619,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         let metrics = metrics.clone();
         let prices = prices.clone();
         let stop_flag = stop_flag.clone();
+        let counters = commit_counters.clone();
         async move {
             let mut committed_windows = 0u64;
             while let Some(mut w) = rx.recv().await {
@@ -468,22 +627,68 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
                 // kept and retried, never dropped: later windows queue behind
                 // it (the channel, then the collector), so billing resumes
                 // where it stopped once the ledger can be written again.
+                // Records the ledger refuses for good are quarantined inside
+                // the commit; a window that fails for good as a whole (or
+                // panics) is quarantined whole: neither is ever retried, so
+                // neither can block the node's billing.
                 let mut backoff = COMMIT_RETRY_FIRST;
                 let mut failures = 0u32;
                 loop {
                     let ledger = ledger.clone();
                     let book = prices.current();
                     let exporters = exporters.clone();
+                    let task_counters = counters.clone();
                     let result = tokio::task::spawn_blocking(move || {
-                        match commit_one(&ledger, &book, &exporters, &w) {
-                            Ok((records, n)) => Ok((w, records, n)),
-                            Err(e) => Err((Box::new(w), e)),
+                        let counters = task_counters;
+                        let attempt =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                commit_one(&ledger, &book, &exporters, &w, &counters)
+                            }));
+                        let failure = match attempt {
+                            Ok(Ok((records, c))) => return Ok((w, records, c)),
+                            Ok(Err(f)) if f.transient => return Err((Box::new(w), f)),
+                            Ok(Err(f)) => f.message,
+                            Err(panic) => {
+                                counters.panicked.fetch_add(1, Ordering::Relaxed);
+                                let what = panic
+                                    .downcast_ref::<&str>()
+                                    .map(|s| s.to_string())
+                                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                                    .unwrap_or_default();
+                                error!(
+                                    window_start = %w.report.summary.window_start,
+                                    panic = %what,
+                                    "committing a window panicked; its records are quarantined"
+                                );
+                                format!("committing the window panicked: {what}")
+                            }
+                        };
+                        let set_aside =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                quarantine_window(&ledger, &w, &failure, &counters)
+                            }));
+                        match set_aside {
+                            Ok(Ok(c)) => Ok((w, Vec::new(), c)),
+                            Ok(Err(f)) => Err((Box::new(w), f)),
+                            Err(_) => {
+                                counters.panicked.fetch_add(1, Ordering::Relaxed);
+                                Err((
+                                    Box::new(w),
+                                    CommitFailure {
+                                        transient: true,
+                                        message: format!(
+                                            "{failure}; quarantining the window panicked too"
+                                        ),
+                                    },
+                                ))
+                            }
                         }
                     })
                     .await;
                     match result {
-                        Ok(Ok((w, records, n))) => {
+                        Ok(Ok((w, records, committed))) => {
                             let s = &w.report.summary;
+                            report_quarantined(&committed, &counters);
                             metrics.observe(
                                 &records,
                                 AgentStats {
@@ -501,7 +706,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
                                     "window committed after failed attempts"
                                 );
                             }
-                            log_window(&w.report, n);
+                            log_window(&w.report, committed.new);
                             committed_windows += 1;
                             let _ = wake_tx.send(committed_windows);
                             break;
@@ -517,7 +722,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
                                 error!(
                                     window_start = %s.window_start,
                                     window_end = %s.window_end,
-                                    error = %e,
+                                    error = %e.message,
                                     "stopping with a window the ledger cannot take: it is lost"
                                 );
                                 break;
@@ -525,7 +730,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
                             if failures == 1 || failures.is_multiple_of(10) {
                                 warn!(
                                     window_start = %s.window_start,
-                                    error = %e,
+                                    error = %e.message,
                                     failures,
                                     retry_in = ?backoff,
                                     "committing a window failed; it is kept and retried, later windows wait"
@@ -536,7 +741,9 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
                             backoff = (backoff * 2).min(COMMIT_RETRY_MAX);
                         }
                         Err(e) => {
-                            error!(error = %e, "the commit task panicked; its window is lost");
+                            // Panics are caught inside; this is the runtime going away.
+                            counters.panicked.fetch_add(1, Ordering::Relaxed);
+                            error!(error = %e, "the commit task failed; its window is lost");
                             break;
                         }
                     }
@@ -549,7 +756,12 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         info!("stopping: closing the last window");
         stop_flag.store(true, Ordering::SeqCst);
     };
-    let compaction = compact_periodically(ledger.clone(), config.retention, stop_rx.clone());
+    let compaction = compact_periodically(
+        ledger.clone(),
+        config.retention,
+        commit_counters.clone(),
+        stop_rx.clone(),
+    );
     // The commit loop ends when the collector drops its sender after the last window.
     tokio::join!(commit, signals);
     let _ = stop_tx.send(true);
@@ -581,19 +793,16 @@ fn price_all(
     book: &PriceBook,
     records: &mut [UsageRecord],
     w: &ClosedWindow,
-) -> Result<(), String> {
-    let l = ledger
-        .lock()
-        .map_err(|_| "ledger lock poisoned".to_string())?;
+    counters: &CommitCounters,
+) -> Result<(), CommitFailure> {
+    let l = lock_ledger(ledger, counters);
     let mut spend: HashMap<String, Decimal> = HashMap::new();
     for r in records.iter_mut() {
         let party = billed_party(r).map(str::to_string);
         let mtd = match &party {
             Some(p) => match spend.get(p) {
                 Some(d) => *d,
-                None => l
-                    .month_to_date(p, &w.report.summary.window_start)
-                    .map_err(|e| e.to_string())?,
+                None => l.month_to_date(p, &w.report.summary.window_start)?,
             },
             None => Decimal::ZERO,
         };
@@ -609,6 +818,7 @@ fn price_all(
 fn compact_periodically(
     ledger: Arc<Mutex<Ledger>>,
     retention: Duration,
+    counters: Arc<CommitCounters>,
     mut stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -622,11 +832,10 @@ fn compact_periodically(
             }
             wait = Duration::from_secs(3600);
             let ledger = ledger.clone();
+            let counters = counters.clone();
             let now = crate::clock::rfc3339(std::time::SystemTime::now());
             let result = tokio::task::spawn_blocking(move || {
-                let mut l = ledger
-                    .lock()
-                    .map_err(|_| "ledger lock poisoned".to_string())?;
+                let mut l = lock_ledger(&ledger, &counters);
                 let compacted = l.compact(&now).map_err(|e| e.to_string())?;
                 let expired = l.expire(&now, retention).map_err(|e| e.to_string())?;
                 Ok::<_, String>((compacted, expired))
