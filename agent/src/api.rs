@@ -851,6 +851,214 @@ mod tests {
         assert_eq!(sum, root.totals.cpu_core_seconds);
     }
 
+    /// A ledger on disk with `n` records (distinct pids) in one window.
+    fn ledger_with(dir: &std::path::Path, n: u32) -> Ledger {
+        let mut l = Ledger::open(&dir.join("ledger.db"), std::time::Duration::from_secs(3600))
+            .expect("open");
+        let ws = crate::clock::rfc3339_of_ns(now_ns() - 60_000_000_000);
+        let we = crate::clock::rfc3339_of_ns(now_ns() - 59_000_000_000);
+        let records: Vec<UsageRecord> = (0..n)
+            .map(|i| UsageRecord {
+                record_id: format!("r{i}"),
+                node: "n".into(),
+                window_start: ws.clone(),
+                window_end: we.clone(),
+                record_kind: "process".into(),
+                pid: Some(i + 1),
+                ..Default::default()
+            })
+            .collect();
+        l.commit_window(&ws, &we, &records, &[]).expect("commit");
+        l
+    }
+
+    /// Serves `state` on a free loopback port from its own thread; returns the base URL.
+    fn serve_in_background(state: AppState) -> String {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let _ = tx.send(listener.local_addr().expect("addr"));
+                let _ = axum::serve(listener, router(state)).await;
+            });
+        });
+        let addr = rx.recv().expect("address");
+        format!("http://{addr}")
+    }
+
+    /// GET with a deadline far above any real answer (a hang is a failure, not a wait).
+    fn get(url: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(std::time::Duration::from_secs(30)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut req = agent.get(url);
+        if let Some(t) = token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        let mut resp = req.call().expect("the API answers within 30 s");
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .read_json()
+            .unwrap_or(serde_json::Value::Null);
+        (status, body)
+    }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!(
+            "mentat-api-{name}-{}-{}",
+            std::process::id(),
+            now_ns()
+        ));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        p
+    }
+
+    /// The API used to read through the daemon's own ledger behind its
+    /// commit mutex: a heavy query held billing up, and a held commit held
+    /// the API up. Now it reads on its own connections.
+    #[test]
+    fn the_api_reads_while_the_writer_holds_the_ledger() {
+        let dir = temp_dir("writer");
+        let writer = Arc::new(Mutex::new(ledger_with(&dir, 3)));
+        let base = serve_in_background(AppState::new(
+            dir.join("ledger.db"),
+            Metrics::default(),
+            Arc::new(AtomicBool::new(true)),
+        ));
+        // The commit path holds the writer (as during a long commit).
+        let held = writer.lock().expect("lock");
+        let (status, body) = get(&format!("{base}/v1/records"), None);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["records"].as_array().map(Vec::len), Some(3));
+        drop(held);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn requests_over_a_bound_get_a_400_naming_it() {
+        let dir = temp_dir("bounds");
+        let n = u32::try_from(MAX_GROUPS).expect("fits") + 1;
+        drop(ledger_with(&dir, n));
+        let base = serve_in_background(AppState::new(
+            dir.join("ledger.db"),
+            Metrics::default(),
+            Arc::new(AtomicBool::new(true)),
+        ));
+        let (status, body) = get(
+            &format!("{base}/v1/usage?from=2026-01-01T00:00:00Z&to=2026-03-01T00:00:00Z"),
+            None,
+        );
+        assert_eq!(status, 400);
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("31 days")),
+            "{body}"
+        );
+        let (status, body) = get(&format!("{base}/v1/records?limit=5000"), None);
+        assert_eq!(status, 400);
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("1..=1000")),
+            "{body}"
+        );
+        let (status, body) = get(&format!("{base}/v1/usage?group_by=pid"), None);
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| e.contains("10000")),
+            "{body}"
+        );
+        // Under the bound it answers.
+        let (status, body) = get(&format!("{base}/v1/usage?group_by=record_kind"), None);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["root"]["totals"]["records"].as_u64(),
+            Some(u64::from(n))
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_token_is_compared_whole() {
+        assert!(token_matches(b"s3cret-token", b"s3cret-token"));
+        assert!(!token_matches(b"s3cret-tokeN", b"s3cret-token"));
+        assert!(!token_matches(b"s3cret", b"s3cret-token"));
+        assert!(!token_matches(b"s3cret-token-and-more", b"s3cret-token"));
+        assert!(!token_matches(b"", b"s3cret-token"));
+        let dir = temp_dir("token");
+        drop(ledger_with(&dir, 1));
+        let mut state = AppState::new(
+            dir.join("ledger.db"),
+            Metrics::default(),
+            Arc::new(AtomicBool::new(true)),
+        );
+        state.token = Some("s3cret-token".into());
+        let base = serve_in_background(state);
+        assert_eq!(get(&format!("{base}/v1/records"), None).0, 401);
+        assert_eq!(
+            get(&format!("{base}/v1/records"), Some("s3cret-tokeX")).0,
+            401
+        );
+        assert_eq!(
+            get(&format!("{base}/v1/records"), Some("s3cret-token")).0,
+            200
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn quarantined_records_are_listed() {
+        let dir = temp_dir("quarantine");
+        let mut l = ledger_with(&dir, 1);
+        let mut bad = UsageRecord {
+            record_id: "bad".into(),
+            record_kind: "token".into(),
+            run_id: Some("run-1".into()),
+            window_start: "2026-01-01T00:00:00Z".into(),
+            window_end: "2026-01-01T00:00:01Z".into(),
+            ..Default::default()
+        };
+        bad.syscalls = u64::MAX;
+        let c = l
+            .commit_window_or_quarantine(
+                "2026-01-01T00:00:00Z",
+                "2026-01-01T00:00:01Z",
+                &[bad],
+                &[],
+            )
+            .expect("commit");
+        assert_eq!(c.quarantined.len(), 1);
+        let base = serve_in_background(AppState::new(
+            dir.join("ledger.db"),
+            Metrics::default(),
+            Arc::new(AtomicBool::new(true)),
+        ));
+        let (status, body) = get(&format!("{base}/v1/quarantine"), None);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["quarantined"].as_u64(), Some(1));
+        let r = &body["records"][0];
+        assert_eq!(r["record_id"], "bad");
+        assert_eq!(r["run_id"], "run-1");
+        assert!(
+            r["reason"].as_str().is_some_and(|s| s.contains("syscalls")),
+            "{r}"
+        );
+        assert_eq!(r["record"]["record_kind"], "token");
+        assert_eq!(get(&format!("{base}/v1/quarantine?limit=0"), None).0, 400);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn bad_parameters_name_themselves() {
         let p = RangeParams {
