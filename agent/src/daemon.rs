@@ -1060,3 +1060,165 @@ async fn shutdown_signal(prices: &PriceBookHandle, pricing_path: Option<PathBuf>
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(ws: &str, we: &str) -> crate::usage::SummaryRecord {
+        crate::usage::SummaryRecord {
+            record_type: "summary",
+            node: "n".into(),
+            window_start: ws.into(),
+            window_end: we.into(),
+            accounted_cpu_ns: 0,
+            attributed_cpu_ns: 0,
+            attributed_syscalls: 0,
+            network_rx_bytes: 0,
+            network_tx_bytes: 0,
+            memory_gb_seconds: 0.0,
+            disk_read_bytes: 0,
+            disk_write_bytes: 0,
+            map_full_drops: 0,
+            task_read_errors: 0,
+            events_lost: 0,
+            late_windows: 0,
+            processes: 0,
+            processes_on_node: 0,
+            command_exit_code: None,
+        }
+    }
+
+    fn token(id: &str, ws: &str, we: &str, input: u64) -> UsageRecord {
+        UsageRecord {
+            record_id: id.into(),
+            node: "n".into(),
+            window_start: ws.into(),
+            window_end: we.into(),
+            record_kind: "token".into(),
+            run_id: Some("run-1".into()),
+            tokens: vec![crate::usage::TokenUsage {
+                model: "gpt-4o".into(),
+                input,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn window(ws: &str, we: &str, tokens: Vec<UsageRecord>) -> ClosedWindow {
+        ClosedWindow {
+            report: Report {
+                processes: Vec::new(),
+                groups: None,
+                buckets: Vec::new(),
+                summary: summary(ws, we),
+            },
+            storage: HashMap::new(),
+            tokens,
+            spans: Vec::new(),
+            gpu_errors: 0,
+        }
+    }
+
+    fn temp_ledger(name: &str) -> (PathBuf, Arc<Mutex<Ledger>>) {
+        let dir = std::env::temp_dir().join(format!(
+            "mentat-daemon-{name}-{}-{}",
+            std::process::id(),
+            crate::clock::unix_ns(std::time::SystemTime::now())
+        ));
+        let ledger = Ledger::open(&dir.join("ledger.db"), Duration::from_secs(3600)).expect("open");
+        (dir, Arc::new(Mutex::new(ledger)))
+    }
+
+    fn ns_ago(secs: i64) -> String {
+        let now =
+            i64::try_from(crate::clock::unix_ns(std::time::SystemTime::now())).expect("now fits");
+        crate::clock::rfc3339_of_ns(now - secs * 1_000_000_000)
+    }
+
+    /// The finding, at the daemon's commit: a token record whose
+    /// window is three hours old (a span that started then), after the
+    /// first compaction. The commit used to fail for good, and the loop
+    /// retried that window forever: no window was committed after it.
+    #[test]
+    fn a_record_before_the_watermark_does_not_stop_the_commit() {
+        let (dir, ledger) = temp_ledger("watermark");
+        let book = PriceBook::parse(DEFAULT_PRICE_BOOK, "built-in").expect("book");
+        let counters = CommitCounters::default();
+        {
+            let mut l = ledger.lock().expect("lock");
+            let (ws, we) = (ns_ago(3 * 3600), ns_ago(3 * 3600 - 1));
+            l.commit_window(&ws, &we, &[token("old", &ws, &we, 1)], &[OTLP])
+                .expect("old window");
+            l.mark_delivered(OTLP, &["old".to_string()])
+                .expect("deliver");
+            let stats = l.compact(&ns_ago(0)).expect("compact");
+            assert_eq!(stats.records_compacted, 1);
+        }
+        let (ws, we) = (ns_ago(10), ns_ago(9));
+        let (old_ws, old_we) = (ns_ago(3 * 3600 - 60), ns_ago(3 * 3600 - 59));
+        let w = window(
+            &ws,
+            &we,
+            vec![
+                token("fresh", &ws, &we, 1000),
+                token("backlog", &old_ws, &old_we, 5000),
+            ],
+        );
+        let (records, committed) =
+            commit_one(&ledger, &book, &[OTLP], &w, &counters).expect("the window commits");
+        assert_eq!(records.len(), 2);
+        assert_eq!(committed.new, 1);
+        assert_eq!(committed.quarantined.len(), 1);
+        assert_eq!(committed.quarantined[0].record_id, "backlog");
+        report_quarantined(&committed, &counters);
+        assert_eq!(counters.quarantined.load(Ordering::Relaxed), 1);
+        let counted = counters
+            .counters()
+            .into_iter()
+            .find(|c| c.0 == "mentat_agent_quarantined_records_total")
+            .map(|c| c.2);
+        assert_eq!(counted, Some(1));
+        // The next window commits.
+        let (ws2, we2) = (ns_ago(9), ns_ago(8));
+        let next = window(&ws2, &we2, vec![token("next", &ws2, &we2, 1)]);
+        let (_, c) = commit_one(&ledger, &book, &[OTLP], &next, &counters).expect("next");
+        assert_eq!((c.new, c.quarantined.len()), (1, 0));
+        let l = ledger.lock().expect("lock");
+        assert_eq!(l.last_window_end().expect("last"), Some(we2));
+        let pending: Vec<String> = l
+            .pending(OTLP, 10)
+            .expect("pending")
+            .into_iter()
+            .map(|r| r.record_id)
+            .collect();
+        assert_eq!(pending, ["fresh", "next"]);
+        drop(l);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A panic while the ledger's lock was held used to leave it poisoned,
+    /// and every later commit failed with "ledger lock poisoned", forever.
+    #[test]
+    fn a_poisoned_ledger_lock_is_taken_over_and_counted() {
+        let (dir, ledger) = temp_ledger("poison");
+        let book = PriceBook::parse(DEFAULT_PRICE_BOOK, "built-in").expect("book");
+        let counters = CommitCounters::default();
+        let l2 = ledger.clone();
+        let panicked = std::thread::spawn(move || {
+            let _guard = l2.lock();
+            panic!("a holder of the ledger panics");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert!(ledger.is_poisoned());
+        let (ws, we) = (ns_ago(2), ns_ago(1));
+        let w = window(&ws, &we, vec![token("t", &ws, &we, 10)]);
+        let (_, c) = commit_one(&ledger, &book, &[], &w, &counters).expect("commits");
+        assert_eq!(c.new, 1);
+        assert_eq!(counters.poisoned.load(Ordering::Relaxed), 1);
+        assert!(!ledger.is_poisoned());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
