@@ -433,6 +433,10 @@ pub struct ExpireStats {
     pub spans: u64,
     /// Identities no record or rollup refers to any more.
     pub identities: u64,
+    /// Quarantined records set aside before it.
+    pub quarantined: u64,
+    /// Dead letters (exporters' refused records) set aside before it.
+    pub dead_letters: u64,
 }
 
 /// What a window's commit did.
@@ -1529,7 +1533,8 @@ impl Ledger {
     }
 
     /// Deletes usage older than `retention` before `now`: hourly rollups,
-    /// stored spans, and the identities only they referred to. Raw records an
+    /// stored spans, quarantined records and dead letters set aside before
+    /// it, and the identities only they referred to. Raw records an
     /// exporter has not confirmed are never deleted here (compaction keeps and
     /// counts them); the month-to-date spend rows are a few per party and stay.
     pub fn expire(&mut self, now: &str, retention: Duration) -> Result<ExpireStats, LedgerError> {
@@ -1548,6 +1553,16 @@ impl Ledger {
         let spans = tx
             .execute("DELETE FROM spans WHERE end_ns < ?1", params![cutoff])
             .map_err(sql(path, "deleting expired spans"))?;
+        // What was set aside is kept as long as the usage it belongs with.
+        let quarantined = tx
+            .execute(
+                "DELETE FROM quarantine WHERE quarantined_ns < ?1",
+                params![cutoff],
+            )
+            .map_err(sql(path, "deleting expired quarantined records"))?;
+        let dead_letters = tx
+            .execute("DELETE FROM dead_letter WHERE dead_ns < ?1", params![cutoff])
+            .map_err(sql(path, "deleting expired dead letters"))?;
         // NOT IN with a subquery is evaluated once, into a temporary index.
         let identities = tx
             .execute(
@@ -1566,6 +1581,8 @@ impl Ledger {
             hourly_rows: count(hourly_rows),
             spans: count(spans),
             identities: count(identities),
+            quarantined: count(quarantined),
+            dead_letters: count(dead_letters),
         })
     }
 

@@ -169,9 +169,10 @@ fn a_partial_success_is_not_retried_and_later_windows_keep_flowing() {
     let requests = receiver.requests().expect("requests");
     first.unwrap_or_else(|e| {
         panic!(
-            "the outbox is blocked behind the partial success: {e:#}; requests (seq, ids, rejected): {:?}",
+            "the outbox is blocked behind the partial success: {e:#}; first requests (seq, ids, rejected): {:?}",
             requests
                 .iter()
+                .take(10)
                 .map(|r| (r.seq, r.record_ids.len(), r.rejected))
                 .collect::<Vec<_>>()
         )

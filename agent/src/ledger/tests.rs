@@ -1570,3 +1570,29 @@ fn export_series_move_only_with_delivery() {
     assert_eq!(evicted, 1);
     assert_eq!(ledger.export_series_count("otlp").expect("count"), 1);
 }
+
+/// The quarantine and the dead letters are kept as long as the usage they
+/// belong with, then expire: neither grows without bound.
+#[test]
+fn quarantined_records_and_dead_letters_expire_with_retention() {
+    let dir = TempDir::new("quarantine-expiry");
+    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let mut huge = rec("huge", T0);
+    huge.syscalls = u64::MAX;
+    ledger
+        .commit_window_or_quarantine(&t(T0), &t(T0 + 10), &[huge, rec("ok", T0)], &["otlp"])
+        .expect("commit");
+    ledger
+        .dead_letter("otlp", &["ok".to_string()], "refused")
+        .expect("dead letter");
+    let now = now_ns() / 1_000_000_000;
+    // Within retention: kept.
+    let kept = ledger.expire(&t(now), 7 * DAY).expect("expire");
+    assert_eq!((kept.quarantined, kept.dead_letters), (0, 0));
+    assert_eq!(ledger.quarantine_count().expect("count"), 1);
+    // A week later: gone.
+    let gone = ledger.expire(&t(now + 8 * 86_400), 7 * DAY).expect("expire");
+    assert_eq!((gone.quarantined, gone.dead_letters), (1, 1));
+    assert_eq!(ledger.quarantine_count().expect("count"), 0);
+    assert!(ledger.dead_letters(10).expect("dead").is_empty());
+}
