@@ -11,7 +11,8 @@
 //! Reads never touch the daemon's writer: each request reads on its own
 //! read-only SQLite connection (from a small pool), which WAL lets run beside
 //! the commits, so a heavy query cannot delay billing. Requests are bounded:
-//! a range of at most [`MAX_RANGE_DAYS`] days, at most [`MAX_GROUPS`] groups
+//! a range of at most [`MAX_RANGE_DAYS`] days up to now (an open end far in
+//! the future holds no usage and costs nothing), at most [`MAX_GROUPS`] groups
 //! per usage tree, [`MAX_RUN_RECORDS`] records and [`MAX_RUN_SPANS`] spans per
 //! run view, 1,000 records per page, and [`MAX_CONCURRENT_READS`] reads at a
 //! time; a request over a bound gets a 400 naming it.
@@ -352,7 +353,10 @@ fn range(p: &RangeParams) -> Result<Range, Problem> {
     if from >= to {
         return Err(bad("from", "must be before `to`"));
     }
-    if to - from > TimeDuration::days(MAX_RANGE_DAYS) {
+    // What a range costs is the usage in it, and there is none past now: an
+    // open end (`to` far ahead) is not a long range.
+    let data_end = to.min(OffsetDateTime::now_utc() + TimeDuration::days(1));
+    if data_end - from > TimeDuration::days(MAX_RANGE_DAYS) {
         return Err(bad(
             "from",
             format!(
@@ -965,6 +969,13 @@ mod tests {
                 .is_some_and(|e| e.contains("31 days")),
             "{body}"
         );
+        // An open end is not a long range: there is no usage past now.
+        let from = crate::clock::rfc3339_of_ns(now_ns() - 3_600_000_000_000);
+        let (status, body) = get(
+            &format!("{base}/v1/records?from={from}&to=2200-01-01T00:00:00Z"),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
         let (status, body) = get(&format!("{base}/v1/records?limit=5000"), None);
         assert_eq!(status, 400);
         assert!(

@@ -1341,6 +1341,54 @@ mod tests {
         assert!(refused <= 4, "{refused} refused requests");
     }
 
+    /// The exporter's ledger work per record (no network): reading the touched
+    /// series' totals, building the request, and marking delivered with the
+    /// new totals in one transaction. `cargo test --release -p mentat-agent
+    /// --lib export_path_benchmark -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "benchmark"]
+    fn export_path_benchmark() {
+        use crate::ledger::{Ledger, sim::synthetic_window};
+        let dir = std::env::temp_dir().join(format!("mentat-export-bench-{}", std::process::id()));
+        let path = dir.join("ledger.db");
+        let mut ledger = Ledger::open(&path, Duration::from_secs(7 * 86_400)).expect("open");
+        let (workloads, windows) = (1000usize, 30i64);
+        let t0 = 1_767_225_600_000_000_000i64;
+        for w in 0..windows {
+            let ws = t0 + w * 1_000_000_000;
+            let batch = synthetic_window("n1", workloads, ws, 1_000_000_000, 600_000_000_000);
+            let (s, e) = (&batch[0].window_start, &batch[0].window_end);
+            ledger.commit_window(s, e, &batch, &["otlp"]).expect("commit");
+        }
+        let b = RequestBuilder::new("n1");
+        let started = std::time::Instant::now();
+        let (mut records, mut series_written) = (0usize, 0usize);
+        loop {
+            let batch = ledger.pending("otlp", BATCH).expect("pending");
+            if batch.is_empty() {
+                break;
+            }
+            let c = b.contributions(&batch);
+            let state = ledger.export_series("otlp", &c.keys()).expect("series");
+            let (_req, after) = b.build(&batch, &c, &state, 0);
+            let ids: Vec<String> = batch.iter().map(|r| r.record_id.clone()).collect();
+            ledger
+                .mark_delivered_with("otlp", &ids, &after, None)
+                .expect("deliver");
+            records += batch.len();
+            series_written += after.len();
+        }
+        let took = started.elapsed();
+        println!(
+            "export path, {windows} windows × {workloads} records: {:.1} µs/record, {:.1} series updates/record, {} series kept",
+            took.as_secs_f64() * 1e6 / records as f64,
+            series_written as f64 / records as f64,
+            ledger.export_series_count("otlp").expect("count")
+        );
+        drop(ledger);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn bad_endpoint_is_a_config_error() {
         let c = OtlpConfig {
