@@ -33,7 +33,7 @@ use crate::{
     gpu::GpuMeter,
     ledger::Ledger,
     ledger::SpanRow,
-    ledger::{Committed, SeriesState},
+    ledger::{Committed, SeriesId, SeriesState},
     output::Report,
     pods::PodDirectory,
     pricing::{PriceBook, PriceBookHandle, billed_party},
@@ -299,6 +299,15 @@ fn commit_one(
         &records,
         exporters,
     )?;
+    // What was set aside is not billed, so not counted on /metrics either.
+    if !committed.quarantined.is_empty() {
+        let aside: std::collections::HashSet<&str> = committed
+            .quarantined
+            .iter()
+            .map(|q| q.record_id.as_str())
+            .collect();
+        records.retain(|r| !aside.contains(r.record_id.as_str()));
+    }
     Ok((records, committed))
 }
 
@@ -420,7 +429,7 @@ impl Outbox for LedgerOutbox {
             .map_err(|e| e.to_string())
     }
 
-    fn series(&mut self, keys: &[&str]) -> Result<HashMap<String, SeriesState>, String> {
+    fn series(&mut self, keys: &[SeriesId]) -> Result<HashMap<SeriesId, SeriesState>, String> {
         self.ledger()
             .export_series(OTLP, keys)
             .map_err(|e| e.to_string())
@@ -429,7 +438,7 @@ impl Outbox for LedgerOutbox {
     fn delivered(
         &mut self,
         record_ids: &[String],
-        series: &[(String, SeriesState)],
+        series: &[(SeriesId, SeriesState)],
         rejected: Option<&str>,
     ) -> Result<(), String> {
         self.ledger()
@@ -1168,7 +1177,9 @@ mod tests {
         );
         let (records, committed) =
             commit_one(&ledger, &book, &[OTLP], &w, &counters).expect("the window commits");
-        assert_eq!(records.len(), 2);
+        // Only the committed record is counted on /metrics.
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].record_id, "fresh");
         assert_eq!(committed.new, 1);
         assert_eq!(committed.quarantined.len(), 1);
         assert_eq!(committed.quarantined[0].record_id, "backlog");

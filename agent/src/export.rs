@@ -65,7 +65,10 @@ use tonic::{
 };
 use tracing::{debug, info, warn};
 
-use crate::{ledger::SeriesState, usage::UsageRecord};
+use crate::{
+    ledger::{SeriesId, SeriesState},
+    usage::UsageRecord,
+};
 
 /// Where and how to send OTLP.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -253,17 +256,17 @@ pub struct Contribution {
     last_ns: u64,
 }
 
-/// A batch's contributions by series key, and the newest window end in it.
+/// A batch's contributions by series, and the newest window end in it.
 #[derive(Clone, Debug, Default)]
 pub struct Contributions {
-    series: BTreeMap<String, Contribution>,
+    series: BTreeMap<SeriesId, Contribution>,
     latest_ns: u64,
 }
 
 impl Contributions {
-    /// The keys of the series the batch touches, for reading their state.
-    pub fn keys(&self) -> Vec<&str> {
-        self.series.keys().map(String::as_str).collect()
+    /// The series the batch touches, for reading their state.
+    pub fn keys(&self) -> Vec<SeriesId> {
+        self.series.keys().copied().collect()
     }
 
     /// How many series the batch touches.
@@ -277,9 +280,36 @@ impl Contributions {
     }
 }
 
-/// The key a series' running total is stored under: metric name and sorted attributes.
-fn series_key(name: &str, attrs: &[(String, String)]) -> String {
-    serde_json::to_string(&(name, attrs)).unwrap_or_else(|_| format!("{name}{attrs:?}"))
+/// The id a series' running total is stored under: a 128-bit hash of its
+/// metric name and sorted attributes (two independent 64-bit hashes of an
+/// unambiguous encoding; a collision, ~10⁻²⁶ at a million series, would
+/// merge two series). Only meaningful within one export stream (the ledger's
+/// totals are reset when a stream starts), so the hash may change between
+/// agent versions.
+fn series_id(name: &str, attrs: &[(String, String)]) -> SeriesId {
+    use std::hash::{BuildHasher, Hasher};
+    let mut sip =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .build_hasher();
+    let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        // Length-prefixed, so no two attribute lists encode alike.
+        let len = (bytes.len() as u64).to_le_bytes();
+        for part in [&len[..], bytes] {
+            sip.write(part);
+            for &b in part {
+                fnv ^= u64::from(b);
+                fnv = fnv.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+    };
+    eat(name.as_bytes());
+    for (k, v) in attrs {
+        eat(k.as_bytes());
+        eat(v.as_bytes());
+    }
+    let bits = |v: u64| i64::from_ne_bytes(v.to_ne_bytes());
+    (bits(sip.finish()), bits(fnv))
 }
 
 /// Builds OTLP requests from usage records on top of the acknowledged running totals.
@@ -331,7 +361,7 @@ impl RequestBuilder {
                 let mut attrs = identity(r);
                 attrs.extend(extra);
                 attrs.sort();
-                let key = series_key(quantity.name, &attrs);
+                let key = series_id(quantity.name, &attrs);
                 let c = out.series.entry(key).or_insert_with(|| Contribution {
                     quantity,
                     attrs,
@@ -359,11 +389,11 @@ impl RequestBuilder {
         &self,
         records: &[UsageRecord],
         contributions: &Contributions,
-        state: &HashMap<String, SeriesState>,
+        state: &HashMap<SeriesId, SeriesState>,
         evicted_before_ns: u64,
-    ) -> (ExportMetricsServiceRequest, Vec<(String, SeriesState)>) {
+    ) -> (ExportMetricsServiceRequest, Vec<(SeriesId, SeriesState)>) {
         let latest_ns = contributions.latest_ns;
-        let mut after: Vec<(String, SeriesState)> = Vec::with_capacity(contributions.len());
+        let mut after: Vec<(SeriesId, SeriesState)> = Vec::with_capacity(contributions.len());
         let mut points: BTreeMap<&'static str, Vec<NumberDataPoint>> = BTreeMap::new();
         for (key, c) in &contributions.series {
             let next = match state.get(key) {
@@ -392,7 +422,7 @@ impl RequestBuilder {
                     }),
                     ..Default::default()
                 });
-            after.push((key.clone(), next));
+            after.push((*key, next));
         }
         let mut metrics: Vec<Metric> = Vec::new();
         for quantity in ALL {
@@ -688,13 +718,13 @@ pub trait Outbox {
     /// Up to `limit` undelivered records, oldest first.
     fn pending(&mut self, limit: usize) -> Result<Vec<UsageRecord>, String>;
     /// The acknowledged running totals of the series in `keys` that have one.
-    fn series(&mut self, keys: &[&str]) -> Result<HashMap<String, SeriesState>, String>;
+    fn series(&mut self, keys: &[SeriesId]) -> Result<HashMap<SeriesId, SeriesState>, String>;
     /// Marks records delivered and stores the series' totals after them, in
     /// one transaction; with `rejected`, also lists them as dead letters.
     fn delivered(
         &mut self,
         record_ids: &[String],
-        series: &[(String, SeriesState)],
+        series: &[(SeriesId, SeriesState)],
         rejected: Option<&str>,
     ) -> Result<(), String>;
     /// Takes records the receiver refused for good out of the queue, listed with `reason`.
@@ -756,7 +786,8 @@ const MIN_BACKOFF: Duration = Duration::from_millis(500);
 /// … to this.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// A series no delivered record touched for this long is evicted.
+/// A series no delivered record touched for this long (before now, or before
+/// the oldest record still to send) is evicted.
 pub const SERIES_IDLE: Duration = Duration::from_secs(3600);
 /// How often idle series are looked for.
 const EVICT_EVERY: Duration = Duration::from_secs(300);
@@ -787,8 +818,17 @@ pub async fn drain<T: Transport>(
         let stopping = *stop.borrow();
         if last_evict.elapsed() >= EVICT_EVERY {
             last_evict = tokio::time::Instant::now();
-            let cutoff = crate::clock::unix_ns(SystemTime::now())
+            let mut cutoff = crate::clock::unix_ns(SystemTime::now())
                 .saturating_sub(u64::try_from(SERIES_IDLE.as_nanos()).unwrap_or(u64::MAX));
+            // Idle relative to the backlog: while old windows are still being
+            // sent (after an outage), their series are not idle.
+            if let Some(oldest) = outbox
+                .pending(1)
+                .ok()
+                .and_then(|p| p.first().and_then(|r| parse_unix_ns(&r.window_start)))
+            {
+                cutoff = cutoff.min(oldest);
+            }
             match outbox.evict_series(cutoff) {
                 Ok(n) => {
                     stats.evicted_series.fetch_add(n, Ordering::Relaxed);
@@ -967,7 +1007,7 @@ mod tests {
     fn build(
         b: &RequestBuilder,
         records: &[UsageRecord],
-        state: &mut HashMap<String, SeriesState>,
+        state: &mut HashMap<SeriesId, SeriesState>,
     ) -> ExportMetricsServiceRequest {
         let c = b.contributions(records);
         let (req, after) = b.build(records, &c, state, 0);
@@ -1057,7 +1097,7 @@ mod tests {
     #[derive(Default)]
     struct FakeLedger {
         pending: Vec<UsageRecord>,
-        series: HashMap<String, SeriesState>,
+        series: HashMap<SeriesId, SeriesState>,
         fail_marks: u32,
         dead: Vec<(String, String)>,
     }
@@ -1076,17 +1116,17 @@ mod tests {
         fn pending(&mut self, limit: usize) -> Result<Vec<UsageRecord>, String> {
             Ok(self.l().pending.iter().take(limit).cloned().collect())
         }
-        fn series(&mut self, keys: &[&str]) -> Result<HashMap<String, SeriesState>, String> {
+        fn series(&mut self, keys: &[SeriesId]) -> Result<HashMap<SeriesId, SeriesState>, String> {
             let l = self.l();
             Ok(keys
                 .iter()
-                .filter_map(|k| l.series.get(*k).map(|s| (k.to_string(), *s)))
+                .filter_map(|k| l.series.get(k).map(|s| (*k, *s)))
                 .collect())
         }
         fn delivered(
             &mut self,
             ids: &[String],
-            series: &[(String, SeriesState)],
+            series: &[(SeriesId, SeriesState)],
             rejected: Option<&str>,
         ) -> Result<(), String> {
             let mut l = self.l();
@@ -1358,27 +1398,49 @@ mod tests {
             let ws = t0 + w * 1_000_000_000;
             let batch = synthetic_window("n1", workloads, ws, 1_000_000_000, 600_000_000_000);
             let (s, e) = (&batch[0].window_start, &batch[0].window_end);
-            ledger.commit_window(s, e, &batch, &["otlp"]).expect("commit");
+            ledger
+                .commit_window(s, e, &batch, &["otlp"])
+                .expect("commit");
         }
         let b = RequestBuilder::new("n1");
         let started = std::time::Instant::now();
         let (mut records, mut series_written) = (0usize, 0usize);
+        let mut phases = [Duration::ZERO; 5];
         loop {
+            let t = std::time::Instant::now();
             let batch = ledger.pending("otlp", BATCH).expect("pending");
             if batch.is_empty() {
                 break;
             }
+            phases[0] += t.elapsed();
+            let t = std::time::Instant::now();
             let c = b.contributions(&batch);
+            phases[1] += t.elapsed();
+            let t = std::time::Instant::now();
             let state = ledger.export_series("otlp", &c.keys()).expect("series");
+            phases[2] += t.elapsed();
+            let t = std::time::Instant::now();
             let (_req, after) = b.build(&batch, &c, &state, 0);
+            phases[3] += t.elapsed();
+            let t = std::time::Instant::now();
             let ids: Vec<String> = batch.iter().map(|r| r.record_id.clone()).collect();
             ledger
                 .mark_delivered_with("otlp", &ids, &after, None)
                 .expect("deliver");
+            phases[4] += t.elapsed();
             records += batch.len();
             series_written += after.len();
         }
         let took = started.elapsed();
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / records.max(1) as f64;
+        println!(
+            "µs/record: pending {:.1}, contributions {:.1}, read totals {:.1}, build {:.1}, deliver + store totals {:.1}",
+            per(phases[0]),
+            per(phases[1]),
+            per(phases[2]),
+            per(phases[3]),
+            per(phases[4])
+        );
         println!(
             "export path, {windows} windows × {workloads} records: {:.1} µs/record, {:.1} series updates/record, {} series kept",
             took.as_secs_f64() * 1e6 / records as f64,

@@ -551,6 +551,9 @@ fn sqlite_transient(e: &rusqlite::Error) -> bool {
     }
 }
 
+/// Names a series in `export_series`: a 128-bit hash of its metric and attributes.
+pub type SeriesId = (i64, i64);
+
 /// An exporter's cumulative value of one series, as last acknowledged.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SeriesState {
@@ -1064,7 +1067,7 @@ impl Ledger {
         &mut self,
         exporter: &str,
         record_ids: &[String],
-        series: &[(String, SeriesState)],
+        series: &[(SeriesId, SeriesState)],
         rejected: Option<&str>,
     ) -> Result<(), LedgerError> {
         self.settle(exporter, record_ids, series, rejected)
@@ -1086,7 +1089,7 @@ impl Ledger {
         &mut self,
         exporter: &str,
         record_ids: &[String],
-        series: &[(String, SeriesState)],
+        series: &[(SeriesId, SeriesState)],
         dead: Option<&str>,
     ) -> Result<(), LedgerError> {
         let path = self.path.as_path();
@@ -1152,15 +1155,16 @@ impl Ledger {
         if !series.is_empty() {
             let mut put = tx
                 .prepare_cached(
-                    "INSERT INTO export_series (exporter, series, start_ns, value, last_ns) \
-                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (exporter, series) DO UPDATE SET \
+                    "INSERT INTO export_series (exporter, series_hi, series_lo, start_ns, value, \
+                     last_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO UPDATE SET \
                      start_ns = excluded.start_ns, value = excluded.value, last_ns = excluded.last_ns",
                 )
                 .map_err(sql(path, "preparing the series update"))?;
-            for (key, st) in series {
+            for ((hi, lo), st) in series {
                 put.execute(params![
                     exporter,
-                    key,
+                    hi,
+                    lo,
                     u64_bits(st.start_ns),
                     st.value.to_string(),
                     u64_bits(st.last_ns)
@@ -1175,20 +1179,20 @@ impl Ledger {
     pub fn export_series(
         &self,
         exporter: &str,
-        keys: &[&str],
-    ) -> Result<HashMap<String, SeriesState>, LedgerError> {
+        keys: &[SeriesId],
+    ) -> Result<HashMap<SeriesId, SeriesState>, LedgerError> {
         let path = &self.path;
         let mut stmt = self
             .conn
             .prepare_cached(
                 "SELECT start_ns, value, last_ns FROM export_series \
-                 WHERE exporter = ?1 AND series = ?2",
+                 WHERE exporter = ?1 AND series_hi = ?2 AND series_lo = ?3",
             )
             .map_err(sql(path, "preparing the series lookup"))?;
         let mut out = HashMap::new();
-        for key in keys {
+        for &(hi, lo) in keys {
             let row: Option<(i64, String, i64)> = stmt
-                .query_row(params![exporter, key], |r| {
+                .query_row(params![exporter, hi, lo], |r| {
                     Ok((r.get(0)?, r.get(1)?, r.get(2)?))
                 })
                 .optional()
@@ -1197,7 +1201,7 @@ impl Ledger {
                 let value = Decimal::from_str_exact(&value)
                     .map_err(|_| corrupt(path, format!("export series value {value:?}")))?;
                 out.insert(
-                    key.to_string(),
+                    (hi, lo),
                     SeriesState {
                         start_ns: bits_u64(start),
                         value,
@@ -1561,7 +1565,10 @@ impl Ledger {
             )
             .map_err(sql(path, "deleting expired quarantined records"))?;
         let dead_letters = tx
-            .execute("DELETE FROM dead_letter WHERE dead_ns < ?1", params![cutoff])
+            .execute(
+                "DELETE FROM dead_letter WHERE dead_ns < ?1",
+                params![cutoff],
+            )
             .map_err(sql(path, "deleting expired dead letters"))?;
         // NOT IN with a subquery is evaluated once, into a temporary index.
         let identities = tx

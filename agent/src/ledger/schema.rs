@@ -199,7 +199,11 @@ ALTER TABLE hourly ADD COLUMN gpu_energy_joules TEXT NOT NULL DEFAULT '0';
 ///   the same transaction that marks a batch delivered, so the running totals
 ///   are exactly what the receiver acknowledged: a failed mark leaves both
 ///   unchanged and the re-send carries the same values, never doubled.
-///   `last_ns` (the newest window end added) lets idle series be evicted.
+///   A series is named by a 128-bit hash of its metric and attributes (two
+///   integers: rows of ~60 bytes, so a batch's updates dirty few pages; the
+///   attributes themselves run to hundreds of bytes). `last_ns` (the newest
+///   window end added) lets idle series be evicted, by a scan every few
+///   minutes rather than an index every update would have to keep.
 /// - `dead_letter`: records an exporter's receiver refused for good
 ///   (InvalidArgument, or points rejected in a partial success), with the
 ///   reason: out of the outbox, so they no longer block it, and listed.
@@ -219,13 +223,13 @@ CREATE TABLE quarantine (
 
 CREATE TABLE export_series (
     exporter TEXT NOT NULL,
-    series TEXT NOT NULL,
+    series_hi INTEGER NOT NULL,
+    series_lo INTEGER NOT NULL,
     start_ns INTEGER NOT NULL,
     value TEXT NOT NULL,
     last_ns INTEGER NOT NULL,
-    PRIMARY KEY (exporter, series)
+    PRIMARY KEY (exporter, series_hi, series_lo)
 ) WITHOUT ROWID;
-CREATE INDEX export_series_by_last ON export_series (exporter, last_ns);
 
 CREATE TABLE dead_letter (
     exporter TEXT NOT NULL,

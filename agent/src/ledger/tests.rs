@@ -1536,22 +1536,19 @@ fn export_series_move_only_with_delivery() {
         last_ns: u64::try_from(last).expect("last"),
     };
     ledger
-        .mark_delivered_with(
-            "otlp",
-            &["a".to_string()],
-            &[("s1".into(), st("1.5", T0))],
-            None,
-        )
+        .mark_delivered_with("otlp", &["a".to_string()], &[((1, 1), st("1.5", T0))], None)
         .expect("deliver a");
-    let got = ledger.export_series("otlp", &["s1", "s2"]).expect("series");
+    let got = ledger
+        .export_series("otlp", &[(1, 1), (1, 2)])
+        .expect("series");
     assert_eq!(got.len(), 1);
-    assert_eq!(got["s1"], st("1.5", T0));
+    assert_eq!(got[&(1, 1)], st("1.5", T0));
     // A partial success: delivered, values kept, and listed as rejected.
     ledger
         .mark_delivered_with(
             "otlp",
             &["b".to_string()],
-            &[("s1".into(), st("2.5", T0 + 100))],
+            &[((1, 1), st("2.5", T0 + 100))],
             Some("1 data point rejected: bad"),
         )
         .expect("deliver b");
@@ -1562,7 +1559,7 @@ fn export_series_move_only_with_delivery() {
     assert!(dead[0].reason.contains("rejected"));
     // Idle series are evicted; the rest stay.
     ledger
-        .mark_delivered_with("otlp", &[], &[("s2".into(), st("1", T0 + 500))], None)
+        .mark_delivered_with("otlp", &[], &[((1, 2), st("1", T0 + 500))], None)
         .expect("s2");
     let evicted = ledger
         .evict_export_series("otlp", u64::try_from(T0 + 200).expect("ns"))
@@ -1591,7 +1588,9 @@ fn quarantined_records_and_dead_letters_expire_with_retention() {
     assert_eq!((kept.quarantined, kept.dead_letters), (0, 0));
     assert_eq!(ledger.quarantine_count().expect("count"), 1);
     // A week later: gone.
-    let gone = ledger.expire(&t(now + 8 * 86_400), 7 * DAY).expect("expire");
+    let gone = ledger
+        .expire(&t(now + 8 * 86_400), 7 * DAY)
+        .expect("expire");
     assert_eq!((gone.quarantined, gone.dead_letters), (1, 1));
     assert_eq!(ledger.quarantine_count().expect("count"), 0);
     assert!(ledger.dead_letters(10).expect("dead").is_empty());
