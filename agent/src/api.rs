@@ -5,7 +5,17 @@
 //! `group_by` field, and records lacking that field form an explicit
 //! `unattributed` child, so at every level the children sum to the parent
 //! exactly (the ledger sums in exact decimal). Bound to loopback by default;
-//! bound anywhere else it requires a bearer token read from a file.
+//! bound anywhere else it requires a bearer token read from a file, compared
+//! in constant time.
+//!
+//! Reads never touch the daemon's writer: each request reads on its own
+//! read-only SQLite connection (from a small pool), which WAL lets run beside
+//! the commits, so a heavy query cannot delay billing. Requests are bounded:
+//! a range of at most [`MAX_RANGE_DAYS`] days up to now (an open end far in
+//! the future holds no usage and costs nothing), at most [`MAX_GROUPS`] groups
+//! per usage tree, [`MAX_RUN_RECORDS`] records and [`MAX_RUN_SPANS`] spans per
+//! run view, 1,000 records per page, and [`MAX_CONCURRENT_READS`] reads at a
+//! time; a request over a bound gets a 400 naming it.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -89,11 +99,24 @@ pub enum ApiError {
     },
 }
 
+/// The longest range one request may ask for, in days.
+pub const MAX_RANGE_DAYS: i64 = 31;
+/// The most groups a usage tree may have at its deepest level.
+pub const MAX_GROUPS: usize = 10_000;
+/// The most records a run view reads.
+pub const MAX_RUN_RECORDS: usize = 100_000;
+/// The most spans a run view reads.
+pub const MAX_RUN_SPANS: usize = 10_000;
+/// Reads running at once (more wait their turn).
+pub const MAX_CONCURRENT_READS: usize = 4;
+/// Most records or dead letters per quarantine page.
+const MAX_QUARANTINE_PAGE: usize = 1000;
+
 /// Shared state of the API.
 #[derive(Clone)]
 pub struct AppState {
-    /// The ledger (the daemon writes it; the API only reads).
-    pub ledger: Arc<Mutex<Ledger>>,
+    /// Read-only connections to the ledger (the daemon writes it on its own).
+    readers: Readers,
     /// Prometheus counters.
     pub metrics: Metrics,
     /// Set once probes are attached and the ledger is open.
@@ -102,15 +125,61 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// State for an API over `ledger` and `metrics`.
-    pub fn new(ledger: Arc<Mutex<Ledger>>, metrics: Metrics, ready: Arc<AtomicBool>) -> Self {
+    /// State for an API over the ledger at `ledger_path` and `metrics`.
+    pub fn new(ledger_path: PathBuf, metrics: Metrics, ready: Arc<AtomicBool>) -> Self {
         Self {
-            ledger,
+            readers: Readers {
+                path: ledger_path,
+                idle: Arc::new(Mutex::new(Vec::new())),
+                permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_READS)),
+            },
             metrics,
             ready,
             token: None,
         }
     }
+}
+
+/// A pool of read-only connections to the ledger file.
+#[derive(Clone)]
+struct Readers {
+    path: PathBuf,
+    idle: Arc<Mutex<Vec<Ledger>>>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl Readers {
+    fn take(&self) -> Result<Ledger, ledger::LedgerError> {
+        let pooled = self.idle.lock().ok().and_then(|mut v| v.pop());
+        match pooled {
+            Some(l) => Ok(l),
+            None => Ledger::open_read_only(&self.path),
+        }
+    }
+
+    fn give_back(&self, l: Ledger) {
+        if let Ok(mut v) = self.idle.lock()
+            && v.len() < MAX_CONCURRENT_READS
+        {
+            v.push(l);
+        }
+    }
+}
+
+/// Compares a presented token with the configured one in time that depends
+/// only on the configured token's length, never on where they differ.
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = u8::from(given.len() != expected.len());
+    for (i, e) in expected.iter().enumerate() {
+        // Out of range reads wrap, so every byte of `expected` is compared.
+        let g = given
+            .get(i)
+            .or_else(|| given.get(i % given.len().max(1)))
+            .copied()
+            .unwrap_or(0);
+        diff |= std::hint::black_box(g ^ e);
+    }
+    std::hint::black_box(diff) == 0
 }
 
 /// A 400/500 with a JSON body naming what was wrong.
@@ -175,6 +244,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/usage", get(usage))
         .route("/v1/records", get(records))
         .route("/v1/runs/{run_id}", get(run_view))
+        .route("/v1/quarantine", get(quarantine))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -191,7 +261,7 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(token.as_ref()) {
+        if !given.is_some_and(|g| token_matches(g.as_bytes(), token.as_bytes())) {
             return (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer")],
@@ -283,6 +353,17 @@ fn range(p: &RangeParams) -> Result<Range, Problem> {
     if from >= to {
         return Err(bad("from", "must be before `to`"));
     }
+    // What a range costs is the usage in it, and there is none past now: an
+    // open end (`to` far ahead) is not a long range.
+    let data_end = to.min(OffsetDateTime::now_utc() + TimeDuration::days(1));
+    if data_end - from > TimeDuration::days(MAX_RANGE_DAYS) {
+        return Err(bad(
+            "from",
+            format!(
+                "the range from `from` to `to` is longer than the limit of {MAX_RANGE_DAYS} days per request: ask for it in parts"
+            ),
+        ));
+    }
     let fmt = |t: OffsetDateTime| t.format(&Rfc3339).map_err(|e| bad("to", e));
     let mut filters = Vec::new();
     for clause in p
@@ -313,32 +394,39 @@ fn range(p: &RangeParams) -> Result<Range, Problem> {
     })
 }
 
-/// Runs a ledger read off the async threads.
+/// Runs a ledger read off the async threads, on a read-only connection of
+/// its own (never the daemon's writer), at most [`MAX_CONCURRENT_READS`] at once.
 async fn with_ledger<T: Send + 'static>(
     state: &AppState,
-    f: impl FnOnce(&Ledger) -> Result<T, ledger::LedgerError> + Send + 'static,
+    f: impl FnOnce(&Ledger) -> Result<T, Problem> + Send + 'static,
 ) -> Result<T, Problem> {
-    let ledger = state.ledger.clone();
+    let readers = state.readers.clone();
+    let _permit = readers
+        .permits
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|e| Problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     tokio::task::spawn_blocking(move || {
-        let guard = ledger.lock().map_err(|_| {
-            Problem(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "ledger lock poisoned".into(),
-            )
-        })?;
-        f(&guard).map_err(|e| {
-            // The caller's arguments, not the ledger, are at fault for these.
-            let status = match e {
-                ledger::LedgerError::BadTime { .. } | ledger::LedgerError::UnknownField { .. } => {
-                    StatusCode::BAD_REQUEST
-                }
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            Problem(status, e.to_string())
-        })
+        let l = readers.take().map_err(ledger_problem)?;
+        let out = f(&l);
+        readers.give_back(l);
+        out
     })
     .await
     .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+/// A ledger error as an HTTP problem: the caller's fault for bad arguments.
+fn ledger_problem(e: ledger::LedgerError) -> Problem {
+    let status = match e {
+        ledger::LedgerError::BadTime { .. }
+        | ledger::LedgerError::UnknownField { .. }
+        | ledger::LedgerError::BadFieldValue { .. }
+        | ledger::LedgerError::ZeroLimit => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    Problem(status, e.to_string())
 }
 
 /// One node of the aggregation tree.
@@ -380,12 +468,24 @@ async fn usage(
     let (from, to, filters) = (r.from.clone(), r.to.clone(), r.filters.clone());
     let levels_fields = fields.clone();
     let levels = with_ledger(&state, move |l| {
-        (0..=levels_fields.len())
-            .map(|depth| {
-                let names: Vec<&str> = levels_fields[..depth].iter().map(String::as_str).collect();
-                l.totals(&from, &to, &names, &filters)
-            })
-            .collect::<Result<Vec<_>, _>>()
+        let mut levels = Vec::with_capacity(levels_fields.len() + 1);
+        for depth in 0..=levels_fields.len() {
+            let names: Vec<&str> = levels_fields[..depth].iter().map(String::as_str).collect();
+            let rows = l
+                .totals(&from, &to, &names, &filters)
+                .map_err(ledger_problem)?;
+            if rows.len() > MAX_GROUPS {
+                return Err(bad(
+                    "group_by",
+                    format!(
+                        "{} groups at depth {depth}, over the limit of {MAX_GROUPS}: group by fewer fields, filter with `where`, or ask for a shorter range",
+                        rows.len()
+                    ),
+                ));
+            }
+            levels.push(rows);
+        }
+        Ok(levels)
     })
     .await?;
     let root = build_tree(&fields, &levels);
@@ -478,7 +578,7 @@ async fn records(
         after,
         limit,
     };
-    let page = with_ledger(&state, move |l| l.records(&q)).await?;
+    let page = with_ledger(&state, move |l| l.records(&q).map_err(ledger_problem)).await?;
     let next = page.next.map(|(a, b)| format!("{a}|{b}"));
     let records: Vec<&UsageRecord> = page.records.iter().collect();
     Ok(Json(json!({ "records": records, "next": next })))
@@ -514,33 +614,53 @@ async fn run_view(
     }
     let id = run_id.clone();
     let (spans, records, by_agent, total) = with_ledger(&state, move |l| {
-        let spans = l.spans_of_run(&id)?;
+        let too_big = |what: &str, limit: usize| {
+            bad(
+                "run_id",
+                format!("run `{id}` has more than {limit} {what}, the limit of one run view: query /v1/records?where=run_id={id} page by page instead"),
+            )
+        };
+        let spans = l.spans_of_run(&id).map_err(ledger_problem)?;
+        if spans.len() > MAX_RUN_SPANS {
+            return Err(too_big("spans", MAX_RUN_SPANS));
+        }
         let filters = vec![("run_id".to_string(), id.clone())];
-        // The run's records: everything since its first span (or the last day).
+        // The run's records: everything since its first span (or the last
+        // day), and at most the longest range one request may cover.
+        let now = now_ns();
+        let earliest = now - MAX_RANGE_DAYS * 86_400_000_000_000;
         let start = spans.iter().map(|s| s.start_ns).min();
         let from = match start {
-            Some(ns) => crate::clock::rfc3339_of_ns(ns - 60_000_000_000),
-            None => crate::clock::rfc3339_of_ns(now_ns() - 86_400_000_000_000),
+            Some(ns) => ns.saturating_sub(60_000_000_000).max(earliest),
+            None => now - 86_400_000_000_000,
         };
-        let to = crate::clock::rfc3339_of_ns(now_ns() + 1);
+        let from = crate::clock::rfc3339_of_ns(from);
+        let to = crate::clock::rfc3339_of_ns(now.saturating_add(1));
         let mut records = Vec::new();
         let mut after = None;
         loop {
-            let page = l.records(&RecordQuery {
-                from: from.clone(),
-                to: to.clone(),
-                filters: filters.clone(),
-                after: after.clone(),
-                limit: 1000,
-            })?;
+            let page = l
+                .records(&RecordQuery {
+                    from: from.clone(),
+                    to: to.clone(),
+                    filters: filters.clone(),
+                    after: after.clone(),
+                    limit: 1000,
+                })
+                .map_err(ledger_problem)?;
             records.extend(page.records);
+            if records.len() > MAX_RUN_RECORDS {
+                return Err(too_big("records", MAX_RUN_RECORDS));
+            }
             match page.next {
                 Some(n) => after = Some(n),
                 None => break,
             }
         }
-        let by_agent = l.totals(&from, &to, &["agent_id"], &filters)?;
-        let total = l.totals(&from, &to, &[], &filters)?;
+        let by_agent = l
+            .totals(&from, &to, &["agent_id"], &filters)
+            .map_err(ledger_problem)?;
+        let total = l.totals(&from, &to, &[], &filters).map_err(ledger_problem)?;
         Ok((spans, records, by_agent, total))
     })
     .await?;
@@ -653,7 +773,45 @@ async fn run_view(
 }
 
 fn now_ns() -> i64 {
-    OffsetDateTime::now_utc().unix_timestamp_nanos() as i64
+    i64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos()).unwrap_or(i64::MAX)
+}
+
+/// Query parameters of `/v1/quarantine`.
+#[derive(Debug, Default, Deserialize)]
+pub struct QuarantineParams {
+    /// Records per page (1–1000, default 100); also the most dead letters shown.
+    pub limit: Option<usize>,
+    /// Cursor from a previous page's `next`.
+    pub before: Option<i64>,
+}
+
+/// `GET /v1/quarantine`: records the ledger set aside (newest first, paged),
+/// and records exporters' receivers refused for good (dead letters).
+async fn quarantine(
+    State(state): State<AppState>,
+    Query(p): Query<QuarantineParams>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let limit = p.limit.unwrap_or(100);
+    if !(1..=MAX_QUARANTINE_PAGE).contains(&limit) {
+        return Err(bad(
+            "limit",
+            format!("{limit} is outside 1..={MAX_QUARANTINE_PAGE}"),
+        ));
+    }
+    let before = p.before;
+    let (records, next, total, dead) = with_ledger(&state, move |l| {
+        let (records, next) = l.quarantined(limit, before).map_err(ledger_problem)?;
+        let total = l.quarantine_count().map_err(ledger_problem)?;
+        let dead = l.dead_letters(limit).map_err(ledger_problem)?;
+        Ok((records, next, total, dead))
+    })
+    .await?;
+    Ok(Json(json!({
+        "quarantined": total,
+        "records": records,
+        "next": next,
+        "dead_letters": dead,
+    })))
 }
 
 #[cfg(test)]
@@ -695,6 +853,221 @@ mod tests {
             .map(|c| c.totals.cpu_core_seconds)
             .sum();
         assert_eq!(sum, root.totals.cpu_core_seconds);
+    }
+
+    /// A ledger on disk with `n` records (distinct pids) in one window.
+    fn ledger_with(dir: &std::path::Path, n: u32) -> Ledger {
+        let mut l = Ledger::open(&dir.join("ledger.db"), std::time::Duration::from_secs(3600))
+            .expect("open");
+        let ws = crate::clock::rfc3339_of_ns(now_ns() - 60_000_000_000);
+        let we = crate::clock::rfc3339_of_ns(now_ns() - 59_000_000_000);
+        let records: Vec<UsageRecord> = (0..n)
+            .map(|i| UsageRecord {
+                record_id: format!("r{i}"),
+                node: "n".into(),
+                window_start: ws.clone(),
+                window_end: we.clone(),
+                record_kind: "process".into(),
+                pid: Some(i + 1),
+                ..Default::default()
+            })
+            .collect();
+        l.commit_window(&ws, &we, &records, &[]).expect("commit");
+        l
+    }
+
+    /// Serves `state` on a free loopback port from its own thread; returns the base URL.
+    fn serve_in_background(state: AppState) -> String {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let _ = tx.send(listener.local_addr().expect("addr"));
+                let _ = axum::serve(listener, router(state)).await;
+            });
+        });
+        let addr = rx.recv().expect("address");
+        format!("http://{addr}")
+    }
+
+    /// GET with a deadline far above any real answer (a hang is a failure, not a wait).
+    fn get(url: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(std::time::Duration::from_secs(30)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut req = agent.get(url);
+        if let Some(t) = token {
+            req = req.header("Authorization", format!("Bearer {t}"));
+        }
+        let mut resp = req.call().expect("the API answers within 30 s");
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .read_json()
+            .unwrap_or(serde_json::Value::Null);
+        (status, body)
+    }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let p = std::env::temp_dir().join(format!(
+            "mentat-api-{name}-{}-{}",
+            std::process::id(),
+            now_ns()
+        ));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        p
+    }
+
+    /// The API used to read through the daemon's own ledger behind its
+    /// commit mutex: a heavy query held billing up, and a held commit held
+    /// the API up. Now it reads on its own connections.
+    #[test]
+    fn the_api_reads_while_the_writer_holds_the_ledger() {
+        let dir = temp_dir("writer");
+        let writer = Arc::new(Mutex::new(ledger_with(&dir, 3)));
+        let base = serve_in_background(AppState::new(
+            dir.join("ledger.db"),
+            Metrics::default(),
+            Arc::new(AtomicBool::new(true)),
+        ));
+        // The commit path holds the writer (as during a long commit).
+        let held = writer.lock().expect("lock");
+        let (status, body) = get(&format!("{base}/v1/records"), None);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["records"].as_array().map(Vec::len), Some(3));
+        drop(held);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn requests_over_a_bound_get_a_400_naming_it() {
+        let dir = temp_dir("bounds");
+        let n = u32::try_from(MAX_GROUPS).expect("fits") + 1;
+        drop(ledger_with(&dir, n));
+        let base = serve_in_background(AppState::new(
+            dir.join("ledger.db"),
+            Metrics::default(),
+            Arc::new(AtomicBool::new(true)),
+        ));
+        let (status, body) = get(
+            &format!("{base}/v1/usage?from=2026-01-01T00:00:00Z&to=2026-03-01T00:00:00Z"),
+            None,
+        );
+        assert_eq!(status, 400);
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("31 days")),
+            "{body}"
+        );
+        // An open end is not a long range: there is no usage past now.
+        let from = crate::clock::rfc3339_of_ns(now_ns() - 3_600_000_000_000);
+        let (status, body) = get(
+            &format!("{base}/v1/records?from={from}&to=2200-01-01T00:00:00Z"),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = get(&format!("{base}/v1/records?limit=5000"), None);
+        assert_eq!(status, 400);
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("1..=1000")),
+            "{body}"
+        );
+        let (status, body) = get(&format!("{base}/v1/usage?group_by=pid"), None);
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| e.contains("10000")),
+            "{body}"
+        );
+        // Under the bound it answers.
+        let (status, body) = get(&format!("{base}/v1/usage?group_by=record_kind"), None);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["root"]["totals"]["records"].as_u64(),
+            Some(u64::from(n))
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_token_is_compared_whole() {
+        assert!(token_matches(b"s3cret-token", b"s3cret-token"));
+        assert!(!token_matches(b"s3cret-tokeN", b"s3cret-token"));
+        assert!(!token_matches(b"s3cret", b"s3cret-token"));
+        assert!(!token_matches(b"s3cret-token-and-more", b"s3cret-token"));
+        assert!(!token_matches(b"", b"s3cret-token"));
+        let dir = temp_dir("token");
+        drop(ledger_with(&dir, 1));
+        let mut state = AppState::new(
+            dir.join("ledger.db"),
+            Metrics::default(),
+            Arc::new(AtomicBool::new(true)),
+        );
+        state.token = Some("s3cret-token".into());
+        let base = serve_in_background(state);
+        assert_eq!(get(&format!("{base}/v1/records"), None).0, 401);
+        assert_eq!(
+            get(&format!("{base}/v1/records"), Some("s3cret-tokeX")).0,
+            401
+        );
+        assert_eq!(
+            get(&format!("{base}/v1/records"), Some("s3cret-token")).0,
+            200
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn quarantined_records_are_listed() {
+        let dir = temp_dir("quarantine");
+        let mut l = ledger_with(&dir, 1);
+        let mut bad = UsageRecord {
+            record_id: "bad".into(),
+            record_kind: "token".into(),
+            run_id: Some("run-1".into()),
+            window_start: "2026-01-01T00:00:00Z".into(),
+            window_end: "2026-01-01T00:00:01Z".into(),
+            ..Default::default()
+        };
+        bad.syscalls = u64::MAX;
+        let c = l
+            .commit_window_or_quarantine(
+                "2026-01-01T00:00:00Z",
+                "2026-01-01T00:00:01Z",
+                &[bad],
+                &[],
+            )
+            .expect("commit");
+        assert_eq!(c.quarantined.len(), 1);
+        let base = serve_in_background(AppState::new(
+            dir.join("ledger.db"),
+            Metrics::default(),
+            Arc::new(AtomicBool::new(true)),
+        ));
+        let (status, body) = get(&format!("{base}/v1/quarantine"), None);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["quarantined"].as_u64(), Some(1));
+        let r = &body["records"][0];
+        assert_eq!(r["record_id"], "bad");
+        assert_eq!(r["run_id"], "run-1");
+        assert!(
+            r["reason"].as_str().is_some_and(|s| s.contains("syscalls")),
+            "{r}"
+        );
+        assert_eq!(r["record"]["record_kind"], "token");
+        assert_eq!(get(&format!("{base}/v1/quarantine?limit=0"), None).0, 400);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

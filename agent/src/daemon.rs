@@ -13,7 +13,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
     time::{Duration, Instant},
@@ -33,6 +33,7 @@ use crate::{
     gpu::GpuMeter,
     ledger::Ledger,
     ledger::SpanRow,
+    ledger::{Committed, SeriesId, SeriesState},
     output::Report,
     pods::PodDirectory,
     pricing::{PriceBook, PriceBookHandle, billed_party},
@@ -214,29 +215,154 @@ const COMMIT_RETRY_MAX: Duration = Duration::from_secs(10);
 /// Tries of a failing commit once the daemon is stopping.
 const COMMIT_TRIES_AT_STOP: u32 = 3;
 
-/// Prices one window and writes it, with its spans, to the ledger.
+/// Counters of the commit path, for `/metrics`.
+#[derive(Debug, Default)]
+struct CommitCounters {
+    /// Records set aside into the ledger's quarantine.
+    quarantined: AtomicU64,
+    /// Times the ledger's lock was found poisoned (a holder panicked) and recovered.
+    poisoned: AtomicU64,
+    /// Window commits that panicked (their records were quarantined).
+    panicked: AtomicU64,
+}
+
+impl CommitCounters {
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        vec![
+            (
+                "mentat_agent_quarantined_records_total",
+                "Records the ledger refused for a reason retrying cannot fix (before the compaction watermark, a time outside 1677..2262, a count past 64 bits...): set aside in its quarantine table (GET /v1/quarantine) while the rest of their window was committed.",
+                self.quarantined.load(Ordering::Relaxed),
+            ),
+            (
+                "mentat_agent_ledger_lock_poisoned_total",
+                "Times the ledger's lock was found poisoned by a panicked holder and taken over (the panicked transaction was rolled back).",
+                self.poisoned.load(Ordering::Relaxed),
+            ),
+            (
+                "mentat_agent_commit_panics_total",
+                "Window commits that panicked; their records were set aside in the quarantine, and later windows went on.",
+                self.panicked.load(Ordering::Relaxed),
+            ),
+        ]
+    }
+}
+
+/// Locks the ledger; a lock poisoned by a panicked holder is taken over and
+/// counted (SQLite rolled the holder's transaction back, and the ledger's
+/// caches change only after a commit), rather than stopping billing for good.
+fn lock_ledger<'a>(
+    ledger: &'a Mutex<Ledger>,
+    counters: &CommitCounters,
+) -> std::sync::MutexGuard<'a, Ledger> {
+    ledger.lock().unwrap_or_else(|poisoned| {
+        counters.poisoned.fetch_add(1, Ordering::Relaxed);
+        warn!("the ledger's lock was poisoned by a panic; taking it over");
+        ledger.clear_poison();
+        poisoned.into_inner()
+    })
+}
+
+/// Why a window's commit failed.
+#[derive(Debug)]
+struct CommitFailure {
+    /// Retrying may succeed (I/O, disk full, busy).
+    transient: bool,
+    message: String,
+}
+
+impl From<crate::ledger::LedgerError> for CommitFailure {
+    fn from(e: crate::ledger::LedgerError) -> Self {
+        Self {
+            transient: e.is_transient(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Prices one window and writes it, with its spans, to the ledger; records
+/// the ledger cannot take for good are quarantined, the rest committed.
 fn commit_one(
     ledger: &Arc<Mutex<Ledger>>,
     book: &PriceBook,
     exporters: &[&'static str],
     w: &ClosedWindow,
-) -> Result<(Vec<UsageRecord>, usize), String> {
+    counters: &CommitCounters,
+) -> Result<(Vec<UsageRecord>, Committed), CommitFailure> {
     let mut records = usage_records(w);
-    price_all(ledger, book, &mut records, w)?;
-    let mut l = ledger
-        .lock()
-        .map_err(|_| "ledger lock poisoned".to_string())?;
-    l.commit_spans(&w.spans).map_err(|e| e.to_string())?;
-    let n = l
-        .commit_window(
-            &w.report.summary.window_start,
-            &w.report.summary.window_end,
-            &records,
-            exporters,
-        )
-        .map_err(|e| e.to_string())?;
-    Ok((records, n))
+    price_all(ledger, book, &mut records, w, counters)?;
+    let mut l = lock_ledger(ledger, counters);
+    l.commit_spans(&w.spans)?;
+    let committed = l.commit_window_or_quarantine(
+        &w.report.summary.window_start,
+        &w.report.summary.window_end,
+        &records,
+        exporters,
+    )?;
+    // What was set aside is not billed, so not counted on /metrics either.
+    if !committed.quarantined.is_empty() {
+        let aside: std::collections::HashSet<&str> = committed
+            .quarantined
+            .iter()
+            .map(|q| q.record_id.as_str())
+            .collect();
+        records.retain(|r| !aside.contains(r.record_id.as_str()));
+    }
+    Ok((records, committed))
 }
+
+/// The last resort for a window whose commit failed for a reason retrying
+/// will not fix, or panicked: its records go to the quarantine whole, with
+/// the reason, so the windows behind it can go on.
+fn quarantine_window(
+    ledger: &Arc<Mutex<Ledger>>,
+    w: &ClosedWindow,
+    reason: &str,
+    counters: &CommitCounters,
+) -> Result<Committed, CommitFailure> {
+    let records = usage_records(w);
+    let mut l = lock_ledger(ledger, counters);
+    Ok(l.quarantine_records(
+        &w.report.summary.window_start,
+        &w.report.summary.window_end,
+        &records,
+        reason,
+    )?)
+}
+
+/// Counts and logs what a commit set aside: one WARN per record naming it,
+/// at most [`QUARANTINE_LOGS_PER_WINDOW`] per window, then one line with the rest.
+fn report_quarantined(committed: &Committed, counters: &CommitCounters) {
+    let n = committed.quarantined.len();
+    if n == 0 {
+        return;
+    }
+    counters.quarantined.fetch_add(n as u64, Ordering::Relaxed);
+    for q in committed
+        .quarantined
+        .iter()
+        .take(QUARANTINE_LOGS_PER_WINDOW)
+    {
+        warn!(
+            record_id = %q.record_id,
+            kind = %q.record_kind,
+            run_id = q.run_id.as_deref().unwrap_or(""),
+            window_start = %q.window_start,
+            reason = %q.reason,
+            "record quarantined: the ledger cannot take it; the rest of its window was committed (see GET /v1/quarantine)"
+        );
+    }
+    if n > QUARANTINE_LOGS_PER_WINDOW {
+        warn!(
+            more = n - QUARANTINE_LOGS_PER_WINDOW,
+            window_start = %committed.quarantined[0].window_start,
+            "more records of this window quarantined (see GET /v1/quarantine)"
+        );
+    }
+}
+
+/// Quarantined records logged one by one per window (the rest in one line).
+const QUARANTINE_LOGS_PER_WINDOW: usize = 10;
 
 /// Turns a window's report into the records the ledger stores.
 fn usage_records(w: &ClosedWindow) -> Vec<UsageRecord> {
@@ -288,23 +414,54 @@ fn usage_records(w: &ClosedWindow) -> Vec<UsageRecord> {
 }
 
 /// The ledger as the OTLP exporter's outbox.
-struct LedgerOutbox(Arc<Mutex<Ledger>>);
+struct LedgerOutbox(Arc<Mutex<Ledger>>, Arc<CommitCounters>);
+
+impl LedgerOutbox {
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        lock_ledger(&self.0, &self.1)
+    }
+}
 
 impl Outbox for LedgerOutbox {
     fn pending(&mut self, limit: usize) -> Result<Vec<UsageRecord>, String> {
-        let l = self
-            .0
-            .lock()
-            .map_err(|_| "ledger lock poisoned".to_string())?;
-        l.pending(OTLP, limit).map_err(|e| e.to_string())
+        self.ledger()
+            .pending(OTLP, limit)
+            .map_err(|e| e.to_string())
     }
 
-    fn delivered(&mut self, ids: &[String]) -> Result<(), String> {
-        let mut l = self
-            .0
-            .lock()
-            .map_err(|_| "ledger lock poisoned".to_string())?;
-        l.mark_delivered(OTLP, ids).map_err(|e| e.to_string())
+    fn series(&mut self, keys: &[SeriesId]) -> Result<HashMap<SeriesId, SeriesState>, String> {
+        self.ledger()
+            .export_series(OTLP, keys)
+            .map_err(|e| e.to_string())
+    }
+
+    fn delivered(
+        &mut self,
+        record_ids: &[String],
+        series: &[(SeriesId, SeriesState)],
+        rejected: Option<&str>,
+    ) -> Result<(), String> {
+        self.ledger()
+            .mark_delivered_with(OTLP, record_ids, series, rejected)
+            .map_err(|e| e.to_string())
+    }
+
+    fn dead_letter(&mut self, record_ids: &[String], reason: &str) -> Result<(), String> {
+        self.ledger()
+            .dead_letter(OTLP, record_ids, reason)
+            .map_err(|e| e.to_string())
+    }
+
+    fn evict_series(&mut self, idle_before_ns: u64) -> Result<u64, String> {
+        self.ledger()
+            .evict_export_series(OTLP, idle_before_ns)
+            .map_err(|e| e.to_string())
+    }
+
+    fn reset_series(&mut self) -> Result<u64, String> {
+        self.ledger()
+            .reset_export_series(OTLP)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -338,6 +495,11 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
             prices.current().has_model(m)
         })
     };
+    let commit_counters = Arc::new(CommitCounters::default());
+    {
+        let c = commit_counters.clone();
+        metrics.add_source(move || c.counters());
+    }
     let ready = Arc::new(AtomicBool::new(false));
 
     let probes = Probes::load(&config.probe_config())?;
@@ -357,14 +519,19 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     } else {
         let mut exporter = OtlpExporter::new(&otlp, &node)?;
         info!(endpoint = %otlp.endpoint, "OTLP export on");
-        let mut outbox = LedgerOutbox(ledger.clone());
+        let mut outbox = LedgerOutbox(ledger.clone(), commit_counters.clone());
         let stop = stop_rx.clone();
+        let stats = Arc::new(export::ExportStats::default());
+        {
+            let stats = stats.clone();
+            metrics.add_source(move || stats.counters());
+        }
         Some(tokio::spawn(async move {
-            export::drain(&mut exporter, &mut outbox, wake_rx, stop).await;
+            export::drain(&mut exporter, &mut outbox, &stats, wake_rx, stop).await;
         }))
     };
 
-    let api_state = AppState::new(ledger.clone(), metrics.clone(), ready.clone());
+    let api_state = AppState::new(config.ledger_path.clone(), metrics.clone(), ready.clone());
     let mut api_stop = stop_rx.clone();
     let api_config = config.api.clone();
     let api_task = tokio::spawn(async move {
@@ -466,6 +633,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         let metrics = metrics.clone();
         let prices = prices.clone();
         let stop_flag = stop_flag.clone();
+        let counters = commit_counters.clone();
         async move {
             let mut committed_windows = 0u64;
             while let Some(mut w) = rx.recv().await {
@@ -473,22 +641,68 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
                 // kept and retried, never dropped: later windows queue behind
                 // it (the channel, then the collector), so billing resumes
                 // where it stopped once the ledger can be written again.
+                // Records the ledger refuses for good are quarantined inside
+                // the commit; a window that fails for good as a whole (or
+                // panics) is quarantined whole: neither is ever retried, so
+                // neither can block the node's billing.
                 let mut backoff = COMMIT_RETRY_FIRST;
                 let mut failures = 0u32;
                 loop {
                     let ledger = ledger.clone();
                     let book = prices.current();
                     let exporters = exporters.clone();
+                    let task_counters = counters.clone();
                     let result = tokio::task::spawn_blocking(move || {
-                        match commit_one(&ledger, &book, &exporters, &w) {
-                            Ok((records, n)) => Ok((w, records, n)),
-                            Err(e) => Err((Box::new(w), e)),
+                        let counters = task_counters;
+                        let attempt =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                commit_one(&ledger, &book, &exporters, &w, &counters)
+                            }));
+                        let failure = match attempt {
+                            Ok(Ok((records, c))) => return Ok((w, records, c)),
+                            Ok(Err(f)) if f.transient => return Err((Box::new(w), f)),
+                            Ok(Err(f)) => f.message,
+                            Err(panic) => {
+                                counters.panicked.fetch_add(1, Ordering::Relaxed);
+                                let what = panic
+                                    .downcast_ref::<&str>()
+                                    .map(|s| s.to_string())
+                                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                                    .unwrap_or_default();
+                                error!(
+                                    window_start = %w.report.summary.window_start,
+                                    panic = %what,
+                                    "committing a window panicked; its records are quarantined"
+                                );
+                                format!("committing the window panicked: {what}")
+                            }
+                        };
+                        let set_aside =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                quarantine_window(&ledger, &w, &failure, &counters)
+                            }));
+                        match set_aside {
+                            Ok(Ok(c)) => Ok((w, Vec::new(), c)),
+                            Ok(Err(f)) => Err((Box::new(w), f)),
+                            Err(_) => {
+                                counters.panicked.fetch_add(1, Ordering::Relaxed);
+                                Err((
+                                    Box::new(w),
+                                    CommitFailure {
+                                        transient: true,
+                                        message: format!(
+                                            "{failure}; quarantining the window panicked too"
+                                        ),
+                                    },
+                                ))
+                            }
                         }
                     })
                     .await;
                     match result {
-                        Ok(Ok((w, records, n))) => {
+                        Ok(Ok((w, records, committed))) => {
                             let s = &w.report.summary;
+                            report_quarantined(&committed, &counters);
                             metrics.observe(
                                 &records,
                                 AgentStats {
@@ -506,7 +720,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
                                     "window committed after failed attempts"
                                 );
                             }
-                            log_window(&w.report, n);
+                            log_window(&w.report, committed.new);
                             committed_windows += 1;
                             let _ = wake_tx.send(committed_windows);
                             break;
@@ -522,7 +736,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
                                 error!(
                                     window_start = %s.window_start,
                                     window_end = %s.window_end,
-                                    error = %e,
+                                    error = %e.message,
                                     "stopping with a window the ledger cannot take: it is lost"
                                 );
                                 break;
@@ -530,7 +744,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
                             if failures == 1 || failures.is_multiple_of(10) {
                                 warn!(
                                     window_start = %s.window_start,
-                                    error = %e,
+                                    error = %e.message,
                                     failures,
                                     retry_in = ?backoff,
                                     "committing a window failed; it is kept and retried, later windows wait"
@@ -541,7 +755,9 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
                             backoff = (backoff * 2).min(COMMIT_RETRY_MAX);
                         }
                         Err(e) => {
-                            error!(error = %e, "the commit task panicked; its window is lost");
+                            // Panics are caught inside; this is the runtime going away.
+                            counters.panicked.fetch_add(1, Ordering::Relaxed);
+                            error!(error = %e, "the commit task failed; its window is lost");
                             break;
                         }
                     }
@@ -554,7 +770,12 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         info!("stopping: closing the last window");
         stop_flag.store(true, Ordering::SeqCst);
     };
-    let compaction = compact_periodically(ledger.clone(), config.retention, stop_rx.clone());
+    let compaction = compact_periodically(
+        ledger.clone(),
+        config.retention,
+        commit_counters.clone(),
+        stop_rx.clone(),
+    );
     // The commit loop ends when the collector drops its sender after the last window.
     tokio::join!(commit, signals);
     let _ = stop_tx.send(true);
@@ -586,19 +807,16 @@ fn price_all(
     book: &PriceBook,
     records: &mut [UsageRecord],
     w: &ClosedWindow,
-) -> Result<(), String> {
-    let l = ledger
-        .lock()
-        .map_err(|_| "ledger lock poisoned".to_string())?;
+    counters: &CommitCounters,
+) -> Result<(), CommitFailure> {
+    let l = lock_ledger(ledger, counters);
     let mut spend: HashMap<String, Decimal> = HashMap::new();
     for r in records.iter_mut() {
         let party = billed_party(r).map(str::to_string);
         let mtd = match &party {
             Some(p) => match spend.get(p) {
                 Some(d) => *d,
-                None => l
-                    .month_to_date(p, &w.report.summary.window_start)
-                    .map_err(|e| e.to_string())?,
+                None => l.month_to_date(p, &w.report.summary.window_start)?,
             },
             None => Decimal::ZERO,
         };
@@ -614,6 +832,7 @@ fn price_all(
 fn compact_periodically(
     ledger: Arc<Mutex<Ledger>>,
     retention: Duration,
+    counters: Arc<CommitCounters>,
     mut stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -627,11 +846,10 @@ fn compact_periodically(
             }
             wait = Duration::from_secs(3600);
             let ledger = ledger.clone();
+            let counters = counters.clone();
             let now = crate::clock::rfc3339(std::time::SystemTime::now());
             let result = tokio::task::spawn_blocking(move || {
-                let mut l = ledger
-                    .lock()
-                    .map_err(|_| "ledger lock poisoned".to_string())?;
+                let mut l = lock_ledger(&ledger, &counters);
                 let compacted = l.compact(&now).map_err(|e| e.to_string())?;
                 let expired = l.expire(&now, retention).map_err(|e| e.to_string())?;
                 Ok::<_, String>((compacted, expired))
@@ -854,5 +1072,169 @@ async fn shutdown_signal(prices: &PriceBookHandle, pricing_path: Option<PathBuf>
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(ws: &str, we: &str) -> crate::usage::SummaryRecord {
+        crate::usage::SummaryRecord {
+            record_type: "summary",
+            node: "n".into(),
+            window_start: ws.into(),
+            window_end: we.into(),
+            accounted_cpu_ns: 0,
+            attributed_cpu_ns: 0,
+            attributed_syscalls: 0,
+            network_rx_bytes: 0,
+            network_tx_bytes: 0,
+            memory_gb_seconds: 0.0,
+            disk_read_bytes: 0,
+            disk_write_bytes: 0,
+            map_full_drops: 0,
+            task_read_errors: 0,
+            events_lost: 0,
+            late_windows: 0,
+            processes: 0,
+            processes_on_node: 0,
+            command_exit_code: None,
+        }
+    }
+
+    fn token(id: &str, ws: &str, we: &str, input: u64) -> UsageRecord {
+        UsageRecord {
+            record_id: id.into(),
+            node: "n".into(),
+            window_start: ws.into(),
+            window_end: we.into(),
+            record_kind: "token".into(),
+            run_id: Some("run-1".into()),
+            tokens: vec![crate::usage::TokenUsage {
+                model: "gpt-4o".into(),
+                input,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn window(ws: &str, we: &str, tokens: Vec<UsageRecord>) -> ClosedWindow {
+        ClosedWindow {
+            report: Report {
+                processes: Vec::new(),
+                groups: None,
+                buckets: Vec::new(),
+                summary: summary(ws, we),
+            },
+            storage: HashMap::new(),
+            tokens,
+            spans: Vec::new(),
+            gpu_errors: 0,
+        }
+    }
+
+    fn temp_ledger(name: &str) -> (PathBuf, Arc<Mutex<Ledger>>) {
+        let dir = std::env::temp_dir().join(format!(
+            "mentat-daemon-{name}-{}-{}",
+            std::process::id(),
+            crate::clock::unix_ns(std::time::SystemTime::now())
+        ));
+        let ledger = Ledger::open(&dir.join("ledger.db"), Duration::from_secs(3600)).expect("open");
+        (dir, Arc::new(Mutex::new(ledger)))
+    }
+
+    fn ns_ago(secs: i64) -> String {
+        let now =
+            i64::try_from(crate::clock::unix_ns(std::time::SystemTime::now())).expect("now fits");
+        crate::clock::rfc3339_of_ns(now - secs * 1_000_000_000)
+    }
+
+    /// The finding, at the daemon's commit: a token record whose
+    /// window is three hours old (a span that started then), after the
+    /// first compaction. The commit used to fail for good, and the loop
+    /// retried that window forever: no window was committed after it.
+    #[test]
+    fn a_record_before_the_watermark_does_not_stop_the_commit() {
+        let (dir, ledger) = temp_ledger("watermark");
+        let book = PriceBook::parse(DEFAULT_PRICE_BOOK, "built-in").expect("book");
+        let counters = CommitCounters::default();
+        {
+            let mut l = ledger.lock().expect("lock");
+            let (ws, we) = (ns_ago(3 * 3600), ns_ago(3 * 3600 - 1));
+            l.commit_window(&ws, &we, &[token("old", &ws, &we, 1)], &[OTLP])
+                .expect("old window");
+            l.mark_delivered(OTLP, &["old".to_string()])
+                .expect("deliver");
+            let stats = l.compact(&ns_ago(0)).expect("compact");
+            assert_eq!(stats.records_compacted, 1);
+        }
+        let (ws, we) = (ns_ago(10), ns_ago(9));
+        let (old_ws, old_we) = (ns_ago(3 * 3600 - 60), ns_ago(3 * 3600 - 59));
+        let w = window(
+            &ws,
+            &we,
+            vec![
+                token("fresh", &ws, &we, 1000),
+                token("backlog", &old_ws, &old_we, 5000),
+            ],
+        );
+        let (records, committed) =
+            commit_one(&ledger, &book, &[OTLP], &w, &counters).expect("the window commits");
+        // Only the committed record is counted on /metrics.
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].record_id, "fresh");
+        assert_eq!(committed.new, 1);
+        assert_eq!(committed.quarantined.len(), 1);
+        assert_eq!(committed.quarantined[0].record_id, "backlog");
+        report_quarantined(&committed, &counters);
+        assert_eq!(counters.quarantined.load(Ordering::Relaxed), 1);
+        let counted = counters
+            .counters()
+            .into_iter()
+            .find(|c| c.0 == "mentat_agent_quarantined_records_total")
+            .map(|c| c.2);
+        assert_eq!(counted, Some(1));
+        // The next window commits.
+        let (ws2, we2) = (ns_ago(9), ns_ago(8));
+        let next = window(&ws2, &we2, vec![token("next", &ws2, &we2, 1)]);
+        let (_, c) = commit_one(&ledger, &book, &[OTLP], &next, &counters).expect("next");
+        assert_eq!((c.new, c.quarantined.len()), (1, 0));
+        let l = ledger.lock().expect("lock");
+        assert_eq!(l.last_window_end().expect("last"), Some(we2));
+        let pending: Vec<String> = l
+            .pending(OTLP, 10)
+            .expect("pending")
+            .into_iter()
+            .map(|r| r.record_id)
+            .collect();
+        assert_eq!(pending, ["fresh", "next"]);
+        drop(l);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A panic while the ledger's lock was held used to leave it poisoned,
+    /// and every later commit failed with "ledger lock poisoned", forever.
+    #[test]
+    fn a_poisoned_ledger_lock_is_taken_over_and_counted() {
+        let (dir, ledger) = temp_ledger("poison");
+        let book = PriceBook::parse(DEFAULT_PRICE_BOOK, "built-in").expect("book");
+        let counters = CommitCounters::default();
+        let l2 = ledger.clone();
+        let panicked = std::thread::spawn(move || {
+            let _guard = l2.lock();
+            panic!("a holder of the ledger panics");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert!(ledger.is_poisoned());
+        let (ws, we) = (ns_ago(2), ns_ago(1));
+        let w = window(&ws, &we, vec![token("t", &ws, &we, 10)]);
+        let (_, c) = commit_one(&ledger, &book, &[], &w, &counters).expect("commits");
+        assert_eq!(c.new, 1);
+        assert_eq!(counters.poisoned.load(Ordering::Relaxed), 1);
+        assert!(!ledger.is_poisoned());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -12,11 +12,37 @@
 //! buckets. A restart of the agent starts a new stream, so a backend sees a
 //! reset, not lost data. Quantities and money are kept as exact `Decimal`
 //! sums; they become f64 only on the wire, where OTLP's types require it.
+//!
+//! # Running totals live in the ledger
+//!
+//! The cumulative value of each series is not kept in memory: it is read
+//! from the ledger for the series a batch touches, and written back in the
+//! same transaction that marks the batch delivered. So the totals are always
+//! exactly what the receiver acknowledged: if marking fails after the
+//! receiver's ack, neither moved, and the re-send carries the same values
+//! (a receiver sees a duplicate, never a doubled total). Memory does not grow
+//! with the series count, and nothing is cloned per batch. Series no
+//! delivered record touched for [`SERIES_IDLE`] (their process exited) are
+//! evicted; one seen again starts afresh with a later start time.
+//!
+//! # Failures
+//!
+//! Transient (the receiver down, `UNAVAILABLE`, `RESOURCE_EXHAUSTED`,
+//! timeouts, and also authentication or server faults, which are the
+//! operator's to fix and must not discard data): retried in order with
+//! backoff. Permanent for the data (`INVALID_ARGUMENT`, `FAILED_PRECONDITION`,
+//! `ALREADY_EXISTS`): the batch is halved until the refused record is alone,
+//! and that record is set aside in the ledger's dead-letter table and counted.
+//! A partial success (`rejected_data_points` > 0) is an answer, not a
+//! failure: OTLP says not to retry it; the batch is marked delivered, its
+//! records listed as dead letters with the receiver's message, and the
+//! rejected points counted (the next cumulative point supersedes them).
 
 use std::{
     collections::{BTreeMap, HashMap},
     path::PathBuf,
     str::FromStr,
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, SystemTime},
 };
 
@@ -39,7 +65,10 @@ use tonic::{
 };
 use tracing::{debug, info, warn};
 
-use crate::usage::UsageRecord;
+use crate::{
+    ledger::{SeriesId, SeriesState},
+    usage::UsageRecord,
+};
 
 /// Where and how to send OTLP.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -80,22 +109,50 @@ pub enum ExportError {
         /// What went wrong.
         message: String,
     },
-    /// The receiver accepted only part of the request.
-    #[error("{endpoint} rejected {rejected} data points: {message}")]
-    Partial {
+    /// The receiver refused the request's data for good (a gRPC status such as INVALID_ARGUMENT): sending it again cannot succeed.
+    #[error("{endpoint} refused the data ({code}): {message}")]
+    Refused {
         /// The endpoint.
         endpoint: String,
-        /// How many.
-        rejected: i64,
-        /// Its reason.
+        /// The gRPC status code.
+        code: String,
+        /// What it said.
         message: String,
     },
 }
 
-/// Identifies a series: metric name plus its attributes, sorted.
-type SeriesKey = (&'static str, Vec<(String, String)>);
+impl ExportError {
+    /// Whether sending the same records again cannot succeed.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, ExportError::Refused { .. })
+    }
+}
+
+/// Whether a gRPC status refuses the data itself, for good. OTLP lists the
+/// retryable codes (UNAVAILABLE, RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED,
+/// ABORTED, CANCELLED, OUT_OF_RANGE, DATA_LOSS); of the rest, only those
+/// about the request's content are treated as permanent. Authentication,
+/// permission, UNIMPLEMENTED and server faults are the deployment's to fix:
+/// setting every record aside for them would discard the export, so they
+/// are retried with backoff (and logged) like an outage.
+pub fn refuses_data(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition | tonic::Code::AlreadyExists
+    )
+}
+
+/// A receiver's acknowledgement.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Accepted {
+    /// Data points it rejected (OTLP partial success); 0 when all were taken.
+    pub rejected_points: i64,
+    /// Its message about them.
+    pub message: String,
+}
 
 /// One metric of a record: name, unit, and the value's kind.
+#[derive(Debug)]
 struct Quantity {
     name: &'static str,
     unit: &'static str,
@@ -185,19 +242,77 @@ const ALL: [&Quantity; 12] = [
     &COST_TOTAL,
 ];
 
-/// Running cumulative sums per series, and each series' start time.
-#[derive(Clone, Debug, Default)]
-pub struct Cumulative {
-    series: HashMap<SeriesKey, (u64, Decimal)>,
-}
-
-/// The point of one series after a batch.
-struct Point {
+/// What one batch adds to one series.
+#[derive(Clone, Debug)]
+pub struct Contribution {
+    quantity: &'static Quantity,
+    attrs: Vec<(String, String)>,
+    /// The series' start if it is new: the process's start, or the stream's.
     start_ns: u64,
-    value: Decimal,
+    /// The earliest window start that contributes (bounds a re-created series' start).
+    first_ws_ns: u64,
+    add: Decimal,
+    /// The newest window end that contributes.
+    last_ns: u64,
 }
 
-/// Builds OTLP requests from usage records, keeping the cumulative state.
+/// A batch's contributions by series, and the newest window end in it.
+#[derive(Clone, Debug, Default)]
+pub struct Contributions {
+    series: BTreeMap<SeriesId, Contribution>,
+    latest_ns: u64,
+}
+
+impl Contributions {
+    /// The series the batch touches, for reading their state.
+    pub fn keys(&self) -> Vec<SeriesId> {
+        self.series.keys().copied().collect()
+    }
+
+    /// How many series the batch touches.
+    pub fn len(&self) -> usize {
+        self.series.len()
+    }
+
+    /// Whether it touches none.
+    pub fn is_empty(&self) -> bool {
+        self.series.is_empty()
+    }
+}
+
+/// The id a series' running total is stored under: a 128-bit hash of its
+/// metric name and sorted attributes (two independent 64-bit hashes of an
+/// unambiguous encoding; a collision, ~10⁻²⁶ at a million series, would
+/// merge two series). Only meaningful within one export stream (the ledger's
+/// totals are reset when a stream starts), so the hash may change between
+/// agent versions.
+fn series_id(name: &str, attrs: &[(String, String)]) -> SeriesId {
+    use std::hash::{BuildHasher, Hasher};
+    let mut sip =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .build_hasher();
+    let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        // Length-prefixed, so no two attribute lists encode alike.
+        let len = (bytes.len() as u64).to_le_bytes();
+        for part in [&len[..], bytes] {
+            sip.write(part);
+            for &b in part {
+                fnv ^= u64::from(b);
+                fnv = fnv.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+        }
+    };
+    eat(name.as_bytes());
+    for (k, v) in attrs {
+        eat(k.as_bytes());
+        eat(v.as_bytes());
+    }
+    let bits = |v: u64| i64::from_ne_bytes(v.to_ne_bytes());
+    (bits(sip.finish()), bits(fnv))
+}
+
+/// Builds OTLP requests from usage records on top of the acknowledged running totals.
 #[derive(Clone, Debug)]
 pub struct RequestBuilder {
     resource: Resource,
@@ -224,19 +339,16 @@ impl RequestBuilder {
         }
     }
 
-    /// The request carrying `records` on top of `state`, and the state after it.
-    /// The caller keeps the new state only if the request is accepted.
-    pub fn build(
-        &self,
-        records: &[UsageRecord],
-        state: &Cumulative,
-    ) -> (ExportMetricsServiceRequest, Cumulative) {
-        let mut next = state.clone();
-        let mut touched: BTreeMap<SeriesKey, Point> = BTreeMap::new();
-        let mut latest_ns = self.stream_start_ns;
+    /// What `records` add to each series.
+    pub fn contributions(&self, records: &[UsageRecord]) -> Contributions {
+        let mut out = Contributions {
+            series: BTreeMap::new(),
+            latest_ns: self.stream_start_ns,
+        };
         for r in records {
             let end_ns = parse_unix_ns(&r.window_end).unwrap_or(self.stream_start_ns);
-            latest_ns = latest_ns.max(end_ns);
+            let ws_ns = parse_unix_ns(&r.window_start).unwrap_or(end_ns);
+            out.latest_ns = out.latest_ns.max(end_ns);
             let start_ns = r
                 .process_start_time
                 .as_deref()
@@ -249,47 +361,80 @@ impl RequestBuilder {
                 let mut attrs = identity(r);
                 attrs.extend(extra);
                 attrs.sort();
-                let key: SeriesKey = (quantity.name, attrs);
-                let entry = next
-                    .series
-                    .entry(key.clone())
-                    .or_insert((start_ns, Decimal::ZERO));
-                entry.1 += value;
-                touched.insert(
-                    key,
-                    Point {
-                        start_ns: entry.0,
-                        value: entry.1,
-                    },
-                );
+                let key = series_id(quantity.name, &attrs);
+                let c = out.series.entry(key).or_insert_with(|| Contribution {
+                    quantity,
+                    attrs,
+                    start_ns,
+                    first_ws_ns: ws_ns,
+                    add: Decimal::ZERO,
+                    last_ns: end_ns,
+                });
+                // A sum past Decimal's range (±7.9·10²⁸) cannot be shown anyway.
+                c.add = c.add.checked_add(value).unwrap_or(Decimal::MAX);
+                c.first_ws_ns = c.first_ws_ns.min(ws_ns);
+                c.last_ns = c.last_ns.max(end_ns);
             }
+        }
+        out
+    }
+
+    /// The request carrying `records` on top of `state` (the acknowledged
+    /// totals of the series they touch), and each touched series' state
+    /// after it, to store when the request is acknowledged. A series not in
+    /// `state` is new; if series were evicted before `evicted_before_ns`, a new
+    /// one starts no earlier than that (or its first window), so a re-created
+    /// series never reuses the start of the one it replaces.
+    pub fn build(
+        &self,
+        records: &[UsageRecord],
+        contributions: &Contributions,
+        state: &HashMap<SeriesId, SeriesState>,
+        evicted_before_ns: u64,
+    ) -> (ExportMetricsServiceRequest, Vec<(SeriesId, SeriesState)>) {
+        let latest_ns = contributions.latest_ns;
+        let mut after: Vec<(SeriesId, SeriesState)> = Vec::with_capacity(contributions.len());
+        let mut points: BTreeMap<&'static str, Vec<NumberDataPoint>> = BTreeMap::new();
+        for (key, c) in &contributions.series {
+            let next = match state.get(key) {
+                Some(s) => SeriesState {
+                    start_ns: s.start_ns,
+                    value: s.value.checked_add(c.add).unwrap_or(Decimal::MAX),
+                    last_ns: s.last_ns.max(c.last_ns),
+                },
+                None => SeriesState {
+                    start_ns: c.start_ns.max(evicted_before_ns.min(c.first_ws_ns)),
+                    value: c.add,
+                    last_ns: c.last_ns,
+                },
+            };
+            points
+                .entry(c.quantity.name)
+                .or_default()
+                .push(NumberDataPoint {
+                    attributes: c.attrs.iter().map(|(k, v)| kv(k, v)).collect(),
+                    start_time_unix_nano: next.start_ns,
+                    time_unix_nano: latest_ns,
+                    value: Some(if c.quantity.integer {
+                        Value::AsInt(next.value.to_i64().unwrap_or(i64::MAX))
+                    } else {
+                        Value::AsDouble(next.value.to_f64().unwrap_or(f64::MAX))
+                    }),
+                    ..Default::default()
+                });
+            after.push((*key, next));
         }
         let mut metrics: Vec<Metric> = Vec::new();
         for quantity in ALL {
-            let points: Vec<NumberDataPoint> = touched
-                .iter()
-                .filter(|((name, _), _)| *name == quantity.name)
-                .map(|((_, attrs), p)| NumberDataPoint {
-                    attributes: attrs.iter().map(|(k, v)| kv(k, v)).collect(),
-                    start_time_unix_nano: p.start_ns,
-                    time_unix_nano: latest_ns,
-                    value: Some(if quantity.integer {
-                        Value::AsInt(p.value.to_i64().unwrap_or(i64::MAX))
-                    } else {
-                        Value::AsDouble(p.value.to_f64().unwrap_or(f64::MAX))
-                    }),
-                    ..Default::default()
-                })
-                .collect();
-            if points.is_empty() {
+            let Some(data_points) = points.remove(quantity.name) else {
                 continue;
-            }
+            };
             metrics.push(Metric {
                 name: quantity.name.to_string(),
                 description: quantity.description.to_string(),
                 unit: quantity.unit.to_string(),
                 data: Some(Data::Sum(Sum {
-                    data_points: points,
+                    data_points,
                     aggregation_temporality: AggregationTemporality::Cumulative as i32,
                     is_monotonic: true,
                 })),
@@ -331,7 +476,7 @@ impl RequestBuilder {
                 ..Default::default()
             }],
         };
-        (request, next)
+        (request, after)
     }
 }
 
@@ -473,7 +618,6 @@ pub struct OtlpExporter {
         MetadataValue<tonic::metadata::Ascii>,
     )>,
     builder: RequestBuilder,
-    state: Cumulative,
 }
 
 impl OtlpExporter {
@@ -511,37 +655,61 @@ impl OtlpExporter {
             client: MetricsServiceClient::new(endpoint.connect_lazy()),
             headers,
             builder: RequestBuilder::new(node),
-            state: Cumulative::default(),
         })
     }
+}
 
-    /// Sends `records`; returns once the receiver has accepted all of them.
-    pub async fn send(&mut self, records: &[UsageRecord]) -> Result<(), ExportError> {
-        let (request, next) = self.builder.build(records, &self.state);
+/// Where requests go: the OTLP/gRPC client, or a stand-in in tests.
+pub trait Transport: Send {
+    /// The endpoint, for logs.
+    fn endpoint(&self) -> &str;
+    /// The request builder of this export stream.
+    fn builder(&self) -> &RequestBuilder;
+    /// Sends one request; `Ok` once the receiver answered it.
+    fn export(
+        &mut self,
+        request: ExportMetricsServiceRequest,
+    ) -> impl Future<Output = Result<Accepted, ExportError>> + Send;
+}
+
+impl Transport for OtlpExporter {
+    fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn builder(&self) -> &RequestBuilder {
+        &self.builder
+    }
+
+    async fn export(
+        &mut self,
+        request: ExportMetricsServiceRequest,
+    ) -> Result<Accepted, ExportError> {
         let mut request = tonic::Request::new(request);
         for (k, v) in &self.headers {
             request.metadata_mut().insert(k.clone(), v.clone());
         }
-        let response = self
-            .client
-            .export(request)
-            .await
-            .map_err(|s| ExportError::Send {
-                endpoint: self.endpoint.clone(),
-                message: format!("{}: {}", s.code(), s.message()),
-            })?
-            .into_inner();
-        if let Some(p) = response.partial_success
-            && p.rejected_data_points > 0
-        {
-            return Err(ExportError::Partial {
-                endpoint: self.endpoint.clone(),
-                rejected: p.rejected_data_points,
+        let response = self.client.export(request).await.map_err(|s| {
+            if refuses_data(s.code()) {
+                ExportError::Refused {
+                    endpoint: self.endpoint.clone(),
+                    code: format!("{:?}", s.code()),
+                    message: s.message().to_string(),
+                }
+            } else {
+                ExportError::Send {
+                    endpoint: self.endpoint.clone(),
+                    message: format!("{}: {}", s.code(), s.message()),
+                }
+            }
+        })?;
+        Ok(match response.into_inner().partial_success {
+            Some(p) if p.rejected_data_points > 0 => Accepted {
+                rejected_points: p.rejected_data_points,
                 message: p.error_message,
-            });
-        }
-        self.state = next;
-        Ok(())
+            },
+            _ => Accepted::default(),
+        })
     }
 }
 
@@ -549,8 +717,64 @@ impl OtlpExporter {
 pub trait Outbox {
     /// Up to `limit` undelivered records, oldest first.
     fn pending(&mut self, limit: usize) -> Result<Vec<UsageRecord>, String>;
-    /// Marks records delivered.
-    fn delivered(&mut self, record_ids: &[String]) -> Result<(), String>;
+    /// The acknowledged running totals of the series in `keys` that have one.
+    fn series(&mut self, keys: &[SeriesId]) -> Result<HashMap<SeriesId, SeriesState>, String>;
+    /// Marks records delivered and stores the series' totals after them, in
+    /// one transaction; with `rejected`, also lists them as dead letters.
+    fn delivered(
+        &mut self,
+        record_ids: &[String],
+        series: &[(SeriesId, SeriesState)],
+        rejected: Option<&str>,
+    ) -> Result<(), String>;
+    /// Takes records the receiver refused for good out of the queue, listed with `reason`.
+    fn dead_letter(&mut self, record_ids: &[String], reason: &str) -> Result<(), String>;
+    /// Forgets series idle since `idle_before_ns`; returns how many.
+    fn evict_series(&mut self, idle_before_ns: u64) -> Result<u64, String>;
+    /// Forgets every series (a new stream starts).
+    fn reset_series(&mut self) -> Result<u64, String>;
+}
+
+/// The exporter's counters, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    /// Data points receivers rejected in partial successes.
+    pub rejected_points: AtomicU64,
+    /// Records set aside as dead letters (refused for good, or in a batch with rejected points).
+    pub dead_lettered: AtomicU64,
+    /// Acknowledged batches whose delivery could not be recorded (re-sent with the same values).
+    pub mark_failures: AtomicU64,
+    /// Running-total series evicted after their process went idle or exited.
+    pub evicted_series: AtomicU64,
+}
+
+impl ExportStats {
+    /// The counters as (name, help, value).
+    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            (
+                "mentat_agent_otlp_rejected_points_total",
+                "Data points the OTLP receiver rejected in a partial success (not retried, as OTLP requires; the records are listed as dead letters).",
+                get(&self.rejected_points),
+            ),
+            (
+                "mentat_agent_otlp_dead_letter_records_total",
+                "Records the OTLP receiver refused for good (INVALID_ARGUMENT and the like) or accepted only in part: out of the export queue, listed in GET /v1/quarantine.",
+                get(&self.dead_lettered),
+            ),
+            (
+                "mentat_agent_otlp_mark_failures_total",
+                "Acknowledged OTLP batches whose delivery could not be written to the ledger: re-sent later with the same cumulative values (never added twice).",
+                get(&self.mark_failures),
+            ),
+            (
+                "mentat_agent_otlp_series_evicted_total",
+                "OTLP running-total series dropped after no delivered record touched them for an hour (their process exited).",
+                get(&self.evicted_series),
+            ),
+        ]
+    }
 }
 
 /// Records per request: large enough to drain a backlog quickly, small
@@ -562,22 +786,58 @@ const MIN_BACKOFF: Duration = Duration::from_millis(500);
 /// … to this.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// A series no delivered record touched for this long (before now, or before
+/// the oldest record still to send) is evicted.
+pub const SERIES_IDLE: Duration = Duration::from_secs(3600);
+/// How often idle series are looked for.
+const EVICT_EVERY: Duration = Duration::from_secs(300);
+
 /// Drains `outbox` through `exporter` until `stop` is set; retries with
 /// exponential backoff while the receiver is down. Once stopping, it sends
 /// what is still pending (the daemon commits the last window before it sets
 /// `stop`) and returns at the first failure: undelivered records stay in the
 /// ledger and go out at the next start.
-pub async fn drain(
-    exporter: &mut OtlpExporter,
+pub async fn drain<T: Transport>(
+    exporter: &mut T,
     outbox: &mut (dyn Outbox + Send),
+    stats: &ExportStats,
     mut wake: tokio::sync::watch::Receiver<u64>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    // A new stream: its series start from zero (the resource's instance id
+    // changed, so a backend sees new series, as after any restart).
+    if let Err(e) = outbox.reset_series() {
+        warn!(error = %e, "clearing the previous stream's OTLP series");
+    }
     let mut backoff = MIN_BACKOFF;
     let mut failing = false;
+    let mut batch_size = BATCH;
+    let mut evicted_before_ns = 0u64;
+    let mut last_evict = tokio::time::Instant::now();
     loop {
         let stopping = *stop.borrow();
-        let batch = match outbox.pending(BATCH) {
+        if last_evict.elapsed() >= EVICT_EVERY {
+            last_evict = tokio::time::Instant::now();
+            let mut cutoff = crate::clock::unix_ns(SystemTime::now())
+                .saturating_sub(u64::try_from(SERIES_IDLE.as_nanos()).unwrap_or(u64::MAX));
+            // Idle relative to the backlog: while old windows are still being
+            // sent (after an outage), their series are not idle.
+            if let Some(oldest) = outbox
+                .pending(1)
+                .ok()
+                .and_then(|p| p.first().and_then(|r| parse_unix_ns(&r.window_start)))
+            {
+                cutoff = cutoff.min(oldest);
+            }
+            match outbox.evict_series(cutoff) {
+                Ok(n) => {
+                    stats.evicted_series.fetch_add(n, Ordering::Relaxed);
+                    evicted_before_ns = cutoff;
+                }
+                Err(e) => warn!(error = %e, "evicting idle OTLP series"),
+            }
+        }
+        let batch = match outbox.pending(batch_size) {
             Ok(b) => b,
             Err(e) => {
                 warn!(error = %e, "reading the outbox");
@@ -596,20 +856,94 @@ pub async fn drain(
             }
             continue;
         }
-        match exporter.send(&batch).await {
-            Ok(()) => {
-                let ids: Vec<String> = batch.iter().map(|r| r.record_id.clone()).collect();
-                if let Err(e) = outbox.delivered(&ids) {
-                    // Delivered but not marked: it will be sent again, which
-                    // record ids and cumulative series make harmless downstream.
-                    warn!(error = %e, "marking records delivered");
+        let contributions = exporter.builder().contributions(&batch);
+        let state = match outbox.series(&contributions.keys()) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "reading the OTLP running totals; retrying");
+                if stopping {
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            }
+        };
+        let (request, after) =
+            exporter
+                .builder()
+                .build(&batch, &contributions, &state, evicted_before_ns);
+        let ids: Vec<String> = batch.iter().map(|r| r.record_id.clone()).collect();
+        match exporter.export(request).await {
+            Ok(accepted) => {
+                let rejected = (accepted.rejected_points > 0).then(|| {
+                    format!(
+                        "{} rejected {} data points: {}",
+                        exporter.endpoint(),
+                        accepted.rejected_points,
+                        accepted.message
+                    )
+                });
+                if let Some(why) = &rejected {
+                    warn!(
+                        records = batch.len(),
+                        first_record = %ids[0],
+                        reason = %why,
+                        "OTLP partial success: not retried (OTLP forbids it); the batch's records are listed as dead letters"
+                    );
+                }
+                match outbox.delivered(&ids, &after, rejected.as_deref()) {
+                    Ok(()) => {
+                        if rejected.is_some() {
+                            stats.rejected_points.fetch_add(
+                                accepted.rejected_points.unsigned_abs(),
+                                Ordering::Relaxed,
+                            );
+                            stats
+                                .dead_lettered
+                                .fetch_add(ids.len() as u64, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => {
+                        // Neither the marks nor the running totals moved: the
+                        // re-send carries the same values, never added twice.
+                        stats.mark_failures.fetch_add(1, Ordering::Relaxed);
+                        warn!(error = %e, "marking records delivered failed; they will be sent again with the same cumulative values");
+                        if stopping {
+                            return;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
                 }
                 if failing {
-                    info!(endpoint = %exporter.endpoint, "OTLP export recovered");
+                    info!(endpoint = %exporter.endpoint(), "OTLP export recovered");
                     failing = false;
                 }
                 debug!(records = batch.len(), "exported");
                 backoff = MIN_BACKOFF;
+                batch_size = BATCH;
+            }
+            Err(e) if e.is_permanent() && batch.len() > 1 => {
+                // Find the refused record: halve until it is alone.
+                batch_size = (batch.len() / 2).max(1);
+                debug!(error = %e, batch_size, "OTLP receiver refused a batch; narrowing it down");
+            }
+            Err(e) if e.is_permanent() => {
+                let reason = e.to_string();
+                match outbox.dead_letter(&ids, &reason) {
+                    Ok(()) => {
+                        stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                        warn!(record_id = %ids[0], reason = %reason, "OTLP receiver refused a record for good; it is set aside as a dead letter (GET /v1/quarantine)");
+                    }
+                    Err(de) => {
+                        warn!(error = %de, record_id = %ids[0], "setting a refused record aside failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+                batch_size = BATCH;
             }
             Err(e) => {
                 if stopping {
@@ -669,11 +1003,24 @@ mod tests {
             .collect()
     }
 
+    /// One batch on top of `state`; `state` becomes the state after it.
+    fn build(
+        b: &RequestBuilder,
+        records: &[UsageRecord],
+        state: &mut HashMap<SeriesId, SeriesState>,
+    ) -> ExportMetricsServiceRequest {
+        let c = b.contributions(records);
+        let (req, after) = b.build(records, &c, state, 0);
+        state.extend(after);
+        req
+    }
+
     #[test]
     fn series_are_cumulative_across_batches() {
         let b = RequestBuilder::new("n");
-        let (req1, s1) = b.build(&[record("a", "0.25", 100)], &Cumulative::default());
-        let (req2, _) = b.build(&[record("b", "0.5", 50)], &s1);
+        let mut state = HashMap::new();
+        let req1 = build(&b, &[record("a", "0.25", 100)], &mut state);
+        let req2 = build(&b, &[record("b", "0.5", 50)], &mut state);
         let cpu1 = points(&req1, "process.cpu.time");
         let cpu2 = points(&req2, "process.cpu.time");
         assert_eq!(cpu1[0].value, Some(Value::AsDouble(0.25)));
@@ -688,12 +1035,420 @@ mod tests {
     #[test]
     fn start_time_is_the_later_of_process_start_and_stream_start() {
         let b = RequestBuilder::new("n");
-        let (req, _) = b.build(&[record("a", "1", 0)], &Cumulative::default());
+        let req = build(&b, &[record("a", "1", 0)], &mut HashMap::new());
         // The process started before the stream, so the stream's start is the series'.
         assert_eq!(
             points(&req, "process.cpu.time")[0].start_time_unix_nano,
             b.stream_start_ns
         );
+    }
+
+    /// A series evicted and seen again must not reuse its old start: a
+    /// backend would read the smaller new value as the old series falling.
+    #[test]
+    fn a_series_recreated_after_eviction_starts_later() {
+        let b = RequestBuilder::new("n");
+        let mut r = record("a", "1", 0);
+        let ws = b.stream_start_ns + 7_200_000_000_000;
+        r.window_start = crate::clock::rfc3339_of_ns(i64::try_from(ws).unwrap_or(i64::MAX));
+        r.window_end =
+            crate::clock::rfc3339_of_ns(i64::try_from(ws + 1_000_000_000).unwrap_or(i64::MAX));
+        let c = b.contributions(std::slice::from_ref(&r));
+        let (fresh, _) = b.build(std::slice::from_ref(&r), &c, &HashMap::new(), 0);
+        let evicted_at = b.stream_start_ns + 3_600_000_000_000;
+        let (again, _) = b.build(std::slice::from_ref(&r), &c, &HashMap::new(), evicted_at);
+        let start = |req: &ExportMetricsServiceRequest| {
+            points(req, "process.cpu.time")[0].start_time_unix_nano
+        };
+        assert_eq!(start(&fresh), b.stream_start_ns);
+        assert_eq!(start(&again), evicted_at);
+    }
+
+    #[test]
+    fn only_refusals_of_the_data_are_permanent() {
+        use tonic::Code;
+        for c in [
+            Code::InvalidArgument,
+            Code::FailedPrecondition,
+            Code::AlreadyExists,
+        ] {
+            assert!(refuses_data(c), "{c:?}");
+        }
+        for c in [
+            Code::Unavailable,
+            Code::ResourceExhausted,
+            Code::DeadlineExceeded,
+            Code::Aborted,
+            Code::Cancelled,
+            Code::OutOfRange,
+            Code::DataLoss,
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+            Code::Unimplemented,
+            Code::Internal,
+            Code::Unknown,
+        ] {
+            assert!(!refuses_data(c), "{c:?}");
+        }
+    }
+
+    /// The ledger's part, in memory: a queue, the running totals, dead
+    /// letters; `delivered` is all-or-nothing, as the ledger's transaction.
+    #[derive(Default)]
+    struct FakeLedger {
+        pending: Vec<UsageRecord>,
+        series: HashMap<SeriesId, SeriesState>,
+        fail_marks: u32,
+        dead: Vec<(String, String)>,
+    }
+
+    struct FakeOutbox(Arc<Mutex<FakeLedger>>);
+
+    use std::sync::{Arc, Mutex};
+
+    impl FakeOutbox {
+        fn l(&self) -> std::sync::MutexGuard<'_, FakeLedger> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner())
+        }
+    }
+
+    impl Outbox for FakeOutbox {
+        fn pending(&mut self, limit: usize) -> Result<Vec<UsageRecord>, String> {
+            Ok(self.l().pending.iter().take(limit).cloned().collect())
+        }
+        fn series(&mut self, keys: &[SeriesId]) -> Result<HashMap<SeriesId, SeriesState>, String> {
+            let l = self.l();
+            Ok(keys
+                .iter()
+                .filter_map(|k| l.series.get(k).map(|s| (*k, *s)))
+                .collect())
+        }
+        fn delivered(
+            &mut self,
+            ids: &[String],
+            series: &[(SeriesId, SeriesState)],
+            rejected: Option<&str>,
+        ) -> Result<(), String> {
+            let mut l = self.l();
+            if l.fail_marks > 0 {
+                l.fail_marks -= 1;
+                return Err("disk I/O error".into());
+            }
+            l.pending.retain(|r| !ids.contains(&r.record_id));
+            l.series.extend(series.iter().cloned());
+            if let Some(why) = rejected {
+                l.dead
+                    .extend(ids.iter().map(|i| (i.clone(), why.to_string())));
+            }
+            Ok(())
+        }
+        fn dead_letter(&mut self, ids: &[String], reason: &str) -> Result<(), String> {
+            let mut l = self.l();
+            l.pending.retain(|r| !ids.contains(&r.record_id));
+            l.dead
+                .extend(ids.iter().map(|i| (i.clone(), reason.to_string())));
+            Ok(())
+        }
+        fn evict_series(&mut self, _idle_before_ns: u64) -> Result<u64, String> {
+            Ok(0)
+        }
+        fn reset_series(&mut self) -> Result<u64, String> {
+            let mut l = self.l();
+            let n = l.series.len() as u64;
+            l.series.clear();
+            Ok(n)
+        }
+    }
+
+    type Answer = Box<
+        dyn FnMut(&ExportMetricsServiceRequest, &mut FakeLedger) -> Result<Accepted, ExportError>
+            + Send,
+    >;
+
+    /// A receiver that keeps every request and answers as `answer` says.
+    struct FakeReceiver {
+        builder: RequestBuilder,
+        ledger: Arc<Mutex<FakeLedger>>,
+        requests: Vec<ExportMetricsServiceRequest>,
+        answer: Answer,
+    }
+
+    impl Transport for FakeReceiver {
+        fn endpoint(&self) -> &str {
+            "fake"
+        }
+        fn builder(&self) -> &RequestBuilder {
+            &self.builder
+        }
+        async fn export(
+            &mut self,
+            request: ExportMetricsServiceRequest,
+        ) -> Result<Accepted, ExportError> {
+            let answer = {
+                let mut l = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
+                (self.answer)(&request, &mut l)
+            };
+            self.requests.push(request);
+            answer
+        }
+    }
+
+    fn ids_of(req: &ExportMetricsServiceRequest) -> Vec<String> {
+        let attrs = &req.resource_metrics[0].scope_metrics[0]
+            .scope
+            .as_ref()
+            .map(|s| s.attributes.clone())
+            .unwrap_or_default();
+        match attrs
+            .first()
+            .and_then(|kv| kv.value.as_ref()?.value.clone())
+        {
+            Some(any_value::Value::ArrayValue(a)) => a
+                .values
+                .iter()
+                .filter_map(|v| match &v.value {
+                    Some(any_value::Value::StringValue(s)) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect(),
+            _ => vec![],
+        }
+    }
+
+    /// Runs `drain` until the fake ledger's queue is empty (a minute at most).
+    fn drain_all(
+        ledger: &Arc<Mutex<FakeLedger>>,
+        answer: Answer,
+    ) -> (Vec<ExportMetricsServiceRequest>, ExportStats) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        let mut receiver = FakeReceiver {
+            builder: RequestBuilder::new("n"),
+            ledger: ledger.clone(),
+            requests: Vec::new(),
+            answer,
+        };
+        let mut outbox = FakeOutbox(ledger.clone());
+        let stats = ExportStats::default();
+        let (_wake_tx, wake_rx) = tokio::sync::watch::channel(0u64);
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        rt.block_on(async {
+            let watch = async {
+                loop {
+                    let empty = ledger.lock().map(|l| l.pending.is_empty()).unwrap_or(true);
+                    if empty {
+                        let _ = stop_tx.send(true);
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            let both = async {
+                tokio::join!(
+                    drain(&mut receiver, &mut outbox, &stats, wake_rx, stop_rx),
+                    watch
+                )
+            };
+            tokio::time::timeout(Duration::from_secs(60), both)
+                .await
+                .expect("the outbox drains within a minute");
+        });
+        (receiver.requests, stats)
+    }
+
+    fn cpu_of(req: &ExportMetricsServiceRequest) -> f64 {
+        match points(req, "process.cpu.time")
+            .first()
+            .and_then(|p| p.value)
+        {
+            Some(Value::AsDouble(v)) => v,
+            other => panic!("no CPU point: {other:?}"),
+        }
+    }
+
+    /// The receiver acknowledged, then marking the batch delivered failed:
+    /// the batch goes again with the same cumulative values, and what comes
+    /// after is added once. (Before, the totals had already moved in memory:
+    /// the re-send said 1.5 core-seconds for 0.75, and every later point
+    /// was 0.75 too high.)
+    #[test]
+    fn a_failed_mark_after_the_ack_resends_the_same_values_never_doubled() {
+        let ledger = Arc::new(Mutex::new(FakeLedger {
+            pending: vec![record("a", "0.25", 0), record("b", "0.5", 0)],
+            fail_marks: 1,
+            ..Default::default()
+        }));
+        let mut n = 0;
+        let (requests, stats) = drain_all(
+            &ledger,
+            Box::new(move |_req, l| {
+                n += 1;
+                if n == 2 {
+                    // A later window arrives after the re-send.
+                    let mut c = record("c", "1", 0);
+                    c.window_start = "2026-01-01T00:00:01Z".into();
+                    c.window_end = "2026-01-01T00:00:02Z".into();
+                    l.pending.push(c);
+                }
+                Ok(Accepted::default())
+            }),
+        );
+        assert_eq!(requests.len(), 3, "sent, re-sent, then the next window");
+        assert_eq!(ids_of(&requests[0]), ids_of(&requests[1]));
+        assert_eq!(cpu_of(&requests[0]), 0.75);
+        assert_eq!(cpu_of(&requests[1]), 0.75, "the re-send is not added again");
+        assert_eq!(cpu_of(&requests[2]), 1.75);
+        assert_eq!(stats.mark_failures.load(Ordering::Relaxed), 1);
+    }
+
+    /// A partial success is answered, not failed: OTLP says not to retry it.
+    /// It used to be retried forever, and nothing behind it was ever sent.
+    #[test]
+    fn a_partial_success_is_not_retried_and_the_outbox_moves_on() {
+        let ledger = Arc::new(Mutex::new(FakeLedger {
+            pending: vec![record("a", "0.25", 0), record("b", "0.5", 0)],
+            ..Default::default()
+        }));
+        let mut n = 0;
+        let (requests, stats) = drain_all(
+            &ledger,
+            Box::new(move |_req, l| {
+                n += 1;
+                if n == 1 {
+                    let mut c = record("c", "1", 0);
+                    c.window_start = "2026-01-01T00:00:01Z".into();
+                    l.pending.push(c);
+                    return Ok(Accepted {
+                        rejected_points: 3,
+                        message: "3 points had an unknown unit".into(),
+                    });
+                }
+                Ok(Accepted::default())
+            }),
+        );
+        assert_eq!(requests.len(), 2, "no retry of the partial success");
+        assert_eq!(ids_of(&requests[1]), ["c"]);
+        assert_eq!(cpu_of(&requests[1]), 1.75);
+        let l = ledger.lock().expect("lock");
+        let dead: Vec<&str> = l.dead.iter().map(|(i, _)| i.as_str()).collect();
+        assert_eq!(dead, ["a", "b"]);
+        assert!(l.dead[0].1.contains("unknown unit"), "{:?}", l.dead);
+        assert_eq!(stats.rejected_points.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 2);
+    }
+
+    /// A receiver that refuses one record for good (INVALID_ARGUMENT): the
+    /// batch is narrowed to it, it is set aside, and the rest is delivered,
+    /// its totals without the refused record's.
+    #[test]
+    fn a_refused_record_is_set_aside_and_the_rest_delivered() {
+        let mut pending: Vec<UsageRecord> =
+            (0..7).map(|i| record(&format!("r{i}"), "1", 0)).collect();
+        pending[3].cpu_core_seconds = Decimal::from(100);
+        pending[3].record_id = "poison".into();
+        let ledger = Arc::new(Mutex::new(FakeLedger {
+            pending,
+            ..Default::default()
+        }));
+        let (requests, stats) = drain_all(
+            &ledger,
+            Box::new(|req, _l| {
+                if ids_of(req).iter().any(|i| i == "poison") {
+                    return Err(ExportError::Refused {
+                        endpoint: "fake".into(),
+                        code: "InvalidArgument".into(),
+                        message: "bad point".into(),
+                    });
+                }
+                Ok(Accepted::default())
+            }),
+        );
+        let l = ledger.lock().expect("lock");
+        assert_eq!(l.dead.len(), 1);
+        assert_eq!(l.dead[0].0, "poison");
+        assert!(l.dead[0].1.contains("bad point"));
+        assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 1);
+        // The last point has the six good records' CPU, not the refused one's.
+        let last = requests.last().expect("a request");
+        assert_eq!(cpu_of(last), 6.0);
+        // Bounded narrowing: at most log2(7) + 1 refused tries.
+        let refused = requests
+            .iter()
+            .filter(|r| ids_of(r).iter().any(|i| i == "poison"))
+            .count();
+        assert!(refused <= 4, "{refused} refused requests");
+    }
+
+    /// The exporter's ledger work per record (no network): reading the touched
+    /// series' totals, building the request, and marking delivered with the
+    /// new totals in one transaction. `cargo test --release -p mentat-agent
+    /// --lib export_path_benchmark -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "benchmark"]
+    fn export_path_benchmark() {
+        use crate::ledger::{Ledger, sim::synthetic_window};
+        let dir = std::env::temp_dir().join(format!("mentat-export-bench-{}", std::process::id()));
+        let path = dir.join("ledger.db");
+        let mut ledger = Ledger::open(&path, Duration::from_secs(7 * 86_400)).expect("open");
+        let (workloads, windows) = (1000usize, 30i64);
+        let t0 = 1_767_225_600_000_000_000i64;
+        for w in 0..windows {
+            let ws = t0 + w * 1_000_000_000;
+            let batch = synthetic_window("n1", workloads, ws, 1_000_000_000, 600_000_000_000);
+            let (s, e) = (&batch[0].window_start, &batch[0].window_end);
+            ledger
+                .commit_window(s, e, &batch, &["otlp"])
+                .expect("commit");
+        }
+        let b = RequestBuilder::new("n1");
+        let started = std::time::Instant::now();
+        let (mut records, mut series_written) = (0usize, 0usize);
+        let mut phases = [Duration::ZERO; 5];
+        loop {
+            let t = std::time::Instant::now();
+            let batch = ledger.pending("otlp", BATCH).expect("pending");
+            if batch.is_empty() {
+                break;
+            }
+            phases[0] += t.elapsed();
+            let t = std::time::Instant::now();
+            let c = b.contributions(&batch);
+            phases[1] += t.elapsed();
+            let t = std::time::Instant::now();
+            let state = ledger.export_series("otlp", &c.keys()).expect("series");
+            phases[2] += t.elapsed();
+            let t = std::time::Instant::now();
+            let (_req, after) = b.build(&batch, &c, &state, 0);
+            phases[3] += t.elapsed();
+            let t = std::time::Instant::now();
+            let ids: Vec<String> = batch.iter().map(|r| r.record_id.clone()).collect();
+            ledger
+                .mark_delivered_with("otlp", &ids, &after, None)
+                .expect("deliver");
+            phases[4] += t.elapsed();
+            records += batch.len();
+            series_written += after.len();
+        }
+        let took = started.elapsed();
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / records.max(1) as f64;
+        println!(
+            "µs/record: pending {:.1}, contributions {:.1}, read totals {:.1}, build {:.1}, deliver + store totals {:.1}",
+            per(phases[0]),
+            per(phases[1]),
+            per(phases[2]),
+            per(phases[3]),
+            per(phases[4])
+        );
+        println!(
+            "export path, {windows} windows × {workloads} records: {:.1} µs/record, {:.1} series updates/record, {} series kept",
+            took.as_secs_f64() * 1e6 / records as f64,
+            series_written as f64 / records as f64,
+            ledger.export_series_count("otlp").expect("count")
+        );
+        drop(ledger);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

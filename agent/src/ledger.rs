@@ -433,6 +433,151 @@ pub struct ExpireStats {
     pub spans: u64,
     /// Identities no record or rollup refers to any more.
     pub identities: u64,
+    /// Quarantined records set aside before it.
+    pub quarantined: u64,
+    /// Dead letters (exporters' refused records) set aside before it.
+    pub dead_letters: u64,
+}
+
+/// What a window's commit did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Committed {
+    /// Records written (not already there).
+    pub new: usize,
+    /// Records set aside instead, each with its reason.
+    pub quarantined: Vec<QuarantinedRecord>,
+}
+
+/// A record the ledger could not take for a reason retrying will not fix, set aside whole.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct QuarantinedRecord {
+    /// When it was set aside (RFC 3339).
+    pub quarantined_at: String,
+    /// The window being committed (RFC 3339, as the daemon gave it).
+    pub window_start: String,
+    /// Its end.
+    pub window_end: String,
+    /// The record's id.
+    pub record_id: String,
+    /// Its kind (process, token, a bucket...).
+    pub record_kind: String,
+    /// Its run, where it has one.
+    pub run_id: Option<String>,
+    /// Why the ledger refused it.
+    pub reason: String,
+    /// The whole record, as JSON.
+    pub record: serde_json::Value,
+}
+
+impl QuarantinedRecord {
+    fn of(r: &UsageRecord, window_start: &str, window_end: &str, reason: &str, now: i64) -> Self {
+        Self {
+            quarantined_at: format_ns(now).unwrap_or_else(|| now.to_string()),
+            window_start: window_start.to_string(),
+            window_end: window_end.to_string(),
+            record_id: r.record_id.clone(),
+            record_kind: r.record_kind.clone(),
+            run_id: r.run_id.clone(),
+            reason: reason.to_string(),
+            record: serde_json::to_value(r).unwrap_or(serde_json::Value::Null),
+        }
+    }
+}
+
+/// Stores one quarantined record (once per window and record id).
+fn insert_quarantine(
+    tx: &Transaction<'_>,
+    path: &Path,
+    q: &QuarantinedRecord,
+) -> Result<(), LedgerError> {
+    let at = parse_time("quarantined_at", &q.quarantined_at).unwrap_or_else(|_| now_ns());
+    tx.prepare_cached(
+        "INSERT INTO quarantine (quarantined_ns, window_start, window_end, record_id, \
+         record_kind, run_id, reason, record) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+         ON CONFLICT (window_start, record_id) DO NOTHING",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            at,
+            q.window_start,
+            q.window_end,
+            q.record_id,
+            q.record_kind,
+            q.run_id,
+            q.reason,
+            q.record.to_string()
+        ])
+    })
+    .map_err(record_err(path, &q.record_id, "quarantining it"))?;
+    Ok(())
+}
+
+impl LedgerError {
+    /// Whether trying the same operation again may succeed: I/O errors, a
+    /// full disk, a busy or locked database. Everything else is a property
+    /// of the input (a record before the compaction watermark, a time outside
+    /// 1677..2262, a count past 64 bits, a constraint) and fails the same way
+    /// every time, so it is set aside rather than retried.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            LedgerError::Io { .. } => true,
+            LedgerError::Sqlite { source, .. } | LedgerError::Record { source, .. } => {
+                sqlite_transient(source)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Whether an SQLite error is about the database's state (retry) rather than the values given.
+fn sqlite_transient(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode;
+    match e.sqlite_error_code() {
+        Some(
+            ErrorCode::ConstraintViolation
+            | ErrorCode::TooBig
+            | ErrorCode::TypeMismatch
+            | ErrorCode::ParameterOutOfRange,
+        ) => false,
+        Some(_) => true,
+        None => !matches!(
+            e,
+            rusqlite::Error::ToSqlConversionFailure(_)
+                | rusqlite::Error::IntegralValueOutOfRange(..)
+                | rusqlite::Error::InvalidParameterCount(..)
+                | rusqlite::Error::Utf8Error(_)
+                | rusqlite::Error::NulError(_)
+        ),
+    }
+}
+
+/// Names a series in `export_series`: a 128-bit hash of its metric and attributes.
+pub type SeriesId = (i64, i64);
+
+/// An exporter's cumulative value of one series, as last acknowledged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeriesState {
+    /// The series' start, Unix ns.
+    pub start_ns: u64,
+    /// Its cumulative value.
+    pub value: Decimal,
+    /// The newest window end added to it, Unix ns (for eviction).
+    pub last_ns: u64,
+}
+
+/// A record an exporter's receiver refused for good.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DeadLetter {
+    /// The exporter.
+    pub exporter: String,
+    /// The record's window start (RFC 3339).
+    pub window_start: String,
+    /// The record.
+    pub record_id: String,
+    /// When it was set aside (RFC 3339).
+    pub dead_at: String,
+    /// What the receiver said.
+    pub reason: String,
 }
 
 /// The durable local store of usage records.
@@ -457,17 +602,26 @@ impl Ledger {
     pub fn open(path: &Path, retention: Duration) -> Result<Ledger, LedgerError> {
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
         if let Some(dir) = dir {
-            fs::create_dir_all(dir).map_err(|source| LedgerError::Io {
-                path: dir.to_path_buf(),
-                what: "creating the ledger's directory",
-                source,
-            })?;
+            // Usage, identities and trace context are the tenants' business:
+            // directories the agent creates are its own (0700). One that
+            // exists already (an operator's, or /tmp) is left as it is.
+            use std::os::unix::fs::DirBuilderExt;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| LedgerError::Io {
+                    path: dir.to_path_buf(),
+                    what: "creating the ledger's directory",
+                    source,
+                })?;
         }
         let created = !path.try_exists().map_err(|source| LedgerError::Io {
             path: path.to_path_buf(),
             what: "checking whether the ledger exists",
             source,
         })?;
+        private_files(path)?;
         let mut conn = Connection::open(path).map_err(sql(path, "opening"))?;
         // The daemon writes and the API may read from another connection; a
         // writer waits for a checkpointing reader rather than failing.
@@ -514,6 +668,38 @@ impl Ledger {
         })
     }
 
+    /// Opens an existing ledger read-only, for queries (the API): its own
+    /// connection, so a long read never waits for the writer's lock nor holds
+    /// it (WAL lets readers and the writer proceed side by side).
+    pub fn open_read_only(path: &Path) -> Result<Ledger, LedgerError> {
+        use rusqlite::OpenFlags;
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sql(path, "opening read-only"))?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(sql(path, "setting busy_timeout"))?;
+        let found: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sql(path, "reading the schema version"))?;
+        let supported = i64::try_from(schema::MIGRATIONS.len()).unwrap_or(i64::MAX);
+        if found > supported {
+            return Err(LedgerError::SchemaTooNew {
+                path: path.to_path_buf(),
+                found,
+                supported,
+            });
+        }
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(Ledger {
+            conn,
+            path: path.to_path_buf(),
+            retention: Duration::ZERO,
+            identities: IdentityCache::default(),
+        })
+    }
+
     /// The ledger file's path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -524,7 +710,9 @@ impl Ledger {
     /// One transaction, returning after the WAL fsync (see the module doc).
     /// Idempotent: a record already present (same window start and
     /// record_id) is neither written nor enqueued again. `window_end`
-    /// becomes the resume point ([`Ledger::last_window_end`]).
+    /// becomes the resume point ([`Ledger::last_window_end`]). Strict: a
+    /// record the ledger cannot take fails the whole window (the daemon uses
+    /// [`Ledger::commit_window_or_quarantine`], which sets it aside instead).
     pub fn commit_window(
         &mut self,
         window_start: &str,
@@ -532,11 +720,47 @@ impl Ledger {
         records: &[UsageRecord],
         exporters: &[&str],
     ) -> Result<usize, LedgerError> {
-        let ws = parse_time("window_start", window_start)?;
-        let we = parse_time("window_end", window_end)?;
+        self.commit(window_start, window_end, records, exporters, false)
+            .map(|c| c.new)
+    }
+
+    /// As [`Ledger::commit_window`], but a record refused for a reason that
+    /// retrying cannot fix (see [`LedgerError::is_transient`]) is moved, whole
+    /// and with the reason, into the `quarantine` table in the same
+    /// transaction, and the rest of the window is committed. Only transient
+    /// failures (I/O, disk full, busy) fail the window, so one bad record can
+    /// never block the windows behind it.
+    pub fn commit_window_or_quarantine(
+        &mut self,
+        window_start: &str,
+        window_end: &str,
+        records: &[UsageRecord],
+        exporters: &[&str],
+    ) -> Result<Committed, LedgerError> {
+        self.commit(window_start, window_end, records, exporters, true)
+    }
+
+    fn commit(
+        &mut self,
+        window_start: &str,
+        window_end: &str,
+        records: &[UsageRecord],
+        exporters: &[&str],
+        quarantine: bool,
+    ) -> Result<Committed, LedgerError> {
         if exporters.iter().any(|e| e.is_empty()) {
             return Err(LedgerError::EmptyExporter);
         }
+        let window = parse_time("window_start", window_start)
+            .and_then(|ws| Ok((ws, parse_time("window_end", window_end)?)));
+        let (ws, we) = match window {
+            Ok(w) => w,
+            // A window with no valid bounds: every record is set aside.
+            Err(e) if quarantine => {
+                return self.quarantine_all(window_start, window_end, records, &e);
+            }
+            Err(e) => return Err(e),
+        };
         let Ledger {
             conn,
             path,
@@ -552,7 +776,8 @@ impl Ledger {
         let mut spend: HashMap<(&str, i64), Exact> = HashMap::new();
         let (mut starts, mut ends) = (TimeCache::default(), TimeCache::default());
         let mut month: Option<(i64, i64)> = None;
-        let mut new = 0;
+        let mut committed = Committed::default();
+        let now = now_ns();
         {
             let mut insert = tx
                 .prepare_cached(INSERT_RECORD)
@@ -564,46 +789,87 @@ impl Ledger {
                 )
                 .map_err(sql(path, "preparing the outbox insert"))?;
             for r in records {
-                let rws = starts.parse(&r.window_start, || {
-                    format!("record {} window_start", r.record_id)
-                })?;
-                let rwe = ends.parse(&r.window_end, || {
-                    format!("record {} window_end", r.record_id)
-                })?;
-                if let Some(limit) = compacted_before.filter(|&c| rws < c) {
-                    if record_exists(&tx, path, rws, &r.record_id)? {
-                        continue;
-                    }
-                    return Err(LedgerError::Compacted {
-                        record_id: r.record_id.clone(),
-                        window_start: r.window_start.clone(),
-                        compacted_before: format_ns(limit).unwrap_or_else(|| limit.to_string()),
-                    });
+                if quarantine {
+                    tx.execute_batch("SAVEPOINT rec")
+                        .map_err(sql(path, "beginning a record's savepoint"))?;
                 }
-                let ident = resolve_identity(&tx, path, identities, &mut new_identities, r)?;
-                if insert_record(&mut insert, path, r, rws, rwe, ident)? == 0 {
-                    continue;
-                }
-                for e in exporters {
-                    enqueue
-                        .execute(params![e, rws, r.record_id])
-                        .map_err(record_err(path, &r.record_id, "enqueuing in the outbox"))?;
-                }
-                if let (Some(cost), Some(party)) = (&r.cost, billed_party(r)) {
-                    let m = match month {
-                        Some((start, next)) if (start..next).contains(&rws) => start,
-                        _ => {
-                            let b = month_bounds(rws).ok_or_else(|| bad_ns("window_start", rws))?;
-                            month = Some(b);
-                            b.0
+                let identities_before = new_identities.len();
+                // Ok(None): already stored; Ok(Some(spend)): new, with the
+                // party's month spend after it, when priced.
+                type Outcome<'r> = Option<Option<(&'r str, i64, Exact)>>;
+                let mut one = || -> Result<Outcome<'_>, LedgerError> {
+                    let rws = starts.parse(&r.window_start, || {
+                        format!("record {} window_start", r.record_id)
+                    })?;
+                    let rwe = ends.parse(&r.window_end, || {
+                        format!("record {} window_end", r.record_id)
+                    })?;
+                    if let Some(limit) = compacted_before.filter(|&c| rws < c) {
+                        if record_exists(&tx, path, rws, &r.record_id)? {
+                            return Ok(None);
                         }
-                    };
-                    let sum = spend.entry((party, m)).or_default();
-                    *sum = sum
-                        .checked_add(Exact::from_decimal(cost.total))
-                        .ok_or_else(|| overflow("month-to-date spend"))?;
+                        return Err(LedgerError::Compacted {
+                            record_id: r.record_id.clone(),
+                            window_start: r.window_start.clone(),
+                            compacted_before: format_ns(limit).unwrap_or_else(|| limit.to_string()),
+                        });
+                    }
+                    let ident = resolve_identity(&tx, path, identities, &mut new_identities, r)?;
+                    if insert_record(&mut insert, path, r, rws, rwe, ident)? == 0 {
+                        return Ok(None);
+                    }
+                    for e in exporters {
+                        enqueue
+                            .execute(params![e, rws, r.record_id])
+                            .map_err(record_err(path, &r.record_id, "enqueuing in the outbox"))?;
+                    }
+                    let mut add = None;
+                    if let (Some(cost), Some(party)) = (&r.cost, billed_party(r)) {
+                        let m = match month {
+                            Some((start, next)) if (start..next).contains(&rws) => start,
+                            _ => {
+                                let b =
+                                    month_bounds(rws).ok_or_else(|| bad_ns("window_start", rws))?;
+                                month = Some(b);
+                                b.0
+                            }
+                        };
+                        let sum = spend
+                            .get(&(party, m))
+                            .copied()
+                            .unwrap_or_default()
+                            .checked_add(Exact::from_decimal(cost.total))
+                            .ok_or_else(|| overflow("month-to-date spend"))?;
+                        add = Some((party, m, sum));
+                    }
+                    Ok(Some(add))
+                };
+                match one() {
+                    Ok(outcome) => {
+                        if let Some(add) = outcome {
+                            if let Some((party, m, sum)) = add {
+                                spend.insert((party, m), sum);
+                            }
+                            committed.new += 1;
+                        }
+                        if quarantine {
+                            tx.execute_batch("RELEASE rec")
+                                .map_err(sql(path, "releasing a record's savepoint"))?;
+                        }
+                    }
+                    Err(e) if quarantine && !e.is_transient() => {
+                        // Undo whatever of the record was written (its new
+                        // identity row too: it must not be cached).
+                        tx.execute_batch("ROLLBACK TO rec; RELEASE rec")
+                            .map_err(sql(path, "rolling back a record"))?;
+                        new_identities.truncate(identities_before);
+                        let q =
+                            QuarantinedRecord::of(r, window_start, window_end, &e.to_string(), now);
+                        insert_quarantine(&tx, path, &q)?;
+                        committed.quarantined.push(q);
+                    }
+                    Err(e) => return Err(e),
                 }
-                new += 1;
             }
         }
         for ((party, month_ns), add) in spend {
@@ -615,7 +881,7 @@ impl Ledger {
             params![
                 we,
                 ws,
-                now_ns(),
+                now,
                 i64::try_from(records.len()).unwrap_or(i64::MAX)
             ],
         )
@@ -625,7 +891,118 @@ impl Ledger {
         for (hash, key, id) in new_identities {
             identities.insert(hash, key, id);
         }
-        Ok(new)
+        Ok(committed)
+    }
+
+    /// Sets every record of a window aside (one transaction): the window
+    /// itself cannot be stored (`why`), so none of its records can.
+    fn quarantine_all(
+        &mut self,
+        window_start: &str,
+        window_end: &str,
+        records: &[UsageRecord],
+        why: &LedgerError,
+    ) -> Result<Committed, LedgerError> {
+        let path = self.path.as_path();
+        let now = now_ns();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql(path, "beginning a quarantine"))?;
+        let mut committed = Committed::default();
+        for r in records {
+            let q = QuarantinedRecord::of(r, window_start, window_end, &why.to_string(), now);
+            insert_quarantine(&tx, path, &q)?;
+            committed.quarantined.push(q);
+        }
+        tx.commit().map_err(sql(path, "committing a quarantine"))?;
+        Ok(committed)
+    }
+
+    /// Sets records aside whole, with `reason` (one transaction): the
+    /// daemon's last resort for a window whose commit failed for a reason
+    /// retrying will not fix (or panicked), so it never blocks later ones.
+    pub fn quarantine_records(
+        &mut self,
+        window_start: &str,
+        window_end: &str,
+        records: &[UsageRecord],
+        reason: &str,
+    ) -> Result<Committed, LedgerError> {
+        let path = self.path.as_path();
+        let now = now_ns();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql(path, "beginning a quarantine"))?;
+        let mut committed = Committed::default();
+        for r in records {
+            let q = QuarantinedRecord::of(r, window_start, window_end, reason, now);
+            insert_quarantine(&tx, path, &q)?;
+            committed.quarantined.push(q);
+        }
+        tx.commit().map_err(sql(path, "committing a quarantine"))?;
+        Ok(committed)
+    }
+
+    /// Quarantined records, newest first: at most `limit`, before the
+    /// quarantine row id `before` (the previous page's `next`).
+    pub fn quarantined(
+        &self,
+        limit: usize,
+        before: Option<i64>,
+    ) -> Result<(Vec<QuarantinedRecord>, Option<i64>), LedgerError> {
+        if limit == 0 {
+            return Err(LedgerError::ZeroLimit);
+        }
+        let path = &self.path;
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, quarantined_ns, window_start, window_end, record_id, record_kind, \
+                 run_id, reason, record FROM quarantine WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+            )
+            .map_err(sql(path, "preparing the quarantine listing"))?;
+        let mut rows = stmt
+            .query(params![
+                before.unwrap_or(i64::MAX),
+                saturating_i64(limit.saturating_add(1))
+            ])
+            .map_err(sql(path, "reading the quarantine"))?;
+        let mut out = Vec::new();
+        let mut ids = Vec::new();
+        while let Some(row) = rows.next().map_err(sql(path, "reading the quarantine"))? {
+            let e = sql(path, "reading the quarantine");
+            let at: i64 = row.get(1).map_err(&e)?;
+            let record: String = row.get(8).map_err(&e)?;
+            ids.push(row.get::<_, i64>(0).map_err(&e)?);
+            out.push(QuarantinedRecord {
+                quarantined_at: format_ns(at).unwrap_or_else(|| at.to_string()),
+                window_start: row.get(2).map_err(&e)?,
+                window_end: row.get(3).map_err(&e)?,
+                record_id: row.get(4).map_err(&e)?,
+                record_kind: row.get(5).map_err(&e)?,
+                run_id: row.get(6).map_err(&e)?,
+                reason: row.get(7).map_err(&e)?,
+                record: serde_json::from_str(&record).unwrap_or(serde_json::Value::String(record)),
+            });
+        }
+        let next = if out.len() > limit {
+            out.truncate(limit);
+            ids.get(limit - 1).copied()
+        } else {
+            None
+        };
+        Ok((out, next))
+    }
+
+    /// How many records are in quarantine.
+    pub fn quarantine_count(&self) -> Result<u64, LedgerError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM quarantine", [], |r| r.get(0))
+            .map_err(sql(&self.path, "counting the quarantine"))?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// The end of the last committed window (None on a fresh ledger): after a crash, the agent resumes from here.
@@ -677,9 +1054,47 @@ impl Ledger {
         exporter: &str,
         record_ids: &[String],
     ) -> Result<(), LedgerError> {
+        self.settle(exporter, record_ids, &[], None)
+    }
+
+    /// Marks records delivered and stores the exporter's cumulative series
+    /// values after them, in one transaction: the running totals are then
+    /// always exactly what the receiver acknowledged (a failure leaves both
+    /// as they were, and the re-send carries the same values). With `rejected`,
+    /// the receiver accepted the request but refused some points: the records
+    /// are also listed in `dead_letter` with that reason.
+    pub fn mark_delivered_with(
+        &mut self,
+        exporter: &str,
+        record_ids: &[String],
+        series: &[(SeriesId, SeriesState)],
+        rejected: Option<&str>,
+    ) -> Result<(), LedgerError> {
+        self.settle(exporter, record_ids, series, rejected)
+    }
+
+    /// Takes records out of `exporter`'s queue without delivering them: its
+    /// receiver refused them for good (`reason`). They are listed in
+    /// `dead_letter` and counted by the caller; they no longer block the queue.
+    pub fn dead_letter(
+        &mut self,
+        exporter: &str,
+        record_ids: &[String],
+        reason: &str,
+    ) -> Result<(), LedgerError> {
+        self.settle(exporter, record_ids, &[], Some(reason))
+    }
+
+    fn settle(
+        &mut self,
+        exporter: &str,
+        record_ids: &[String],
+        series: &[(SeriesId, SeriesState)],
+        dead: Option<&str>,
+    ) -> Result<(), LedgerError> {
         let path = self.path.as_path();
         let mut wanted: HashSet<&str> = record_ids.iter().map(String::as_str).collect();
-        if wanted.is_empty() {
+        if wanted.is_empty() && series.is_empty() {
             return Ok(());
         }
         let tx = self
@@ -687,7 +1102,7 @@ impl Ledger {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(sql(path, "beginning mark_delivered"))?;
         let mut found: Vec<(i64, String)> = Vec::with_capacity(wanted.len());
-        {
+        if !wanted.is_empty() {
             let mut scan = tx
                 .prepare_cached(
                     "SELECT ws_ns, record_id FROM outbox WHERE exporter = ?1 \
@@ -724,7 +1139,150 @@ impl Ledger {
                     .map_err(record_err(path, id, "marking delivered"))?;
             }
         }
+        if let Some(reason) = dead {
+            let mut put = tx
+                .prepare_cached(
+                    "INSERT INTO dead_letter (exporter, ws_ns, record_id, dead_ns, reason) \
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO UPDATE SET reason = excluded.reason",
+                )
+                .map_err(sql(path, "preparing the dead-letter insert"))?;
+            let now = now_ns();
+            for (ws, id) in &found {
+                put.execute(params![exporter, ws, id, now, reason])
+                    .map_err(record_err(path, id, "dead-lettering it"))?;
+            }
+        }
+        if !series.is_empty() {
+            let mut put = tx
+                .prepare_cached(
+                    "INSERT INTO export_series (exporter, series_hi, series_lo, start_ns, value, \
+                     last_ns) VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO UPDATE SET \
+                     start_ns = excluded.start_ns, value = excluded.value, last_ns = excluded.last_ns",
+                )
+                .map_err(sql(path, "preparing the series update"))?;
+            for ((hi, lo), st) in series {
+                put.execute(params![
+                    exporter,
+                    hi,
+                    lo,
+                    u64_bits(st.start_ns),
+                    st.value.to_string(),
+                    u64_bits(st.last_ns)
+                ])
+                .map_err(sql(path, "storing an export series"))?;
+            }
+        }
         tx.commit().map_err(sql(path, "committing mark_delivered"))
+    }
+
+    /// The cumulative values `exporter` last had acknowledged, for the series in `keys` that have one.
+    pub fn export_series(
+        &self,
+        exporter: &str,
+        keys: &[SeriesId],
+    ) -> Result<HashMap<SeriesId, SeriesState>, LedgerError> {
+        let path = &self.path;
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT start_ns, value, last_ns FROM export_series \
+                 WHERE exporter = ?1 AND series_hi = ?2 AND series_lo = ?3",
+            )
+            .map_err(sql(path, "preparing the series lookup"))?;
+        let mut out = HashMap::new();
+        for &(hi, lo) in keys {
+            let row: Option<(i64, String, i64)> = stmt
+                .query_row(params![exporter, hi, lo], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .optional()
+                .map_err(sql(path, "reading an export series"))?;
+            if let Some((start, value, last)) = row {
+                let value = Decimal::from_str_exact(&value)
+                    .map_err(|_| corrupt(path, format!("export series value {value:?}")))?;
+                out.insert(
+                    (hi, lo),
+                    SeriesState {
+                        start_ns: bits_u64(start),
+                        value,
+                        last_ns: bits_u64(last),
+                    },
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets `exporter`'s series that no delivered record touched since
+    /// `idle_before_ns` (their processes exited or went idle); returns how many.
+    /// A series seen again later starts afresh, with a later start time.
+    pub fn evict_export_series(
+        &mut self,
+        exporter: &str,
+        idle_before_ns: u64,
+    ) -> Result<u64, LedgerError> {
+        let n = self
+            .conn
+            .execute(
+                "DELETE FROM export_series WHERE exporter = ?1 AND last_ns < ?2",
+                params![exporter, u64_bits(idle_before_ns)],
+            )
+            .map_err(sql(&self.path, "evicting export series"))?;
+        Ok(n as u64)
+    }
+
+    /// Forgets every series of `exporter` (a new export stream starts from zero).
+    pub fn reset_export_series(&mut self, exporter: &str) -> Result<u64, LedgerError> {
+        self.evict_export_series(exporter, u64::MAX)
+    }
+
+    /// How many series `exporter` keeps running totals for.
+    pub fn export_series_count(&self, exporter: &str) -> Result<u64, LedgerError> {
+        let n: i64 = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM export_series WHERE exporter = ?1",
+                [exporter],
+                |r| r.get(0),
+            )
+            .map_err(sql(&self.path, "counting export series"))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Records exporters' receivers refused for good, newest first (at most `limit`).
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, LedgerError> {
+        let path = &self.path;
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT exporter, ws_ns, record_id, dead_ns, reason FROM dead_letter \
+                 ORDER BY dead_ns DESC, ws_ns DESC, record_id LIMIT ?1",
+            )
+            .map_err(sql(path, "preparing the dead-letter listing"))?;
+        let rows = stmt
+            .query_map([saturating_i64(limit)], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, String>(4)?,
+                ))
+            })
+            .map_err(sql(path, "reading dead letters"))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (exporter, ws, record_id, at, reason) =
+                row.map_err(sql(path, "reading dead letters"))?;
+            out.push(DeadLetter {
+                exporter,
+                window_start: format_ns(ws).unwrap_or_else(|| ws.to_string()),
+                record_id,
+                dead_at: format_ns(at).unwrap_or_else(|| at.to_string()),
+                reason,
+            });
+        }
+        Ok(out)
     }
 
     /// Records whose window starts in [from, to), matching every filter, paged by (window_start, record_id) after `q.after`.
@@ -979,7 +1537,8 @@ impl Ledger {
     }
 
     /// Deletes usage older than `retention` before `now`: hourly rollups,
-    /// stored spans, and the identities only they referred to. Raw records an
+    /// stored spans, quarantined records and dead letters set aside before
+    /// it, and the identities only they referred to. Raw records an
     /// exporter has not confirmed are never deleted here (compaction keeps and
     /// counts them); the month-to-date spend rows are a few per party and stay.
     pub fn expire(&mut self, now: &str, retention: Duration) -> Result<ExpireStats, LedgerError> {
@@ -998,6 +1557,19 @@ impl Ledger {
         let spans = tx
             .execute("DELETE FROM spans WHERE end_ns < ?1", params![cutoff])
             .map_err(sql(path, "deleting expired spans"))?;
+        // What was set aside is kept as long as the usage it belongs with.
+        let quarantined = tx
+            .execute(
+                "DELETE FROM quarantine WHERE quarantined_ns < ?1",
+                params![cutoff],
+            )
+            .map_err(sql(path, "deleting expired quarantined records"))?;
+        let dead_letters = tx
+            .execute(
+                "DELETE FROM dead_letter WHERE dead_ns < ?1",
+                params![cutoff],
+            )
+            .map_err(sql(path, "deleting expired dead letters"))?;
         // NOT IN with a subquery is evaluated once, into a temporary index.
         let identities = tx
             .execute(
@@ -1016,6 +1588,8 @@ impl Ledger {
             hourly_rows: count(hourly_rows),
             spans: count(spans),
             identities: count(identities),
+            quarantined: count(quarantined),
+            dead_letters: count(dead_letters),
         })
     }
 
@@ -1190,6 +1764,48 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), LedgerError> {
         tx.commit().map_err(sql(path, "committing a migration"))?;
         tracing::info!(path = %path.display(), version = found + 1, "ledger schema migrated");
     }
+}
+
+/// Makes the ledger's files readable by their owner only (0600): the db is
+/// created that way before SQLite opens it (SQLite gives its `-wal` and
+/// `-shm` the db's mode), and existing files are tightened.
+fn private_files(path: &Path) -> Result<(), LedgerError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |p: &Path, what: &'static str| {
+        let p = p.to_path_buf();
+        move |source| LedgerError::Io {
+            path: p,
+            what,
+            source,
+        }
+    };
+    fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path, "creating the ledger file"))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let p = PathBuf::from(p);
+        match fs::metadata(&p) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o600))
+                    .map_err(io(&p, "making the ledger file private (0600)"))?;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(LedgerError::Io {
+                    path: p,
+                    what: "reading the ledger file's mode",
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Copies the WAL into the db (fsyncing both) and truncates it.

@@ -96,6 +96,9 @@ struct UsageArgs {
     /// Show one flow run: its cost by agent and by span, and its critical path.
     #[arg(long, value_name = "RUN_ID")]
     run: Option<String>,
+    /// List the records the ledger set aside (quarantined) and the records exporters' receivers refused (dead letters).
+    #[arg(long, conflicts_with_all = ["billing", "run"])]
+    quarantine: bool,
     /// The agent's API.
     #[arg(long, default_value = "http://127.0.0.1:9464")]
     api: String,
@@ -325,6 +328,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 format: a.format,
                 billing: a.billing,
                 run: a.run,
+                quarantine: a.quarantine,
             };
             match q.run(&mut std::io::stdout().lock()) {
                 // The reader went away (`| head`): not an error.

@@ -37,6 +37,8 @@ pub struct UsageQuery {
     pub billing: bool,
     /// Show one run's cost by agent and span, and its critical path.
     pub run: Option<String>,
+    /// List quarantined records and dead letters instead of usage.
+    pub quarantine: bool,
 }
 
 /// Output formats of `usage`.
@@ -150,6 +152,9 @@ impl UsageQuery {
         if self.billing {
             return self.billing_events(out);
         }
+        if self.quarantine {
+            return self.quarantined(out);
+        }
         let mut params = self.range_params();
         if !self.group_by.is_empty() {
             params.push(("group_by".into(), self.group_by.join(",")));
@@ -170,6 +175,44 @@ impl UsageQuery {
             UsageFormat::Table => write_table(out, &body)?,
         }
         Ok(())
+    }
+
+    /// Every quarantined record (page by page) and the newest dead letters.
+    fn quarantined(&self, out: &mut dyn Write) -> Result<(), QueryError> {
+        let mut before: Option<String> = None;
+        let mut first = true;
+        loop {
+            let mut params = vec![("limit".to_string(), "1000".to_string())];
+            if let Some(b) = &before {
+                params.push(("before".into(), b.clone()));
+            }
+            let page = self.get("/v1/quarantine", &params)?;
+            match self.format {
+                UsageFormat::Json => writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&page).unwrap_or_default()
+                )?,
+                UsageFormat::Jsonl => {
+                    for r in page["records"].as_array().into_iter().flatten() {
+                        writeln!(out, "{}", json!({ "quarantined": r }))?;
+                    }
+                    if first {
+                        for d in page["dead_letters"].as_array().into_iter().flatten() {
+                            writeln!(out, "{}", json!({ "dead_letter": d }))?;
+                        }
+                    }
+                }
+                UsageFormat::Table | UsageFormat::Csv => {
+                    write_quarantine(out, &page, first, self.format == UsageFormat::Csv)?
+                }
+            }
+            first = false;
+            match page["next"].as_i64() {
+                Some(n) if self.format != UsageFormat::Json => before = Some(n.to_string()),
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// Every record in the range as a CloudEvent (JSON lines), page by page.
@@ -313,6 +356,88 @@ fn dec(v: &Value) -> Decimal {
         .and_then(|s| s.parse().ok())
         .or_else(|| v.as_u64().map(Decimal::from))
         .unwrap_or_default()
+}
+
+/// Quarantined records (and, on the first page, dead letters) as a table or CSV.
+fn write_quarantine(out: &mut dyn Write, page: &Value, first: bool, csv: bool) -> io::Result<()> {
+    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    if first {
+        if csv {
+            writeln!(out, "what,at,window_start,record_id,kind,run_id,reason")?;
+        } else {
+            writeln!(
+                out,
+                "{} records quarantined (newest first)",
+                page["quarantined"].as_u64().unwrap_or(0)
+            )?;
+            writeln!(
+                out,
+                "{:<31} {:<31} {:<34} {:<12} {:<20} REASON",
+                "QUARANTINED_AT", "WINDOW_START", "RECORD_ID", "KIND", "RUN_ID"
+            )?;
+        }
+    }
+    for r in page["records"].as_array().into_iter().flatten() {
+        let cols = [
+            s(&r["quarantined_at"]),
+            s(&r["window_start"]),
+            s(&r["record_id"]),
+            s(&r["record_kind"]),
+            s(&r["run_id"]),
+            s(&r["reason"]),
+        ];
+        if csv {
+            let quoted: Vec<String> = cols.iter().map(|c| crate::output::csv_field(c)).collect();
+            writeln!(out, "quarantined,{}", quoted.join(","))?;
+        } else {
+            writeln!(
+                out,
+                "{:<31} {:<31} {:<34} {:<12} {:<20} {}",
+                cols[0], cols[1], cols[2], cols[3], cols[4], cols[5]
+            )?;
+        }
+    }
+    if !first {
+        return Ok(());
+    }
+    let dead = page["dead_letters"].as_array().cloned().unwrap_or_default();
+    if !csv && !dead.is_empty() {
+        writeln!(
+            out,
+            "\n{} dead letters (newest first; exporters' receivers refused them)",
+            dead.len()
+        )?;
+        writeln!(
+            out,
+            "{:<31} {:<31} {:<34} {:<12} REASON",
+            "AT", "WINDOW_START", "RECORD_ID", "EXPORTER"
+        )?;
+    }
+    for d in &dead {
+        if csv {
+            let cols = [
+                s(&d["dead_at"]),
+                s(&d["window_start"]),
+                s(&d["record_id"]),
+                s(&d["exporter"]),
+                String::new(),
+                s(&d["reason"]),
+            ];
+            let quoted: Vec<String> = cols.iter().map(|c| crate::output::csv_field(c)).collect();
+            writeln!(out, "dead_letter,{}", quoted.join(","))?;
+        } else {
+            writeln!(
+                out,
+                "{:<31} {:<31} {:<34} {:<12} {}",
+                s(&d["dead_at"]),
+                s(&d["window_start"]),
+                s(&d["record_id"]),
+                s(&d["exporter"]),
+                s(&d["reason"])
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn write_table(out: &mut dyn Write, body: &Value) -> io::Result<()> {

@@ -15,6 +15,16 @@ written, with "duplicate": true, and logged on stderr, so that a consumer applyi
 only non-duplicate lines counts each record once. Every request is acknowledged.
 
 When the server is listening, "ready <port>" is printed on stdout.
+
+Faults, for the exporter's failure handling:
+
+  --fail-ack-once     the first request is decoded and written (applied), then
+                      answered UNAVAILABLE, as if the ack were lost on the way back:
+                      the agent must send it again without adding it twice.
+  --reject-points N   the first request, and every later one carrying any of its
+                      record ids, is answered with an OTLP partial success that
+                      rejects N data points (written with "rejected": N): the agent
+                      must not retry it, and must not let it block what follows.
 """
 
 import argparse
@@ -87,11 +97,14 @@ def points_of(metric):
 
 
 class Receiver(metrics_service_pb2_grpc.MetricsServiceServicer):
-    def __init__(self, out_path):
+    def __init__(self, out_path, fail_ack_once=False, reject_points=0):
         self.lock = threading.Lock()
         self.seen = set()
         self.seq = 0
         self.out = open(out_path, "a", encoding="utf-8")
+        self.fail_ack_once = fail_ack_once
+        self.reject_points = reject_points
+        self.rejected_ids = None
 
     def Export(self, request, context):
         ids, points, resource = [], [], {}
@@ -113,26 +126,42 @@ class Receiver(metrics_service_pb2_grpc.MetricsServiceServicer):
                     flush=True,
                 )
             self.seen.update(ids)
+            rejected = 0
+            if self.reject_points > 0:
+                if self.rejected_ids is None:
+                    self.rejected_ids = set(ids)
+                if self.rejected_ids.intersection(ids):
+                    rejected = self.reject_points
             line = {
                 "seq": self.seq,
                 "record_ids": ids,
                 "duplicate": duplicate,
                 "resource": resource,
                 "points": points,
+                "rejected": rejected,
             }
             self.out.write(json.dumps(line) + "\n")
             self.out.flush()
-        return metrics_service_pb2.ExportMetricsServiceResponse()
+            fail = self.fail_ack_once and self.seq == 1
+        if fail:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "test: the ack is lost after receipt")
+        response = metrics_service_pb2.ExportMetricsServiceResponse()
+        if rejected:
+            response.partial_success.rejected_data_points = rejected
+            response.partial_success.error_message = f"test: {rejected} data points rejected"
+        return response
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--fail-ack-once", action="store_true")
+    ap.add_argument("--reject-points", type=int, default=0)
     args = ap.parse_args()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(
-        Receiver(args.out), server
+        Receiver(args.out, args.fail_ack_once, args.reject_points), server
     )
     port = server.add_insecure_port(f"127.0.0.1:{args.port}")
     if port == 0:

@@ -32,6 +32,12 @@ impl Receiver {
     /// Starts the receiver on 127.0.0.1:`port`, appending to `<dir>/otlp-<port>.jsonl`,
     /// and waits until it listens.
     pub fn start(port: u16, dir: &Path) -> Result<Receiver> {
+        Self::start_with(port, dir, &[])
+    }
+
+    /// As [`Receiver::start`], with the script's fault flags (`--fail-ack-once`,
+    /// `--reject-points N`).
+    pub fn start_with(port: u16, dir: &Path, faults: &[&str]) -> Result<Receiver> {
         let out = dir.join(format!("otlp-{port}.jsonl"));
         let stdout = dir.join(format!("otlp-{port}.stdout"));
         let log = dir.join(format!("otlp-{port}.log"));
@@ -41,6 +47,7 @@ impl Receiver {
             .arg(port.to_string())
             .arg("--out")
             .arg(&out)
+            .args(faults)
             .stdin(Stdio::null())
             .stdout(File::create(&stdout).context("creating the receiver's stdout file")?)
             .stderr(File::create(&log).context("creating the receiver's log")?)
@@ -133,6 +140,9 @@ pub struct Request {
     pub duplicate: bool,
     pub resource: BTreeMap<String, Value>,
     pub points: Vec<Point>,
+    /// Data points the receiver said it rejected (a partial success; 0 when none).
+    #[serde(default)]
+    pub rejected: i64,
 }
 
 /// One data point.

@@ -6,7 +6,7 @@
 //! the file at one version or the next, never between.
 
 /// Every migration, in order.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 /// Version 1.
 ///
@@ -185,4 +185,58 @@ const V3: &str = "
 ALTER TABLE records ADD COLUMN gpu_energy_joules BLOB;
 ALTER TABLE records ADD COLUMN gpu_attribution TEXT;
 ALTER TABLE hourly ADD COLUMN gpu_energy_joules TEXT NOT NULL DEFAULT '0';
+";
+
+/// Version 4: what was set aside rather than allowed to block.
+///
+/// - `quarantine`: records a window's commit could not store for a reason
+///   retrying will not fix (a window before the compaction watermark, a time
+///   outside 1677..2262, a count past 64 bits...). The rest of the window is
+///   committed in the same transaction; the whole record is kept as JSON with
+///   the reason, so nothing is lost silently and an operator can re-bill it.
+///   Unique by (window, record): a re-committed window quarantines it once.
+/// - `export_series`: each exporter's cumulative value per series, written in
+///   the same transaction that marks a batch delivered, so the running totals
+///   are exactly what the receiver acknowledged: a failed mark leaves both
+///   unchanged and the re-send carries the same values, never doubled.
+///   A series is named by a 128-bit hash of its metric and attributes (two
+///   integers: rows of ~60 bytes, so a batch's updates dirty few pages; the
+///   attributes themselves run to hundreds of bytes). `last_ns` (the newest
+///   window end added) lets idle series be evicted, by a scan every few
+///   minutes rather than an index every update would have to keep.
+/// - `dead_letter`: records an exporter's receiver refused for good
+///   (InvalidArgument, or points rejected in a partial success), with the
+///   reason: out of the outbox, so they no longer block it, and listed.
+const V4: &str = "
+CREATE TABLE quarantine (
+    id INTEGER PRIMARY KEY,
+    quarantined_ns INTEGER NOT NULL,
+    window_start TEXT NOT NULL,
+    window_end TEXT NOT NULL,
+    record_id TEXT NOT NULL,
+    record_kind TEXT NOT NULL,
+    run_id TEXT,
+    reason TEXT NOT NULL,
+    record TEXT NOT NULL,
+    UNIQUE (window_start, record_id)
+);
+
+CREATE TABLE export_series (
+    exporter TEXT NOT NULL,
+    series_hi INTEGER NOT NULL,
+    series_lo INTEGER NOT NULL,
+    start_ns INTEGER NOT NULL,
+    value TEXT NOT NULL,
+    last_ns INTEGER NOT NULL,
+    PRIMARY KEY (exporter, series_hi, series_lo)
+) WITHOUT ROWID;
+
+CREATE TABLE dead_letter (
+    exporter TEXT NOT NULL,
+    ws_ns INTEGER NOT NULL,
+    record_id TEXT NOT NULL,
+    dead_ns INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (exporter, ws_ns, record_id)
+) WITHOUT ROWID;
 ";

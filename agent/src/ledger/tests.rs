@@ -1251,3 +1251,347 @@ fn commit_cost_benchmark() {
         );
     }
 }
+
+/// A record before the compaction watermark (a replayed backlog, a span
+/// that started hours ago) used to fail its whole window, and the daemon
+/// retried that window forever: billing stopped for the node. Now it is set
+/// aside with its reason and the rest of the window, and the next, commit.
+#[test]
+fn a_record_before_the_watermark_is_quarantined_and_the_window_still_commits() {
+    let dir = TempDir::new("quarantine");
+    let mut ledger = Ledger::open(&dir.db(), Duration::from_secs(3600)).expect("open");
+    // Three hours ago a window was committed and delivered; compacting at
+    // T0 + 3 h raises the watermark to T0 + 2 h.
+    ledger
+        .commit_window(&t(T0), &t(T0 + 10), &[rec("old", T0)], &["otlp"])
+        .expect("old window");
+    ledger
+        .mark_delivered("otlp", &["old".to_string()])
+        .expect("deliver");
+    let now = T0 + 3 * 3600;
+    let stats = ledger.compact(&t(now)).expect("compact");
+    assert_eq!(stats.records_compacted, 1);
+
+    // A window now, whose token record claims a window three hours back.
+    let ws = now;
+    let good: Vec<UsageRecord> = (0..3)
+        .map(|i| {
+            let mut r = priced(
+                rec(&format!("good{i}"), ws),
+                &format!("0.00000000000000000000000{}", i + 1),
+            );
+            r.cpu_core_seconds = d(&format!("1.00000000{i}"));
+            r.syscalls = 10 + i;
+            r.customer_id = Some("c1".into());
+            r
+        })
+        .collect();
+    let mut bad = priced(rec("token-backlog", T0 + 60), "5");
+    bad.record_kind = "token".into();
+    bad.run_id = Some("run-7".into());
+    bad.customer_id = Some("c1".into());
+    bad.tokens = vec![TokenUsage {
+        model: "m".into(),
+        input: 1_000,
+        ..TokenUsage::default()
+    }];
+    let mut window = good.clone();
+    window.insert(1, bad.clone());
+    // The strict commit refuses the window (what the daemon did before).
+    let strict = ledger
+        .commit_window(&t(ws), &t(ws + 10), &window, &["otlp"])
+        .expect_err("strict commit");
+    assert!(matches!(strict, LedgerError::Compacted { .. }), "{strict}");
+    assert!(!strict.is_transient());
+
+    let committed = ledger
+        .commit_window_or_quarantine(&t(ws), &t(ws + 10), &window, &["otlp"])
+        .expect("the window commits");
+    assert_eq!(committed.new, 3);
+    assert_eq!(committed.quarantined.len(), 1);
+    assert_eq!(ledger.last_window_end().expect("last"), Some(t(ws + 10)));
+
+    // The good records' totals are exactly theirs (nothing of the bad one).
+    let totals = total_of(&ledger, ws, ws + 10);
+    assert_eq!(totals.records, 3);
+    assert_eq!(totals.cpu_core_seconds, d("3.000000003"));
+    assert_eq!(totals.syscalls, 33);
+    assert_eq!(totals.tokens_input, 0);
+    assert_eq!(totals.cost.total, d("0.000000000000000000000006"));
+    // Month-to-date spend has only the good ones.
+    assert_eq!(
+        ledger.month_to_date("c1", &t(ws + 10)).expect("mtd"),
+        d("0.000000000000000000000006")
+    );
+    // The bad one is listed whole, with its reason, window and kind.
+    let (listed, next) = ledger.quarantined(10, None).expect("list");
+    assert_eq!(next, None);
+    assert_eq!(listed.len(), 1);
+    let q = &listed[0];
+    assert_eq!(q.record_id, "token-backlog");
+    assert_eq!(q.record_kind, "token");
+    assert_eq!(q.run_id.as_deref(), Some("run-7"));
+    assert_eq!(q.window_start, t(ws));
+    assert!(q.reason.contains("compacted"), "{}", q.reason);
+    let back: UsageRecord = serde_json::from_value(q.record.clone()).expect("whole record");
+    assert_eq!(back, bad);
+    assert_eq!(ledger.quarantine_count().expect("count"), 1);
+    // Only the good ones wait for the exporter.
+    let pending: Vec<String> = ledger
+        .pending("otlp", 10)
+        .expect("pending")
+        .into_iter()
+        .map(|r| r.record_id)
+        .collect();
+    assert_eq!(pending, ["good0", "good1", "good2"]);
+
+    // Retrying the same window changes nothing; the next window commits.
+    let again = ledger
+        .commit_window_or_quarantine(&t(ws), &t(ws + 10), &window, &["otlp"])
+        .expect("retry");
+    assert_eq!(again.new, 0);
+    assert_eq!(ledger.quarantine_count().expect("count"), 1);
+    let next_window = [rec("next", ws + 10)];
+    let c = ledger
+        .commit_window_or_quarantine(&t(ws + 10), &t(ws + 20), &next_window, &["otlp"])
+        .expect("next window");
+    assert_eq!((c.new, c.quarantined.len()), (1, 0));
+    assert_eq!(ledger.last_window_end().expect("last"), Some(t(ws + 20)));
+}
+
+/// A record refused after its new identity row was written must take that
+/// row with it: a cached id of a rolled-back row would point later records
+/// at nothing (or at someone else's identity).
+#[test]
+fn a_quarantined_record_leaves_no_identity_behind() {
+    let dir = TempDir::new("quarantine-ident");
+    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let mut huge = rec("huge", T0);
+    huge.pid = Some(4242);
+    huge.comm = Some("only-me".into());
+    huge.syscalls = u64::MAX;
+    let fine = rec("fine", T0);
+    let c = ledger
+        .commit_window_or_quarantine(&t(T0), &t(T0 + 10), &[huge.clone(), fine], &[])
+        .expect("commit");
+    assert_eq!((c.new, c.quarantined.len()), (1, 1));
+    assert!(
+        c.quarantined[0].reason.contains("syscalls"),
+        "{:?}",
+        c.quarantined[0]
+    );
+    // The same identity, now with sane values, resolves to a real row.
+    let mut sane = huge.clone();
+    sane.record_id = "sane".into();
+    sane.window_start = t(T0 + 10);
+    sane.window_end = t(T0 + 20);
+    sane.syscalls = 7;
+    ledger
+        .commit_window_or_quarantine(&t(T0 + 10), &t(T0 + 20), &[sane.clone()], &[])
+        .expect("second window");
+    let stored = all(&ledger, T0 + 10, T0 + 20);
+    assert_eq!(stored, vec![sane]);
+    let n: i64 = ledger
+        .conn
+        .query_row(
+            "SELECT count(*) FROM identities WHERE comm = 'only-me'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("count");
+    assert_eq!(n, 1);
+}
+
+/// A window whose own bounds are not times cannot be stored at all: every
+/// record is set aside, and nothing is retried.
+#[test]
+fn a_window_with_bad_bounds_is_quarantined_whole() {
+    let dir = TempDir::new("quarantine-window");
+    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let c = ledger
+        .commit_window_or_quarantine(
+            "2262-05-01T00:00:00Z",
+            &t(T0),
+            &[rec("a", T0), rec("b", T0)],
+            &[],
+        )
+        .expect("quarantined");
+    assert_eq!((c.new, c.quarantined.len()), (0, 2));
+    assert!(
+        c.quarantined[0].reason.contains("1677..2262"),
+        "{}",
+        c.quarantined[0].reason
+    );
+    assert_eq!(ledger.quarantine_count().expect("count"), 2);
+    assert_eq!(ledger.last_window_end().expect("last"), None);
+}
+
+#[test]
+fn transient_and_permanent_errors_are_told_apart() {
+    let full = LedgerError::Sqlite {
+        path: "x".into(),
+        what: "committing",
+        source: Box::new(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        )),
+    };
+    assert!(full.is_transient());
+    let io = LedgerError::Io {
+        path: "x".into(),
+        what: "syncing",
+        source: io::Error::other("EIO"),
+    };
+    assert!(io.is_transient());
+    let constraint = LedgerError::Record {
+        path: "x".into(),
+        record_id: "r".into(),
+        what: "storing it",
+        source: Box::new(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CONSTRAINT),
+            None,
+        )),
+    };
+    assert!(!constraint.is_transient());
+    assert!(!overflow("x").is_transient());
+}
+
+/// The API reads on its own read-only connection: a write transaction in
+/// progress does not block it, and a long read does not block a commit.
+#[test]
+fn read_only_connections_and_the_writer_do_not_wait_for_each_other() {
+    let dir = TempDir::new("readers");
+    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    ledger
+        .commit_window(&t(T0), &t(T0 + 10), &[rec("a", T0)], &[])
+        .expect("commit");
+    let reader = Ledger::open_read_only(&dir.db()).expect("reader");
+    // A reader in the middle of a read (an open statement holds its snapshot).
+    let mut stmt = reader
+        .conn
+        .prepare("SELECT record_id FROM records")
+        .expect("prepare");
+    let mut rows = stmt.query([]).expect("query");
+    assert!(rows.next().expect("row").is_some());
+    // The writer commits meanwhile, without waiting.
+    ledger
+        .commit_window(&t(T0 + 10), &t(T0 + 20), &[rec("b", T0 + 10)], &[])
+        .expect("commit beside a reader");
+    drop(rows);
+    drop(stmt);
+    // A writer holding its write lock does not stop a read.
+    ledger
+        .conn
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    assert_eq!(all(&reader, T0, T0 + 20).len(), 2);
+    ledger.conn.execute_batch("ROLLBACK").expect("release");
+    // It cannot write.
+    let err = reader
+        .conn
+        .execute("DELETE FROM records", [])
+        .expect_err("read-only");
+    assert_eq!(err.sqlite_error_code(), Some(rusqlite::ErrorCode::ReadOnly));
+}
+
+#[test]
+fn the_ledger_directory_and_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("perms");
+    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    ledger
+        .commit_window(&t(T0), &t(T0 + 10), &[rec("a", T0)], &[])
+        .expect("commit");
+    let mode = |p: &std::path::Path| fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    let parent = dir.db().parent().map(PathBuf::from).expect("parent");
+    assert_eq!(mode(&parent), 0o700, "the directory the ledger created");
+    for suffix in ["", "-wal", "-shm"] {
+        let p = PathBuf::from(format!("{}{suffix}", dir.db().display()));
+        assert_eq!(mode(&p), 0o600, "{}", p.display());
+    }
+    drop(ledger);
+    // A file left world-readable (an older agent) is tightened at open.
+    fs::set_permissions(dir.db(), fs::Permissions::from_mode(0o644)).expect("chmod");
+    let _ledger = Ledger::open(&dir.db(), DAY).expect("reopen");
+    assert_eq!(mode(&dir.db()), 0o600);
+}
+
+/// Delivery and the exporter's running totals are one transaction: a
+/// delivery that fails leaves the totals where they were.
+#[test]
+fn export_series_move_only_with_delivery() {
+    let dir = TempDir::new("series");
+    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    ledger
+        .commit_window(
+            &t(T0),
+            &t(T0 + 10),
+            &[rec("a", T0), rec("b", T0)],
+            &["otlp"],
+        )
+        .expect("commit");
+    let st = |v: &str, last: i64| SeriesState {
+        start_ns: 5,
+        value: d(v),
+        last_ns: u64::try_from(last).expect("last"),
+    };
+    ledger
+        .mark_delivered_with("otlp", &["a".to_string()], &[((1, 1), st("1.5", T0))], None)
+        .expect("deliver a");
+    let got = ledger
+        .export_series("otlp", &[(1, 1), (1, 2)])
+        .expect("series");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[&(1, 1)], st("1.5", T0));
+    // A partial success: delivered, values kept, and listed as rejected.
+    ledger
+        .mark_delivered_with(
+            "otlp",
+            &["b".to_string()],
+            &[((1, 1), st("2.5", T0 + 100))],
+            Some("1 data point rejected: bad"),
+        )
+        .expect("deliver b");
+    assert!(ledger.pending("otlp", 10).expect("pending").is_empty());
+    let dead = ledger.dead_letters(10).expect("dead");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].record_id, "b");
+    assert!(dead[0].reason.contains("rejected"));
+    // Idle series are evicted; the rest stay.
+    ledger
+        .mark_delivered_with("otlp", &[], &[((1, 2), st("1", T0 + 500))], None)
+        .expect("s2");
+    let evicted = ledger
+        .evict_export_series("otlp", u64::try_from(T0 + 200).expect("ns"))
+        .expect("evict");
+    assert_eq!(evicted, 1);
+    assert_eq!(ledger.export_series_count("otlp").expect("count"), 1);
+}
+
+/// The quarantine and the dead letters are kept as long as the usage they
+/// belong with, then expire: neither grows without bound.
+#[test]
+fn quarantined_records_and_dead_letters_expire_with_retention() {
+    let dir = TempDir::new("quarantine-expiry");
+    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let mut huge = rec("huge", T0);
+    huge.syscalls = u64::MAX;
+    ledger
+        .commit_window_or_quarantine(&t(T0), &t(T0 + 10), &[huge, rec("ok", T0)], &["otlp"])
+        .expect("commit");
+    ledger
+        .dead_letter("otlp", &["ok".to_string()], "refused")
+        .expect("dead letter");
+    let now = now_ns() / 1_000_000_000;
+    // Within retention: kept.
+    let kept = ledger.expire(&t(now), 7 * DAY).expect("expire");
+    assert_eq!((kept.quarantined, kept.dead_letters), (0, 0));
+    assert_eq!(ledger.quarantine_count().expect("count"), 1);
+    // A week later: gone.
+    let gone = ledger
+        .expire(&t(now + 8 * 86_400), 7 * DAY)
+        .expect("expire");
+    assert_eq!((gone.quarantined, gone.dead_letters), (1, 1));
+    assert_eq!(ledger.quarantine_count().expect("count"), 0);
+    assert!(ledger.dead_letters(10).expect("dead").is_empty());
+}
