@@ -125,8 +125,8 @@ grpc_bind = "127.0.0.1:4317"
 http_bind = "127.0.0.1:4318"
 max_request_bytes = 4194304
 max_pending_spans = 200000  # spans waiting for their window; past it, refused in the response
-max_indexed_spans = 200000  # spans with a run held to split windows; past it, refused in the response
-max_indexed_spans_per_process = 50000   # of those, the most one sending process may hold
+max_indexed_spans = 1000000 # spans with a run held to split windows; past it, refused in the response
+max_indexed_spans_per_process = 250000  # of those, the most one sending process may hold
 max_clock_skew = "60s"      # a span starting or ending further ahead of the node's clock is refused
 max_span_duration = "24h"   # a longer span is refused
 max_span_age = "30m"        # a span with tokens that started longer ago is refused (+ span_lag + 2 ticks <= raw_retention)

@@ -166,8 +166,8 @@ impl Default for ReceiverConfig {
             http_bind: "127.0.0.1:4318".into(),
             max_request_bytes: 4 << 20,
             max_pending_spans: 200_000,
-            max_indexed_spans: 200_000,
-            max_indexed_spans_per_process: 50_000,
+            max_indexed_spans: 1_000_000,
+            max_indexed_spans_per_process: 250_000,
             max_clock_skew: Duration::from_secs(60),
             max_span_duration: Duration::from_secs(24 * 3600),
             max_span_age: Duration::from_secs(30 * 60),
@@ -538,10 +538,16 @@ impl Handler {
         if admission.accepted == 0 && full + over_quota > 0 {
             // Nothing was taken: the whole request may be sent again, and
             // an SDK does so for this status after the advised wait.
-            return Err(Refusal::busy(format!(
-                "{} spans refused: the receiver's pending-span bound is full; retry later",
-                full + over_quota
-            )));
+            return Err(Refusal::busy(if full > 0 {
+                format!(
+                    "{} spans refused: the receiver's pending-span bound is full; retry later",
+                    full + over_quota
+                )
+            } else {
+                format!(
+                    "{over_quota} spans refused: this sender holds its quota of spans waiting for their windows; retry later"
+                )
+            }));
         }
         if let Some(forwarder) = &self.forwarder {
             forwarder.forward(request);

@@ -25,6 +25,8 @@ Options:
                        client's own encoding then costs nothing while timed)
     --rate S           send at most S spans per second in all (0: as fast as
                        possible)
+    --trace-per-request  one trace id for all the spans of a request (default:
+                       one per span)
 
 Spans are valid (random ids); the resource names this
 process by `process.pid`. Prints one JSON line: how many requests were answered
@@ -66,6 +68,7 @@ def request_bytes(args):
         return head + b"\xff" * max(0, args.raw_bytes - len(head))
     now = time.time_ns()
     spans = []
+    shared_trace = os.urandom(15) + b"\x01" if args.trace_per_request else None
     for i in range(args.spans):
         start = now - random.randrange(args.spread_ms * 1_000_000 + 1)
         end = start + args.span_ms * 1_000_000
@@ -82,7 +85,7 @@ def request_bytes(args):
             attrs.append(kv("padding", "x" * args.pad))
         spans.append(
             trace_pb2.Span(
-                trace_id=os.urandom(15) + b"\x01",
+                trace_id=shared_trace or os.urandom(15) + b"\x01",
                 span_id=os.urandom(7) + b"\x01",
                 name=f"flood {i}",
                 start_time_unix_nano=start,
@@ -179,6 +182,7 @@ def main():
     p.add_argument("--tokens", type=int, default=0)
     p.add_argument("--pregen", action="store_true")
     p.add_argument("--rate", type=float, default=0)
+    p.add_argument("--trace-per-request", action="store_true")
     args = p.parse_args()
 
     send = send_grpc if args.proto == "grpc" else send_http

@@ -15,7 +15,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, ensure};
-use mentat_tests::daemon::{Daemon, DaemonOptions, LedgerDir, free_port, now_rfc3339, poll, rfc3339};
+use mentat_tests::daemon::{
+    Daemon, DaemonOptions, LedgerDir, free_port, now_rfc3339, poll, rfc3339,
+};
 use mentat_tests::traced::{require_python_otel, run_python, unique_run_id};
 use serde_json::Value;
 
@@ -90,6 +92,29 @@ fn an_old_token_span_is_refused_and_windows_keep_committing() -> Result<()> {
         "--run-id",
         &run_id,
     ])?;
+    // Windows keep committing: five more, and no commit failed.
+    let before = daemon.counter("mentat_agent_windows_total")?;
+    poll(Duration::from_secs(30), || {
+        let failures = daemon.counter("mentat_agent_commit_failures_total")?;
+        if failures > 0 {
+            anyhow::bail!(
+                "{failures} commits failed after the old span; log ends:\n{}",
+                mentat_tests::traced::tail(&daemon.log(), 2000)
+            );
+        }
+        let n = daemon.counter("mentat_agent_windows_total")?;
+        Ok(if n >= before + 5 {
+            Ok(())
+        } else {
+            Err(format!(
+                "windows_total {n}, was {before} when the span was sent"
+            ))
+        })
+    })?;
+    ensure!(
+        daemon.counter("mentat_agent_commit_failures_total")? == 0,
+        "a commit failed"
+    );
     ensure!(
         summary["statuses"]["OK"] == 1 && summary["rejected_spans"] == 1,
         "the three-hour-old token span was not refused in the response: {summary}"
@@ -103,36 +128,27 @@ fn an_old_token_span_is_refused_and_windows_keep_committing() -> Result<()> {
             .any(|m| m.contains("max_span_age")),
         "the refusal does not say why: {summary}"
     );
-    // Windows keep committing: five more, and no commit failed.
-    let before = daemon.counter("mentat_agent_windows_total")?;
-    poll(Duration::from_secs(30), || {
-        let failures = daemon.counter("mentat_agent_commit_failures_total")?;
-        if failures > 0 {
-            anyhow::bail!("{failures} commits failed after the old span; log:\n{}", daemon.log());
-        }
-        let n = daemon.counter("mentat_agent_windows_total")?;
-        Ok(if n >= before + 5 {
-            Ok(())
-        } else {
-            Err(format!("windows_total {n}, was {before} when the span was sent"))
-        })
-    })?;
-    ensure!(
-        daemon.counter("mentat_agent_commit_failures_total")? == 0,
-        "a commit failed"
-    );
     let too_old = daemon.counter("mentat_agent_receiver_spans_too_old_total")?;
-    ensure!(too_old == 1, "mentat_agent_receiver_spans_too_old_total is {too_old}");
+    ensure!(
+        too_old == 1,
+        "mentat_agent_receiver_spans_too_old_total is {too_old}"
+    );
     // And nothing of it reached the ledger.
     let usage = daemon.get_json(
         "/v1/usage",
         &[
-            ("from", &rfc3339(time::OffsetDateTime::now_utc() - time::Duration::hours(4))),
+            (
+                "from",
+                &rfc3339(time::OffsetDateTime::now_utc() - time::Duration::hours(4)),
+            ),
             ("where", &format!("run_id={run_id}")),
         ],
     )?;
     ensure!(
-        usage["root"]["totals"]["tokens_input"].as_u64().unwrap_or(0) == 0,
+        usage["root"]["totals"]["tokens_input"]
+            .as_u64()
+            .unwrap_or(0)
+            == 0,
         "the refused span's tokens are in the ledger: {usage}"
     );
     Ok(())
@@ -174,10 +190,7 @@ fn a_burst_of_100k_spans_is_kept_or_refused_in_the_response() -> Result<()> {
         .sum();
     ensure!(answered == 500, "not every request was answered: {summary}");
     eprintln!("burst: {summary}");
-    ensure!(
-        accepted > 0,
-        "nothing was accepted: {summary}"
-    );
+    ensure!(accepted > 0, "nothing was accepted: {summary}");
     let from = rfc3339(time::OffsetDateTime::now_utc() - time::Duration::minutes(5));
     let mut last = Value::Null;
     poll(Duration::from_secs(60), || {
@@ -185,7 +198,9 @@ fn a_burst_of_100k_spans_is_kept_or_refused_in_the_response() -> Result<()> {
             "/v1/usage",
             &[("from", &from), ("where", &format!("run_id={run_id}"))],
         )?;
-        let tokens = usage["root"]["totals"]["tokens_input"].as_u64().unwrap_or(0);
+        let tokens = usage["root"]["totals"]["tokens_input"]
+            .as_u64()
+            .unwrap_or(0);
         last = usage;
         Ok(if tokens >= 3 * accepted {
             Ok(())

@@ -403,7 +403,8 @@ fn a_span_flood_is_refused_past_the_pending_bound() -> Result<()> {
         // At most what the inbox holds fits per tick; everything else was refused in
         // the answer.
         ensure!(
-            accepted + rejected + 5000 * refused_requests == 60_000 && rejected > 0,
+            accepted + rejected + 5000 * refused_requests == 60_000
+                && rejected + refused_requests > 0,
             "{proto} flood: {accepted} accepted, {rejected} rejected, {refused_requests} \
              requests refused: {summary}"
         );
@@ -514,7 +515,15 @@ fn long_lived_spans_do_not_grow_memory_without_bound() -> Result<()> {
                 .any(|m| m.contains("times")),
             "long-span flood: spans refused for their times: {summary}"
         );
-        accepted += summary["accepted"].as_u64().unwrap_or(0);
+        // Every span is accounted for in the answers: taken, or refused there.
+        let taken = summary["accepted"].as_u64().unwrap_or(0);
+        let refused = summary["rejected_spans"].as_u64().unwrap_or(0)
+            + 100 * answered(&summary, "UNAVAILABLE");
+        ensure!(
+            taken + refused == 30_000,
+            "long-span flood: {taken} taken and {refused} refused of 30,000: {summary}"
+        );
+        accepted += taken;
         let rss = rss_bytes(pid)?;
         growth.push(format!(
             "{} MiB at {accepted} spans",
