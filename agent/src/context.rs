@@ -377,10 +377,9 @@ impl SpanIndex {
                 e += 1;
             }
             let piece = u128::from(b - a) * u128::from(SCALE);
-            if distinct == 0 {
-                *own_scaled.get_or_insert(0) += piece;
-            } else {
-                running += piece / distinct;
+            match piece.checked_div(distinct) {
+                Some(each) => running += each,
+                None => *own_scaled.get_or_insert(0) += piece,
             }
         }
         // Every span ends at or before `end`, the last cut: close them.

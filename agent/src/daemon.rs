@@ -110,6 +110,20 @@ struct ClosedWindow {
     spans: Vec<SpanRow>,
     /// NVML errors at the window's GPU reading.
     gpu_errors: u64,
+    /// The inbox slots of `spans`' spans, freed when the window is dropped
+    /// (committed, or given up).
+    _taken: TakenSpans,
+}
+
+/// Spans a window took from the inbox: they count against
+/// `max_pending_spans` until the window is gone, so the records waiting to
+/// be committed are bounded too.
+struct TakenSpans(Arc<SpanInbox>, usize);
+
+impl Drop for TakenSpans {
+    fn drop(&mut self) {
+        self.0.release(self.1);
+    }
 }
 
 /// The first wait before a failed commit is tried again; it doubles up to
@@ -546,7 +560,7 @@ fn collect_loop(
     node: &str,
     tick: Duration,
     lag: Duration,
-    inbox: &SpanInbox,
+    inbox: &Arc<SpanInbox>,
     stop: &AtomicBool,
     tx: &mpsc::Sender<ClosedWindow>,
 ) -> Result<(), DaemonError> {
@@ -592,7 +606,7 @@ fn split_window(
     collector: &mut Collector,
     node: &str,
     window: &Window,
-    inbox: &SpanInbox,
+    inbox: &Arc<SpanInbox>,
 ) -> ClosedWindow {
     let mut span = Span_::default();
     span.add(window);
@@ -639,6 +653,7 @@ fn split_window(
         tokens,
         spans: rows,
         gpu_errors: window.gpu_errors,
+        _taken: TakenSpans(inbox.clone(), new.len()),
     }
 }
 

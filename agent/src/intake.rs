@@ -180,6 +180,9 @@ struct Inbox {
     unmapped: Vec<(Span, u64)>,
     /// Unmapped spans out for mapping: their slots stay taken.
     mapping: usize,
+    /// Spans handed to windows not yet committed (their token records and
+    /// rows are in memory until then): they count against `max_pending`.
+    in_flight: usize,
     /// Index slots held for unmapped spans with a run, in all and per owner.
     reserved: usize,
     reserved_by_owner: HashMap<u64, usize>,
@@ -193,6 +196,13 @@ struct Inbox {
     bad_traceparents: u64,
     /// Times the lock was found poisoned (a panic while it was held).
     poisoned: u64,
+}
+
+impl Inbox {
+    /// Spans held for their window: new, unmapped, and taken but not committed.
+    fn waiting(&self) -> usize {
+        self.new.len() + self.unmapped.len() + self.mapping + self.in_flight
+    }
 }
 
 /// The quota key of a span's sender: its bound process (the claimed pid
@@ -282,7 +292,15 @@ impl SpanInbox {
         let snapshot = st.index.window(from, to);
         st.index.forget_before(from);
         st.split_through = st.split_through.max(to);
+        st.in_flight += st.new.len();
         (snapshot, std::mem::take(&mut st.new))
+    }
+
+    /// `n` spans taken by [`SpanInbox::take_window`] are committed (or their
+    /// window is given up): their slots are free.
+    pub fn release(&self, n: usize) {
+        let mut st = self.lock();
+        st.in_flight = st.in_flight.saturating_sub(n);
     }
 
     /// Records the count of malformed `TRACEPARENT`s the collector saw.
@@ -293,10 +311,7 @@ impl SpanInbox {
     /// Spans waiting for their window, and spans indexed (with held slots).
     pub fn held(&self) -> (usize, usize) {
         let st = self.lock();
-        (
-            st.new.len() + st.unmapped.len() + st.mapping,
-            st.index.len() + st.reserved,
-        )
+        (st.waiting(), st.index.len() + st.reserved)
     }
 
     /// The counters as (name, help, value), for `/metrics`.
@@ -333,7 +348,7 @@ impl SpanSink for SpanInbox {
         let mut a = Admission::default();
         let mut st = self.lock();
         for span in spans {
-            if st.new.len() + st.unmapped.len() + st.mapping >= limits.max_pending {
+            if st.waiting() >= limits.max_pending {
                 a.full += 1;
                 continue;
             }
@@ -461,6 +476,10 @@ mod tests {
         let (snap, new) = inbox.take_window(50, 60, |_, _| None);
         assert_eq!(new.len(), 10);
         assert_eq!(snap.len(), 6);
+        // Until their window is committed, taken spans still hold their slots.
+        assert_eq!(inbox.held(), (10, 6));
+        assert_eq!(inbox.admit(vec![Span::default()]).full, 1);
+        inbox.release(10);
         assert_eq!(inbox.held(), (0, 6));
         let (_, new) = inbox.take_window(200, 210, |_, _| None);
         assert!(new.is_empty());
@@ -494,6 +513,7 @@ mod tests {
         assert_eq!((a.accepted, a.full), (2, 1), "two index slots held");
         let (snap, new) = inbox.take_window(0, 10, |pid, _| (pid == 1).then_some(4242));
         assert_eq!(new.len(), 2, "mapped or not, every span is recorded");
+        inbox.release(new.len());
         assert_eq!(
             snap.len(),
             1,
