@@ -230,3 +230,61 @@ fn a_burst_of_100k_spans_is_kept_or_refused_in_the_response() -> Result<()> {
     );
     Ok(())
 }
+
+/// A span that arrives after windows it covers were split (span_lag had passed) cannot
+/// change them any more: once silent, it is counted in `mentat_agent_spans_late_total`,
+/// and its tokens are still kept.
+#[test]
+fn a_span_after_span_lag_is_counted_and_its_tokens_kept() -> Result<()> {
+    require_python_otel()?;
+    let dir = LedgerDir::new()?;
+    let (daemon, grpc) = start(&dir, "0s", "")?;
+    // Windows up to now are split as they close (span_lag 0): wait for a few.
+    poll(Duration::from_secs(30), || {
+        let n = daemon.counter("mentat_agent_windows_total")?;
+        Ok(if n >= 3 {
+            Ok(())
+        } else {
+            Err(format!("{n} windows committed"))
+        })
+    })?;
+    let run_id = unique_run_id("late");
+    // A 4-second span of a run that ended a second ago: its windows are split.
+    let end = now_ns() - 1_000_000_000;
+    let (start_ns, end_ns) = ((end - 4_000_000_000).to_string(), end.to_string());
+    let summary = client(&[
+        "grpc",
+        "--target",
+        &format!("127.0.0.1:{grpc}"),
+        "--start-ns",
+        &start_ns,
+        "--end-ns",
+        &end_ns,
+        "--tokens",
+        "7",
+        "--run-id",
+        &run_id,
+    ])?;
+    ensure!(
+        summary["accepted"] == 1,
+        "the span was not taken: {summary}"
+    );
+    let late = daemon.counter("mentat_agent_spans_late_total")?;
+    ensure!(late == 1, "mentat_agent_spans_late_total is {late}");
+    let from = rfc3339(time::OffsetDateTime::now_utc() - time::Duration::minutes(5));
+    poll(Duration::from_secs(30), || {
+        let usage = daemon.get_json(
+            "/v1/usage",
+            &[("from", &from), ("where", &format!("run_id={run_id}"))],
+        )?;
+        let tokens = usage["root"]["totals"]["tokens_input"]
+            .as_u64()
+            .unwrap_or(0);
+        Ok(if tokens == 7 {
+            Ok(())
+        } else {
+            Err(format!("{tokens} tokens of the late span in the ledger"))
+        })
+    })?;
+    Ok(())
+}
