@@ -127,7 +127,12 @@ timeout_ms = 0              # 0: 10 s
 grpc_bind = "127.0.0.1:4317"
 http_bind = "127.0.0.1:4318"
 max_request_bytes = 4194304
-max_pending_spans = 100000
+max_pending_spans = 200000  # spans waiting for their window; past it, refused in the response
+max_indexed_spans = 1000000 # spans with a run held to split windows; past it, refused in the response
+max_indexed_spans_per_process = 250000  # of those, the most one sending process may hold
+max_clock_skew = "60s"      # a span starting or ending further ahead of the node's clock is refused
+max_span_duration = "24h"   # a longer span is refused
+max_span_age = "30m"        # a span with tokens that started longer ago is refused (+ span_lag + 2 ticks <= raw_retention)
 max_concurrent_requests = 4
 forward_queue_bytes = 33554432
 # [receiver.upstream]       # forward received spans, enriched with cost
@@ -289,6 +294,27 @@ impl Config {
         }
         if c.proc_map_entries == 0 {
             return Err("proc_map_entries must be at least 1".into());
+        }
+        let r = &c.receiver;
+        if r.max_pending_spans == 0
+            || r.max_indexed_spans == 0
+            || r.max_indexed_spans_per_process == 0
+        {
+            return Err(
+                "[receiver] max_pending_spans, max_indexed_spans and max_indexed_spans_per_process must be at least 1"
+                    .into(),
+            );
+        }
+        // A token record's window starts at its span's start and is
+        // committed up to span_lag + 2 ticks after receipt; the ledger
+        // refuses records before its compaction watermark, which trails
+        // now by at least raw_retention.
+        let horizon = r.max_span_age + c.span_lag + c.tick * 2;
+        if horizon > c.raw_retention {
+            return Err(format!(
+                "[receiver] max_span_age = {:?} plus span_lag ({:?}) and two ticks is {horizon:?}, over raw_retention ({:?}): a token record that old would lie in hours already compacted",
+                r.max_span_age, c.span_lag, c.raw_retention
+            ));
         }
         if c.retention < c.raw_retention {
             return Err(format!(
@@ -633,5 +659,15 @@ mod tests {
         assert!(e.contains("proc_map_entries"), "{e}");
         let e = Config::parse("retention = \"30m\"").expect_err("shorter than raw");
         assert!(e.contains("raw_retention"), "{e}");
+        let e = Config::parse("raw_retention = \"30m\"").expect_err("span age past raw");
+        assert!(
+            e.contains("max_span_age") && e.contains("raw_retention"),
+            "{e}"
+        );
+        let c = Config::parse("raw_retention = \"30m\"\n[receiver]\nmax_span_age = \"20m\"")
+            .expect("a span age inside raw_retention");
+        assert_eq!(c.receiver.max_span_age, Duration::from_secs(1200));
+        let e = Config::parse("[receiver]\nmax_indexed_spans = 0").expect_err("zero");
+        assert!(e.contains("max_indexed_spans"), "{e}");
     }
 }

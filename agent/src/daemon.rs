@@ -28,9 +28,10 @@ use crate::{
     collect::Collector,
     collect::Window,
     config::Config,
-    context::{SpanIndex, token_record},
+    context::token_record,
     export::{self, OtlpExporter, Outbox},
     gpu::GpuMeter,
+    intake::{InboxLimits, SpanInbox},
     ledger::Ledger,
     ledger::SpanRow,
     ledger::{Committed, SeriesId, SeriesState},
@@ -41,7 +42,6 @@ use crate::{
     prometheus::{AgentStats, Metrics},
     receiver::{self, Enricher, ForwardOptions, Forwarder, ReceiverStats},
     report::Span as Span_,
-    spans::{PidScope, Span},
     storage::StorageMeter,
     usage::{UsageRecord, core_seconds, stable_id},
 };
@@ -111,101 +111,21 @@ struct ClosedWindow {
     spans: Vec<SpanRow>,
     /// NVML errors at the window's GPU reading.
     gpu_errors: u64,
+    /// The inbox slots of `spans`' spans, freed when the window is dropped
+    /// (committed, or given up).
+    _taken: TakenSpans,
 }
 
-/// Spans received and not yet handed to a window.
-#[derive(Default)]
-struct SpanInbox {
-    index: SpanIndex,
-    new: Vec<Span>,
-    /// Spans not stored because `new` was full.
-    new_dropped: u64,
-    /// Malformed `TRACEPARENT` values seen in environments so far.
-    bad_traceparents: u64,
-    /// Spans whose pid is a container's, waiting for the collector to map it
-    /// to the host's (it knows each process's container and namespace pid).
-    unmapped: Vec<Span>,
-    /// Spans whose container pid matched no process, or several.
-    unmapped_pids: u64,
-}
+/// Spans a window took from the inbox: they count against
+/// `max_pending_spans` until the window is gone, so the records waiting to
+/// be committed are bounded too.
+struct TakenSpans(Arc<SpanInbox>, usize);
 
-impl SpanInbox {
-    /// Takes a received span: indexed and queued for the next window, or, when
-    /// its pid is a container's, held until the collector maps it.
-    fn receive(&mut self, span: Span) {
-        // Tokens and per-run rows need ids, times, context and tokens only:
-        // the attribute map is most of a span's size.
-        let span = Span {
-            attributes: Default::default(),
-            ..span
-        };
-        if span.pid_scope.is_some() {
-            // Bounded like `new`, which these join once mapped.
-            if self.unmapped.len() < MAX_NEW_SPANS {
-                self.unmapped.push(span);
-            } else {
-                self.new_dropped += 1;
-            }
-            return;
-        }
-        self.index.add(&span);
-        // Bounded like the index: a flood cannot grow the agent.
-        if self.new.len() < MAX_NEW_SPANS {
-            self.new.push(span);
-        } else {
-            self.new_dropped += 1;
-        }
-    }
-
-    /// Maps the held spans' container pids to host pids with `collector`, then
-    /// takes them as received spans (a pid no process fits is counted and dropped).
-    fn map_pids(&mut self, collector: &mut Collector) {
-        // Spans of one process come in batches: map each (pid, scope) once.
-        let mut mapped: HashMap<(u32, PidScope), Option<u32>> = HashMap::new();
-        for mut s in std::mem::take(&mut self.unmapped) {
-            let scope = s.pid_scope.take().unwrap_or_default();
-            s.pid = s.pid.and_then(|p| {
-                *mapped.entry((p, scope.clone())).or_insert_with(|| {
-                    collector.host_pid(p, scope.container_id.as_deref(), scope.pod_uid.as_deref())
-                })
-            });
-            if s.pid.is_none() {
-                self.unmapped_pids += 1;
-            }
-            self.receive(s);
-        }
-    }
-
-    /// The counters as (name, help, value), for `/metrics`.
-    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
-        vec![
-            (
-                "mentat_agent_spans_unindexed_total",
-                "Received spans not used to split usage between runs because the span index was full.",
-                self.index.dropped(),
-            ),
-            (
-                "mentat_agent_spans_unrecorded_total",
-                "Received spans whose tokens and per-run rows were dropped because too many waited for the next window.",
-                self.new_dropped,
-            ),
-            (
-                "mentat_agent_span_pids_unmapped_total",
-                "Spans naming a pid in a container (container.id or k8s.pod.uid) that matched no process there, or several: they bind no process's usage.",
-                self.unmapped_pids,
-            ),
-            (
-                "mentat_agent_bad_traceparents_total",
-                "Malformed TRACEPARENT values in process environments (ignored).",
-                self.bad_traceparents,
-            ),
-        ]
+impl Drop for TakenSpans {
+    fn drop(&mut self) {
+        self.0.release(self.1);
     }
 }
-
-/// At most this many received spans wait for the next window (their tokens
-/// and per-run rows); beyond it they are dropped and counted.
-const MAX_NEW_SPANS: usize = 10_000;
 
 /// The first wait before a failed commit is tried again; it doubles up to
 /// [`COMMIT_RETRY_MAX`].
@@ -541,21 +461,22 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         api::serve(&api_config, api_state, shutdown).await
     });
 
-    // Spans from the agents on this node: the receiver feeds the inbox the
-    // collector reads when it splits windows between runs.
-    let inbox = Arc::new(Mutex::new(SpanInbox::default()));
+    // Spans from the agents on this node: the receiver admits them into the
+    // inbox before it answers; the collector reads it when it splits windows.
+    let inbox = Arc::new(SpanInbox::new(InboxLimits {
+        max_pending: config.receiver.max_pending_spans,
+        max_indexed: config.receiver.max_indexed_spans,
+        max_indexed_per_sender: config.receiver.max_indexed_spans_per_process,
+    }));
     let receiver_stats = Arc::new(ReceiverStats::default());
     {
         let (inbox, stats) = (inbox.clone(), receiver_stats.clone());
         metrics.add_source(move || {
             let mut c = stats.counters();
-            if let Ok(i) = inbox.lock() {
-                c.extend(i.counters());
-            }
+            c.extend(inbox.counters());
             c
         });
     }
-    let (span_tx, mut span_rx) = receiver::span_channel(&config.receiver);
     let forwarder = match config
         .receiver
         .upstream
@@ -581,23 +502,14 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     let receiver_task = {
         let mut stop = stop_rx.clone();
         let stats = receiver_stats.clone();
+        let inbox = inbox.clone();
         tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            bound.run(span_tx, stats, forwarder, shutdown).await
+            bound.run(inbox, stats, forwarder, shutdown).await
         })
     };
-    {
-        let inbox = inbox.clone();
-        tokio::spawn(async move {
-            while let Some(span) = span_rx.recv().await {
-                if let Ok(mut i) = inbox.lock() {
-                    i.receive(span);
-                }
-            }
-        });
-    }
 
     let stop_flag = Arc::new(AtomicBool::new(false));
     let (tx, mut rx) = mpsc::channel::<ClosedWindow>(16);
@@ -871,7 +783,7 @@ fn collect_loop(
     node: &str,
     tick: Duration,
     lag: Duration,
-    inbox: &Mutex<SpanInbox>,
+    inbox: &Arc<SpanInbox>,
     stop: &AtomicBool,
     tx: &mpsc::Sender<ClosedWindow>,
 ) -> Result<(), DaemonError> {
@@ -917,26 +829,20 @@ fn split_window(
     collector: &mut Collector,
     node: &str,
     window: &Window,
-    inbox: &Mutex<SpanInbox>,
+    inbox: &Arc<SpanInbox>,
 ) -> ClosedWindow {
     let mut span = Span_::default();
     span.add(window);
-    let (report, new) = match inbox.lock() {
-        Ok(mut i) => {
-            // Container pids to host pids, before the spans are used.
-            i.map_pids(collector);
-            let report = span.report(collector, node, |_| true, &[], Some(&i.index), None);
-            // Windows go out in order: a span that ended before this one
-            // started cannot touch any later window.
-            i.index.forget_before(crate::clock::unix_ns(window.start));
-            i.bad_traceparents = collector.bad_traceparents();
-            (report, std::mem::take(&mut i.new))
-        }
-        Err(_) => (
-            span.report(collector, node, |_| true, &[], None, None),
-            Vec::new(),
-        ),
-    };
+    // Under the inbox's lock only a copy of what this window needs is
+    // taken (container pids mapped to host pids first, outside it); the
+    // split reads the copy while the receiver keeps admitting spans.
+    let from = crate::clock::unix_ns(window.start);
+    let to = from + window.end_ns.saturating_sub(window.start_ns);
+    let (index, new) = inbox.take_window(from, to, |pid, scope| {
+        collector.host_pid(pid, scope.container_id.as_deref(), scope.pod_uid.as_deref())
+    });
+    inbox.set_bad_traceparents(collector.bad_traceparents());
+    let report = span.report(collector, node, |_| true, &[], Some(&index), None);
     let mut tokens = Vec::new();
     let mut rows = Vec::new();
     for s in &new {
@@ -970,6 +876,7 @@ fn split_window(
         tokens,
         spans: rows,
         gpu_errors: window.gpu_errors,
+        _taken: TakenSpans(inbox.clone(), new.len()),
     }
 }
 

@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod export;
 pub mod gpu;
 pub mod identity;
+pub mod intake;
 pub mod ledger;
 pub mod memory;
 pub mod output;

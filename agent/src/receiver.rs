@@ -20,9 +20,18 @@
 //! - malformed payloads get HTTP 400 / gRPC `InvalidArgument`; a span whose
 //!   trace, span or parent id has the wrong length (or is all zeros) is
 //!   skipped and reported in `partial_success`;
-//! - at most `max_pending_spans` spans wait for `context`; beyond that they
-//!   are dropped, counted and reported in `partial_success`, and the client is
-//!   never made to wait for room;
+//! - each span's times are checked before it is taken ([`crate::intake`]:
+//!   in range, end ≥ start, at most `max_clock_skew` ahead, at most
+//!   `max_span_duration` long, a span with tokens at most `max_span_age`
+//!   old); a span outside is refused in `partial_success` and counted by
+//!   reason;
+//! - spans are admitted into a [`SpanSink`] (the daemon's bounded span
+//!   inbox) *before* the response: what does not fit (`max_pending_spans`,
+//!   `max_indexed_spans`, the sender's `max_indexed_spans_per_process`) is
+//!   reported in `partial_success`, and a request of which nothing fits is
+//!   answered gRPC `UNAVAILABLE` / HTTP 503 with `Retry-After`, which OTLP
+//!   SDKs retry; what was taken is never dropped later. The client is never
+//!   made to wait for room;
 //! - the forwarding queue is bounded in encoded bytes, requests in flight
 //!   included.
 //!
@@ -95,6 +104,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     export::OtlpConfig,
+    intake::{SpanSink, TimeLimits, TimeRefusal, check_time},
     spans::{PidScope, RunContext, Span, SpanTokens},
 };
 
@@ -123,8 +133,24 @@ pub struct ReceiverConfig {
     pub http_bind: String,
     /// Largest request body accepted, bytes.
     pub max_request_bytes: usize,
-    /// Spans waiting for `context` beyond which new ones are dropped.
+    /// Spans waiting for their window (token records, per-run rows) beyond
+    /// which new ones are refused in the response.
     pub max_pending_spans: usize,
+    /// Spans with a run held for splitting windows beyond which new ones
+    /// are refused in the response.
+    pub max_indexed_spans: usize,
+    /// Of those, the most one sender (a bound process) may hold.
+    pub max_indexed_spans_per_process: usize,
+    /// How far ahead of the agent's clock a span's start or end may be.
+    #[serde(with = "crate::clock::duration_str")]
+    pub max_clock_skew: Duration,
+    /// The longest span taken.
+    #[serde(with = "crate::clock::duration_str")]
+    pub max_span_duration: Duration,
+    /// How long ago a span with tokens may have started (its token record's
+    /// window starts there; it must be inside `raw_retention`).
+    #[serde(with = "crate::clock::duration_str")]
+    pub max_span_age: Duration,
     /// Requests read and decoded at once, both protocols together.
     pub max_concurrent_requests: usize,
     /// Forwarding queue bound, encoded bytes (requests in flight included).
@@ -139,7 +165,12 @@ impl Default for ReceiverConfig {
             grpc_bind: "127.0.0.1:4317".into(),
             http_bind: "127.0.0.1:4318".into(),
             max_request_bytes: 4 << 20,
-            max_pending_spans: 100_000,
+            max_pending_spans: 200_000,
+            max_indexed_spans: 1_000_000,
+            max_indexed_spans_per_process: 250_000,
+            max_clock_skew: Duration::from_secs(60),
+            max_span_duration: Duration::from_secs(24 * 3600),
+            max_span_age: Duration::from_secs(30 * 60),
             max_concurrent_requests: 4,
             forward_queue_bytes: 32 << 20,
             upstream: None,
@@ -166,6 +197,10 @@ pub struct ReceiverStats {
     pub forward_errors: AtomicU64,
     /// Spans never delivered upstream: queue full, retries spent, or refused.
     pub forward_dropped: AtomicU64,
+    /// Spans refused for their times, per [`TimeRefusal::ALL`] reason.
+    pub bad_times: [AtomicU64; 5],
+    /// Spans refused because their sender held its quota of indexed spans.
+    pub over_quota: AtomicU64,
 }
 
 impl ReceiverStats {
@@ -195,8 +230,38 @@ impl ReceiverStats {
             ),
             (
                 "mentat_agent_receiver_dropped_spans_total",
-                "Valid spans dropped because max_pending_spans were already waiting.",
+                "Valid spans refused in the response (partial_success, or UNAVAILABLE / HTTP 503 when none fit) because max_pending_spans or max_indexed_spans were reached.",
                 v(&self.dropped_spans),
+            ),
+            (
+                "mentat_agent_receiver_spans_over_quota_total",
+                "Spans refused in the response because their sender held max_indexed_spans_per_process indexed spans.",
+                v(&self.over_quota),
+            ),
+            (
+                "mentat_agent_receiver_spans_time_out_of_range_total",
+                "Spans refused in the response for a start or end time of 0 or past year 2262.",
+                v(&self.bad_times[TimeRefusal::OutOfRange.index()]),
+            ),
+            (
+                "mentat_agent_receiver_spans_end_before_start_total",
+                "Spans refused in the response for ending before they start.",
+                v(&self.bad_times[TimeRefusal::EndBeforeStart.index()]),
+            ),
+            (
+                "mentat_agent_receiver_spans_future_total",
+                "Spans refused in the response for a start or end further ahead of the agent's clock than max_clock_skew.",
+                v(&self.bad_times[TimeRefusal::Future.index()]),
+            ),
+            (
+                "mentat_agent_receiver_spans_too_long_total",
+                "Spans refused in the response for lasting longer than max_span_duration.",
+                v(&self.bad_times[TimeRefusal::TooLong.index()]),
+            ),
+            (
+                "mentat_agent_receiver_spans_too_old_total",
+                "Spans with tokens refused in the response for starting longer ago than max_span_age (their token record would fall in hours the ledger has compacted).",
+                v(&self.bad_times[TimeRefusal::TooOld.index()]),
             ),
             (
                 "mentat_agent_forwarded_spans_total",
@@ -256,10 +321,10 @@ pub fn span_channel(config: &ReceiverConfig) -> (mpsc::Sender<Span>, mpsc::Recei
     mpsc::channel(config.max_pending_spans.max(1))
 }
 
-/// Serves both protocols until `shutdown`; spans go to `tx`, dropped and counted when it is full.
+/// Serves both protocols until `shutdown`; spans go to `sink`, refused in the response when it is full.
 pub async fn serve(
     config: ReceiverConfig,
-    tx: mpsc::Sender<Span>,
+    tx: impl SpanSink + 'static,
     stats: Arc<ReceiverStats>,
     forwarder: Option<Forwarder>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -308,7 +373,7 @@ impl Receiver {
     /// Serves until `shutdown` completes; see [`serve`].
     pub async fn run(
         self,
-        tx: mpsc::Sender<Span>,
+        tx: impl SpanSink + 'static,
         stats: Arc<ReceiverStats>,
         forwarder: Option<Forwarder>,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -324,8 +389,14 @@ impl Receiver {
             source: e,
         })?;
         let handler = Arc::new(Handler {
-            tx,
+            sink: Box::new(tx),
             max_pending: self.config.max_pending_spans,
+            max_indexed: self.config.max_indexed_spans,
+            times: TimeLimits {
+                max_clock_skew: self.config.max_clock_skew,
+                max_span_duration: self.config.max_span_duration,
+                max_span_age: self.config.max_span_age,
+            },
             max_request_bytes: self.config.max_request_bytes,
             permits: Arc::new(Semaphore::new(self.config.max_concurrent_requests.max(1))),
             stats,
@@ -390,8 +461,10 @@ impl Receiver {
 
 /// What both servers share.
 struct Handler {
-    tx: mpsc::Sender<Span>,
+    sink: Box<dyn SpanSink>,
     max_pending: usize,
+    max_indexed: usize,
+    times: TimeLimits,
     max_request_bytes: usize,
     permits: Arc<Semaphore>,
     stats: Arc<ReceiverStats>,
@@ -399,12 +472,13 @@ struct Handler {
 }
 
 impl Handler {
-    /// Maps, queues and forwards one decoded request; the response to send.
+    /// Maps, checks and admits one decoded request, then forwards it; the
+    /// response to send, or a retryable refusal when none of it fit.
     async fn accept(
         &self,
         request: ExportTraceServiceRequest,
         peer: Option<&Peer>,
-    ) -> ExportTraceServiceResponse {
+    ) -> Result<ExportTraceServiceResponse, Refusal> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let total = span_count(&request);
         // The fd scan behind a peer pid is not free: only when a resource
@@ -420,12 +494,9 @@ impl Handler {
         let spans = spans_of(&request, peer_pid);
         let valid = spans.len() as u64;
         let invalid = total.saturating_sub(valid);
-        let mut dropped = 0u64;
-        for span in spans {
-            if !self.enqueue(span) {
-                dropped += 1;
-            }
-        }
+        let (spans, bad_times) = self.check_times(spans);
+        let admission = self.sink.admit(spans);
+        let (full, over_quota) = (admission.full, admission.over_quota);
         self.stats.spans.fetch_add(valid, Ordering::Relaxed);
         if invalid > 0 {
             let n = self
@@ -441,43 +512,122 @@ impl Handler {
                 );
             }
         }
-        if dropped > 0 {
-            let n = self
-                .stats
-                .dropped_spans
-                .fetch_add(dropped, Ordering::Relaxed)
-                + dropped;
+        if full > 0 {
+            let n = self.stats.dropped_spans.fetch_add(full, Ordering::Relaxed) + full;
             if warn_allowed(Warn::PendingFull) {
                 warn!(
-                    dropped,
-                    total_dropped = n,
+                    refused = full,
+                    total_refused = n,
                     max_pending_spans = self.max_pending,
-                    "OTLP receiver: pending-span bound reached, spans dropped"
+                    max_indexed_spans = self.max_indexed,
+                    "OTLP receiver: span inbox full, spans refused in the response"
                 );
             }
+        }
+        if over_quota > 0 {
+            self.stats
+                .over_quota
+                .fetch_add(over_quota, Ordering::Relaxed);
+            if warn_allowed(Warn::OverQuota) {
+                warn!(
+                    refused = over_quota,
+                    "OTLP receiver: a sender holds its quota of indexed spans (max_indexed_spans_per_process), spans refused in the response"
+                );
+            }
+        }
+        if admission.accepted == 0 && full + over_quota > 0 {
+            // Nothing was taken: the whole request may be sent again, and
+            // an SDK does so for this status after the advised wait.
+            return Err(Refusal::busy(if full > 0 {
+                format!(
+                    "{} spans refused: the receiver's pending-span bound is full; retry later",
+                    full + over_quota
+                )
+            } else {
+                format!(
+                    "{over_quota} spans refused: this sender holds its quota of spans waiting for their windows; retry later"
+                )
+            }));
         }
         if let Some(forwarder) = &self.forwarder {
             forwarder.forward(request);
         }
-        let rejected = invalid + dropped;
+        let mut reasons = Vec::new();
+        if invalid > 0 {
+            reasons.push(format!(
+                "{invalid} spans with invalid trace, span or parent ids"
+            ));
+        }
+        let timed: u64 = bad_times.iter().sum();
+        if timed > 0 {
+            let why: Vec<String> = TimeRefusal::ALL
+                .iter()
+                .zip(bad_times)
+                .filter(|(_, n)| *n > 0)
+                .map(|(r, n)| format!("{n} with {r}"))
+                .collect();
+            reasons.push(format!(
+                "{timed} spans refused for their times ({})",
+                why.join(", ")
+            ));
+        }
+        if full > 0 {
+            reasons.push(format!(
+                "{full} spans refused: the receiver's pending-span bound is full"
+            ));
+        }
+        if over_quota > 0 {
+            reasons.push(format!(
+                "{over_quota} spans refused: this sender holds its quota of spans waiting for their windows"
+            ));
+        }
+        let rejected = invalid + timed + full + over_quota;
         let partial_success = (rejected > 0).then(|| ExportTracePartialSuccess {
             rejected_spans: i64::try_from(rejected).unwrap_or(i64::MAX),
-            error_message: match (invalid, dropped) {
-                (0, d) => format!("{d} spans dropped: the receiver's pending-span bound is full"),
-                (i, 0) => format!("{i} spans with invalid trace, span or parent ids"),
-                (i, d) => format!(
-                    "{i} spans with invalid ids; {d} spans dropped: the pending-span bound is full"
-                ),
-            },
+            error_message: reasons.join("; "),
         });
-        ExportTraceServiceResponse { partial_success }
+        Ok(ExportTraceServiceResponse { partial_success })
     }
 
-    /// Queues `span` for `context` unless `max_pending` wait already (the
-    /// channel's own capacity bounds it too); never waits.
-    fn enqueue(&self, span: Span) -> bool {
-        let pending = self.tx.max_capacity() - self.tx.capacity();
-        pending < self.max_pending && self.tx.try_send(span).is_ok()
+    /// Keeps the spans whose times pass [`check_time`]; the rest counted per
+    /// reason (returned and on `/metrics`).
+    fn check_times(&self, spans: Vec<Span>) -> (Vec<Span>, [u64; 5]) {
+        let now = crate::clock::unix_ns(std::time::SystemTime::now());
+        let mut refused = [0u64; 5];
+        let kept: Vec<Span> = spans
+            .into_iter()
+            .filter(|s| {
+                let mut limits = self.times;
+                // Only a token record starts at its span's start: age
+                // matters for spans with tokens alone.
+                if s.tokens.is_none() {
+                    limits.max_span_age = Duration::MAX;
+                }
+                match check_time(s.start_unix_ns, s.end_unix_ns, now, &limits) {
+                    Ok(()) => true,
+                    Err(r) => {
+                        refused[r.index()] += 1;
+                        false
+                    }
+                }
+            })
+            .collect();
+        let n: u64 = refused.iter().sum();
+        if n > 0 {
+            for (r, k) in TimeRefusal::ALL.iter().zip(refused) {
+                self.stats.bad_times[r.index()].fetch_add(k, Ordering::Relaxed);
+            }
+            if warn_allowed(Warn::BadTimes) {
+                warn!(
+                    refused = n,
+                    max_clock_skew = ?self.times.max_clock_skew,
+                    max_span_duration = ?self.times.max_span_duration,
+                    max_span_age = ?self.times.max_span_age,
+                    "OTLP receiver: spans refused for their start or end times"
+                );
+            }
+        }
+        (kept, refused)
     }
 
     /// Counts and logs a refused request.
@@ -546,6 +696,17 @@ impl Refusal {
         }
     }
 
+    /// No room now: a retryable status (OTLP SDKs retry gRPC `UNAVAILABLE`
+    /// and HTTP 503, honouring `Retry-After`).
+    fn busy(message: String) -> Self {
+        Self {
+            kind: Warn::PendingFull,
+            http: StatusCode::SERVICE_UNAVAILABLE,
+            grpc: tonic::Code::Unavailable,
+            message,
+        }
+    }
+
     fn timeout(message: String) -> Self {
         Self {
             kind: Warn::Timeout,
@@ -581,8 +742,10 @@ impl TraceService for Handler {
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let peer = request.extensions().get::<Peer>().cloned();
-        let response = self.accept(request.into_inner(), peer.as_ref()).await;
-        Ok(tonic::Response::new(response))
+        match self.accept(request.into_inner(), peer.as_ref()).await {
+            Ok(response) => Ok(tonic::Response::new(response)),
+            Err(refusal) => Err(tonic::Status::new(refusal.grpc, refusal.message)),
+        }
     }
 }
 
@@ -655,6 +818,7 @@ impl Service<http::Request<tonic::body::Body>> for GrpcService {
                 let refusal = match code {
                     tonic::Code::ResourceExhausted => Refusal::too_large(message),
                     tonic::Code::Unimplemented => Refusal::unsupported(message),
+                    tonic::Code::Unavailable => Refusal::busy(message),
                     _ => Refusal::malformed(message),
                 };
                 handler.refused("gRPC", &refusal);
@@ -851,12 +1015,19 @@ async fn export_http(
                 code: refusal.grpc as i32,
                 message: refusal.message,
             };
-            (
+            let mut response = (
                 refusal.http,
                 [(header::CONTENT_TYPE, PROTOBUF)],
                 status.encode_to_vec(),
             )
-                .into_response()
+                .into_response();
+            if refusal.http == StatusCode::SERVICE_UNAVAILABLE {
+                // The inbox empties every tick (1 s by default).
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            }
+            response
         }
     }
 }
@@ -902,7 +1073,7 @@ async fn handle_http(
         .map_err(|_| Refusal::timeout(format!("the body took over {REQUEST_TIMEOUT:?}")))??;
     let request = decode_request(&bytes, limit.saturating_mul(DECODE_FACTOR))?;
     drop(bytes);
-    Ok(handler.accept(request, Some(peer)).await)
+    handler.accept(request, Some(peer)).await
 }
 
 /// Reads a body of at most `limit` bytes.
@@ -1590,9 +1761,11 @@ enum Warn {
     Accept,
     ForwardQueueFull,
     ForwardFailed,
+    BadTimes,
+    OverQuota,
 }
 
-const WARN_KINDS: usize = 9;
+const WARN_KINDS: usize = 11;
 const WARN_EVERY_S: u64 = 60;
 
 static WARN_EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -2019,7 +2192,8 @@ mod tests {
         assert_eq!(c.grpc_bind, "0.0.0.0:4317");
         assert_eq!(c.http_bind, "127.0.0.1:4318");
         assert_eq!(c.max_request_bytes, 4 << 20);
-        assert_eq!(c.max_pending_spans, 100_000);
+        assert_eq!(c.max_pending_spans, 200_000);
+        assert_eq!(c.max_clock_skew, Duration::from_secs(60));
         assert_eq!(c.upstream, None);
         assert!(serde_json::from_str::<ReceiverConfig>(r#"{"grcp_bind": "x"}"#).is_err());
     }
@@ -2248,10 +2422,15 @@ mod tests {
                 kv("service.name", s("planner")),
                 kv("flow.run_id", s("run-7")),
             ],
-            vec![span(
-                3,
-                vec![kv("gen_ai.usage.input_tokens", Value::IntValue(11))],
-            )],
+            vec![OtlpSpan {
+                // A span with tokens must be recent (max_span_age).
+                start_time_unix_nano: crate::clock::unix_ns(std::time::SystemTime::now()) - 1000,
+                end_time_unix_nano: crate::clock::unix_ns(std::time::SystemTime::now()),
+                ..span(
+                    3,
+                    vec![kv("gen_ai.usage.input_tokens", Value::IntValue(11))],
+                )
+            }],
         );
         let response = client.export(req).await.unwrap().into_inner();
         assert_eq!(response.partial_success, None);
@@ -2506,17 +2685,26 @@ mod tests {
         assert_eq!(running.stats.spans.load(Ordering::Relaxed), 100);
         assert_eq!(running.stats.dropped_spans.load(Ordering::Relaxed), 90);
 
-        // HTTP reports the same way; nothing more fits while nobody drains.
+        // Nothing more fits while nobody drains: the whole request is
+        // refused with a status SDKs retry (HTTP 503 with Retry-After, gRPC
+        // UNAVAILABLE), so nothing is acknowledged that was not taken.
         let (status, body) = post_async(
             running.http,
             "application/x-protobuf",
-            request(vec![], spans).encode_to_vec(),
+            request(vec![], spans.clone()).encode_to_vec(),
         )
         .await;
-        assert_eq!(status, 200);
-        let response = ExportTraceServiceResponse::decode(body.as_slice()).unwrap();
-        assert_eq!(response.partial_success.unwrap().rejected_spans, 100);
+        assert_eq!(status, 503);
+        let refused = RpcStatus::decode(body.as_slice()).unwrap();
+        assert_eq!(refused.code, tonic::Code::Unavailable as i32);
+        assert!(refused.message.contains("retry"), "{}", refused.message);
         assert_eq!(running.stats.dropped_spans.load(Ordering::Relaxed), 190);
+        let status = client
+            .export(request(vec![], spans))
+            .await
+            .expect_err("nothing fits");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(running.stats.dropped_spans.load(Ordering::Relaxed), 290);
 
         let mut got = Vec::new();
         while let Ok(span) = running.rx.try_recv() {
@@ -2524,6 +2712,66 @@ mod tests {
         }
         assert_eq!(got.len(), 10);
         assert_eq!(got[0].span_id, "01".repeat(8));
+        drop(client);
+        running.stop().await;
+    }
+
+    #[tokio::test]
+    async fn spans_with_bad_times_are_refused_in_the_response_and_counted() {
+        let mut running = start(ReceiverConfig::default(), None).await;
+        let now = crate::clock::unix_ns(std::time::SystemTime::now());
+        let hour = 3_600_000_000_000u64;
+        let tokens = || vec![kv("gen_ai.usage.input_tokens", Value::IntValue(10))];
+        let timed = |n: u8, start: u64, end: u64, attributes| OtlpSpan {
+            start_time_unix_nano: start,
+            end_time_unix_nano: end,
+            ..span(n, attributes)
+        };
+        let spans = vec![
+            // Good: a second ago, with tokens.
+            timed(1, now - 1_000_000_000, now, tokens()),
+            // The issue's span: tokens, started three hours ago.
+            timed(2, now - 3 * hour, now - 3 * hour + 1_000_000_000, tokens()),
+            // Ends two hours from now.
+            timed(3, now, now + 2 * hour, vec![]),
+            // Ends before it starts; a zero start.
+            timed(4, now, now - 1, vec![]),
+            timed(5, 0, now, vec![]),
+            // Two days long, without tokens: too long.
+            timed(6, now - 48 * hour, now, vec![]),
+            // Three hours old without tokens: no record starts there, taken.
+            timed(7, now - 3 * hour, now - 3 * hour + 1, vec![]),
+        ];
+        let mut client = grpc_client(running.grpc).await;
+        let response = client
+            .export(request(vec![], spans))
+            .await
+            .unwrap()
+            .into_inner();
+        let partial = response.partial_success.unwrap();
+        assert_eq!(partial.rejected_spans, 5, "{}", partial.error_message);
+        assert!(
+            partial.error_message.contains("max_span_age")
+                && partial.error_message.contains("max_clock_skew"),
+            "{}",
+            partial.error_message
+        );
+        let got: Vec<String> = [
+            next_span(&mut running.rx).await,
+            next_span(&mut running.rx).await,
+        ]
+        .into_iter()
+        .map(|s| s.span_id)
+        .collect();
+        assert_eq!(got, ["01".repeat(8), "07".repeat(8)]);
+        let n = |r: TimeRefusal| running.stats.bad_times[r.index()].load(Ordering::Relaxed);
+        assert_eq!(
+            TimeRefusal::ALL.map(n),
+            [1, 1, 1, 1, 1],
+            "one of each reason"
+        );
+        let names: Vec<&str> = running.stats.counters().iter().map(|c| c.0).collect();
+        assert!(names.contains(&"mentat_agent_receiver_spans_too_old_total"));
         drop(client);
         running.stop().await;
     }

@@ -19,14 +19,23 @@ Options:
     --resource K=V     one more resource attribute (repeatable)
     --start-ns T       every span starts at T (Unix ns) and ends at --end-ns
     --end-ns T
+    --end-in-ms MS     each span ends MS ms from now (and starts --span-ms before)
     --tokens N         gen_ai.usage.input_tokens = N and output_tokens = 2N on every
                        span, with gen_ai.request.model = --model
     --model M          the model (default gpt-4o); "random": a fresh random name per span
+    --pregen           build every request before sending any (benchmarks: the
+                       client's own encoding then costs nothing while timed)
+    --rate S           send at most S spans per second in all (0: as fast as
+                       possible)
+    --trace-per-request  one trace id for all the spans of a request (default:
+                       one per span)
 
 Spans are valid (random ids); the resource names this
 process by `process.pid`. Prints one JSON line: how many requests were answered
 with each status, the sum of partial_success.rejected_spans, the distinct
-partial_success and error messages, and the spans sent.
+partial_success and error messages, the spans sent, the spans accepted (in
+requests answered OK / 200, less their rejected spans), and the seconds the
+sending took.
 """
 
 import argparse
@@ -61,9 +70,13 @@ def request_bytes(args):
         return head + b"\xff" * max(0, args.raw_bytes - len(head))
     now = time.time_ns()
     spans = []
+    shared_trace = os.urandom(15) + b"\x01" if args.trace_per_request else None
     for i in range(args.spans):
         start = now - random.randrange(args.spread_ms * 1_000_000 + 1)
         end = start + args.span_ms * 1_000_000
+        if args.end_in_ms:
+            end = now + args.end_in_ms * 1_000_000
+            start = end - args.span_ms * 1_000_000
         if args.start_ns:
             start, end = args.start_ns, args.end_ns
         attrs = [kv("flow.run_id", args.run_id)] if args.run_id else []
@@ -78,7 +91,7 @@ def request_bytes(args):
             attrs.append(kv("padding", "x" * args.pad))
         spans.append(
             trace_pb2.Span(
-                trace_id=os.urandom(15) + b"\x01",
+                trace_id=shared_trace or os.urandom(15) + b"\x01",
                 span_id=os.urandom(7) + b"\x01",
                 name=f"flood {i}",
                 start_time_unix_nano=start,
@@ -109,11 +122,14 @@ class Tally:
         self.statuses = {}
         self.rejected = 0
         self.messages = set()
+        self.accepted = 0
 
-    def add(self, status, rejected=0, message=""):
+    def add(self, status, rejected=0, message="", spans=0):
         with self.lock:
             self.statuses[status] = self.statuses.get(status, 0) + 1
             self.rejected += rejected
+            if status in ("OK", "200"):
+                self.accepted += spans - rejected
             if message:
                 self.messages.add(message[:300])
 
@@ -129,7 +145,7 @@ def send_grpc(args, body, tally):
         raw = call(body, timeout=30)
         resp = trace_service_pb2.ExportTraceServiceResponse.FromString(raw)
         ps = resp.partial_success
-        tally.add("OK", ps.rejected_spans, ps.error_message)
+        tally.add("OK", ps.rejected_spans, ps.error_message, args.spans)
     except grpc.RpcError as e:
         tally.add(e.code().name, 0, e.details() or "")
     finally:
@@ -144,7 +160,7 @@ def send_http(args, body, tally):
         with urllib.request.urlopen(req, timeout=30) as r:
             resp = trace_service_pb2.ExportTraceServiceResponse.FromString(r.read())
             ps = resp.partial_success
-            tally.add(str(r.status), ps.rejected_spans, ps.error_message)
+            tally.add(str(r.status), ps.rejected_spans, ps.error_message, args.spans)
     except urllib.error.HTTPError as e:
         tally.add(str(e.code), 0, e.read()[:300].decode("utf-8", "replace"))
     except OSError as e:
@@ -168,28 +184,42 @@ def main():
     p.add_argument("--resource", action="append", default=[])
     p.add_argument("--start-ns", type=int, default=0)
     p.add_argument("--end-ns", type=int, default=0)
+    p.add_argument("--end-in-ms", type=int, default=0)
     p.add_argument("--tokens", type=int, default=0)
     p.add_argument("--model", default="gpt-4o")
+    p.add_argument("--pregen", action="store_true")
+    p.add_argument("--rate", type=float, default=0)
+    p.add_argument("--trace-per-request", action="store_true")
     args = p.parse_args()
 
     send = send_grpc if args.proto == "grpc" else send_http
     tally = Tally()
-    todo = list(range(args.requests))
+    todo = [request_bytes(args) for _ in range(args.requests)] if args.pregen else list(
+        range(args.requests)
+    )
+    todo.reverse()
     todo_lock = threading.Lock()
+    began = time.monotonic()
+    sent = [0]
 
     def worker():
         while True:
             with todo_lock:
                 if not todo:
                     return
-                todo.pop()
-            send(args, request_bytes(args), tally)
+                item = todo.pop()
+                due = began + sent[0] * args.spans / args.rate if args.rate else 0
+                sent[0] += 1
+            if due:
+                time.sleep(max(0.0, due - time.monotonic()))
+            send(args, item if args.pregen else request_bytes(args), tally)
 
     threads = [threading.Thread(target=worker) for _ in range(max(1, args.threads))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    took = time.monotonic() - began
     print(
         json.dumps(
             {
@@ -198,6 +228,8 @@ def main():
                 "rejected_spans": tally.rejected,
                 "messages": sorted(tally.messages),
                 "spans_sent": 0 if args.raw_bytes else args.spans * args.requests,
+                "accepted": tally.accepted,
+                "seconds": round(took, 3),
             }
         ),
         flush=True,
