@@ -1039,6 +1039,14 @@ mod tests {
             tokens,
             spans: Vec::new(),
             gpu_errors: 0,
+            _taken: TakenSpans(
+                Arc::new(SpanInbox::new(InboxLimits {
+                    max_pending: 1,
+                    max_indexed: 1,
+                    max_indexed_per_sender: 1,
+                })),
+                0,
+            ),
         }
     }
 
