@@ -127,6 +127,11 @@ max_request_bytes = 4194304
 max_pending_spans = 100000
 max_concurrent_requests = 4
 forward_queue_bytes = 33554432
+read_timeout = "10s"        # a request body must arrive within this, or the request is refused
+max_concurrent_reads = 64   # request bodies read at once, all senders together
+max_reads_per_sender = 8    # request bodies one sender (one cgroup) reads at once; beyond: 429 / UNAVAILABLE
+trusted_forwarders = []     # senders whose pid/container/pod claims are believed, e.g.
+                            # ["cgroup:/system.slice/otelcol.service", "addr:10.0.0.7"]; see README "Trust model"
 # [receiver.upstream]       # forward received spans, enriched with cost
 # endpoint = "http://otel-collector:4317"
 
