@@ -5,8 +5,8 @@
 //! `CpuState`, never silent.
 
 use agent_common::{
-    Control, CpuState, EnvScratch, ProcKey, ProcUsage, ReceiverPorts, SYSCALL_TABLE_LEN,
-    SenderKey, SenderValue, SockOffsets, TaskOffsets,
+    Control, CpuState, EnvScratch, ProcKey, ProcUsage, ReceiverPorts, SYSCALL_TABLE_LEN, SenderKey,
+    SenderValue, SockOffsets, TaskOffsets,
 };
 use aya_ebpf::{
     macros::map,

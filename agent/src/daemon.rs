@@ -870,3 +870,102 @@ async fn shutdown_signal(prices: &PriceBookHandle, pricing_path: Option<PathBuf>
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_proto::tonic::{
+        collector::trace::v1::ExportTraceServiceRequest,
+        common::v1::{AnyValue, KeyValue, any_value::Value},
+        resource::v1::Resource,
+        trace::v1::{ResourceSpans, ScopeSpans, Span as OtlpSpan},
+    };
+    use rust_decimal::Decimal;
+
+    use super::*;
+    use crate::usage::Cost;
+
+    /// One resource claiming `claimed` as its process.pid, one span over [start, end].
+    fn resource(claimed: i64, start: u64, end: u64) -> ResourceSpans {
+        ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![KeyValue {
+                    key: "process.pid".into(),
+                    value: Some(AnyValue {
+                        value: Some(Value::IntValue(claimed)),
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                spans: vec![OtlpSpan {
+                    trace_id: vec![1; 16],
+                    span_id: vec![1; 8],
+                    start_time_unix_nano: start,
+                    end_time_unix_nano: end,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn cost_of(rs: &ResourceSpans) -> Option<f64> {
+        rs.scope_spans[0].spans[0]
+            .attributes
+            .iter()
+            .find(|kv| kv.key == "mentat.cost.total")
+            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                Value::DoubleValue(d) => Some(*d),
+                _ => None,
+            })
+    }
+
+    #[test]
+    fn cost_enrichment_looks_up_the_bound_pid_never_the_claimed_one_and_saturates() {
+        let dir = std::env::temp_dir().join(format!("enrich-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ledger = Ledger::open(&dir.join("l.db"), Duration::from_secs(3600)).unwrap();
+        // One window of pid 4242 costing 1 USD; t0 is a whole second.
+        let t0: u64 = 1_800_000_000_000_000_000;
+        let (ws, we) = (
+            crate::clock::rfc3339_of_ns(t0 as i64),
+            crate::clock::rfc3339_of_ns((t0 + 1_000_000_000) as i64),
+        );
+        let record = UsageRecord {
+            record_id: "r1".into(),
+            node: "n".into(),
+            window_start: ws.clone(),
+            window_end: we.clone(),
+            record_kind: "process".into(),
+            pid: Some(4242),
+            cost: Some(Cost {
+                total: Decimal::ONE,
+                subtotal: Decimal::ONE,
+                currency: "USD".into(),
+                pricing_version: "v".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        ledger.commit_window(&ws, &we, &[record], &[]).unwrap();
+        let enrich = cost_enricher(Arc::new(Mutex::new(ledger)));
+        let mut req = ExportTraceServiceRequest {
+            resource_spans: vec![
+                // Claims pid 1, bound by the sender check to 4242: 4242's cost.
+                resource(1, t0, t0 + 1_000_000_000),
+                // Claims 4242, bound to no host pid (a namespace pid): nothing.
+                resource(4242, t0, t0 + 1_000_000_000),
+                // An end past i64: no overflow, and the whole window.
+                resource(4242, t0, u64::MAX),
+            ],
+        };
+        enrich(&mut req, &[Some(4242), None, Some(4242)]);
+        assert_eq!(cost_of(&req.resource_spans[0]), Some(1.0));
+        assert_eq!(cost_of(&req.resource_spans[1]), None);
+        assert_eq!(cost_of(&req.resource_spans[2]), Some(1.0));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -199,12 +199,15 @@ pub struct BinderStats {
 /// The configured ports the probe watches; at most this many.
 const MAX_PORTS: usize = 4;
 
+/// A cgroup's path, container id and pod uid.
+type CgroupIds = (Option<String>, Option<String>, Option<String>);
+
 /// Where identification comes from.
 enum Source {
     /// Binding off: every sender [`Sender::Unchecked`].
     Off,
     /// The kernel's table; `None` where this kernel cannot fill one.
-    Kernel(Option<Mutex<SenderMaps>>),
+    Kernel(Option<Box<Mutex<SenderMaps>>>),
     /// A fixed answer for every peer (tests of the receiver).
     #[cfg(test)]
     Fixed(Sender),
@@ -218,7 +221,7 @@ pub struct Binder {
     proc_root: PathBuf,
     cgroups: Mutex<Cgroups>,
     /// Cached identity of each cgroup id: its path, container and pod.
-    cgroup_identity: Mutex<HashMap<u64, (Option<String>, Option<String>, Option<String>)>>,
+    cgroup_identity: Mutex<HashMap<u64, CgroupIds>>,
     /// Counters.
     pub stats: BinderStats,
 }
@@ -247,7 +250,7 @@ impl Binder {
                 "sender binding: the kernel cannot identify senders (needs Linux ≥ 6.3 socket tracepoints); spans are accepted from trusted forwarders only"
             );
         }
-        Self::with_source(Source::Kernel(maps.map(Mutex::new)), rules)
+        Self::with_source(Source::Kernel(maps.map(|m| Box::new(Mutex::new(m)))), rules)
     }
 
     #[cfg(test)]
@@ -374,7 +377,7 @@ impl Binder {
         }
     }
 
-    fn cgroup_identity(&self, id: u64) -> (Option<String>, Option<String>, Option<String>) {
+    fn cgroup_identity(&self, id: u64) -> CgroupIds {
         if let Some(known) = self
             .cgroup_identity
             .lock()
