@@ -872,6 +872,7 @@ async fn shutdown_signal(prices: &PriceBookHandle, pricing_path: Option<PathBuf>
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use opentelemetry_proto::tonic::{
         collector::trace::v1::ExportTraceServiceRequest,
