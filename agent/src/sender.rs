@@ -311,19 +311,10 @@ impl Binder {
             Source::Kernel(maps) => maps.as_ref().and_then(|m| self.lookup(m, peer)),
         };
         let identified = found.map(|v| self.identified(&v));
-        let trusted_cgroup = identified.as_ref().is_some_and(|i| {
-            i.cgroup_path.as_deref().is_some_and(|p| {
-                self.rules.iter().any(|r| match r {
-                    TrustRule::Cgroup(prefix) => {
-                        p == prefix
-                            || p.strip_prefix(prefix.as_str())
-                                .is_some_and(|rest| rest.starts_with('/'))
-                            || prefix.is_empty()
-                    }
-                    TrustRule::Addr(_) => false,
-                })
-            })
-        });
+        let trusted_cgroup = identified
+            .as_ref()
+            .and_then(|i| i.cgroup_path.as_deref())
+            .is_some_and(|p| cgroup_trusted(p, &self.rules));
         match identified {
             _ if by_addr => Sender::Trusted(identified),
             Some(mut i) if trusted_cgroup => {
@@ -645,6 +636,20 @@ impl Binder {
     }
 }
 
+/// Whether the cgroup `path` is one a `cgroup:` rule names, or below it.
+fn cgroup_trusted(path: &str, rules: &[TrustRule]) -> bool {
+    rules.iter().any(|r| match r {
+        TrustRule::Cgroup(prefix) => {
+            prefix.is_empty()
+                || path == prefix
+                || path
+                    .strip_prefix(prefix.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+        }
+        TrustRule::Addr(_) => false,
+    })
+}
+
 /// Whether a refusal warning may be logged now: one a minute, the counters
 /// carry the exact numbers.
 fn warn_allowed() -> bool {
@@ -758,6 +763,45 @@ mod tests {
         assert!("cgroup:relative".parse::<TrustRule>().is_err());
         assert!("addr:nope".parse::<TrustRule>().is_err());
         assert!("10.0.0.1".parse::<TrustRule>().is_err());
+    }
+
+    #[test]
+    fn a_container_speaks_for_the_host_pids_of_its_own_container_only() {
+        let root = std::env::temp_dir().join(format!("sender-proc-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        for (pid, container) in [(500, C1), (600, C2)] {
+            fs::create_dir_all(root.join(pid.to_string())).expect("mkdir");
+            fs::write(
+                root.join(pid.to_string()).join("cgroup"),
+                format!("0::/system.slice/docker-{container}.scope\n"),
+            )
+            .expect("write");
+        }
+        let mut b = Binder::off();
+        b.proc_root = root.clone();
+        // 500 shares the sender's container, 600 is another's, 700 does not exist.
+        let bound = b.bind_request(
+            &sender(100, Some(C1)),
+            request(&[(Some(500), None), (Some(600), None), (Some(700), None)]),
+        );
+        assert_eq!(bound.refused.claims, 2);
+        assert_eq!(bound.spans.len(), 1);
+        assert_eq!(bound.spans[0].pid, Some(500));
+        let _ = fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn cgroup_rules_match_the_cgroup_and_below_only() {
+        let rules = parse_rules(&["cgroup:/system.slice/otelcol.service".into()]).expect("rules");
+        assert!(cgroup_trusted("/system.slice/otelcol.service", &rules));
+        assert!(cgroup_trusted(
+            "/system.slice/otelcol.service/worker",
+            &rules
+        ));
+        assert!(!cgroup_trusted("/system.slice/otelcol.service2", &rules));
+        assert!(!cgroup_trusted("/system.slice", &rules));
+        let addr = parse_rules(&["addr:10.0.0.7".into()]).expect("rules");
+        assert!(!cgroup_trusted("/system.slice/otelcol.service", &addr));
     }
 
     #[test]
