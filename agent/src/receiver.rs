@@ -117,8 +117,8 @@ use crate::{
 // only an attacker sends, to over 100 ×.
 pub const DECODE_FACTOR: usize = 8;
 
-/// How long one request may take to arrive and be handled. Bounds how long
-/// a slow sender holds one of the `max_concurrent_requests` slots.
+/// How long one gRPC request may take to be handled once its body arrived
+/// (the body itself has `read_timeout`).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The gRPC method OTLP exporters call.
@@ -399,7 +399,9 @@ impl Receiver {
 
         info!(grpc = %grpc_addr, http = %http_addr, "OTLP receiver listening");
         let grpc = tonic::transport::Server::builder()
-            .timeout(REQUEST_TIMEOUT)
+            // The body's own deadline (`read_timeout`) comes first; this
+            // bounds the whole exchange.
+            .timeout(self.config.read_timeout.saturating_add(REQUEST_TIMEOUT))
             .serve_with_incoming_shutdown(
                 GrpcService {
                     handler: handler.clone(),
