@@ -307,6 +307,85 @@ impl TaskOffsets {
     };
 }
 
+/// Byte offsets into `struct sock` for sender binding, resolved from BTF by
+/// the agent at load (`valid` = 0: binding off, the program records nothing).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOffsets {
+    /// `sock::__sk_common.skc_daddr` (IPv4 peer, network order).
+    pub daddr: u32,
+    /// `sock::__sk_common.skc_rcv_saddr` (IPv4 local address, network order).
+    pub rcv_saddr: u32,
+    /// `sock::__sk_common.skc_dport` (peer port, network order).
+    pub dport: u32,
+    /// `sock::__sk_common.skc_num` (local port, host order).
+    pub num: u32,
+    /// `sock::__sk_common.skc_state` (a `u8`: `TCP_ESTABLISHED` = 1).
+    pub state: u32,
+    /// `sock::__sk_common.skc_v6_rcv_saddr` (IPv6 local address).
+    pub v6_rcv_saddr: u32,
+    /// `sock::__sk_common.skc_net` (a `possible_net_t`: the `struct net *`).
+    pub net: u32,
+    /// `net::ns.inum` (the network namespace's inode number).
+    pub net_inum: u32,
+    /// `sock::sk_protocol` (a `u16`: `IPPROTO_TCP` = 6).
+    pub protocol: u32,
+    /// Set to 1 by the agent once the offsets above are filled in.
+    pub valid: u32,
+}
+
+impl SockOffsets {
+    /// All zero, not valid: the placeholder the eBPF object is built with.
+    pub const ZERO: SockOffsets = SockOffsets {
+        daddr: 0,
+        rcv_saddr: 0,
+        dport: 0,
+        num: 0,
+        state: 0,
+        v6_rcv_saddr: 0,
+        net: 0,
+        net_inum: 0,
+        protocol: 0,
+        valid: 0,
+    };
+}
+
+/// Ports the agent's OTLP receiver listens on, as clients see them (host
+/// order; 0 = unused): a TCP send to one of these records its sender.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReceiverPorts {
+    /// Up to four ports.
+    pub ports: [u16; 4],
+}
+
+/// A client socket's own end as the receiver sees it as the peer: the local
+/// address (IPv4 as `::ffff:a.b.c.d`) and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SenderKey {
+    /// IPv6 address bytes (network order).
+    pub addr: [u8; 16],
+    /// Local port, host order.
+    pub port: u16,
+    /// Explicit padding; always zero.
+    pub _pad: [u8; 6],
+}
+
+/// The process that last sent on a client socket to the receiver.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SenderValue {
+    /// The sending thread's process (tgid).
+    pub tgid: u32,
+    /// The socket's network namespace inode number.
+    pub netns: u32,
+    /// `start_boottime` of the thread-group leader (CLOCK_BOOTTIME ns).
+    pub start_ns: u64,
+    /// The sender's cgroup v2 id.
+    pub cgroup_id: u64,
+}
+
 /// Kind of a [`ProcEvent`].
 pub mod event_kind {
     /// A new process (not a thread) was forked.
@@ -388,6 +467,10 @@ mod pod {
     unsafe impl aya::Pod for super::Control {}
     unsafe impl aya::Pod for super::TaskOffsets {}
     unsafe impl aya::Pod for super::EnvHeader {}
+    unsafe impl aya::Pod for super::SockOffsets {}
+    unsafe impl aya::Pod for super::ReceiverPorts {}
+    unsafe impl aya::Pod for super::SenderKey {}
+    unsafe impl aya::Pod for super::SenderValue {}
 }
 
 #[cfg(test)]
@@ -415,6 +498,10 @@ mod tests {
         assert_eq!(size_of::<Control>(), 8);
         assert_eq!(size_of::<TaskOffsets>(), 4 * 24);
         assert_eq!(size_of::<EnvHeader>(), 4 + 4 + 8 + 8);
+        assert_eq!(size_of::<SockOffsets>(), 4 * 10);
+        assert_eq!(size_of::<ReceiverPorts>(), 2 * 4);
+        assert_eq!(size_of::<SenderKey>(), 16 + 2 + 6);
+        assert_eq!(size_of::<SenderValue>(), 4 + 4 + 8 + 8);
         assert_eq!(
             size_of::<EnvScratch>(),
             size_of::<EnvHeader>() + ENV_COPY_MAX

@@ -5,11 +5,12 @@
 //! `CpuState`, never silent.
 
 use agent_common::{
-    Control, CpuState, EnvScratch, ProcKey, ProcUsage, SYSCALL_TABLE_LEN, TaskOffsets,
+    Control, CpuState, EnvScratch, ProcKey, ProcUsage, ReceiverPorts, SYSCALL_TABLE_LEN, SenderKey,
+    SenderValue, SockOffsets, TaskOffsets,
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 
 /// Default number of (process instance, cgroup, epoch) entries held at once.
@@ -65,6 +66,32 @@ pub static ENV_SCRATCH: PerCpuArray<EnvScratch> = PerCpuArray::with_max_entries(
 #[unsafe(no_mangle)]
 pub static TASK_OFFSETS: TaskOffsets = TaskOffsets::ZERO;
 
+/// `struct sock` member offsets for sender binding, filled by the agent at load.
+#[unsafe(no_mangle)]
+pub static SOCK_OFFSETS: SockOffsets = SockOffsets::ZERO;
+
+/// Client sockets (their own address and port) recorded at once for sender
+/// binding. An entry is needed from a connection's first send until the
+/// receiver looks it up for that connection's first request (then cached for
+/// the connection's life), so this holds 8,192 connections opened to the
+/// receiver within that moment; 8,192 × ~90 bytes ≈ 720 KiB. LRU: the oldest
+/// give way, and a receiver lookup that misses is counted in userspace
+/// (`mentat_agent_receiver_senders_unidentified_total`).
+pub const SENDERS_ENTRIES: u32 = 8_192;
+
+/// Client socket → the process that last sent on it to a receiver port.
+#[map]
+pub static SENDERS: LruHashMap<SenderKey, SenderValue> =
+    LruHashMap::with_max_entries(SENDERS_ENTRIES, 0);
+
+/// The receiver's ports, written by the agent once its listeners are bound.
+#[map]
+pub static RECEIVER_PORTS: Array<ReceiverPorts> = Array::with_max_entries(1, 0);
+
+/// Sender binding counters, per CPU: \[0\] entries written, \[1\] writes that failed.
+#[map]
+pub static SENDER_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
 /// Syscall number → class index, filled by the agent for the running architecture.
 #[unsafe(no_mangle)]
 pub static SYSCALL_CLASS: [u8; SYSCALL_TABLE_LEN] = [0; SYSCALL_TABLE_LEN];
@@ -80,6 +107,15 @@ macro_rules! off {
     };
 }
 pub(crate) use off;
+
+/// One offset of [`SOCK_OFFSETS`], read as [`off!`] reads `TASK_OFFSETS`.
+macro_rules! sock_off {
+    ($field:ident) => {
+        // SAFETY: a plain read of a static the loader initialised.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!($crate::maps::SOCK_OFFSETS.$field)) }
+    };
+}
+pub(crate) use sock_off;
 
 /// The class index of syscall `nr`, always below `SYSCALL_CLASSES`.
 #[inline(always)]

@@ -618,6 +618,24 @@ pub fn task_offsets(btf: &Btf) -> Result<TaskOffsets, BtfError> {
     })
 }
 
+/// `struct sock` offsets for sender binding, resolved from BTF.
+pub fn sock_offsets(btf: &Btf) -> Result<agent_common::SockOffsets, BtfError> {
+    let common = btf.member_offset("sock", "__sk_common")?;
+    let skc = |member| btf.member_offset("sock_common", member).map(|o| o + common);
+    Ok(agent_common::SockOffsets {
+        daddr: skc("skc_daddr")?,
+        rcv_saddr: skc("skc_rcv_saddr")?,
+        dport: skc("skc_dport")?,
+        num: skc("skc_num")?,
+        state: skc("skc_state")?,
+        v6_rcv_saddr: skc("skc_v6_rcv_saddr")?,
+        net: skc("skc_net")?,
+        net_inum: btf.member_offset("net", "ns")? + btf.member_offset("ns_common", "inum")?,
+        protocol: btf.member_offset("sock", "sk_protocol")?,
+        valid: 1,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -135,6 +135,11 @@ max_span_duration = "24h"   # a longer span is refused
 max_span_age = "30m"        # a span with tokens that started longer ago is refused (+ span_lag + 2 ticks <= raw_retention)
 max_concurrent_requests = 4
 forward_queue_bytes = 33554432
+read_timeout = "10s"        # a request body must arrive within this, or the request is refused
+max_concurrent_reads = 64   # request bodies read at once, all senders together
+max_reads_per_sender = 8    # request bodies one sender (one cgroup) reads at once; beyond: 429 / UNAVAILABLE
+trusted_forwarders = []     # senders whose pid/container/pod claims are believed, e.g.
+                            # ["cgroup:/system.slice/otelcol.service", "addr:10.0.0.7"]; see README "Trust model"
 # [receiver.upstream]       # forward received spans, enriched with cost
 # endpoint = "http://otel-collector:4317"
 

@@ -205,12 +205,19 @@ impl Inbox {
     }
 }
 
-/// The quota key of a span's sender: its bound process (the claimed pid
-/// within its container or pod, for a span that names one).
+/// The quota key of a span: the process the kernel says sent it, so one
+/// sender cannot take the index however many pids it names; for a trusted
+/// forwarder, which sends for many processes, the process the span binds
+/// (the claimed pid within its container or pod, for a span that names one).
 fn owner_of(span: &Span) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    span.pid.hash(&mut h);
-    span.pid_scope.hash(&mut h);
+    match span.sender.filter(|s| !s.trusted) {
+        Some(sender) => (sender.pid, sender.start_ns).hash(&mut h),
+        None => {
+            span.pid.hash(&mut h);
+            span.pid_scope.hash(&mut h);
+        }
+    }
     h.finish()
 }
 
@@ -271,7 +278,7 @@ impl SpanInbox {
             .collect();
         let mut st = self.lock();
         st.mapping = 0;
-        for (s, owner, reserved) in held {
+        for (mut s, owner, reserved) in held {
             if reserved {
                 st.reserved -= 1;
                 if let Some(n) = st.reserved_by_owner.get_mut(&owner) {
@@ -283,7 +290,10 @@ impl SpanInbox {
             }
             if s.pid.is_none() {
                 st.unmapped_pids += 1;
-            } else if reserved {
+                // A claim the collector could not map binds the sender's own process.
+                s.pid = crate::sender::unmapped_fallback(&s);
+            }
+            if s.pid.is_some() && reserved {
                 // Its slot was held since admission: it always fits.
                 st.index.add_owned(&s, owner);
             }

@@ -26,6 +26,7 @@ pub mod query;
 pub mod receiver;
 pub mod record;
 pub mod report;
+pub mod sender;
 pub mod spans;
 pub mod storage;
 pub mod syscalls;

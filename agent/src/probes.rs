@@ -157,6 +157,7 @@ pub struct Probes {
     online_cpus: Vec<u32>,
     epoch: u32,
     network: Result<(), String>,
+    senders: Option<crate::sender::SenderMaps>,
 }
 
 /// One closed epoch's usage.
@@ -184,12 +185,21 @@ impl Probes {
                 source,
             })?;
         debug!(?offsets, "kernel struct offsets");
+        // Sender binding is off (every sender unidentified) rather than the
+        // agent down when these do not resolve.
+        let sock_offsets = btf::Btf::from_file(&config.btf_path)
+            .and_then(|b| btf::sock_offsets(&b))
+            .unwrap_or_else(|e| {
+                warn!(error = %e, "sender binding unavailable: struct sock offsets not resolved");
+                agent_common::SockOffsets::ZERO
+            });
         let classes = syscalls::class_table();
 
         let mut loader = EbpfLoader::new();
         loader
             .override_global("TASK_OFFSETS", &offsets, true)
             .override_global("SYSCALL_CLASS", &classes, true)
+            .override_global("SOCK_OFFSETS", &sock_offsets, true)
             .verifier_log_level(verifier_log_level());
         if let Some(n) = config.proc_map_entries {
             loader.map_max_entries("PROC_USAGE", n.max(1));
@@ -233,7 +243,18 @@ impl Probes {
         let control = take_map(&mut ebpf, "CONTROL")?;
         let events = take_map(&mut ebpf, "EVENTS")?;
         let env_events = take_map(&mut ebpf, "ENV_EVENTS")?;
+        // Only where the send hook is attached and the offsets resolved.
+        let senders = if network.is_ok() && sock_offsets.valid == 1 {
+            Some(crate::sender::SenderMaps {
+                senders: take_map(&mut ebpf, "SENDERS")?,
+                ports: take_map(&mut ebpf, "RECEIVER_PORTS")?,
+                stats: take_map(&mut ebpf, "SENDER_STATS")?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
+            senders,
             ebpf,
             proc_usage: Some(proc_usage),
             cpu_state: Some(cpu_state),
@@ -244,6 +265,12 @@ impl Probes {
             epoch: 0,
             network,
         })
+    }
+
+    /// The sender-binding maps, once (`None` when the kernel cannot record
+    /// senders: Linux < 6.3 or unresolved `struct sock` offsets).
+    pub fn take_senders(&mut self) -> Option<crate::sender::SenderMaps> {
+        self.senders.take()
     }
 
     /// Whether socket traffic is metered, or why not.

@@ -48,16 +48,28 @@
 //! down at start does not stop the agent; and it ends once every handle is
 //! dropped and its queue is empty.
 //!
+//! Senders: every connection is bound to the process that sent it, as the
+//! kernel says ([`crate::sender`]); spans that claim another process,
+//! container or pod are refused, and a connection nobody can identify is
+//! refused before its body is read (HTTP 403, gRPC `PermissionDenied`).
+//!
+//! Slow clients: a body is read before a request takes one of the
+//! `max_concurrent_requests` decode permits, under `read_timeout`, in one of
+//! `max_concurrent_reads` read slots of which one sender (its cgroup) holds at
+//! most `max_reads_per_sender`; a sender over its share is answered at once
+//! (HTTP 429, gRPC `Unavailable`, both retried by OTLP SDKs). So clients that
+//! trickle bytes hold read slots of their own, never the permits other
+//! senders' spans need.
+//!
 //! Not supported: OTLP/JSON and compressed payloads (HTTP answers 415, gRPC
 //! `Unimplemented`); OTLP exporters send uncompressed protobuf by default.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fmt,
     future::{Future, poll_fn},
     io,
     net::SocketAddr,
-    path::Path,
     pin::Pin,
     str::FromStr,
     sync::{
@@ -83,13 +95,14 @@ use opentelemetry_proto::tonic::{
         trace_service_client::TraceServiceClient, trace_service_server::TraceService,
     },
     common::v1::{AnyValue, KeyValue, any_value::Value},
+    trace::v1::ResourceSpans,
 };
 use prost::Message;
 use serde::Deserialize;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{OnceCell, Semaphore, mpsc, watch},
+    sync::{OnceCell, OwnedSemaphorePermit, Semaphore, mpsc, watch},
 };
 use tonic::{
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
@@ -105,6 +118,7 @@ use tracing::{debug, info, warn};
 use crate::{
     export::OtlpConfig,
     intake::{SpanSink, TimeLimits, TimeRefusal, check_time},
+    sender::{Binder, Sender},
     spans::{PidScope, RunContext, Span, SpanTokens},
 };
 
@@ -113,8 +127,8 @@ use crate::{
 // only an attacker sends, to over 100 ×.
 pub const DECODE_FACTOR: usize = 8;
 
-/// How long one request may take to arrive and be handled. Bounds how long
-/// a slow sender holds one of the `max_concurrent_requests` slots.
+/// How long one gRPC request may take to be handled once its body arrived
+/// (the body itself has `read_timeout`).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The gRPC method OTLP exporters call.
@@ -157,6 +171,18 @@ pub struct ReceiverConfig {
     pub forward_queue_bytes: usize,
     /// Where received spans are forwarded; none: not forwarded.
     pub upstream: Option<OtlpConfig>,
+    /// Senders whose `process.pid` / `container.id` / `k8s.pod.uid` claims
+    /// are believed unchecked: `cgroup:/<path>` (a process in that cgroup v2
+    /// path or below, identified by the kernel) or `addr:<ip>` (any
+    /// connection from that address).
+    pub trusted_forwarders: Vec<String>,
+    /// How long a request's body may take to arrive.
+    #[serde(with = "crate::clock::duration_str")]
+    pub read_timeout: Duration,
+    /// Request bodies read at once, all senders together.
+    pub max_concurrent_reads: usize,
+    /// Request bodies one sender (one cgroup) reads at once.
+    pub max_reads_per_sender: usize,
 }
 
 impl Default for ReceiverConfig {
@@ -174,6 +200,10 @@ impl Default for ReceiverConfig {
             max_concurrent_requests: 4,
             forward_queue_bytes: 32 << 20,
             upstream: None,
+            trusted_forwarders: Vec::new(),
+            read_timeout: Duration::from_secs(10),
+            max_concurrent_reads: 64,
+            max_reads_per_sender: 8,
         }
     }
 }
@@ -306,6 +336,9 @@ pub enum ReceiverError {
         /// What went wrong.
         message: String,
     },
+    /// A `trusted_forwarders` entry is not valid.
+    #[error("[receiver] {0}")]
+    TrustedForwarder(String),
     /// The upstream endpoint, a header or the CA file is not valid.
     #[error("forwarding to {endpoint:?}: {message}")]
     Upstream {
@@ -341,6 +374,7 @@ pub struct Receiver {
     config: ReceiverConfig,
     grpc: TcpListener,
     http: TcpListener,
+    binder: Arc<Binder>,
 }
 
 impl Receiver {
@@ -357,7 +391,20 @@ impl Receiver {
         };
         let grpc = bind("gRPC", config.grpc_bind.clone()).await?;
         let http = bind("HTTP", config.http_bind.clone()).await?;
-        Ok(Self { config, grpc, http })
+        Ok(Self {
+            config,
+            grpc,
+            http,
+            binder: Arc::new(Binder::off()),
+        })
+    }
+
+    /// Binds every connection's spans to its sender through `binder` (the
+    /// default, [`Binder::off`], believes every claim: for receivers that
+    /// meter no one).
+    pub fn with_binder(mut self, binder: Arc<Binder>) -> Self {
+        self.binder = binder;
+        self
     }
 
     /// The bound gRPC address.
@@ -388,6 +435,9 @@ impl Receiver {
             addr: self.config.http_bind.clone(),
             source: e,
         })?;
+        // Clients address the ports as bound (a hostPort equals its containerPort).
+        self.binder
+            .watch_ports(&[grpc_addr.port(), http_addr.port()]);
         let handler = Arc::new(Handler {
             sink: Box::new(tx),
             max_pending: self.config.max_pending_spans,
@@ -401,6 +451,11 @@ impl Receiver {
             permits: Arc::new(Semaphore::new(self.config.max_concurrent_requests.max(1))),
             stats,
             forwarder,
+            binder: self.binder.clone(),
+            reads: Arc::new(Semaphore::new(self.config.max_concurrent_reads.max(1))),
+            reading: Arc::new(std::sync::Mutex::new(HashMap::new())),
+            max_reads_per_sender: self.config.max_reads_per_sender.max(1),
+            read_timeout: self.config.read_timeout,
         });
 
         // One shutdown future, two servers: a watch channel fans it out.
@@ -415,7 +470,9 @@ impl Receiver {
 
         info!(grpc = %grpc_addr, http = %http_addr, "OTLP receiver listening");
         let grpc = tonic::transport::Server::builder()
-            .timeout(REQUEST_TIMEOUT)
+            // The body's own deadline (`read_timeout`) comes first; this
+            // bounds the whole exchange.
+            .timeout(self.config.read_timeout.saturating_add(REQUEST_TIMEOUT))
             .serve_with_incoming_shutdown(
                 GrpcService {
                     handler: handler.clone(),
@@ -469,31 +526,88 @@ struct Handler {
     permits: Arc<Semaphore>,
     stats: Arc<ReceiverStats>,
     forwarder: Option<Forwarder>,
+    binder: Arc<Binder>,
+    /// Read slots, all senders together.
+    reads: Arc<Semaphore>,
+    /// Reads in progress per sender key.
+    reading: Arc<std::sync::Mutex<HashMap<u64, usize>>>,
+    max_reads_per_sender: usize,
+    read_timeout: Duration,
+}
+
+/// One request body being read: a global read slot and the sender's share.
+struct ReadSlot {
+    _slot: OwnedSemaphorePermit,
+    key: Option<u64>,
+    reading: Arc<std::sync::Mutex<HashMap<u64, usize>>>,
+}
+
+impl Drop for ReadSlot {
+    fn drop(&mut self) {
+        if let (Some(key), Ok(mut r)) = (self.key, self.reading.lock())
+            && let Some(n) = r.get_mut(&key)
+        {
+            *n -= 1;
+            if *n == 0 {
+                r.remove(&key);
+            }
+        }
+    }
 }
 
 impl Handler {
-    /// Maps, checks and admits one decoded request, then forwards it; the
+    /// A slot to read one request body from `sender`, never waiting: a
+    /// sender past its share, or a receiver with every slot taken, is told
+    /// to retry later.
+    fn read_slot(&self, sender: &Sender) -> Result<ReadSlot, Refusal> {
+        if matches!(sender, Sender::Unidentified) {
+            return Err(Refusal::unidentified(
+                "the sender is not identified by the node's kernel and is not a trusted forwarder"
+                    .into(),
+            ));
+        }
+        let slot = self.reads.clone().try_acquire_owned().map_err(|_| {
+            Refusal::throttled("every read slot of the receiver is taken; retry later".into())
+        })?;
+        let key = sender.quota_key();
+        if let Some(key) = key {
+            let Ok(mut r) = self.reading.lock() else {
+                return Err(Refusal::throttled(
+                    "the receiver's read accounting failed".into(),
+                ));
+            };
+            let n = r.entry(key).or_insert(0);
+            if *n >= self.max_reads_per_sender {
+                return Err(Refusal::throttled(format!(
+                    "this sender already has {} requests being read; retry later",
+                    self.max_reads_per_sender
+                )));
+            }
+            *n += 1;
+        }
+        Ok(ReadSlot {
+            _slot: slot,
+            key,
+            reading: self.reading.clone(),
+        })
+    }
+
+    /// Binds, checks and admits one decoded request, then forwards it; the
     /// response to send, or a retryable refusal when none of it fit.
     async fn accept(
         &self,
         request: ExportTraceServiceRequest,
-        peer: Option<&Peer>,
+        sender: &Sender,
     ) -> Result<ExportTraceServiceResponse, Refusal> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let total = span_count(&request);
-        // The fd scan behind a peer pid is not free: only when a resource
-        // does not name its process.
-        let needs_peer = request
-            .resource_spans
-            .iter()
-            .any(|rs| resource_pid(rs.resource.as_ref().map_or(&[], |r| &r.attributes)).is_none());
-        let peer_pid = match peer {
-            Some(peer) if needs_peer => peer.pid().await,
-            _ => None,
-        };
-        let spans = spans_of(&request, peer_pid);
+        // Claims checked against the kernel's sender; refused spans are
+        // neither queued nor forwarded.
+        let bound = self.binder.bind_request(sender, request);
+        let spans = bound.spans;
+        let refused = bound.refused;
         let valid = spans.len() as u64;
-        let invalid = total.saturating_sub(valid);
+        let invalid = total.saturating_sub(valid + refused.total());
         let (spans, bad_times) = self.check_times(spans);
         let admission = self.sink.admit(spans);
         let (full, over_quota) = (admission.full, admission.over_quota);
@@ -549,8 +663,8 @@ impl Handler {
                 )
             }));
         }
-        if let Some(forwarder) = &self.forwarder {
-            forwarder.forward(request);
+        if let (Some(forwarder), Some((request, host_pids))) = (&self.forwarder, bound.forward) {
+            forwarder.forward_bound(request, host_pids);
         }
         let mut reasons = Vec::new();
         if invalid > 0 {
@@ -581,7 +695,8 @@ impl Handler {
                 "{over_quota} spans refused: this sender holds its quota of spans waiting for their windows"
             ));
         }
-        let rejected = invalid + timed + full + over_quota;
+        reasons.extend(refused.message());
+        let rejected = invalid + timed + full + over_quota + refused.total();
         let partial_success = (rejected > 0).then(|| ExportTracePartialSuccess {
             rejected_spans: i64::try_from(rejected).unwrap_or(i64::MAX),
             error_message: reasons.join("; "),
@@ -707,6 +822,26 @@ impl Refusal {
         }
     }
 
+    /// A sender past its share of read slots: retry later (HTTP 429, gRPC
+    /// `UNAVAILABLE`, both retried by OTLP SDKs).
+    fn throttled(message: String) -> Self {
+        Self {
+            kind: Warn::Busy,
+            http: StatusCode::TOO_MANY_REQUESTS,
+            grpc: tonic::Code::Unavailable,
+            message,
+        }
+    }
+
+    fn unidentified(message: String) -> Self {
+        Self {
+            kind: Warn::Unidentified,
+            http: StatusCode::FORBIDDEN,
+            grpc: tonic::Code::PermissionDenied,
+            message,
+        }
+    }
+
     fn timeout(message: String) -> Self {
         Self {
             kind: Warn::Timeout,
@@ -741,8 +876,14 @@ impl TraceService for Handler {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let peer = request.extensions().get::<Peer>().cloned();
-        match self.accept(request.into_inner(), peer.as_ref()).await {
+        // Set by `GrpcService::call`; a request that reached here without
+        // one is refused whole rather than believed.
+        let sender = request
+            .extensions()
+            .get::<Sender>()
+            .cloned()
+            .unwrap_or(Sender::Unidentified);
+        match self.accept(request.into_inner(), &sender).await {
             Ok(response) => Ok(tonic::Response::new(response)),
             Err(refusal) => Err(tonic::Status::new(refusal.grpc, refusal.message)),
         }
@@ -777,6 +918,42 @@ impl Service<http::Request<tonic::body::Body>> for GrpcService {
                 ))
                 .into_http());
             }
+            let sender = match request.extensions().get::<Peer>() {
+                Some(peer) => peer.sender(&handler.binder).await,
+                None => Sender::Unidentified,
+            };
+            // The body is read before a decode permit is taken, in a read
+            // slot of the sender's own share, under a deadline.
+            let _slot = match handler.read_slot(&sender) {
+                Ok(slot) => slot,
+                Err(refusal) => {
+                    handler.refused("gRPC", &refusal);
+                    return Ok(tonic::Status::new(refusal.grpc, refusal.message).into_http());
+                }
+            };
+            let (mut parts, body) = request.into_parts();
+            // A unary message: its 5-byte gRPC prefix, then at most the limit
+            // (tonic checks the exact size when it decodes).
+            let limit = handler.max_request_bytes.saturating_add(5);
+            let bytes =
+                match tokio::time::timeout(handler.read_timeout, read_body(body, limit, 0)).await {
+                    Ok(Ok(bytes)) => bytes,
+                    Ok(Err(refusal)) => {
+                        handler.refused("gRPC", &refusal);
+                        return Ok(tonic::Status::new(refusal.grpc, refusal.message).into_http());
+                    }
+                    Err(_) => {
+                        let refusal = Refusal::timeout(format!(
+                            "the request took over {:?} to arrive",
+                            handler.read_timeout
+                        ));
+                        handler.refused("gRPC", &refusal);
+                        return Ok(tonic::Status::new(refusal.grpc, refusal.message).into_http());
+                    }
+                };
+            parts.extensions.insert(sender);
+            let request =
+                http::Request::from_parts(parts, tonic::body::Body::new(AxumBody::from(bytes)));
             let Ok(_permit) = handler.permits.clone().acquire_owned().await else {
                 return Ok(tonic::Status::unavailable("the receiver is stopping").into_http());
             };
@@ -905,7 +1082,7 @@ impl Stream for Incoming {
             Ok((io, remote)) => {
                 // Responses are small and latency matters more than packets.
                 let _ = io.set_nodelay(true);
-                let peer = Peer::new(remote, io.local_addr().ok());
+                let peer = Peer::new(remote);
                 Poll::Ready(Some(Ok(PeerStream { io, peer })))
             }
             Err(e) => {
@@ -1064,20 +1241,29 @@ async fn handle_http(
             "a {length}-byte body is over the limit of {limit}"
         )));
     }
+    let sender = peer.sender(&handler.binder).await;
+    // Read before a decode permit is taken, in a read slot of the sender's
+    // own share, under a deadline: slow senders hold only their own slots.
+    let _slot = handler.read_slot(&sender)?;
+    let capacity = length.map_or(0, |l| l as usize);
+    let timeout = handler.read_timeout;
+    let bytes = tokio::time::timeout(timeout, read_body(body, limit, capacity))
+        .await
+        .map_err(|_| Refusal::timeout(format!("the body took over {timeout:?}")))??;
     let Ok(_permit) = handler.permits.clone().acquire_owned().await else {
         return Err(Refusal::timeout("the receiver is stopping".into()));
     };
-    let capacity = length.map_or(0, |l| l as usize);
-    let bytes = tokio::time::timeout(REQUEST_TIMEOUT, read_body(body, limit, capacity))
-        .await
-        .map_err(|_| Refusal::timeout(format!("the body took over {REQUEST_TIMEOUT:?}")))??;
     let request = decode_request(&bytes, limit.saturating_mul(DECODE_FACTOR))?;
     drop(bytes);
-    handler.accept(request, Some(peer)).await
+    handler.accept(request, &sender).await
 }
 
 /// Reads a body of at most `limit` bytes.
-async fn read_body(mut body: AxumBody, limit: usize, capacity: usize) -> Result<Vec<u8>, Refusal> {
+async fn read_body<B>(mut body: B, limit: usize, capacity: usize) -> Result<Vec<u8>, Refusal>
+where
+    B: HttpBody<Data = axum::body::Bytes> + Unpin,
+    B::Error: fmt::Display,
+{
     let mut bytes = Vec::with_capacity(capacity.min(limit));
     while let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
         let frame = frame.map_err(|e| Refusal::malformed(format!("reading the body: {e}")))?;
@@ -1096,127 +1282,56 @@ async fn read_body(mut body: AxumBody, limit: usize, capacity: usize) -> Result<
 // ---------------------------------------------------------------------------
 // The client's process.
 
-/// The client end of one connection, and its pid once looked up: cached for
-/// the connection's life (a later connection from the same port may be
+/// The client end of one connection, and its sender once identified: cached
+/// for the connection's life (a later connection from the same port may be
 /// another process).
 #[derive(Clone, Debug)]
 struct Peer {
     remote: SocketAddr,
-    local: Option<SocketAddr>,
-    pid: Arc<OnceCell<Option<u32>>>,
+    sender: Arc<OnceCell<Sender>>,
 }
 
+/// Waits before asking the kernel again about a peer it did not know: the
+/// connection's first send may still be in its sender's hands (the probe
+/// records it just after the data is queued).
+const IDENTIFY_RETRIES: [Duration; 3] = [
+    Duration::from_millis(5),
+    Duration::from_millis(20),
+    Duration::from_millis(50),
+];
+
 impl Peer {
-    fn new(remote: SocketAddr, local: Option<SocketAddr>) -> Self {
+    fn new(remote: SocketAddr) -> Self {
         Self {
             remote,
-            local,
-            pid: Arc::new(OnceCell::new()),
+            sender: Arc::new(OnceCell::new()),
         }
     }
 
-    /// The client's pid, for a loopback client whose socket we can see.
-    async fn pid(&self) -> Option<u32> {
-        if !self.remote.ip().to_canonical().is_loopback() {
-            return None;
-        }
-        let (remote, local) = (self.remote, self.local);
-        *self
-            .pid
-            .get_or_init(|| async move {
-                tokio::task::spawn_blocking(move || socket_owner(Path::new("/proc"), remote, local))
-                    .await
-                    .ok()
-                    .flatten()
+    /// Who sent this connection, as the kernel says (one map lookup).
+    async fn sender(&self, binder: &Binder) -> Sender {
+        self.sender
+            .get_or_init(|| async {
+                let mut sender = binder.identify(self.remote);
+                for wait in IDENTIFY_RETRIES {
+                    if sender != Sender::Unidentified {
+                        break;
+                    }
+                    tokio::time::sleep(wait).await;
+                    sender = binder.identify(self.remote);
+                }
+                binder.count_connection(&sender);
+                sender
             })
             .await
+            .clone()
     }
 }
 
 impl AxumConnected<IncomingStream<'_, TcpListener>> for Peer {
     fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
-        Peer::new(*stream.remote_addr(), stream.io().local_addr().ok())
+        Peer::new(*stream.remote_addr())
     }
-}
-
-/// The pid owning the TCP socket bound to `client` (connected to `server` when given), from procfs at `proc`.
-pub fn socket_owner(proc: &Path, client: SocketAddr, server: Option<SocketAddr>) -> Option<u32> {
-    // `client` is the client's end of a loopback connection. Its inode comes
-    // from `net/tcp{,6}`, then the process is the one with an fd on
-    // `socket:[inode]`. This sees only the reader's network namespace, and
-    // other users' processes only with CAP_SYS_PTRACE.
-    let inode = socket_inode(proc, client, server)?;
-    let target = format!("socket:[{inode}]");
-    for entry in std::fs::read_dir(proc).ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // Processes come and go, and some are not ours to read: skip those.
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            if std::fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == target.as_str()) {
-                return Some(pid);
-            }
-        }
-    }
-    None
-}
-
-/// The inode of the socket whose local address is `client` (and remote
-/// `server`, when given).
-fn socket_inode(proc: &Path, client: SocketAddr, server: Option<SocketAddr>) -> Option<u64> {
-    let same = |a: SocketAddr, b: SocketAddr| {
-        a.port() == b.port() && a.ip().to_canonical() == b.ip().to_canonical()
-    };
-    for table in ["net/tcp", "net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(proc.join(table)) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(remote), Some(inode)) = (
-                fields.get(1).and_then(|a| proc_addr(a)),
-                fields.get(2).and_then(|a| proc_addr(a)),
-                fields.get(9).and_then(|i| i.parse::<u64>().ok()),
-            ) else {
-                continue;
-            };
-            if inode != 0 && same(local, client) && server.is_none_or(|s| same(remote, s)) {
-                return Some(inode);
-            }
-        }
-    }
-    None
-}
-
-/// Parses a `/proc/net/tcp{,6}` address, `0100007F:1F90`: the address is
-/// printed as native-endian 32-bit words of network-order bytes, the port as
-/// a number.
-fn proc_addr(text: &str) -> Option<SocketAddr> {
-    let (ip, port) = text.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let word = |i: usize| -> Option<[u8; 4]> {
-        let hex = ip.get(i * 8..i * 8 + 8)?;
-        Some(u32::from_str_radix(hex, 16).ok()?.to_ne_bytes())
-    };
-    let ip: std::net::IpAddr = match ip.len() {
-        8 => std::net::Ipv4Addr::from(word(0)?).into(),
-        32 => {
-            let mut octets = [0u8; 16];
-            for (i, chunk) in octets.chunks_exact_mut(4).enumerate() {
-                chunk.copy_from_slice(&word(i)?);
-            }
-            std::net::Ipv6Addr::from(octets).into()
-        }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, port))
 }
 
 // ---------------------------------------------------------------------------
@@ -1226,6 +1341,32 @@ fn proc_addr(text: &str) -> Option<SocketAddr> {
 pub fn spans_of(request: &ExportTraceServiceRequest, peer_pid: Option<u32>) -> Vec<Span> {
     let mut out = Vec::new();
     for rs in &request.resource_spans {
+        spans_of_resource(rs, peer_pid, &mut out);
+    }
+    out
+}
+
+/// The resource's claimed `process.pid` and the container or pod it is scoped to.
+pub fn resource_claim(rs: &ResourceSpans) -> (Option<u32>, Option<PidScope>) {
+    let resource: &[KeyValue] = rs.resource.as_ref().map_or(&[], |r| &r.attributes);
+    let claimed = resource_pid(resource);
+    let mut scope = PidScope::default();
+    for kv in resource {
+        let Some(value) = &kv.value else { continue };
+        match kv.key.as_str() {
+            "container.id" => scope.container_id = scalar(value).map(|v| v.to_ascii_lowercase()),
+            "k8s.pod.uid" => scope.pod_uid = scalar(value).map(|v| v.to_ascii_lowercase()),
+            _ => {}
+        }
+    }
+    let scoped = (claimed.is_some() && (scope.container_id.is_some() || scope.pod_uid.is_some()))
+        .then_some(scope);
+    (claimed, scoped)
+}
+
+/// Appends the spans of one resource to `out`, as [`spans_of`] does.
+pub fn spans_of_resource(rs: &ResourceSpans, peer_pid: Option<u32>, out: &mut Vec<Span>) {
+    {
         let resource: &[KeyValue] = rs.resource.as_ref().map_or(&[], |r| &r.attributes);
         let claimed = resource_pid(resource);
         let pid = claimed.or(peer_pid);
@@ -1292,10 +1433,10 @@ pub fn spans_of(request: &ExportTraceServiceRequest, peer_pid: Option<u32>) -> V
                 context,
                 tokens: tokens_of(&span.attributes),
                 attributes,
+                sender: None,
             });
         }
     }
-    out
 }
 
 /// The resource's `process.pid` (int, or a decimal string).
@@ -1430,8 +1571,11 @@ fn json(value: &AnyValue) -> serde_json::Value {
 // ---------------------------------------------------------------------------
 // Forwarding.
 
-/// Mutates each request just before it is first sent upstream: where cost attributes go.
-pub type Enricher = Arc<dyn Fn(&mut ExportTraceServiceRequest) + Send + Sync>;
+/// Mutates each request just before it is first sent upstream: where cost
+/// attributes go. The slice holds, per `resource_spans` entry, the host pid
+/// its spans were bound to by the sender check (`None`: not known as a host
+/// pid, so nothing may be looked up for it).
+pub type Enricher = Arc<dyn Fn(&mut ExportTraceServiceRequest, &[Option<u32>]) + Send + Sync>;
 
 /// How a [`Forwarder`] queues, delays, enriches and retries.
 #[derive(Clone)]
@@ -1475,6 +1619,8 @@ impl fmt::Debug for ForwardOptions {
 /// One request waiting to go upstream.
 struct Queued {
     request: ExportTraceServiceRequest,
+    /// Per resource, the host pid its spans are bound to.
+    host_pids: Vec<Option<u32>>,
     spans: u64,
     bytes: usize,
     at: Instant,
@@ -1539,14 +1685,28 @@ impl Forwarder {
         })
     }
 
-    /// Queues `request` without waiting; false if the queue was full and it was dropped.
+    /// Queues `request` without waiting; false if the queue was full and it
+    /// was dropped. Its processes are not known: it is not enriched with
+    /// any process's cost.
     pub fn forward(&self, request: ExportTraceServiceRequest) -> bool {
+        self.forward_bound(request, Vec::new())
+    }
+
+    /// Queues `request`, whose resources' spans are bound to `host_pids`
+    /// (one per `resource_spans` entry), without waiting; false if the queue
+    /// was full and it was dropped.
+    pub fn forward_bound(
+        &self,
+        request: ExportTraceServiceRequest,
+        host_pids: Vec<Option<u32>>,
+    ) -> bool {
         let spans = span_count(&request);
         let bytes = request.encoded_len();
         // Reserve first, so concurrent callers cannot all pass the check.
         let before = self.queued.fetch_add(bytes, Ordering::AcqRel);
         let item = Queued {
             request,
+            host_pids,
             spans,
             bytes,
             at: Instant::now(),
@@ -1602,12 +1762,13 @@ async fn forward_loop(
         tokio::spawn(async move {
             let Queued {
                 mut request,
+                host_pids,
                 spans,
                 bytes,
                 ..
             } = item;
             if let Some(enrich) = &enrich {
-                enrich(&mut request);
+                enrich(&mut request, &host_pids);
             }
             upstream.send(request, spans, max_attempts, &stats).await;
             queued.fetch_sub(bytes, Ordering::AcqRel);
@@ -1763,6 +1924,8 @@ enum Warn {
     ForwardFailed,
     BadTimes,
     OverQuota,
+    Busy,
+    Unidentified,
 }
 
 const WARN_KINDS: usize = 11;
@@ -2245,74 +2408,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn proc_addr_parses_both_families() {
-        let v4 = format!("{:08X}:1F90", u32::from_ne_bytes([127, 0, 0, 1]));
-        assert_eq!(proc_addr(&v4), Some("127.0.0.1:8080".parse().unwrap()));
-        let octets = std::net::Ipv6Addr::LOCALHOST.octets();
-        let v6: String = octets
-            .chunks_exact(4)
-            .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
-            .collect();
-        assert_eq!(
-            proc_addr(&format!("{v6}:0050")),
-            Some("[::1]:80".parse().unwrap())
-        );
-        assert_eq!(proc_addr("nonsense"), None);
-    }
-
-    #[test]
-    fn socket_owner_of_a_real_connection_is_this_process() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let server = listener.local_addr().unwrap();
-        let client = std::net::TcpStream::connect(server).unwrap();
-        let (_accepted, _) = listener.accept().unwrap();
-        let client_addr = client.local_addr().unwrap();
-        let pid = socket_owner(Path::new("/proc"), client_addr, Some(server));
-        assert_eq!(pid, Some(std::process::id()));
-        if let Ok(listener6) = std::net::TcpListener::bind("[::1]:0") {
-            let server6 = listener6.local_addr().unwrap();
-            let client6 = std::net::TcpStream::connect(server6).unwrap();
-            let pid = socket_owner(
-                Path::new("/proc"),
-                client6.local_addr().unwrap(),
-                Some(server6),
-            );
-            assert_eq!(pid, Some(std::process::id()));
-        }
-    }
-
-    #[test]
-    fn socket_owner_in_a_fake_procfs() {
-        let root = std::env::temp_dir().join(format!("receiver-proc-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        std::fs::create_dir_all(root.join("net")).unwrap();
-        std::fs::create_dir_all(root.join("4242/fd")).unwrap();
-        std::fs::create_dir_all(root.join("self")).unwrap();
-        let addr = |ip: [u8; 4], port: u16| format!("{:08X}:{port:04X}", u32::from_ne_bytes(ip));
-        let table = format!(
-            "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
-             0: {} {} 0A 00000000:00000000 00:00000000 00000000  1000        0 111 1\n\
-             1: {} {} 01 00000000:00000000 00:00000000 00000000  1000        0 12345 1\n",
-            addr([127, 0, 0, 1], 4317),
-            addr([0, 0, 0, 0], 0),
-            addr([127, 0, 0, 1], 50000),
-            addr([127, 0, 0, 1], 4317),
-        );
-        std::fs::write(root.join("net/tcp"), table).unwrap();
-        std::os::unix::fs::symlink("socket:[12345]", root.join("4242/fd/3")).unwrap();
-        std::os::unix::fs::symlink("/dev/null", root.join("4242/fd/0")).unwrap();
-        let client: SocketAddr = "127.0.0.1:50000".parse().unwrap();
-        let server: SocketAddr = "127.0.0.1:4317".parse().unwrap();
-        assert_eq!(socket_owner(&root, client, Some(server)), Some(4242));
-        assert_eq!(socket_owner(&root, client, None), Some(4242));
-        let elsewhere: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        assert_eq!(socket_owner(&root, client, Some(elsewhere)), None);
-        let v4_mapped: SocketAddr = "[::ffff:127.0.0.1]:50000".parse().unwrap();
-        assert_eq!(socket_owner(&root, v4_mapped, Some(server)), Some(4242));
-        std::fs::remove_dir_all(&root).unwrap();
-    }
-
     // --- End to end -----------------------------------------------------
 
     struct Running {
@@ -2335,6 +2430,27 @@ mod tests {
     }
 
     async fn start(config: ReceiverConfig, forwarder: Option<Forwarder>) -> Running {
+        start_as(config, forwarder, Binder::off()).await
+    }
+
+    /// This process as a kernel-identified sender in cgroup 7.
+    fn me() -> Sender {
+        Sender::Bound(crate::sender::Identified {
+            sender: crate::spans::SpanSender {
+                pid: std::process::id(),
+                start_ns: 1,
+                cgroup_id: 7,
+                trusted: false,
+            },
+            ..Default::default()
+        })
+    }
+
+    async fn start_as(
+        config: ReceiverConfig,
+        forwarder: Option<Forwarder>,
+        binder: Binder,
+    ) -> Running {
         let config = ReceiverConfig {
             grpc_bind: "127.0.0.1:0".into(),
             http_bind: "127.0.0.1:0".into(),
@@ -2342,7 +2458,10 @@ mod tests {
         };
         let (tx, rx) = span_channel(&config);
         let stats = Arc::new(ReceiverStats::default());
-        let receiver = Receiver::bind(config).await.unwrap();
+        let receiver = Receiver::bind(config)
+            .await
+            .unwrap()
+            .with_binder(Arc::new(binder));
         let (grpc, http) = (receiver.grpc_addr().unwrap(), receiver.http_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(receiver.run(tx, stats.clone(), forwarder, async move {
@@ -2414,8 +2533,148 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn claims_outside_the_sender_are_refused_and_reported() {
+        let mut running = start_as(ReceiverConfig::default(), None, Binder::fixed(me())).await;
+        let mut client = grpc_client(running.grpc).await;
+        // pid 1 is init, not this process: refused; the second resource names
+        // no process and binds to this one.
+        let mut req = request(
+            vec![kv("process.pid", Value::IntValue(1))],
+            vec![span(1, vec![])],
+        );
+        req.resource_spans
+            .extend(request(vec![], vec![span(2, vec![])]).resource_spans);
+        let response = client.export(req).await.unwrap().into_inner();
+        let partial = response.partial_success.expect("a partial success");
+        assert_eq!(partial.rejected_spans, 1);
+        assert!(
+            partial.error_message.contains("not the sender's"),
+            "{partial:?}"
+        );
+        let got = next_span(&mut running.rx).await;
+        assert_eq!(got.span_id, "02".repeat(8));
+        assert_eq!(got.pid, Some(std::process::id()));
+        assert_eq!(got.sender.map(|s| s.cgroup_id), Some(7));
+        drop(client);
+        running.stop().await;
+    }
+
+    #[tokio::test]
+    async fn unidentified_senders_are_refused_before_the_body_is_read() {
+        let running = start_as(
+            ReceiverConfig::default(),
+            None,
+            Binder::fixed(Sender::Unidentified),
+        )
+        .await;
+        let req = request(vec![], vec![span(1, vec![])]);
+        let (status, body) =
+            post_async(running.http, "application/x-protobuf", req.encode_to_vec()).await;
+        assert_eq!(status, 403);
+        assert_eq!(
+            RpcStatus::decode(body.as_slice()).unwrap().code,
+            tonic::Code::PermissionDenied as i32
+        );
+        let mut client = grpc_client(running.grpc).await;
+        let err = client.export(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert_eq!(running.stats.spans.load(Ordering::Relaxed), 0);
+        assert_eq!(running.stats.rejected_requests.load(Ordering::Relaxed), 2);
+        drop(client);
+        running.stop().await;
+    }
+
+    /// Opens an HTTP request that announces `len` body bytes and sends one.
+    fn trickle(addr: SocketAddr, len: usize) -> std::net::TcpStream {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        let head = format!(
+            "POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\nContent-Length: {len}\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(&[0x0a]).unwrap();
+        stream
+    }
+
+    #[tokio::test]
+    async fn slow_bodies_hold_no_decode_permit_and_one_sender_holds_its_share_only() {
+        let config = ReceiverConfig {
+            max_concurrent_requests: 1,
+            max_reads_per_sender: 4,
+            read_timeout: Duration::from_secs(300),
+            ..ReceiverConfig::default()
+        };
+        let mut running = start_as(config, None, Binder::fixed(me())).await;
+        let http = running.http;
+        // Four slow bodies take this sender's whole share.
+        let slow: Vec<_> = (0..4).map(|_| trickle(http, 1000)).collect();
+        let stats = running.stats.clone();
+        // Each is being read once a fifth is refused; until then, retry.
+        let req = request(vec![], vec![span(9, vec![])]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            let (status, _) = post_async(http, "application/x-protobuf", req.encode_to_vec()).await;
+            if status != 200 || Instant::now() > deadline {
+                break status;
+            }
+            // Accepted: a slow one was not yet being read; drain it and retry.
+            next_span(&mut running.rx).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(status, 429, "a fifth read of the same sender is refused");
+        let mut client = grpc_client(running.grpc).await;
+        // The gRPC connection is this same sender: its share is full, so it
+        // is told to retry, not made to wait.
+        let err = client.export(req.clone()).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        drop(slow);
+        // Once the slow bodies are gone, the sender is served again.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match client.export(req.clone()).await {
+                Ok(_) => break,
+                Err(e) if Instant::now() < deadline => {
+                    assert_eq!(e.code(), tonic::Code::Unavailable);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("still refused: {e}"),
+            }
+        }
+        assert!(stats.rejected_requests.load(Ordering::Relaxed) >= 2);
+        drop(client);
+        running.stop().await;
+    }
+
+    #[tokio::test]
+    async fn slow_bodies_do_not_stall_other_requests() {
+        // One decode permit, and four clients trickling bodies: on the old
+        // receiver each held a permit while its body arrived.
+        let config = ReceiverConfig {
+            max_concurrent_requests: 1,
+            read_timeout: Duration::from_secs(300),
+            ..ReceiverConfig::default()
+        };
+        let mut running = start_as(config, None, Binder::fixed(Sender::Unchecked)).await;
+        let slow: Vec<_> = (0..4).map(|_| trickle(running.http, 1000)).collect();
+        // Not a synchronisation: the request below must succeed either way;
+        // the pause only lets the slow bodies be in hand first, as in life.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut client = grpc_client(running.grpc).await;
+        let req = request(vec![], vec![span(5, vec![])]);
+        // Generous: on the old receiver this waited for the slow bodies forever.
+        let response = tokio::time::timeout(Duration::from_secs(60), client.export(req))
+            .await
+            .expect("a normal request is served while slow bodies arrive")
+            .unwrap();
+        assert_eq!(response.into_inner().partial_success, None);
+        assert_eq!(next_span(&mut running.rx).await.span_id, "05".repeat(8));
+        drop(slow);
+        drop(client);
+        running.stop().await;
+    }
+
+    #[tokio::test]
     async fn grpc_end_to_end_with_peer_pid() {
-        let mut running = start(ReceiverConfig::default(), None).await;
+        let mut running = start_as(ReceiverConfig::default(), None, Binder::fixed(me())).await;
         let mut client = grpc_client(running.grpc).await;
         let req = request(
             vec![
@@ -2448,7 +2707,7 @@ mod tests {
 
     #[tokio::test]
     async fn http_end_to_end_and_routes() {
-        let mut running = start(ReceiverConfig::default(), None).await;
+        let mut running = start_as(ReceiverConfig::default(), None, Binder::fixed(me())).await;
         let req = request(vec![kv("flow.id", s("f"))], vec![span(4, vec![])]);
         let (status, body) =
             post_async(running.http, "application/x-protobuf", req.encode_to_vec()).await;
@@ -2879,17 +3138,18 @@ mod tests {
     async fn forwarder_enriches_before_sending() {
         let (upstream, addr, stop_upstream) = upstream().await;
         let stats = Arc::new(ReceiverStats::default());
-        let enrich: Enricher = Arc::new(|req: &mut ExportTraceServiceRequest| {
-            for span in req
-                .resource_spans
-                .iter_mut()
-                .flat_map(|rs| &mut rs.scope_spans)
-                .flat_map(|ss| &mut ss.spans)
-            {
-                span.attributes
-                    .push(kv("mentat.cost.total", Value::DoubleValue(0.25)));
-            }
-        });
+        let enrich: Enricher =
+            Arc::new(|req: &mut ExportTraceServiceRequest, _: &[Option<u32>]| {
+                for span in req
+                    .resource_spans
+                    .iter_mut()
+                    .flat_map(|rs| &mut rs.scope_spans)
+                    .flat_map(|ss| &mut ss.spans)
+                {
+                    span.attributes
+                        .push(kv("mentat.cost.total", Value::DoubleValue(0.25)));
+                }
+            });
         let options = ForwardOptions {
             delay: Duration::from_millis(50),
             enrich: Some(enrich),

@@ -1,4 +1,8 @@
 //! Spans as the agent uses them: what the OTLP receiver hands to `context`.
+//!
+//! Every span carries its [`SpanSender`]: the process the kernel says sent
+//! it (see `sender`). Its `pid` and `pid_scope` have been checked against
+//! that sender before the span leaves the receiver.
 
 use std::collections::BTreeMap;
 
@@ -84,6 +88,20 @@ pub struct PidScope {
     pub pod_uid: Option<String>,
 }
 
+/// The process that sent a span, as the kernel identified it (never as the
+/// client claims).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SpanSender {
+    /// The sending process (host pid).
+    pub pid: u32,
+    /// Its start (CLOCK_BOOTTIME ns, as `ProcKey::start_ns`).
+    pub start_ns: u64,
+    /// Its cgroup v2 id: the key per-sender bounds count by.
+    pub cgroup_id: u64,
+    /// A configured trusted forwarder: its claims were believed unchecked.
+    pub trusted: bool,
+}
+
 /// One finished span, as received.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Span {
@@ -99,8 +117,8 @@ pub struct Span {
     pub start_unix_ns: u64,
     /// End, Unix ns.
     pub end_unix_ns: u64,
-    /// The emitting process: the resource's `process.pid`, or for a loopback
-    /// client the pid owning the peer socket.
+    /// The emitting process: the resource's `process.pid` where the sender
+    /// may claim it (see `sender`), else the sender's own pid.
     pub pid: Option<u32>,
     /// The resource's `container.id` and `k8s.pod.uid` when it names a
     /// `process.pid`: that pid is then the one inside the container's pid
@@ -117,4 +135,6 @@ pub struct Span {
     pub tokens: Option<SpanTokens>,
     /// Every span attribute, as strings (including those mapped above).
     pub attributes: BTreeMap<String, String>,
+    /// Who sent it, when the receiver binds senders (see `sender`).
+    pub sender: Option<SpanSender>,
 }

@@ -15,7 +15,7 @@ Options:
                        all at once)
     --raw-bytes N      send N bytes of malformed protobuf (a field claiming 1 GiB)
                        as the request body instead of a request
-    --pid P            the resource's process.pid (default: this process's)
+    --pid P            the resource's process.pid (default: this process's; -1: none)
     --resource K=V     one more resource attribute (repeatable)
     --start-ns T       every span starts at T (Unix ns) and ends at --end-ns
     --end-ns T
@@ -105,8 +105,9 @@ def request_bytes(args):
                 resource=resource_pb2.Resource(
                     attributes=[
                         kv("service.name", "otlp-client"),
-                        kv("process.pid", args.pid if args.pid else os.getpid()),
                     ]
+                    # --pid -1: the resource names no process.
+                    + ([kv("process.pid", args.pid if args.pid else os.getpid())] if args.pid >= 0 else [])
                     + [kv(*r.split("=", 1)) for r in args.resource]
                 ),
                 scope_spans=[trace_pb2.ScopeSpans(spans=spans)],

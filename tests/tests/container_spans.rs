@@ -73,7 +73,9 @@ fn a_containers_namespace_pid_binds_the_right_process() -> Result<()> {
     require_python_otel()?;
     // Windows wait 5 s for late spans: the spans below go out after the
     // workload ends.
-    let d = TracedDaemon::start("5s", "")?;
+    // The spans come from this test's process, not from the container: as
+    // from a node-local collector forwarding them, trusted by its address.
+    let d = TracedDaemon::start("5s", "trusted_forwarders = [\"addr:127.0.0.1\"]\n")?;
     let root = ScratchCgroup::create()?;
     let id = random_container_id()?;
     let cgroup = root.create_child(&format!("system.slice/docker-{id}.scope"))?;
