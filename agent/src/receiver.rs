@@ -1198,8 +1198,12 @@ async fn export_http(
                 status.encode_to_vec(),
             )
                 .into_response();
-            if refusal.http == StatusCode::SERVICE_UNAVAILABLE {
-                // The inbox empties every tick (1 s by default).
+            if matches!(
+                refusal.http,
+                StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS
+            ) {
+                // The inbox empties every tick (1 s by default), and a read
+                // slot frees when its body has arrived.
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
