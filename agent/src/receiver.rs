@@ -1914,7 +1914,8 @@ fn retryable(code: tonic::Code) -> bool {
 // ---------------------------------------------------------------------------
 // Rate-limited warnings.
 
-/// The kinds of trouble a warning is rate limited by.
+/// The kinds of trouble a warning is rate limited by (`Unidentified` stays
+/// last: [`WARN_KINDS`] counts from it).
 #[derive(Clone, Copy, Debug)]
 enum Warn {
     Malformed,
@@ -1932,7 +1933,9 @@ enum Warn {
     Unidentified,
 }
 
-const WARN_KINDS: usize = 11;
+/// One slot per [`Warn`] kind: the last variant's index plus one, so a kind
+/// added to the enum always has its slot.
+const WARN_KINDS: usize = Warn::Unidentified as usize + 1;
 const WARN_EVERY_S: u64 = 60;
 
 static WARN_EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -1942,7 +1945,9 @@ static LAST_WARN: [AtomicU64; WARN_KINDS] = [const { AtomicU64::new(0) }; WARN_K
 /// Whether a warning of `kind` may be logged now (one per kind per minute).
 fn warn_allowed(kind: Warn) -> bool {
     let now = WARN_EPOCH.elapsed().as_secs() + 1;
-    let slot = &LAST_WARN[kind as usize];
+    let Some(slot) = LAST_WARN.get(kind as usize) else {
+        return true;
+    };
     let last = slot.load(Ordering::Relaxed);
     (last == 0 || now >= last + WARN_EVERY_S)
         && slot
