@@ -903,20 +903,7 @@ impl Ledger {
         records: &[UsageRecord],
         why: &LedgerError,
     ) -> Result<Committed, LedgerError> {
-        let path = self.path.as_path();
-        let now = now_ns();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(sql(path, "beginning a quarantine"))?;
-        let mut committed = Committed::default();
-        for r in records {
-            let q = QuarantinedRecord::of(r, window_start, window_end, &why.to_string(), now);
-            insert_quarantine(&tx, path, &q)?;
-            committed.quarantined.push(q);
-        }
-        tx.commit().map_err(sql(path, "committing a quarantine"))?;
-        Ok(committed)
+        self.quarantine_records(window_start, window_end, records, &why.to_string())
     }
 
     /// Sets records aside whole, with `reason` (one transaction): the
