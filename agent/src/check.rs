@@ -177,6 +177,21 @@ pub fn run(probe_config: &ProbeConfig) -> Vec<Item> {
                         format!("unavailable (needs Linux ≥ 6.3): {e}"),
                     ),
                 });
+                items.push(if p.sender_binding() {
+                    item(
+                        "span sender binding",
+                        true,
+                        false,
+                        "the kernel names each OTLP client's process: spans bind their sender's usage only",
+                    )
+                } else {
+                    item(
+                        "span sender binding",
+                        false,
+                        false,
+                        "unavailable (needs Linux ≥ 6.3 and struct sock in BTF): spans are refused from every sender but [receiver] trusted_forwarders",
+                    )
+                });
             }
             Err(e) => items.push(item(what, false, true, e.to_string())),
         }

@@ -273,6 +273,11 @@ impl Probes {
         self.senders.take()
     }
 
+    /// Whether the kernel records each OTLP client's process (sender binding).
+    pub fn sender_binding(&self) -> bool {
+        self.senders.is_some()
+    }
+
     /// Whether socket traffic is metered, or why not.
     pub fn network(&self) -> Result<(), &str> {
         self.network.as_ref().map(|_| ()).map_err(String::as_str)

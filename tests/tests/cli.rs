@@ -153,6 +153,17 @@ fn check_reports_btf_and_sched_switch() {
             output.stdout
         );
     }
+    // This kernel (≥ 6.3, BTF) has the socket tracepoints, so the receiver can
+    // bind spans to their senders; `check` must say so, since without it every
+    // sender but a trusted forwarder is refused.
+    assert!(
+        output
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("ok") && l.contains("span sender binding")),
+        "mentat-agent check does not report span sender binding as on: {:?}",
+        output.stdout
+    );
 }
 
 #[test]
