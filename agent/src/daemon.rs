@@ -498,7 +498,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
                 // A span's usage is committed once its windows have waited
                 // span_lag and closed; enrich after that.
                 delay: config.span_lag + config.tick * 2 + Duration::from_secs(2),
-                enrich: Some(cost_enricher(ledger.clone())),
+                enrich: Some(cost_enricher(config.ledger_path.clone())),
                 ..ForwardOptions::default()
             },
             receiver_stats.clone(),
@@ -896,11 +896,14 @@ fn split_window(
 /// host pid the receiver bound the span's resource to (never a pid as the
 /// client claimed it: that may be another tenant's, or a container's
 /// namespace pid); spans bound to none go upstream unchanged. One ledger
-/// query per bound process per request, the lock held for that query only.
-fn cost_enricher(ledger: Arc<Mutex<Ledger>>) -> Enricher {
+/// query per bound process per request, on the enricher's own read-only connection.
+fn cost_enricher(ledger_path: PathBuf) -> Enricher {
     use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
     /// Usage windows around a span that can overlap it: a window is one tick.
     const MARGIN_NS: i64 = 60_000_000_000;
+    // Its own read-only connection, opened at first use: a query here never
+    // holds, nor waits for, the lock the window commits take.
+    let reader: Mutex<Option<Ledger>> = Mutex::new(None);
     Arc::new(move |req, host_pids| {
         let ns = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
         // Each bound process's span range over the whole request.
@@ -923,10 +926,20 @@ fn cost_enricher(ledger: Arc<Mutex<Ledger>>) -> Enricher {
                 after: None,
                 limit: 10_000,
             };
-            let page = match ledger.lock() {
-                Ok(l) => l.records(&query),
-                Err(_) => return,
+            let Ok(mut reader) = reader.lock() else {
+                return;
             };
+            if reader.is_none() {
+                match Ledger::open_read_only(&ledger_path) {
+                    Ok(l) => *reader = Some(l),
+                    Err(e) => {
+                        warn!(error = %e, "span cost enrichment: the ledger cannot be read; spans go upstream as received");
+                        return;
+                    }
+                }
+            }
+            let Some(l) = reader.as_ref() else { return };
+            let page = l.records(&query);
             if let Ok(page) = page {
                 records.insert(pid, page.records);
             }
@@ -1253,7 +1266,7 @@ mod enricher_tests {
             ..Default::default()
         };
         ledger.commit_window(&ws, &we, &[record], &[]).unwrap();
-        let enrich = cost_enricher(Arc::new(Mutex::new(ledger)));
+        let enrich = cost_enricher(dir.join("l.db"));
         let mut req = ExportTraceServiceRequest {
             resource_spans: vec![
                 // Claims pid 1, bound by the sender check to 4242: 4242's cost.
