@@ -162,6 +162,16 @@ impl State {
         }
         let mut labels = base.clone();
         labels.extend_from_slice(extra);
+        // The common case, a series that exists: one lookup (this runs for
+        // every record of every window, 50,000 token records/s under load).
+        if let Some(e) = self
+            .families
+            .get_mut(name)
+            .and_then(|f| f.series.get_mut(&labels))
+        {
+            *e = e.checked_add(v).unwrap_or(Decimal::MAX);
+            return;
+        }
         let exists = |s: &Self, l: &Labels| {
             s.families
                 .get(name)

@@ -148,7 +148,9 @@ pub struct ReceiverConfig {
     /// Largest request body accepted, bytes.
     pub max_request_bytes: usize,
     /// Spans waiting for their window (token records, per-run rows) beyond
-    /// which new ones are refused in the response.
+    /// which new ones are refused in the response. Each costs about 4 KiB of
+    /// memory until its window is committed (200,000 peaked at 799 MiB RSS,
+    /// BENCHMARKS.md "Span intake"): size the agent's memory limit from it.
     pub max_pending_spans: usize,
     /// Spans with a run held for splitting windows beyond which new ones
     /// are refused in the response.
