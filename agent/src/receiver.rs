@@ -351,11 +351,6 @@ pub enum ReceiverError {
     },
 }
 
-/// A channel sized for `config`: what [`serve`] sends spans on.
-pub fn span_channel(config: &ReceiverConfig) -> (mpsc::Sender<Span>, mpsc::Receiver<Span>) {
-    mpsc::channel(config.max_pending_spans.max(1))
-}
-
 /// Serves both protocols until `shutdown`; spans go to `sink`, refused in the response when it is full.
 pub async fn serve(
     config: ReceiverConfig,
@@ -2467,7 +2462,8 @@ mod tests {
             http_bind: "127.0.0.1:0".into(),
             ..config
         };
-        let (tx, rx) = span_channel(&config);
+        // A channel as the sink: the tests read what the receiver admitted.
+        let (tx, rx) = mpsc::channel::<Span>(config.max_pending_spans.max(1));
         let stats = Arc::new(ReceiverStats::default());
         let receiver = Receiver::bind(config)
             .await
