@@ -8,12 +8,11 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    api::ApiConfig,
-    export::OtlpConfig,
-    gpu::GpuConfig,
-    pods::PodSource,
+    collect::gpu::GpuConfig,
+    context::receiver::ReceiverConfig,
+    identity::pods::PodSource,
     probes::{ProbeConfig, ProbeMode, VMLINUX_BTF},
-    receiver::ReceiverConfig,
+    serve::{api::ApiConfig, export::OtlpConfig},
 };
 
 /// `mentat-agent run --config FILE`. Every key is optional.
@@ -23,13 +22,13 @@ pub struct Config {
     /// The node's name in records; empty: `$NODE_NAME`, else the host name.
     pub node_name: String,
     /// Window length: one usage window per workload per tick.
-    #[serde(with = "crate::clock::duration_str")]
+    #[serde(with = "crate::probes::clock::duration_str")]
     pub tick: Duration,
     /// Period of the per-CPU timer that charges tasks that never block.
-    #[serde(with = "crate::clock::duration_str")]
+    #[serde(with = "crate::probes::clock::duration_str")]
     pub cpu_tick: Duration,
     /// How often memory and disk are sampled from procfs (≤ tick).
-    #[serde(with = "crate::clock::duration_str")]
+    #[serde(with = "crate::probes::clock::duration_str")]
     pub sample_interval: Duration,
     /// Entries in the kernel's per-process usage map (≈ 2 × processes active per tick).
     pub proc_map_entries: u32,
@@ -38,17 +37,17 @@ pub struct Config {
     /// Where pod names and namespaces come from (off by default).
     pub kubernetes: PodSource,
     /// How often the pod list is fetched.
-    #[serde(with = "crate::clock::duration_str")]
+    #[serde(with = "crate::probes::clock::duration_str")]
     pub pod_refresh: Duration,
     /// The ledger's database file.
     pub ledger_path: PathBuf,
     /// How long usage is kept (as hourly rollups past `raw_retention`).
-    #[serde(with = "crate::clock::duration_str")]
+    #[serde(with = "crate::probes::clock::duration_str")]
     pub retention: Duration,
     /// How long windows are kept record by record before they are compacted
     /// into hourly rollups with exact totals. Raw windows cost ~270 bytes per
     /// record: at 1,000 workloads and 1 s ticks, about 1 GB an hour.
-    #[serde(with = "crate::clock::duration_str")]
+    #[serde(with = "crate::probes::clock::duration_str")]
     pub raw_retention: Duration,
     /// The price book; unset: the built-in book (deploy/pricing.toml). SIGHUP reloads it.
     pub pricing_path: Option<PathBuf>,
@@ -62,10 +61,10 @@ pub struct Config {
     pub gpu: GpuConfig,
     /// How long a closed window waits for late spans before it is split
     /// between runs and committed (SDKs export spans in batches, every 5 s by default).
-    #[serde(with = "crate::clock::duration_str")]
+    #[serde(with = "crate::probes::clock::duration_str")]
     pub span_lag: Duration,
     /// Bounds on `/metrics`' series.
-    pub metrics: crate::prometheus::MetricsConfig,
+    pub metrics: crate::serve::prometheus::MetricsConfig,
 }
 
 impl Default for Config {
@@ -88,7 +87,7 @@ impl Default for Config {
             receiver: ReceiverConfig::default(),
             gpu: GpuConfig::default(),
             span_lag: Duration::from_secs(10),
-            metrics: crate::prometheus::MetricsConfig::default(),
+            metrics: crate::serve::prometheus::MetricsConfig::default(),
         }
     }
 }

@@ -24,26 +24,26 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::{
-    api::{self, AppState},
-    collect::Collector,
-    collect::Window,
+    collect::{Collector, Window, gpu::GpuMeter, metered::core_seconds, storage::StorageMeter},
     config::Config,
-    context::token_record,
-    export::{self, OtlpExporter, Outbox},
-    gpu::GpuMeter,
-    intake::{InboxLimits, SpanInbox},
-    ledger::Ledger,
-    ledger::SpanRow,
-    ledger::{Committed, SeriesId, SeriesState},
-    output::Report,
-    pods::PodDirectory,
+    context::{
+        inbox::{InboxLimits, SpanInbox},
+        receiver::{self, Enricher, ForwardOptions, Forwarder, ReceiverStats},
+    },
+    identity::pods::PodDirectory,
+    ledger::{Committed, Ledger, SeriesId, SeriesState, SpanRow},
     pricing::{PriceBook, PriceBookHandle, billed_party},
     probes::{ProbeError, Probes},
-    prometheus::{AgentStats, Metrics},
-    receiver::{self, Enricher, ForwardOptions, Forwarder, ReceiverStats},
-    report::Span as Span_,
-    storage::StorageMeter,
-    usage::{UsageRecord, core_seconds, stable_id},
+    report::{
+        Report, Span as Span_,
+        record::{UsageRecord, stable_id},
+        split::token_record,
+    },
+    serve::{
+        api::{self, AppState},
+        export::{self, OtlpExporter, Outbox},
+        prometheus::{AgentStats, Metrics},
+    },
 };
 
 /// The price book shipped with the agent, used when no `pricing_path` is set.
@@ -425,9 +425,9 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     let mut probes = Probes::load(&config.probe_config())?;
     // The kernel's sender table goes to the receiver: spans are bound to
     // the process that sent them, not to what they claim.
-    let binder = Arc::new(crate::sender::Binder::kernel(
+    let binder = Arc::new(crate::context::sender::Binder::kernel(
         probes.take_senders(),
-        crate::sender::parse_rules(&config.receiver.trusted_forwarders)
+        crate::context::sender::parse_rules(&config.receiver.trusted_forwarders)
             .map_err(receiver::ReceiverError::TrustedForwarder)?,
     ));
     info!(node, tick = ?config.tick, "probes attached; metering");
@@ -769,7 +769,7 @@ fn compact_periodically(
             wait = Duration::from_secs(3600);
             let ledger = ledger.clone();
             let counters = counters.clone();
-            let now = crate::clock::rfc3339(std::time::SystemTime::now());
+            let now = crate::probes::clock::rfc3339(std::time::SystemTime::now());
             let result = tokio::task::spawn_blocking(move || {
                 let mut l = lock_ledger(&ledger, &counters);
                 let compacted = l.compact(&now).map_err(|e| e.to_string())?;
@@ -846,7 +846,7 @@ fn split_window(
     // Under the inbox's lock only a copy of what this window needs is
     // taken (container pids mapped to host pids first, outside it); the
     // split reads the copy while the receiver keeps admitting spans.
-    let from = crate::clock::unix_ns(window.start);
+    let from = crate::probes::clock::unix_ns(window.start);
     let to = from + window.end_ns.saturating_sub(window.start_ns);
     let (index, new) = inbox.take_window(from, to, |pid, scope| {
         collector.host_pid(pid, scope.container_id.as_deref(), scope.pod_uid.as_deref())
@@ -920,8 +920,8 @@ fn cost_enricher(ledger_path: PathBuf) -> Enricher {
         let mut records = HashMap::new();
         for (pid, (start, end)) in ranges {
             let query = crate::ledger::RecordQuery {
-                from: crate::clock::rfc3339_of_ns(start.saturating_sub(MARGIN_NS)),
-                to: crate::clock::rfc3339_of_ns(end.saturating_add(MARGIN_NS)),
+                from: crate::probes::clock::rfc3339_of_ns(start.saturating_sub(MARGIN_NS)),
+                to: crate::probes::clock::rfc3339_of_ns(end.saturating_add(MARGIN_NS)),
                 filters: vec![("pid".into(), pid.to_string())],
                 after: None,
                 limit: 10_000,
@@ -954,7 +954,7 @@ fn cost_enricher(ledger_path: PathBuf) -> Enricher {
             };
             for span in rs.scope_spans.iter_mut().flat_map(|ss| &mut ss.spans) {
                 let (start, end) = (ns(span.start_time_unix_nano), ns(span.end_time_unix_nano));
-                let (cost, cpu) = crate::usage::usage_during(records, *pid, start, end);
+                let (cost, cpu) = crate::report::record::usage_during(records, *pid, start, end);
                 let kv = |k: &str, v: Value| KeyValue {
                     key: k.into(),
                     value: Some(AnyValue { value: Some(v) }),
@@ -1017,8 +1017,8 @@ async fn shutdown_signal(prices: &PriceBookHandle, pricing_path: Option<PathBuf>
 mod tests {
     use super::*;
 
-    fn summary(ws: &str, we: &str) -> crate::usage::SummaryRecord {
-        crate::usage::SummaryRecord {
+    fn summary(ws: &str, we: &str) -> crate::report::record::SummaryRecord {
+        crate::report::record::SummaryRecord {
             record_type: "summary",
             node: "n".into(),
             window_start: ws.into(),
@@ -1049,7 +1049,7 @@ mod tests {
             window_end: we.into(),
             record_kind: "token".into(),
             run_id: Some("run-1".into()),
-            tokens: vec![crate::usage::TokenUsage {
+            tokens: vec![crate::report::record::TokenUsage {
                 model: "gpt-4o".into(),
                 input,
                 ..Default::default()
@@ -1085,16 +1085,16 @@ mod tests {
         let dir = std::env::temp_dir().join(format!(
             "mentat-daemon-{name}-{}-{}",
             std::process::id(),
-            crate::clock::unix_ns(std::time::SystemTime::now())
+            crate::probes::clock::unix_ns(std::time::SystemTime::now())
         ));
         let ledger = Ledger::open(&dir.join("ledger.db"), Duration::from_secs(3600)).expect("open");
         (dir, Arc::new(Mutex::new(ledger)))
     }
 
     fn ns_ago(secs: i64) -> String {
-        let now =
-            i64::try_from(crate::clock::unix_ns(std::time::SystemTime::now())).expect("now fits");
-        crate::clock::rfc3339_of_ns(now - secs * 1_000_000_000)
+        let now = i64::try_from(crate::probes::clock::unix_ns(std::time::SystemTime::now()))
+            .expect("now fits");
+        crate::probes::clock::rfc3339_of_ns(now - secs * 1_000_000_000)
     }
 
     /// The finding, at the daemon's commit: a token record whose
@@ -1197,7 +1197,7 @@ mod enricher_tests {
     use rust_decimal::Decimal;
 
     use super::*;
-    use crate::usage::Cost;
+    use crate::report::record::Cost;
 
     /// One resource claiming `claimed` as its process.pid, one span over [start, end].
     fn resource(claimed: i64, start: u64, end: u64) -> ResourceSpans {
@@ -1246,8 +1246,8 @@ mod enricher_tests {
         // One window of pid 4242 costing 1 USD; t0 is a whole second.
         let t0: u64 = 1_800_000_000_000_000_000;
         let (ws, we) = (
-            crate::clock::rfc3339_of_ns(t0 as i64),
-            crate::clock::rfc3339_of_ns((t0 + 1_000_000_000) as i64),
+            crate::probes::clock::rfc3339_of_ns(t0 as i64),
+            crate::probes::clock::rfc3339_of_ns((t0 + 1_000_000_000) as i64),
         );
         let record = UsageRecord {
             record_id: "r1".into(),

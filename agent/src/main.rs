@@ -5,14 +5,16 @@ use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use mentat_agent::{
-    caps, check,
+    cli::{
+        check,
+        output::Format,
+        record::{self, RecordOptions},
+        usage::{self, UsageFormat, UsageQuery},
+    },
     config::{self, Config},
     daemon,
-    output::Format,
-    pods::PodSource,
-    probes::{ProbeConfig, ProbeMode, Probes, VMLINUX_BTF},
-    query::{self, UsageFormat, UsageQuery},
-    record::{self, RecordOptions},
+    identity::pods::PodSource,
+    probes::{ProbeConfig, ProbeMode, Probes, VMLINUX_BTF, caps},
     report::GroupBy,
 };
 use tracing_subscriber::EnvFilter;
@@ -332,7 +334,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             };
             match q.run(&mut std::io::stdout().lock()) {
                 // The reader went away (`| head`): not an error.
-                Err(query::QueryError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                Err(usage::QueryError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
                     Ok(0)
                 }
                 r => r.map(|()| 0).map_err(Into::into),

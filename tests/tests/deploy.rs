@@ -740,7 +740,7 @@ fn the_dashboard_queries_only_metrics_the_agent_exports() {
         })
     })
     .expect("/metrics has cost series");
-    let source = read(&repo_root().join("agent/src/prometheus.rs"));
+    let source = read(&repo_root().join("agent/src/serve/prometheus.rs"));
     for name in &names {
         let family = format!("# TYPE {name} ");
         if exposed.contains(&family) {

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use mentat_agent::gpu::{Attribution, GpuConfig, GpuError, GpuMeter, GpuUsage, GpuWindow};
+use mentat_agent::collect::gpu::{Attribution, GpuConfig, GpuError, GpuMeter, GpuUsage, GpuWindow};
 use mentat_tests::nvml_stub::NvmlStub;
 
 const MS: u64 = 1_000_000;

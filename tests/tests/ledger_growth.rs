@@ -23,7 +23,7 @@ const RUN_S: u64 = 600;
 const T0: i64 = 1_767_225_600;
 
 /// Per-row sizes, from the ledger's module docs and its own unit tests
-/// (agent/src/ledger.rs, agent/src/ledger/tests.rs: measured values in brackets):
+/// (agent/src/ledger/mod.rs, agent/src/ledger/tests.rs: measured values in brackets):
 /// - a raw record ≤ 400 B [~270 B: 14 compact decimals, 10 integers, its keys, the
 ///   identity by reference];
 /// - an hourly rollup row ≤ 512 B [~360 B: 14 exact sums as text, 10 integers, (hour,

@@ -9,7 +9,7 @@ use super::{
     CGROUP_ID, FIELDS, LedgerError, PID, PPID, bits_u64, corrupt, exact::DecBlob, overflow,
     record_err, sql, times::format_ns,
 };
-use crate::usage::{Cost, TokenUsage, UsageRecord};
+use crate::report::record::{Cost, TokenUsage, UsageRecord};
 
 pub(super) const INSERT_RECORD: &str = "INSERT INTO records (ws_ns, record_id, we_ns, ident, \
      cpu_core_seconds, memory_gb_seconds, gpu_seconds, gpu_memory_gb_seconds, \

@@ -11,7 +11,7 @@ use std::{
 use rust_decimal::Decimal;
 
 use super::{CompactStats, Ledger, LedgerError, times::format_ns};
-use crate::usage::{Cost, TokenUsage, UsageRecord};
+use crate::report::record::{Cost, TokenUsage, UsageRecord};
 
 /// What [`simulate_growth`] simulates.
 #[derive(Clone, Debug)]

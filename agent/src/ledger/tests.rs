@@ -12,7 +12,7 @@ use super::{
     times::{format_ns, now_ns, parse_time},
     *,
 };
-use crate::usage::{Cost, TokenUsage};
+use crate::report::record::{Cost, TokenUsage};
 
 const DAY: Duration = Duration::from_secs(86_400);
 

@@ -67,7 +67,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     ledger::{SeriesId, SeriesState},
-    usage::UsageRecord,
+    report::record::UsageRecord,
 };
 
 /// Where and how to send OTLP.
@@ -322,7 +322,7 @@ pub struct RequestBuilder {
 impl RequestBuilder {
     /// A builder for node `node`; the stream starts now.
     pub fn new(node: &str) -> Self {
-        let stream_start_ns = crate::clock::unix_ns(SystemTime::now());
+        let stream_start_ns = crate::probes::clock::unix_ns(SystemTime::now());
         let kv = |k: &str, v: &str| kv(k, v);
         Self {
             resource: Resource {
@@ -606,7 +606,7 @@ fn kv(k: &str, v: &str) -> KeyValue {
 }
 
 fn parse_unix_ns(rfc3339: &str) -> Option<u64> {
-    crate::clock::unix_ns_of(rfc3339).and_then(|n| u64::try_from(n).ok())
+    crate::probes::clock::unix_ns_of(rfc3339).and_then(|n| u64::try_from(n).ok())
 }
 
 /// Sends records to one OTLP/gRPC endpoint.
@@ -818,7 +818,7 @@ pub async fn drain<T: Transport>(
         let stopping = *stop.borrow();
         if last_evict.elapsed() >= EVICT_EVERY {
             last_evict = tokio::time::Instant::now();
-            let mut cutoff = crate::clock::unix_ns(SystemTime::now())
+            let mut cutoff = crate::probes::clock::unix_ns(SystemTime::now())
                 .saturating_sub(u64::try_from(SERIES_IDLE.as_nanos()).unwrap_or(u64::MAX));
             // Idle relative to the backlog: while old windows are still being
             // sent (after an outage), their series are not idle.
@@ -967,7 +967,7 @@ pub async fn drain<T: Transport>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::usage::Cost;
+    use crate::report::record::Cost;
 
     fn record(id: &str, cpu: &str, rx: u64) -> UsageRecord {
         UsageRecord {
@@ -1050,9 +1050,10 @@ mod tests {
         let b = RequestBuilder::new("n");
         let mut r = record("a", "1", 0);
         let ws = b.stream_start_ns + 7_200_000_000_000;
-        r.window_start = crate::clock::rfc3339_of_ns(i64::try_from(ws).unwrap_or(i64::MAX));
-        r.window_end =
-            crate::clock::rfc3339_of_ns(i64::try_from(ws + 1_000_000_000).unwrap_or(i64::MAX));
+        r.window_start = crate::probes::clock::rfc3339_of_ns(i64::try_from(ws).unwrap_or(i64::MAX));
+        r.window_end = crate::probes::clock::rfc3339_of_ns(
+            i64::try_from(ws + 1_000_000_000).unwrap_or(i64::MAX),
+        );
         let c = b.contributions(std::slice::from_ref(&r));
         let (fresh, _) = b.build(std::slice::from_ref(&r), &c, &HashMap::new(), 0);
         let evicted_at = b.stream_start_ns + 3_600_000_000_000;

@@ -51,7 +51,7 @@ use serde::Deserialize;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use toml::Spanned;
 
-use crate::usage::{Cost, TokenUsage, UsageRecord};
+use crate::report::record::{Cost, TokenUsage, UsageRecord};
 
 /// Seconds in an hour: the divisor of every per-hour price.
 const SECONDS_PER_HOUR: Decimal = Decimal::from_parts(3600, 0, 0, false, 0);
@@ -1259,7 +1259,7 @@ output_per_1k = "0.02"
     #[test]
     fn the_shipped_book_is_valid() {
         let b = PriceBook::parse(
-            include_str!("../../deploy/pricing.toml"),
+            include_str!("../../../deploy/pricing.toml"),
             "deploy/pricing.toml",
         )
         .expect("deploy/pricing.toml validates");

@@ -113,7 +113,7 @@ pub struct GpuConfig {
     /// How often devices are enumerated again, so that a GPU added (or
     /// removed) after start is metered (or dropped) without a restart. `0s`:
     /// on every tick.
-    #[serde(with = "crate::clock::duration_str")]
+    #[serde(with = "crate::probes::clock::duration_str")]
     pub discovery_interval: Duration,
 }
 

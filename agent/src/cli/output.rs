@@ -8,9 +8,12 @@ use std::io::{self, Write};
 use agent_common::SyscallClass;
 use serde::Serialize;
 
-use crate::usage::{
-    BucketRecord, GroupRecord, Identity, Metered, Metrics, ProcessRecord, SummaryRecord,
-    core_seconds,
+use crate::{
+    collect::metered::{Metered, core_seconds},
+    report::{
+        Report,
+        record::{GroupRecord, Identity, Metrics, ProcessRecord},
+    },
 };
 
 /// An output format.
@@ -22,19 +25,6 @@ pub enum Format {
     Jsonl,
     /// Comma-separated values with a header row.
     Csv,
-}
-
-/// Everything one `record` run prints.
-#[derive(Clone, Debug)]
-pub struct Report {
-    /// Process records, in the order to print.
-    pub processes: Vec<ProcessRecord>,
-    /// With `--group-by`: group records, printed instead of the process records.
-    pub groups: Option<Vec<GroupRecord>>,
-    /// Idle, irq_steal, kernel and unattributed.
-    pub buckets: Vec<BucketRecord>,
-    /// Node-level totals.
-    pub summary: SummaryRecord,
 }
 
 /// Writes `report` in `format`.

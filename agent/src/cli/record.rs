@@ -15,13 +15,15 @@ use std::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    collect::Collector,
-    gpu::{GpuConfig, GpuMeter},
-    output::{Format, write_report},
-    pods::{PodDirectory, PodSource},
+    cli::output::{Format, write_report},
+    collect::{
+        Collector,
+        gpu::{GpuConfig, GpuMeter},
+        storage::StorageMeter,
+    },
+    identity::pods::{PodDirectory, PodSource},
     probes::{ProbeConfig, ProbeError, Probes},
     report::{GroupBy, Span, descendants},
-    storage::StorageMeter,
 };
 
 /// What to record and how to print it.
@@ -264,7 +266,7 @@ fn exit_code_of(status: i32) -> i32 {
     }
 }
 
-fn write_output(opts: &RecordOptions, report: &crate::output::Report) -> Result<(), RecordError> {
+fn write_output(opts: &RecordOptions, report: &crate::report::Report) -> Result<(), RecordError> {
     let (mut sink, name, terminal): (Box<dyn Write>, String, bool) = match &opts.output {
         Some(path) => {
             let f = File::create(path).map_err(|source| RecordError::Output {

@@ -38,8 +38,8 @@ use std::{
 use tokio::sync::mpsc;
 
 use crate::{
-    context::SpanIndex,
-    spans::{PidScope, Span},
+    context::spans::{PidScope, Span},
+    report::split::SpanIndex,
 };
 
 /// How far a span's times may be from the agent's clock (`[receiver]` keys).
@@ -291,7 +291,7 @@ impl SpanInbox {
             if s.pid.is_none() {
                 st.unmapped_pids += 1;
                 // A claim the collector could not map binds the sender's own process.
-                s.pid = crate::sender::unmapped_fallback(&s);
+                s.pid = crate::context::sender::unmapped_fallback(&s);
             }
             if s.pid.is_some() && reserved {
                 // Its slot was held since admission: it always fits.
@@ -406,7 +406,7 @@ impl SpanSink for SpanInbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spans::RunContext;
+    use crate::context::spans::RunContext;
 
     const S: u64 = 1_000_000_000;
     const NOW: u64 = 1_800_000_000 * S;

@@ -53,10 +53,11 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use tracing::warn;
 
 use crate::{
-    identity::Cgroups,
-    receiver::{resource_claim, spans_of_resource},
-    spans::{PidScope, Span, SpanSender},
-    workload::parse_cgroup_path,
+    context::{
+        receiver::{resource_claim, spans_of_resource},
+        spans::{PidScope, Span, SpanSender},
+    },
+    identity::{process::Cgroups, workload::parse_cgroup_path},
 };
 
 /// A request after [`Binder::bind_request`].
@@ -529,7 +530,7 @@ impl Binder {
             None => Some(pid),
             // The sender's own namespace pid: its own host pid. Any other is
             // mapped later by the collector; not known as a host pid here.
-            Some(_) => crate::identity::read_ns_pid(&self.proc_root, sender.sender.pid)
+            Some(_) => crate::identity::process::read_ns_pid(&self.proc_root, sender.sender.pid)
                 .filter(|ns| *ns == pid)
                 .map(|_| sender.sender.pid),
         })

@@ -42,7 +42,7 @@ pub fn root_upperdir(mountinfo: &str) -> Option<PathBuf> {
         options
             .split(',')
             .find_map(|o| o.strip_prefix("upperdir="))
-            .map(|p| PathBuf::from(crate::identity::unescape_mountinfo(p)))
+            .map(|p| PathBuf::from(crate::identity::process::unescape_mountinfo(p)))
     })
 }
 

@@ -20,7 +20,7 @@
 //! - malformed payloads get HTTP 400 / gRPC `InvalidArgument`; a span whose
 //!   trace, span or parent id has the wrong length (or is all zeros) is
 //!   skipped and reported in `partial_success`;
-//! - each span's times are checked before it is taken ([`crate::intake`]:
+//! - each span's times are checked before it is taken ([`crate::context::inbox`]:
 //!   in range, end ≥ start, at most `max_clock_skew` ahead, at most
 //!   `max_span_duration` long, a span with tokens at most `max_span_age`
 //!   old); a span outside is refused in `partial_success` and counted by
@@ -49,7 +49,7 @@
 //! dropped and its queue is empty.
 //!
 //! Senders: every connection is bound to the process that sent it, as the
-//! kernel says ([`crate::sender`]); spans that claim another process,
+//! kernel says ([`crate::context::sender`]); spans that claim another process,
 //! container or pod are refused, and a connection nobody can identify is
 //! refused before its body is read (HTTP 403, gRPC `PermissionDenied`).
 //!
@@ -116,10 +116,12 @@ use tonic::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    export::OtlpConfig,
-    intake::{SpanSink, TimeLimits, TimeRefusal, check_time},
-    sender::{Binder, Sender},
-    spans::{PidScope, RunContext, Span, SpanTokens},
+    context::{
+        inbox::{SpanSink, TimeLimits, TimeRefusal, check_time},
+        sender::{Binder, Sender},
+        spans::{PidScope, RunContext, Span, SpanTokens},
+    },
+    serve::export::OtlpConfig,
 };
 
 /// Heap a decoded request may take, as a multiple of `max_request_bytes`.
@@ -158,14 +160,14 @@ pub struct ReceiverConfig {
     /// Of those, the most one sender (a bound process) may hold.
     pub max_indexed_spans_per_process: usize,
     /// How far ahead of the agent's clock a span's start or end may be.
-    #[serde(with = "crate::clock::duration_str")]
+    #[serde(with = "crate::probes::clock::duration_str")]
     pub max_clock_skew: Duration,
     /// The longest span taken.
-    #[serde(with = "crate::clock::duration_str")]
+    #[serde(with = "crate::probes::clock::duration_str")]
     pub max_span_duration: Duration,
     /// How long ago a span with tokens may have started (its token record's
     /// window starts there; it must be inside `raw_retention`).
-    #[serde(with = "crate::clock::duration_str")]
+    #[serde(with = "crate::probes::clock::duration_str")]
     pub max_span_age: Duration,
     /// Requests read and decoded at once, both protocols together.
     pub max_concurrent_requests: usize,
@@ -179,7 +181,7 @@ pub struct ReceiverConfig {
     /// connection from that address).
     pub trusted_forwarders: Vec<String>,
     /// How long a request's body may take to arrive.
-    #[serde(with = "crate::clock::duration_str")]
+    #[serde(with = "crate::probes::clock::duration_str")]
     pub read_timeout: Duration,
     /// Request bodies read at once, all senders together.
     pub max_concurrent_reads: usize,
@@ -704,7 +706,7 @@ impl Handler {
     /// Keeps the spans whose times pass [`check_time`]; the rest counted per
     /// reason (returned and on `/metrics`).
     fn check_times(&self, spans: Vec<Span>) -> (Vec<Span>, [u64; 5]) {
-        let now = crate::clock::unix_ns(std::time::SystemTime::now());
+        let now = crate::probes::clock::unix_ns(std::time::SystemTime::now());
         let mut refused = [0u64; 5];
         let kept: Vec<Span> = spans
             .into_iter()
@@ -2441,8 +2443,8 @@ mod tests {
 
     /// This process as a kernel-identified sender in cgroup 7.
     fn me() -> Sender {
-        Sender::Bound(crate::sender::Identified {
-            sender: crate::spans::SpanSender {
+        Sender::Bound(crate::context::sender::Identified {
+            sender: crate::context::spans::SpanSender {
                 pid: std::process::id(),
                 start_ns: 1,
                 cgroup_id: 7,
@@ -2690,8 +2692,9 @@ mod tests {
             ],
             vec![OtlpSpan {
                 // A span with tokens must be recent (max_span_age).
-                start_time_unix_nano: crate::clock::unix_ns(std::time::SystemTime::now()) - 1000,
-                end_time_unix_nano: crate::clock::unix_ns(std::time::SystemTime::now()),
+                start_time_unix_nano: crate::probes::clock::unix_ns(std::time::SystemTime::now())
+                    - 1000,
+                end_time_unix_nano: crate::probes::clock::unix_ns(std::time::SystemTime::now()),
                 ..span(
                     3,
                     vec![kv("gen_ai.usage.input_tokens", Value::IntValue(11))],
@@ -2985,7 +2988,7 @@ mod tests {
     #[tokio::test]
     async fn spans_with_bad_times_are_refused_in_the_response_and_counted() {
         let mut running = start(ReceiverConfig::default(), None).await;
-        let now = crate::clock::unix_ns(std::time::SystemTime::now());
+        let now = crate::probes::clock::unix_ns(std::time::SystemTime::now());
         let hour = 3_600_000_000_000u64;
         let tokens = || vec![kv("gen_ai.usage.input_tokens", Value::IntValue(10))];
         let timed = |n: u8, start: u64, end: u64, attributes| OtlpSpan {

@@ -5,6 +5,15 @@
 //! every CPU has acknowledged it (so no program still writes the old one),
 //! then takes the old epoch's entries out of the map. Each charged nanosecond
 //! therefore lands in exactly one window.
+//!
+//! Stage 1 of the data flow. In: the kernel. Out: per-epoch usage maps
+//! ([`EpochUsage`]), the kernel's sender table, and the facts about the kernel
+//! (BTF offsets, capabilities, the clock) the later stages need.
+
+pub mod btf;
+pub mod caps;
+pub mod clock;
+pub mod syscalls;
 
 use std::{
     path::PathBuf,
@@ -25,8 +34,6 @@ use aya::{
     util::online_cpus,
 };
 use tracing::{debug, warn};
-
-use crate::{btf, syscalls};
 
 /// The compiled eBPF programs, embedded so the binary is all a node needs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mentat-probes"));
@@ -157,7 +164,7 @@ pub struct Probes {
     online_cpus: Vec<u32>,
     epoch: u32,
     network: Result<(), String>,
-    senders: Option<crate::sender::SenderMaps>,
+    senders: Option<crate::context::sender::SenderMaps>,
 }
 
 /// One closed epoch's usage.
@@ -245,7 +252,7 @@ impl Probes {
         let env_events = take_map(&mut ebpf, "ENV_EVENTS")?;
         // Only where the send hook is attached and the offsets resolved.
         let senders = if network.is_ok() && sock_offsets.valid == 1 {
-            Some(crate::sender::SenderMaps {
+            Some(crate::context::sender::SenderMaps {
                 senders: take_map(&mut ebpf, "SENDERS")?,
                 ports: take_map(&mut ebpf, "RECEIVER_PORTS")?,
                 stats: take_map(&mut ebpf, "SENDER_STATS")?,
@@ -269,7 +276,7 @@ impl Probes {
 
     /// The sender-binding maps, once (`None` when the kernel cannot record
     /// senders: Linux < 6.3 or unresolved `struct sock` offsets).
-    pub fn take_senders(&mut self) -> Option<crate::sender::SenderMaps> {
+    pub fn take_senders(&mut self) -> Option<crate::context::sender::SenderMaps> {
         self.senders.take()
     }
 

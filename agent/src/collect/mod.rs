@@ -2,6 +2,14 @@
 //! process lifecycle and procfs metadata and with sampled memory and disk
 //! usage, and yields per-instance deltas plus the node buckets. One call to
 //! [`Collector::close_window`] is one tick.
+//!
+//! Stage 2. In: epochs from `probes`, process identity from `identity`.
+//! Out: a [`Window`] of [`metered::Metered`] usage per process instance.
+
+pub mod gpu;
+pub mod memory;
+pub mod metered;
+pub mod storage;
 
 use std::{
     collections::HashMap,
@@ -15,17 +23,23 @@ use agent_common::{Buckets, NET_COUNTERS, PF_KTHREAD, ProcEvent, event_kind};
 use tracing::{debug, warn};
 
 use crate::{
-    clock::{Clock, boottime_ns},
-    context::{EnvContext, context_from_environ, read_env_context},
-    gpu::GpuMeter,
-    identity::{self, Cgroups, instance_start},
-    memory::{self, CgroupIntegrator, Integrator},
-    pods::{PodDirectory, PodName},
-    probes::{ProbeError, Probes},
-    spans::RunContext,
-    storage::StorageMeter,
-    usage::{InstanceKey, Metered, Net},
-    workload::{self, CgroupIdentity, WasmIdentity},
+    collect::{
+        gpu::GpuMeter,
+        memory::{CgroupIntegrator, Integrator},
+        metered::{InstanceKey, Metered, Net},
+        storage::StorageMeter,
+    },
+    context::spans::RunContext,
+    identity::{
+        env::{EnvContext, context_from_environ, read_env_context},
+        pods::{PodDirectory, PodName},
+        process::{self, Cgroups, instance_start},
+        workload::{self, CgroupIdentity, WasmIdentity},
+    },
+    probes::{
+        ProbeError, Probes,
+        clock::{Clock, boottime_ns},
+    },
 };
 
 /// What is known about a process instance (tgid, start).
@@ -290,7 +304,7 @@ impl Collector {
     }
 
     fn apply_event(&mut self, ev: &ProcEvent) {
-        let comm = identity::c_name(&ev.comm);
+        let comm = process::c_name(&ev.comm);
         let ev = &ProcEvent {
             start_ns: instance_start(ev.start_ns),
             ..*ev
@@ -304,7 +318,7 @@ impl Collector {
                 info.parent = parent;
                 info.ppid = Some(ev.ppid);
                 info.comm = comm;
-                info.ns_pid = identity::read_ns_pid(&self.proc_root, ev.tgid);
+                info.ns_pid = process::read_ns_pid(&self.proc_root, ev.tgid);
                 // A forked child runs its parent's program until it execs.
                 if let Some(p) = inherited {
                     info.exe = p.exe;
@@ -322,10 +336,10 @@ impl Collector {
                 info.comm = comm;
                 // /proc/<pid>/exe is absolute and resolved; the execve argument
                 // may be relative. The process may already be gone, though.
-                info.exe = identity::read_exe(&proc_root, ev.tgid)
-                    .or_else(|| Some(identity::c_name(&ev.filename)).filter(|s| !s.is_empty()));
+                info.exe = process::read_exe(&proc_root, ev.tgid)
+                    .or_else(|| Some(process::c_name(&ev.filename)).filter(|s| !s.is_empty()));
                 info.wasm = detect_wasm(&proc_root, ev.tgid, &info.comm, info.exe.as_deref());
-                info.ns_pid = identity::read_ns_pid(&proc_root, ev.tgid);
+                info.ns_pid = process::read_ns_pid(&proc_root, ev.tgid);
                 let parent_ctx = self
                     .live
                     .get(&ev.ppid)
@@ -408,7 +422,7 @@ impl Collector {
             let start = match self.live.get(&pid) {
                 Some(&s) => s,
                 None => {
-                    let Some(stat) = identity::read_stat(&self.proc_root, pid) else {
+                    let Some(stat) = process::read_stat(&self.proc_root, pid) else {
                         continue;
                     };
                     let start = stat.start_since_boot_ns;
@@ -585,7 +599,7 @@ impl Collector {
         }
         // GPU usage per process, on the cgroup the process is in now. NVML
         // reports host pids; a pid the agent has not seen is looked up in procfs.
-        let mut gpu_unattributed = crate::usage::GpuMetered::default();
+        let mut gpu_unattributed = crate::collect::metered::GpuMetered::default();
         let mut gpu_errors = 0;
         if let Some(gpu) = self.gpu.as_mut() {
             let w = gpu.sample(gpu_now);
@@ -595,7 +609,7 @@ impl Collector {
             for u in &w.per_process {
                 let start = match self.live.get(&u.pid) {
                     Some(&s) => s,
-                    None => match identity::read_stat(&self.proc_root, u.pid) {
+                    None => match process::read_stat(&self.proc_root, u.pid) {
                         Some(stat) => {
                             let s = stat.start_since_boot_ns;
                             self.register_from_stat(u.pid, s, stat);
@@ -616,7 +630,7 @@ impl Collector {
                     cgroup_id,
                 };
                 let g = &mut merged.entry(key).or_default().gpu;
-                g.add(&crate::usage::GpuMetered {
+                g.add(&crate::collect::metered::GpuMetered {
                     gpu_ns: u.gpu_ns,
                     memory_byte_ns: u.memory_byte_ns,
                     energy_mj: u.energy_mj,
@@ -664,7 +678,7 @@ impl Collector {
         if self.infos.contains_key(&(tgid, start_ns)) {
             return;
         }
-        match identity::read_stat(&self.proc_root, tgid) {
+        match process::read_stat(&self.proc_root, tgid) {
             Some(stat) if stat.start_since_boot_ns == start_ns => {
                 self.register_from_stat(tgid, start_ns, stat);
             }
@@ -675,9 +689,9 @@ impl Collector {
         }
     }
 
-    fn register_from_stat(&mut self, tgid: u32, start_ns: u64, stat: identity::ProcStat) {
+    fn register_from_stat(&mut self, tgid: u32, start_ns: u64, stat: process::ProcStat) {
         let kernel_thread = stat.flags & PF_KTHREAD != 0;
-        let exe = identity::read_exe(&self.proc_root, tgid);
+        let exe = process::read_exe(&self.proc_root, tgid);
         let wasm = if kernel_thread {
             None
         } else {
@@ -695,7 +709,7 @@ impl Collector {
             ns_pid: if kernel_thread {
                 None
             } else {
-                identity::read_ns_pid(&self.proc_root, tgid)
+                process::read_ns_pid(&self.proc_root, tgid)
             },
             context: {
                 let mut ctx = read_env_context(&self.proc_root, tgid)
@@ -849,6 +863,6 @@ fn detect_wasm(
     comm: &str,
     exe: Option<&str>,
 ) -> Option<WasmIdentity> {
-    let cmdline = identity::read_cmdline(proc_root, pid, CMDLINE_LIMIT).unwrap_or_default();
+    let cmdline = process::read_cmdline(proc_root, pid, CMDLINE_LIMIT).unwrap_or_default();
     workload::detect_wasm(comm, exe, &cmdline)
 }

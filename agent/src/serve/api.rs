@@ -42,8 +42,8 @@ use tracing::info;
 
 use crate::{
     ledger::{self, Ledger, RecordQuery, Totals},
-    prometheus::Metrics,
-    usage::UsageRecord,
+    report::record::UsageRecord,
+    serve::prometheus::Metrics,
 };
 
 /// Where the API listens and who may call it.
@@ -634,8 +634,8 @@ async fn run_view(
             Some(ns) => ns.saturating_sub(60_000_000_000).max(earliest),
             None => now - 86_400_000_000_000,
         };
-        let from = crate::clock::rfc3339_of_ns(from);
-        let to = crate::clock::rfc3339_of_ns(now.saturating_add(1));
+        let from = crate::probes::clock::rfc3339_of_ns(from);
+        let to = crate::probes::clock::rfc3339_of_ns(now.saturating_add(1));
         let mut records = Vec::new();
         let mut after = None;
         loop {
@@ -670,10 +670,10 @@ async fn run_view(
             format!("no usage or spans for run `{run_id}`"),
         ));
     }
-    let path = crate::context::critical_path(
+    let path = crate::report::split::critical_path(
         &spans
             .iter()
-            .map(|s| crate::context::PathSpan {
+            .map(|s| crate::report::split::PathSpan {
                 span_id: s.span_id.clone(),
                 parent: s.parent_span_id.clone(),
                 start: s.start_ns,
@@ -683,7 +683,7 @@ async fn run_view(
     );
     let cost_during = |pid: Option<u32>, start: i64, end: i64| -> Decimal {
         pid.map_or(Decimal::ZERO, |pid| {
-            crate::usage::usage_during(&records, pid, start, end).0
+            crate::report::record::usage_during(&records, pid, start, end).0
         })
     };
     // Inclusive cost: the span's own process's usage while it ran, plus what
@@ -733,8 +733,8 @@ async fn run_view(
             name: s.name.clone(),
             agent_id: s.agent_id.clone(),
             pid: s.pid,
-            start: crate::clock::rfc3339_of_ns(s.start_ns),
-            end: crate::clock::rfc3339_of_ns(s.end_ns),
+            start: crate::probes::clock::rfc3339_of_ns(s.start_ns),
+            end: crate::probes::clock::rfc3339_of_ns(s.end_ns),
             duration_ns: s.end_ns - s.start_ns,
             cost: inclusive(s, &own, &children, 0),
             on_critical_path: path.contains(&s.span_id),
@@ -859,8 +859,8 @@ mod tests {
     fn ledger_with(dir: &std::path::Path, n: u32) -> Ledger {
         let mut l = Ledger::open(&dir.join("ledger.db"), std::time::Duration::from_secs(3600))
             .expect("open");
-        let ws = crate::clock::rfc3339_of_ns(now_ns() - 60_000_000_000);
-        let we = crate::clock::rfc3339_of_ns(now_ns() - 59_000_000_000);
+        let ws = crate::probes::clock::rfc3339_of_ns(now_ns() - 60_000_000_000);
+        let we = crate::probes::clock::rfc3339_of_ns(now_ns() - 59_000_000_000);
         let records: Vec<UsageRecord> = (0..n)
             .map(|i| UsageRecord {
                 record_id: format!("r{i}"),
@@ -970,7 +970,7 @@ mod tests {
             "{body}"
         );
         // An open end is not a long range: there is no usage past now.
-        let from = crate::clock::rfc3339_of_ns(now_ns() - 3_600_000_000_000);
+        let from = crate::probes::clock::rfc3339_of_ns(now_ns() - 3_600_000_000_000);
         let (status, body) = get(
             &format!("{base}/v1/records?from={from}&to=2200-01-01T00:00:00Z"),
             None,

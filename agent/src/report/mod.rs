@@ -1,6 +1,13 @@
 //! Turns closed windows into usage records: sums them over a span (one tick
 //! for the daemon, a whole run for `record`), names what they belong to, and
 //! groups them by container, pod, cgroup or workload on request.
+//!
+//! Stage 3. In: closed [`Window`]s from `collect` and spans from `context`.
+//! Out: usage records (`record`), each process's usage split between the
+//! runs it worked for (`split`).
+
+pub mod record;
+pub mod split;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -9,17 +16,34 @@ use std::{
 };
 
 use crate::{
-    clock::rfc3339,
-    collect::{Collector, NodeBuckets, Window},
-    context::{SCALE, Share, SpanIndex, split_u64, split_u128},
-    memory::gib_seconds,
-    output::Report,
-    usage::{
-        BucketRecord, GroupRecord, Identity, InstanceKey, Metered, Metrics, ProcessRecord,
-        SummaryRecord, bucket_record_id, group_record_id, process_record_id,
+    collect::{
+        Collector, NodeBuckets, Window,
+        memory::gib_seconds,
+        metered::{InstanceKey, Metered},
     },
-    workload::WorkloadKind,
+    identity::workload::WorkloadKind,
+    probes::clock::rfc3339,
+    report::{
+        record::{
+            BucketRecord, GroupRecord, Identity, Metrics, ProcessRecord, SummaryRecord,
+            bucket_record_id, group_record_id, process_record_id,
+        },
+        split::{SCALE, Share, SpanIndex, split_u64, split_u128},
+    },
 };
+
+/// Everything one `record` run prints.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// Process records, in the order to print.
+    pub processes: Vec<ProcessRecord>,
+    /// With `--group-by`: group records, printed instead of the process records.
+    pub groups: Option<Vec<GroupRecord>>,
+    /// Idle, irq_steal, kernel and unattributed.
+    pub buckets: Vec<BucketRecord>,
+    /// Node-level totals.
+    pub summary: SummaryRecord,
+}
 
 /// What `--group-by` sums records by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -230,7 +254,7 @@ impl Span {
                     } else {
                         (start_ns, hi)
                     };
-                    let unix_start = crate::clock::unix_ns(start);
+                    let unix_start = crate::probes::clock::unix_ns(start);
                     index.shares(
                         key.tgid,
                         unix_start + (from - start_ns),
@@ -255,7 +279,7 @@ impl Span {
                     let c = &share.context;
                     let field =
                         |v: &Option<String>| v.as_deref().unwrap_or("\0").as_bytes().to_vec();
-                    crate::usage::stable_id(&[
+                    crate::report::record::stable_id(&[
                         base_id.as_bytes(),
                         &field(&c.agent_id),
                         &field(&c.flow_id),
@@ -296,7 +320,7 @@ impl Span {
             window_start: ws.clone(),
             window_end: we.clone(),
             cpu_ns: m.cpu_ns,
-            cpu_core_seconds: crate::usage::core_seconds(m.cpu_ns),
+            cpu_core_seconds: crate::collect::metered::core_seconds(m.cpu_ns),
             syscalls: m.syscalls,
             network_rx_bytes: m.net.rx_bytes,
             network_tx_bytes: m.net.tx_bytes,

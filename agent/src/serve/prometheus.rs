@@ -43,7 +43,7 @@ use std::{
 use rust_decimal::Decimal;
 use serde::Deserialize;
 
-use crate::usage::UsageRecord;
+use crate::report::record::UsageRecord;
 
 /// The label value of models the price book does not list.
 pub const UNPRICED_MODEL: &str = "unpriced";
@@ -58,7 +58,7 @@ pub struct MetricsConfig {
     /// Most usage series; new ones past it are folded into `other`.
     pub max_series: usize,
     /// How long a workload's series stay after its last record.
-    #[serde(with = "crate::clock::duration_str")]
+    #[serde(with = "crate::probes::clock::duration_str")]
     pub series_grace: Duration,
 }
 
@@ -509,12 +509,12 @@ impl Metrics {
             (
                 "mentat_agent_storage_walks_truncated_total",
                 "Writable-layer walks stopped at 2,000,000 entries: that container's storage_bytes is an undercount.",
-                crate::storage::walks_truncated(),
+                crate::collect::storage::walks_truncated(),
             ),
             (
                 "mentat_agent_pod_list_failures_total",
                 "Pod-list fetches that failed (pod names and namespaces stay as last fetched; usage is not affected).",
-                crate::pods::list_failures(),
+                crate::identity::pods::list_failures(),
             ),
         ] {
             let _ = writeln!(
@@ -577,7 +577,7 @@ mod tests {
     use std::str::FromStr;
 
     use super::*;
-    use crate::usage::Cost;
+    use crate::report::record::Cost;
 
     #[test]
     fn counters_accumulate_with_bounded_labels() {
@@ -692,13 +692,13 @@ mod tests {
         let m = Metrics::new(MetricsConfig::default(), |model| model == "gpt-4o");
         let mut r = container(1);
         r.tokens = (0..2_000)
-            .map(|i| crate::usage::TokenUsage {
+            .map(|i| crate::report::record::TokenUsage {
                 model: format!("random-{i}"),
                 input: 3,
                 output: 4,
                 ..Default::default()
             })
-            .chain([crate::usage::TokenUsage {
+            .chain([crate::report::record::TokenUsage {
                 model: "gpt-4o".into(),
                 input: 10,
                 output: 20,

@@ -83,7 +83,7 @@ impl UsageQuery {
         let mut p = Vec::new();
         if let Some(since) = self.since {
             let from = std::time::SystemTime::now() - since;
-            p.push(("from".into(), crate::clock::rfc3339(from)));
+            p.push(("from".into(), crate::probes::clock::rfc3339(from)));
         }
         if let Some(f) = &self.from {
             p.push(("from".into(), f.clone()));
@@ -300,7 +300,7 @@ fn write_run(out: &mut dyn Write, body: &Value) -> io::Result<()> {
         writeln!(
             out,
             "  {:<24} {:>12.6} {:>10} {:>10} {:>14}",
-            crate::output::printable(a["agent_id"].as_str().unwrap_or("(none)")),
+            crate::cli::output::printable(a["agent_id"].as_str().unwrap_or("(none)")),
             dec(&at["cpu_core_seconds"]),
             at["tokens_input"].as_u64().unwrap_or(0),
             at["tokens_output"].as_u64().unwrap_or(0),
@@ -320,8 +320,8 @@ fn write_run(out: &mut dyn Write, body: &Value) -> io::Result<()> {
             } else {
                 " "
             },
-            crate::output::printable(s["name"].as_str().unwrap_or("?")),
-            crate::output::printable(s["agent_id"].as_str().unwrap_or("")),
+            crate::cli::output::printable(s["name"].as_str().unwrap_or("?")),
+            crate::cli::output::printable(s["agent_id"].as_str().unwrap_or("")),
             s["duration_ns"].as_i64().unwrap_or(0) as f64 / 1e9,
             dec(&s["cost"]).round_dp(6),
         )?;
@@ -387,7 +387,10 @@ fn write_quarantine(out: &mut dyn Write, page: &Value, first: bool, csv: bool) -
             s(&r["reason"]),
         ];
         if csv {
-            let quoted: Vec<String> = cols.iter().map(|c| crate::output::csv_field(c)).collect();
+            let quoted: Vec<String> = cols
+                .iter()
+                .map(|c| crate::cli::output::csv_field(c))
+                .collect();
             writeln!(out, "quarantined,{}", quoted.join(","))?;
         } else {
             writeln!(
@@ -423,7 +426,10 @@ fn write_quarantine(out: &mut dyn Write, page: &Value, first: bool, csv: bool) -
                 String::new(),
                 s(&d["reason"]),
             ];
-            let quoted: Vec<String> = cols.iter().map(|c| crate::output::csv_field(c)).collect();
+            let quoted: Vec<String> = cols
+                .iter()
+                .map(|c| crate::cli::output::csv_field(c))
+                .collect();
             writeln!(out, "dead_letter,{}", quoted.join(","))?;
         } else {
             writeln!(
@@ -479,7 +485,7 @@ fn write_table(out: &mut dyn Write, body: &Value) -> io::Result<()> {
         writeln!(
             out,
             "{:<40} {:>8} {:>12.6} {:>12.6} {:>12} {:>12} {:>14}",
-            crate::output::printable(&label),
+            crate::cli::output::printable(&label),
             t["records"].as_u64().unwrap_or(0),
             dec(&t["cpu_core_seconds"]),
             dec(&t["memory_gb_seconds"]),
@@ -532,7 +538,10 @@ fn write_csv(out: &mut dyn Write, body: &Value) -> io::Result<()> {
             dec(&t["cost"]["total"]).to_string(),
             t["currency"].as_str().unwrap_or("").to_string(),
         ]);
-        let row: Vec<String> = row.iter().map(|f| crate::output::csv_field(f)).collect();
+        let row: Vec<String> = row
+            .iter()
+            .map(|f| crate::cli::output::csv_field(f))
+            .collect();
         writeln!(out, "{}", row.join(","))?;
     }
     Ok(())

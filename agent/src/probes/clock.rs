@@ -86,7 +86,7 @@ pub fn unix_ns_of(rfc3339: &str) -> Option<i64> {
 }
 
 /// Durations in config files: humantime strings ("1s", "250ms", "1m"), for
-/// `#[serde(with = "crate::clock::duration_str")]`.
+/// `#[serde(with = "crate::probes::clock::duration_str")]`.
 pub mod duration_str {
     use std::time::Duration;
 

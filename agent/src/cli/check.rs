@@ -3,9 +3,8 @@
 use std::{fs, path::Path};
 
 use crate::{
-    btf, caps,
-    identity::find_cgroup2_mount,
-    probes::{BTF_TRACEPOINTS, NET_TRACEPOINTS, ProbeConfig, Probes, TRACEPOINTS},
+    identity::process::find_cgroup2_mount,
+    probes::{BTF_TRACEPOINTS, NET_TRACEPOINTS, ProbeConfig, Probes, TRACEPOINTS, btf, caps},
 };
 
 /// One requirement's verdict.
@@ -130,7 +129,7 @@ pub fn run(probe_config: &ProbeConfig) -> Vec<Item> {
         ));
     }
 
-    items.push(match crate::gpu::GpuMeter::open(&crate::gpu::GpuConfig::default()) {
+    items.push(match crate::collect::gpu::GpuMeter::open(&crate::collect::gpu::GpuConfig::default()) {
         Ok(g) => {
             let mig = g.devices().iter().filter(|d| d.mig_enabled).count();
             item(

@@ -114,7 +114,7 @@ use self::{
     sum::{Acc, Currencies, blob_exact, is_priced},
     times::{TimeCache, bad_ns, floor_hour, format_ns, month_bounds, now_ns, parse_time},
 };
-use crate::usage::UsageRecord;
+use crate::report::record::UsageRecord;
 
 /// The identity and trace-context columns: the names `records` and `totals` accept as filters and group-bys.
 pub const FIELDS: [&str; 23] = [

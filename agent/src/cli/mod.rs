@@ -1,0 +1,10 @@
+//! The commands other than `run`: one file per command, plus how records are
+//! printed (`output`).
+//!
+//! `record` meters for a while and prints; `usage` queries a running agent's
+//! API; `check` lists what the kernel offers the agent.
+
+pub mod check;
+pub mod output;
+pub mod record;
+pub mod usage;
