@@ -9,17 +9,16 @@
 //! committed is delivered after restart, and nothing is committed twice.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::VecDeque,
     path::PathBuf,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+        atomic::{AtomicBool, Ordering},
     },
     thread,
     time::{Duration, Instant},
 };
 
-use rust_decimal::Decimal;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
@@ -28,26 +27,22 @@ use crate::{
     config::Config,
     context::{
         inbox::{InboxLimits, SpanInbox},
-        receiver::{self, Enricher, ForwardOptions, Forwarder, ReceiverStats},
+        receiver::{self, ForwardOptions, Forwarder, ReceiverStats},
+        sender::{Binder, parse_rules},
     },
     identity::pods::PodDirectory,
-    ledger::{Committed, Ledger, SeriesId, SeriesState, SpanRow},
-    pricing::{PriceBook, PriceBookHandle, billed_party},
+    ledger::{Ledger, writer::SharedLedger},
+    pricing::{DEFAULT_BOOK, PriceBook, PriceBookHandle},
     probes::{ProbeError, Probes},
-    report::{
-        Report, Span as Span_,
-        record::{UsageRecord, stable_id},
-        split::token_record,
-    },
+    report::{Report, window::ReportedWindow},
     serve::{
         api::{self, AppState},
-        export::{self, OtlpExporter, Outbox},
+        enrich,
+        export::{self, OtlpExporter},
+        outbox::LedgerOutbox,
         prometheus::{AgentStats, Metrics},
     },
 };
-
-/// The price book shipped with the agent, used when no `pricing_path` is set.
-pub const DEFAULT_PRICE_BOOK: &str = include_str!("../../deploy/pricing.toml");
 
 /// The exporter name the OTLP outbox is kept under.
 const OTLP: &str = "otlp";
@@ -100,298 +95,13 @@ fn log_window(r: &Report, committed: usize) {
     );
 }
 
-/// What one window sends from the collector to the committing stage.
-struct ClosedWindow {
-    report: Report,
-    /// Writable-layer bytes per container, measured by the end of the window.
-    storage: HashMap<String, u64>,
-    /// Token usage of the spans received since the last window.
-    tokens: Vec<UsageRecord>,
-    /// Those spans, for per-run views.
-    spans: Vec<SpanRow>,
-    /// NVML errors at the window's GPU reading.
-    gpu_errors: u64,
-    /// The inbox slots of `spans`' spans, freed when the window is dropped
-    /// (committed, or given up).
-    _taken: TakenSpans,
-}
-
-/// Spans a window took from the inbox: they count against
-/// `max_pending_spans` until the window is gone, so the records waiting to
-/// be committed are bounded too.
-struct TakenSpans(Arc<SpanInbox>, usize);
-
-impl Drop for TakenSpans {
-    fn drop(&mut self) {
-        self.0.release(self.1);
-    }
-}
-
-/// The first wait before a failed commit is tried again; it doubles up to
-/// [`COMMIT_RETRY_MAX`].
-const COMMIT_RETRY_FIRST: Duration = Duration::from_millis(500);
-/// The longest wait between two tries of a failed commit.
-const COMMIT_RETRY_MAX: Duration = Duration::from_secs(10);
-/// Tries of a failing commit once the daemon is stopping.
-const COMMIT_TRIES_AT_STOP: u32 = 3;
-
-/// Counters of the commit path, for `/metrics`.
-#[derive(Debug, Default)]
-struct CommitCounters {
-    /// Records set aside into the ledger's quarantine.
-    quarantined: AtomicU64,
-    /// Times the ledger's lock was found poisoned (a holder panicked) and recovered.
-    poisoned: AtomicU64,
-    /// Window commits that panicked (their records were quarantined).
-    panicked: AtomicU64,
-}
-
-impl CommitCounters {
-    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
-        vec![
-            (
-                "mentat_agent_quarantined_records_total",
-                "Records the ledger refused for a reason retrying cannot fix (before the compaction watermark, a time outside 1677..2262, a count past 64 bits...): set aside in its quarantine table (GET /v1/quarantine) while the rest of their window was committed.",
-                self.quarantined.load(Ordering::Relaxed),
-            ),
-            (
-                "mentat_agent_ledger_lock_poisoned_total",
-                "Times the ledger's lock was found poisoned by a panicked holder and taken over (the panicked transaction was rolled back).",
-                self.poisoned.load(Ordering::Relaxed),
-            ),
-            (
-                "mentat_agent_commit_panics_total",
-                "Window commits that panicked; their records were set aside in the quarantine, and later windows went on.",
-                self.panicked.load(Ordering::Relaxed),
-            ),
-        ]
-    }
-}
-
-/// Locks the ledger; a lock poisoned by a panicked holder is taken over and
-/// counted (SQLite rolled the holder's transaction back, and the ledger's
-/// caches change only after a commit), rather than stopping billing for good.
-fn lock_ledger<'a>(
-    ledger: &'a Mutex<Ledger>,
-    counters: &CommitCounters,
-) -> std::sync::MutexGuard<'a, Ledger> {
-    ledger.lock().unwrap_or_else(|poisoned| {
-        counters.poisoned.fetch_add(1, Ordering::Relaxed);
-        warn!("the ledger's lock was poisoned by a panic; taking it over");
-        ledger.clear_poison();
-        poisoned.into_inner()
-    })
-}
-
-/// Why a window's commit failed.
-#[derive(Debug)]
-struct CommitFailure {
-    /// Retrying may succeed (I/O, disk full, busy).
-    transient: bool,
-    message: String,
-}
-
-impl From<crate::ledger::LedgerError> for CommitFailure {
-    fn from(e: crate::ledger::LedgerError) -> Self {
-        Self {
-            transient: e.is_transient(),
-            message: e.to_string(),
-        }
-    }
-}
-
-/// Prices one window and writes it, with its spans, to the ledger; records
-/// the ledger cannot take for good are quarantined, the rest committed.
-fn commit_one(
-    ledger: &Arc<Mutex<Ledger>>,
-    book: &PriceBook,
-    exporters: &[&'static str],
-    w: &ClosedWindow,
-    counters: &CommitCounters,
-) -> Result<(Vec<UsageRecord>, Committed), CommitFailure> {
-    let mut records = usage_records(w);
-    price_all(ledger, book, &mut records, w, counters)?;
-    let mut l = lock_ledger(ledger, counters);
-    l.commit_spans(&w.spans)?;
-    let committed = l.commit_window_or_quarantine(
-        &w.report.summary.window_start,
-        &w.report.summary.window_end,
-        &records,
-        exporters,
-    )?;
-    // What was set aside is not billed, so not counted on /metrics either.
-    if !committed.quarantined.is_empty() {
-        let aside: std::collections::HashSet<&str> = committed
-            .quarantined
-            .iter()
-            .map(|q| q.record_id.as_str())
-            .collect();
-        records.retain(|r| !aside.contains(r.record_id.as_str()));
-    }
-    Ok((records, committed))
-}
-
-/// The last resort for a window whose commit failed for a reason retrying
-/// will not fix, or panicked: its records go to the quarantine whole, with
-/// the reason, so the windows behind it can go on.
-fn quarantine_window(
-    ledger: &Arc<Mutex<Ledger>>,
-    w: &ClosedWindow,
-    reason: &str,
-    counters: &CommitCounters,
-) -> Result<Committed, CommitFailure> {
-    let records = usage_records(w);
-    let mut l = lock_ledger(ledger, counters);
-    Ok(l.quarantine_records(
-        &w.report.summary.window_start,
-        &w.report.summary.window_end,
-        &records,
-        reason,
-    )?)
-}
-
-/// Counts and logs what a commit set aside: one WARN per record naming it,
-/// at most [`QUARANTINE_LOGS_PER_WINDOW`] per window, then one line with the rest.
-fn report_quarantined(committed: &Committed, counters: &CommitCounters) {
-    let n = committed.quarantined.len();
-    if n == 0 {
-        return;
-    }
-    counters.quarantined.fetch_add(n as u64, Ordering::Relaxed);
-    for q in committed
-        .quarantined
-        .iter()
-        .take(QUARANTINE_LOGS_PER_WINDOW)
-    {
-        warn!(
-            record_id = %q.record_id,
-            kind = %q.record_kind,
-            run_id = q.run_id.as_deref().unwrap_or(""),
-            window_start = %q.window_start,
-            reason = %q.reason,
-            "record quarantined: the ledger cannot take it; the rest of its window was committed (see GET /v1/quarantine)"
-        );
-    }
-    if n > QUARANTINE_LOGS_PER_WINDOW {
-        warn!(
-            more = n - QUARANTINE_LOGS_PER_WINDOW,
-            window_start = %committed.quarantined[0].window_start,
-            "more records of this window quarantined (see GET /v1/quarantine)"
-        );
-    }
-}
-
-/// Quarantined records logged one by one per window (the rest in one line).
-const QUARANTINE_LOGS_PER_WINDOW: usize = 10;
-
-/// Turns a window's report into the records the ledger stores.
-fn usage_records(w: &ClosedWindow) -> Vec<UsageRecord> {
-    let r = &w.report;
-    let mut out: Vec<UsageRecord> = r.processes.iter().map(UsageRecord::from_process).collect();
-    out.extend(w.tokens.iter().cloned());
-    out.extend(r.buckets.iter().map(UsageRecord::from_bucket));
-    // One storage record per container: storage belongs to the container,
-    // not to each of its processes.
-    let mut seen = BTreeMap::new();
-    for p in &r.processes {
-        if let Some(c) = &p.identity.container_id
-            && let Some(&bytes) = w.storage.get(c)
-        {
-            seen.entry(c.clone()).or_insert((p, bytes));
-        }
-    }
-    for (container, (p, bytes)) in seen {
-        let base = UsageRecord::from_process(p);
-        out.push(UsageRecord {
-            record_id: stable_id(&[
-                r.summary.node.as_bytes(),
-                b"storage",
-                container.as_bytes(),
-                r.summary.window_start.as_bytes(),
-            ]),
-            record_kind: "storage".into(),
-            pid: None,
-            ppid: None,
-            comm: None,
-            exe: None,
-            process_start_time: None,
-            cgroup_id: None,
-            cgroup_path: None,
-            storage_bytes: Some(bytes),
-            ..UsageRecord {
-                cpu_core_seconds: Decimal::ZERO,
-                memory_gb_seconds: Decimal::ZERO,
-                network_rx_bytes: 0,
-                network_tx_bytes: 0,
-                disk_read_bytes: 0,
-                disk_write_bytes: 0,
-                syscalls: 0,
-                ..base
-            }
-        });
-    }
-    out
-}
-
-/// The ledger as the OTLP exporter's outbox.
-struct LedgerOutbox(Arc<Mutex<Ledger>>, Arc<CommitCounters>);
-
-impl LedgerOutbox {
-    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
-        lock_ledger(&self.0, &self.1)
-    }
-}
-
-impl Outbox for LedgerOutbox {
-    fn pending(&mut self, limit: usize) -> Result<Vec<UsageRecord>, String> {
-        self.ledger()
-            .pending(OTLP, limit)
-            .map_err(|e| e.to_string())
-    }
-
-    fn series(&mut self, keys: &[SeriesId]) -> Result<HashMap<SeriesId, SeriesState>, String> {
-        self.ledger()
-            .export_series(OTLP, keys)
-            .map_err(|e| e.to_string())
-    }
-
-    fn delivered(
-        &mut self,
-        record_ids: &[String],
-        series: &[(SeriesId, SeriesState)],
-        rejected: Option<&str>,
-    ) -> Result<(), String> {
-        self.ledger()
-            .mark_delivered_with(OTLP, record_ids, series, rejected)
-            .map_err(|e| e.to_string())
-    }
-
-    fn dead_letter(&mut self, record_ids: &[String], reason: &str) -> Result<(), String> {
-        self.ledger()
-            .dead_letter(OTLP, record_ids, reason)
-            .map_err(|e| e.to_string())
-    }
-
-    fn evict_series(&mut self, idle_before_ns: u64) -> Result<u64, String> {
-        self.ledger()
-            .evict_export_series(OTLP, idle_before_ns)
-            .map_err(|e| e.to_string())
-    }
-
-    fn reset_series(&mut self) -> Result<u64, String> {
-        self.ledger()
-            .reset_export_series(OTLP)
-            .map_err(|e| e.to_string())
-    }
-}
-
 /// Runs until SIGINT or SIGTERM; the last partial window is closed,
 /// committed and offered to the exporters before exit. SIGHUP reloads the
 /// price book (a bad book keeps the old one).
 pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     let book = match &config.pricing_path {
         Some(path) => PriceBook::load(path)?,
-        None => PriceBook::parse(DEFAULT_PRICE_BOOK, "built-in deploy/pricing.toml")?,
+        None => PriceBook::parse(DEFAULT_BOOK, "built-in deploy/pricing.toml")?,
     };
     info!(
         version = book.version(),
@@ -408,26 +118,25 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         ),
         None => info!(path = %config.ledger_path.display(), "new ledger"),
     }
-    let ledger = Arc::new(Mutex::new(ledger));
+    let ledger = SharedLedger::new(ledger);
     let metrics = {
         let prices = prices.clone();
         Metrics::new(config.metrics.clone(), move |m| {
             prices.current().has_model(m)
         })
     };
-    let commit_counters = Arc::new(CommitCounters::default());
     {
-        let c = commit_counters.clone();
-        metrics.add_source(move || c.counters());
+        let l = ledger.clone();
+        metrics.add_source(move || l.counters());
     }
     let ready = Arc::new(AtomicBool::new(false));
 
     let mut probes = Probes::load(&config.probe_config())?;
     // The kernel's sender table goes to the receiver: spans are bound to
     // the process that sent them, not to what they claim.
-    let binder = Arc::new(crate::context::sender::Binder::kernel(
+    let binder = Arc::new(Binder::kernel(
         probes.take_senders(),
-        crate::context::sender::parse_rules(&config.receiver.trusted_forwarders)
+        parse_rules(&config.receiver.trusted_forwarders)
             .map_err(receiver::ReceiverError::TrustedForwarder)?,
     ));
     info!(node, tick = ?config.tick, "probes attached; metering");
@@ -446,7 +155,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     } else {
         let mut exporter = OtlpExporter::new(&otlp, &node)?;
         info!(endpoint = %otlp.endpoint, "OTLP export on");
-        let mut outbox = LedgerOutbox(ledger.clone(), commit_counters.clone());
+        let mut outbox = LedgerOutbox::new(ledger.clone(), OTLP);
         let stop = stop_rx.clone();
         let stats = Arc::new(export::ExportStats::default());
         {
@@ -498,7 +207,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
                 // A span's usage is committed once its windows have waited
                 // span_lag and closed; enrich after that.
                 delay: config.span_lag + config.tick * 2 + Duration::from_secs(2),
-                enrich: Some(cost_enricher(config.ledger_path.clone())),
+                enrich: Some(enrich::cost_enricher(config.ledger_path.clone())),
                 ..ForwardOptions::default()
             },
             receiver_stats.clone(),
@@ -522,7 +231,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     };
 
     let stop_flag = Arc::new(AtomicBool::new(false));
-    let (tx, mut rx) = mpsc::channel::<ClosedWindow>(16);
+    let (tx, mut rx) = mpsc::channel::<ReportedWindow>(16);
     let collector = {
         let stop = stop_flag.clone();
         let node = node.clone();
@@ -555,135 +264,33 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         let metrics = metrics.clone();
         let prices = prices.clone();
         let stop_flag = stop_flag.clone();
-        let counters = commit_counters.clone();
         async move {
             let mut committed_windows = 0u64;
-            while let Some(mut w) = rx.recv().await {
-                // A window that cannot be written (disk full, I/O error) is
-                // kept and retried, never dropped: later windows queue behind
-                // it (the channel, then the collector), so billing resumes
-                // where it stopped once the ledger can be written again.
-                // Records the ledger refuses for good are quarantined inside
-                // the commit; a window that fails for good as a whole (or
-                // panics) is quarantined whole: neither is ever retried, so
-                // neither can block the node's billing.
-                let mut backoff = COMMIT_RETRY_FIRST;
-                let mut failures = 0u32;
-                loop {
-                    let ledger = ledger.clone();
-                    let book = prices.current();
-                    let exporters = exporters.clone();
-                    let task_counters = counters.clone();
-                    let result = tokio::task::spawn_blocking(move || {
-                        let counters = task_counters;
-                        let attempt =
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                commit_one(&ledger, &book, &exporters, &w, &counters)
-                            }));
-                        let failure = match attempt {
-                            Ok(Ok((records, c))) => return Ok((w, records, c)),
-                            Ok(Err(f)) if f.transient => return Err((Box::new(w), f)),
-                            Ok(Err(f)) => f.message,
-                            Err(panic) => {
-                                counters.panicked.fetch_add(1, Ordering::Relaxed);
-                                let what = panic
-                                    .downcast_ref::<&str>()
-                                    .map(|s| s.to_string())
-                                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                                    .unwrap_or_default();
-                                error!(
-                                    window_start = %w.report.summary.window_start,
-                                    panic = %what,
-                                    "committing a window panicked; its records are quarantined"
-                                );
-                                format!("committing the window panicked: {what}")
-                            }
-                        };
-                        let set_aside =
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                quarantine_window(&ledger, &w, &failure, &counters)
-                            }));
-                        match set_aside {
-                            Ok(Ok(c)) => Ok((w, Vec::new(), c)),
-                            Ok(Err(f)) => Err((Box::new(w), f)),
-                            Err(_) => {
-                                counters.panicked.fetch_add(1, Ordering::Relaxed);
-                                Err((
-                                    Box::new(w),
-                                    CommitFailure {
-                                        transient: true,
-                                        message: format!(
-                                            "{failure}; quarantining the window panicked too"
-                                        ),
-                                    },
-                                ))
-                            }
-                        }
-                    })
+            while let Some(w) = rx.recv().await {
+                let done = ledger
+                    .commit_until_done(
+                        w,
+                        || prices.current(),
+                        &exporters,
+                        &stop_flag,
+                        || metrics.commit_failed(),
+                    )
                     .await;
-                    match result {
-                        Ok(Ok((w, records, committed))) => {
-                            let s = &w.report.summary;
-                            report_quarantined(&committed, &counters);
-                            metrics.observe(
-                                &records,
-                                AgentStats {
-                                    windows: 1,
-                                    map_full_drops: s.map_full_drops,
-                                    events_lost: s.events_lost,
-                                    late_windows: s.late_windows,
-                                    gpu_errors: w.gpu_errors,
-                                },
-                            );
-                            if failures > 0 {
-                                info!(
-                                    window_start = %s.window_start,
-                                    failures,
-                                    "window committed after failed attempts"
-                                );
-                            }
-                            log_window(&w.report, committed.new);
-                            committed_windows += 1;
-                            let _ = wake_tx.send(committed_windows);
-                            break;
-                        }
-                        Ok(Err((back, e))) => {
-                            failures += 1;
-                            metrics.commit_failed();
-                            let s = &back.report.summary;
-                            // At stop there is no later: a few more tries, then say
-                            // exactly which window is lost.
-                            if stop_flag.load(Ordering::SeqCst) && failures >= COMMIT_TRIES_AT_STOP
-                            {
-                                error!(
-                                    window_start = %s.window_start,
-                                    window_end = %s.window_end,
-                                    error = %e.message,
-                                    "stopping with a window the ledger cannot take: it is lost"
-                                );
-                                break;
-                            }
-                            if failures == 1 || failures.is_multiple_of(10) {
-                                warn!(
-                                    window_start = %s.window_start,
-                                    error = %e.message,
-                                    failures,
-                                    retry_in = ?backoff,
-                                    "committing a window failed; it is kept and retried, later windows wait"
-                                );
-                            }
-                            w = *back;
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(COMMIT_RETRY_MAX);
-                        }
-                        Err(e) => {
-                            // Panics are caught inside; this is the runtime going away.
-                            counters.panicked.fetch_add(1, Ordering::Relaxed);
-                            error!(error = %e, "the commit task failed; its window is lost");
-                            break;
-                        }
-                    }
-                }
+                let Some(done) = done else { continue };
+                let s = &done.window.report.summary;
+                metrics.observe(
+                    &done.records,
+                    AgentStats {
+                        windows: 1,
+                        map_full_drops: s.map_full_drops,
+                        events_lost: s.events_lost,
+                        late_windows: s.late_windows,
+                        gpu_errors: done.window.gpu_errors,
+                    },
+                );
+                log_window(&done.window.report, done.committed.new);
+                committed_windows += 1;
+                let _ = wake_tx.send(committed_windows);
             }
         }
     };
@@ -692,12 +299,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         info!("stopping: closing the last window");
         stop_flag.store(true, Ordering::SeqCst);
     };
-    let compaction = compact_periodically(
-        ledger.clone(),
-        config.retention,
-        commit_counters.clone(),
-        stop_rx.clone(),
-    );
+    let compaction = ledger.compact_periodically(config.retention, stop_rx.clone());
     // The commit loop ends when the collector drops its sender after the last window.
     tokio::join!(commit, signals);
     let _ = stop_tx.send(true);
@@ -722,70 +324,6 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     collected?
 }
 
-/// Prices every record of a window; month-to-date spend comes from the
-/// ledger (before this window) plus what this window already priced.
-fn price_all(
-    ledger: &Arc<Mutex<Ledger>>,
-    book: &PriceBook,
-    records: &mut [UsageRecord],
-    w: &ClosedWindow,
-    counters: &CommitCounters,
-) -> Result<(), CommitFailure> {
-    let l = lock_ledger(ledger, counters);
-    let mut spend: HashMap<String, Decimal> = HashMap::new();
-    for r in records.iter_mut() {
-        let party = billed_party(r).map(str::to_string);
-        let mtd = match &party {
-            Some(p) => match spend.get(p) {
-                Some(d) => *d,
-                None => l.month_to_date(p, &w.report.summary.window_start)?,
-            },
-            None => Decimal::ZERO,
-        };
-        let cost = book.price(r, mtd);
-        if let Some(p) = party {
-            spend.insert(p, mtd + cost.total);
-        }
-        r.cost = Some(cost);
-    }
-    Ok(())
-}
-
-fn compact_periodically(
-    ledger: Arc<Mutex<Ledger>>,
-    retention: Duration,
-    counters: Arc<CommitCounters>,
-    mut stop: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        // Soon after start, then hourly: a daemon restarted more often than
-        // hourly still compacts and expires.
-        let mut wait = Duration::from_secs(60);
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-            wait = Duration::from_secs(3600);
-            let ledger = ledger.clone();
-            let counters = counters.clone();
-            let now = crate::probes::clock::rfc3339(std::time::SystemTime::now());
-            let result = tokio::task::spawn_blocking(move || {
-                let mut l = lock_ledger(&ledger, &counters);
-                let compacted = l.compact(&now).map_err(|e| e.to_string())?;
-                let expired = l.expire(&now, retention).map_err(|e| e.to_string())?;
-                Ok::<_, String>((compacted, expired))
-            })
-            .await;
-            match result {
-                Ok(Ok((stats, expired))) => info!(?stats, ?expired, "ledger compacted"),
-                Ok(Err(e)) => warn!(error = %e, "ledger compaction failed"),
-                Err(e) => warn!(error = %e, "ledger compaction task failed"),
-            }
-        }
-    })
-}
-
 /// Closes a window every tick, holds it `lag` for late spans, then splits it
 /// between runs and sends it on. At stop, every held window goes out.
 fn collect_loop(
@@ -795,7 +333,7 @@ fn collect_loop(
     lag: Duration,
     inbox: &Arc<SpanInbox>,
     stop: &AtomicBool,
-    tx: &mpsc::Sender<ClosedWindow>,
+    tx: &mpsc::Sender<ReportedWindow>,
 ) -> Result<(), DaemonError> {
     let mut next = Instant::now() + tick;
     let mut held: VecDeque<(Window, Instant)> = VecDeque::new();
@@ -816,7 +354,7 @@ fn collect_loop(
             let Some((window, _)) = held.pop_front() else {
                 break;
             };
-            let closed = split_window(&mut collector, node, &window, inbox);
+            let closed = ReportedWindow::split(&mut collector, node, &window, inbox);
             collector.forget_exited_before(window.start_ns);
             if tx.blocking_send(closed).is_err() {
                 warn!("window receiver gone; stopping");
@@ -831,157 +369,6 @@ fn collect_loop(
         );
         collector.poll();
     }
-}
-
-/// One window's records, split between runs by the spans received so far,
-/// plus the token records and span rows of the spans received since the last.
-fn split_window(
-    collector: &mut Collector,
-    node: &str,
-    window: &Window,
-    inbox: &Arc<SpanInbox>,
-) -> ClosedWindow {
-    let mut span = Span_::default();
-    span.add(window);
-    // Under the inbox's lock only a copy of what this window needs is
-    // taken (container pids mapped to host pids first, outside it); the
-    // split reads the copy while the receiver keeps admitting spans.
-    let from = crate::probes::clock::unix_ns(window.start);
-    let to = from + window.end_ns.saturating_sub(window.start_ns);
-    let (index, new) = inbox.take_window(from, to, |pid, scope| {
-        collector.host_pid(pid, scope.container_id.as_deref(), scope.pod_uid.as_deref())
-    });
-    inbox.set_bad_traceparents(collector.bad_traceparents());
-    let report = span.report(collector, node, |_| true, &[], Some(&index), None);
-    let mut tokens = Vec::new();
-    let mut rows = Vec::new();
-    for s in &new {
-        let own = s
-            .pid
-            .and_then(|pid| collector.live_instance(pid).map(|start| (pid, start)))
-            .and_then(|(pid, start)| collector.info(pid, start))
-            .map(|i| i.context.clone())
-            .unwrap_or_default();
-        tokens.extend(token_record(node, s, &own));
-        let mut ctx = s.context.clone();
-        ctx.inherit(&own);
-        if let Some(run_id) = ctx.run_id.clone() {
-            rows.push(SpanRow {
-                trace_id: s.trace_id.clone(),
-                span_id: s.span_id.clone(),
-                parent_span_id: s.parent_span_id.clone(),
-                run_id,
-                agent_id: ctx.agent_id.clone(),
-                name: s.name.clone(),
-                start_ns: i64::try_from(s.start_unix_ns).unwrap_or(i64::MAX),
-                end_ns: i64::try_from(s.end_unix_ns).unwrap_or(i64::MAX),
-                pid: s.pid,
-                service: s.service.clone(),
-            });
-        }
-    }
-    ClosedWindow {
-        report,
-        storage: span.storage().clone(),
-        tokens,
-        spans: rows,
-        gpu_errors: window.gpu_errors,
-        _taken: TakenSpans(inbox.clone(), new.len()),
-    }
-}
-
-/// Adds to each forwarded span the cost of what its process used while it
-/// ran (from the ledger): `mentat.cost.total`, `mentat.cost.currency`,
-/// `mentat.pricing.version` and `mentat.usage.cpu.time`. The process is the
-/// host pid the receiver bound the span's resource to (never a pid as the
-/// client claimed it: that may be another tenant's, or a container's
-/// namespace pid); spans bound to none go upstream unchanged. One ledger
-/// query per bound process per request, on the enricher's own read-only connection.
-fn cost_enricher(ledger_path: PathBuf) -> Enricher {
-    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
-    /// Usage windows around a span that can overlap it: a window is one tick.
-    const MARGIN_NS: i64 = 60_000_000_000;
-    // Its own read-only connection, opened at first use: a query here never
-    // holds, nor waits for, the lock the window commits take.
-    let reader: Mutex<Option<Ledger>> = Mutex::new(None);
-    Arc::new(move |req, host_pids| {
-        let ns = |t: u64| i64::try_from(t).unwrap_or(i64::MAX);
-        // Each bound process's span range over the whole request.
-        let mut ranges: HashMap<u32, (i64, i64)> = HashMap::new();
-        for (rs, pid) in req.resource_spans.iter().zip(host_pids) {
-            let Some(pid) = pid else { continue };
-            for span in rs.scope_spans.iter().flat_map(|ss| &ss.spans) {
-                let (start, end) = (ns(span.start_time_unix_nano), ns(span.end_time_unix_nano));
-                let r = ranges.entry(*pid).or_insert((start, end));
-                r.0 = r.0.min(start);
-                r.1 = r.1.max(end);
-            }
-        }
-        let mut records = HashMap::new();
-        for (pid, (start, end)) in ranges {
-            let query = crate::ledger::RecordQuery {
-                from: crate::probes::clock::rfc3339_of_ns(start.saturating_sub(MARGIN_NS)),
-                to: crate::probes::clock::rfc3339_of_ns(end.saturating_add(MARGIN_NS)),
-                filters: vec![("pid".into(), pid.to_string())],
-                after: None,
-                limit: 10_000,
-            };
-            let Ok(mut reader) = reader.lock() else {
-                return;
-            };
-            if reader.is_none() {
-                match Ledger::open_read_only(&ledger_path) {
-                    Ok(l) => *reader = Some(l),
-                    Err(e) => {
-                        warn!(error = %e, "span cost enrichment: the ledger cannot be read; spans go upstream as received");
-                        return;
-                    }
-                }
-            }
-            let Some(l) = reader.as_ref() else { return };
-            let page = l.records(&query);
-            if let Ok(page) = page {
-                records.insert(pid, page.records);
-            }
-        }
-        for (rs, pid) in req.resource_spans.iter_mut().zip(host_pids) {
-            let Some(pid) = pid else { continue };
-            let Some(records) = records.get(pid) else {
-                continue;
-            };
-            let Some(priced) = records.iter().find_map(|r| r.cost.as_ref()) else {
-                continue;
-            };
-            for span in rs.scope_spans.iter_mut().flat_map(|ss| &mut ss.spans) {
-                let (start, end) = (ns(span.start_time_unix_nano), ns(span.end_time_unix_nano));
-                let (cost, cpu) = crate::report::record::usage_during(records, *pid, start, end);
-                let kv = |k: &str, v: Value| KeyValue {
-                    key: k.into(),
-                    value: Some(AnyValue { value: Some(v) }),
-                    ..Default::default()
-                };
-                use rust_decimal::prelude::ToPrimitive;
-                span.attributes.extend([
-                    kv(
-                        "mentat.cost.total",
-                        Value::DoubleValue(cost.to_f64().unwrap_or(0.0)),
-                    ),
-                    kv(
-                        "mentat.cost.currency",
-                        Value::StringValue(priced.currency.clone()),
-                    ),
-                    kv(
-                        "mentat.pricing.version",
-                        Value::StringValue(priced.pricing_version.clone()),
-                    ),
-                    kv(
-                        "mentat.usage.cpu.time",
-                        Value::DoubleValue(cpu.to_f64().unwrap_or(0.0)),
-                    ),
-                ]);
-            }
-        }
-    })
 }
 
 async fn shutdown_signal(prices: &PriceBookHandle, pricing_path: Option<PathBuf>) {
@@ -1010,277 +397,5 @@ async fn shutdown_signal(prices: &PriceBookHandle, pricing_path: Option<PathBuf>
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn summary(ws: &str, we: &str) -> crate::report::record::SummaryRecord {
-        crate::report::record::SummaryRecord {
-            record_type: "summary",
-            node: "n".into(),
-            window_start: ws.into(),
-            window_end: we.into(),
-            accounted_cpu_ns: 0,
-            attributed_cpu_ns: 0,
-            attributed_syscalls: 0,
-            network_rx_bytes: 0,
-            network_tx_bytes: 0,
-            memory_gb_seconds: 0.0,
-            disk_read_bytes: 0,
-            disk_write_bytes: 0,
-            map_full_drops: 0,
-            task_read_errors: 0,
-            events_lost: 0,
-            late_windows: 0,
-            processes: 0,
-            processes_on_node: 0,
-            command_exit_code: None,
-        }
-    }
-
-    fn token(id: &str, ws: &str, we: &str, input: u64) -> UsageRecord {
-        UsageRecord {
-            record_id: id.into(),
-            node: "n".into(),
-            window_start: ws.into(),
-            window_end: we.into(),
-            record_kind: "token".into(),
-            run_id: Some("run-1".into()),
-            tokens: vec![crate::report::record::TokenUsage {
-                model: "gpt-4o".into(),
-                input,
-                ..Default::default()
-            }],
-            ..Default::default()
-        }
-    }
-
-    fn window(ws: &str, we: &str, tokens: Vec<UsageRecord>) -> ClosedWindow {
-        ClosedWindow {
-            report: Report {
-                processes: Vec::new(),
-                groups: None,
-                buckets: Vec::new(),
-                summary: summary(ws, we),
-            },
-            storage: HashMap::new(),
-            tokens,
-            spans: Vec::new(),
-            gpu_errors: 0,
-            _taken: TakenSpans(
-                Arc::new(SpanInbox::new(InboxLimits {
-                    max_pending: 1,
-                    max_indexed: 1,
-                    max_indexed_per_sender: 1,
-                })),
-                0,
-            ),
-        }
-    }
-
-    fn temp_ledger(name: &str) -> (PathBuf, Arc<Mutex<Ledger>>) {
-        let dir = std::env::temp_dir().join(format!(
-            "mentat-daemon-{name}-{}-{}",
-            std::process::id(),
-            crate::probes::clock::unix_ns(std::time::SystemTime::now())
-        ));
-        let ledger = Ledger::open(&dir.join("ledger.db"), Duration::from_secs(3600)).expect("open");
-        (dir, Arc::new(Mutex::new(ledger)))
-    }
-
-    fn ns_ago(secs: i64) -> String {
-        let now = i64::try_from(crate::probes::clock::unix_ns(std::time::SystemTime::now()))
-            .expect("now fits");
-        crate::probes::clock::rfc3339_of_ns(now - secs * 1_000_000_000)
-    }
-
-    /// The finding, at the daemon's commit: a token record whose
-    /// window is three hours old (a span that started then), after the
-    /// first compaction. The commit used to fail for good, and the loop
-    /// retried that window forever: no window was committed after it.
-    #[test]
-    fn a_record_before_the_watermark_does_not_stop_the_commit() {
-        let (dir, ledger) = temp_ledger("watermark");
-        let book = PriceBook::parse(DEFAULT_PRICE_BOOK, "built-in").expect("book");
-        let counters = CommitCounters::default();
-        {
-            let mut l = ledger.lock().expect("lock");
-            let (ws, we) = (ns_ago(3 * 3600), ns_ago(3 * 3600 - 1));
-            l.commit_window(&ws, &we, &[token("old", &ws, &we, 1)], &[OTLP])
-                .expect("old window");
-            l.mark_delivered(OTLP, &["old".to_string()])
-                .expect("deliver");
-            let stats = l.compact(&ns_ago(0)).expect("compact");
-            assert_eq!(stats.records_compacted, 1);
-        }
-        let (ws, we) = (ns_ago(10), ns_ago(9));
-        let (old_ws, old_we) = (ns_ago(3 * 3600 - 60), ns_ago(3 * 3600 - 59));
-        let w = window(
-            &ws,
-            &we,
-            vec![
-                token("fresh", &ws, &we, 1000),
-                token("backlog", &old_ws, &old_we, 5000),
-            ],
-        );
-        let (records, committed) =
-            commit_one(&ledger, &book, &[OTLP], &w, &counters).expect("the window commits");
-        // Only the committed record is counted on /metrics.
-        assert_eq!(records.len(), 1);
-        assert_eq!(records[0].record_id, "fresh");
-        assert_eq!(committed.new, 1);
-        assert_eq!(committed.quarantined.len(), 1);
-        assert_eq!(committed.quarantined[0].record_id, "backlog");
-        report_quarantined(&committed, &counters);
-        assert_eq!(counters.quarantined.load(Ordering::Relaxed), 1);
-        let counted = counters
-            .counters()
-            .into_iter()
-            .find(|c| c.0 == "mentat_agent_quarantined_records_total")
-            .map(|c| c.2);
-        assert_eq!(counted, Some(1));
-        // The next window commits.
-        let (ws2, we2) = (ns_ago(9), ns_ago(8));
-        let next = window(&ws2, &we2, vec![token("next", &ws2, &we2, 1)]);
-        let (_, c) = commit_one(&ledger, &book, &[OTLP], &next, &counters).expect("next");
-        assert_eq!((c.new, c.quarantined.len()), (1, 0));
-        let l = ledger.lock().expect("lock");
-        assert_eq!(l.last_window_end().expect("last"), Some(we2));
-        let pending: Vec<String> = l
-            .pending(OTLP, 10)
-            .expect("pending")
-            .into_iter()
-            .map(|r| r.record_id)
-            .collect();
-        assert_eq!(pending, ["fresh", "next"]);
-        drop(l);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    /// A panic while the ledger's lock was held used to leave it poisoned,
-    /// and every later commit failed with "ledger lock poisoned", forever.
-    #[test]
-    fn a_poisoned_ledger_lock_is_taken_over_and_counted() {
-        let (dir, ledger) = temp_ledger("poison");
-        let book = PriceBook::parse(DEFAULT_PRICE_BOOK, "built-in").expect("book");
-        let counters = CommitCounters::default();
-        let l2 = ledger.clone();
-        let panicked = std::thread::spawn(move || {
-            let _guard = l2.lock();
-            panic!("a holder of the ledger panics");
-        })
-        .join();
-        assert!(panicked.is_err());
-        assert!(ledger.is_poisoned());
-        let (ws, we) = (ns_ago(2), ns_ago(1));
-        let w = window(&ws, &we, vec![token("t", &ws, &we, 10)]);
-        let (_, c) = commit_one(&ledger, &book, &[], &w, &counters).expect("commits");
-        assert_eq!(c.new, 1);
-        assert_eq!(counters.poisoned.load(Ordering::Relaxed), 1);
-        assert!(!ledger.is_poisoned());
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod enricher_tests {
-    use opentelemetry_proto::tonic::{
-        collector::trace::v1::ExportTraceServiceRequest,
-        common::v1::{AnyValue, KeyValue, any_value::Value},
-        resource::v1::Resource,
-        trace::v1::{ResourceSpans, ScopeSpans, Span as OtlpSpan},
-    };
-    use rust_decimal::Decimal;
-
-    use super::*;
-    use crate::report::record::Cost;
-
-    /// One resource claiming `claimed` as its process.pid, one span over [start, end].
-    fn resource(claimed: i64, start: u64, end: u64) -> ResourceSpans {
-        ResourceSpans {
-            resource: Some(Resource {
-                attributes: vec![KeyValue {
-                    key: "process.pid".into(),
-                    value: Some(AnyValue {
-                        value: Some(Value::IntValue(claimed)),
-                    }),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            scope_spans: vec![ScopeSpans {
-                spans: vec![OtlpSpan {
-                    trace_id: vec![1; 16],
-                    span_id: vec![1; 8],
-                    start_time_unix_nano: start,
-                    end_time_unix_nano: end,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }
-    }
-
-    fn cost_of(rs: &ResourceSpans) -> Option<f64> {
-        rs.scope_spans[0].spans[0]
-            .attributes
-            .iter()
-            .find(|kv| kv.key == "mentat.cost.total")
-            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-                Value::DoubleValue(d) => Some(*d),
-                _ => None,
-            })
-    }
-
-    #[test]
-    fn cost_enrichment_looks_up_the_bound_pid_never_the_claimed_one_and_saturates() {
-        let dir = std::env::temp_dir().join(format!("enrich-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut ledger = Ledger::open(&dir.join("l.db"), Duration::from_secs(3600)).unwrap();
-        // One window of pid 4242 costing 1 USD; t0 is a whole second.
-        let t0: u64 = 1_800_000_000_000_000_000;
-        let (ws, we) = (
-            crate::probes::clock::rfc3339_of_ns(t0 as i64),
-            crate::probes::clock::rfc3339_of_ns((t0 + 1_000_000_000) as i64),
-        );
-        let record = UsageRecord {
-            record_id: "r1".into(),
-            node: "n".into(),
-            window_start: ws.clone(),
-            window_end: we.clone(),
-            record_kind: "process".into(),
-            pid: Some(4242),
-            cost: Some(Cost {
-                total: Decimal::ONE,
-                subtotal: Decimal::ONE,
-                currency: "USD".into(),
-                pricing_version: "v".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        ledger.commit_window(&ws, &we, &[record], &[]).unwrap();
-        let enrich = cost_enricher(dir.join("l.db"));
-        let mut req = ExportTraceServiceRequest {
-            resource_spans: vec![
-                // Claims pid 1, bound by the sender check to 4242: 4242's cost.
-                resource(1, t0, t0 + 1_000_000_000),
-                // Claims 4242, bound to no host pid (a namespace pid): nothing.
-                resource(4242, t0, t0 + 1_000_000_000),
-                // An end past i64: no overflow, and the whole window.
-                resource(4242, t0, u64::MAX),
-            ],
-        };
-        enrich(&mut req, &[Some(4242), None, Some(4242)]);
-        assert_eq!(cost_of(&req.resource_spans[0]), Some(1.0));
-        assert_eq!(cost_of(&req.resource_spans[1]), None);
-        assert_eq!(cost_of(&req.resource_spans[2]), Some(1.0));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

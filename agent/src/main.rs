@@ -288,7 +288,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
             let book = match &cfg.pricing_path {
                 Some(p) => mentat_agent::pricing::PriceBook::load(p),
                 None => mentat_agent::pricing::PriceBook::parse(
-                    mentat_agent::daemon::DEFAULT_PRICE_BOOK,
+                    mentat_agent::pricing::DEFAULT_BOOK,
                     "built-in deploy/pricing.toml",
                 ),
             };

@@ -23,7 +23,7 @@ use crate::{
     },
     identity::pods::{PodDirectory, PodSource},
     probes::{ProbeConfig, ProbeError, Probes},
-    report::{GroupBy, Span, descendants},
+    report::{GroupBy, WindowSum, descendants},
 };
 
 /// What to record and how to print it.
@@ -132,7 +132,7 @@ pub fn run(opts: &RecordOptions) -> Result<i32, RecordError> {
     // meter's first reading only sets its baselines).
     collector.close_window()?;
 
-    let mut span = Span::default();
+    let mut span = WindowSum::default();
     let mut next_tick = Instant::now() + opts.tick;
     let (root, exit_code) = if let Some((prog, args)) = opts.command.split_first() {
         let (pid, code) = run_command(prog, args, opts, &mut collector, &mut span, &mut next_tick)?;
@@ -191,7 +191,7 @@ fn run_command(
     args: &[OsString],
     opts: &RecordOptions,
     collector: &mut Collector,
-    span: &mut Span,
+    span: &mut WindowSum,
     next_tick: &mut Instant,
 ) -> Result<(Option<u32>, i32), RecordError> {
     // Orphaned descendants are reparented to us, so waiting until we have no

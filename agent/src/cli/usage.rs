@@ -242,9 +242,10 @@ impl UsageQuery {
 /// once however often it is replayed; `source` is the node; `subject` is who
 /// is billed (the customer, else the user, else "unattributed").
 pub fn cloud_event(r: &Value) -> Value {
-    let subject = r["customer_id"]
-        .as_str()
-        .or_else(|| r["user_id"].as_str())
+    // As `UsageRecord::billed_party`: an empty id is no id.
+    let named = |k: &str| r[k].as_str().filter(|s| !s.is_empty());
+    let subject = named("customer_id")
+        .or_else(|| named("user_id"))
         .unwrap_or("unattributed");
     json!({
         "specversion": "1.0",

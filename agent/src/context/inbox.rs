@@ -31,7 +31,7 @@
 use std::{
     collections::HashMap,
     hash::{Hash, Hasher},
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
@@ -313,6 +313,13 @@ impl SpanInbox {
         st.in_flight = st.in_flight.saturating_sub(n);
     }
 
+    /// Holds the slots of `n` spans taken by [`SpanInbox::take_window`] until
+    /// the returned guard is dropped (their window committed, or given up),
+    /// so records waiting to be committed count against `max_pending_spans`.
+    pub fn hold(self: &Arc<Self>, n: usize) -> HeldSpans {
+        HeldSpans(self.clone(), n)
+    }
+
     /// Records the count of malformed `TRACEPARENT`s the collector saw.
     pub fn set_bad_traceparents(&self, n: u64) {
         self.lock().bad_traceparents = n;
@@ -400,6 +407,16 @@ impl SpanSink for SpanInbox {
             a.accepted += 1;
         }
         a
+    }
+}
+
+/// Inbox slots of spans taken for a window; freed on drop.
+#[derive(Debug)]
+pub struct HeldSpans(Arc<SpanInbox>, usize);
+
+impl Drop for HeldSpans {
+    fn drop(&mut self) {
+        self.0.release(self.1);
     }
 }
 

@@ -91,6 +91,7 @@ mod sum;
 #[cfg(test)]
 mod tests;
 mod times;
+pub mod writer;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -114,7 +115,7 @@ use self::{
     sum::{Acc, Currencies, blob_exact, is_priced},
     times::{TimeCache, bad_ns, floor_hour, format_ns, month_bounds, now_ns, parse_time},
 };
-use crate::report::record::UsageRecord;
+use crate::report::record::{SpanRow, UsageRecord};
 
 /// The identity and trace-context columns: the names `records` and `totals` accept as filters and group-bys.
 pub const FIELDS: [&str; 23] = [
@@ -835,7 +836,7 @@ impl Ledger {
                             .map_err(record_err(path, &r.record_id, "enqueuing in the outbox"))?;
                     }
                     let mut add = None;
-                    if let (Some(cost), Some(party)) = (&r.cost, billed_party(r)) {
+                    if let (Some(cost), Some(party)) = (&r.cost, r.billed_party()) {
                         let m = match month {
                             Some((start, next)) if (start..next).contains(&rws) => start,
                             _ => {
@@ -1455,7 +1456,7 @@ impl Ledger {
             .collect()
     }
 
-    /// Month-to-date spend (Σ cost.total) of a billed party (customer_id, or user_id when customer_id is null) before `before`, rollups included.
+    /// Month-to-date spend (Σ cost.total) of a billed party ([`UsageRecord::billed_party`]) before `before`, rollups included.
     ///
     /// The month is `before`'s UTC calendar month. Kept as a running sum per
     /// party and month at commit, so this does not scan a month of records:
@@ -1478,8 +1479,9 @@ impl Ledger {
                 .ok_or_else(|| corrupt(path, format!("spend of {party:?}: {s:?}")))?,
             None => Exact::ZERO,
         };
-        // Party match: customer_id, or user_id where no customer is known.
-        const PARTY: &str = "(i.customer_id = ?3 OR (i.customer_id IS NULL AND i.user_id = ?3))";
+        // Party match, as `UsageRecord::billed_party`: customer_id, or
+        // user_id where no customer is named (null or empty).
+        const PARTY: &str = "((i.customer_id = ?3 AND ?3 <> '') OR (COALESCE(i.customer_id, '') = '' AND i.user_id = ?3))";
         let later_raw = format!(
             "SELECT r.cost_total FROM records r CROSS JOIN identities i \
              WHERE r.ws_ns >= ?1 AND r.ws_ns < ?2 AND i.id = r.ident \
@@ -1635,31 +1637,6 @@ impl Ledger {
         }
         Ok(out)
     }
-}
-
-/// A stored span of a run (see [`Ledger::commit_spans`]).
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct SpanRow {
-    /// 32 hex.
-    pub trace_id: String,
-    /// 16 hex.
-    pub span_id: String,
-    /// 16 hex, if any.
-    pub parent_span_id: Option<String>,
-    /// The run the span belongs to.
-    pub run_id: String,
-    /// `agent.id`, if any.
-    pub agent_id: Option<String>,
-    /// The span's name.
-    pub name: String,
-    /// Start, Unix ns.
-    pub start_ns: i64,
-    /// End, Unix ns.
-    pub end_ns: i64,
-    /// The emitting process.
-    pub pid: Option<u32>,
-    /// `service.name`.
-    pub service: Option<String>,
 }
 
 impl Ledger {
@@ -1944,9 +1921,4 @@ fn group_key(
             })
         })
         .collect()
-}
-
-/// Who is billed for a record: its customer, or its user where no customer is known.
-fn billed_party(r: &UsageRecord) -> Option<&str> {
-    r.customer_id.as_deref().or(r.user_id.as_deref())
 }

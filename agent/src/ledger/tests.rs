@@ -1595,3 +1595,45 @@ fn quarantined_records_and_dead_letters_expire_with_retention() {
     assert_eq!(ledger.quarantine_count().expect("count"), 0);
     assert!(ledger.dead_letters(10).expect("dead").is_empty());
 }
+
+/// Pricing picks the discount tier by `UsageRecord::billed_party`, which
+/// takes an empty customer id as none; the ledger's spend must follow the
+/// same rule, or the user behind an empty customer id never accrues spend
+/// (and a shared "" party would pool every such tenant's spend).
+#[test]
+fn spend_is_kept_under_the_party_that_pricing_bills() {
+    let dir = TempDir::new("party");
+    let mut ledger = Ledger::open(&dir.db(), Duration::from_secs(3600)).expect("open");
+    let empty_customer = UsageRecord {
+        customer_id: Some(String::new()),
+        user_id: Some("alice".into()),
+        ..priced(rec("r1", T0), "3")
+    };
+    let named = UsageRecord {
+        customer_id: Some("acme".into()),
+        user_id: Some("bob".into()),
+        ..priced(rec("r2", T0 + 10), "5")
+    };
+    assert_eq!(empty_customer.billed_party(), Some("alice"));
+    ledger
+        .commit_window(&t(T0), &t(T0 + 20), &[empty_customer, named], &[])
+        .expect("commit");
+    // Both the running sum and the part subtracted for windows at or after
+    // `before` (here T0 + 10: the acme record) follow the one rule.
+    for (party, before, want) in [
+        ("alice", T0 + 20, "3"),
+        ("acme", T0 + 20, "5"),
+        ("", T0 + 20, "0"),
+        ("bob", T0 + 20, "0"),
+        ("alice", T0 + 10, "3"),
+        ("acme", T0 + 10, "0"),
+        ("alice", T0, "0"),
+    ] {
+        assert_eq!(
+            ledger.month_to_date(party, &t(before)).expect("mtd"),
+            d(want),
+            "{party:?} before {}",
+            t(before)
+        );
+    }
+}

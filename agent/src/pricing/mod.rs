@@ -37,7 +37,7 @@
 //!   quantities, so it can be re-priced with any later book.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     ops::Range,
     path::Path,
     sync::{
@@ -59,6 +59,9 @@ const SECONDS_PER_HOUR: Decimal = Decimal::from_parts(3600, 0, 0, false, 0);
 const BYTES_PER_GB: Decimal = Decimal::from_parts(1 << 30, 0, 0, false, 0);
 /// Seconds in the spec's billing month (30 days).
 const SECONDS_PER_MONTH: Decimal = Decimal::from_parts(30 * 24 * 3600, 0, 0, false, 0);
+
+/// The price book shipped with the agent, used when no `pricing_path` is set.
+pub const DEFAULT_BOOK: &str = include_str!("../../../deploy/pricing.toml");
 
 /// Why a price book was refused.
 #[derive(Debug, thiserror::Error)]
@@ -237,13 +240,41 @@ impl PriceBook {
         &self.currency
     }
 
+    /// Prices a window's records in order. `month_to_date(party)` is the
+    /// party's spend before the window (the ledger's), asked once per party;
+    /// spend priced earlier in the window adds to it, so a tier boundary
+    /// crossed mid-window applies to the party's later records.
+    pub fn price_window<E>(
+        &self,
+        records: &mut [UsageRecord],
+        mut month_to_date: impl FnMut(&str) -> Result<Decimal, E>,
+    ) -> Result<(), E> {
+        let mut spend: HashMap<String, Decimal> = HashMap::new();
+        for r in records.iter_mut() {
+            let party = r.billed_party().map(str::to_string);
+            let mtd = match &party {
+                Some(p) => match spend.get(p) {
+                    Some(d) => *d,
+                    None => month_to_date(p)?,
+                },
+                None => Decimal::ZERO,
+            };
+            let cost = self.price(r, mtd);
+            if let Some(p) = party {
+                spend.insert(p, mtd + cost.total);
+            }
+            r.cost = Some(cost);
+        }
+        Ok(())
+    }
+
     /// Prices one record's raw quantities. `month_to_date` is the billed party's spend so far this month (before this record), which selects the discount tier.
     ///
     /// The whole record is priced at the tier its `month_to_date` falls in,
     /// even if the record itself carries spend across the next tier's `from`:
     /// a record is one window of one workload, tiny next to a tier's width, and
     /// splitting it would make a record's price depend on its order among the
-    /// party's others. A record with no billed party ([`billed_party`]) gets no
+    /// party's others. A record with no billed party ([`UsageRecord::billed_party`]) gets no
     /// discount. A negative month-to-date (credits) counts as 0.
     pub fn price(&self, r: &UsageRecord, month_to_date: Decimal) -> Cost {
         let id = r.record_id.as_str();
@@ -277,7 +308,7 @@ impl PriceBook {
             .map(|t| self.tokens(t, id))
             .collect::<Vec<_>>());
         let subtotal = sum(&[cpu, memory, gpu, network, storage, token]);
-        let percent = match billed_party(r) {
+        let percent = match r.billed_party() {
             Some(_) => self.discount_percent(month_to_date),
             None => Decimal::ZERO,
         };
@@ -382,14 +413,6 @@ impl PriceBook {
             .find(|t| t.from <= spend && t.to.is_none_or(|to| spend < to))
             .map_or(Decimal::ZERO, |t| t.percent)
     }
-}
-
-/// Who a discount tier applies to: the record's customer_id, else its user_id, else nobody.
-pub fn billed_party(r: &UsageRecord) -> Option<&str> {
-    fn named(v: &Option<String>) -> Option<&str> {
-        v.as_deref().filter(|s| !s.is_empty())
-    }
-    named(&r.customer_id).or_else(|| named(&r.user_id))
 }
 
 /// Token usages priced at 0 because their model was not in the book, since start.
@@ -1126,6 +1149,46 @@ output_per_1k = "0.02"
     }
 
     #[test]
+    fn a_window_asks_month_to_date_once_per_party_and_accrues_its_own_spend() {
+        // Each record: 14400 GPU-seconds = 10 before discount (see below).
+        let rec = |id: &str, customer: Option<&str>, user: Option<&str>| UsageRecord {
+            record_id: id.into(),
+            customer_id: customer.map(String::from),
+            user_id: user.map(String::from),
+            gpu_seconds: dec("14400"),
+            ..record()
+        };
+        let mut records = vec![
+            rec("a1", Some("acme"), None),
+            rec("a2", Some("acme"), None),
+            // An empty customer id names nobody: the user is billed.
+            rec("u1", Some(""), Some("alice")),
+            rec("n1", None, None),
+        ];
+        let mut asked = Vec::new();
+        book()
+            .price_window(&mut records, |p| {
+                asked.push(p.to_string());
+                // acme is 5 short of the 2nd tier (1000); alice far from it.
+                Ok::<_, ()>(if p == "acme" { dec("995") } else { dec("0") })
+            })
+            .expect("priced");
+        assert_eq!(asked, ["acme", "alice"]);
+        let total = |i: usize| records[i].cost.as_ref().map(|c| c.total);
+        // a1 at 995: no discount; a2 at 1005 (995 + a1's 10): 12.5 % off.
+        assert_eq!(total(0), Some(dec("10")));
+        assert_eq!(total(1), Some(dec("8.75")));
+        assert_eq!(total(2), Some(dec("10")));
+        assert_eq!(total(3), Some(dec("10")));
+        // A failing lookup fails the window, naming nothing priced half-way.
+        let mut again = vec![rec("a3", Some("acme"), None)];
+        assert_eq!(
+            book().price_window(&mut again, |_| Err("ledger down")),
+            Err("ledger down")
+        );
+    }
+
+    #[test]
     fn discount_tier_boundary() {
         let r = UsageRecord {
             customer_id: Some("acme".into()),
@@ -1162,7 +1225,7 @@ output_per_1k = "0.02"
             user_id: Some("u1".into()),
             ..r.clone()
         };
-        assert_eq!(billed_party(&user), Some("u1"));
+        assert_eq!(user.billed_party(), Some("u1"));
         assert_eq!(b.price(&user, dec("1000")).discount, dec("1.25"));
         // Nobody billed: no discount whatever month-to-date says.
         let nobody = UsageRecord {
@@ -1170,9 +1233,9 @@ output_per_1k = "0.02"
             user_id: None,
             ..r.clone()
         };
-        assert_eq!(billed_party(&nobody), None);
+        assert_eq!(nobody.billed_party(), None);
         assert_eq!(b.price(&nobody, dec("5000")).discount, Decimal::ZERO);
-        assert_eq!(billed_party(&r), Some("acme"));
+        assert_eq!(r.billed_party(), Some("acme"));
     }
 
     #[test]
@@ -1258,11 +1321,8 @@ output_per_1k = "0.02"
 
     #[test]
     fn the_shipped_book_is_valid() {
-        let b = PriceBook::parse(
-            include_str!("../../../deploy/pricing.toml"),
-            "deploy/pricing.toml",
-        )
-        .expect("deploy/pricing.toml validates");
+        let b = PriceBook::parse(DEFAULT_BOOK, "deploy/pricing.toml")
+            .expect("deploy/pricing.toml validates");
         assert_eq!(b.currency(), "USD");
         assert!(!b.version().is_empty());
     }

@@ -8,6 +8,7 @@
 
 pub mod record;
 pub mod split;
+pub mod window;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -119,9 +120,10 @@ impl GroupBy {
     }
 }
 
-/// Usage summed over consecutive windows.
+/// Usage summed over consecutive windows (one tick for the daemon, a whole
+/// run for `record`).
 #[derive(Clone, Debug, Default)]
-pub struct Span {
+pub struct WindowSum {
     start: Option<(u64, SystemTime)>,
     end: Option<(u64, SystemTime)>,
     processes: BTreeMap<InstanceKey, Metered>,
@@ -134,7 +136,7 @@ pub struct Span {
     late_windows: u64,
 }
 
-impl Span {
+impl WindowSum {
     /// Adds a window (windows must be added in order).
     pub fn add(&mut self, w: &Window) {
         if self.start.is_none() {

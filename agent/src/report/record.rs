@@ -454,6 +454,17 @@ pub fn decimal_gib_seconds(byte_ns: u128) -> Decimal {
 }
 
 impl UsageRecord {
+    /// Who is billed for this record, for discount tiers and month-to-date
+    /// spend: its customer, else its user, else nobody. An empty id is no id
+    /// (the one rule: pricing, the ledger's spend and the billing export all
+    /// use it).
+    pub fn billed_party(&self) -> Option<&str> {
+        fn named(v: &Option<String>) -> Option<&str> {
+            v.as_deref().filter(|s| !s.is_empty())
+        }
+        named(&self.customer_id).or_else(|| named(&self.user_id))
+    }
+
     /// The stored form of a process record.
     pub fn from_process(p: &ProcessRecord) -> Self {
         let name = |v: &Option<String>| v.clone();
@@ -601,6 +612,31 @@ pub fn group_record_id(
         group.map_or(b"\0null".as_slice(), str::as_bytes),
         rfc3339(window_start).as_bytes(),
     ])
+}
+
+/// A span of a run, as the ledger stores it for per-run views.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SpanRow {
+    /// 32 hex.
+    pub trace_id: String,
+    /// 16 hex.
+    pub span_id: String,
+    /// 16 hex, if any.
+    pub parent_span_id: Option<String>,
+    /// The run the span belongs to.
+    pub run_id: String,
+    /// `agent.id`, if any.
+    pub agent_id: Option<String>,
+    /// The span's name.
+    pub name: String,
+    /// Start, Unix ns.
+    pub start_ns: i64,
+    /// End, Unix ns.
+    pub end_ns: i64,
+    /// The emitting process.
+    pub pid: Option<u32>,
+    /// `service.name`.
+    pub service: Option<String>,
 }
 
 #[cfg(test)]

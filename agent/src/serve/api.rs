@@ -693,16 +693,16 @@ async fn run_view(
         .iter()
         .map(|s| (s.span_id.as_str(), cost_during(s.pid, s.start_ns, s.end_ns)))
         .collect();
-    let mut children: HashMap<&str, Vec<&crate::ledger::SpanRow>> = HashMap::new();
+    let mut children: HashMap<&str, Vec<&crate::report::record::SpanRow>> = HashMap::new();
     for s in &spans {
         if let Some(p) = s.parent_span_id.as_deref() {
             children.entry(p).or_default().push(s);
         }
     }
     fn inclusive<'a>(
-        s: &'a crate::ledger::SpanRow,
+        s: &'a crate::report::record::SpanRow,
         own: &HashMap<&str, Decimal>,
-        children: &HashMap<&str, Vec<&'a crate::ledger::SpanRow>>,
+        children: &HashMap<&str, Vec<&'a crate::report::record::SpanRow>>,
         depth: usize,
     ) -> Decimal {
         let mine = own.get(s.span_id.as_str()).copied().unwrap_or_default();

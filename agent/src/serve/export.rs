@@ -66,7 +66,7 @@ use tonic::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    ledger::{SeriesId, SeriesState},
+    ledger::{LedgerError, SeriesId, SeriesState},
     report::record::UsageRecord,
 };
 
@@ -716,9 +716,9 @@ impl Transport for OtlpExporter {
 /// Where an exporter takes records from and reports delivery to (the ledger).
 pub trait Outbox {
     /// Up to `limit` undelivered records, oldest first.
-    fn pending(&mut self, limit: usize) -> Result<Vec<UsageRecord>, String>;
+    fn pending(&mut self, limit: usize) -> Result<Vec<UsageRecord>, LedgerError>;
     /// The acknowledged running totals of the series in `keys` that have one.
-    fn series(&mut self, keys: &[SeriesId]) -> Result<HashMap<SeriesId, SeriesState>, String>;
+    fn series(&mut self, keys: &[SeriesId]) -> Result<HashMap<SeriesId, SeriesState>, LedgerError>;
     /// Marks records delivered and stores the series' totals after them, in
     /// one transaction; with `rejected`, also lists them as dead letters.
     fn delivered(
@@ -726,13 +726,13 @@ pub trait Outbox {
         record_ids: &[String],
         series: &[(SeriesId, SeriesState)],
         rejected: Option<&str>,
-    ) -> Result<(), String>;
+    ) -> Result<(), LedgerError>;
     /// Takes records the receiver refused for good out of the queue, listed with `reason`.
-    fn dead_letter(&mut self, record_ids: &[String], reason: &str) -> Result<(), String>;
+    fn dead_letter(&mut self, record_ids: &[String], reason: &str) -> Result<(), LedgerError>;
     /// Forgets series idle since `idle_before_ns`; returns how many.
-    fn evict_series(&mut self, idle_before_ns: u64) -> Result<u64, String>;
+    fn evict_series(&mut self, idle_before_ns: u64) -> Result<u64, LedgerError>;
     /// Forgets every series (a new stream starts).
-    fn reset_series(&mut self) -> Result<u64, String>;
+    fn reset_series(&mut self) -> Result<u64, LedgerError>;
 }
 
 /// The exporter's counters, for `/metrics`.
@@ -1114,10 +1114,13 @@ mod tests {
     }
 
     impl Outbox for FakeOutbox {
-        fn pending(&mut self, limit: usize) -> Result<Vec<UsageRecord>, String> {
+        fn pending(&mut self, limit: usize) -> Result<Vec<UsageRecord>, LedgerError> {
             Ok(self.l().pending.iter().take(limit).cloned().collect())
         }
-        fn series(&mut self, keys: &[SeriesId]) -> Result<HashMap<SeriesId, SeriesState>, String> {
+        fn series(
+            &mut self,
+            keys: &[SeriesId],
+        ) -> Result<HashMap<SeriesId, SeriesState>, LedgerError> {
             let l = self.l();
             Ok(keys
                 .iter()
@@ -1129,11 +1132,15 @@ mod tests {
             ids: &[String],
             series: &[(SeriesId, SeriesState)],
             rejected: Option<&str>,
-        ) -> Result<(), String> {
+        ) -> Result<(), LedgerError> {
             let mut l = self.l();
             if l.fail_marks > 0 {
                 l.fail_marks -= 1;
-                return Err("disk I/O error".into());
+                return Err(LedgerError::Io {
+                    path: "fake".into(),
+                    what: "marking delivered",
+                    source: std::io::Error::other("disk I/O error"),
+                });
             }
             l.pending.retain(|r| !ids.contains(&r.record_id));
             l.series.extend(series.iter().cloned());
@@ -1143,17 +1150,17 @@ mod tests {
             }
             Ok(())
         }
-        fn dead_letter(&mut self, ids: &[String], reason: &str) -> Result<(), String> {
+        fn dead_letter(&mut self, ids: &[String], reason: &str) -> Result<(), LedgerError> {
             let mut l = self.l();
             l.pending.retain(|r| !ids.contains(&r.record_id));
             l.dead
                 .extend(ids.iter().map(|i| (i.clone(), reason.to_string())));
             Ok(())
         }
-        fn evict_series(&mut self, _idle_before_ns: u64) -> Result<u64, String> {
+        fn evict_series(&mut self, _idle_before_ns: u64) -> Result<u64, LedgerError> {
             Ok(0)
         }
-        fn reset_series(&mut self) -> Result<u64, String> {
+        fn reset_series(&mut self) -> Result<u64, LedgerError> {
             let mut l = self.l();
             let n = l.series.len() as u64;
             l.series.clear();

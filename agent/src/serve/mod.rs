@@ -1,9 +1,12 @@
 //! The last stage: what leaves the agent.
 //!
 //! In: windows committed to the `ledger` (and the ledger's queries). Out: the
-//! read-only HTTP API (`api`), Prometheus counters (`prometheus`), and OTLP
-//! metrics export from the ledger's outbox (`export`).
+//! read-only HTTP API (`api`), Prometheus counters (`prometheus`), OTLP
+//! metrics export from the ledger's outbox (`export`, `outbox`), and the
+//! cost attributes added to spans forwarded upstream (`enrich`).
 
 pub mod api;
+pub mod enrich;
 pub mod export;
+pub mod outbox;
 pub mod prometheus;

@@ -1,0 +1,291 @@
+//! One closed window as the daemon bills it: its process, bucket, token and
+//! storage records, split between runs by the spans received so far.
+//!
+//! In: a [`Window`] from `collect` and the span inbox from `context`. Out: a
+//! [`ReportedWindow`], whose [`ReportedWindow::records`] are what `pricing`
+//! prices and the `ledger` stores, and whose span rows feed per-run views.
+//! The window holds its spans' inbox slots until it is dropped, so records
+//! waiting to be committed stay under `max_pending_spans`.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
+
+use rust_decimal::Decimal;
+
+use crate::{
+    collect::{Collector, Window},
+    context::inbox::{HeldSpans, SpanInbox},
+    probes::clock::unix_ns,
+    report::{
+        Report, WindowSum,
+        record::{SpanRow, UsageRecord, stable_id},
+        split::token_record,
+    },
+};
+
+/// What one window sends from the collector to the committing stage.
+#[derive(Debug)]
+pub struct ReportedWindow {
+    /// The window's process and bucket records and node summary.
+    pub report: Report,
+    /// Writable-layer bytes per container, measured by the end of the window.
+    pub storage: HashMap<String, u64>,
+    /// Token usage of the spans received since the last window.
+    pub tokens: Vec<UsageRecord>,
+    /// Those spans, for per-run views.
+    pub spans: Vec<SpanRow>,
+    /// NVML errors at the window's GPU reading.
+    pub gpu_errors: u64,
+    /// The inbox slots of `spans`' spans, freed when the window is dropped.
+    pub held: Option<HeldSpans>,
+}
+
+impl ReportedWindow {
+    /// Reports one window, split between runs by the spans received so far,
+    /// with the token records and span rows of the spans received since the last.
+    pub fn split(
+        collector: &mut Collector,
+        node: &str,
+        window: &Window,
+        inbox: &Arc<SpanInbox>,
+    ) -> Self {
+        let mut sum = WindowSum::default();
+        sum.add(window);
+        // Under the inbox's lock only a copy of what this window needs is
+        // taken (container pids mapped to host pids first, outside it); the
+        // split reads the copy while the receiver keeps admitting spans.
+        let from = unix_ns(window.start);
+        let to = from + window.end_ns.saturating_sub(window.start_ns);
+        let (index, new) = inbox.take_window(from, to, |pid, scope| {
+            collector.host_pid(pid, scope.container_id.as_deref(), scope.pod_uid.as_deref())
+        });
+        inbox.set_bad_traceparents(collector.bad_traceparents());
+        let report = sum.report(collector, node, |_| true, &[], Some(&index), None);
+        let mut tokens = Vec::new();
+        let mut rows = Vec::new();
+        for s in &new {
+            let own = s
+                .pid
+                .and_then(|pid| collector.live_instance(pid).map(|start| (pid, start)))
+                .and_then(|(pid, start)| collector.info(pid, start))
+                .map(|i| i.context.clone())
+                .unwrap_or_default();
+            tokens.extend(token_record(node, s, &own));
+            let mut ctx = s.context.clone();
+            ctx.inherit(&own);
+            if let Some(run_id) = ctx.run_id.clone() {
+                rows.push(SpanRow {
+                    trace_id: s.trace_id.clone(),
+                    span_id: s.span_id.clone(),
+                    parent_span_id: s.parent_span_id.clone(),
+                    run_id,
+                    agent_id: ctx.agent_id.clone(),
+                    name: s.name.clone(),
+                    start_ns: i64::try_from(s.start_unix_ns).unwrap_or(i64::MAX),
+                    end_ns: i64::try_from(s.end_unix_ns).unwrap_or(i64::MAX),
+                    pid: s.pid,
+                    service: s.service.clone(),
+                });
+            }
+        }
+        Self {
+            report,
+            storage: sum.storage().clone(),
+            tokens,
+            spans: rows,
+            gpu_errors: window.gpu_errors,
+            held: Some(inbox.hold(new.len())),
+        }
+    }
+
+    /// The records the ledger stores for this window: one per process, one
+    /// per token span, one per bucket, and one storage record per container.
+    pub fn records(&self) -> Vec<UsageRecord> {
+        let r = &self.report;
+        let mut out: Vec<UsageRecord> = r.processes.iter().map(UsageRecord::from_process).collect();
+        out.extend(self.tokens.iter().cloned());
+        out.extend(r.buckets.iter().map(UsageRecord::from_bucket));
+        // One storage record per container: storage belongs to the container,
+        // not to each of its processes.
+        let mut seen = BTreeMap::new();
+        for p in &r.processes {
+            if let Some(c) = &p.identity.container_id
+                && let Some(&bytes) = self.storage.get(c)
+            {
+                seen.entry(c.clone()).or_insert((p, bytes));
+            }
+        }
+        for (container, (p, bytes)) in seen {
+            let base = UsageRecord::from_process(p);
+            out.push(UsageRecord {
+                record_id: stable_id(&[
+                    r.summary.node.as_bytes(),
+                    b"storage",
+                    container.as_bytes(),
+                    r.summary.window_start.as_bytes(),
+                ]),
+                record_kind: "storage".into(),
+                pid: None,
+                ppid: None,
+                comm: None,
+                exe: None,
+                process_start_time: None,
+                cgroup_id: None,
+                cgroup_path: None,
+                storage_bytes: Some(bytes),
+                ..UsageRecord {
+                    cpu_core_seconds: Decimal::ZERO,
+                    memory_gb_seconds: Decimal::ZERO,
+                    network_rx_bytes: 0,
+                    network_tx_bytes: 0,
+                    disk_read_bytes: 0,
+                    disk_write_bytes: 0,
+                    syscalls: 0,
+                    ..base
+                }
+            });
+        }
+        out
+    }
+
+    /// The window's start, RFC 3339.
+    pub fn start(&self) -> &str {
+        &self.report.summary.window_start
+    }
+
+    /// The window's end, RFC 3339.
+    pub fn end(&self) -> &str {
+        &self.report.summary.window_end
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        collect::metered::{InstanceKey, Metered},
+        context::spans::RunContext,
+        report::record::{BucketRecord, Identity, Metrics, ProcessRecord, SummaryRecord},
+    };
+
+    fn process(pid: u32, container: Option<&str>, cpu_ns: u64) -> ProcessRecord {
+        ProcessRecord {
+            record_type: "process",
+            record_id: format!("p{pid}"),
+            node: "n".into(),
+            window_start: "2026-01-01T00:00:00Z".into(),
+            window_end: "2026-01-01T00:00:01Z".into(),
+            identity: Identity {
+                container_id: container.map(String::from),
+                ..Identity::default()
+            },
+            pid,
+            process_start_time: "2026-01-01T00:00:00Z".into(),
+            ppid: None,
+            comm: "w".into(),
+            exe: None,
+            cgroup_id: 7,
+            cgroup_path: None,
+            context: RunContext::default(),
+            metrics: Metrics::default(),
+            exited: false,
+            key: InstanceKey::default(),
+            metered: Metered {
+                cpu_ns,
+                ..Metered::default()
+            },
+        }
+    }
+
+    fn window(processes: Vec<ProcessRecord>, storage: &[(&str, u64)]) -> ReportedWindow {
+        ReportedWindow {
+            report: Report {
+                processes,
+                groups: None,
+                buckets: vec![BucketRecord {
+                    record_type: "idle",
+                    record_id: "b".into(),
+                    node: "n".into(),
+                    window_start: "2026-01-01T00:00:00Z".into(),
+                    window_end: "2026-01-01T00:00:01Z".into(),
+                    cpu_ns: 0,
+                    cpu_core_seconds: 0.0,
+                    syscalls: 0,
+                    network_rx_bytes: 0,
+                    network_tx_bytes: 0,
+                    map_full_drops: None,
+                    task_read_errors: None,
+                }],
+                summary: SummaryRecord {
+                    record_type: "summary",
+                    node: "n".into(),
+                    window_start: "2026-01-01T00:00:00Z".into(),
+                    window_end: "2026-01-01T00:00:01Z".into(),
+                    accounted_cpu_ns: 0,
+                    attributed_cpu_ns: 0,
+                    attributed_syscalls: 0,
+                    network_rx_bytes: 0,
+                    network_tx_bytes: 0,
+                    memory_gb_seconds: 0.0,
+                    disk_read_bytes: 0,
+                    disk_write_bytes: 0,
+                    map_full_drops: 0,
+                    task_read_errors: 0,
+                    events_lost: 0,
+                    late_windows: 0,
+                    processes: 0,
+                    processes_on_node: 0,
+                    command_exit_code: None,
+                },
+            },
+            storage: storage.iter().map(|(c, b)| (c.to_string(), *b)).collect(),
+            tokens: vec![UsageRecord {
+                record_id: "t1".into(),
+                record_kind: "token".into(),
+                ..UsageRecord::default()
+            }],
+            spans: Vec::new(),
+            gpu_errors: 0,
+            held: None,
+        }
+    }
+
+    #[test]
+    fn storage_is_one_record_per_measured_container_and_bills_nothing_else() {
+        let w = window(
+            vec![
+                process(1, Some("c1"), 500_000_000),
+                process(2, Some("c1"), 250_000_000),
+                process(3, Some("c2"), 1_000_000_000),
+                process(4, None, 2_000_000_000),
+            ],
+            // c2 was not measured; c3 has no process this window.
+            &[("c1", 4096), ("c3", 1)],
+        );
+        let records = w.records();
+        let kinds: Vec<&str> = records.iter().map(|r| r.record_kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "process", "process", "process", "process", "token", "idle", "storage"
+            ]
+        );
+        let storage = &records[6];
+        assert_eq!(storage.storage_bytes, Some(4096));
+        assert_eq!(storage.container_id.as_deref(), Some("c1"));
+        // The CPU stays with the processes: nothing is billed twice.
+        assert!(storage.cpu_core_seconds.is_zero() && storage.pid.is_none());
+        let cpu: rust_decimal::Decimal = records.iter().map(|r| r.cpu_core_seconds).sum();
+        assert_eq!(cpu, "3.75".parse().expect("number"));
+        // Ids are deterministic (a retried window writes the same records)
+        // and distinct from every process record's.
+        assert_eq!(w.records()[6].record_id, storage.record_id);
+        assert!(
+            records[..6]
+                .iter()
+                .all(|r| r.record_id != storage.record_id)
+        );
+    }
+}
