@@ -12,7 +12,7 @@ use crate::{
     context::receiver::ReceiverConfig,
     identity::pods::PodSource,
     probes::{ProbeConfig, ProbeMode, VMLINUX_BTF},
-    serve::{api::ApiConfig, export::OtlpConfig},
+    serve::{api::ApiConfig, otlp::OtlpConfig},
 };
 
 /// `mentat-agent run --config FILE`. Every key is optional.

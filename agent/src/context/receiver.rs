@@ -71,7 +71,6 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    str::FromStr,
     sync::{
         Arc, LazyLock,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -107,11 +106,8 @@ use tokio::{
 use tonic::{
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
     codegen::{BoxFuture, Service, http, tokio_stream::Stream},
-    metadata::{Ascii, MetadataKey, MetadataValue},
     server::UnaryService,
-    transport::{
-        Certificate, Channel, ClientTlsConfig, Endpoint, server::Connected as TonicConnected,
-    },
+    transport::{Channel, server::Connected as TonicConnected},
 };
 use tracing::{debug, info, warn};
 
@@ -121,7 +117,7 @@ use crate::{
         sender::{Binder, Sender},
         spans::{PidScope, RunContext, Span, SpanTokens},
     },
-    serve::export::OtlpConfig,
+    serve::otlp::{OtlpChannel, OtlpConfig},
 };
 
 /// Heap a decoded request may take, as a multiple of `max_request_bytes`.
@@ -1783,52 +1779,19 @@ async fn forward_loop(
 /// The upstream endpoint: a lazily connected client and the headers to send.
 #[derive(Clone)]
 struct Upstream {
-    endpoint: String,
+    channel: OtlpChannel,
     client: TraceServiceClient<Channel>,
-    headers: Vec<(MetadataKey<Ascii>, MetadataValue<Ascii>)>,
 }
 
 impl Upstream {
     fn new(config: &OtlpConfig) -> Result<Self, ReceiverError> {
-        let error = |message: String| ReceiverError::Upstream {
+        let channel = OtlpChannel::new(config).map_err(|e| ReceiverError::Upstream {
             endpoint: config.endpoint.clone(),
-            message,
-        };
-        let timeout = if config.timeout_ms == 0 {
-            Duration::from_secs(10)
-        } else {
-            Duration::from_millis(config.timeout_ms)
-        };
-        let mut endpoint = Endpoint::from_str(&config.endpoint)
-            .map_err(|e| error(format!("endpoint: {e}")))?
-            .timeout(timeout)
-            .connect_timeout(timeout);
-        if config.endpoint.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new().with_native_roots();
-            if let Some(ca) = &config.ca_file {
-                let pem = std::fs::read(ca)
-                    .map_err(|e| error(format!("CA file {}: {e}", ca.display())))?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|e| error(format!("TLS: {e}")))?;
-        }
-        let headers = config
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                let key = MetadataKey::from_str(k)
-                    .map_err(|e| error(format!("header name {k:?}: {e}")))?;
-                let value = MetadataValue::from_str(v)
-                    .map_err(|e| error(format!("header {k:?} value: {e}")))?;
-                Ok((key, value))
-            })
-            .collect::<Result<_, ReceiverError>>()?;
+            message: e.to_string(),
+        })?;
         Ok(Self {
-            endpoint: config.endpoint.clone(),
-            client: TraceServiceClient::new(endpoint.connect_lazy()),
-            headers,
+            client: TraceServiceClient::new(channel.channel.clone()),
+            channel,
         })
     }
 
@@ -1850,10 +1813,7 @@ impl Upstream {
                 request.clone()
             };
             let Some(body) = body else { return };
-            let mut call = tonic::Request::new(body);
-            for (k, v) in &self.headers {
-                call.metadata_mut().insert(k.clone(), v.clone());
-            }
+            let call = self.channel.request(body);
             match self.client.clone().export(call).await {
                 Ok(response) => {
                     let rejected = response
@@ -1875,7 +1835,7 @@ impl Upstream {
                         let n = stats.forward_dropped.fetch_add(spans, Ordering::Relaxed) + spans;
                         if warn_allowed(Warn::ForwardFailed) {
                             warn!(
-                                endpoint = %self.endpoint,
+                                endpoint = %self.channel.endpoint,
                                 attempts = attempt,
                                 spans,
                                 total_dropped = n,
@@ -1886,7 +1846,7 @@ impl Upstream {
                         }
                         return;
                     }
-                    debug!(endpoint = %self.endpoint, attempt, "OTLP forwarding: {}, retrying", status.code());
+                    debug!(endpoint = %self.channel.endpoint, attempt, "OTLP forwarding: {}, retrying", status.code());
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
@@ -2914,7 +2874,7 @@ mod tests {
                     .map_err(|e| tonic::Status::internal(e.to_string()))
             }
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()
             .await

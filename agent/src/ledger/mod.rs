@@ -115,7 +115,7 @@ use self::{
     sum::{Acc, Currencies, blob_exact, is_priced},
     times::{TimeCache, bad_ns, floor_hour, format_ns, month_bounds, now_ns, parse_time},
 };
-use crate::report::record::{SpanRow, UsageRecord};
+use crate::report::record::{Cost, SpanRow, UsageRecord};
 
 /// The identity and trace-context columns: the names `records` and `totals` accept as filters and group-bys.
 pub const FIELDS: [&str; 23] = [
@@ -348,29 +348,6 @@ pub struct Page {
 /// One group's values of the group-by fields, in their order (None: the record has none).
 pub type Group = Vec<Option<String>>;
 
-/// Sums of each cost component.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct CostTotals {
-    /// Σ cost.cpu.
-    pub cpu: Decimal,
-    /// Σ cost.memory.
-    pub memory: Decimal,
-    /// Σ cost.gpu.
-    pub gpu: Decimal,
-    /// Σ cost.network.
-    pub network: Decimal,
-    /// Σ cost.storage.
-    pub storage: Decimal,
-    /// Σ cost.token.
-    pub token: Decimal,
-    /// Σ cost.subtotal.
-    pub subtotal: Decimal,
-    /// Σ cost.discount.
-    pub discount: Decimal,
-    /// Σ cost.total.
-    pub total: Decimal,
-}
-
 /// Sums of every quantity and cost component over a set of records.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Totals {
@@ -408,8 +385,8 @@ pub struct Totals {
     pub tokens_output: u64,
     /// Σ reasoning output tokens over all models.
     pub tokens_reasoning_output: u64,
-    /// Σ of each cost component.
-    pub cost: CostTotals,
+    /// Σ of each cost component (currency and version empty: see `currency`).
+    pub cost: Cost,
     /// The currency of the priced records (None when none is priced).
     pub currency: Option<String>,
 }

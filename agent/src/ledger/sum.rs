@@ -6,7 +6,7 @@ use rusqlite::{Row, types::ValueRef};
 use rust_decimal::Decimal;
 
 use super::{
-    CostTotals, DEC_COLS, INT_COLS, LedgerError, Totals, corrupt,
+    Cost, DEC_COLS, INT_COLS, LedgerError, Totals, corrupt,
     exact::{DecBlob, Exact},
     overflow, sql,
 };
@@ -193,7 +193,7 @@ impl Acc {
             tokens_cache_read_input: tc,
             tokens_output: to,
             tokens_reasoning_output: tr,
-            cost: CostTotals {
+            cost: Cost {
                 cpu,
                 memory,
                 gpu,
@@ -203,6 +203,8 @@ impl Acc {
                 subtotal,
                 discount,
                 total,
+                currency: String::new(),
+                pricing_version: String::new(),
             },
             currency,
         })

@@ -321,9 +321,11 @@ pub struct Cost {
     pub discount: Decimal,
     /// subtotal − discount.
     pub total: Decimal,
-    /// ISO 4217 currency code.
+    /// ISO 4217 currency code (empty in a sum: the sum's currency is kept beside it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub currency: String,
-    /// The price book's version.
+    /// The price book's version (empty in a sum, which may span versions).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pricing_version: String,
 }
 

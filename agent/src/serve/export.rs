@@ -40,8 +40,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    path::PathBuf,
-    str::FromStr,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, SystemTime},
 };
@@ -58,42 +56,14 @@ use opentelemetry_proto::tonic::{
     resource::v1::Resource,
 };
 use rust_decimal::{Decimal, prelude::ToPrimitive};
-use serde::Deserialize;
-use tonic::{
-    metadata::{MetadataKey, MetadataValue},
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
-};
+use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::{
     ledger::{LedgerError, SeriesId, SeriesState},
     report::record::UsageRecord,
+    serve::otlp::{OtlpChannel, OtlpConfig},
 };
-
-/// Where and how to send OTLP.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct OtlpConfig {
-    /// gRPC endpoint, e.g. `http://collector:4317`. Empty: export is off
-    /// unless `OTEL_EXPORTER_OTLP_(METRICS_)ENDPOINT` sets one (see `config`).
-    pub endpoint: String,
-    /// Extra request headers (e.g. an API key).
-    pub headers: BTreeMap<String, String>,
-    /// Per-request timeout, milliseconds (0: 10 s).
-    pub timeout_ms: u64,
-    /// PEM CA bundle for a TLS endpoint (`https://`); the system roots otherwise.
-    pub ca_file: Option<PathBuf>,
-}
-
-impl OtlpConfig {
-    fn timeout(&self) -> Duration {
-        if self.timeout_ms == 0 {
-            Duration::from_secs(10)
-        } else {
-            Duration::from_millis(self.timeout_ms)
-        }
-    }
-}
 
 /// Why an export failed.
 #[derive(Debug, thiserror::Error)]
@@ -611,12 +581,8 @@ fn parse_unix_ns(rfc3339: &str) -> Option<u64> {
 
 /// Sends records to one OTLP/gRPC endpoint.
 pub struct OtlpExporter {
-    endpoint: String,
+    channel: OtlpChannel,
     client: MetricsServiceClient<Channel>,
-    headers: Vec<(
-        MetadataKey<tonic::metadata::Ascii>,
-        MetadataValue<tonic::metadata::Ascii>,
-    )>,
     builder: RequestBuilder,
 }
 
@@ -624,36 +590,10 @@ impl OtlpExporter {
     /// An exporter for `config` (connections are made lazily, so a receiver
     /// that is down now does not fail start-up).
     pub fn new(config: &OtlpConfig, node: &str) -> Result<Self, ExportError> {
-        let mut endpoint = Endpoint::from_str(&config.endpoint)
-            .map_err(|e| ExportError::Config(format!("endpoint {:?}: {e}", config.endpoint)))?
-            .timeout(config.timeout())
-            .connect_timeout(config.timeout());
-        if config.endpoint.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new().with_native_roots();
-            if let Some(ca) = &config.ca_file {
-                let pem = std::fs::read(ca)
-                    .map_err(|e| ExportError::Config(format!("CA file {}: {e}", ca.display())))?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|e| ExportError::Config(format!("TLS for {}: {e}", config.endpoint)))?;
-        }
-        let headers = config
-            .headers
-            .iter()
-            .map(|(k, v)| {
-                let key = MetadataKey::from_str(k)
-                    .map_err(|e| ExportError::Config(format!("header name {k:?}: {e}")))?;
-                let value = MetadataValue::from_str(v)
-                    .map_err(|e| ExportError::Config(format!("header {k:?} value: {e}")))?;
-                Ok((key, value))
-            })
-            .collect::<Result<_, ExportError>>()?;
+        let channel = OtlpChannel::new(config).map_err(|e| ExportError::Config(e.to_string()))?;
         Ok(Self {
-            endpoint: config.endpoint.clone(),
-            client: MetricsServiceClient::new(endpoint.connect_lazy()),
-            headers,
+            client: MetricsServiceClient::new(channel.channel.clone()),
+            channel,
             builder: RequestBuilder::new(node),
         })
     }
@@ -674,7 +614,7 @@ pub trait Transport: Send {
 
 impl Transport for OtlpExporter {
     fn endpoint(&self) -> &str {
-        &self.endpoint
+        &self.channel.endpoint
     }
 
     fn builder(&self) -> &RequestBuilder {
@@ -685,20 +625,18 @@ impl Transport for OtlpExporter {
         &mut self,
         request: ExportMetricsServiceRequest,
     ) -> Result<Accepted, ExportError> {
-        let mut request = tonic::Request::new(request);
-        for (k, v) in &self.headers {
-            request.metadata_mut().insert(k.clone(), v.clone());
-        }
+        let request = self.channel.request(request);
+        let endpoint = &self.channel.endpoint;
         let response = self.client.export(request).await.map_err(|s| {
             if refuses_data(s.code()) {
                 ExportError::Refused {
-                    endpoint: self.endpoint.clone(),
+                    endpoint: endpoint.clone(),
                     code: format!("{:?}", s.code()),
                     message: s.message().to_string(),
                 }
             } else {
                 ExportError::Send {
-                    endpoint: self.endpoint.clone(),
+                    endpoint: endpoint.clone(),
                     message: format!("{}: {}", s.code(), s.message()),
                 }
             }
@@ -979,7 +917,7 @@ mod tests {
             pid: Some(42),
             comm: Some("py".into()),
             process_start_time: Some("2025-12-31T23:00:00Z".into()),
-            cpu_core_seconds: Decimal::from_str(cpu).unwrap_or_default(),
+            cpu_core_seconds: std::str::FromStr::from_str(cpu).unwrap_or_default(),
             network_rx_bytes: rx,
             cost: Some(Cost {
                 total: Decimal::new(1, 1),
