@@ -78,24 +78,18 @@ type Reader = fn(u32, &mut String) -> Option<Value>;
 /// (file, way, reader), in the order the report prints them.
 const READERS: [(&str, &str, Reader); 14] = [
     ("status", "agent", |pid, _| {
-        let text = fs::read_to_string(Path::new(PROC).join(pid.to_string()).join("status")).ok()?;
-        parse_status_memory(&text).map(|(rss, hwm)| Value::Memory(rss, hwm))
+        agent_way(pid, "status", status_value)
     }),
     ("status", "reused", |pid, buf| {
-        read_into(pid, "status", buf)?;
-        parse_status_memory(buf).map(|(rss, hwm)| Value::Memory(rss, hwm))
+        reused_way(pid, "status", buf, status_value)
     }),
     ("status", "procfs", |pid, _| {
         let s = Process::new(pid as i32).ok()?.status().ok()?;
         Some(Value::Memory(s.vmrss? * 1024, s.vmhwm.unwrap_or(0) * 1024))
     }),
-    ("io", "agent", |pid, _| {
-        let text = fs::read_to_string(Path::new(PROC).join(pid.to_string()).join("io")).ok()?;
-        parse_io(&text).map(|(r, w)| Value::Io(r, w))
-    }),
+    ("io", "agent", |pid, _| agent_way(pid, "io", io_value)),
     ("io", "reused", |pid, buf| {
-        read_into(pid, "io", buf)?;
-        parse_io(buf).map(|(r, w)| Value::Io(r, w))
+        reused_way(pid, "io", buf, io_value)
     }),
     ("io", "procfs", |pid, _| {
         let io = Process::new(pid as i32).ok()?.io().ok()?;
@@ -103,24 +97,20 @@ const READERS: [(&str, &str, Reader); 14] = [
     }),
     // The agent reads no statm today; this is the reader it would write.
     ("statm", "agent", |pid, _| {
-        let text = fs::read_to_string(Path::new(PROC).join(pid.to_string()).join("statm")).ok()?;
-        statm_resident(&text).map(Value::Resident)
+        agent_way(pid, "statm", statm_value)
     }),
     ("statm", "reused", |pid, buf| {
-        read_into(pid, "statm", buf)?;
-        statm_resident(buf).map(Value::Resident)
+        reused_way(pid, "statm", buf, statm_value)
     }),
     ("statm", "procfs", |pid, _| {
         let statm = Process::new(pid as i32).ok()?.statm().ok()?;
         Some(Value::Resident(statm.resident))
     }),
     ("cgroup", "agent", |pid, _| {
-        let text = fs::read_to_string(Path::new(PROC).join(pid.to_string()).join("cgroup")).ok()?;
-        cgroup_v2(&text).map(Value::Cgroup)
+        agent_way(pid, "cgroup", cgroup_value)
     }),
     ("cgroup", "reused", |pid, buf| {
-        read_into(pid, "cgroup", buf)?;
-        cgroup_v2(buf).map(Value::Cgroup)
+        reused_way(pid, "cgroup", buf, cgroup_value)
     }),
     ("cgroup", "procfs", |pid, _| {
         let cgroups = Process::new(pid as i32).ok()?.cgroups().ok()?;
@@ -150,6 +140,42 @@ const READERS: [(&str, &str, Reader); 14] = [
         ))
     }),
 ];
+
+/// Today's shape: a joined path, a fresh `String` per read, then `parse`.
+fn agent_way(pid: u32, file: &str, parse: fn(&str) -> Option<Value>) -> Option<Value> {
+    parse(&fs::read_to_string(Path::new(PROC).join(pid.to_string()).join(file)).ok()?)
+}
+
+/// The same `parse` over `buf`, reused across reads.
+fn reused_way(
+    pid: u32,
+    file: &str,
+    buf: &mut String,
+    parse: fn(&str) -> Option<Value>,
+) -> Option<Value> {
+    read_into(pid, file, buf)?;
+    parse(buf)
+}
+
+/// The agent's status parser.
+fn status_value(text: &str) -> Option<Value> {
+    parse_status_memory(text).map(|(rss, hwm)| Value::Memory(rss, hwm))
+}
+
+/// The agent's io parser.
+fn io_value(text: &str) -> Option<Value> {
+    parse_io(text).map(|(r, w)| Value::Io(r, w))
+}
+
+/// The statm reader the agent would write (it reads no statm today).
+fn statm_value(text: &str) -> Option<Value> {
+    statm_resident(text).map(Value::Resident)
+}
+
+/// The v2 cgroup line, as the agent reads it.
+fn cgroup_value(text: &str) -> Option<Value> {
+    cgroup_v2(text).map(Value::Cgroup)
+}
 
 /// Reads /proc/<pid>/<file> into `buf` (cleared first), with one open and one read loop.
 fn read_into(pid: u32, file: &str, buf: &mut String) -> Option<()> {

@@ -52,13 +52,10 @@ fn assert_recorded_as(expected: &Expected) {
     ];
     let recording = record_command(&[], Some(&command))
         .unwrap_or_else(|e| panic!("recording the container in {}: {e:#}", dir.display()));
-    assert_eq!(
-        recording.output.exit_code,
-        Some(0),
-        "{} failed: {}",
-        recording.invocation,
-        recording.output.describe()
-    );
+    recording
+        .output
+        .ensure_success(&recording.invocation)
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let truth: CgroupMove = recording.ground_truth().expect("cgroup's ground truth");
     // The workload saw itself as pid 1: it really ran in a pid namespace of its own.
     assert_eq!(

@@ -50,10 +50,7 @@ fn a_sigkill_loses_and_duplicates_nothing() {
     let t0 = Instant::now();
     let dir = LedgerDir::new().expect("ledger dir");
     let receiver = Receiver::start(free_port().expect("port"), dir.path()).expect("receiver");
-    let otlp = DaemonOptions {
-        otlp_endpoint: Some(receiver.endpoint()),
-        ..Default::default()
-    };
+    let otlp = DaemonOptions::exporting_to(receiver.endpoint());
     let from = rfc3339(OffsetDateTime::now_utc() - time::Duration::seconds(5));
     let first = Daemon::start(&dir, &otlp).expect("starting the first daemon");
 

@@ -40,14 +40,8 @@ fn the_receiver_gets_every_ledger_record_once_and_its_sums_equal_the_ledgers() {
     let dir = LedgerDir::new().expect("ledger dir");
     let receiver = Receiver::start(free_port().expect("port"), dir.path()).expect("receiver");
     let from = rfc3339(OffsetDateTime::now_utc() - time::Duration::seconds(5));
-    let daemon = Daemon::start(
-        &dir,
-        &DaemonOptions {
-            otlp_endpoint: Some(receiver.endpoint()),
-            ..Default::default()
-        },
-    )
-    .expect("starting the daemon with OTLP export");
+    let daemon = Daemon::start(&dir, &DaemonOptions::exporting_to(receiver.endpoint()))
+        .expect("starting the daemon with OTLP export");
 
     // ~3 s of usage: a CPU burner and 64 MiB over loopback TCP, side by side.
     let (burn, tcp) = thread::scope(|s| {

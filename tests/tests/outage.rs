@@ -29,14 +29,8 @@ fn every_window_arrives_once_after_the_receiver_comes_back() {
     let port = free_port().expect("port");
     let endpoint = format!("http://127.0.0.1:{port}");
     let from = rfc3339(OffsetDateTime::now_utc() - time::Duration::seconds(5));
-    let daemon = Daemon::start(
-        &dir,
-        &DaemonOptions {
-            otlp_endpoint: Some(endpoint.clone()),
-            ..Default::default()
-        },
-    )
-    .expect("starting the daemon with its receiver down");
+    let daemon = Daemon::start(&dir, &DaemonOptions::exporting_to(endpoint.clone()))
+        .expect("starting the daemon with its receiver down");
 
     // Workloads through the outage: a short burn and 8 MiB over TCP every ~2 s.
     let outage_ends = Instant::now() + OUTAGE;
@@ -89,14 +83,8 @@ fn every_window_arrives_once_after_the_receiver_comes_back() {
     // Whatever a graceful stop leaves in the outbox is the next run's to deliver (the
     // stop's own last export is tests/otlp.rs's to check): a second daemon, exporting
     // to the same receiver, serves the final reading of the ledger.
-    let next = Daemon::start(
-        &dir,
-        &DaemonOptions {
-            otlp_endpoint: Some(endpoint),
-            ..Default::default()
-        },
-    )
-    .expect("restarting on the ledger");
+    let next = Daemon::start(&dir, &DaemonOptions::exporting_to(endpoint))
+        .expect("restarting on the ledger");
     let records = next.records(&from, &to).expect("the first run's records");
     wait_until_delivered(&receiver, Duration::from_secs(30), || Ok(records.clone()))
         .unwrap_or_else(|e| panic!("the first run's records never reached the receiver: {e:#}"));
