@@ -64,12 +64,7 @@ fn assert_recorded_as(expected: &Expected) {
     );
 
     let expected_path = root.relative_path_of(&expected.path);
-    let records: Vec<_> = recording
-        .records
-        .processes
-        .iter()
-        .filter(|r| r.cgroup_id == truth.cgroup_id)
-        .collect();
+    let records = recording.records.in_cgroup(truth.cgroup_id);
     assert!(
         !records.is_empty(),
         "no record in the container's cgroup {expected_path} (id {}); records: {:#?}",
@@ -332,12 +327,7 @@ fn pod_names_come_from_a_metadata_only_pod_list() {
     let recording = record_command(&["--k8s-pods-url", &api.url], Some(&command))
         .expect("recording the pod's container");
     let truth: CgroupMove = recording.ground_truth().expect("cgroup's ground truth");
-    let records: Vec<_> = recording
-        .records
-        .processes
-        .iter()
-        .filter(|r| r.cgroup_id == truth.cgroup_id)
-        .collect();
+    let records = recording.records.in_cgroup(truth.cgroup_id);
     assert!(!records.is_empty(), "no record in {}", dir.display());
     for r in &records {
         assert_eq!(
