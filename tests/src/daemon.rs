@@ -113,6 +113,16 @@ pub struct DaemonOptions {
     pub wrapper: Vec<String>,
 }
 
+impl DaemonOptions {
+    /// Export on to the OTLP receiver at `endpoint`, everything else default.
+    pub fn exporting_to(endpoint: impl Into<String>) -> Self {
+        DaemonOptions {
+            otlp_endpoint: Some(endpoint.into()),
+            ..Default::default()
+        }
+    }
+}
+
 /// A running `mentat-agent run`; killed (SIGKILL) if dropped while running.
 #[derive(Debug)]
 pub struct Daemon {

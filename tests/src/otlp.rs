@@ -3,7 +3,7 @@
 //! trusted. It appends every request as one JSON line to a file; this module starts and
 //! stops it and reads the file back.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 use serde_json::Value;
+
+use crate::daemon::{LedgerRecord, poll};
 
 /// The receiver script, beside this crate's sources.
 pub fn receiver_script() -> PathBuf {
@@ -209,6 +211,16 @@ pub struct Deliveries {
     pub ignored_batches: Vec<u64>,
 }
 
+impl Deliveries {
+    /// The records of `records` that no request carried.
+    pub fn missing<'a>(&self, records: &'a [LedgerRecord]) -> Vec<&'a LedgerRecord> {
+        records
+            .iter()
+            .filter(|r| !self.requests_of.contains_key(&r.record_id))
+            .collect()
+    }
+}
+
 /// Tallies which requests carried which record ids.
 pub fn deliveries(requests: &[Request]) -> Deliveries {
     let mut d = Deliveries::default();
@@ -224,6 +236,110 @@ pub fn deliveries(requests: &[Request]) -> Deliveries {
         }
     }
     d
+}
+
+/// How often one record id may reach the receiver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resends {
+    /// Each id in exactly one request: nothing crashed, so nothing was re-sent.
+    Never,
+    /// Also again in whole re-sent batches, which the receiver ignores (a crash between
+    /// its ack and the ledger's mark_delivered); each id is still applied once.
+    IgnoredBatches,
+}
+
+/// Checks the receiver's `requests` against the ledger: every record of `delivered`
+/// reached it, `ledger` (the whole ledger read after the receiver stopped) holds each id
+/// once, no id arrived more often than `resends` allows, and no id arrived that `ledger`
+/// lacks. Returns the tallies for further checks.
+pub fn check_delivered_once(
+    requests: &[Request],
+    delivered: &[LedgerRecord],
+    ledger: &[LedgerRecord],
+    resends: Resends,
+) -> Result<Deliveries> {
+    let ids: BTreeSet<&str> = ledger.iter().map(|r| r.record_id.as_str()).collect();
+    let mut seen = BTreeSet::new();
+    let dups: Vec<&str> = ledger
+        .iter()
+        .map(|r| r.record_id.as_str())
+        .filter(|id| !seen.insert(*id))
+        .take(5)
+        .collect();
+    ensure!(
+        dups.is_empty(),
+        "duplicate record ids in the ledger: {dups:?}"
+    );
+    let d = deliveries(requests);
+    if let Some(r) = d.missing(delivered).first() {
+        bail!(
+            "{} of {} records never reached the receiver, e.g. {} (window {})",
+            d.missing(delivered).len(),
+            delivered.len(),
+            r.record_id,
+            r.window_start
+        );
+    }
+    let twice: Vec<(&String, &Vec<u64>)> = match resends {
+        Resends::Never => d.requests_of.iter().filter(|(_, s)| s.len() > 1).collect(),
+        Resends::IgnoredBatches => d
+            .applied
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .filter_map(|(id, _)| d.requests_of.get_key_value(id))
+            .collect(),
+    };
+    ensure!(
+        twice.is_empty(),
+        "{} record ids reached the receiver more than {} (id, request seqs), first: {:?}; \
+         {} re-sent batches ignored",
+        twice.len(),
+        match resends {
+            Resends::Never => "once",
+            Resends::IgnoredBatches => "once outside re-sent batches",
+        },
+        twice.iter().take(5).collect::<Vec<_>>(),
+        d.ignored_batches.len()
+    );
+    let unknown: Vec<&String> = d
+        .requests_of
+        .keys()
+        .filter(|id| !ids.contains(id.as_str()))
+        .take(5)
+        .collect();
+    ensure!(
+        unknown.is_empty(),
+        "the receiver got record ids the ledger does not have: {unknown:?}"
+    );
+    Ok(d)
+}
+
+/// Polls `receiver` every 250 ms for up to `timeout` until every record `ledger` returns
+/// has reached it; `ledger` is called on every poll, so it may read a live ledger. Returns
+/// how long that took; the error names the windows of the records still missing.
+pub fn wait_until_delivered(
+    receiver: &Receiver,
+    timeout: Duration,
+    mut ledger: impl FnMut() -> Result<Vec<LedgerRecord>>,
+) -> Result<Duration> {
+    poll(timeout, || {
+        let ledger = ledger()?;
+        let d = deliveries(&receiver.requests()?);
+        let missing = d.missing(&ledger);
+        Ok(if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} of {} ledger records not at the receiver, from windows {:?}",
+                missing.len(),
+                ledger.len(),
+                missing
+                    .iter()
+                    .map(|r| r.window_start.as_str())
+                    .collect::<BTreeSet<_>>()
+            ))
+        })
+    })
 }
 
 /// The last point of each series over the applied (non-duplicate) requests, in

@@ -397,6 +397,14 @@ impl Records {
     }
 
     /// All records of processes with this pid (one per cgroup the process was in,
+    /// The process records of cgroup `cgroup_id` (a v2 cgroup's inode).
+    pub fn in_cgroup(&self, cgroup_id: u64) -> Vec<&ProcessRecord> {
+        self.processes
+            .iter()
+            .filter(|r| r.cgroup_id == cgroup_id)
+            .collect()
+    }
+
     /// more if pids were reused during the recording).
     pub fn of_pid(&self, pid: u32) -> Vec<&ProcessRecord> {
         self.processes.iter().filter(|r| r.pid == pid).collect()

@@ -70,6 +70,16 @@ impl Output {
         };
         format!("{status}; stderr ends with:\n{}", &self.stderr[start..])
     }
+
+    /// Fails unless it exited 0, naming `invocation` and how it ended.
+    pub fn ensure_success(&self, invocation: &str) -> Result<()> {
+        ensure!(
+            self.exit_code == Some(0),
+            "{invocation} failed: {}",
+            self.describe()
+        );
+        Ok(())
+    }
 }
 
 /// Runs `mentat-agent ARGS...` to completion (at most `timeout`), capturing its output.
@@ -242,12 +252,7 @@ pub fn record_raw(
 /// command's, and every workload subcommand but `exit-code` exits 0.
 pub fn record_workload(agent_args: &[&str], workload_args: &[&str]) -> Result<Recording> {
     let recording = record(agent_args, Some(workload_args))?;
-    ensure!(
-        recording.output.exit_code == Some(0),
-        "{} failed: {}",
-        recording.invocation,
-        recording.output.describe()
-    );
+    recording.output.ensure_success(&recording.invocation)?;
     Ok(recording)
 }
 

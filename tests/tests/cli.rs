@@ -73,13 +73,10 @@ fn the_commands_exit_code_and_output_pass_through() {
 #[test]
 fn recording_the_whole_node_for_a_second() {
     let recording = record(&["--duration", "1s"], None).expect("recording the node for 1 s");
-    assert_eq!(
-        recording.output.exit_code,
-        Some(0),
-        "{}: {}",
-        recording.invocation,
-        recording.output.describe()
-    );
+    recording
+        .output
+        .ensure_success(&recording.invocation)
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let records = &recording.records;
     assert_eq!(
         records.summary.command_exit_code, None,

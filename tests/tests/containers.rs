@@ -52,13 +52,10 @@ fn assert_recorded_as(expected: &Expected) {
     ];
     let recording = record_command(&[], Some(&command))
         .unwrap_or_else(|e| panic!("recording the container in {}: {e:#}", dir.display()));
-    assert_eq!(
-        recording.output.exit_code,
-        Some(0),
-        "{} failed: {}",
-        recording.invocation,
-        recording.output.describe()
-    );
+    recording
+        .output
+        .ensure_success(&recording.invocation)
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let truth: CgroupMove = recording.ground_truth().expect("cgroup's ground truth");
     // The workload saw itself as pid 1: it really ran in a pid namespace of its own.
     assert_eq!(
@@ -67,12 +64,7 @@ fn assert_recorded_as(expected: &Expected) {
     );
 
     let expected_path = root.relative_path_of(&expected.path);
-    let records: Vec<_> = recording
-        .records
-        .processes
-        .iter()
-        .filter(|r| r.cgroup_id == truth.cgroup_id)
-        .collect();
+    let records = recording.records.in_cgroup(truth.cgroup_id);
     assert!(
         !records.is_empty(),
         "no record in the container's cgroup {expected_path} (id {}); records: {:#?}",
@@ -130,158 +122,147 @@ fn ids() -> (String, String, String) {
     (id, uid, uid_)
 }
 
-#[test]
-fn docker_with_the_systemd_driver() {
-    let (id, _, _) = ids();
-    assert_recorded_as(&Expected {
-        path: format!("system.slice/docker-{id}.scope"),
-        workload_kind: "container",
-        container_id: Some(&id),
-        container_runtime: Some("docker"),
-        pod_uid: None,
-        qos_class: None,
-    });
+/// One cgroup layout a runtime or the kubelet writes, and what the agent must say about a
+/// process in it; the ids are drawn per run by [`assert_layout`].
+struct Layout {
+    /// Below the scratch root, with `{id}` for the container id, `{uid}` for the pod UID
+    /// and `{uid_}` for the UID as systemd unit names spell it.
+    path: &'static str,
+    workload_kind: &'static str,
+    /// Whether the record carries the container id drawn for `{id}`.
+    container: bool,
+    container_runtime: Option<&'static str>,
+    /// Whether the record carries the pod UID drawn for `{uid}`.
+    pod: bool,
+    qos_class: Option<&'static str>,
 }
 
-#[test]
-fn docker_with_the_cgroupfs_driver() {
-    let (id, _, _) = ids();
-    assert_recorded_as(&Expected {
-        path: format!("docker/{id}"),
-        workload_kind: "container",
-        container_id: Some(&id),
-        container_runtime: Some("docker"),
-        pod_uid: None,
-        qos_class: None,
-    });
-}
-
-#[test]
-fn containerd_cri_under_kubelet_with_the_systemd_driver() {
+/// Draws fresh ids, builds `layout`'s cgroup path from them and checks the records.
+fn assert_layout(layout: &Layout) {
     let (id, uid, uid_) = ids();
     assert_recorded_as(&Expected {
-        path: format!(
-            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice/cri-containerd-{id}.scope"
-        ),
+        path: layout
+            .path
+            .replace("{id}", &id)
+            .replace("{uid_}", &uid_)
+            .replace("{uid}", &uid),
+        workload_kind: layout.workload_kind,
+        container_id: layout.container.then_some(id.as_str()),
+        container_runtime: layout.container_runtime,
+        pod_uid: layout.pod.then_some(uid.as_str()),
+        qos_class: layout.qos_class,
+    });
+}
+
+/// One `#[test]` per row, named after its layout, so a failure names the layout and a
+/// filter can run one.
+macro_rules! layout_tests {
+    ($($(#[doc = $doc:literal])* $name:ident: $layout:expr;)*) => {
+        $(
+            $(#[doc = $doc])*
+            #[test]
+            fn $name() {
+                assert_layout(&$layout);
+            }
+        )*
+    };
+}
+
+layout_tests! {
+    docker_with_the_systemd_driver: Layout {
+        path: "system.slice/docker-{id}.scope",
         workload_kind: "container",
-        container_id: Some(&id),
+        container: true,
+        container_runtime: Some("docker"),
+        pod: false,
+        qos_class: None,
+    };
+    docker_with_the_cgroupfs_driver: Layout {
+        path: "docker/{id}",
+        workload_kind: "container",
+        container: true,
+        container_runtime: Some("docker"),
+        pod: false,
+        qos_class: None,
+    };
+    containerd_cri_under_kubelet_with_the_systemd_driver: Layout {
+        path: "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice/cri-containerd-{id}.scope",
+        workload_kind: "container",
+        container: true,
         container_runtime: Some("containerd"),
-        pod_uid: Some(&uid),
+        pod: true,
         qos_class: Some("burstable"),
-    });
-}
-
-#[test]
-fn cri_o_under_kubelet_with_the_systemd_driver() {
-    let (id, uid, uid_) = ids();
-    assert_recorded_as(&Expected {
-        path: format!(
-            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid_}.slice/crio-{id}.scope"
-        ),
+    };
+    cri_o_under_kubelet_with_the_systemd_driver: Layout {
+        path: "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid_}.slice/crio-{id}.scope",
         workload_kind: "container",
-        container_id: Some(&id),
+        container: true,
         container_runtime: Some("cri-o"),
-        pod_uid: Some(&uid),
+        pod: true,
         qos_class: Some("besteffort"),
-    });
-}
-
-#[test]
-fn podman_with_the_systemd_driver() {
-    let (id, _, _) = ids();
-    assert_recorded_as(&Expected {
-        path: format!("machine.slice/libpod-{id}.scope"),
+    };
+    podman_with_the_systemd_driver: Layout {
+        path: "machine.slice/libpod-{id}.scope",
         workload_kind: "container",
-        container_id: Some(&id),
+        container: true,
         container_runtime: Some("podman"),
-        pod_uid: None,
+        pod: false,
         qos_class: None,
-    });
-}
-
-#[test]
-fn kubelet_cgroupfs_driver_burstable() {
-    let (id, uid, _) = ids();
-    assert_recorded_as(&Expected {
-        path: format!("kubepods/burstable/pod{uid}/{id}"),
+    };
+    /// A bare id under the cgroupfs driver does not say which CRI runtime made it.
+    kubelet_cgroupfs_driver_burstable: Layout {
+        path: "kubepods/burstable/pod{uid}/{id}",
         workload_kind: "container",
-        container_id: Some(&id),
-        // A bare id under the cgroupfs driver does not say which CRI runtime made it.
+        container: true,
         container_runtime: None,
-        pod_uid: Some(&uid),
+        pod: true,
         qos_class: Some("burstable"),
-    });
-}
-
-#[test]
-fn kubelet_cgroupfs_driver_guaranteed() {
-    let (id, uid, _) = ids();
-    assert_recorded_as(&Expected {
-        path: format!("kubepods/pod{uid}/{id}"),
+    };
+    kubelet_cgroupfs_driver_guaranteed: Layout {
+        path: "kubepods/pod{uid}/{id}",
         workload_kind: "container",
-        container_id: Some(&id),
+        container: true,
         container_runtime: None,
-        pod_uid: Some(&uid),
+        pod: true,
         qos_class: Some("guaranteed"),
-    });
-}
-
-#[test]
-fn a_pod_level_process_with_the_cgroupfs_driver() {
-    let (_, uid, _) = ids();
-    assert_recorded_as(&Expected {
-        path: format!("kubepods/besteffort/pod{uid}"),
+    };
+    a_pod_level_process_with_the_cgroupfs_driver: Layout {
+        path: "kubepods/besteffort/pod{uid}",
         workload_kind: "pod",
-        container_id: None,
+        container: false,
         container_runtime: None,
-        pod_uid: Some(&uid),
+        pod: true,
         qos_class: Some("besteffort"),
-    });
-}
-
-#[test]
-fn a_pod_level_process_with_the_systemd_driver() {
-    let (_, uid, uid_) = ids();
-    assert_recorded_as(&Expected {
-        path: format!("kubepods.slice/kubepods-pod{uid_}.slice"),
+    };
+    a_pod_level_process_with_the_systemd_driver: Layout {
+        path: "kubepods.slice/kubepods-pod{uid_}.slice",
         workload_kind: "pod",
-        container_id: None,
+        container: false,
         container_runtime: None,
-        pod_uid: Some(&uid),
+        pod: true,
         qos_class: Some("guaranteed"),
-    });
-}
-
-#[test]
-fn a_runtime_daemons_own_cgroup_is_no_container() {
-    // The runtime's daemon runs beside its containers, not in one; an agent matching
-    // "docker" or "containerd" anywhere in the path would call it a container.
-    assert_recorded_as(&Expected {
-        path: "system.slice/containerd.service".to_owned(),
+    };
+    /// The runtime's daemon runs beside its containers, not in one; an agent matching
+    /// "docker" or "containerd" anywhere in the path would call it a container.
+    a_runtime_daemons_own_cgroup_is_no_container: Layout {
+        path: "system.slice/containerd.service",
         workload_kind: "process",
-        container_id: None,
+        container: false,
         container_runtime: None,
-        pod_uid: None,
+        pod: false,
         qos_class: None,
-    });
-}
-
-#[test]
-fn a_systemd_slice_prefix_name_path_written_literally() {
-    // Some shims write runc's systemd cgroup spec `slice:prefix:name` into the path
-    // as is instead of converting it to `slice/prefix-name.scope`: one directory whose
-    // name holds both the pod's slice and the container.
-    let (id, uid, uid_) = ids();
-    assert_recorded_as(&Expected {
-        path: format!(
-            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice:cri-containerd:{id}"
-        ),
+    };
+    /// Some shims write runc's systemd cgroup spec `slice:prefix:name` into the path as is
+    /// instead of converting it to `slice/prefix-name.scope`: one directory whose name
+    /// holds both the pod's slice and the container.
+    a_systemd_slice_prefix_name_path_written_literally: Layout {
+        path: "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid_}.slice:cri-containerd:{id}",
         workload_kind: "container",
-        container_id: Some(&id),
+        container: true,
         container_runtime: Some("containerd"),
-        pod_uid: Some(&uid),
+        pod: true,
         qos_class: Some("burstable"),
-    });
+    };
 }
 
 /// A stand-in for the API server's pod list on loopback: answers every request with a
@@ -346,12 +327,7 @@ fn pod_names_come_from_a_metadata_only_pod_list() {
     let recording = record_command(&["--k8s-pods-url", &api.url], Some(&command))
         .expect("recording the pod's container");
     let truth: CgroupMove = recording.ground_truth().expect("cgroup's ground truth");
-    let records: Vec<_> = recording
-        .records
-        .processes
-        .iter()
-        .filter(|r| r.cgroup_id == truth.cgroup_id)
-        .collect();
+    let records = recording.records.in_cgroup(truth.cgroup_id);
     assert!(!records.is_empty(), "no record in {}", dir.display());
     for r in &records {
         assert_eq!(

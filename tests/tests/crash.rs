@@ -3,17 +3,17 @@
 //! ledger or at the OTLP receiver, and usage from before the crash is not counted again
 //! after it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use mentat_tests::daemon::{
-    Daemon, DaemonOptions, LedgerDir, LedgerRecord, free_port, now_rfc3339, parse_time, poll,
-    rfc3339, truth_of, wait_until,
+    Daemon, DaemonOptions, LedgerDir, LedgerRecord, free_port, now_rfc3339, parse_time, rfc3339,
+    truth_of, wait_until,
 };
 use mentat_tests::exact::Exact;
-use mentat_tests::otlp::{Receiver, deliveries};
+use mentat_tests::otlp::{Receiver, Resends, check_delivered_once, wait_until_delivered};
 use mentat_tests::truth::Burn;
 use mentat_tests::workload_bin;
 use time::OffsetDateTime;
@@ -50,10 +50,7 @@ fn a_sigkill_loses_and_duplicates_nothing() {
     let t0 = Instant::now();
     let dir = LedgerDir::new().expect("ledger dir");
     let receiver = Receiver::start(free_port().expect("port"), dir.path()).expect("receiver");
-    let otlp = DaemonOptions {
-        otlp_endpoint: Some(receiver.endpoint()),
-        ..Default::default()
-    };
+    let otlp = DaemonOptions::exporting_to(receiver.endpoint());
     let from = rfc3339(OffsetDateTime::now_utc() - time::Duration::seconds(5));
     let first = Daemon::start(&dir, &otlp).expect("starting the first daemon");
 
@@ -99,22 +96,8 @@ fn a_sigkill_loses_and_duplicates_nothing() {
     // final reading of the ledger.
     let third = Daemon::start(&dir, &otlp).expect("starting the reader");
     let records = third.records(&from, &to).expect("records of both runs");
-    poll(Duration::from_secs(30), || {
-        let got = deliveries(&receiver.requests()?);
-        let missing: BTreeSet<&str> = records
-            .iter()
-            .filter(|r| !got.requests_of.contains_key(&r.record_id))
-            .map(|r| r.window_start.as_str())
-            .collect();
-        Ok(if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(format!(
-                "records of windows {missing:?} never reached the receiver"
-            ))
-        })
-    })
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    wait_until_delivered(&receiver, Duration::from_secs(30), || Ok(records.clone()))
+        .unwrap_or_else(|e| panic!("the ledger's records never reached the receiver: {e:#}"));
     // The receiver stops first: every id it got was then committed before the
     // ledger is read below.
     let requests = receiver.requests().expect("the receiver's requests");
@@ -123,17 +106,10 @@ fn a_sigkill_loses_and_duplicates_nothing() {
     let everything = third.records(&from, &now_rfc3339()).expect("every record");
     third.stop().expect("stopping the reader");
 
-    // The ledger: every record id once.
-    let mut seen = BTreeSet::new();
-    let dups: Vec<&str> = records
-        .iter()
-        .filter(|r| !seen.insert(r.record_id.as_str()))
-        .map(|r| r.record_id.as_str())
-        .collect();
-    assert!(
-        dups.is_empty(),
-        "duplicate record ids in the ledger: {dups:?}"
-    );
+    // The ledger holds every record id once; the receiver got every record of both runs
+    // and, after dropping re-sent batches, each once.
+    let d = check_delivered_once(&requests, &records, &everything, Resends::IgnoredBatches)
+        .unwrap_or_else(|e| panic!("{e:#}"));
 
     // Windows: each record's window is one of the committed windows, every committed
     // window has exactly the records it was committed with, and no two overlap, so
@@ -240,43 +216,6 @@ fn a_sigkill_loses_and_duplicates_nothing() {
             .collect::<Vec<_>>()
     );
 
-    // The receiver: every ledger record, and after dropping re-sent batches, each once.
-    let d = deliveries(&requests);
-    let all_ids: BTreeSet<&str> = everything.iter().map(|r| r.record_id.as_str()).collect();
-    for r in &records {
-        assert!(
-            d.requests_of.contains_key(&r.record_id),
-            "record {} (window {}) never reached the receiver",
-            r.record_id,
-            r.window_start
-        );
-    }
-    let twice: Vec<(&String, &u32)> = d.applied.iter().filter(|(_, n)| **n > 1).collect();
-    // A batch re-sent after a crash between the receiver's ack and the ledger's
-    // mark_delivered carries only records already received, and the receiver drops
-    // it; an id applied twice means a batch mixed old and new records.
-    let seqs: HashMap<&String, &Vec<u64>> = d.requests_of.iter().collect();
-    assert!(
-        twice.is_empty(),
-        "{} record ids applied twice at the receiver (re-sent in a batch with new ones), \
-         e.g. {:?}",
-        twice.len(),
-        twice
-            .iter()
-            .take(3)
-            .map(|(id, _)| (id, seqs.get(id)))
-            .collect::<Vec<_>>()
-    );
-    let unknown: Vec<&String> = d
-        .requests_of
-        .keys()
-        .filter(|id| !all_ids.contains(id.as_str()))
-        .take(5)
-        .collect();
-    assert!(
-        unknown.is_empty(),
-        "the receiver got record ids the ledger does not have: {unknown:?}"
-    );
     println!(
         "crash: {} windows ({before} before the crash, {after} after), {} records; burner \
          metered {metered:.3} s of {rusage:.3} s; {} requests, {} re-sent batches ignored{}; {:?}",

@@ -42,12 +42,7 @@ fn short_lived_processes_keep_the_context_they_were_execed_with() -> Result<()> 
     .map(OsString::from)
     .collect();
     let raw = record_raw("jsonl", &[], Some(&command))?;
-    ensure!(
-        raw.output.exit_code == Some(0),
-        "{}: {}",
-        raw.invocation,
-        raw.output.describe()
-    );
+    raw.output.ensure_success(&raw.invocation)?;
     let records: Vec<Value> = raw
         .text
         .lines()

@@ -29,13 +29,10 @@ fn record_grouped(key: &str, script: &str, args: &[String]) -> Recording {
     command.extend(args.iter().map(OsString::from));
     let recording = record_command(&["--all", "--group-by", key], Some(&command))
         .unwrap_or_else(|e| panic!("recording with --group-by {key}: {e:#}"));
-    assert_eq!(
-        recording.output.exit_code,
-        Some(0),
-        "{} failed: {}",
-        recording.invocation,
-        recording.output.describe()
-    );
+    recording
+        .output
+        .ensure_success(&recording.invocation)
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let records = &recording.records;
     assert!(
         records.processes.is_empty() && !records.groups.is_empty(),

@@ -45,13 +45,10 @@ fn jsonl_stays_one_valid_record_per_line() {
     // `record` parses every line strictly (see records.rs); a raw newline or quote in
     // a name would break a line or the JSON inside it.
     let recording = record(&[], Some(&["hostile"])).expect("recording `workload hostile` as jsonl");
-    assert_eq!(
-        recording.output.exit_code,
-        Some(0),
-        "{}: {}",
-        recording.invocation,
-        recording.output.describe()
-    );
+    recording
+        .output
+        .ensure_success(&recording.invocation)
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let truth: Hostile = recording.ground_truth().expect("hostile's ground truth");
     let child = recording.records.of_pid(truth.child_pid);
     assert!(

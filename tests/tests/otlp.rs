@@ -12,7 +12,7 @@ use mentat_tests::daemon::{
     run_workload, tcp_workload, truth_of,
 };
 use mentat_tests::exact::{Exact, close};
-use mentat_tests::otlp::{Receiver, deliveries, last_points, sum_last};
+use mentat_tests::otlp::{Receiver, Resends, check_delivered_once, last_points, sum_last};
 use mentat_tests::truth::Burn;
 use time::OffsetDateTime;
 
@@ -40,14 +40,8 @@ fn the_receiver_gets_every_ledger_record_once_and_its_sums_equal_the_ledgers() {
     let dir = LedgerDir::new().expect("ledger dir");
     let receiver = Receiver::start(free_port().expect("port"), dir.path()).expect("receiver");
     let from = rfc3339(OffsetDateTime::now_utc() - time::Duration::seconds(5));
-    let daemon = Daemon::start(
-        &dir,
-        &DaemonOptions {
-            otlp_endpoint: Some(receiver.endpoint()),
-            ..Default::default()
-        },
-    )
-    .expect("starting the daemon with OTLP export");
+    let daemon = Daemon::start(&dir, &DaemonOptions::exporting_to(receiver.endpoint()))
+        .expect("starting the daemon with OTLP export");
 
     // ~3 s of usage: a CPU burner and 64 MiB over loopback TCP, side by side.
     let (burn, tcp) = thread::scope(|s| {
@@ -91,29 +85,10 @@ fn the_receiver_gets_every_ledger_record_once_and_its_sums_equal_the_ledgers() {
     );
 
     // (a) Record ids: the receiver's set is the ledger's, each exactly once.
-    let ledger_ids: BTreeSet<&str> = records.iter().map(|r| r.record_id.as_str()).collect();
-    assert_eq!(
-        ledger_ids.len(),
-        records.len(),
-        "duplicate record ids in the ledger"
-    );
-    let d = deliveries(&requests);
-    let twice: Vec<(&String, &Vec<u64>)> =
-        d.requests_of.iter().filter(|(_, s)| s.len() > 1).collect();
-    assert!(
-        twice.is_empty(),
-        "{} record ids reached the receiver more than once (id, request seqs), first: {:?}",
-        twice.len(),
-        twice.iter().take(5).collect::<Vec<_>>()
-    );
+    // (Whether every ledger record arrived is checked last, with the stop's timing.)
+    let d = check_delivered_once(&requests, &[], &records, Resends::Never)
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let received: BTreeSet<&str> = d.requests_of.keys().map(String::as_str).collect();
-    let unknown: Vec<&&str> = received.difference(&ledger_ids).collect();
-    assert!(
-        unknown.is_empty(),
-        "the receiver got {} record ids the ledger does not have: {:?}",
-        unknown.len(),
-        unknown.iter().take(5).collect::<Vec<_>>()
-    );
 
     // Resource attributes, on every request.
     for r in &requests {

@@ -43,14 +43,8 @@ fn an_ack_lost_after_receipt_is_resent_and_nothing_is_added_twice() {
         Receiver::start_with(free_port().expect("port"), dir.path(), &["--fail-ack-once"])
             .expect("receiver");
     let from = rfc3339(OffsetDateTime::now_utc() - time::Duration::seconds(5));
-    let daemon = Daemon::start(
-        &dir,
-        &DaemonOptions {
-            otlp_endpoint: Some(receiver.endpoint()),
-            ..Default::default()
-        },
-    )
-    .expect("daemon");
+    let daemon =
+        Daemon::start(&dir, &DaemonOptions::exporting_to(receiver.endpoint())).expect("daemon");
     run_workload(&["burn", "--threads", "1", "--ms", "1500"]).expect("burn");
     // The lost ack is retried after 0.5 s; wait until the receiver has more than the
     // first request (the re-send), then a little longer for the windows after it.
@@ -137,14 +131,8 @@ fn a_partial_success_is_not_retried_and_later_windows_keep_flowing() {
         &["--reject-points", "2"],
     )
     .expect("receiver");
-    let daemon = Daemon::start(
-        &dir,
-        &DaemonOptions {
-            otlp_endpoint: Some(receiver.endpoint()),
-            ..Default::default()
-        },
-    )
-    .expect("daemon");
+    let daemon =
+        Daemon::start(&dir, &DaemonOptions::exporting_to(receiver.endpoint())).expect("daemon");
     // Wait for three requests after the rejected one that carry none of its records:
     // the outbox moved on.
     let first = poll(Duration::from_secs(60), || {

@@ -8,10 +8,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use mentat_tests::daemon::{
-    Daemon, DaemonOptions, LedgerDir, free_port, now_rfc3339, poll, rfc3339, run_workload,
-    tcp_workload,
+    Daemon, DaemonOptions, LedgerDir, free_port, now_rfc3339, rfc3339, run_workload, tcp_workload,
 };
-use mentat_tests::otlp::{Receiver, deliveries};
+use mentat_tests::otlp::{Receiver, Resends, check_delivered_once, wait_until_delivered};
 use time::OffsetDateTime;
 
 /// The issue's outage.
@@ -30,14 +29,8 @@ fn every_window_arrives_once_after_the_receiver_comes_back() {
     let port = free_port().expect("port");
     let endpoint = format!("http://127.0.0.1:{port}");
     let from = rfc3339(OffsetDateTime::now_utc() - time::Duration::seconds(5));
-    let daemon = Daemon::start(
-        &dir,
-        &DaemonOptions {
-            otlp_endpoint: Some(endpoint.clone()),
-            ..Default::default()
-        },
-    )
-    .expect("starting the daemon with its receiver down");
+    let daemon = Daemon::start(&dir, &DaemonOptions::exporting_to(endpoint.clone()))
+        .expect("starting the daemon with its receiver down");
 
     // Workloads through the outage: a short burn and 8 MiB over TCP every ~2 s.
     let outage_ends = Instant::now() + OUTAGE;
@@ -74,21 +67,8 @@ fn every_window_arrives_once_after_the_receiver_comes_back() {
     let receiver = Receiver::start(port, dir.path()).expect("starting the receiver");
     // Every record the ledger holds reaches the receiver (the ledger is read live, so
     // this holds only once the exporter has caught up with the newest window too).
-    let caught_up = poll(CATCH_UP, || {
-        let ledger = daemon.records(&from, &now_rfc3339())?;
-        let got = deliveries(&receiver.requests()?);
-        let missing = ledger
-            .iter()
-            .filter(|r| !got.requests_of.contains_key(&r.record_id))
-            .count();
-        Ok(if missing == 0 {
-            Ok(())
-        } else {
-            Err(format!(
-                "{missing} of {} ledger records not at the receiver yet",
-                ledger.len()
-            ))
-        })
+    let caught_up = wait_until_delivered(&receiver, CATCH_UP, || {
+        daemon.records(&from, &now_rfc3339())
     })
     .unwrap_or_else(|e| {
         panic!(
@@ -103,34 +83,11 @@ fn every_window_arrives_once_after_the_receiver_comes_back() {
     // Whatever a graceful stop leaves in the outbox is the next run's to deliver (the
     // stop's own last export is tests/otlp.rs's to check): a second daemon, exporting
     // to the same receiver, serves the final reading of the ledger.
-    let next = Daemon::start(
-        &dir,
-        &DaemonOptions {
-            otlp_endpoint: Some(endpoint),
-            ..Default::default()
-        },
-    )
-    .expect("restarting on the ledger");
+    let next = Daemon::start(&dir, &DaemonOptions::exporting_to(endpoint))
+        .expect("restarting on the ledger");
     let records = next.records(&from, &to).expect("the first run's records");
-    poll(Duration::from_secs(30), || {
-        let got = deliveries(&receiver.requests()?);
-        let missing: Vec<&str> = records
-            .iter()
-            .filter(|r| !got.requests_of.contains_key(&r.record_id))
-            .map(|r| r.window_start.as_str())
-            .collect();
-        Ok(if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{} of {} records of the first run never reached the receiver, from windows {:?}",
-                missing.len(),
-                records.len(),
-                missing.iter().collect::<BTreeSet<_>>()
-            ))
-        })
-    })
-    .unwrap_or_else(|e| panic!("{e:#}"));
+    wait_until_delivered(&receiver, Duration::from_secs(30), || Ok(records.clone()))
+        .unwrap_or_else(|e| panic!("the first run's records never reached the receiver: {e:#}"));
     // The receiver stops first: every id it got was then committed before the
     // ledger is read below.
     let requests = receiver.requests().expect("the receiver's requests");
@@ -140,36 +97,9 @@ fn every_window_arrives_once_after_the_receiver_comes_back() {
         .expect("every record of both runs");
     next.stop().expect("stopping the second daemon");
 
-    let ids: BTreeSet<&str> = everything.iter().map(|r| r.record_id.as_str()).collect();
-    assert_eq!(
-        ids.len(),
-        everything.len(),
-        "duplicate record ids in the ledger"
-    );
-    let d = deliveries(&requests);
     // No crash here, so not even a re-sent batch is excusable: each id in one request.
-    let twice: Vec<_> = d
-        .requests_of
-        .iter()
-        .filter(|(_, seqs)| seqs.len() > 1)
-        .take(5)
-        .collect();
-    assert!(
-        twice.is_empty(),
-        "record ids received more than once (id, request seqs): {twice:?}; \
-         {} re-sent batches ignored",
-        d.ignored_batches.len()
-    );
-    let unknown: Vec<&String> = d
-        .requests_of
-        .keys()
-        .filter(|id| !ids.contains(id.as_str()))
-        .take(5)
-        .collect();
-    assert!(
-        unknown.is_empty(),
-        "the receiver got record ids the ledger does not have: {unknown:?}"
-    );
+    let d = check_delivered_once(&requests, &records, &everything, Resends::Never)
+        .unwrap_or_else(|e| panic!("{e:#}"));
     println!(
         "outage: {} workload rounds; {} windows ({} records) waited {OUTAGE:?}; caught up {caught_up:?} \
          after the receiver came back; {} records in {} requests; {:?}",

@@ -249,12 +249,7 @@ fn malformed_traceparent_is_ignored_and_the_agent_keeps_running() -> Result<()> 
     command.push(workload.into_os_string());
     command.extend(burn.map(OsString::from));
     let raw = record_raw("jsonl", &[], Some(&command))?;
-    ensure!(
-        raw.output.exit_code == Some(0),
-        "{}: {}",
-        raw.invocation,
-        raw.output.describe()
-    );
+    raw.output.ensure_success(&raw.invocation)?;
     let mut processes = 0;
     for line in raw.text.lines().filter(|l| !l.trim().is_empty()) {
         let r: Value = serde_json::from_str(line).with_context(|| format!("record {line}"))?;

@@ -654,12 +654,7 @@ fn record_groups_an_env_only_run_with_its_child() -> Result<()> {
     command.push(workload_bin()?.into_os_string());
     command.extend(["burn", "--threads", "1", "--ms", "500"].map(OsString::from));
     let raw = record_raw("jsonl", &["--group-by", "run_id"], Some(&command))?;
-    ensure!(
-        raw.output.exit_code == Some(0),
-        "{}: {}",
-        raw.invocation,
-        raw.output.describe()
-    );
+    raw.output.ensure_success(&raw.invocation)?;
     let records = Records::parse(&raw.text).context("the records")?;
     let burn: Burn = raw
         .output

@@ -109,7 +109,7 @@ pub fn bench(args: &[OsString]) -> Result<()> {
     let bench = release_bin(&target_dir, "bench");
     if !bench.is_file() {
         bail!(
-            "{} was not built: mentat-tests has no `bench` binary (tests/src/bin/bench.rs)",
+            "{} was not built: mentat-tests has no `bench` binary (tests/src/bin/bench/main.rs)",
             bench.display()
         );
     }
