@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
-use mentat_agent::memory::{parse_io, parse_status_memory, read_sample};
+use mentat_agent::collect::memory::{parse_io, parse_status_memory, read_sample};
 use procfs::process::Process;
 
 /// Counts every allocation, so a way's allocations per read can be reported.
