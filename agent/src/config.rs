@@ -271,10 +271,14 @@ impl Config {
         Ok(Resolved { config, overrides })
     }
 
-    /// Parses and validates config text.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
-        c.validate()?;
+    /// Parses and validates config text (errors name the file as "(text)").
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: PathBuf::from("(text)"),
+            message,
+        };
+        let c: Config = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        c.validate().map_err(invalid)?;
         Ok(c)
     }
 
@@ -653,17 +657,29 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_problem() {
-        let e = Config::parse("tick = \"1s\"\nbogus = 1\n").expect_err("unknown key");
+        let e = Config::parse("tick = \"1s\"\nbogus = 1\n")
+            .expect_err("unknown key")
+            .to_string();
         assert!(e.contains("bogus") && e.contains("line 2"), "{e}");
-        let e = Config::parse("tick = \"soon\"").expect_err("bad duration");
+        let e = Config::parse("tick = \"soon\"")
+            .expect_err("bad duration")
+            .to_string();
         assert!(e.contains("soon"), "{e}");
-        let e = Config::parse("tick = \"10ms\"").expect_err("too short");
+        let e = Config::parse("tick = \"10ms\"")
+            .expect_err("too short")
+            .to_string();
         assert!(e.contains("100ms"), "{e}");
-        let e = Config::parse("proc_map_entries = 0").expect_err("zero");
+        let e = Config::parse("proc_map_entries = 0")
+            .expect_err("zero")
+            .to_string();
         assert!(e.contains("proc_map_entries"), "{e}");
-        let e = Config::parse("retention = \"30m\"").expect_err("shorter than raw");
+        let e = Config::parse("retention = \"30m\"")
+            .expect_err("shorter than raw")
+            .to_string();
         assert!(e.contains("raw_retention"), "{e}");
-        let e = Config::parse("raw_retention = \"30m\"").expect_err("span age past raw");
+        let e = Config::parse("raw_retention = \"30m\"")
+            .expect_err("span age past raw")
+            .to_string();
         assert!(
             e.contains("max_span_age") && e.contains("raw_retention"),
             "{e}"
@@ -671,7 +687,9 @@ mod tests {
         let c = Config::parse("raw_retention = \"30m\"\n[receiver]\nmax_span_age = \"20m\"")
             .expect("a span age inside raw_retention");
         assert_eq!(c.receiver.max_span_age, Duration::from_secs(1200));
-        let e = Config::parse("[receiver]\nmax_indexed_spans = 0").expect_err("zero");
+        let e = Config::parse("[receiver]\nmax_indexed_spans = 0")
+            .expect_err("zero")
+            .to_string();
         assert!(e.contains("max_indexed_spans"), "{e}");
     }
 }

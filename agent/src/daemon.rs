@@ -40,7 +40,7 @@ use crate::{
         enrich,
         export::{self, OtlpExporter},
         outbox::LedgerOutbox,
-        prometheus::{AgentStats, Metrics},
+        prometheus::{AgentStats, Exposition},
     },
 };
 
@@ -121,7 +121,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     let ledger = SharedLedger::new(ledger);
     let metrics = {
         let prices = prices.clone();
-        Metrics::new(config.metrics.clone(), move |m| {
+        Exposition::new(config.metrics.clone(), move |m| {
             prices.current().has_model(m)
         })
     };

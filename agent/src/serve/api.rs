@@ -43,7 +43,7 @@ use tracing::info;
 use crate::{
     ledger::{self, Ledger, RecordQuery, Totals},
     report::record::UsageRecord,
-    serve::prometheus::Metrics,
+    serve::prometheus::Exposition,
 };
 
 /// Where the API listens and who may call it.
@@ -118,7 +118,7 @@ pub struct AppState {
     /// Read-only connections to the ledger (the daemon writes it on its own).
     readers: Readers,
     /// Prometheus counters.
-    pub metrics: Metrics,
+    pub metrics: Exposition,
     /// Set once probes are attached and the ledger is open.
     pub ready: Arc<AtomicBool>,
     token: Option<Arc<str>>,
@@ -126,7 +126,7 @@ pub struct AppState {
 
 impl AppState {
     /// State for an API over the ledger at `ledger_path` and `metrics`.
-    pub fn new(ledger_path: PathBuf, metrics: Metrics, ready: Arc<AtomicBool>) -> Self {
+    pub fn new(ledger_path: PathBuf, metrics: Exposition, ready: Arc<AtomicBool>) -> Self {
         Self {
             readers: Readers {
                 path: ledger_path,
@@ -936,7 +936,7 @@ mod tests {
         let writer = Arc::new(Mutex::new(ledger_with(&dir, 3)));
         let base = serve_in_background(AppState::new(
             dir.join("ledger.db"),
-            Metrics::default(),
+            Exposition::default(),
             Arc::new(AtomicBool::new(true)),
         ));
         // The commit path holds the writer (as during a long commit).
@@ -955,7 +955,7 @@ mod tests {
         drop(ledger_with(&dir, n));
         let base = serve_in_background(AppState::new(
             dir.join("ledger.db"),
-            Metrics::default(),
+            Exposition::default(),
             Arc::new(AtomicBool::new(true)),
         ));
         let (status, body) = get(
@@ -1011,7 +1011,7 @@ mod tests {
         drop(ledger_with(&dir, 1));
         let mut state = AppState::new(
             dir.join("ledger.db"),
-            Metrics::default(),
+            Exposition::default(),
             Arc::new(AtomicBool::new(true)),
         );
         state.token = Some("s3cret-token".into());
@@ -1052,7 +1052,7 @@ mod tests {
         assert_eq!(c.quarantined.len(), 1);
         let base = serve_in_background(AppState::new(
             dir.join("ledger.db"),
-            Metrics::default(),
+            Exposition::default(),
             Arc::new(AtomicBool::new(true)),
         ));
         let (status, body) = get(&format!("{base}/v1/quarantine"), None);

@@ -105,16 +105,16 @@ type Source = Box<dyn Fn() -> Vec<Counter> + Send + Sync>;
 /// Tells whether the price book in force lists a model.
 type ModelFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
-/// Counters for `/metrics`, shared between the daemon and the API.
+/// The `/metrics` exposition: usage counters and every stage's own counters, shared between the daemon and the API.
 #[derive(Clone, Default)]
-pub struct Metrics {
+pub struct Exposition {
     inner: Arc<Mutex<State>>,
     sources: Arc<Mutex<Vec<Source>>>,
 }
 
-impl std::fmt::Debug for Metrics {
+impl std::fmt::Debug for Exposition {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metrics").finish_non_exhaustive()
+        f.debug_struct("Exposition").finish_non_exhaustive()
     }
 }
 
@@ -281,8 +281,8 @@ fn gib_to_bytes(v: Decimal) -> Decimal {
         .unwrap_or(Decimal::MAX)
 }
 
-impl Metrics {
-    /// Metrics bounded by `config`, with models the book does not list
+impl Exposition {
+    /// An exposition bounded by `config`, with models the book does not list
     /// (`known_models` false) under `model="unpriced"`.
     pub fn new(
         config: MetricsConfig,
@@ -581,7 +581,7 @@ mod tests {
 
     #[test]
     fn counters_accumulate_with_bounded_labels() {
-        let m = Metrics::default();
+        let m = Exposition::default();
         let r = UsageRecord {
             record_kind: "process".into(),
             workload_kind: Some("container".into()),
@@ -661,7 +661,7 @@ mod tests {
 
     #[test]
     fn a_series_that_comes_back_continues_from_its_last_value() {
-        let m = Metrics::new(
+        let m = Exposition::new(
             MetricsConfig {
                 series_grace: Duration::from_secs(10),
                 max_series: 10,
@@ -689,7 +689,7 @@ mod tests {
 
     #[test]
     fn models_the_book_does_not_list_are_one_label_value_and_counted() {
-        let m = Metrics::new(MetricsConfig::default(), |model| model == "gpt-4o");
+        let m = Exposition::new(MetricsConfig::default(), |model| model == "gpt-4o");
         let mut r = container(1);
         r.tokens = (0..2_000)
             .map(|i| crate::report::record::TokenUsage {
@@ -734,7 +734,7 @@ mod tests {
 
     #[test]
     fn series_past_the_cap_fold_into_other_and_lose_nothing() {
-        let m = Metrics::new(
+        let m = Exposition::new(
             MetricsConfig {
                 max_series: 5,
                 ..MetricsConfig::default()
@@ -765,7 +765,7 @@ mod tests {
     #[test]
     fn series_of_a_workload_gone_for_the_grace_end_and_restart_from_zero() {
         let grace = Duration::from_secs(10);
-        let m = Metrics::new(
+        let m = Exposition::new(
             MetricsConfig {
                 series_grace: grace,
                 max_series: 2,
