@@ -374,39 +374,9 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::{
-        pricing::DEFAULT_BOOK,
-        report::{
-            Report,
-            record::{SummaryRecord, TokenUsage},
-        },
-    };
+    use crate::{pricing::DEFAULT_BOOK, report::record::TokenUsage};
 
     const OTLP: &str = "otlp";
-
-    fn summary(ws: &str, we: &str) -> SummaryRecord {
-        SummaryRecord {
-            record_type: "summary",
-            node: "n".into(),
-            window_start: ws.into(),
-            window_end: we.into(),
-            accounted_cpu_ns: 0,
-            attributed_cpu_ns: 0,
-            attributed_syscalls: 0,
-            network_rx_bytes: 0,
-            network_tx_bytes: 0,
-            memory_gb_seconds: 0.0,
-            disk_read_bytes: 0,
-            disk_write_bytes: 0,
-            map_full_drops: 0,
-            task_read_errors: 0,
-            events_lost: 0,
-            late_windows: 0,
-            processes: 0,
-            processes_on_node: 0,
-            command_exit_code: None,
-        }
-    }
 
     fn token(id: &str, ws: &str, we: &str, input: u64) -> UsageRecord {
         UsageRecord {
@@ -426,19 +396,7 @@ mod tests {
     }
 
     fn window(ws: &str, we: &str, tokens: Vec<UsageRecord>) -> ReportedWindow {
-        ReportedWindow {
-            report: Report {
-                processes: Vec::new(),
-                groups: None,
-                buckets: Vec::new(),
-                summary: summary(ws, we),
-            },
-            storage: Default::default(),
-            tokens,
-            spans: Vec::new(),
-            gpu_errors: 0,
-            held: None,
-        }
+        crate::report::window::tests::window(ws, we, Vec::new(), tokens, &[])
     }
 
     fn temp_ledger(name: &str) -> (PathBuf, SharedLedger) {

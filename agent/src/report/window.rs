@@ -162,7 +162,7 @@ impl ReportedWindow {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::{
         collect::metered::{InstanceKey, Metered},
@@ -199,30 +199,25 @@ mod tests {
         }
     }
 
-    fn window(processes: Vec<ProcessRecord>, storage: &[(&str, u64)]) -> ReportedWindow {
+    /// A window over [ws, we) holding `processes`, `tokens` and the measured
+    /// container sizes `storage`.
+    pub(crate) fn window(
+        ws: &str,
+        we: &str,
+        processes: Vec<ProcessRecord>,
+        tokens: Vec<UsageRecord>,
+        storage: &[(&str, u64)],
+    ) -> ReportedWindow {
         ReportedWindow {
             report: Report {
                 processes,
                 groups: None,
-                buckets: vec![BucketRecord {
-                    record_type: "idle",
-                    record_id: "b".into(),
-                    node: "n".into(),
-                    window_start: "2026-01-01T00:00:00Z".into(),
-                    window_end: "2026-01-01T00:00:01Z".into(),
-                    cpu_ns: 0,
-                    cpu_core_seconds: 0.0,
-                    syscalls: 0,
-                    network_rx_bytes: 0,
-                    network_tx_bytes: 0,
-                    map_full_drops: None,
-                    task_read_errors: None,
-                }],
+                buckets: Vec::new(),
                 summary: SummaryRecord {
                     record_type: "summary",
                     node: "n".into(),
-                    window_start: "2026-01-01T00:00:00Z".into(),
-                    window_end: "2026-01-01T00:00:01Z".into(),
+                    window_start: ws.into(),
+                    window_end: we.into(),
                     accounted_cpu_ns: 0,
                     attributed_cpu_ns: 0,
                     attributed_syscalls: 0,
@@ -241,11 +236,7 @@ mod tests {
                 },
             },
             storage: storage.iter().map(|(c, b)| (c.to_string(), *b)).collect(),
-            tokens: vec![UsageRecord {
-                record_id: "t1".into(),
-                record_kind: "token".into(),
-                ..UsageRecord::default()
-            }],
+            tokens,
             spans: Vec::new(),
             gpu_errors: 0,
             held: None,
@@ -254,16 +245,39 @@ mod tests {
 
     #[test]
     fn storage_is_one_record_per_measured_container_and_bills_nothing_else() {
+        let token = UsageRecord {
+            record_id: "t1".into(),
+            record_kind: "token".into(),
+            ..UsageRecord::default()
+        };
         let w = window(
+            "2026-01-01T00:00:00Z",
+            "2026-01-01T00:00:01Z",
             vec![
                 process(1, Some("c1"), 500_000_000),
                 process(2, Some("c1"), 250_000_000),
                 process(3, Some("c2"), 1_000_000_000),
                 process(4, None, 2_000_000_000),
             ],
+            vec![token],
             // c2 was not measured; c3 has no process this window.
             &[("c1", 4096), ("c3", 1)],
         );
+        let mut w = w;
+        w.report.buckets.push(BucketRecord {
+            record_type: "idle",
+            record_id: "b".into(),
+            node: "n".into(),
+            window_start: "2026-01-01T00:00:00Z".into(),
+            window_end: "2026-01-01T00:00:01Z".into(),
+            cpu_ns: 0,
+            cpu_core_seconds: 0.0,
+            syscalls: 0,
+            network_rx_bytes: 0,
+            network_tx_bytes: 0,
+            map_full_drops: None,
+            task_read_errors: None,
+        });
         let records = w.records();
         let kinds: Vec<&str> = records.iter().map(|r| r.record_kind.as_str()).collect();
         assert_eq!(
