@@ -7,7 +7,18 @@
 use std::collections::BTreeMap;
 
 /// The trace-context attributes that bind usage to an AI-agent flow.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Clone,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct RunContext {
     /// `agent.id`.
     pub agent_id: Option<String>,

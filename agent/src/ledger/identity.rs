@@ -9,7 +9,7 @@ use rusqlite::{
 };
 
 use super::{FIELDS, IDENTITY_CACHE_MAX, LedgerError, N_FIELDS, record_err, u64_bits};
-use crate::report::record::UsageRecord;
+use crate::{context::spans::RunContext, report::record::UsageRecord};
 
 /// One identity column's value, borrowed from a record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,13 +99,16 @@ pub(super) fn identity_of(r: &UsageRecord) -> [ValRef<'_>; N_FIELDS] {
         k8s_namespace,
         k8s_pod_name,
         wasm_module,
-        agent_id,
-        flow_id,
-        run_id,
-        user_id,
-        project_id,
-        customer_id,
-        trace_id,
+        context:
+            RunContext {
+                agent_id,
+                flow_id,
+                run_id,
+                user_id,
+                project_id,
+                customer_id,
+                trace_id,
+            },
         cpu_core_seconds: _,
         memory_gb_seconds: _,
         gpu_seconds: _,

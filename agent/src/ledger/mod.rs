@@ -455,7 +455,7 @@ impl QuarantinedRecord {
             window_end: window_end.to_string(),
             record_id: r.record_id.clone(),
             record_kind: r.record_kind.clone(),
-            run_id: r.run_id.clone(),
+            run_id: r.context.run_id.clone(),
             reason: reason.to_string(),
             record: serde_json::to_value(r).unwrap_or(serde_json::Value::Null),
         }

@@ -97,13 +97,15 @@ fn full_record() -> UsageRecord {
         k8s_namespace: Some("team-a".into()),
         k8s_pod_name: Some("agent-0".into()),
         wasm_module: Some("spin-app".into()),
-        agent_id: Some("agent-1".into()),
-        flow_id: Some("flow-1".into()),
-        run_id: Some("run-1".into()),
-        user_id: Some("user-1".into()),
-        project_id: Some("project-1".into()),
-        customer_id: Some("customer-1".into()),
-        trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+        context: crate::context::spans::RunContext {
+            agent_id: Some("agent-1".into()),
+            flow_id: Some("flow-1".into()),
+            run_id: Some("run-1".into()),
+            user_id: Some("user-1".into()),
+            project_id: Some("project-1".into()),
+            customer_id: Some("customer-1".into()),
+            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+        },
         cpu_core_seconds: d("1.500000001"),
         memory_gb_seconds: d("0.4656612873077392578125000000"),
         gpu_seconds: d("0.000"),
@@ -435,7 +437,10 @@ fn paging_returns_each_record_exactly_once_in_time_order() {
             .map(|i| UsageRecord {
                 window_start: ws.clone(),
                 window_end: we.clone(),
-                user_id: (i % 3 != 0).then(|| format!("u{}", i % 2)),
+                context: crate::context::spans::RunContext {
+                    user_id: (i % 3 != 0).then(|| format!("u{}", i % 2)),
+                    ..Default::default()
+                },
                 ..rec(&format!("{:04}-{w}", 49 - i), 0)
             })
             .collect();
@@ -491,7 +496,7 @@ fn paging_returns_each_record_exactly_once_in_time_order() {
         assert!(
             page.records
                 .iter()
-                .all(|r| r.user_id.as_deref() == Some("u1"))
+                .all(|r| r.context.user_id.as_deref() == Some("u1"))
         );
         n += page.records.len();
         match page.next {
@@ -531,12 +536,12 @@ fn totals_group_with_nulls_and_stay_exact() {
             output: 1,
             reasoning_output: 0,
         }];
-        r.user_id = match i % 3 {
+        r.context.user_id = match i % 3 {
             0 => None,
             1 => Some("alice".into()),
             _ => Some("bob".into()),
         };
-        r.project_id = (i % 2 == 0).then(|| "p1".into());
+        r.context.project_id = (i % 2 == 0).then(|| "p1".into());
         batch.push(r);
     }
     ledger
@@ -601,7 +606,7 @@ fn totals_refuse_mixed_currencies_in_one_group() {
     if let Some(c) = eur.cost.as_mut() {
         c.currency = "EUR".into();
     }
-    eur.user_id = Some("eu".into());
+    eur.context.user_id = Some("eu".into());
     ledger
         .commit_window(&t(T0), &t(T0 + 10), &[usd, eur], &[])
         .expect("commit");
@@ -853,15 +858,21 @@ fn month_to_date_spans_raw_records_and_rollups() {
     for k in 0..36 {
         let ws = start + 600 * k;
         let mut customer = priced(rec(&format!("c{k}"), ws), "0.3333333333333333333333333333");
-        customer.customer_id = Some("acme".into());
-        customer.user_id = Some("ann".into());
+        customer.context.customer_id = Some("acme".into());
+        customer.context.user_id = Some("ann".into());
         let user = UsageRecord {
-            user_id: Some("acme".into()),
+            context: crate::context::spans::RunContext {
+                user_id: Some("acme".into()),
+                ..Default::default()
+            },
             ..priced(rec(&format!("u{k}"), ws), "0.25")
         };
         let other = UsageRecord {
-            customer_id: Some("globex".into()),
-            user_id: Some("acme".into()),
+            context: crate::context::spans::RunContext {
+                customer_id: Some("globex".into()),
+                user_id: Some("acme".into()),
+                ..Default::default()
+            },
             ..priced(rec(&format!("o{k}"), ws), "7")
         };
         oracle.push((ws, "acme", d("0.3333333333333333333333333333")));
@@ -1282,14 +1293,14 @@ fn a_record_before_the_watermark_is_quarantined_and_the_window_still_commits() {
             );
             r.cpu_core_seconds = d(&format!("1.00000000{i}"));
             r.syscalls = 10 + i;
-            r.customer_id = Some("c1".into());
+            r.context.customer_id = Some("c1".into());
             r
         })
         .collect();
     let mut bad = priced(rec("token-backlog", T0 + 60), "5");
     bad.record_kind = "token".into();
-    bad.run_id = Some("run-7".into());
-    bad.customer_id = Some("c1".into());
+    bad.context.run_id = Some("run-7".into());
+    bad.context.customer_id = Some("c1".into());
     bad.tokens = vec![TokenUsage {
         model: "m".into(),
         input: 1_000,
@@ -1605,13 +1616,19 @@ fn spend_is_kept_under_the_party_that_pricing_bills() {
     let dir = TempDir::new("party");
     let mut ledger = Ledger::open(&dir.db(), Duration::from_secs(3600)).expect("open");
     let empty_customer = UsageRecord {
-        customer_id: Some(String::new()),
-        user_id: Some("alice".into()),
+        context: crate::context::spans::RunContext {
+            customer_id: Some(String::new()),
+            user_id: Some("alice".into()),
+            ..Default::default()
+        },
         ..priced(rec("r1", T0), "3")
     };
     let named = UsageRecord {
-        customer_id: Some("acme".into()),
-        user_id: Some("bob".into()),
+        context: crate::context::spans::RunContext {
+            customer_id: Some("acme".into()),
+            user_id: Some("bob".into()),
+            ..Default::default()
+        },
         ..priced(rec("r2", T0 + 10), "5")
     };
     assert_eq!(empty_customer.billed_party(), Some("alice"));

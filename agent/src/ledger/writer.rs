@@ -385,7 +385,10 @@ mod tests {
             window_start: ws.into(),
             window_end: we.into(),
             record_kind: "token".into(),
-            run_id: Some("run-1".into()),
+            context: crate::context::spans::RunContext {
+                run_id: Some("run-1".into()),
+                ..Default::default()
+            },
             tokens: vec![TokenUsage {
                 model: "gpt-4o".into(),
                 input,

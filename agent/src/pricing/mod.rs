@@ -1153,8 +1153,11 @@ output_per_1k = "0.02"
         // Each record: 14400 GPU-seconds = 10 before discount (see below).
         let rec = |id: &str, customer: Option<&str>, user: Option<&str>| UsageRecord {
             record_id: id.into(),
-            customer_id: customer.map(String::from),
-            user_id: user.map(String::from),
+            context: crate::context::spans::RunContext {
+                customer_id: customer.map(String::from),
+                user_id: user.map(String::from),
+                ..Default::default()
+            },
             gpu_seconds: dec("14400"),
             ..record()
         };
@@ -1191,7 +1194,10 @@ output_per_1k = "0.02"
     #[test]
     fn discount_tier_boundary() {
         let r = UsageRecord {
-            customer_id: Some("acme".into()),
+            context: crate::context::spans::RunContext {
+                customer_id: Some("acme".into()),
+                ..Default::default()
+            },
             gpu_seconds: dec("14400"),
             ..record()
         };
@@ -1221,16 +1227,22 @@ output_per_1k = "0.02"
 
         // The user is billed when there is no customer.
         let user = UsageRecord {
-            customer_id: None,
-            user_id: Some("u1".into()),
+            context: crate::context::spans::RunContext {
+                customer_id: None,
+                user_id: Some("u1".into()),
+                ..Default::default()
+            },
             ..r.clone()
         };
         assert_eq!(user.billed_party(), Some("u1"));
         assert_eq!(b.price(&user, dec("1000")).discount, dec("1.25"));
         // Nobody billed: no discount whatever month-to-date says.
         let nobody = UsageRecord {
-            customer_id: Some(String::new()),
-            user_id: None,
+            context: crate::context::spans::RunContext {
+                customer_id: Some(String::new()),
+                user_id: None,
+                ..Default::default()
+            },
             ..r.clone()
         };
         assert_eq!(nobody.billed_party(), None);
@@ -1241,7 +1253,10 @@ output_per_1k = "0.02"
     #[test]
     fn repricing_with_a_second_book_version() {
         let r = UsageRecord {
-            customer_id: Some("acme".into()),
+            context: crate::context::spans::RunContext {
+                customer_id: Some("acme".into()),
+                ..Default::default()
+            },
             cpu_core_seconds: dec("3600"),
             memory_gb_seconds: dec("3600"),
             gpu_seconds: dec("3600"),
@@ -1558,7 +1573,10 @@ output_per_1k = "0.02"
     fn a_book_without_tiers_gives_no_discount() {
         let b = PriceBook::parse(BOOK_V2, "p").expect("valid");
         let r = UsageRecord {
-            customer_id: Some("acme".into()),
+            context: crate::context::spans::RunContext {
+                customer_id: Some("acme".into()),
+                ..Default::default()
+            },
             gpu_seconds: dec("3600"),
             ..record()
         };

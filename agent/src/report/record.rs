@@ -387,20 +387,10 @@ pub struct UsageRecord {
     pub k8s_pod_name: Option<String>,
     /// WASM module.
     pub wasm_module: Option<String>,
-    /// Trace context: the agent that ran.
-    pub agent_id: Option<String>,
-    /// Trace context: the flow.
-    pub flow_id: Option<String>,
-    /// Trace context: the flow run.
-    pub run_id: Option<String>,
-    /// Trace context: the user.
-    pub user_id: Option<String>,
-    /// Trace context: the project.
-    pub project_id: Option<String>,
-    /// Trace context: the customer (who is billed).
-    pub customer_id: Option<String>,
-    /// Trace context: the trace.
-    pub trace_id: Option<String>,
+    /// The trace context: agent, flow, run, user, project, customer (who is
+    /// billed) and trace ids, as flat fields of the record.
+    #[serde(flatten)]
+    pub context: RunContext,
     /// CPU, core-seconds (exact: ns / 10⁹).
     pub cpu_core_seconds: Decimal,
     /// Resident memory over time, GiB-seconds.
@@ -464,7 +454,7 @@ impl UsageRecord {
         fn named(v: &Option<String>) -> Option<&str> {
             v.as_deref().filter(|s| !s.is_empty())
         }
-        named(&self.customer_id).or_else(|| named(&self.user_id))
+        named(&self.context.customer_id).or_else(|| named(&self.context.user_id))
     }
 
     /// The stored form of a process record.
@@ -491,13 +481,15 @@ impl UsageRecord {
             k8s_namespace: name(&p.identity.k8s_namespace),
             k8s_pod_name: name(&p.identity.k8s_pod_name),
             wasm_module: name(&p.identity.wasm_module),
-            agent_id: p.context.agent_id.clone(),
-            flow_id: p.context.flow_id.clone(),
-            run_id: p.context.run_id.clone(),
-            user_id: p.context.user_id.clone(),
-            project_id: p.context.project_id.clone(),
-            customer_id: p.context.customer_id.clone(),
-            trace_id: p.context.trace_id.clone(),
+            context: RunContext {
+                agent_id: p.context.agent_id.clone(),
+                flow_id: p.context.flow_id.clone(),
+                run_id: p.context.run_id.clone(),
+                user_id: p.context.user_id.clone(),
+                project_id: p.context.project_id.clone(),
+                customer_id: p.context.customer_id.clone(),
+                trace_id: p.context.trace_id.clone(),
+            },
             cpu_core_seconds: decimal_seconds(p.metered.cpu_ns),
             memory_gb_seconds: decimal_gib_seconds(p.metered.mem.rss_byte_ns),
             gpu_seconds: decimal_seconds(p.metered.gpu.gpu_ns),
@@ -674,5 +666,24 @@ mod tests {
         assert_eq!(decimal_gib_seconds(one_gib_hour), Decimal::from(3600));
         let half = u128::from(1u64 << 29) * 1_000_000_000;
         assert_eq!(decimal_gib_seconds(half), Decimal::new(5, 1));
+    }
+
+    #[test]
+    fn the_run_context_stays_flat_in_the_record_json() {
+        let r = UsageRecord {
+            record_id: "r".into(),
+            context: RunContext {
+                run_id: Some("run-1".into()),
+                customer_id: Some("acme".into()),
+                ..RunContext::default()
+            },
+            ..UsageRecord::default()
+        };
+        let json = serde_json::to_value(&r).expect("serialises");
+        assert_eq!(json["run_id"], "run-1");
+        assert_eq!(json["customer_id"], "acme");
+        assert!(json["agent_id"].is_null() && json.get("context").is_none(), "{json}");
+        let back: UsageRecord = serde_json::from_value(json).expect("deserialises");
+        assert_eq!(back, r);
     }
 }

@@ -393,13 +393,15 @@ pub fn token_record(node: &str, span: &Span, own: &RunContext) -> Option<UsageRe
         record_kind: "tokens".into(),
         pid: span.pid,
         comm: span.service.clone(),
-        agent_id: ctx.agent_id,
-        flow_id: ctx.flow_id,
-        run_id: ctx.run_id,
-        user_id: ctx.user_id,
-        project_id: ctx.project_id,
-        customer_id: ctx.customer_id,
-        trace_id: Some(span.trace_id.clone()),
+        context: RunContext {
+            agent_id: ctx.agent_id,
+            flow_id: ctx.flow_id,
+            run_id: ctx.run_id,
+            user_id: ctx.user_id,
+            project_id: ctx.project_id,
+            customer_id: ctx.customer_id,
+            trace_id: Some(span.trace_id.clone()),
+        },
         tokens: vec![TokenUsage {
             model: tokens.model.clone(),
             input: tokens.input,
@@ -485,8 +487,8 @@ mod tests {
             ..Default::default()
         };
         let r = token_record("n", &s, &own).expect("a token record");
-        assert_eq!(r.run_id.as_deref(), Some("run-1"));
-        assert_eq!(r.customer_id.as_deref(), Some("acme"));
+        assert_eq!(r.context.run_id.as_deref(), Some("run-1"));
+        assert_eq!(r.context.customer_id.as_deref(), Some("acme"));
         assert_eq!(r.tokens[0].input, 1000);
         assert_eq!(r.window_start, "1970-01-01T00:00:01Z");
         assert_eq!(

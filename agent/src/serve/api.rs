@@ -1035,7 +1035,10 @@ mod tests {
         let mut bad = UsageRecord {
             record_id: "bad".into(),
             record_kind: "token".into(),
-            run_id: Some("run-1".into()),
+            context: crate::context::spans::RunContext {
+                run_id: Some("run-1".into()),
+                ..Default::default()
+            },
             window_start: "2026-01-01T00:00:00Z".into(),
             window_end: "2026-01-01T00:00:01Z".into(),
             ..Default::default()

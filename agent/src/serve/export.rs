@@ -471,12 +471,12 @@ fn identity(r: &UsageRecord) -> Vec<(String, String)> {
     put("k8s.pod.name", &r.k8s_pod_name);
     put("k8s.namespace.name", &r.k8s_namespace);
     put("mentat.wasm.module", &r.wasm_module);
-    put("agent.id", &r.agent_id);
-    put("flow.id", &r.flow_id);
-    put("flow.run_id", &r.run_id);
-    put("user.id", &r.user_id);
-    put("project.id", &r.project_id);
-    put("customer.id", &r.customer_id);
+    put("agent.id", &r.context.agent_id);
+    put("flow.id", &r.context.flow_id);
+    put("flow.run_id", &r.context.run_id);
+    put("user.id", &r.context.user_id);
+    put("project.id", &r.context.project_id);
+    put("customer.id", &r.context.customer_id);
     a
 }
 

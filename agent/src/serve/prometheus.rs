@@ -588,8 +588,11 @@ mod tests {
             container_id: Some("abc".into()),
             k8s_namespace: Some("ns".into()),
             k8s_pod_name: Some("p\"o\nd".into()),
-            run_id: Some("run-1".into()),
-            user_id: Some("u".into()),
+            context: crate::context::spans::RunContext {
+                run_id: Some("run-1".into()),
+                user_id: Some("u".into()),
+                ..Default::default()
+            },
             cpu_core_seconds: Decimal::from_str("0.1").unwrap_or_default(),
             network_rx_bytes: 10,
             gpu_energy_joules: Decimal::from_str("1.25").unwrap_or_default(),
