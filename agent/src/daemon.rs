@@ -27,7 +27,7 @@ use crate::{
     config::Config,
     context::{
         inbox::{InboxLimits, SpanInbox},
-        receiver::{self, ForwardOptions, Forwarder, ReceiverStats},
+        receiver::{self, Onward, ReceiverStats},
         sender::{Binder, parse_rules},
     },
     identity::pods::PodDirectory,
@@ -39,6 +39,7 @@ use crate::{
         api::{self, AppState},
         enrich,
         export::{self, OtlpExporter},
+        forward::{ForwardOptions, Forwarder},
         outbox::LedgerOutbox,
         prometheus::{AgentStats, Exposition},
     },
@@ -226,7 +227,14 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
             };
-            bound.run(inbox, stats, forwarder, shutdown).await
+            bound
+                .run(
+                    inbox,
+                    stats,
+                    forwarder.map(|f| Arc::new(f) as Arc<dyn Onward>),
+                    shutdown,
+                )
+                .await
         })
     };
 

@@ -682,7 +682,10 @@ mod tests {
         let json = serde_json::to_value(&r).expect("serialises");
         assert_eq!(json["run_id"], "run-1");
         assert_eq!(json["customer_id"], "acme");
-        assert!(json["agent_id"].is_null() && json.get("context").is_none(), "{json}");
+        assert!(
+            json["agent_id"].is_null() && json.get("context").is_none(),
+            "{json}"
+        );
         let back: UsageRecord = serde_json::from_value(json).expect("deserialises");
         assert_eq!(back, r);
     }

@@ -14,7 +14,7 @@ use std::{
 
 use tracing::warn;
 
-use crate::{context::receiver::Enricher, ledger::Ledger};
+use crate::{ledger::Ledger, serve::forward::Enricher};
 
 /// Adds to each forwarded span the cost of what its process used while it
 /// ran (from the ledger): `mentat.cost.total`, `mentat.cost.currency`,

@@ -8,6 +8,7 @@
 pub mod api;
 pub mod enrich;
 pub mod export;
+pub mod forward;
 pub mod otlp;
 pub mod outbox;
 pub mod prometheus;
