@@ -58,6 +58,14 @@
 //! trickle bytes hold read slots of their own, never the permits other
 //! senders' spans need.
 //!
+//! Why these limits are not tower layers: the whole gRPC exchange is bounded
+//! by tonic's timeout layer (`read_timeout` + 30 s), but the read slots are
+//! keyed by sender, and the decode permits are taken only once a body has
+//! been read, so that a slow client holds its own slot and never a permit;
+//! tower's `ConcurrencyLimit` and `LoadShed` wrap a whole request per
+//! service, before its body, and would let trickling clients starve every
+//! other sender.
+//!
 //! Not supported: OTLP/JSON and compressed payloads (HTTP answers 415, gRPC
 //! `Unimplemented`); OTLP exporters send uncompressed protobuf by default.
 
