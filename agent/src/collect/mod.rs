@@ -29,7 +29,7 @@ use crate::{
         metered::{InstanceKey, Metered, Net},
         storage::StorageMeter,
     },
-    context::spans::RunContext,
+    identity::run::RunContext,
     identity::{
         env::{EnvContext, context_from_environ, read_env_context},
         pods::{PodDirectory, PodName},

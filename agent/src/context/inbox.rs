@@ -423,7 +423,7 @@ impl Drop for HeldSpans {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::spans::RunContext;
+    use crate::identity::run::RunContext;
 
     const S: u64 = 1_000_000_000;
     const NOW: u64 = 1_800_000_000 * S;

@@ -48,7 +48,6 @@ use std::{
 };
 
 use agent_common::{ReceiverPorts, SenderKey, SenderValue};
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use tracing::warn;
 
@@ -58,6 +57,7 @@ use crate::{
         spans::{PidScope, Span, SpanSender},
     },
     identity::{process::Cgroups, workload::parse_cgroup_path},
+    probes::SenderMaps,
 };
 
 /// A request after [`Binder::bind_request`].
@@ -70,16 +70,6 @@ pub struct BoundRequest {
     /// What may be forwarded (refused resources removed), with the host pid
     /// each resource's spans are bound to; `None`: nothing.
     pub forward: Option<(ExportTraceServiceRequest, Vec<Option<u32>>)>,
-}
-
-/// The kernel's sender table and the receiver ports it watches.
-pub struct SenderMaps {
-    /// Client socket → its last sender.
-    pub senders: BpfHashMap<MapData, SenderKey, SenderValue>,
-    /// The receiver's ports, as clients address them.
-    pub ports: Array<MapData, ReceiverPorts>,
-    /// Per-CPU: entries written, writes failed.
-    pub stats: PerCpuArray<MapData, u64>,
 }
 
 /// A configured trusted forwarder (`[receiver] trusted_forwarders`).

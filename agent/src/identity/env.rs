@@ -11,7 +11,7 @@
 
 use std::{fs, io::Read, path::Path};
 
-use crate::context::spans::RunContext;
+use crate::identity::run::RunContext;
 
 /// What a process's environment says.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use rusqlite::{
 };
 
 use super::{FIELDS, IDENTITY_CACHE_MAX, LedgerError, N_FIELDS, record_err, u64_bits};
-use crate::{context::spans::RunContext, report::record::UsageRecord};
+use crate::{identity::run::RunContext, report::record::UsageRecord};
 
 /// One identity column's value, borrowed from a record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -206,7 +206,7 @@ pub(super) fn record_from_row(row: &Row<'_>, path: &Path) -> Result<UsageRecord,
         k8s_namespace: text(f(13))?,
         k8s_pod_name: text(f(14))?,
         wasm_module: text(f(15))?,
-        context: crate::context::spans::RunContext {
+        context: crate::identity::run::RunContext {
             agent_id: text(f(16))?,
             flow_id: text(f(17))?,
             run_id: text(f(18))?,

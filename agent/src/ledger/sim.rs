@@ -308,7 +308,7 @@ fn synthetic_record(
         k8s_namespace: Some(format!("team-{}", w % 10)),
         k8s_pod_name: Some(format!("agent-{w}-7d9f8b6c5-x2x4k")),
         wasm_module: None,
-        context: crate::context::spans::RunContext {
+        context: crate::identity::run::RunContext {
             agent_id: agent.then(|| format!("agent-{}", w % 20)),
             flow_id: agent.then(|| format!("flow-{}", w % 50)),
             run_id: agent.then(|| uuid_like(run_key)),

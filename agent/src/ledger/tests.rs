@@ -97,7 +97,7 @@ fn full_record() -> UsageRecord {
         k8s_namespace: Some("team-a".into()),
         k8s_pod_name: Some("agent-0".into()),
         wasm_module: Some("spin-app".into()),
-        context: crate::context::spans::RunContext {
+        context: crate::identity::run::RunContext {
             agent_id: Some("agent-1".into()),
             flow_id: Some("flow-1".into()),
             run_id: Some("run-1".into()),
@@ -437,7 +437,7 @@ fn paging_returns_each_record_exactly_once_in_time_order() {
             .map(|i| UsageRecord {
                 window_start: ws.clone(),
                 window_end: we.clone(),
-                context: crate::context::spans::RunContext {
+                context: crate::identity::run::RunContext {
                     user_id: (i % 3 != 0).then(|| format!("u{}", i % 2)),
                     ..Default::default()
                 },
@@ -861,14 +861,14 @@ fn month_to_date_spans_raw_records_and_rollups() {
         customer.context.customer_id = Some("acme".into());
         customer.context.user_id = Some("ann".into());
         let user = UsageRecord {
-            context: crate::context::spans::RunContext {
+            context: crate::identity::run::RunContext {
                 user_id: Some("acme".into()),
                 ..Default::default()
             },
             ..priced(rec(&format!("u{k}"), ws), "0.25")
         };
         let other = UsageRecord {
-            context: crate::context::spans::RunContext {
+            context: crate::identity::run::RunContext {
                 customer_id: Some("globex".into()),
                 user_id: Some("acme".into()),
                 ..Default::default()
@@ -1616,7 +1616,7 @@ fn spend_is_kept_under_the_party_that_pricing_bills() {
     let dir = TempDir::new("party");
     let mut ledger = Ledger::open(&dir.db(), Duration::from_secs(3600)).expect("open");
     let empty_customer = UsageRecord {
-        context: crate::context::spans::RunContext {
+        context: crate::identity::run::RunContext {
             customer_id: Some(String::new()),
             user_id: Some("alice".into()),
             ..Default::default()
@@ -1624,7 +1624,7 @@ fn spend_is_kept_under_the_party_that_pricing_bills() {
         ..priced(rec("r1", T0), "3")
     };
     let named = UsageRecord {
-        context: crate::context::spans::RunContext {
+        context: crate::identity::run::RunContext {
             customer_id: Some("acme".into()),
             user_id: Some("bob".into()),
             ..Default::default()

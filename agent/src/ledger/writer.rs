@@ -385,7 +385,7 @@ mod tests {
             window_start: ws.into(),
             window_end: we.into(),
             record_kind: "token".into(),
-            context: crate::context::spans::RunContext {
+            context: crate::identity::run::RunContext {
                 run_id: Some("run-1".into()),
                 ..Default::default()
             },

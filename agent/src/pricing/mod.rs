@@ -1153,7 +1153,7 @@ output_per_1k = "0.02"
         // Each record: 14400 GPU-seconds = 10 before discount (see below).
         let rec = |id: &str, customer: Option<&str>, user: Option<&str>| UsageRecord {
             record_id: id.into(),
-            context: crate::context::spans::RunContext {
+            context: crate::identity::run::RunContext {
                 customer_id: customer.map(String::from),
                 user_id: user.map(String::from),
                 ..Default::default()
@@ -1194,7 +1194,7 @@ output_per_1k = "0.02"
     #[test]
     fn discount_tier_boundary() {
         let r = UsageRecord {
-            context: crate::context::spans::RunContext {
+            context: crate::identity::run::RunContext {
                 customer_id: Some("acme".into()),
                 ..Default::default()
             },
@@ -1227,7 +1227,7 @@ output_per_1k = "0.02"
 
         // The user is billed when there is no customer.
         let user = UsageRecord {
-            context: crate::context::spans::RunContext {
+            context: crate::identity::run::RunContext {
                 customer_id: None,
                 user_id: Some("u1".into()),
                 ..Default::default()
@@ -1238,7 +1238,7 @@ output_per_1k = "0.02"
         assert_eq!(b.price(&user, dec("1000")).discount, dec("1.25"));
         // Nobody billed: no discount whatever month-to-date says.
         let nobody = UsageRecord {
-            context: crate::context::spans::RunContext {
+            context: crate::identity::run::RunContext {
                 customer_id: Some(String::new()),
                 user_id: None,
                 ..Default::default()
@@ -1253,7 +1253,7 @@ output_per_1k = "0.02"
     #[test]
     fn repricing_with_a_second_book_version() {
         let r = UsageRecord {
-            context: crate::context::spans::RunContext {
+            context: crate::identity::run::RunContext {
                 customer_id: Some("acme".into()),
                 ..Default::default()
             },
@@ -1573,7 +1573,7 @@ output_per_1k = "0.02"
     fn a_book_without_tiers_gives_no_discount() {
         let b = PriceBook::parse(BOOK_V2, "p").expect("valid");
         let r = UsageRecord {
-            context: crate::context::spans::RunContext {
+            context: crate::identity::run::RunContext {
                 customer_id: Some("acme".into()),
                 ..Default::default()
             },

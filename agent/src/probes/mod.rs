@@ -22,11 +22,12 @@ use std::{
 };
 
 use agent_common::{
-    Control, CpuState, EnvHeader, NET_COUNTERS, ProcEvent, ProcKey, ProcUsage, SYSCALL_CLASSES,
+    Control, CpuState, EnvHeader, NET_COUNTERS, ProcEvent, ProcKey, ProcUsage, ReceiverPorts,
+    SYSCALL_CLASSES, SenderKey, SenderValue,
 };
 use aya::{
     Btf, Ebpf, EbpfError, EbpfLoader, Endianness, VerifierLogLevel,
-    maps::{Array, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         BtfTracePoint, PerfEvent, ProgramError, RawTracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
@@ -152,6 +153,16 @@ pub enum ProbeError {
     Cpus(std::io::Error),
 }
 
+/// The kernel's sender table and the receiver ports it watches.
+pub struct SenderMaps {
+    /// Client socket → its last sender.
+    pub senders: BpfHashMap<MapData, SenderKey, SenderValue>,
+    /// The receiver's ports, as clients address them.
+    pub ports: Array<MapData, ReceiverPorts>,
+    /// Per-CPU: entries written, writes failed.
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
 /// Loaded and attached probes, and the handles to read them.
 pub struct Probes {
     // Keeps the programs loaded and attached for as long as `Probes` lives.
@@ -164,7 +175,7 @@ pub struct Probes {
     online_cpus: Vec<u32>,
     epoch: u32,
     network: Result<(), String>,
-    senders: Option<crate::context::sender::SenderMaps>,
+    senders: Option<SenderMaps>,
 }
 
 /// One closed epoch's usage.
@@ -252,7 +263,7 @@ impl Probes {
         let env_events = take_map(&mut ebpf, "ENV_EVENTS")?;
         // Only where the send hook is attached and the offsets resolved.
         let senders = if network.is_ok() && sock_offsets.valid == 1 {
-            Some(crate::context::sender::SenderMaps {
+            Some(SenderMaps {
                 senders: take_map(&mut ebpf, "SENDERS")?,
                 ports: take_map(&mut ebpf, "RECEIVER_PORTS")?,
                 stats: take_map(&mut ebpf, "SENDER_STATS")?,
@@ -276,7 +287,7 @@ impl Probes {
 
     /// The sender-binding maps, once (`None` when the kernel cannot record
     /// senders: Linux < 6.3 or unresolved `struct sock` offsets).
-    pub fn take_senders(&mut self) -> Option<crate::context::sender::SenderMaps> {
+    pub fn take_senders(&mut self) -> Option<SenderMaps> {
         self.senders.take()
     }
 

@@ -6,12 +6,15 @@ use std::time::SystemTime;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::collect::metered::{InstanceKey, Metered, SyscallsByClass, core_seconds};
 use crate::{
-    collect::{gpu::Attribution, memory::gib_seconds},
-    context::spans::RunContext,
-    identity::workload::{
-        CgroupIdentity, QosClass, Runtime, WasmIdentity, WorkloadKind, workload_kind,
+    collect::{
+        gpu::Attribution,
+        memory::gib_seconds,
+        metered::{InstanceKey, Metered, SyscallsByClass, core_seconds},
+    },
+    identity::{
+        run::RunContext,
+        workload::{CgroupIdentity, QosClass, Runtime, WasmIdentity, WorkloadKind, workload_kind},
     },
     probes::clock::{rfc3339, unix_ns_of},
 };

@@ -20,7 +20,8 @@ use std::{
 };
 
 use crate::{
-    context::spans::{RunContext, Span},
+    context::spans::Span,
+    identity::run::RunContext,
     report::record::{TokenUsage, UsageRecord, stable_id},
 };
 

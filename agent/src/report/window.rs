@@ -166,7 +166,7 @@ pub(crate) mod tests {
     use super::*;
     use crate::{
         collect::metered::{InstanceKey, Metered},
-        context::spans::RunContext,
+        identity::run::RunContext,
         report::record::{BucketRecord, Identity, Metrics, ProcessRecord, SummaryRecord},
     };
 

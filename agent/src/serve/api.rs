@@ -1035,7 +1035,7 @@ mod tests {
         let mut bad = UsageRecord {
             record_id: "bad".into(),
             record_kind: "token".into(),
-            context: crate::context::spans::RunContext {
+            context: crate::identity::run::RunContext {
                 run_id: Some("run-1".into()),
                 ..Default::default()
             },

@@ -588,7 +588,7 @@ mod tests {
             container_id: Some("abc".into()),
             k8s_namespace: Some("ns".into()),
             k8s_pod_name: Some("p\"o\nd".into()),
-            context: crate::context::spans::RunContext {
+            context: crate::identity::run::RunContext {
                 run_id: Some("run-1".into()),
                 user_id: Some("u".into()),
                 ..Default::default()

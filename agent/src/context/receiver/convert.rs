@@ -9,7 +9,10 @@ use opentelemetry_proto::tonic::{
     trace::v1::ResourceSpans,
 };
 
-use crate::context::spans::{PidScope, RunContext, Span, SpanTokens};
+use crate::{
+    context::spans::{PidScope, Span, SpanTokens},
+    identity::run::RunContext,
+};
 
 /// Converts one request into spans, skipping invalid ids; `peer_pid` stands in for a missing `process.pid`.
 pub fn spans_of(request: &ExportTraceServiceRequest, peer_pid: Option<u32>) -> Vec<Span> {
