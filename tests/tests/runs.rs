@@ -11,7 +11,7 @@
 //!   environment (no SDK) and the child it forks: both in the run, in the daemon and in
 //!   `mentat-agent record --group-by run_id`.
 //! - Two runs interleaved in one process through overlapping spans (`py/interleave.py`):
-//!   split by the rule in `agent/src/report/split.rs`, to the nanosecond, and the parts sum
+//!   split by the rule in `agent/src/context/index.rs`, to the nanosecond, and the parts sum
 //!   exactly to the process's total.
 //!
 //! Each test starts its own daemon (fresh ledger, 1 s tick, free ports) and needs root.

@@ -38,8 +38,8 @@ use std::{
 use tokio::sync::mpsc;
 
 use crate::{
+    context::index::SpanIndex,
     context::spans::{PidScope, Span},
-    report::split::SpanIndex,
 };
 
 /// How far a span's times may be from the agent's clock (`[receiver]` keys).

@@ -6,6 +6,7 @@
 //! answered, where `report` takes them window by window.
 
 pub mod inbox;
+pub mod index;
 pub mod receiver;
 pub mod sender;
 pub mod spans;

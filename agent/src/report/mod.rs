@@ -22,6 +22,7 @@ use crate::{
         memory::gib_seconds,
         metered::{InstanceKey, Metered},
     },
+    context::index::{SCALE, Share, SpanIndex},
     identity::workload::WorkloadKind,
     probes::clock::rfc3339,
     report::{
@@ -29,7 +30,7 @@ use crate::{
             BucketRecord, GroupRecord, Identity, Metrics, ProcessRecord, SummaryRecord,
             bucket_record_id, group_record_id, process_record_id,
         },
-        split::{SCALE, Share, SpanIndex, split_u64, split_u128},
+        split::{split_u64, split_u128},
     },
 };
 
