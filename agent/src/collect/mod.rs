@@ -430,10 +430,15 @@ impl Collector {
                     start
                 }
             };
-            if self
-                .infos
-                .get(&(pid, start))
-                .is_some_and(|i| i.kernel_thread)
+            // A process that started after `now` (the window's end, when the
+            // sweep runs late on a loaded node) is first sampled in the next
+            // window: its memory and disk bytes cannot belong to one that
+            // closed before it existed.
+            if start > now
+                || self
+                    .infos
+                    .get(&(pid, start))
+                    .is_some_and(|i| i.kernel_thread)
             {
                 continue;
             }
