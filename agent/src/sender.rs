@@ -54,7 +54,7 @@ use tracing::warn;
 
 use crate::{
     identity::Cgroups,
-    receiver::{resource_claim, spans_of_resource},
+    receiver::{resource_claim, spans_of_resource_for_inbox as spans_of_resource},
     spans::{PidScope, Span, SpanSender},
     workload::parse_cgroup_path,
 };

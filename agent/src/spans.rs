@@ -47,6 +47,14 @@ impl RunContext {
         fill(&mut self.trace_id, &parent.trace_id);
     }
 
+    /// Whether [`RunContext::set_attribute`] sets a field for `key`.
+    pub fn is_context_key(key: &str) -> bool {
+        matches!(
+            key,
+            "agent.id" | "flow.id" | "flow.run_id" | "user.id" | "project.id" | "customer.id"
+        )
+    }
+
     /// Sets the fields named by OpenTelemetry attribute keys (`flow.run_id`, …).
     pub fn set_attribute(&mut self, key: &str, value: &str) {
         let slot = match key {
@@ -133,7 +141,8 @@ pub struct Span {
     pub context: RunContext,
     /// Token usage, if the span reported any.
     pub tokens: Option<SpanTokens>,
-    /// Every span attribute, as strings (including those mapped above).
+    /// Every span attribute, as strings (including those mapped above);
+    /// empty on spans the receiver hands to the inbox, which does not keep them.
     pub attributes: BTreeMap<String, String>,
     /// Who sent it, when the receiver binds senders (see `sender`).
     pub sender: Option<SpanSender>,
