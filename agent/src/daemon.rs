@@ -259,7 +259,12 @@ struct TokensTaken<'w> {
 impl Drop for TokensTaken<'_> {
     fn drop(&mut self) {
         if !self.kept && self.range.end <= self.records.len() {
-            *self.tokens = self.records.drain(self.range.clone()).collect();
+            // As they came: the attempt's prices are not theirs to keep.
+            *self.tokens = self
+                .records
+                .drain(self.range.clone())
+                .map(|r| UsageRecord { cost: None, ..r })
+                .collect();
         }
     }
 }

@@ -147,15 +147,15 @@ struct State {
 const BASE_LABELS: usize = 4;
 
 impl State {
-    /// Adds `v` to the series (`base` + `extra`), creating it if the cap allows, else folding it.
+    /// Adds `v`, the sum of `increments` increments, to the series (`base` +
+    /// `extra`), creating it if the cap allows, else folding it.
     fn add(
         &mut self,
         name: &'static str,
         help: &'static str,
         base: &Labels,
         extra: &[(&'static str, String)],
-        v: Decimal,
-        increments: u64,
+        (v, increments): (Decimal, u64),
         now: Instant,
     ) {
         if increments == 0 {
@@ -422,7 +422,12 @@ impl Metrics {
                 }
                 for (kind, n) in [("input", t.input), ("output", t.output)] {
                     inc(
-                        ("mentat_tokens_total", base, Some(("model", model)), Some(("type", kind))),
+                        (
+                            "mentat_tokens_total",
+                            base,
+                            Some(("model", model)),
+                            Some(("type", kind)),
+                        ),
                         "LLM tokens (models the price book does not list: model=\"unpriced\").",
                         Decimal::from(n),
                     );
@@ -430,7 +435,12 @@ impl Metrics {
             }
             if let Some(c) = &r.cost {
                 inc(
-                    ("mentat_cost_total", base, Some(("currency", c.currency.as_str())), None),
+                    (
+                        "mentat_cost_total",
+                        base,
+                        Some(("currency", c.currency.as_str())),
+                        None,
+                    ),
                     "Cost after discount, in the currency's major unit.",
                     c.total,
                 );
@@ -457,7 +467,7 @@ impl Metrics {
                 .flatten()
                 .map(|(k, v)| (k, v.to_string()))
                 .collect();
-            s.add(name, help, &bases[base], &extra, v, n, now);
+            s.add(name, help, &bases[base], &extra, (v, n), now);
         }
         s.agent.windows += stats.windows;
         s.agent.map_full_drops += stats.map_full_drops;

@@ -1374,11 +1374,7 @@ pub fn spans_of_resource(rs: &ResourceSpans, peer_pid: Option<u32>, out: &mut Ve
 /// hands to the inbox, which keeps ids, times, context and tokens only (the
 /// attribute map, built per span and dropped at admission, was a tenth of
 /// the receiver's allocations at 50,000 spans/s).
-pub fn spans_of_resource_for_inbox(
-    rs: &ResourceSpans,
-    peer_pid: Option<u32>,
-    out: &mut Vec<Span>,
-) {
+pub fn spans_of_resource_for_inbox(rs: &ResourceSpans, peer_pid: Option<u32>, out: &mut Vec<Span>) {
     spans_of_resource_as(rs, peer_pid, out, false);
 }
 
