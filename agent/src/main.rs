@@ -19,6 +19,13 @@ use mentat_agent::{
 };
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc rather than glibc's malloc: span intake allocates a few small
+/// strings per span and frees them a window later, from other threads; at
+/// 50,000 spans/s glibc's malloc/free (with `malloc_consolidate`) was about
+/// a fifth of the daemon's CPU (BENCHMARKS.md "Span intake").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Meters CPU time and syscalls of every process on this node with eBPF,
 /// exactly enough to bill.
 #[derive(Parser, Debug)]

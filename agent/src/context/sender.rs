@@ -53,7 +53,7 @@ use tracing::warn;
 
 use crate::{
     context::{
-        receiver::convert::{resource_claim, spans_of_resource},
+        receiver::convert::{resource_claim, spans_of_resource_for_inbox as spans_of_resource},
         spans::{PidScope, Span, SpanSender},
     },
     identity::{process::Cgroups, workload::parse_cgroup_path},

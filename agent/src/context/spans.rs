@@ -4,8 +4,9 @@
 //! it (see `sender`). Its `pid` and `pid_scope` have been checked against
 //! that sender before the span leaves the receiver.
 
-use crate::identity::run::RunContext;
 use std::collections::BTreeMap;
+
+use crate::identity::run::RunContext;
 
 /// LLM token usage a span reported (`gen_ai.usage.*`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -76,7 +77,8 @@ pub struct Span {
     pub context: RunContext,
     /// Token usage, if the span reported any.
     pub tokens: Option<SpanTokens>,
-    /// Every span attribute, as strings (including those mapped above).
+    /// Every span attribute, as strings (including those mapped above);
+    /// empty on spans the receiver hands to the inbox, which does not keep them.
     pub attributes: BTreeMap<String, String>,
     /// Who sent it, when the receiver binds senders (see `sender`).
     pub sender: Option<SpanSender>,

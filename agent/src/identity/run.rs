@@ -55,6 +55,14 @@ impl RunContext {
         fill(&mut self.trace_id, &parent.trace_id);
     }
 
+    /// Whether [`RunContext::set_attribute`] sets a field for `key`.
+    pub fn is_context_key(key: &str) -> bool {
+        matches!(
+            key,
+            "agent.id" | "flow.id" | "flow.run_id" | "user.id" | "project.id" | "customer.id"
+        )
+    }
+
     /// Sets the fields named by OpenTelemetry attribute keys (`flow.run_id`, …).
     pub fn set_attribute(&mut self, key: &str, value: &str) {
         let slot = match key {

@@ -186,6 +186,9 @@ const HOUR_NS: i64 = 3_600_000_000_000;
 const COMPACTED_BEFORE: &str = "compacted_before";
 /// WAL size kept after a checkpoint resets it.
 const JOURNAL_SIZE_LIMIT: i64 = 64 << 20;
+
+/// The writer's page cache, KiB (SQLite's default is 2,000).
+const WRITER_CACHE_KIB: i64 = 32 << 10;
 /// Identities kept in memory (a lookup miss costs one indexed query).
 const IDENTITY_CACHE_MAX: usize = 100_000;
 
@@ -624,6 +627,12 @@ impl Ledger {
             .map_err(sql(path, "setting synchronous"))?;
         conn.pragma_update(None, "journal_size_limit", JOURNAL_SIZE_LIMIT)
             .map_err(sql(path, "setting journal_size_limit"))?;
+        // A window under span load writes ~50,000 token records and span
+        // rows in one transaction: with SQLite's default 2 MiB page cache
+        // their dirty pages spilled to the WAL mid-transaction and were
+        // written again at commit (see BENCHMARKS.md "Span intake").
+        conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
+            .map_err(sql(path, "setting cache_size"))?;
         conn.set_prepared_statement_cache_capacity(64);
         migrate(&mut conn, path)?;
         if created {

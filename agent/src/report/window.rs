@@ -17,6 +17,7 @@ use rust_decimal::Decimal;
 use crate::{
     collect::{Collector, Window},
     context::inbox::{HeldSpans, SpanInbox},
+    identity::run::RunContext,
     probes::clock::unix_ns,
     report::{
         Report, WindowSum,
@@ -63,30 +64,38 @@ impl ReportedWindow {
         });
         inbox.set_bad_traceparents(collector.bad_traceparents());
         let report = sum.report(collector, node, |_| true, &[], Some(&index), None);
-        let mut tokens = Vec::new();
-        let mut rows = Vec::new();
-        for s in &new {
+        let taken = new.len();
+        let mut tokens = Vec::with_capacity(taken);
+        let mut rows = Vec::with_capacity(taken);
+        // The spans are consumed: their ids, name and service move into the
+        // rows rather than being copied (per span, at 50,000 spans/s).
+        let no_context = RunContext::default();
+        for s in new {
             let own = s
                 .pid
                 .and_then(|pid| collector.live_instance(pid).map(|start| (pid, start)))
                 .and_then(|(pid, start)| collector.info(pid, start))
-                .map(|i| i.context.clone())
-                .unwrap_or_default();
-            tokens.extend(token_record(node, s, &own));
-            let mut ctx = s.context.clone();
-            ctx.inherit(&own);
-            if let Some(run_id) = ctx.run_id.clone() {
+                .map(|i| &i.context)
+                .unwrap_or(&no_context);
+            tokens.extend(token_record(node, &s, own));
+            // The span's own context, else its process's (as `inherit` would).
+            let (run_id, agent_id) = (
+                s.context.run_id.as_ref().or(own.run_id.as_ref()),
+                s.context.agent_id.as_ref().or(own.agent_id.as_ref()),
+            );
+            if let Some(run_id) = run_id {
+                let (run_id, agent_id) = (run_id.clone(), agent_id.cloned());
                 rows.push(SpanRow {
-                    trace_id: s.trace_id.clone(),
-                    span_id: s.span_id.clone(),
-                    parent_span_id: s.parent_span_id.clone(),
-                    run_id,
-                    agent_id: ctx.agent_id.clone(),
-                    name: s.name.clone(),
                     start_ns: i64::try_from(s.start_unix_ns).unwrap_or(i64::MAX),
                     end_ns: i64::try_from(s.end_unix_ns).unwrap_or(i64::MAX),
                     pid: s.pid,
-                    service: s.service.clone(),
+                    trace_id: s.trace_id,
+                    span_id: s.span_id,
+                    parent_span_id: s.parent_span_id,
+                    run_id,
+                    agent_id,
+                    name: s.name,
+                    service: s.service,
                 });
             }
         }
@@ -96,7 +105,7 @@ impl ReportedWindow {
             tokens,
             spans: rows,
             gpu_errors: window.gpu_errors,
-            held: Some(inbox.hold(new.len())),
+            held: Some(inbox.hold(taken)),
         }
     }
 

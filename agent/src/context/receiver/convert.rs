@@ -43,6 +43,23 @@ pub fn resource_claim(rs: &ResourceSpans) -> (Option<u32>, Option<PidScope>) {
 
 /// Appends the spans of one resource to `out`, as [`spans_of`] does.
 pub fn spans_of_resource(rs: &ResourceSpans, peer_pid: Option<u32>, out: &mut Vec<Span>) {
+    spans_of_resource_as(rs, peer_pid, out, true);
+}
+
+/// As [`spans_of_resource`], without [`Span::attributes`]: what the receiver
+/// hands to the inbox, which keeps ids, times, context and tokens only (the
+/// attribute map, built per span and dropped at admission, was a tenth of
+/// the receiver's allocations at 50,000 spans/s).
+pub fn spans_of_resource_for_inbox(rs: &ResourceSpans, peer_pid: Option<u32>, out: &mut Vec<Span>) {
+    spans_of_resource_as(rs, peer_pid, out, false);
+}
+
+fn spans_of_resource_as(
+    rs: &ResourceSpans,
+    peer_pid: Option<u32>,
+    out: &mut Vec<Span>,
+    with_attributes: bool,
+) {
     {
         let resource: &[KeyValue] = rs.resource.as_ref().map_or(&[], |r| &r.attributes);
         let claimed = resource_pid(resource);
@@ -90,10 +107,14 @@ pub fn spans_of_resource(rs: &ResourceSpans, peer_pid: Option<u32>, out: &mut Ve
             let mut attributes = BTreeMap::new();
             for kv in &span.attributes {
                 let value = kv.value.as_ref();
-                if let Some(v) = value.and_then(scalar) {
+                if RunContext::is_context_key(&kv.key)
+                    && let Some(v) = value.and_then(scalar)
+                {
                     context.set_attribute(&kv.key, &v);
                 }
-                attributes.insert(kv.key.clone(), value.map(render).unwrap_or_default());
+                if with_attributes {
+                    attributes.insert(kv.key.clone(), value.map(render).unwrap_or_default());
+                }
             }
             context.trace_id = Some(trace_id.clone());
             out.push(Span {
