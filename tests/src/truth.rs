@@ -51,6 +51,20 @@ pub struct CgroupMove {
     pub rusage_cpu_ns: u64,
 }
 
+/// `workload cgroup-hop --path DIR --pre P --ms M`: the workload ran in short bursts with
+/// a sleep after each, P ms of CPU in its first cgroup, then moved into DIR and did the same
+/// for M ms.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CgroupHop {
+    pub pid: u32,
+    /// Inode number of DIR, which is the cgroup's id on cgroup v2.
+    pub cgroup_id: u64,
+    /// `getrusage(RUSAGE_SELF)` just before the move.
+    pub rusage_at_move_ns: u64,
+    /// `getrusage(RUSAGE_SELF)` at the end.
+    pub rusage_cpu_ns: u64,
+}
+
 /// `workload gated --path DIR --ms M`: the workload moved itself into DIR, waited for a
 /// line on stdin, burned M ms of CPU, and exited when stdin closed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

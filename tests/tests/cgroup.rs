@@ -1,7 +1,7 @@
 //! Cgroup attribution: a process that moves itself into a fresh cgroup is recorded
 //! there, under the right id and path.
 
-use mentat_tests::truth::CgroupMove;
+use mentat_tests::truth::{CgroupHop, CgroupMove};
 use mentat_tests::{ScratchCgroup, percent_off, record_workload};
 
 #[test]
@@ -54,5 +54,58 @@ fn a_process_moved_into_a_new_cgroup_is_recorded_there() {
     );
 
     // The agent has reaped the workload by now, so the cgroup is empty.
+    cgroup.remove().expect("removing the scratch cgroup");
+}
+
+/// The kernel side caches, per CPU, which slot a task's time goes to (keyed by its
+/// `task_struct` and `css_set`, dropped on any cgroup migration): a process that was charged
+/// in one cgroup, moves, and is then charged almost only at switch-outs must have that time
+/// billed to its new cgroup, not to the slot cached for the old one.
+#[test]
+fn a_process_that_blocks_often_is_billed_to_its_new_cgroup_after_a_move() {
+    let cgroup = ScratchCgroup::create().expect("creating a scratch cgroup under the v2 mount");
+    let path = cgroup
+        .path()
+        .to_str()
+        .expect("cgroup path is UTF-8")
+        .to_owned();
+    let expected_id = cgroup.id().expect("the scratch cgroup's inode number");
+
+    let args = ["cgroup-hop", "--path", &path, "--pre", "50", "--ms", "300"];
+    let recording = record_workload(&[], &args)
+        .unwrap_or_else(|e| panic!("recording `workload {}`: {e:#}", args.join(" ")));
+    let truth: CgroupHop = recording.ground_truth().expect("cgroup-hop's ground truth");
+    assert_eq!(truth.cgroup_id, expected_id);
+
+    let records = recording.records.of_pid(truth.pid);
+    let in_new: u64 = records
+        .iter()
+        .filter(|r| r.cgroup_id == expected_id)
+        .map(|r| r.cpu_ns)
+        .sum();
+    let elsewhere: u64 = records
+        .iter()
+        .filter(|r| r.cgroup_id != expected_id)
+        .map(|r| r.cpu_ns)
+        .sum();
+    let after_move = truth.rusage_cpu_ns.saturating_sub(truth.rusage_at_move_ns);
+    // 90 % / 10 %: the move itself (the cgroup.procs write, a few hundred µs) and the
+    // exit path after the last getrusage sit on either side of the line; everything else
+    // after the move is 1,500 bursts that each end in a switch-out in the new cgroup.
+    // A cache that kept charging the old cgroup's slot puts nearly all of it elsewhere.
+    assert!(
+        in_new as f64 >= 0.9 * after_move as f64,
+        "pid {}: {in_new} ns recorded in {path}, {after_move} ns of CPU after the move by \
+         getrusage ({} ns before); {elsewhere} ns recorded elsewhere; records: {records:#?}",
+        truth.pid,
+        truth.rusage_at_move_ns
+    );
+    assert!(
+        elsewhere as f64 <= truth.rusage_at_move_ns as f64 + 0.1 * after_move as f64,
+        "pid {}: {elsewhere} ns recorded outside {path}, only {} ns ran before the move; \
+         records: {records:#?}",
+        truth.pid,
+        truth.rusage_at_move_ns
+    );
     cgroup.remove().expect("removing the scratch cgroup");
 }

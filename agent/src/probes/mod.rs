@@ -64,6 +64,9 @@ pub const NET_TRACEPOINTS: &[(&str, &str)] = &[
 const FLOOR_TRACEPOINTS: &[(&str, &str)] = &[
     ("floor_sys_enter", "sys_enter"),
     ("floor_sched_switch", "sched_switch"),
+    ("floor_process_fork", "sched_process_fork"),
+    ("floor_process_exec", "sched_process_exec"),
+    ("floor_process_exit", "sched_process_exit"),
 ];
 
 /// How long to wait for every CPU to acknowledge a new epoch before reading

@@ -26,7 +26,7 @@ use std::{env, fs, mem, process, thread};
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand, ValueEnum};
 use mentat_tests::truth::{
-    Burn, CgroupMove, Child, Gated, Getppid, HOSTILE_COMM, HoldMemory, Hostile, Prefork,
+    Burn, CgroupHop, CgroupMove, Child, Gated, Getppid, HOSTILE_COMM, HoldMemory, Hostile, Prefork,
     PreforkClient, PreforkWorker, ReusePid, SpawnMany, Tcp, Udp, Wrap, WriteFile,
 };
 use serde::Serialize;
@@ -66,6 +66,17 @@ enum Command {
     Cgroup {
         #[arg(long)]
         path: PathBuf,
+        #[arg(long)]
+        ms: u64,
+    },
+    /// Run in bursts of 200 µs of CPU, each followed by a 1 ms sleep (a switch-out), for
+    /// PRE ms of CPU in the cgroup it started in, move into the cgroup v2 directory PATH,
+    /// then the same for MS ms: nearly every nanosecond is charged at a switch-out.
+    CgroupHop {
+        #[arg(long)]
+        path: PathBuf,
+        #[arg(long)]
+        pre: u64,
         #[arg(long)]
         ms: u64,
     },
@@ -187,6 +198,7 @@ fn main() -> Result<()> {
         Command::Getppid { count } => getppid(count),
         Command::SpawnMany { n, ms } => spawn_many(n, ms),
         Command::Cgroup { path, ms } => cgroup(&path, ms),
+        Command::CgroupHop { path, pre, ms } => cgroup_hop(&path, pre, ms),
         Command::Gated { path, ms } => gated(&path, ms),
         Command::ExitCode { code } => exit_code(code),
         Command::ReusePid {
@@ -289,6 +301,35 @@ fn cgroup(path: &Path, ms: u64) -> Result<()> {
         cgroup_id,
         rusage_cpu_ns: self_rusage_ns()?,
     })
+}
+
+fn cgroup_hop(path: &Path, pre: u64, ms: u64) -> Result<()> {
+    let bursts = |ms: u64| {
+        for _ in 0..ms * 5 {
+            burn_cpu_us(200);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    bursts(pre);
+    let rusage_at_move_ns = self_rusage_ns()?;
+    move_into_cgroup(path)?;
+    bursts(ms);
+    let cgroup_id = fs::metadata(path)
+        .with_context(|| format!("stat {}", path.display()))?
+        .ino();
+    print_truth(&CgroupHop {
+        pid: process::id(),
+        cgroup_id,
+        rusage_at_move_ns,
+        rusage_cpu_ns: self_rusage_ns()?,
+    })
+}
+
+fn burn_cpu_us(us: u64) {
+    let target = thread_cpu_ns() + us * 1_000;
+    while thread_cpu_ns() < target {
+        std::hint::spin_loop();
+    }
 }
 
 /// A process a test can name (to a stand-in GPU driver, say) before it does anything,

@@ -24,8 +24,12 @@
 //! would pull their ratio toward 1. Each round then attaches both modes once more with the
 //! stats on, for the kernel's own run time per event of every program.
 //!
-//! Last, `mentat-agent run` runs for a while under the same workloads, for the daemon's own
+//! Then `mentat-agent run` runs for a while under the same workloads, for the daemon's own
 //! CPU time and peak RSS.
+//!
+//! Last, stress-ng's `--switch`, `--null` and `--fork` run under off, floor and metering,
+//! round by round (see `stress.rs`): idle switches and cross-CPU wakeups, which the pinned
+//! ping-pong lacks. `--stress-only` runs just that section; `--stress-secs 0` skips it.
 //!
 //! Run as root through `cargo xtask bench [-- ARGS]`, which builds the agent and sets
 //! `TEST_AGENT_BIN`.
@@ -54,6 +58,7 @@ mod footprint;
 mod machine;
 mod procs;
 mod report;
+mod stress;
 mod workloads;
 
 /// Measures the overhead of mentat-agent's probes against empty programs on the same hooks,
@@ -83,6 +88,13 @@ pub(crate) struct Args {
     /// ledger writes) is part of what is measured.
     #[arg(long, default_value = "30", value_name = "SECONDS")]
     footprint_secs: u64,
+    /// Seconds each stress-ng measurement runs (`--switch`, `--null`, `--fork`, two
+    /// instances each, under off, floor and metering, `--rounds` rounds); 0 skips them.
+    #[arg(long, default_value_t = stress::DEFAULT_SECS, value_name = "SECONDS")]
+    stress_secs: u64,
+    /// Run only the stress-ng section (`--json` then gets its report).
+    #[arg(long)]
+    stress_only: bool,
 }
 
 /// Loading and attaching takes well under a second; this only bounds a hung agent.
@@ -182,6 +194,20 @@ pub(crate) fn run(args: &Args) -> Result<()> {
     }
     let agent = mentat_tests::agent_bin()?;
     install_signal_handlers()?;
+    if args.stress_only {
+        ensure!(
+            args.stress_secs > 0,
+            "--stress-only needs --stress-secs above 0"
+        );
+        let stress = stress::run(&agent, args.rounds, args.stress_secs)?;
+        stress.print();
+        if let Some(path) = &args.json {
+            let text = serde_json::to_string_pretty(&stress).context("serializing the report")?;
+            fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("bench: wrote {}", path.display());
+        }
+        return Ok(());
+    }
     let machine = Machine::read()?;
     let cpu = bench_cpu()?;
     let cpus = Cpus {
@@ -262,11 +288,28 @@ pub(crate) fn run(args: &Args) -> Result<()> {
     drop(stats);
 
     let report = Report::new(args, machine, cpus, runs, footprint)?;
+    let stress = if args.stress_secs == 0 {
+        None
+    } else if stress::available() {
+        Some(stress::run(&agent, args.rounds, args.stress_secs)?)
+    } else {
+        eprintln!("bench: WARNING: stress-ng section skipped: stress-ng is not installed");
+        None
+    };
     report.print();
+    if let Some(stress) = &stress {
+        stress.print();
+    }
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&report).context("serializing the report")?;
         fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
         eprintln!("bench: wrote {}", path.display());
+        if let Some(stress) = &stress {
+            let path = path.with_extension("stress.json");
+            let text = serde_json::to_string_pretty(&stress).context("serializing the report")?;
+            fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+            eprintln!("bench: wrote {}", path.display());
+        }
     }
     Ok(())
 }
