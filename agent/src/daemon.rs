@@ -20,7 +20,7 @@ use std::{
 };
 
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     collect::{Collector, Window, gpu::GpuMeter, metered::core_seconds, storage::StorageMeter},
@@ -74,7 +74,8 @@ pub enum DaemonError {
     Panicked(&'static str),
 }
 
-/// Logs a one-line node summary of a window.
+/// Logs a one-line node summary of a window, at DEBUG: INFO is for state
+/// changes and problems, and a line a second would drown them.
 fn log_window(r: &Report, committed: usize) {
     let s = &r.summary;
     let bucket = |name: &str| {
@@ -83,7 +84,7 @@ fn log_window(r: &Report, committed: usize) {
             .find(|b| b.record_type == name)
             .map_or(0.0, |b| b.cpu_core_seconds)
     };
-    info!(
+    debug!(
         window_end = %s.window_end,
         processes = s.processes_on_node,
         committed,

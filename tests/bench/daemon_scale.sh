@@ -35,7 +35,8 @@ for _ in range(n):
 while True: time.sleep(1)
 PY
 sleep 5
-"$AGENT" run --config "$DIR/agent.toml" 2>"$DIR/agent.log" &
+# The per-window summary line (counted below) is logged at DEBUG.
+RUST_LOG="${RUST_LOG:-info,mentat_agent::daemon=debug}" "$AGENT" run --config "$DIR/agent.toml" 2>"$DIR/agent.log" &
 APID=$!
 sleep 5   # start-up and the first windows
 t0=$(awk '{print $14+$15}' /proc/$APID/stat)

@@ -30,7 +30,8 @@ bind = "127.0.0.1:$API"
 grpc_bind = "127.0.0.1:$GRPC"
 http_bind = "127.0.0.1:14419"
 TOML
-"$AGENT" run --config "$DIR/agent.toml" 2>"$DIR/agent.log" &
+# The per-window summary line (counted below) is logged at DEBUG.
+RUST_LOG="${RUST_LOG:-info,mentat_agent::daemon=debug}" "$AGENT" run --config "$DIR/agent.toml" 2>"$DIR/agent.log" &
 APID=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$API/readyz" >/dev/null && break; sleep 0.3; done
 sleep 3

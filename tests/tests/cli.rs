@@ -178,6 +178,12 @@ fn a_gpu_library_that_does_not_load_is_named_and_cpu_is_still_metered() {
         "an NVML library asked for by name and not loaded is named: {}",
         output.stderr
     );
+    // A log read from a pipe (a pod's log, a file) carries no colour codes.
+    assert!(
+        !output.stderr.contains('\x1b'),
+        "ANSI escapes in a log that is not a terminal: {:?}",
+        output.stderr
+    );
     let burn: mentat_tests::truth::Burn = recording.ground_truth().expect("ground truth");
     let child = recording
         .records

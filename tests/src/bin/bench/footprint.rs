@@ -48,6 +48,8 @@ pub(crate) fn footprint(agent: &Path, period: Duration, cpu: usize) -> Result<Fo
         ("MENTAT_API__BIND", free("the API")?),
         ("MENTAT_RECEIVER__GRPC_BIND", free("OTLP gRPC")?),
         ("MENTAT_RECEIVER__HTTP_BIND", free("OTLP HTTP")?),
+        // The per-window summary line (counted below) is logged at DEBUG.
+        ("RUST_LOG", "info,mentat_agent::daemon=debug".to_string()),
     ];
     let mut daemon = AgentProcess::spawn_env(agent, ["run"], &env)?;
     daemon.wait_for_line(Stream::Stderr, "probes attached", ATTACH_TIMEOUT)?;
