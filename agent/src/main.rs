@@ -8,6 +8,7 @@ use mentat_agent::{
     cli::{
         check,
         output::Format,
+        pricing,
         record::{self, RecordOptions},
         usage::{self, UsageFormat, UsageQuery},
     },
@@ -49,6 +50,9 @@ enum Cmd {
     /// Validate a config file (and its price book), or print the full default config.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Make price books.
+    #[command(subcommand)]
+    Pricing(PricingCmd),
     /// Attach probes and wait, printing their kernel run statistics at the end (benchmarks).
     #[command(hide = true)]
     Attach {
@@ -70,6 +74,24 @@ enum ConfigCmd {
     },
     /// Print the full default config, every key documented.
     Default,
+}
+
+#[derive(Subcommand, Debug)]
+enum PricingCmd {
+    /// Convert LiteLLM's model_prices_and_context_window.json into a price book (TOML on stdout).
+    Import {
+        /// The LiteLLM JSON file.
+        file: PathBuf,
+        /// The book's version (default: litellm- and a hash of FILE).
+        #[arg(long)]
+        version: Option<String>,
+        /// The currency FILE's prices are in (LiteLLM's are USD); the base book must be in it too.
+        #[arg(long, default_value = "USD")]
+        currency: String,
+        /// The book whose resource prices and discounts the new book keeps (default: the built-in one).
+        #[arg(long, value_name = "BOOK")]
+        base: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -310,6 +332,22 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                     Ok(1)
                 }
             }
+        }
+        Cmd::Pricing(PricingCmd::Import {
+            file,
+            version,
+            currency,
+            base,
+        }) => {
+            pricing::import(
+                &file,
+                base.as_deref(),
+                version.as_deref(),
+                &currency,
+                &mut std::io::stdout().lock(),
+                &mut std::io::stderr(),
+            )?;
+            Ok(0)
         }
         Cmd::Usage(a) => {
             if a.billing && a.format != UsageFormat::Jsonl {

@@ -233,6 +233,7 @@ fn token_fields_and_model() {
             cache_read_input: 200,
             output: 300,
             reasoning_output: 50,
+            ..SpanTokens::default()
         })
     );
     assert_eq!(
@@ -243,6 +244,7 @@ fn token_fields_and_model() {
             cache_read_input: 3,
             output: 4,
             reasoning_output: 0,
+            ..SpanTokens::default()
         })
     );
     let third = spans[2].tokens.as_ref().unwrap();
