@@ -81,3 +81,51 @@ pub fn import(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn import_prints_a_book_the_agent_loads() {
+        let file = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/litellm/model_prices_trimmed.json"
+        ));
+        let (mut out, mut summary) = (Vec::new(), Vec::new());
+        import(
+            file,
+            None,
+            Some("2026-12-01-litellm"),
+            "USD",
+            &mut out,
+            &mut summary,
+        )
+        .expect("imports");
+        let text = String::from_utf8(out).expect("utf-8");
+        let book = PriceBook::parse(&text, "stdout").expect("a valid book");
+        assert_eq!(book.version(), "2026-12-01-litellm");
+        assert!(book.has_model("gpt-4o-mini"));
+        let summary = String::from_utf8(summary).expect("utf-8");
+        assert!(summary.contains("9 models imported"), "{summary}");
+        assert!(
+            summary.contains("skipped 1 entries: no input_cost_per_token"),
+            "{summary}"
+        );
+
+        let missing = import(
+            Path::new("/nonexistent/prices.json"),
+            None,
+            None,
+            "USD",
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
+        .expect_err("no file");
+        assert!(
+            missing
+                .to_string()
+                .starts_with("/nonexistent/prices.json: cannot read")
+        );
+    }
+}

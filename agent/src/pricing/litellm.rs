@@ -253,3 +253,182 @@ fn write(s: &mut String, w: &Written) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use super::*;
+    use crate::{pricing::DEFAULT_BOOK, report::record::TokenUsage};
+
+    /// A trimmed real copy of LiteLLM's file (tests/fixtures/litellm/PROVENANCE.md).
+    const REAL: &str = include_str!("../../../tests/fixtures/litellm/model_prices_trimmed.json");
+
+    fn dec(s: &str) -> Decimal {
+        Decimal::from_str(s).expect("a decimal literal")
+    }
+
+    fn base() -> PriceBook {
+        PriceBook::parse(DEFAULT_BOOK, "shipped").expect("valid")
+    }
+
+    fn real() -> Import {
+        import(
+            REAL,
+            "model_prices_trimmed.json",
+            &base(),
+            Some("litellm-test"),
+            "USD",
+        )
+        .expect("the real file imports")
+    }
+
+    fn price(i: &Import, model: &str) -> crate::pricing::ModelPrice {
+        i.book.models().entries()[model].price.clone()
+    }
+
+    #[test]
+    fn the_real_file_converts_exactly() {
+        let i = real();
+        // 11 entries: the sample and whisper-1 (per second) skipped, 9 imported.
+        assert_eq!(i.imported, 9);
+        assert_eq!(i.skipped.values().sum::<usize>(), 2, "{:?}", i.skipped);
+        assert_eq!(i.book.version(), "litellm-test");
+        // Resource prices and discounts are the base book's.
+        assert_eq!(
+            i.book.to_toml().lines().nth(2),
+            base().to_toml().lines().nth(2)
+        );
+
+        // gpt-4o-mini: 1.5e-07, 6e-07, 7.5e-08 per token → × 1000.
+        let m = price(&i, "gpt-4o-mini");
+        assert_eq!(m.input_per_1k, dec("0.00015"));
+        assert_eq!(m.output_per_1k, dec("0.0006"));
+        assert_eq!(m.cache_read_input_per_1k, dec("0.000075"));
+        // Not written: cache creation at the input price, reasoning at output's.
+        assert_eq!(m.cache_creation_input_per_1k, dec("0.00015"));
+        assert_eq!(m.reasoning_output_per_1k, dec("0.0006"));
+
+        // bigmodel/glm-5.3's 1.1428571428571428e-06 through an f64 × 1000 would
+        // be 0.0011428571428571427; read from its text it is exact.
+        let g = price(&i, "bigmodel/glm-5.3");
+        assert_eq!(g.input_per_1k.to_string(), "0.0011428571428571428");
+        assert_eq!(
+            g.cache_read_input_per_1k.to_string(),
+            "0.0002857142857142857"
+        );
+
+        // Cache creation (claude-sonnet-4-5: 3.75e-06), reasoning (qwen-turbo:
+        // 5e-07), audio and image (realtime: 3.2e-05, 5e-06, out 6.4e-05).
+        assert_eq!(
+            price(&i, "claude-sonnet-4-5").cache_creation_input_per_1k,
+            dec("0.00375")
+        );
+        assert_eq!(
+            price(&i, "dashscope/qwen-turbo").reasoning_output_per_1k,
+            dec("0.0005")
+        );
+        let rt = price(&i, "azure/gpt-realtime-2.1-2026-07-07");
+        assert_eq!(rt.audio_input_per_1k, Some(dec("0.032")));
+        assert_eq!(rt.image_input_per_1k, Some(dec("0.005")));
+        assert_eq!(rt.audio_output_per_1k, Some(dec("0.064")));
+        assert_eq!(rt.text_input_per_1k, None);
+        // An embedding model's explicit 0.0 output.
+        assert_eq!(
+            price(&i, "text-embedding-3-small").output_per_1k,
+            Decimal::ZERO
+        );
+
+        // gemini-2.5-pro's *_above_200k_tokens: one tier above 200,000 input tokens.
+        let gem = &i.book.models().entries()["gemini-2.5-pro"];
+        assert_eq!(gem.long_context.len(), 1);
+        let t = &gem.long_context[0];
+        assert_eq!(t.above_input_tokens, 200_000);
+        assert_eq!(t.price.input_per_1k, dec("0.0025"));
+        assert_eq!(t.price.output_per_1k, dec("0.015"));
+        assert_eq!(t.price.cache_read_input_per_1k, dec("0.00025"));
+        assert_eq!(t.price.cache_creation_input_per_1k, dec("0.00025"));
+        // _batches, _priority and per-query prices are not read, and are counted.
+        assert!(i.ignored_keys.contains_key("input_cost_per_token_batches"));
+        assert!(
+            !i.ignored_keys
+                .contains_key("input_cost_per_token_above_200k_tokens")
+        );
+    }
+
+    #[test]
+    fn calls_priced_with_the_imported_book() {
+        let i = real();
+        let cost = |t: TokenUsage| {
+            let r = crate::report::record::UsageRecord {
+                record_id: "r".into(),
+                tokens: vec![t],
+                ..Default::default()
+            };
+            i.book.price(&r, Decimal::ZERO).token
+        };
+        // The dated name is in the file itself: 3023 × 0.00015 + 1047 × 0.0006
+        // = 1.08165 per 1k → 0.00108165.
+        assert_eq!(
+            cost(TokenUsage {
+                model: "gpt-4o-mini-2024-07-18".into(),
+                input: 3_023,
+                output: 1_047,
+                ..TokenUsage::default()
+            }),
+            dec("0.00108165")
+        );
+        // Above 200k: 50000 cached × 0.00025 + 200000 × 0.0025 + 2000 × 0.015
+        // = 12.5 + 500 + 30 = 542.5 per 1k → 0.5425.
+        assert_eq!(
+            cost(TokenUsage {
+                model: "gemini-2.5-pro".into(),
+                input: 250_000,
+                cache_read_input: 50_000,
+                output: 2_000,
+                ..TokenUsage::default()
+            }),
+            dec("0.5425")
+        );
+    }
+
+    #[test]
+    fn the_default_version_follows_the_file() {
+        let a = import(REAL, "f", &base(), None, "USD").expect("imports");
+        let b = import(REAL, "f", &base(), None, "USD").expect("imports");
+        assert_eq!(a.book.version(), b.book.version());
+        assert!(a.book.version().starts_with("litellm-"));
+        let changed = REAL.replacen("1.5e-07", "1.6e-07", 1);
+        let c = import(&changed, "f", &base(), None, "USD").expect("imports");
+        assert_ne!(a.book.version(), c.book.version());
+    }
+
+    #[test]
+    fn bad_input_is_refused_or_skipped_and_counted() {
+        let e = import("[1, 2]", "f.json", &base(), None, "USD").expect_err("not a map");
+        assert!(e.to_string().starts_with("f.json: not a LiteLLM"), "{e}");
+        let e = import("{}", "f.json", &base(), None, "USD").expect_err("empty");
+        assert!(e.to_string().contains("lists no models"), "{e}");
+        let e = import(REAL, "f", &base(), None, "EUR").expect_err("currency");
+        assert!(e.to_string().contains("base book is in USD"), "{e}");
+        let i = import(
+            r#"{"ok": {"input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06},
+                "neg": {"input_cost_per_token": -1e-06, "output_cost_per_token": 2e-06},
+                "text": {"input_cost_per_token": "0.1", "output_cost_per_token": 2e-06},
+                "null": {"input_cost_per_token": null, "output_cost_per_token": 2e-06},
+                "weird \"name\"\n": {"input_cost_per_token": 0, "output_cost_per_token": 0}}"#,
+            "f",
+            &base(),
+            Some("v"),
+            "USD",
+        )
+        .expect("imports what it can");
+        assert_eq!(i.imported, 2);
+        assert_eq!(
+            i.skipped
+                .get("input_cost_per_token is not a non-negative number"),
+            Some(&3)
+        );
+        assert!(i.book.has_model("weird \"name\"\n"));
+    }
+}

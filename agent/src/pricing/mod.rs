@@ -836,6 +836,25 @@ fn tiers(cx: &Cx<'_>, raw: Vec<Spanned<RawTier>>) -> Result<Vec<Tier>, PricingEr
     Ok(tiers)
 }
 
+/// Books for the submodules' tests: the resources of a minimal book plus the given models.
+#[cfg(test)]
+mod tests_support {
+    use super::PriceBook;
+
+    /// A valid book's top (resources, network) followed by `models`.
+    pub fn with_resources(models: &str) -> String {
+        format!(
+            "version = \"t\"\ncurrency = \"USD\"\ncpu_per_core_hour = 0\nmemory_per_gb_hour = 0\n\
+             gpu_per_hour = 0\nstorage_per_gb_month = 0\n[network]\nper_gb = 0\n{models}"
+        )
+    }
+
+    /// That book parsed; the error's message where it is refused.
+    pub fn book_with(models: &str) -> Result<PriceBook, String> {
+        PriceBook::parse(&with_resources(models), "pricing.toml").map_err(|e| e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::str::FromStr;
@@ -1035,6 +1054,7 @@ output_per_1k = "0.02"
                     cache_read_input: 4_000,
                     output: 2_000,
                     reasoning_output: 500,
+                    ..TokenUsage::default()
                 },
                 TokenUsage {
                     model: "claude-x".into(),
@@ -1042,6 +1062,7 @@ output_per_1k = "0.02"
                     cache_read_input: 200,
                     output: 300,
                     reasoning_output: 300,
+                    ..TokenUsage::default()
                 },
                 TokenUsage {
                     model: "not-in-the-book".into(),

@@ -396,3 +396,301 @@ pub(super) fn usage_cost(entry: &ModelEntry, t: &TokenUsage, record_id: &str) ->
     take(&mut output, rest, m.output_per_1k);
     product(&[sum(&parts)], Decimal::ONE_THOUSAND, record_id)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use super::super::{PriceBook, tests_support::book_with};
+    use super::*;
+
+    fn dec(s: &str) -> Decimal {
+        Decimal::from_str(s).expect("a decimal literal")
+    }
+
+    const MODELS: &str = r#"
+[models."m"]
+input_per_1k = "0.002"
+output_per_1k = "0.008"
+cache_read_input_per_1k = "0.0005"
+cache_creation_input_per_1k = "0.0025"
+reasoning_output_per_1k = "0.012"
+audio_input_per_1k = "0.04"
+image_input_per_1k = "0.003"
+audio_output_per_1k = "0.08"
+aliases = ["m-latest"]
+[[models."m".long_context]]
+above_input_tokens = 200000
+input_per_1k = "0.004"
+output_per_1k = "0.016"
+
+[models."n"]
+input_per_1k = 1
+output_per_1k = 2
+[[models."n".long_context]]
+above_input_tokens = 10
+input_per_1k = 3
+
+[models."gpt-4o"]
+input_per_1k = "0.0025"
+output_per_1k = "0.01"
+[models."gpt-4o-2024-05-13"]
+input_per_1k = "0.005"
+output_per_1k = "0.015"
+[models."gpt-4o-mini"]
+input_per_1k = "0.00015"
+output_per_1k = "0.0006"
+aliases = ["4o-mini"]
+[models."claude-3-5-sonnet"]
+input_per_1k = "0.003"
+output_per_1k = "0.015"
+"#;
+
+    fn book() -> PriceBook {
+        book_with(MODELS).expect("the test book is valid")
+    }
+
+    fn cost(b: &PriceBook, t: &TokenUsage) -> Decimal {
+        let (_, e) = b.models.resolve(&t.model).expect("a priced model");
+        usage_cost(e, t, "r").normalize()
+    }
+
+    #[test]
+    fn every_token_type_is_priced_once_at_its_price() {
+        let t = TokenUsage {
+            model: "m".into(),
+            input: 10_000,
+            cache_read_input: 2_000,
+            cache_creation_input: 1_000,
+            audio_input: 3_000,
+            image_input: 500,
+            text_input: 3_500,
+            output: 4_000,
+            reasoning_output: 1_000,
+            audio_output: 500,
+            text_output: 2_500,
+            ..TokenUsage::default()
+        };
+        // per 1k: cache read 2000 × 0.0005 = 1; cache creation 1000 × 0.0025 = 2.5;
+        // image 500 × 0.003 = 1.5; audio 3000 × 0.04 = 120; text has no price of its
+        // own, so the rest 10000 − 2000 − 1000 − 500 − 3000 = 3500 × 0.002 = 7;
+        // reasoning 1000 × 0.012 = 12; audio out 500 × 0.08 = 40; rest out
+        // 4000 − 1000 − 500 = 2500 × 0.008 = 20. Σ = 204, / 1000 = 0.204.
+        assert_eq!(cost(&book(), &t), dec("0.204"));
+    }
+
+    #[test]
+    fn parts_claiming_more_than_their_whole_are_clamped() {
+        let t = TokenUsage {
+            model: "m".into(),
+            input: 1_000,
+            cache_read_input: 800,
+            cache_creation_input: 800,
+            audio_input: 800,
+            output: 100,
+            reasoning_output: 500,
+            audio_output: 500,
+            ..TokenUsage::default()
+        };
+        // cache read 800 × 0.0005 = 0.4; creation min(800, 200) = 200 × 0.0025 = 0.5;
+        // audio: none left; reasoning min(500, 100) = 100 × 0.012 = 1.2; audio out:
+        // none left. Σ = 2.1, / 1000. Summing the claims instead would bill 2,400
+        // input tokens for 1,000.
+        assert_eq!(cost(&book(), &t), dec("0.0021"));
+    }
+
+    #[test]
+    fn with_one_price_for_everything_the_cost_is_input_plus_output() {
+        // Every price 0.001 per 1k: whatever the parts claim, exactly input + output
+        // tokens are priced (none twice, none dropped), so the cost is
+        // (input + output) × 0.001 / 1000.
+        let b = book_with(
+            r#"[models."flat"]
+input_per_1k = "0.001"
+output_per_1k = "0.001"
+cache_read_input_per_1k = "0.001"
+cache_creation_input_per_1k = "0.001"
+reasoning_output_per_1k = "0.001"
+text_input_per_1k = "0.001"
+image_input_per_1k = "0.001"
+audio_input_per_1k = "0.001"
+video_input_per_1k = "0.001"
+text_output_per_1k = "0.001"
+audio_output_per_1k = "0.001"
+"#,
+        )
+        .expect("valid");
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = |bound: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % bound
+        };
+        for _ in 0..2_000 {
+            let t = TokenUsage {
+                model: "flat".into(),
+                input: next(5_000),
+                cache_read_input: next(5_000),
+                cache_creation_input: next(5_000),
+                text_input: next(5_000),
+                image_input: next(5_000),
+                audio_input: next(5_000),
+                video_input: next(5_000),
+                output: next(5_000),
+                reasoning_output: next(5_000),
+                text_output: next(5_000),
+                audio_output: next(5_000),
+                ..TokenUsage::default()
+            };
+            let want = Decimal::from(t.input + t.output) * dec("0.001") / Decimal::ONE_THOUSAND;
+            assert_eq!(cost(&b, &t), want.normalize(), "{t:?}");
+        }
+    }
+
+    #[test]
+    fn a_long_context_call_is_priced_wholly_at_its_tier() {
+        let b = book();
+        let call = |input: u64, cached: u64| TokenUsage {
+            model: "m".into(),
+            input,
+            cache_read_input: cached,
+            output: 1_000,
+            ..TokenUsage::default()
+        };
+        // At the bound: base. 200000 × 0.002 = 400; 1000 × 0.008 = 8; 408 / 1000.
+        assert_eq!(cost(&b, &call(200_000, 0)), dec("0.408"));
+        // Above it: the tier, output too; the cache price the tier leaves out is the
+        // base's written 0.0005. 1 × 0.0005 + 200000 × 0.004 + 1000 × 0.016 = 816.0005.
+        assert_eq!(cost(&b, &call(200_001, 1)), dec("0.8160005"));
+        // A cache price neither writes defaults to the tier's own input price.
+        let n = &b.models.entries()["n"];
+        assert_eq!(n.long_context[0].price.cache_read_input_per_1k, dec("3"));
+        assert_eq!(n.long_context[0].price.output_per_1k, dec("2"));
+        assert_eq!(n.price.cache_read_input_per_1k, dec("1"));
+    }
+
+    #[test]
+    fn provider_names_resolve_to_the_book_entry_longest_first() {
+        let b = book();
+        let resolved = |name: &str| b.resolve_model(name);
+        for (name, want) in [
+            ("gpt-4o-mini-2024-07-18", Some("gpt-4o-mini")),
+            ("gpt-4o-2024-08-06", Some("gpt-4o")),
+            // Listed itself: its own (higher) price, not gpt-4o's.
+            ("gpt-4o-2024-05-13", Some("gpt-4o-2024-05-13")),
+            ("claude-3-5-sonnet-20241022", Some("claude-3-5-sonnet")),
+            ("claude-3-5-sonnet@20240620", Some("claude-3-5-sonnet")),
+            ("gpt-4o-0613", Some("gpt-4o")),
+            ("4o-mini", Some("gpt-4o-mini")),
+            ("4o-mini-2024-07-18", Some("gpt-4o-mini")),
+            ("m-latest", Some("m")),
+            // Not dates, or not a suffix of a listed name.
+            ("gpt-4o-mini-2024-13-18", None),
+            ("gpt-4o-mini-20241340", None),
+            ("gpt-4o-mini-turbo", None),
+            ("gpt-4o-minimal", None),
+            ("gpt-4o-123", None),
+            ("-2024-07-18", None),
+            ("xgpt-4o", None),
+            ("gpt-4", None),
+            ("", None),
+        ] {
+            assert_eq!(resolved(name), want, "{name}");
+        }
+        let t = |model: &str| TokenUsage {
+            model: model.into(),
+            input: 3_023,
+            output: 1_047,
+            ..TokenUsage::default()
+        };
+        // The issue's case: 3023 × 0.00015 + 1047 × 0.0006 = 1.08165, / 1000.
+        assert_eq!(cost(&b, &t("gpt-4o-mini-2024-07-18")), dec("0.00108165"));
+        assert_eq!(cost(&b, &t("gpt-4o-mini")), dec("0.00108165"));
+        assert!(b.has_model("gpt-4o-mini-2024-07-18"));
+    }
+
+    #[test]
+    fn a_name_for_two_entries_is_refused_with_its_line() {
+        let e = book_with(
+            r#"[models."a"]
+input_per_1k = 1
+output_per_1k = 1
+aliases = ["b"]
+[models."b"]
+input_per_1k = 1
+output_per_1k = 1
+"#,
+        )
+        .expect_err("an alias naming another model");
+        assert!(e.contains(r#"alias "b" also names the entry "b""#), "{e}");
+        let line: usize = e
+            .split(':')
+            .nth(1)
+            .and_then(|l| l.parse().ok())
+            .expect("a line number");
+        let text = super::super::tests_support::with_resources(
+            r#"[models."a"]
+input_per_1k = 1
+output_per_1k = 1
+aliases = ["b"]
+"#,
+        );
+        assert_eq!(text.lines().nth(line - 1), Some(r#"aliases = ["b"]"#));
+        let e = book_with(
+            r#"[models."a"]
+input_per_1k = 1
+output_per_1k = 1
+aliases = ["c"]
+[models."b"]
+input_per_1k = 1
+output_per_1k = 1
+aliases = ["c"]
+"#,
+        )
+        .expect_err("one alias for two models");
+        assert!(e.contains("also names the entry"), "{e}");
+    }
+
+    #[test]
+    fn malformed_model_tables_are_refused() {
+        for (text, want) in [
+            ("[models.\"a\"]\noutput_per_1k = 1\n", "has no input_per_1k"),
+            (
+                "[models.\"a\"]\ninput_per_1k = 1\noutput_per_1k = 1\n[[models.\"a\".long_context]]\ninput_per_1k = 2\n",
+                "has no above_input_tokens",
+            ),
+            (
+                "[models.\"a\"]\ninput_per_1k = 1\noutput_per_1k = 1\n[[models.\"a\".long_context]]\nabove_input_tokens = 10\n[[models.\"a\".long_context]]\nabove_input_tokens = 10\n",
+                "is not above the previous tier's",
+            ),
+            (
+                "[models.\"a\"]\ninput_per_1k = 1\noutput_per_1k = 1\naudio_input_per_1k = \"-1\"\n",
+                "audio_input_per_1k is negative",
+            ),
+            (
+                "[models.\"a\"]\ninput_per_1k = 1\noutput_per_1k = 1\nmystery_per_1k = 1\n",
+                "unknown field",
+            ),
+            (
+                "[models.\"a\"]\ninput_per_1k = 1\noutput_per_1k = 1\naliases = [\"\"]\n",
+                "empty alias",
+            ),
+        ] {
+            let e = book_with(text).expect_err(text);
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_book_round_trips_through_its_text() {
+        let b = book();
+        let again = PriceBook::parse(&b.to_toml(), "again").expect("its own text is valid");
+        assert_eq!(again, b);
+        let shipped = PriceBook::parse(crate::pricing::DEFAULT_BOOK, "shipped").expect("valid");
+        assert_eq!(
+            PriceBook::parse(&shipped.to_toml(), "again").expect("valid"),
+            shipped
+        );
+    }
+}

@@ -103,7 +103,8 @@ pub type Counter = (&'static str, &'static str, u64);
 type Source = Box<dyn Fn() -> Vec<Counter> + Send + Sync>;
 
 /// Tells whether the price book in force lists a model.
-type ModelFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+/// A model name → the price book's name for it (`None`: the book does not price it).
+type ModelFilter = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 /// The `/metrics` exposition: usage counters and every stage's own counters, shared between the daemon and the API.
 #[derive(Clone, Default)]
@@ -258,11 +259,12 @@ impl State {
         }
     }
 
-    /// `model` as a label value: itself if the book lists it, else `unpriced`.
+    /// `model` as a label value: the book's name for it (so dated names and
+    /// aliases add no series), else `unpriced`.
     fn model_label(&self, model: &str) -> String {
         match &self.known_models {
-            Some(known) if !known(model) => UNPRICED_MODEL.to_string(),
-            _ => model.to_string(),
+            Some(known) => known(model).unwrap_or_else(|| UNPRICED_MODEL.to_string()),
+            None => model.to_string(),
         }
     }
 }
@@ -288,10 +290,19 @@ impl Exposition {
         config: MetricsConfig,
         known_models: impl Fn(&str) -> bool + Send + Sync + 'static,
     ) -> Self {
+        Self::with_model_names(config, move |m| known_models(m).then(|| m.to_string()))
+    }
+
+    /// As [`new`](Self::new), with each model labelled by the price book's
+    /// name for it (`gpt-4o-mini` for `gpt-4o-mini-2024-07-18`), `None` for unpriced.
+    pub fn with_model_names(
+        config: MetricsConfig,
+        book_name: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
         let m = Self::default();
         if let Ok(mut s) = m.inner.lock() {
             s.config = config;
-            s.known_models = Some(Arc::new(known_models));
+            s.known_models = Some(Arc::new(book_name));
         }
         m
     }
