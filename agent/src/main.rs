@@ -123,6 +123,9 @@ struct UsageArgs {
     /// List the records the ledger set aside (quarantined) and the records exporters' receivers refused (dead letters).
     #[arg(long, conflicts_with_all = ["billing", "run"])]
     quarantine: bool,
+    /// List, per model, the tokens priced at 0 because the price book had no price for the model.
+    #[arg(long, conflicts_with_all = ["billing", "run", "quarantine"])]
+    unpriced: bool,
     /// The agent's API.
     #[arg(long, default_value = "http://127.0.0.1:9464")]
     api: String,
@@ -369,6 +372,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 billing: a.billing,
                 run: a.run,
                 quarantine: a.quarantine,
+                unpriced: a.unpriced,
             };
             match q.run(&mut std::io::stdout().lock()) {
                 // The reader went away (`| head`): not an error.

@@ -1092,6 +1092,51 @@ output_per_1k = "0.02"
     }
 
     #[test]
+    fn a_window_marks_the_tokens_it_could_not_price() {
+        let mut records = vec![UsageRecord {
+            tokens: vec![
+                TokenUsage {
+                    model: "gpt-4o-2024-08-06".into(),
+                    input: 1_000,
+                    ..TokenUsage::default()
+                },
+                TokenUsage {
+                    model: "not-in-the-book".into(),
+                    output: 10,
+                    ..TokenUsage::default()
+                },
+                TokenUsage {
+                    model: "not-in-the-book-either".into(),
+                    ..TokenUsage::default()
+                },
+            ],
+            ..record()
+        }];
+        book()
+            .price_window(&mut records, |_| Ok::<_, ()>(Decimal::ZERO))
+            .expect("priced");
+        let marks: Vec<bool> = records[0].tokens.iter().map(|t| t.unpriced).collect();
+        // Dated gpt-4o is priced (1000 × 0.0025 / 1000); the unknown model's
+        // tokens are marked; a usage of no tokens is nothing to price.
+        assert_eq!(marks, [false, true, false]);
+        assert_eq!(
+            records[0].cost.as_ref().map(|c| c.token),
+            Some(dec("0.0025"))
+        );
+        let json = serde_json::to_string(&records[0].tokens).expect("serialises");
+        assert_eq!(json.matches("\"unpriced\":true").count(), 1, "{json}");
+        // A record stored before these fields existed reads back as before.
+        let old: Vec<TokenUsage> = serde_json::from_str(
+            r#"[{"model":"m","input":5,"cache_read_input":1,"output":2,"reasoning_output":0}]"#,
+        )
+        .expect("old JSON reads");
+        assert_eq!(
+            (old[0].input, old[0].cache_creation_input, old[0].unpriced),
+            (5, 0, false)
+        );
+    }
+
+    #[test]
     fn overflowing_costs_are_counted_not_panicked_on() {
         // A price no book should hold times the largest count a client can claim:
         // 1.8e19 tokens × 1e20 per 1k exceeds Decimal's 7.9e28.

@@ -702,6 +702,41 @@ mod tests {
     }
 
     #[test]
+    fn dated_names_of_a_priced_model_are_labelled_with_the_book_name() {
+        let book = crate::pricing::PriceBook::parse(crate::pricing::DEFAULT_BOOK, "shipped")
+            .expect("valid");
+        let m = Exposition::with_model_names(MetricsConfig::default(), move |model| {
+            book.resolve_model(model).map(str::to_string)
+        });
+        let mut r = container(1);
+        // 300 distinct dated names the provider could answer with, all gpt-4o-mini.
+        r.tokens = (0..300)
+            .map(|i| crate::report::record::TokenUsage {
+                model: format!("gpt-4o-mini-2024-{:02}-{:02}", 1 + i % 12, 1 + i % 28),
+                input: 2,
+                output: 1,
+                ..Default::default()
+            })
+            .collect();
+        m.observe(&[r], AgentStats::default());
+        let text = m.render();
+        // cpu + gpt-4o-mini × 2 types: no series per dated name, nothing unpriced.
+        assert_eq!(series_lines(&text), 3, "{text}");
+        assert_eq!(
+            total(
+                &text,
+                "mentat_tokens_total",
+                &[r#"model="gpt-4o-mini""#, r#"type="input""#]
+            ),
+            Decimal::from(600)
+        );
+        assert!(
+            text.contains("mentat_agent_unpriced_tokens_total 0\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn models_the_book_does_not_list_are_one_label_value_and_counted() {
         let m = Exposition::new(MetricsConfig::default(), |model| model == "gpt-4o");
         let mut r = container(1);
