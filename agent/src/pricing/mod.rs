@@ -10,9 +10,10 @@
 //! network  = (rx + tx) bytes   × network.per_gb     / 1024³          (one price)
 //!          = rx × rx_per_gb / 1024³ + tx × tx_per_gb / 1024³        (split by direction)
 //! storage  = storage_bytes × storage_per_gb_month × window_seconds / (1024³ · 30 · 24 · 3600)
-//! token    = Σ per model: ( (input − cache_read_input) × input_per_1k
-//!                          + cache_read_input           × cache_read_input_per_1k
-//!                          + output                     × output_per_1k ) / 1000
+//! token    = Σ per call: Σ part × its price / 1000, where input and output are
+//!            split into parts that add up to them exactly (cache read, cache
+//!            write, per modality, reasoning, the rest; see `models`), at the
+//!            model's long-context tier when the call's input exceeds one
 //! subtotal = cpu + memory + gpu + network + storage + token
 //! discount = subtotal × percent / 100   (percent of the tier holding month-to-date spend)
 //! total    = subtotal − discount
@@ -20,7 +21,7 @@
 //!
 //! Cached input is a subset of input and reasoning output a subset of output,
 //! so neither is added on top: a cached token is billed once, at the cached
-//! price, and a reasoning token once, at the output price.
+//! price, and a reasoning token once, at the reasoning price.
 //!
 //! # Exactness rules
 //!
