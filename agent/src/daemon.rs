@@ -123,8 +123,8 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     let ledger = SharedLedger::new(ledger);
     let metrics = {
         let prices = prices.clone();
-        Exposition::new(config.metrics.clone(), move |m| {
-            prices.current().has_model(m)
+        Exposition::with_model_names(config.metrics.clone(), move |m| {
+            prices.current().resolve_model(m).map(str::to_string)
         })
     };
     {

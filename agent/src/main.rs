@@ -8,6 +8,7 @@ use mentat_agent::{
     cli::{
         check,
         output::Format,
+        pricing,
         record::{self, RecordOptions},
         usage::{self, UsageFormat, UsageQuery},
     },
@@ -56,6 +57,9 @@ enum Cmd {
     /// Validate a config file (and its price book), or print the full default config.
     #[command(subcommand)]
     Config(ConfigCmd),
+    /// Make price books.
+    #[command(subcommand)]
+    Pricing(PricingCmd),
     /// Attach probes and wait, printing their kernel run statistics at the end (benchmarks).
     #[command(hide = true)]
     Attach {
@@ -77,6 +81,24 @@ enum ConfigCmd {
     },
     /// Print the full default config, every key documented.
     Default,
+}
+
+#[derive(Subcommand, Debug)]
+enum PricingCmd {
+    /// Convert LiteLLM's model_prices_and_context_window.json into a price book (TOML on stdout).
+    Import {
+        /// The LiteLLM JSON file.
+        file: PathBuf,
+        /// The book's version (default: litellm- and a hash of FILE).
+        #[arg(long)]
+        version: Option<String>,
+        /// The currency FILE's prices are in (LiteLLM's are USD); the base book must be in it too.
+        #[arg(long, default_value = "USD")]
+        currency: String,
+        /// The book whose resource prices and discounts the new book keeps (default: the built-in one).
+        #[arg(long, value_name = "BOOK")]
+        base: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -108,6 +130,9 @@ struct UsageArgs {
     /// List the records the ledger set aside (quarantined) and the records exporters' receivers refused (dead letters).
     #[arg(long, conflicts_with_all = ["billing", "run"])]
     quarantine: bool,
+    /// List, per model, the tokens priced at 0 because the price book had no price for the model.
+    #[arg(long, conflicts_with_all = ["billing", "run", "quarantine"])]
+    unpriced: bool,
     /// The agent's API.
     #[arg(long, default_value = "http://127.0.0.1:9464")]
     api: String,
@@ -321,6 +346,22 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 }
             }
         }
+        Cmd::Pricing(PricingCmd::Import {
+            file,
+            version,
+            currency,
+            base,
+        }) => {
+            pricing::import(
+                &file,
+                base.as_deref(),
+                version.as_deref(),
+                &currency,
+                &mut std::io::stdout().lock(),
+                &mut std::io::stderr(),
+            )?;
+            Ok(0)
+        }
         Cmd::Usage(a) => {
             if a.billing && a.format != UsageFormat::Jsonl {
                 anyhow::bail!("--billing emits CloudEvents as JSON lines: add --format jsonl");
@@ -341,6 +382,7 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 billing: a.billing,
                 run: a.run,
                 quarantine: a.quarantine,
+                unpriced: a.unpriced,
             };
             match q.run(&mut std::io::stdout().lock()) {
                 // The reader went away (`| head`): not an error.

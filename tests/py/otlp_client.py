@@ -22,6 +22,7 @@ Options:
     --end-in-ms MS     each span ends MS ms from now (and starts --span-ms before)
     --tokens N         gen_ai.usage.input_tokens = N and output_tokens = 2N on every
                        span, with gen_ai.request.model = --model
+    --attr KEY=N       with --tokens: one more integer attribute per span (repeatable)
     --model M          the model (default gpt-4o); "random": a fresh random name per span
     --pregen           build every request before sending any (benchmarks: the
                        client's own encoding then costs nothing while timed)
@@ -87,6 +88,10 @@ def request_bytes(args):
                 kv("gen_ai.usage.input_tokens", args.tokens),
                 kv("gen_ai.usage.output_tokens", 2 * args.tokens),
             ]
+            # More integer attributes (other token types): KEY=N.
+            for a in args.attr:
+                k, _, n = a.partition("=")
+                attrs.append(kv(k, int(n)))
         if i == 0 and args.pad:
             attrs.append(kv("padding", "x" * args.pad))
         spans.append(
@@ -188,6 +193,7 @@ def main():
     p.add_argument("--end-in-ms", type=int, default=0)
     p.add_argument("--tokens", type=int, default=0)
     p.add_argument("--model", default="gpt-4o")
+    p.add_argument("--attr", action="append", default=[])
     p.add_argument("--pregen", action="store_true")
     p.add_argument("--rate", type=float, default=0)
     p.add_argument("--trace-per-request", action="store_true")

@@ -2,9 +2,11 @@
 //! printed (`output`).
 //!
 //! `record` meters for a while and prints; `usage` queries a running agent's
-//! API; `check` lists what the kernel offers the agent.
+//! API; `check` lists what the kernel offers the agent; `pricing` makes
+//! price books.
 
 pub mod check;
 pub mod output;
+pub mod pricing;
 pub mod record;
 pub mod usage;

@@ -39,6 +39,8 @@ pub struct UsageQuery {
     pub run: Option<String>,
     /// List quarantined records and dead letters instead of usage.
     pub quarantine: bool,
+    /// List the tokens priced at 0 because the book had no price for their model, per model.
+    pub unpriced: bool,
 }
 
 /// Output formats of `usage`.
@@ -155,6 +157,9 @@ impl UsageQuery {
         if self.quarantine {
             return self.quarantined(out);
         }
+        if self.unpriced {
+            return self.unpriced_tokens(out);
+        }
         let mut params = self.range_params();
         if !self.group_by.is_empty() {
             params.push(("group_by".into(), self.group_by.join(",")));
@@ -213,6 +218,110 @@ impl UsageQuery {
                 _ => return Ok(()),
             }
         }
+    }
+
+    /// The range's token records, page by page, summed per model over the
+    /// usages pricing marked `unpriced` (tokens priced at 0).
+    fn unpriced_tokens(&self, out: &mut dyn Write) -> Result<(), QueryError> {
+        #[derive(Default)]
+        struct Row {
+            usages: u64,
+            input: u64,
+            output: u64,
+            versions: std::collections::BTreeSet<String>,
+        }
+        let mut rows: std::collections::BTreeMap<String, Row> = Default::default();
+        let mut after: Option<String> = None;
+        loop {
+            let mut params = self.range_params();
+            match params.iter_mut().find(|(k, _)| k == "where") {
+                Some((_, w)) => w.push_str(",record_kind=tokens"),
+                None => params.push(("where".into(), "record_kind=tokens".into())),
+            }
+            params.push(("limit".into(), "1000".into()));
+            if let Some(a) = &after {
+                params.push(("after".into(), a.clone()));
+            }
+            let page = self.get("/v1/records", &params)?;
+            for r in page["records"].as_array().into_iter().flatten() {
+                let version = r["cost"]["pricing_version"].as_str().unwrap_or("");
+                for t in r["tokens"].as_array().into_iter().flatten() {
+                    if t["unpriced"].as_bool() != Some(true) {
+                        continue;
+                    }
+                    let row = rows
+                        .entry(t["model"].as_str().unwrap_or("").to_string())
+                        .or_default();
+                    row.usages += 1;
+                    row.input = row.input.saturating_add(t["input"].as_u64().unwrap_or(0));
+                    row.output = row.output.saturating_add(t["output"].as_u64().unwrap_or(0));
+                    row.versions.insert(version.to_string());
+                }
+            }
+            match page["next"].as_str() {
+                Some(n) => after = Some(n.to_string()),
+                None => break,
+            }
+        }
+        let json_row = |model: &String, r: &Row| {
+            json!({
+                "model": model,
+                "usages": r.usages,
+                "tokens_input": r.input,
+                "tokens_output": r.output,
+                "pricing_versions": r.versions,
+            })
+        };
+        match self.format {
+            UsageFormat::Json => {
+                let all: Vec<Value> = rows.iter().map(|(m, r)| json_row(m, r)).collect();
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&all).unwrap_or_default()
+                )?;
+            }
+            UsageFormat::Jsonl => {
+                for (m, r) in &rows {
+                    writeln!(out, "{}", json_row(m, r))?;
+                }
+            }
+            UsageFormat::Csv => {
+                writeln!(
+                    out,
+                    "model,usages,tokens_input,tokens_output,pricing_versions"
+                )?;
+                for (m, r) in &rows {
+                    let versions: Vec<&str> = r.versions.iter().map(String::as_str).collect();
+                    writeln!(
+                        out,
+                        "{},{},{},{},{}",
+                        crate::cli::output::csv_field(m),
+                        r.usages,
+                        r.input,
+                        r.output,
+                        crate::cli::output::csv_field(&versions.join(" "))
+                    )?;
+                }
+            }
+            UsageFormat::Table => {
+                if rows.is_empty() {
+                    writeln!(out, "no unpriced tokens in the range")?;
+                }
+                for (m, r) in &rows {
+                    let versions: Vec<&str> = r.versions.iter().map(String::as_str).collect();
+                    writeln!(
+                        out,
+                        "{m:<40} {:>8} usages  in {:>12}  out {:>12}  book {}",
+                        r.usages,
+                        r.input,
+                        r.output,
+                        versions.join(", ")
+                    )?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Every record in the range as a CloudEvent (JSON lines), page by page.

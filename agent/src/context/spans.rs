@@ -21,6 +21,20 @@ pub struct SpanTokens {
     pub output: u64,
     /// `gen_ai.usage.reasoning.output_tokens` (a part of `output`), where reported.
     pub reasoning_output: u64,
+    /// `gen_ai.usage.cache_creation.input_tokens` (a part of `input`).
+    pub cache_creation_input: u64,
+    /// `gen_ai.usage.{text,image,audio,video}.input_tokens` (parts of `input`).
+    pub text_input: u64,
+    /// See `text_input`.
+    pub image_input: u64,
+    /// See `text_input`.
+    pub audio_input: u64,
+    /// See `text_input`.
+    pub video_input: u64,
+    /// `gen_ai.usage.{text,audio}.output_tokens` (parts of `output`).
+    pub text_output: u64,
+    /// See `text_output`.
+    pub audio_output: u64,
 }
 
 /// Where a span's `process.pid` lives: a container's or pod's pid namespace.

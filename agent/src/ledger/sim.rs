@@ -236,6 +236,7 @@ fn synthetic_record(
             cache_read_input: input / 2,
             output,
             reasoning_output: output / 3,
+            ..TokenUsage::default()
         }]
     } else {
         Vec::new()

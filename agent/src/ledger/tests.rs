@@ -125,6 +125,7 @@ fn full_record() -> UsageRecord {
                 cache_read_input: 400,
                 output: 300,
                 reasoning_output: 100,
+                ..TokenUsage::default()
             },
             TokenUsage {
                 model: "claude-sonnet-4".into(),
@@ -132,6 +133,7 @@ fn full_record() -> UsageRecord {
                 cache_read_input: 0,
                 output: 9,
                 reasoning_output: 0,
+                ..TokenUsage::default()
             },
         ],
         cost: Some(Cost {
@@ -535,6 +537,7 @@ fn totals_group_with_nulls_and_stay_exact() {
             cache_read_input: 1,
             output: 1,
             reasoning_output: 0,
+            ..TokenUsage::default()
         }];
         r.context.user_id = match i % 3 {
             0 => None,

@@ -10,9 +10,10 @@
 //! network  = (rx + tx) bytes   × network.per_gb     / 1024³          (one price)
 //!          = rx × rx_per_gb / 1024³ + tx × tx_per_gb / 1024³        (split by direction)
 //! storage  = storage_bytes × storage_per_gb_month × window_seconds / (1024³ · 30 · 24 · 3600)
-//! token    = Σ per model: ( (input − cache_read_input) × input_per_1k
-//!                          + cache_read_input           × cache_read_input_per_1k
-//!                          + output                     × output_per_1k ) / 1000
+//! token    = Σ per call: Σ part × its price / 1000, where input and output are
+//!            split into parts that add up to them exactly (cache read, cache
+//!            write, per modality, reasoning, the rest; see `models`), at the
+//!            model's long-context tier when the call's input exceeds one
 //! subtotal = cpu + memory + gpu + network + storage + token
 //! discount = subtotal × percent / 100   (percent of the tier holding month-to-date spend)
 //! total    = subtotal − discount
@@ -20,7 +21,7 @@
 //!
 //! Cached input is a subset of input and reasoning output a subset of output,
 //! so neither is added on top: a cached token is billed once, at the cached
-//! price, and a reasoning token once, at the output price.
+//! price, and a reasoning token once, at the reasoning price.
 //!
 //! # Exactness rules
 //!
@@ -52,6 +53,12 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use toml::Spanned;
 
 use crate::report::record::{Cost, TokenUsage, UsageRecord};
+
+pub mod litellm;
+mod models;
+mod text;
+
+pub use models::{LongContext, ModelEntry, ModelPrice, Models};
 
 /// Seconds in an hour: the divisor of every per-hour price.
 const SECONDS_PER_HOUR: Decimal = Decimal::from_parts(3600, 0, 0, false, 0);
@@ -98,17 +105,6 @@ pub enum PricingError {
     },
 }
 
-/// A model's token prices, per 1000 tokens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ModelPrice {
-    /// Uncached input tokens.
-    pub input_per_1k: Decimal,
-    /// Output tokens (reasoning included).
-    pub output_per_1k: Decimal,
-    /// Input tokens read from the provider's prompt cache.
-    pub cache_read_input_per_1k: Decimal,
-}
-
 /// Network price: one for both directions, or one each.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NetworkPrice {
@@ -144,7 +140,7 @@ pub struct PriceBook {
     gpu_per_hour: Decimal,
     storage_per_gb_month: Decimal,
     network: NetworkPrice,
-    models: BTreeMap<String, ModelPrice>,
+    models: Models,
     tiers: Vec<Tier>,
 }
 
@@ -196,24 +192,7 @@ impl PriceBook {
         let storage_per_gb_month = price(raw.storage_per_gb_month, "storage_per_gb_month")?;
         let network = network_price(&cx, raw.network)?;
 
-        let mut models = BTreeMap::new();
-        for (name, m) in raw.models.unwrap_or_default() {
-            let key = |k: &str| format!("models.{name:?}.{k}");
-            let input_per_1k = cx.price(&m.input_per_1k, &key("input_per_1k"))?;
-            let output_per_1k = cx.price(&m.output_per_1k, &key("output_per_1k"))?;
-            let cache_read_input_per_1k = match &m.cache_read_input_per_1k {
-                Some(v) => cx.price(v, &key("cache_read_input_per_1k"))?,
-                None => input_per_1k,
-            };
-            models.insert(
-                name,
-                ModelPrice {
-                    input_per_1k,
-                    output_per_1k,
-                    cache_read_input_per_1k,
-                },
-            );
-        }
+        let models = models::models(&cx, raw.models.unwrap_or_default())?;
 
         let tiers = tiers(&cx, raw.discounts.unwrap_or_default())?;
 
@@ -251,6 +230,9 @@ impl PriceBook {
     ) -> Result<(), E> {
         let mut spend: HashMap<String, Decimal> = HashMap::new();
         for r in records.iter_mut() {
+            for t in &mut r.tokens {
+                t.unpriced = (t.input > 0 || t.output > 0) && !self.has_model(&t.model);
+            }
             let party = r.billed_party().map(str::to_string);
             let mtd = match &party {
                 Some(p) => match spend.get(p) {
@@ -351,16 +333,17 @@ impl PriceBook {
         )
     }
 
-    /// One model's tokens.
+    /// One call's tokens (see [`models`] for the lookup and the split).
     ///
-    /// A model the book does not list is priced at 0, not refused: the usage
-    /// must never be dropped (the record keeps its token counts), and
-    /// re-pricing the record with a book that lists the model fixes the money.
-    /// Each such usage is counted ([`unpriced_model_usages`]) and warned about
-    /// at the 1st, 2nd, 4th, 8th… occurrence, so a flood costs a log line per
-    /// doubling, not one per record.
+    /// A model the book does not price is priced at 0, not refused: the usage
+    /// must never be dropped (the record keeps its token counts, marked
+    /// `unpriced`), and re-pricing the record with a book that lists the
+    /// model fixes the money. Each such usage is counted
+    /// ([`unpriced_model_usages`]) and warned about at the 1st, 2nd, 4th,
+    /// 8th… occurrence, so a flood costs a log line per doubling, not one
+    /// per record.
     fn tokens(&self, t: &TokenUsage, record_id: &str) -> Decimal {
-        let Some(m) = self.models.get(&t.model) else {
+        let Some((_, entry)) = self.models.resolve(&t.model) else {
             if t.input > 0 || t.output > 0 {
                 let n = UNPRICED_MODEL_USAGES.fetch_add(1, Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
@@ -375,34 +358,22 @@ impl PriceBook {
             }
             return Decimal::ZERO;
         };
-        // cache_read_input is part of input; a report claiming more cached than
-        // total input is clamped so no token is billed twice.
-        let cached = t.cache_read_input.min(t.input);
-        let uncached = t.input - cached;
-        let per_1k = sum(&[
-            product(
-                &[Decimal::from(uncached), m.input_per_1k],
-                Decimal::ONE,
-                record_id,
-            ),
-            product(
-                &[Decimal::from(cached), m.cache_read_input_per_1k],
-                Decimal::ONE,
-                record_id,
-            ),
-            // reasoning_output is part of output: it is in `output` already.
-            product(
-                &[Decimal::from(t.output), m.output_per_1k],
-                Decimal::ONE,
-                record_id,
-            ),
-        ]);
-        product(&[per_1k], Decimal::ONE_THOUSAND, record_id)
+        models::usage_cost(entry, t, record_id)
     }
 
-    /// Whether the book lists `model` (a token price exists for it).
+    /// Whether the book prices `model` (by name, alias or dated name).
     pub fn has_model(&self, model: &str) -> bool {
-        self.models.contains_key(model)
+        self.models.resolve(model).is_some()
+    }
+
+    /// The book's own name for the entry that prices `model`, if any: `gpt-4o-mini` for `gpt-4o-mini-2024-07-18`.
+    pub fn resolve_model(&self, model: &str) -> Option<&str> {
+        self.models.resolve(model).map(|(k, _)| k)
+    }
+
+    /// The book's models.
+    pub fn models(&self) -> &Models {
+        &self.models
     }
 
     /// The percent of the tier holding `month_to_date`.
@@ -615,7 +586,7 @@ struct RawBook {
     gpu_per_hour: Option<RawNumber>,
     storage_per_gb_month: Option<RawNumber>,
     network: Option<Spanned<RawNetwork>>,
-    models: Option<BTreeMap<String, RawModel>>,
+    models: Option<BTreeMap<String, Spanned<models::RawModel>>>,
     discounts: Option<Vec<Spanned<RawTier>>>,
 }
 
@@ -625,14 +596,6 @@ struct RawNetwork {
     per_gb: Option<RawNumber>,
     rx_per_gb: Option<RawNumber>,
     tx_per_gb: Option<RawNumber>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawModel {
-    input_per_1k: RawNumber,
-    output_per_1k: RawNumber,
-    cache_read_input_per_1k: Option<RawNumber>,
 }
 
 #[derive(Deserialize)]
@@ -874,6 +837,25 @@ fn tiers(cx: &Cx<'_>, raw: Vec<Spanned<RawTier>>) -> Result<Vec<Tier>, PricingEr
     Ok(tiers)
 }
 
+/// Books for the submodules' tests: the resources of a minimal book plus the given models.
+#[cfg(test)]
+mod tests_support {
+    use super::PriceBook;
+
+    /// A valid book's top (resources, network) followed by `models`.
+    pub fn with_resources(models: &str) -> String {
+        format!(
+            "version = \"t\"\ncurrency = \"USD\"\ncpu_per_core_hour = 0\nmemory_per_gb_hour = 0\n\
+             gpu_per_hour = 0\nstorage_per_gb_month = 0\n[network]\nper_gb = 0\n{models}"
+        )
+    }
+
+    /// That book parsed; the error's message where it is refused.
+    pub fn book_with(models: &str) -> Result<PriceBook, String> {
+        PriceBook::parse(&with_resources(models), "pricing.toml").map_err(|e| e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::str::FromStr;
@@ -1073,6 +1055,7 @@ output_per_1k = "0.02"
                     cache_read_input: 4_000,
                     output: 2_000,
                     reasoning_output: 500,
+                    ..TokenUsage::default()
                 },
                 TokenUsage {
                     model: "claude-x".into(),
@@ -1080,6 +1063,7 @@ output_per_1k = "0.02"
                     cache_read_input: 200,
                     output: 300,
                     reasoning_output: 300,
+                    ..TokenUsage::default()
                 },
                 TokenUsage {
                     model: "not-in-the-book".into(),
@@ -1106,6 +1090,51 @@ output_per_1k = "0.02"
         assert_eq!(c.total, dec("0.0475"));
         assert_sums(&c);
         assert!(unpriced_model_usages() > before);
+    }
+
+    #[test]
+    fn a_window_marks_the_tokens_it_could_not_price() {
+        let mut records = vec![UsageRecord {
+            tokens: vec![
+                TokenUsage {
+                    model: "gpt-4o-2024-08-06".into(),
+                    input: 1_000,
+                    ..TokenUsage::default()
+                },
+                TokenUsage {
+                    model: "not-in-the-book".into(),
+                    output: 10,
+                    ..TokenUsage::default()
+                },
+                TokenUsage {
+                    model: "not-in-the-book-either".into(),
+                    ..TokenUsage::default()
+                },
+            ],
+            ..record()
+        }];
+        book()
+            .price_window(&mut records, |_| Ok::<_, ()>(Decimal::ZERO))
+            .expect("priced");
+        let marks: Vec<bool> = records[0].tokens.iter().map(|t| t.unpriced).collect();
+        // Dated gpt-4o is priced (1000 × 0.0025 / 1000); the unknown model's
+        // tokens are marked; a usage of no tokens is nothing to price.
+        assert_eq!(marks, [false, true, false]);
+        assert_eq!(
+            records[0].cost.as_ref().map(|c| c.token),
+            Some(dec("0.0025"))
+        );
+        let json = serde_json::to_string(&records[0].tokens).expect("serialises");
+        assert_eq!(json.matches("\"unpriced\":true").count(), 1, "{json}");
+        // A record stored before these fields existed reads back as before.
+        let old: Vec<TokenUsage> = serde_json::from_str(
+            r#"[{"model":"m","input":5,"cache_read_input":1,"output":2,"reasoning_output":0}]"#,
+        )
+        .expect("old JSON reads");
+        assert_eq!(
+            (old[0].input, old[0].cache_creation_input, old[0].unpriced),
+            (5, 0, false)
+        );
     }
 
     #[test]

@@ -345,6 +345,38 @@ pub struct TokenUsage {
     pub output: u64,
     /// The part of `output` spent on reasoning.
     pub reasoning_output: u64,
+    /// The part of `input` written to the provider's prompt cache
+    /// (`gen_ai.usage.cache_creation.input_tokens`); absent means 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_creation_input: u64,
+    /// The part of `input` that was text (`gen_ai.usage.text.input_tokens`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub text_input: u64,
+    /// The part of `input` that was images (`gen_ai.usage.image.input_tokens`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub image_input: u64,
+    /// The part of `input` that was audio (`gen_ai.usage.audio.input_tokens`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub audio_input: u64,
+    /// The part of `input` that was video (`gen_ai.usage.video.input_tokens`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub video_input: u64,
+    /// The part of `output` that was text (`gen_ai.usage.text.output_tokens`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub text_output: u64,
+    /// The part of `output` that was audio (`gen_ai.usage.audio.output_tokens`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub audio_output: u64,
+    /// Set by pricing when the book in force (the cost's `pricing_version`)
+    /// had no price for `model`, so these tokens were priced at 0.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unpriced: bool,
+}
+
+/// For `skip_serializing_if`: token types a usage did not report stay out of
+/// the stored JSON (and read back as 0).
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One usage record as the ledger stores it and exporters ship it: DESIGN.md's

@@ -146,6 +146,16 @@ pub fn token_record(node: &str, span: &Span, own: &RunContext) -> Option<UsageRe
             cache_read_input: tokens.cache_read_input.min(tokens.input),
             output: tokens.output,
             reasoning_output: tokens.reasoning_output.min(tokens.output),
+            // Parts of input and output as reported; pricing clamps them so
+            // no token is priced twice.
+            cache_creation_input: tokens.cache_creation_input,
+            text_input: tokens.text_input,
+            image_input: tokens.image_input,
+            audio_input: tokens.audio_input,
+            video_input: tokens.video_input,
+            text_output: tokens.text_output,
+            audio_output: tokens.audio_output,
+            unpriced: false,
         }],
         ..UsageRecord::default()
     })
@@ -198,6 +208,7 @@ mod tests {
             cache_read_input: 200,
             output: 50,
             reasoning_output: 10,
+            ..Default::default()
         });
         let own = RunContext {
             customer_id: Some("acme".into()),

@@ -103,7 +103,8 @@ pub type Counter = (&'static str, &'static str, u64);
 type Source = Box<dyn Fn() -> Vec<Counter> + Send + Sync>;
 
 /// Tells whether the price book in force lists a model.
-type ModelFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+/// A model name → the price book's name for it (`None`: the book does not price it).
+type ModelFilter = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 /// The `/metrics` exposition: usage counters and every stage's own counters, shared between the daemon and the API.
 #[derive(Clone, Default)]
@@ -259,11 +260,12 @@ impl State {
         }
     }
 
-    /// `model` as a label value: itself if the book lists it, else `unpriced`.
-    fn model_label_of<'a>(&self, model: &'a str) -> &'a str {
+    /// `model` as a label value: the book's name for it (so dated names and
+    /// aliases add no series), else `unpriced`.
+    fn model_label(&self, model: &str) -> String {
         match &self.known_models {
-            Some(known) if !known(model) => UNPRICED_MODEL,
-            _ => model,
+            Some(known) => known(model).unwrap_or_else(|| UNPRICED_MODEL.to_string()),
+            None => model.to_string(),
         }
     }
 }
@@ -289,10 +291,19 @@ impl Exposition {
         config: MetricsConfig,
         known_models: impl Fn(&str) -> bool + Send + Sync + 'static,
     ) -> Self {
+        Self::with_model_names(config, move |m| known_models(m).then(|| m.to_string()))
+    }
+
+    /// As [`new`](Self::new), with each model labelled by the price book's
+    /// name for it (`gpt-4o-mini` for `gpt-4o-mini-2024-07-18`), `None` for unpriced.
+    pub fn with_model_names(
+        config: MetricsConfig,
+        book_name: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
         let m = Self::default();
         if let Ok(mut s) = m.inner.lock() {
             s.config = config;
-            s.known_models = Some(Arc::new(known_models));
+            s.known_models = Some(Arc::new(book_name));
         }
         m
     }
@@ -333,6 +344,14 @@ impl Exposition {
         // record was about a tenth of the daemon's CPU. The series are
         // created (or folded) in the order of their first increment, and
         // `folded` counts increments, as if each were added alone.
+        // The label of each model named in this window, asked once per model
+        // (the book's name for it, or `unpriced`); the keys below borrow them.
+        let mut model_labels: HashMap<&str, String> = HashMap::new();
+        for t in records.iter().flat_map(|r| &r.tokens) {
+            if !model_labels.contains_key(t.model.as_str()) {
+                model_labels.insert(t.model.as_str(), s.model_label(&t.model));
+            }
+        }
         type Extra<'a> = Option<(&'static str, &'a str)>;
         type Key<'a> = (&'static str, usize, Extra<'a>, Extra<'a>);
         let mut bases: Vec<[&str; BASE_LABELS]> = Vec::new();
@@ -413,7 +432,9 @@ impl Exposition {
                 Decimal::from(r.syscalls),
             );
             for t in &r.tokens {
-                let model = s.model_label_of(&t.model);
+                let model = model_labels
+                    .get(t.model.as_str())
+                    .map_or(UNPRICED_MODEL, String::as_str);
                 if model == UNPRICED_MODEL {
                     s.unpriced_tokens = s
                         .unpriced_tokens
@@ -719,6 +740,41 @@ mod tests {
                 &[r#"container="c1""#]
             ),
             Decimal::from(3)
+        );
+    }
+
+    #[test]
+    fn dated_names_of_a_priced_model_are_labelled_with_the_book_name() {
+        let book = crate::pricing::PriceBook::parse(crate::pricing::DEFAULT_BOOK, "shipped")
+            .expect("valid");
+        let m = Exposition::with_model_names(MetricsConfig::default(), move |model| {
+            book.resolve_model(model).map(str::to_string)
+        });
+        let mut r = container(1);
+        // 300 distinct dated names the provider could answer with, all gpt-4o-mini.
+        r.tokens = (0..300)
+            .map(|i| crate::report::record::TokenUsage {
+                model: format!("gpt-4o-mini-2024-{:02}-{:02}", 1 + i % 12, 1 + i % 28),
+                input: 2,
+                output: 1,
+                ..Default::default()
+            })
+            .collect();
+        m.observe(&[r], AgentStats::default());
+        let text = m.render();
+        // cpu + gpt-4o-mini × 2 types: no series per dated name, nothing unpriced.
+        assert_eq!(series_lines(&text), 3, "{text}");
+        assert_eq!(
+            total(
+                &text,
+                "mentat_tokens_total",
+                &[r#"model="gpt-4o-mini""#, r#"type="input""#]
+            ),
+            Decimal::from(600)
+        );
+        assert!(
+            text.contains("mentat_agent_unpriced_tokens_total 0\n"),
+            "{text}"
         );
     }
 

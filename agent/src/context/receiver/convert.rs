@@ -177,9 +177,12 @@ pub(super) fn count(value: &AnyValue) -> Option<u64> {
     }
 }
 
-/// The `gen_ai.usage.*` token counts a span reports, if any. The older
-/// `gen_ai.usage.cache_read_input_tokens`, `prompt_tokens` and
-/// `completion_tokens` are read where the current names are absent.
+/// The `gen_ai.usage.*` token counts a span reports, if any: every token type
+/// of the GenAI semantic conventions (input, cache read and creation, output,
+/// reasoning, per-modality input and output). The older
+/// `gen_ai.usage.cache_read_input_tokens`, `cache_creation_input_tokens`,
+/// `prompt_tokens` and `completion_tokens` are read where the current names
+/// are absent.
 pub(super) fn tokens_of(attributes: &[KeyValue]) -> Option<SpanTokens> {
     // The last occurrence wins, as it does in `Span::attributes`.
     let get = |key: &str| {
@@ -200,7 +203,28 @@ pub(super) fn tokens_of(attributes: &[KeyValue]) -> Option<SpanTokens> {
         "gen_ai.usage.cache_read_input_tokens",
     ]);
     let reasoning = first(&["gen_ai.usage.reasoning.output_tokens"]);
-    if input.is_none() && output.is_none() && cache_read.is_none() && reasoning.is_none() {
+    let cache_creation = first(&[
+        "gen_ai.usage.cache_creation.input_tokens",
+        "gen_ai.usage.cache_creation_input_tokens",
+    ]);
+    let [text_in, image_in, audio_in, video_in] = ["text", "image", "audio", "video"]
+        .map(|m| first(&[&format!("gen_ai.usage.{m}.input_tokens")]));
+    let [text_out, audio_out] =
+        ["text", "audio"].map(|m| first(&[&format!("gen_ai.usage.{m}.output_tokens")]));
+    let all = [
+        input,
+        output,
+        cache_read,
+        reasoning,
+        cache_creation,
+        text_in,
+        image_in,
+        audio_in,
+        video_in,
+        text_out,
+        audio_out,
+    ];
+    if all.iter().all(Option::is_none) {
         return None;
     }
     let model = ["gen_ai.response.model", "gen_ai.request.model"]
@@ -213,6 +237,13 @@ pub(super) fn tokens_of(attributes: &[KeyValue]) -> Option<SpanTokens> {
         cache_read_input: cache_read.unwrap_or(0),
         output: output.unwrap_or(0),
         reasoning_output: reasoning.unwrap_or(0),
+        cache_creation_input: cache_creation.unwrap_or(0),
+        text_input: text_in.unwrap_or(0),
+        image_input: image_in.unwrap_or(0),
+        audio_input: audio_in.unwrap_or(0),
+        video_input: video_in.unwrap_or(0),
+        text_output: text_out.unwrap_or(0),
+        audio_output: audio_out.unwrap_or(0),
     })
 }
 

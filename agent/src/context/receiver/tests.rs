@@ -233,6 +233,7 @@ fn token_fields_and_model() {
             cache_read_input: 200,
             output: 300,
             reasoning_output: 50,
+            ..SpanTokens::default()
         })
     );
     assert_eq!(
@@ -243,6 +244,7 @@ fn token_fields_and_model() {
             cache_read_input: 3,
             output: 4,
             reasoning_output: 0,
+            ..SpanTokens::default()
         })
     );
     let third = spans[2].tokens.as_ref().unwrap();
@@ -250,6 +252,59 @@ fn token_fields_and_model() {
     // A model without usage is not token usage; a negative count is none.
     assert_eq!(spans[3].tokens, None);
     assert_eq!(spans[4].tokens, None);
+}
+
+#[test]
+fn every_semconv_token_type_is_read() {
+    let counts = [
+        ("gen_ai.usage.input_tokens", 1000),
+        ("gen_ai.usage.cache_read.input_tokens", 100),
+        ("gen_ai.usage.cache_creation.input_tokens", 200),
+        ("gen_ai.usage.text.input_tokens", 300),
+        ("gen_ai.usage.image.input_tokens", 150),
+        ("gen_ai.usage.audio.input_tokens", 120),
+        ("gen_ai.usage.video.input_tokens", 130),
+        ("gen_ai.usage.output_tokens", 500),
+        ("gen_ai.usage.reasoning.output_tokens", 50),
+        ("gen_ai.usage.text.output_tokens", 400),
+        ("gen_ai.usage.audio.output_tokens", 50),
+    ];
+    let mut attrs: Vec<KeyValue> = counts
+        .iter()
+        .map(|(k, n)| kv(k, Value::IntValue(*n)))
+        .collect();
+    attrs.push(kv("gen_ai.response.model", s("gpt-4o-mini-2024-07-18")));
+    let req = request(vec![], vec![span(1, attrs)]);
+    assert_eq!(
+        spans_of(&req, None)[0].tokens,
+        Some(SpanTokens {
+            model: "gpt-4o-mini-2024-07-18".into(),
+            input: 1000,
+            cache_read_input: 100,
+            cache_creation_input: 200,
+            text_input: 300,
+            image_input: 150,
+            audio_input: 120,
+            video_input: 130,
+            output: 500,
+            reasoning_output: 50,
+            text_output: 400,
+            audio_output: 50,
+        })
+    );
+    // A span reporting only a cache write is token usage too (the older name).
+    let req = request(
+        vec![],
+        vec![span(
+            1,
+            vec![kv(
+                "gen_ai.usage.cache_creation_input_tokens",
+                Value::IntValue(7),
+            )],
+        )],
+    );
+    let t = spans_of(&req, None)[0].tokens.clone().expect("usage");
+    assert_eq!((t.cache_creation_input, t.input), (7, 0));
 }
 
 #[test]
