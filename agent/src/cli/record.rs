@@ -169,7 +169,6 @@ pub fn run(opts: &RecordOptions) -> Result<i32, RecordError> {
         _ => None,
     };
     let report = span.report(
-        &mut collector,
         &opts.node,
         |k| {
             tree.as_ref()

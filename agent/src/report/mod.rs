@@ -18,7 +18,7 @@ use std::{
 
 use crate::{
     collect::{
-        Collector, NodeBuckets, Window,
+        Collector, Named, NodeBuckets, Window,
         memory::gib_seconds,
         metered::{InstanceKey, Metered},
     },
@@ -127,6 +127,8 @@ pub struct WindowSum {
     start: Option<(u64, SystemTime)>,
     end: Option<(u64, SystemTime)>,
     processes: BTreeMap<InstanceKey, Metered>,
+    /// Who each instance is, as of the latest window it was in.
+    names: HashMap<InstanceKey, Named>,
     cgroup_memory: HashMap<PathBuf, u128>,
     cgroup_counters: HashMap<u64, PathBuf>,
     /// The latest writable-layer size of each container.
@@ -146,6 +148,8 @@ impl WindowSum {
         for (k, m) in &w.processes {
             self.processes.entry(*k).or_default().add(m);
         }
+        self.names
+            .extend(w.names.iter().map(|(k, n)| (*k, n.clone())));
         for (counter, byte_ns) in &w.cgroup_memory {
             *self.cgroup_memory.entry(counter.clone()).or_default() += byte_ns;
         }
@@ -216,7 +220,6 @@ impl WindowSum {
     /// the reported ones into groups.
     pub fn report(
         &self,
-        collector: &mut Collector,
         node_name: &str,
         include: impl Fn(&InstanceKey) -> bool,
         group_by: &[GroupBy],
@@ -233,13 +236,11 @@ impl WindowSum {
             if !include(key) {
                 continue;
             }
-            let info = collector
-                .info(key.tgid, key.start_ns)
-                .cloned()
-                .unwrap_or_default();
-            let (cgroup_path, cg) = collector.cgroup(key.cgroup_id);
-            let mut identity = Identity::of(&cg, info.wasm.as_ref());
-            if let Some(pod) = cg.pod_uid.as_deref().and_then(|u| collector.pod_name(u)) {
+            let named = self.names.get(key).cloned().unwrap_or_default();
+            let info = &*named.info;
+            let cgroup_path = &named.cgroup.path;
+            let mut identity = Identity::of(&named.cgroup.identity, info.wasm.as_ref());
+            if let Some(pod) = named.pod {
                 identity.k8s_namespace = Some(pod.namespace);
                 identity.k8s_pod_name = Some(pod.name);
             }
@@ -300,7 +301,7 @@ impl WindowSum {
                     window_end: we.clone(),
                     identity: identity.clone(),
                     pid: key.tgid,
-                    process_start_time: rfc3339(collector.clock().to_wall(key.start_ns)),
+                    process_start_time: rfc3339(named.start),
                     ppid: info.ppid,
                     comm: info.comm.clone(),
                     exe: info.exe.clone(),
