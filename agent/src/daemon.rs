@@ -342,7 +342,12 @@ fn collect_loop(
     loop {
         let stopping = stop.load(Ordering::SeqCst);
         if stopping || Instant::now() >= next {
-            held.push_back((collector.close_window()?, Instant::now()));
+            let window = if stopping {
+                collector.close_last_window()?
+            } else {
+                collector.close_window()?
+            };
+            held.push_back((window, Instant::now()));
             next += tick;
             // After a stall (suspend, overload) skip missed ticks rather than burst.
             if next < Instant::now() {

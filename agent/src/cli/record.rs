@@ -151,7 +151,7 @@ pub fn run(opts: &RecordOptions) -> Result<i32, RecordError> {
         }
         (None, None)
     };
-    span.add(&collector.close_window()?);
+    span.add(&collector.close_last_window()?);
 
     let root_instance = root.and_then(|pid| {
         collector.live_instance(pid).map(|s| (pid, s)).or_else(|| {

@@ -224,8 +224,23 @@ impl Integrator {
     /// ∫ RSS dt is its last RSS × the time since (what a sample would add
     /// when the RSS is unchanged), without a procfs read.
     pub fn carry(&mut self, now_ns: u64) {
+        self.take_due(now_ns, |_| true, true);
+    }
+
+    /// Takes what is due at `now_ns`: every instance with something
+    /// accumulated since the last take (sampled or exited), every instance
+    /// `ran` says ran, and with `all`, every instance; each carried to
+    /// `now_ns` first (see [`Integrator::carry`]). Instances not due keep
+    /// accumulating: their memory since their last take is taken, whole,
+    /// when they are next due.
+    pub fn take_due(
+        &mut self,
+        now_ns: u64,
+        ran: impl Fn(&(u32, u64)) -> bool,
+        all: bool,
+    ) -> HashMap<(u32, u64), MemDisk> {
         for (key, last) in &mut self.last {
-            if last.at_ns >= now_ns {
+            if last.at_ns >= now_ns || !(all || self.pending.contains_key(key) || ran(key)) {
                 continue;
             }
             let acc = self.pending.entry(*key).or_default();
@@ -237,11 +252,17 @@ impl Integrator {
                 .max(last.sample.rss_bytes);
             last.at_ns = now_ns;
         }
+        self.take()
     }
 
     /// When instance `key` was last read from procfs, if it is being integrated.
     pub fn read_at(&self, key: (u32, u64)) -> Option<u64> {
         self.last.get(&key).map(|l| l.read_ns)
+    }
+
+    /// Whether instance `key` is being integrated or has usage not yet taken.
+    pub fn knows(&self, key: (u32, u64)) -> bool {
+        self.last.contains_key(&key) || self.pending.contains_key(&key)
     }
 
     /// Instances being integrated (alive at their last reading).
@@ -471,6 +492,16 @@ mod tests {
         let got = i.take()[&(1, 0)];
         // 0.5 (ramp) + 4 × 1 GiB·s.
         assert!((gib_seconds(got.rss_byte_ns) - 4.5).abs() < 1e-9, "{got:?}");
+        // Only what is due is taken; the rest is taken whole later.
+        i.sample(3, 0, S, mem(GIB), 0);
+        i.take();
+        let due = i.take_due(3 * S, |k| k.0 == 9, false);
+        assert!(due.is_empty(), "{due:?}");
+        let due = i.take_due(5 * S, |k| k.0 == 3, false);
+        assert!(
+            (gib_seconds(due[&(3, 0)].rss_byte_ns) - 4.0).abs() < 1e-9,
+            "{due:?}"
+        );
         // A process not read since the cut-off is forgotten, carried or not.
         i.sample(2, 0, S, mem(GIB), 0);
         i.carry(10 * S);

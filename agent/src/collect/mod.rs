@@ -91,6 +91,13 @@ pub struct Named {
     pub pod: Option<PodName>,
     /// Its start, wall clock.
     pub start: SystemTime,
+    /// Where the usage handed over with it begins (CLOCK_BOOTTIME ns): the
+    /// window's start, or for a process that did not run in the windows
+    /// before, the end of the last window it was handed over in. Its
+    /// records span from here to the window's end.
+    pub since_ns: u64,
+    /// `since_ns`, wall clock.
+    pub since: SystemTime,
 }
 
 impl Default for Named {
@@ -100,6 +107,8 @@ impl Default for Named {
             cgroup: Arc::default(),
             pod: None,
             start: UNIX_EPOCH,
+            since_ns: 0,
+            since: UNIX_EPOCH,
         }
     }
 }
@@ -215,6 +224,10 @@ pub struct Collector {
     active: HashSet<(u32, u64)>,
     /// Reads procfs files into one reused buffer.
     reader: ProcReader,
+    /// Where each tracked instance's usage not yet handed over begins.
+    span_start: HashMap<(u32, u64), u64>,
+    /// Hand every instance over at the next close (the last window).
+    flush_all: bool,
     page_size: u64,
     /// When metering began: usage of older processes before it is not ours.
     metered_since_ns: u64,
@@ -269,6 +282,8 @@ impl Collector {
             idle_every: DEFAULT_IDLE_EVERY,
             last_sweep_ns: 0,
             active: HashSet::new(),
+            span_start: HashMap::new(),
+            flush_all: false,
             reader: ProcReader::new(std::path::Path::new("/proc")),
             page_size: memory::page_size(),
             metered_since_ns: now,
@@ -491,6 +506,9 @@ impl Collector {
         let Some(sample) = memory::sample_with(&mut self.reader, pid, peak, self.page_size) else {
             return false;
         };
+        self.span_start
+            .entry((pid, start))
+            .or_insert(self.window_start_ns);
         self.mem
             .sample(pid, start, now, sample, self.metered_since_ns);
         true
@@ -502,7 +520,7 @@ impl Collector {
     /// reading (a process that did not run holds what it held). Every
     /// `idle_every`, `/proc` is swept instead: every process is read again
     /// (its RSS, peak, I/O and cgroup), and processes no event named are found.
-    fn sample_window(&mut self, now: u64, ran: &HashMap<(u32, u64), Vec<u64>>) {
+    fn sample_window(&mut self, now: u64, ran: &HashMap<(u32, u64), Vec<u64>>) -> bool {
         self.last_sample_ns = now;
         let sweep_due = self.last_sweep_ns == 0
             || now.saturating_sub(self.last_sweep_ns) >= duration_ns(self.idle_every);
@@ -515,7 +533,6 @@ impl Collector {
                 self.sample_one(pid, start, now, false);
             }
         }
-        self.mem.carry(now);
         // Who ran is likely to run again: read at every sample until a window
         // passes without it running.
         self.active = ran
@@ -547,6 +564,7 @@ impl Collector {
         }
         let stale = now.saturating_sub(duration_ns(self.sample_every) * 4);
         self.cgroup_mem.forget_stale(stale);
+        sweep_due
     }
 
     /// The sweep of `/proc`: reads every user process (status, io, cgroup),
@@ -579,6 +597,9 @@ impl Collector {
         // Processes gone without an exit event stop integrating after two sweeps.
         let stale = now.saturating_sub(duration_ns(self.idle_every).saturating_mul(2) + 1);
         self.mem.forget_stale(stale);
+        let mem = &self.mem;
+        // Exited but not yet handed over: its span still starts where it did.
+        self.span_start.retain(|k, _| mem.knows(*k));
         debug!(read, tracked = self.mem.tracked(), "swept /proc");
     }
 
@@ -706,8 +727,14 @@ impl Collector {
                 self.cgroup_of.insert(*instance, *only);
             }
         }
-        self.sample_window(end_ns, &ran_in);
-        for ((tgid, start_ns), md) in self.mem.take() {
+        let swept = self.sample_window(end_ns, &ran_in);
+        // What is handed over: the instances that ran, were read or exited in
+        // the window; at a sweep (every idle_interval) and at the last
+        // window, every instance, so a process that sleeps is billed once
+        // per idle_interval, by one record covering exactly that span.
+        let all = swept || std::mem::take(&mut self.flush_all);
+        let due = self.mem.take_due(end_ns, |k| ran_in.contains_key(k), all);
+        for ((tgid, start_ns), md) in due {
             let cgroup_id = self.current_cgroup(tgid, start_ns, ran_in.get(&(tgid, start_ns)));
             let key = InstanceKey {
                 tgid,
@@ -768,7 +795,14 @@ impl Collector {
         processes.sort_by_key(|(k, _)| *k);
         let mut names = HashMap::with_capacity(processes.len());
         let mut pods: HashMap<String, Option<PodName>> = HashMap::new();
+        let window_start_ns = self.window_start_ns;
+        let mut handed: Vec<(u32, u64)> = Vec::with_capacity(processes.len());
         for (k, _) in &processes {
+            let since_ns = self
+                .span_start
+                .get(&(k.tgid, k.start_ns))
+                .map_or(window_start_ns, |&s| s.min(window_start_ns));
+            handed.push((k.tgid, k.start_ns));
             self.ensure_info(k.tgid, k.start_ns);
             let cgroup = self.cgroup_name(k.cgroup_id);
             let pod = cgroup.identity.pod_uid.as_deref().and_then(|uid| {
@@ -787,8 +821,18 @@ impl Collector {
                     cgroup,
                     pod,
                     start: self.clock.to_wall(k.start_ns),
+                    since_ns,
+                    since: self.clock.to_wall(since_ns),
                 },
             );
+        }
+        // The next span of each instance handed over starts here, while it is tracked.
+        for k in handed {
+            if self.mem.read_at(k).is_some() {
+                self.span_start.insert(k, end_ns);
+            } else {
+                self.span_start.remove(&k);
+            }
         }
 
         let start_ns = self.window_start_ns;
@@ -811,6 +855,14 @@ impl Collector {
             gpu_errors,
             exact: epoch.all_cpus_acked,
         })
+    }
+
+    /// Closes the last window: as [`Collector::close_window`], and every
+    /// instance's usage not yet handed over is in it (nothing waits for a
+    /// later window that will not come).
+    pub fn close_last_window(&mut self) -> Result<Window, ProbeError> {
+        self.flush_all = true;
+        self.close_window()
     }
 
     /// Metadata of an instance, read from procfs the first time it is seen

@@ -148,8 +148,21 @@ impl WindowSum {
         for (k, m) in &w.processes {
             self.processes.entry(*k).or_default().add(m);
         }
-        self.names
-            .extend(w.names.iter().map(|(k, n)| (*k, n.clone())));
+        for (k, n) in &w.names {
+            // The latest names; the earliest start of the usage summed.
+            let (since_ns, since) = match self.names.get(k) {
+                Some(old) if old.since_ns < n.since_ns => (old.since_ns, old.since),
+                _ => (n.since_ns, n.since),
+            };
+            self.names.insert(
+                *k,
+                Named {
+                    since_ns,
+                    since,
+                    ..n.clone()
+                },
+            );
+        }
         for (counter, byte_ns) in &w.cgroup_memory {
             *self.cgroup_memory.entry(counter.clone()).or_default() += byte_ns;
         }
@@ -237,6 +250,15 @@ impl WindowSum {
                 continue;
             }
             let named = self.names.get(key).cloned().unwrap_or_default();
+            // A record spans its instance's usage: from the sum's start, or
+            // earlier for a process that did not run in the windows before
+            // (its memory since then is in this record).
+            let (start_ns, start) = if named.since_ns < start_ns && named.since > UNIX_EPOCH {
+                (named.since_ns, named.since)
+            } else {
+                (start_ns, start)
+            };
+            let ws = rfc3339(start);
             let info = &*named.info;
             let cgroup_path = &named.cgroup.path;
             let mut identity = Identity::of(&named.cgroup.identity, info.wasm.as_ref());
