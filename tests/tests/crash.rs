@@ -131,7 +131,8 @@ fn a_sigkill_loses_and_duplicates_nothing() {
         windows.keys().copied().collect::<Vec<_>>(),
         "the ends of the windows the ledger committed (left) vs those its records end with (right)"
     );
-    let mut spans_of: BTreeMap<(Option<u32>, Option<String>), Vec<(i128, i128)>> = BTreeMap::new();
+    type Instance = (Option<u32>, Option<String>);
+    let mut spans_of: BTreeMap<Instance, Vec<(i128, i128)>> = BTreeMap::new();
     for (ws, we, n) in &committed {
         let rs = &windows[we];
         assert_eq!(

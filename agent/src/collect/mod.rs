@@ -573,7 +573,9 @@ impl Collector {
     fn sweep(&mut self, now: u64) {
         self.last_sweep_ns = now;
         let mut read = 0usize;
-        for pid in process::proc_pids(&self.proc_root) {
+        let pids = process::proc_pids(&self.proc_root);
+        self.forget_gone(&pids, now);
+        for pid in pids {
             let start = match self.live.get(&pid) {
                 Some(&s) => s,
                 None => {
@@ -601,6 +603,47 @@ impl Collector {
         // Exited but not yet handed over: its span still starts where it did.
         self.span_start.retain(|k, _| mem.knows(*k));
         debug!(read, tracked = self.mem.tracked(), "swept /proc");
+    }
+
+    /// Bounds what is kept per process by the processes alive now: an
+    /// instance whose pid is not in `/proc` (`pids`, read after the events
+    /// were drained) is gone, though its exit event was lost; it is no longer
+    /// live and counts as exited now (a late exit event still sets the exact
+    /// time), so its metadata goes once its last window is out. The cgroup
+    /// caches keep only the cgroups of live processes.
+    fn forget_gone(&mut self, pids: &[u32], now: u64) {
+        if pids.is_empty() {
+            return;
+        }
+        let present: HashSet<u32> = pids.iter().copied().collect();
+        let gone: Vec<(u32, u64)> = self
+            .live
+            .iter()
+            .filter(|(pid, _)| !present.contains(pid))
+            .map(|(&pid, &start)| (pid, start))
+            .collect();
+        for (pid, start) in &gone {
+            self.live.remove(pid);
+            self.active.remove(&(*pid, *start));
+            if let Some(info) = self.infos.get_mut(&(*pid, *start))
+                && info.exited_ns.is_none()
+            {
+                Arc::make_mut(info).exited_ns = Some(now);
+            }
+        }
+        if !gone.is_empty() {
+            debug!(
+                gone = gone.len(),
+                "processes gone without an exit event (lost events)"
+            );
+        }
+        let cgroups: HashSet<u64> = self
+            .live
+            .iter()
+            .filter_map(|(&pid, &start)| self.cgroup_of.get(&(pid, start)).copied())
+            .collect();
+        self.cgroup_identity.retain(|id, _| cgroups.contains(id));
+        self.cgroup_counter.retain(|id, _| cgroups.contains(id));
     }
 
     /// The measured writable layers of the containers seen since the last call.

@@ -265,6 +265,9 @@ impl Cgroups {
         let Some(root) = self.root.clone() else {
             return;
         };
+        // Rebuilt from scratch: cgroups removed since the last walk are
+        // forgotten, so the map is bounded by the cgroups that exist.
+        self.paths.clear();
         let mut stack = vec![(root.clone(), 0usize)];
         while let Some((dir, depth)) = stack.pop() {
             let Ok(meta) = fs::metadata(&dir) else {

@@ -545,3 +545,105 @@ pub fn descendants<'a>(
     }
     inside
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::Duration};
+
+    use super::*;
+    use crate::{
+        collect::{CgroupName, ProcessInfo},
+        identity::{pods::PodName, workload::CgroupIdentity},
+    };
+
+    const S: u64 = 1_000_000_000;
+
+    fn wall(ns: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_800_000_000) + Duration::from_nanos(ns)
+    }
+
+    /// A window [start, end) s with one instance (pid 7) whose usage since `since` s is in it.
+    fn window(start: u64, end: u64, since: u64, comm: &str) -> Window {
+        let key = InstanceKey {
+            tgid: 7,
+            start_ns: S,
+            cgroup_id: 42,
+        };
+        let named = Named {
+            info: Arc::new(ProcessInfo {
+                comm: comm.into(),
+                ..ProcessInfo::default()
+            }),
+            cgroup: Arc::new(CgroupName {
+                path: Some("/kubepods/podx/abc".into()),
+                identity: CgroupIdentity {
+                    pod_uid: Some("u-1".into()),
+                    ..CgroupIdentity::default()
+                },
+            }),
+            pod: Some(PodName {
+                namespace: "ns".into(),
+                name: "web".into(),
+            }),
+            start: wall(S),
+            since_ns: since * S,
+            since: wall(since * S),
+        };
+        let mut m = Metered::default();
+        m.mem.rss_byte_ns = u128::from((end - since) * S) * 1024;
+        Window {
+            start_ns: start * S,
+            end_ns: end * S,
+            start: wall(start * S),
+            end: wall(end * S),
+            processes: vec![(key, m)],
+            names: HashMap::from([(key, named)]),
+            cgroup_memory: HashMap::new(),
+            cgroup_counters: HashMap::new(),
+            storage: HashMap::new(),
+            buckets: NodeBuckets::default(),
+            events_lost: 0,
+            gpu_errors: 0,
+            exact: true,
+        }
+    }
+
+    #[test]
+    fn records_are_named_by_what_the_window_carries() {
+        let mut sum = WindowSum::default();
+        sum.add(&window(10, 11, 10, "web"));
+        let r = sum.report("n", |_| true, &[], None, None);
+        let p = &r.processes[0];
+        assert_eq!(p.comm, "web");
+        assert_eq!(p.cgroup_path.as_deref(), Some("/kubepods/podx/abc"));
+        assert_eq!(p.identity.k8s_pod_name.as_deref(), Some("web"));
+        assert_eq!(p.identity.k8s_namespace.as_deref(), Some("ns"));
+        assert_eq!(p.process_start_time, rfc3339(wall(S)));
+        assert_eq!(p.window_start, rfc3339(wall(10 * S)));
+        assert_eq!(p.record_id, process_record_id("n", &p.key, wall(10 * S)));
+    }
+
+    #[test]
+    fn a_process_that_slept_has_one_record_spanning_its_usage() {
+        // Last handed over at 10 s; slept until the window [59, 60) s.
+        let mut sum = WindowSum::default();
+        sum.add(&window(59, 60, 10, "web"));
+        let r = sum.report("n", |_| true, &[], None, None);
+        let p = &r.processes[0];
+        assert_eq!(p.window_start, rfc3339(wall(10 * S)));
+        assert_eq!(p.window_end, rfc3339(wall(60 * S)));
+        // Its own id: distinct from a record of the window alone.
+        assert_eq!(p.record_id, process_record_id("n", &p.key, wall(10 * S)));
+        assert_ne!(p.record_id, process_record_id("n", &p.key, wall(59 * S)));
+        // Buckets and the summary span the window.
+        assert_eq!(r.summary.window_start, rfc3339(wall(59 * S)));
+        // Summed over several windows (`record`), a record spans the sum, and the
+        // latest name wins.
+        let mut sum = WindowSum::default();
+        sum.add(&window(10, 11, 10, "old"));
+        sum.add(&window(11, 12, 11, "new"));
+        let r = sum.report("n", |_| true, &[], None, None);
+        assert_eq!(r.processes[0].window_start, rfc3339(wall(10 * S)));
+        assert_eq!(r.processes[0].comm, "new");
+    }
+}
