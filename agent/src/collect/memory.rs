@@ -224,7 +224,7 @@ impl Integrator {
     /// ∫ RSS dt is its last RSS × the time since (what a sample would add
     /// when the RSS is unchanged), without a procfs read.
     pub fn carry(&mut self, now_ns: u64) {
-        self.take_due(now_ns, |_| true, true);
+        self.carry_where(now_ns, |_, _| true);
     }
 
     /// Takes what is due at `now_ns`: every instance with something
@@ -239,8 +239,14 @@ impl Integrator {
         ran: impl Fn(&(u32, u64)) -> bool,
         all: bool,
     ) -> HashMap<(u32, u64), MemDisk> {
+        self.carry_where(now_ns, |key, pending| all || pending || ran(key));
+        self.take()
+    }
+
+    /// Carries the instances `due(key, has_pending)` picks to `now_ns`.
+    fn carry_where(&mut self, now_ns: u64, due: impl Fn(&(u32, u64), bool) -> bool) {
         for (key, last) in &mut self.last {
-            if last.at_ns >= now_ns || !(all || self.pending.contains_key(key) || ran(key)) {
+            if last.at_ns >= now_ns || !due(key, self.pending.contains_key(key)) {
                 continue;
             }
             let acc = self.pending.entry(*key).or_default();
@@ -252,7 +258,6 @@ impl Integrator {
                 .max(last.sample.rss_bytes);
             last.at_ns = now_ns;
         }
-        self.take()
     }
 
     /// When instance `key` was last read from procfs, if it is being integrated.

@@ -603,6 +603,10 @@ impl Collector {
         // Exited but not yet handed over: its span still starts where it did.
         self.span_start.retain(|k, _| mem.knows(*k));
         debug!(read, tracked = self.mem.tracked(), "swept /proc");
+        // Give freed heap back to the system once a sweep: after a burst of
+        // processes glibc keeps the pages of every arena otherwise (issue 13).
+        // SAFETY: malloc_trim has no preconditions; it only releases free memory.
+        unsafe { libc::malloc_trim(0) };
     }
 
     /// Bounds what is kept per process by the processes alive now: an

@@ -186,8 +186,12 @@ const HOUR_NS: i64 = 3_600_000_000_000;
 const COMPACTED_BEFORE: &str = "compacted_before";
 /// WAL size kept after a checkpoint resets it.
 const JOURNAL_SIZE_LIMIT: i64 = 64 << 20;
-/// Identities kept in memory (a lookup miss costs one indexed query).
-const IDENTITY_CACHE_MAX: usize = 100_000;
+/// Identities kept in memory (a lookup miss costs one indexed query). Each
+/// process instance is an identity of its own, so under process churn the
+/// cache fills with exited ones: 100,000 held ~100 MiB after 200,000
+/// short-lived processes (issue 13); 16,384 covers the processes of a busy
+/// node's window several times over.
+const IDENTITY_CACHE_MAX: usize = 16_384;
 
 /// What went wrong, on which file, field or record.
 #[derive(Debug, thiserror::Error)]
