@@ -30,6 +30,9 @@ pub struct Config {
     /// How often memory and disk are sampled from procfs (≤ tick).
     #[serde(with = "crate::probes::clock::duration_str")]
     pub sample_interval: Duration,
+    /// How often processes that did not run are read from procfs again (≥ tick).
+    #[serde(with = "crate::probes::clock::duration_str")]
+    pub idle_interval: Duration,
     /// Entries in the kernel's per-process usage map (≈ 2 × processes active per tick).
     pub proc_map_entries: u32,
     /// Kernel BTF.
@@ -74,6 +77,7 @@ impl Default for Config {
             tick: Duration::from_secs(1),
             cpu_tick: Duration::from_millis(100),
             sample_interval: Duration::from_secs(1),
+            idle_interval: Duration::from_secs(60),
             proc_map_entries: 10_240,
             btf_path: PathBuf::from(VMLINUX_BTF),
             kubernetes: PodSource::default(),
@@ -102,7 +106,8 @@ pub const DEFAULT_CONFIG_TOML: &str = r#"# mentat-agent configuration (TOML). Ev
 node_name = ""              # node name in records; empty: $NODE_NAME, else the host name
 tick = "1s"                 # window length: one usage window per workload per tick (>= 100ms)
 cpu_tick = "100ms"          # per-CPU timer that charges tasks that never block (1ms .. tick)
-sample_interval = "1s"      # memory and disk sampling from procfs (10ms .. tick)
+sample_interval = "1s"      # memory and disk sampling from procfs of processes that run (10ms .. tick)
+idle_interval = "60s"       # processes that did not run are read again this often (tick .. 1h)
 span_lag = "10s"            # how long a closed window waits for late spans before it is committed
 proc_map_entries = 10240    # kernel per-process map entries (about 2 x processes active per tick)
 btf_path = "/sys/kernel/btf/vmlinux"
@@ -298,6 +303,12 @@ impl Config {
             return Err(format!(
                 "sample_interval = {:?} must be between 10ms and tick ({:?})",
                 c.sample_interval, c.tick
+            ));
+        }
+        if c.idle_interval < c.tick || c.idle_interval > Duration::from_secs(3600) {
+            return Err(format!(
+                "idle_interval = {:?} must be between tick ({:?}) and 1h",
+                c.idle_interval, c.tick
             ));
         }
         if c.proc_map_entries == 0 {

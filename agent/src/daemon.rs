@@ -247,12 +247,14 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         let pods = PodDirectory::start(config.kubernetes.clone(), &node, config.pod_refresh);
         let storage = StorageMeter::start(Duration::from_secs(60));
         let (tick, sample, lag) = (config.tick, config.sample_interval, config.span_lag);
+        let idle = config.idle_interval;
         let inbox = inbox.clone();
         let gpu_config = config.gpu.clone();
         thread::Builder::new()
             .name("collector".into())
             .spawn(move || {
                 let mut collector = Collector::new(probes, sample)
+                    .with_idle_interval(idle)
                     .with_pods(pods)
                     .with_storage(storage);
                 match GpuMeter::open(&gpu_config) {
@@ -349,7 +351,12 @@ fn collect_loop(
     loop {
         let stopping = stop.load(Ordering::SeqCst);
         if stopping || Instant::now() >= next {
-            held.push_back((collector.close_window()?, Instant::now()));
+            let window = if stopping {
+                collector.close_last_window()?
+            } else {
+                collector.close_window()?
+            };
+            held.push_back((window, Instant::now()));
             next += tick;
             // After a stall (suspend, overload) skip missed ticks rather than burst.
             if next < Instant::now() {

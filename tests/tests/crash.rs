@@ -111,22 +111,14 @@ fn a_sigkill_loses_and_duplicates_nothing() {
     let d = check_delivered_once(&requests, &records, &everything, Resends::IgnoredBatches)
         .unwrap_or_else(|e| panic!("{e:#}"));
 
-    // Windows: each record's window is one of the committed windows, every committed
-    // window has exactly the records it was committed with, and no two overlap, so
-    // no usage lies in two windows.
-    let mut windows: BTreeMap<i128, (i128, Vec<&LedgerRecord>)> = BTreeMap::new();
+    // Windows: each record ends with one of the committed windows, every committed
+    // window has exactly the records it was committed with, and no two overlap. A
+    // record spans its window, or more for a process that did not run in the windows
+    // before (its memory since its last record is in it, issue 13): per process
+    // instance, no two records overlap, so no usage lies in two records.
+    let mut windows: BTreeMap<i128, Vec<&LedgerRecord>> = BTreeMap::new();
     for r in &records {
-        let w = windows
-            .entry(ns(&r.window_start))
-            .or_insert((ns(&r.window_end), Vec::new()));
-        assert_eq!(
-            w.0,
-            ns(&r.window_end),
-            "records of the window starting {} disagree on its end: {}",
-            r.window_start,
-            r.window_end
-        );
-        w.1.push(r);
+        windows.entry(ns(&r.window_end)).or_default().push(r);
     }
     let committed = committed_windows(&dir.ledger());
     let (lo, hi) = (ns(&from), ns(&to));
@@ -135,25 +127,36 @@ fn a_sigkill_loses_and_duplicates_nothing() {
         .filter(|(ws, _, _)| (lo..hi).contains(ws))
         .collect();
     assert_eq!(
-        committed.iter().map(|w| w.0).collect::<Vec<_>>(),
+        committed.iter().map(|w| w.1).collect::<Vec<_>>(),
         windows.keys().copied().collect::<Vec<_>>(),
-        "the windows the ledger committed (left) vs those its records are in (right)"
+        "the ends of the windows the ledger committed (left) vs those its records end with (right)"
     );
+    type Instance = (Option<u32>, Option<String>);
+    let mut spans_of: BTreeMap<Instance, Vec<(i128, i128)>> = BTreeMap::new();
     for (ws, we, n) in &committed {
-        let (end, rs) = &windows[ws];
-        assert_eq!(end, we, "window {ws}: end");
+        let rs = &windows[we];
         assert_eq!(
             rs.len() as u64,
             *n,
             "window starting {ws} ns was committed with {n} records; the ledger has {}",
             rs.len()
         );
+        for r in rs {
+            assert!(
+                ns(&r.window_start) <= *ws,
+                "record {} of the window [{ws}, {we}) ns starts inside it, at {}",
+                r.record_id,
+                r.window_start
+            );
+        }
         for kind in ["idle", "kernel", "unattributed"] {
+            let b: Vec<_> = rs.iter().filter(|r| r.record_kind == kind).collect();
             assert_eq!(
-                rs.iter().filter(|r| r.record_kind == kind).count(),
+                b.len(),
                 1,
                 "window starting {ws} ns: one `{kind}` bucket expected"
             );
+            assert_eq!(ns(&b[0].window_start), *ws, "a bucket spans its window");
         }
         let mut instances = BTreeSet::new();
         for r in rs.iter().filter(|r| r.record_kind == "process") {
@@ -163,9 +166,26 @@ fn a_sigkill_loses_and_duplicates_nothing() {
                 r.pid,
                 r.process_start_time
             );
+            spans_of
+                .entry((r.pid, r.process_start_time.clone()))
+                .or_default()
+                .push((ns(&r.window_start), ns(&r.window_end)));
         }
     }
-    let spans: Vec<(i128, i128)> = windows.iter().map(|(ws, (we, _))| (*ws, *we)).collect();
+    for (instance, mut s) in spans_of {
+        s.sort();
+        for pair in s.windows(2) {
+            assert!(
+                pair[0].1 <= pair[1].0,
+                "process {instance:?}: records [{}, {}) and [{}, {}) ns overlap",
+                pair[0].0,
+                pair[0].1,
+                pair[1].0,
+                pair[1].1
+            );
+        }
+    }
+    let spans: Vec<(i128, i128)> = committed.iter().map(|(ws, we, _)| (*ws, *we)).collect();
     for pair in spans.windows(2) {
         assert!(
             pair[0].1 <= pair[1].0,

@@ -151,7 +151,7 @@ pub fn run(opts: &RecordOptions) -> Result<i32, RecordError> {
         }
         (None, None)
     };
-    span.add(&collector.close_window()?);
+    span.add(&collector.close_last_window()?);
 
     let root_instance = root.and_then(|pid| {
         collector.live_instance(pid).map(|s| (pid, s)).or_else(|| {
@@ -169,7 +169,6 @@ pub fn run(opts: &RecordOptions) -> Result<i32, RecordError> {
         _ => None,
     };
     let report = span.report(
-        &mut collector,
         &opts.node,
         |k| {
             tree.as_ref()

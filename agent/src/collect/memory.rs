@@ -14,6 +14,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::identity::process::ProcReader;
+
 /// One sample of a live process.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcSample {
@@ -49,6 +51,51 @@ pub fn parse_io(io: &str) -> Option<(u64, u64)> {
             .and_then(|v| v.trim().parse::<u64>().ok())
     };
     Some((field("read_bytes:")?, field("write_bytes:")?))
+}
+
+/// Parses `/proc/<pid>/statm` for the resident set, in bytes (the second
+/// field, in pages). Kernel threads show all zeros: they hold no user memory.
+pub fn parse_statm(statm: &str, page_size: u64) -> Option<u64> {
+    let mut fields = statm.split_ascii_whitespace();
+    let size: u64 = fields.next()?.parse().ok()?;
+    let pages: u64 = fields.next()?.parse().ok()?;
+    // No address space at all: a kernel thread (status has no VmRSS line for it).
+    (size > 0).then(|| pages.saturating_mul(page_size))
+}
+
+/// The system page size in bytes.
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).ok().filter(|&s| s > 0).unwrap_or(4096)
+}
+
+/// Samples one process through `reader`: `statm` (the cheapest file with the
+/// resident set) and `io`, or with `peak`, `status` (which also has VmHWM,
+/// but costs the kernel ~2.5× as much to generate) and `io`. `None` if the
+/// process is gone or unreadable.
+pub fn sample_with(
+    reader: &mut ProcReader,
+    pid: u32,
+    peak: bool,
+    page_size: u64,
+) -> Option<ProcSample> {
+    let (rss_bytes, hwm_bytes) = if peak {
+        parse_status_memory(reader.read_str(pid, "status")?)?
+    } else {
+        (parse_statm(reader.read_str(pid, "statm")?, page_size)?, 0)
+    };
+    // /proc/<pid>/io needs ptrace-read access; without it, memory still counts.
+    let (read_bytes, write_bytes) = reader
+        .read_str(pid, "io")
+        .and_then(parse_io)
+        .unwrap_or((0, 0));
+    Some(ProcSample {
+        rss_bytes,
+        hwm_bytes,
+        read_bytes,
+        write_bytes,
+    })
 }
 
 /// Samples one process; `None` if it is gone, a kernel thread, or unreadable.
@@ -94,7 +141,10 @@ impl MemDisk {
 
 #[derive(Clone, Copy, Debug)]
 struct Last {
+    /// Integrated up to here.
     at_ns: u64,
+    /// When `sample` was read from procfs.
+    read_ns: u64,
     sample: ProcSample,
 }
 
@@ -130,6 +180,14 @@ impl Integrator {
         metered_since_ns: u64,
     ) {
         let key = (tgid, start_ns);
+        // A statm sample has no VmHWM: the last status reading's still holds.
+        let s = match self.last.get(&key) {
+            Some(prev) if s.hwm_bytes == 0 => ProcSample {
+                hwm_bytes: prev.sample.hwm_bytes,
+                ..s
+            },
+            _ => s,
+        };
         let acc = self.pending.entry(key).or_default();
         acc.peak_rss_bytes = acc.peak_rss_bytes.max(s.hwm_bytes).max(s.rss_bytes);
         match self.last.get(&key) {
@@ -155,9 +213,66 @@ impl Integrator {
             key,
             Last {
                 at_ns: now_ns,
+                read_ns: now_ns,
                 sample: s,
             },
         );
+    }
+
+    /// Carries every instance not sampled at `now_ns` forward to it at its
+    /// last resident set: a process that did not run cannot have grown, so
+    /// ∫ RSS dt is its last RSS × the time since (what a sample would add
+    /// when the RSS is unchanged), without a procfs read.
+    pub fn carry(&mut self, now_ns: u64) {
+        self.carry_where(now_ns, |_, _| true);
+    }
+
+    /// Takes what is due at `now_ns`: every instance with something
+    /// accumulated since the last take (sampled or exited), every instance
+    /// `ran` says ran, and with `all`, every instance; each carried to
+    /// `now_ns` first (see [`Integrator::carry`]). Instances not due keep
+    /// accumulating: their memory since their last take is taken, whole,
+    /// when they are next due.
+    pub fn take_due(
+        &mut self,
+        now_ns: u64,
+        ran: impl Fn(&(u32, u64)) -> bool,
+        all: bool,
+    ) -> HashMap<(u32, u64), MemDisk> {
+        self.carry_where(now_ns, |key, pending| all || pending || ran(key));
+        self.take()
+    }
+
+    /// Carries the instances `due(key, has_pending)` picks to `now_ns`.
+    fn carry_where(&mut self, now_ns: u64, due: impl Fn(&(u32, u64), bool) -> bool) {
+        for (key, last) in &mut self.last {
+            if last.at_ns >= now_ns || !due(key, self.pending.contains_key(key)) {
+                continue;
+            }
+            let acc = self.pending.entry(*key).or_default();
+            let dt = u128::from(now_ns - last.at_ns);
+            acc.rss_byte_ns += dt * u128::from(last.sample.rss_bytes);
+            acc.peak_rss_bytes = acc
+                .peak_rss_bytes
+                .max(last.sample.hwm_bytes)
+                .max(last.sample.rss_bytes);
+            last.at_ns = now_ns;
+        }
+    }
+
+    /// When instance `key` was last read from procfs, if it is being integrated.
+    pub fn read_at(&self, key: (u32, u64)) -> Option<u64> {
+        self.last.get(&key).map(|l| l.read_ns)
+    }
+
+    /// Whether instance `key` is being integrated or has usage not yet taken.
+    pub fn knows(&self, key: (u32, u64)) -> bool {
+        self.last.contains_key(&key) || self.pending.contains_key(&key)
+    }
+
+    /// Instances being integrated (alive at their last reading).
+    pub fn tracked(&self) -> usize {
+        self.last.len()
     }
 
     /// Completes an instance at its exit: memory held until `exit_ns`, and the
@@ -210,9 +325,9 @@ impl Integrator {
         std::mem::take(&mut self.pending)
     }
 
-    /// Forgets instances not sampled since `before_ns` (gone without an exit event).
+    /// Forgets instances not read since `before_ns` (gone without an exit event).
     pub fn forget_stale(&mut self, before_ns: u64) {
-        self.last.retain(|_, l| l.at_ns >= before_ns);
+        self.last.retain(|_, l| l.read_ns >= before_ns);
         let last = &self.last;
         self.debit.retain(|k, _| last.contains_key(k));
     }
@@ -349,6 +464,54 @@ mod tests {
             hwm_bytes: rss,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn statm_gives_resident_pages_and_none_for_kernel_threads() {
+        assert_eq!(
+            parse_statm("2000 300 100 10 0 500 0\n", 4096),
+            Some(300 * 4096)
+        );
+        assert_eq!(parse_statm("0 0 0 0 0 0 0\n", 4096), None);
+        assert_eq!(parse_statm("12", 4096), None);
+        assert_eq!(parse_statm("x y", 4096), None);
+        let me = std::process::id();
+        let mut r = ProcReader::new(Path::new("/proc"));
+        let fast = sample_with(&mut r, me, false, page_size()).expect("own statm");
+        let full = sample_with(&mut r, me, true, page_size()).expect("own status");
+        assert!(fast.rss_bytes > 0 && fast.hwm_bytes == 0);
+        assert!(full.hwm_bytes >= full.rss_bytes.min(fast.rss_bytes));
+    }
+
+    #[test]
+    fn an_idle_process_is_carried_at_its_last_rss() {
+        let mut i = Integrator::default();
+        // Born at 0, read at 1 s with 1 GiB, then idle: carried to 3 s, read
+        // again at 4 s (unchanged), exits at 5 s.
+        i.sample(1, 0, S, mem(GIB), 0);
+        i.carry(2 * S);
+        i.carry(3 * S);
+        assert_eq!(i.read_at((1, 0)), Some(S), "a carry is not a reading");
+        i.sample(1, 0, 4 * S, mem(GIB), 0);
+        i.exit(1, 0, 5 * S, 0, 0, 0);
+        let got = i.take()[&(1, 0)];
+        // 0.5 (ramp) + 4 × 1 GiB·s.
+        assert!((gib_seconds(got.rss_byte_ns) - 4.5).abs() < 1e-9, "{got:?}");
+        // Only what is due is taken; the rest is taken whole later.
+        i.sample(3, 0, S, mem(GIB), 0);
+        i.take();
+        let due = i.take_due(3 * S, |k| k.0 == 9, false);
+        assert!(due.is_empty(), "{due:?}");
+        let due = i.take_due(5 * S, |k| k.0 == 3, false);
+        assert!(
+            (gib_seconds(due[&(3, 0)].rss_byte_ns) - 4.0).abs() < 1e-9,
+            "{due:?}"
+        );
+        // A process not read since the cut-off is forgotten, carried or not.
+        i.sample(2, 0, S, mem(GIB), 0);
+        i.carry(10 * S);
+        i.forget_stale(2 * S);
+        assert_eq!(i.tracked(), 0);
     }
 
     #[test]

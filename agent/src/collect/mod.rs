@@ -12,11 +12,12 @@ pub mod metered;
 pub mod storage;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs,
     os::unix::fs::MetadataExt,
     path::PathBuf,
-    time::{Duration, SystemTime},
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use agent_common::{Buckets, NET_COUNTERS, PF_KTHREAD, ProcEvent, event_kind};
@@ -33,7 +34,7 @@ use crate::{
     identity::{
         env::{EnvContext, context_from_environ, read_env_context},
         pods::{PodDirectory, PodName},
-        process::{self, Cgroups, instance_start},
+        process::{self, Cgroups, ProcReader, instance_start},
         workload::{self, CgroupIdentity, WasmIdentity},
     },
     probes::{
@@ -66,6 +67,50 @@ pub struct ProcessInfo {
     /// Its pid inside its container's pid namespace (`None`: the host's), which
     /// is what an SDK in the container reports as `process.pid`.
     pub ns_pid: Option<u32>,
+}
+
+/// A cgroup's path under the v2 mount and what it says about the workload.
+#[derive(Clone, Debug, Default)]
+pub struct CgroupName {
+    /// The path relative to the v2 mount, when it resolved.
+    pub path: Option<String>,
+    /// Container, runtime, pod found in the path.
+    pub identity: CgroupIdentity,
+}
+
+/// Who an instance was when its window closed: what its records are named
+/// by. The collector attaches it to the window, so a report needs nothing
+/// else from the collector.
+#[derive(Clone, Debug)]
+pub struct Named {
+    /// The process's metadata at the close (shared with the collector until it changes).
+    pub info: Arc<ProcessInfo>,
+    /// Its cgroup.
+    pub cgroup: Arc<CgroupName>,
+    /// Its pod's namespace and name, when the pod list knows the pod.
+    pub pod: Option<PodName>,
+    /// Its start, wall clock.
+    pub start: SystemTime,
+    /// Where the usage handed over with it begins (CLOCK_BOOTTIME ns): the
+    /// window's start, or for a process that did not run in the windows
+    /// before, the end of the last window it was handed over in. Its
+    /// records span from here to the window's end.
+    pub since_ns: u64,
+    /// `since_ns`, wall clock.
+    pub since: SystemTime,
+}
+
+impl Default for Named {
+    fn default() -> Self {
+        Self {
+            info: Arc::default(),
+            cgroup: Arc::default(),
+            pod: None,
+            start: UNIX_EPOCH,
+            since_ns: 0,
+            since: UNIX_EPOCH,
+        }
+    }
 }
 
 /// The node buckets' deltas over one window.
@@ -113,6 +158,8 @@ pub struct Window {
     pub end: SystemTime,
     /// Usage per process instance and cgroup.
     pub processes: Vec<(InstanceKey, Metered)>,
+    /// Who each instance in `processes` is, as of the close.
+    pub names: HashMap<InstanceKey, Named>,
     /// ∫ cgroup memory dt (byte-ns) per memory counter file.
     pub cgroup_memory: HashMap<PathBuf, u128>,
     /// The memory counter file of each cgroup in the window that has one.
@@ -147,13 +194,13 @@ pub struct Collector {
     clock: Clock,
     cgroups: Cgroups,
     proc_root: PathBuf,
-    infos: HashMap<(u32, u64), ProcessInfo>,
+    infos: HashMap<(u32, u64), Arc<ProcessInfo>>,
     /// tgid → start of the live instance with that pid, to resolve parents.
     live: HashMap<u32, u64>,
     /// The cgroup each instance was last seen in (memory and disk go there).
     cgroup_of: HashMap<(u32, u64), u64>,
     /// What each cgroup's path says about its workload.
-    cgroup_identity: HashMap<u64, (Option<String>, CgroupIdentity)>,
+    cgroup_identity: HashMap<u64, Arc<CgroupName>>,
     mem: Integrator,
     cgroup_mem: CgroupIntegrator,
     v1_memory_root: Option<PathBuf>,
@@ -167,6 +214,21 @@ pub struct Collector {
     containers_seen: HashMap<String, u32>,
     sample_every: Duration,
     last_sample_ns: u64,
+    /// How often processes that did not run are read again, and `/proc` swept for
+    /// processes the agent has no event of.
+    idle_every: Duration,
+    /// The last sweep of `/proc` (0: none yet; the first close sweeps).
+    last_sweep_ns: u64,
+    /// Instances read at every sample: those that ran in the last window or were
+    /// born or exec'd since. The others are carried at their last reading.
+    active: HashSet<(u32, u64)>,
+    /// Reads procfs files into one reused buffer.
+    reader: ProcReader,
+    /// Where each tracked instance's usage not yet handed over begins.
+    span_start: HashMap<(u32, u64), u64>,
+    /// Hand every instance over at the next close (the last window).
+    flush_all: bool,
+    page_size: u64,
     /// When metering began: usage of older processes before it is not ours.
     metered_since_ns: u64,
     /// Cumulative bucket values per epoch parity at the last close of that parity.
@@ -217,6 +279,13 @@ impl Collector {
             containers_seen: HashMap::new(),
             sample_every,
             last_sample_ns: 0,
+            idle_every: DEFAULT_IDLE_EVERY,
+            last_sweep_ns: 0,
+            active: HashSet::new(),
+            span_start: HashMap::new(),
+            flush_all: false,
+            reader: ProcReader::new(std::path::Path::new("/proc")),
+            page_size: memory::page_size(),
             metered_since_ns: now,
             prev_buckets: [Buckets::default(); 2],
             prev_events_lost: 0,
@@ -224,6 +293,13 @@ impl Collector {
             polls: 0,
             window_start_ns: now,
         }
+    }
+
+    /// Reads processes that did not run again every `idle_every` (and sweeps
+    /// `/proc` for processes seen by no event as often); the default is 60 s.
+    pub fn with_idle_interval(mut self, idle_every: Duration) -> Self {
+        self.idle_every = idle_every;
+        self
     }
 
     /// Meters GPUs with `gpu` (by default there is no GPU metering).
@@ -265,9 +341,23 @@ impl Collector {
     }
 
     /// Applies the lifecycle events waiting in the ring buffer, and samples
-    /// memory and disk when a sample is due. Call often (the ring buffer is
-    /// finite); `close_window` calls it too.
+    /// the memory and disk of the active processes when a sample is due. Call
+    /// often (the ring buffer is finite).
     pub fn poll(&mut self) {
+        self.drain();
+        let now = boottime_ns();
+        if now.saturating_sub(self.last_sample_ns) >= duration_ns(self.sample_every) {
+            self.last_sample_ns = now;
+            let active = std::mem::take(&mut self.active);
+            for &(pid, start) in &active {
+                self.sample_one(pid, start, now, false);
+            }
+            self.active = active;
+        }
+    }
+
+    /// Applies the lifecycle events waiting in the ring buffer.
+    fn drain(&mut self) {
         let mut events = Vec::new();
         self.probes.drain_events(|ev| events.push(*ev));
         // After the events: the kernel writes a copy before its EXEC event.
@@ -297,10 +387,6 @@ impl Collector {
         // A copy whose EXEC event was not in this poll or the next was lost
         // with that event.
         self.exec_env.retain(|_, e| e.seen == polls);
-        let now = boottime_ns();
-        if now.saturating_sub(self.last_sample_ns) >= duration_ns(self.sample_every) {
-            self.sample_resources(now);
-        }
     }
 
     fn apply_event(&mut self, ev: &ProcEvent) {
@@ -314,22 +400,24 @@ impl Collector {
                 let parent = self.live.get(&ev.ppid).map(|&s| (ev.ppid, s));
                 let inherited = parent.and_then(|p| self.infos.get(&p)).cloned();
                 self.live.insert(ev.tgid, ev.start_ns);
-                let info = self.infos.entry((ev.tgid, ev.start_ns)).or_default();
+                self.active.insert((ev.tgid, ev.start_ns));
+                let info = Arc::make_mut(self.infos.entry((ev.tgid, ev.start_ns)).or_default());
                 info.parent = parent;
                 info.ppid = Some(ev.ppid);
                 info.comm = comm;
                 info.ns_pid = process::read_ns_pid(&self.proc_root, ev.tgid);
                 // A forked child runs its parent's program until it execs.
                 if let Some(p) = inherited {
-                    info.exe = p.exe;
-                    info.wasm = p.wasm;
-                    info.context = p.context;
+                    info.exe.clone_from(&p.exe);
+                    info.wasm.clone_from(&p.wasm);
+                    info.context.clone_from(&p.context);
                 }
             }
             event_kind::EXEC => {
                 self.live.insert(ev.tgid, ev.start_ns);
+                self.active.insert((ev.tgid, ev.start_ns));
                 let proc_root = self.proc_root.clone();
-                let info = self.infos.entry((ev.tgid, ev.start_ns)).or_default();
+                let info = Arc::make_mut(self.infos.entry((ev.tgid, ev.start_ns)).or_default());
                 if info.ppid.is_none() {
                     info.ppid = Some(ev.ppid);
                 }
@@ -356,7 +444,7 @@ impl Collector {
                 if env.bad_traceparent {
                     self.bad_traceparents += 1;
                 }
-                let info = self.infos.entry((ev.tgid, ev.start_ns)).or_default();
+                let info = Arc::make_mut(self.infos.entry((ev.tgid, ev.start_ns)).or_default());
                 // Exec'd with its own context: that wins, the rest is inherited.
                 let mut ctx = env.context;
                 ctx.inherit(if ctx.is_empty() {
@@ -371,7 +459,8 @@ impl Collector {
                 if self.live.get(&ev.tgid) == Some(&ev.start_ns) {
                     self.live.remove(&ev.tgid);
                 }
-                let info = self.infos.entry((ev.tgid, ev.start_ns)).or_default();
+                self.active.remove(&(ev.tgid, ev.start_ns));
+                let info = Arc::make_mut(self.infos.entry((ev.tgid, ev.start_ns)).or_default());
                 // The name at exit is the latest: a process may rename itself
                 // (prctl PR_SET_NAME) after exec.
                 info.comm = comm;
@@ -402,23 +491,96 @@ impl Collector {
         }
     }
 
-    /// Samples memory and disk of every user process on the node: a process
-    /// that sleeps through a window still holds its memory.
-    fn sample_resources(&mut self, now: u64) {
-        self.last_sample_ns = now;
-        let Ok(dir) = fs::read_dir(&self.proc_root) else {
-            return;
+    /// Reads instance (pid, start) from procfs at `now` (with `peak`, its
+    /// `status` for VmHWM, else the cheaper `statm`); false when it is not the
+    /// live instance with that pid, a kernel thread, or unreadable.
+    fn sample_one(&mut self, pid: u32, start: u64, now: u64, peak: bool) -> bool {
+        // A process that started after `now` (a window's end, when a sweep
+        // runs late on a loaded node) is first sampled in the next window:
+        // its memory and disk bytes cannot belong to one that closed before
+        // it existed.
+        if start > now
+            || self.live.get(&pid) != Some(&start)
+            || self
+                .infos
+                .get(&(pid, start))
+                .is_some_and(|i| i.kernel_thread)
+        {
+            return false;
+        }
+        let Some(sample) = memory::sample_with(&mut self.reader, pid, peak, self.page_size) else {
+            return false;
         };
-        // One live member per cgroup, to find and read its memory counter.
+        self.span_start
+            .entry((pid, start))
+            .or_insert(self.window_start_ns);
+        self.mem
+            .sample(pid, start, now, sample, self.metered_since_ns);
+        true
+    }
+
+    /// Samples memory and disk at a window's close, reading only what can
+    /// have changed: the instances that ran in the window (`ran`) or were
+    /// born since the last close. Every other process is carried at its last
+    /// reading (a process that did not run holds what it held). Every
+    /// `idle_every`, `/proc` is swept instead: every process is read again
+    /// (its RSS, peak, I/O and cgroup), and processes no event named are found.
+    fn sample_window(&mut self, now: u64, ran: &HashMap<(u32, u64), Vec<u64>>) -> bool {
+        self.last_sample_ns = now;
+        let sweep_due = self.last_sweep_ns == 0
+            || now.saturating_sub(self.last_sweep_ns) >= duration_ns(self.idle_every);
+        if sweep_due {
+            self.sweep(now);
+        } else {
+            let active = std::mem::take(&mut self.active);
+            let ran_only = ran.keys().filter(|k| !active.contains(k));
+            for &(pid, start) in active.iter().chain(ran_only) {
+                self.sample_one(pid, start, now, false);
+            }
+        }
+        // Who ran is likely to run again: read at every sample until a window
+        // passes without it running.
+        self.active = ran
+            .keys()
+            .filter(|(pid, start)| self.live.get(pid) == Some(start))
+            .copied()
+            .collect();
+
+        // One live member per cgroup, to read its memory counter and find its
+        // container's layer. From what is known: no procfs read per process.
         let mut cgroup_member: HashMap<u64, u32> = HashMap::new();
-        for entry in dir.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
+        for (&pid, &start) in &self.live {
+            if let Some(&cg) = self.cgroup_of.get(&(pid, start)) {
+                cgroup_member.entry(cg).or_insert(pid);
+            }
+        }
+        for (cg, pid) in cgroup_member {
+            if let Some(counter) = self.memory_counter(cg, pid) {
+                self.cgroup_mem.sample(&counter, now);
+            }
+            if self.storage.is_some()
+                && let Some(container) = self.cgroup_name(cg).identity.container_id.clone()
+            {
+                if let Some(storage) = &self.storage {
+                    storage.note(&container, pid, &self.proc_root);
+                }
+                self.containers_seen.insert(container, pid);
+            }
+        }
+        let stale = now.saturating_sub(duration_ns(self.sample_every) * 4);
+        self.cgroup_mem.forget_stale(stale);
+        sweep_due
+    }
+
+    /// The sweep of `/proc`: reads every user process (status, io, cgroup),
+    /// registers those no event named, and forgets instances gone without an
+    /// exit event (lost events).
+    fn sweep(&mut self, now: u64) {
+        self.last_sweep_ns = now;
+        let mut read = 0usize;
+        let pids = process::proc_pids(&self.proc_root);
+        self.forget_gone(&pids, now);
+        for pid in pids {
             let start = match self.live.get(&pid) {
                 Some(&s) => s,
                 None => {
@@ -430,50 +592,67 @@ impl Collector {
                     start
                 }
             };
-            // A process that started after `now` (the window's end, when the
-            // sweep runs late on a loaded node) is first sampled in the next
-            // window: its memory and disk bytes cannot belong to one that
-            // closed before it existed.
-            if start > now
-                || self
-                    .infos
-                    .get(&(pid, start))
-                    .is_some_and(|i| i.kernel_thread)
-            {
+            if !self.sample_one(pid, start, now, true) {
                 continue;
             }
-            let Some(sample) = memory::read_sample(&self.proc_root, pid) else {
-                continue;
-            };
-            if !self.cgroup_of.contains_key(&(pid, start))
-                && let Some(cg) = self.cgroup_id_from_proc(pid)
-            {
+            read += 1;
+            // A process that slept may have been moved to another cgroup.
+            if let Some(cg) = self.cgroup_id_from_proc(pid) {
                 self.cgroup_of.insert((pid, start), cg);
             }
-            self.mem
-                .sample(pid, start, now, sample, self.metered_since_ns);
-            if let Some(&cg) = self.cgroup_of.get(&(pid, start)) {
-                cgroup_member.entry(cg).or_insert(pid);
-            }
         }
-        for (cg, pid) in cgroup_member {
-            if let Some(counter) = self.memory_counter(cg, pid) {
-                self.cgroup_mem.sample(&counter, now);
-            }
-            if self.storage.is_some()
-                && let Some(container) = self.cgroup(cg).1.container_id
+        // Processes gone without an exit event stop integrating after two sweeps.
+        let stale = now.saturating_sub(duration_ns(self.idle_every).saturating_mul(2) + 1);
+        self.mem.forget_stale(stale);
+        let mem = &self.mem;
+        // Exited but not yet handed over: its span still starts where it did.
+        self.span_start.retain(|k, _| mem.knows(*k));
+        debug!(read, tracked = self.mem.tracked(), "swept /proc");
+        // Give freed heap back to the system once a sweep: after a burst of
+        // processes glibc keeps the pages of every arena otherwise (issue 13).
+        // SAFETY: malloc_trim has no preconditions; it only releases free memory.
+        unsafe { libc::malloc_trim(0) };
+    }
+
+    /// Bounds what is kept per process by the processes alive now: an
+    /// instance whose pid is not in `/proc` (`pids`, read after the events
+    /// were drained) is gone, though its exit event was lost; it is no longer
+    /// live and counts as exited now (a late exit event still sets the exact
+    /// time), so its metadata goes once its last window is out. The cgroup
+    /// caches keep only the cgroups of live processes.
+    fn forget_gone(&mut self, pids: &[u32], now: u64) {
+        if pids.is_empty() {
+            return;
+        }
+        let present: HashSet<u32> = pids.iter().copied().collect();
+        let gone: Vec<(u32, u64)> = self
+            .live
+            .iter()
+            .filter(|(pid, _)| !present.contains(pid))
+            .map(|(&pid, &start)| (pid, start))
+            .collect();
+        for (pid, start) in &gone {
+            self.live.remove(pid);
+            self.active.remove(&(*pid, *start));
+            if let Some(info) = self.infos.get_mut(&(*pid, *start))
+                && info.exited_ns.is_none()
             {
-                if let Some(storage) = &self.storage {
-                    storage.note(&container, pid, &self.proc_root);
-                }
-                self.containers_seen.insert(container, pid);
+                Arc::make_mut(info).exited_ns = Some(now);
             }
         }
-        self.cgroup_mem
-            .forget_stale(now.saturating_sub(duration_ns(self.sample_every) * 4));
-        // Processes gone without an exit event (lost events) stop integrating.
-        self.mem
-            .forget_stale(now.saturating_sub(duration_ns(self.sample_every) * 4));
+        if !gone.is_empty() {
+            debug!(
+                gone = gone.len(),
+                "processes gone without an exit event (lost events)"
+            );
+        }
+        let cgroups: HashSet<u64> = self
+            .live
+            .iter()
+            .filter_map(|(&pid, &start)| self.cgroup_of.get(&(pid, start)).copied())
+            .collect();
+        self.cgroup_identity.retain(|id, _| cgroups.contains(id));
+        self.cgroup_counter.retain(|id, _| cgroups.contains(id));
     }
 
     /// The measured writable layers of the containers seen since the last call.
@@ -488,9 +667,11 @@ impl Collector {
     }
 
     /// The cgroup an instance is in now, for its memory and disk: where it
-    /// exited; else the one cgroup it ran in this window; else (it moved, or
-    /// slept) what procfs says now; else the last known. 0 if none is known:
-    /// usage is never dropped for want of a cgroup.
+    /// exited; else the one cgroup it ran in this window; else, when it ran in
+    /// several (it moved), what procfs says now; else (it slept: a task that
+    /// does not run is not moved by itself, and the sweep reads every
+    /// process's cgroup again) the last known; else what procfs says. 0 if
+    /// none is known: usage is never dropped for want of a cgroup.
     fn current_cgroup(&mut self, tgid: u32, start_ns: u64, ran_in: Option<&Vec<u64>>) -> u64 {
         if let Some(cg) = self
             .infos
@@ -499,8 +680,14 @@ impl Collector {
         {
             return cg;
         }
-        if let Some([only]) = ran_in.map(Vec::as_slice) {
-            return *only;
+        match ran_in.map(Vec::as_slice) {
+            Some([only]) => return *only,
+            Some(_) => {}
+            None => {
+                if let Some(&cg) = self.cgroup_of.get(&(tgid, start_ns)) {
+                    return cg;
+                }
+            }
         }
         if let Some(cg) = self.cgroup_id_from_proc(tgid) {
             self.cgroup_of.insert((tgid, start_ns), cg);
@@ -529,8 +716,8 @@ impl Collector {
 
     /// The v2 cgroup id of a process that has not run since metering began,
     /// from /proc/<pid>/cgroup ("0::/path") and the directory's inode.
-    fn cgroup_id_from_proc(&self, pid: u32) -> Option<u64> {
-        let text = fs::read_to_string(self.proc_root.join(pid.to_string()).join("cgroup")).ok()?;
+    fn cgroup_id_from_proc(&mut self, pid: u32) -> Option<u64> {
+        let text = self.reader.read_str(pid, "cgroup")?;
         let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
         let root = self.cgroups.root()?;
         let path = root.join(rel.trim_start_matches('/'));
@@ -539,7 +726,7 @@ impl Collector {
 
     /// Closes the current window and returns its usage.
     pub fn close_window(&mut self) -> Result<Window, ProbeError> {
-        self.poll();
+        self.drain();
         let old_epoch = self.probes.current_epoch();
         let epoch = self.probes.close_epoch()?;
         let end_ns = boottime_ns();
@@ -548,8 +735,7 @@ impl Collector {
         // time between two later points of this function.
         let gpu_now = std::time::Instant::now();
         // Events emitted up to the epoch switch name the processes in it.
-        self.poll();
-        self.sample_resources(end_ns);
+        self.drain();
 
         let slot = (old_epoch & 1) as usize;
         let prev = self.prev_buckets.get(slot).copied().unwrap_or_default();
@@ -593,7 +779,14 @@ impl Collector {
                 self.cgroup_of.insert(*instance, *only);
             }
         }
-        for ((tgid, start_ns), md) in self.mem.take() {
+        let swept = self.sample_window(end_ns, &ran_in);
+        // What is handed over: the instances that ran, were read or exited in
+        // the window; at a sweep (every idle_interval) and at the last
+        // window, every instance, so a process that sleeps is billed once
+        // per idle_interval, by one record covering exactly that span.
+        let all = swept || std::mem::take(&mut self.flush_all);
+        let due = self.mem.take_due(end_ns, |k| ran_in.contains_key(k), all);
+        for ((tgid, start_ns), md) in due {
             let cgroup_id = self.current_cgroup(tgid, start_ns, ran_in.get(&(tgid, start_ns)));
             let key = InstanceKey {
                 tgid,
@@ -652,8 +845,46 @@ impl Collector {
             .collect();
         let mut processes: Vec<(InstanceKey, Metered)> = merged.into_iter().collect();
         processes.sort_by_key(|(k, _)| *k);
+        let mut names = HashMap::with_capacity(processes.len());
+        let mut pods: HashMap<String, Option<PodName>> = HashMap::new();
+        let window_start_ns = self.window_start_ns;
+        let mut handed: Vec<(u32, u64)> = Vec::with_capacity(processes.len());
         for (k, _) in &processes {
+            let since_ns = self
+                .span_start
+                .get(&(k.tgid, k.start_ns))
+                .map_or(window_start_ns, |&s| s.min(window_start_ns));
+            handed.push((k.tgid, k.start_ns));
             self.ensure_info(k.tgid, k.start_ns);
+            let cgroup = self.cgroup_name(k.cgroup_id);
+            let pod = cgroup.identity.pod_uid.as_deref().and_then(|uid| {
+                pods.entry(uid.to_string())
+                    .or_insert_with(|| self.pods.lookup(uid))
+                    .clone()
+            });
+            names.insert(
+                *k,
+                Named {
+                    info: self
+                        .infos
+                        .get(&(k.tgid, k.start_ns))
+                        .cloned()
+                        .unwrap_or_default(),
+                    cgroup,
+                    pod,
+                    start: self.clock.to_wall(k.start_ns),
+                    since_ns,
+                    since: self.clock.to_wall(since_ns),
+                },
+            );
+        }
+        // The next span of each instance handed over starts here, while it is tracked.
+        for k in handed {
+            if self.mem.read_at(k).is_some() {
+                self.span_start.insert(k, end_ns);
+            } else {
+                self.span_start.remove(&k);
+            }
         }
 
         let start_ns = self.window_start_ns;
@@ -664,6 +895,7 @@ impl Collector {
             start: self.clock.to_wall(start_ns),
             end: self.clock.to_wall(end_ns),
             processes,
+            names,
             cgroup_memory: {
                 buckets.unattributed.gpu.add(&gpu_unattributed);
                 self.cgroup_mem.take()
@@ -675,6 +907,14 @@ impl Collector {
             gpu_errors,
             exact: epoch.all_cpus_acked,
         })
+    }
+
+    /// Closes the last window: as [`Collector::close_window`], and every
+    /// instance's usage not yet handed over is in it (nothing waits for a
+    /// later window that will not come).
+    pub fn close_last_window(&mut self) -> Result<Window, ProbeError> {
+        self.flush_all = true;
+        self.close_window()
     }
 
     /// Metadata of an instance, read from procfs the first time it is seen
@@ -689,7 +929,7 @@ impl Collector {
             }
             // Gone, or the pid already belongs to another instance.
             _ => {
-                self.infos.insert((tgid, start_ns), ProcessInfo::default());
+                self.infos.insert((tgid, start_ns), Arc::default());
             }
         }
     }
@@ -730,7 +970,7 @@ impl Collector {
                 ctx
             },
         };
-        self.infos.entry((tgid, start_ns)).or_insert(info);
+        self.infos.entry((tgid, start_ns)).or_insert(Arc::new(info));
         self.live.entry(tgid).or_insert(start_ns);
     }
 
@@ -749,26 +989,34 @@ impl Collector {
 
     /// What is known about instance (tgid, start).
     pub fn info(&self, tgid: u32, start_ns: u64) -> Option<&ProcessInfo> {
-        self.infos.get(&(tgid, start_ns))
+        self.infos.get(&(tgid, start_ns)).map(|i| &**i)
     }
 
     /// The path of cgroup `id` under the v2 mount, and what it says about
-    /// the workload (cached: a cgroup's path never changes while it exists).
+    /// the workload.
     pub fn cgroup(&mut self, id: u64) -> (Option<String>, CgroupIdentity) {
+        let name = self.cgroup_name(id);
+        (name.path.clone(), name.identity.clone())
+    }
+
+    /// As [`Collector::cgroup`], shared (cached: a cgroup's path never
+    /// changes while it exists).
+    fn cgroup_name(&mut self, id: u64) -> Arc<CgroupName> {
         if let Some(known) = self.cgroup_identity.get(&id) {
             return known.clone();
         }
         let path = self.cgroups.path_of(id);
-        let ident = path
+        let identity = path
             .as_deref()
             .map(workload::parse_cgroup_path)
             .unwrap_or_default();
+        let resolved = path.is_some();
+        let name = Arc::new(CgroupName { path, identity });
         // An unknown path may appear at the next walk; only cache what resolved.
-        if path.is_some() {
-            self.cgroup_identity
-                .insert(id, (path.clone(), ident.clone()));
+        if resolved {
+            self.cgroup_identity.insert(id, name.clone());
         }
-        (path, ident)
+        name
     }
 
     /// The host pid of the process that is `ns_pid` inside the container
@@ -798,7 +1046,8 @@ impl Collector {
                 .or_else(|| self.cgroup_id_from_proc(pid))
                 .or_else(|| self.cgroup_of.get(&(pid, start)).copied());
             let Some(cg) = cg else { continue };
-            let ident = self.cgroup(cg).1;
+            let name = self.cgroup_name(cg);
+            let ident = &name.identity;
             let fits = container_id.is_none_or(|c| ident.container_id.as_deref() == Some(c))
                 && pod_uid.is_none_or(|u| ident.pod_uid.as_deref() == Some(u));
             if fits {
@@ -816,6 +1065,9 @@ impl Collector {
         self.live.get(&tgid).copied()
     }
 }
+
+/// How often processes that did not run are read again by default.
+pub const DEFAULT_IDLE_EVERY: Duration = Duration::from_secs(60);
 
 fn bucket_delta(now: &Buckets, prev: &Buckets) -> NodeBuckets {
     let d = |a: u64, b: u64| a.saturating_sub(b);

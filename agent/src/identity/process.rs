@@ -51,6 +51,75 @@ fn clock_ticks_per_sec() -> u64 {
     u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100)
 }
 
+/// The one scan of `/proc` for pids: every numeric entry, unsorted.
+///
+/// An empty list when `/proc` cannot be read (the caller then knows no process).
+pub fn proc_pids(proc_root: &Path) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .collect()
+}
+
+/// Reads small procfs files with one `read` into a buffer reused across reads.
+///
+/// procfs reports size 0, so `fs::read_to_string` stats the file and reads in
+/// small steps; every file the collector reads per tick (`statm`, `io`,
+/// `cgroup`, `status`) fits one page, which the kernel's `seq_file` fills in
+/// one call. A read that fills the buffer is continued, so nothing is cut.
+#[derive(Debug)]
+pub struct ProcReader {
+    root: PathBuf,
+    path: PathBuf,
+    buf: Vec<u8>,
+}
+
+/// The buffer's starting size: a page holds every file read per tick.
+const READ_BUF: usize = 4096;
+
+impl ProcReader {
+    /// A reader of files under `proc_root`.
+    pub fn new(proc_root: &Path) -> Self {
+        Self {
+            root: proc_root.to_path_buf(),
+            path: PathBuf::with_capacity(64),
+            buf: vec![0; READ_BUF],
+        }
+    }
+
+    /// The content of `/proc/<pid>/<file>`; `None` if it cannot be opened or read.
+    pub fn read(&mut self, pid: u32, file: &str) -> Option<&[u8]> {
+        use std::{fmt::Write as _, io::Read};
+        self.path.clear();
+        self.path.push(&self.root);
+        let mut name = String::with_capacity(16);
+        let _ = write!(name, "{pid}");
+        self.path.push(&name);
+        self.path.push(file);
+        let mut f = fs::File::open(&self.path).ok()?;
+        let mut len = 0;
+        loop {
+            if len == self.buf.len() {
+                self.buf.resize(self.buf.len() * 2, 0);
+            }
+            let n = f.read(self.buf.get_mut(len..)?).ok()?;
+            len += n;
+            // A short read of a seq_file is the whole remaining content.
+            if n == 0 || len < self.buf.len() {
+                break;
+            }
+        }
+        self.buf.get(..len)
+    }
+
+    /// As [`ProcReader::read`], as UTF-8 text (`None` if it is not).
+    pub fn read_str(&mut self, pid: u32, file: &str) -> Option<&str> {
+        std::str::from_utf8(self.read(pid, file)?).ok()
+    }
+}
+
 /// Reads `/proc/<pid>/stat`.
 pub fn read_stat(proc_root: &Path, pid: u32) -> Option<ProcStat> {
     parse_stat(&fs::read(proc_root.join(pid.to_string()).join("stat")).ok()?)
@@ -196,6 +265,9 @@ impl Cgroups {
         let Some(root) = self.root.clone() else {
             return;
         };
+        // Rebuilt from scratch: cgroups removed since the last walk are
+        // forgotten, so the map is bounded by the cgroups that exist.
+        self.paths.clear();
         let mut stack = vec![(root.clone(), 0usize)];
         while let Some((dir, depth)) = stack.pop() {
             let Ok(meta) = fs::metadata(&dir) else {
@@ -258,6 +330,29 @@ mod tests {
             // Never panics, whatever the cut.
             let _ = parse_stat(&full[..n]);
         }
+    }
+
+    #[test]
+    fn reader_reads_whole_files_into_one_buffer() {
+        let mut r = ProcReader::new(Path::new("/proc"));
+        let me = std::process::id();
+        // A file that cannot change while the test runs (status does: its
+        // RSS lines move with the test's own allocations).
+        let cmdline = r.read(me, "cmdline").expect("own cmdline").to_vec();
+        assert_eq!(
+            cmdline,
+            fs::read(format!("/proc/{me}/cmdline")).expect("cmdline")
+        );
+        assert!(
+            r.read_str(me, "status")
+                .expect("own status")
+                .starts_with("Name:")
+        );
+        // Bigger than the buffer: the read continues rather than cutting.
+        let maps = r.read(me, "maps").expect("own maps").len();
+        assert!(maps > 0);
+        assert!(r.read(me, "no-such-file").is_none());
+        assert!(proc_pids(Path::new("/proc")).contains(&me));
     }
 
     #[test]

@@ -200,7 +200,8 @@ impl IdentityCache {
     pub(super) fn insert(&mut self, hash: i64, key: IdentityKey, id: i64) {
         if self.len >= IDENTITY_CACHE_MAX {
             // Crude but bounded: workloads churn slowly, so a refill is rare.
-            self.by_hash.clear();
+            // A new map, not `clear`: the old one's capacity is given back.
+            self.by_hash = HashMap::new();
             self.len = 0;
         }
         let slot = self.by_hash.entry(hash).or_default();

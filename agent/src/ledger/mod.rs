@@ -189,8 +189,12 @@ const JOURNAL_SIZE_LIMIT: i64 = 64 << 20;
 
 /// The writer's page cache, KiB (SQLite's default is 2,000).
 const WRITER_CACHE_KIB: i64 = 32 << 10;
-/// Identities kept in memory (a lookup miss costs one indexed query).
-const IDENTITY_CACHE_MAX: usize = 100_000;
+/// Identities kept in memory (a lookup miss costs one indexed query). Each
+/// process instance is an identity of its own, so under process churn the
+/// cache fills with exited ones: 100,000 held ~100 MiB after 200,000
+/// short-lived processes (issue 13); 16,384 covers the processes of a busy
+/// node's window several times over.
+const IDENTITY_CACHE_MAX: usize = 16_384;
 
 /// What went wrong, on which file, field or record.
 #[derive(Debug, thiserror::Error)]

@@ -18,7 +18,7 @@ use std::{
 
 use crate::{
     collect::{
-        Collector, NodeBuckets, Window,
+        Collector, Named, NodeBuckets, Window,
         memory::gib_seconds,
         metered::{InstanceKey, Metered},
     },
@@ -128,6 +128,8 @@ pub struct WindowSum {
     start: Option<(u64, SystemTime)>,
     end: Option<(u64, SystemTime)>,
     processes: BTreeMap<InstanceKey, Metered>,
+    /// Who each instance is, as of the latest window it was in.
+    names: HashMap<InstanceKey, Named>,
     cgroup_memory: HashMap<PathBuf, u128>,
     cgroup_counters: HashMap<u64, PathBuf>,
     /// The latest writable-layer size of each container.
@@ -146,6 +148,21 @@ impl WindowSum {
         self.end = Some((w.end_ns, w.end));
         for (k, m) in &w.processes {
             self.processes.entry(*k).or_default().add(m);
+        }
+        for (k, n) in &w.names {
+            // The latest names; the earliest start of the usage summed.
+            let (since_ns, since) = match self.names.get(k) {
+                Some(old) if old.since_ns < n.since_ns => (old.since_ns, old.since),
+                _ => (n.since_ns, n.since),
+            };
+            self.names.insert(
+                *k,
+                Named {
+                    since_ns,
+                    since,
+                    ..n.clone()
+                },
+            );
         }
         for (counter, byte_ns) in &w.cgroup_memory {
             *self.cgroup_memory.entry(counter.clone()).or_default() += byte_ns;
@@ -217,7 +234,6 @@ impl WindowSum {
     /// the reported ones into groups.
     pub fn report(
         &self,
-        collector: &mut Collector,
         node_name: &str,
         include: impl Fn(&InstanceKey) -> bool,
         group_by: &[GroupBy],
@@ -234,13 +250,20 @@ impl WindowSum {
             if !include(key) {
                 continue;
             }
-            let info = collector
-                .info(key.tgid, key.start_ns)
-                .cloned()
-                .unwrap_or_default();
-            let (cgroup_path, cg) = collector.cgroup(key.cgroup_id);
-            let mut identity = Identity::of(&cg, info.wasm.as_ref());
-            if let Some(pod) = cg.pod_uid.as_deref().and_then(|u| collector.pod_name(u)) {
+            let named = self.names.get(key).cloned().unwrap_or_default();
+            // A record spans its instance's usage: from the sum's start, or
+            // earlier for a process that did not run in the windows before
+            // (its memory since then is in this record).
+            let (start_ns, start) = if named.since_ns < start_ns && named.since > UNIX_EPOCH {
+                (named.since_ns, named.since)
+            } else {
+                (start_ns, start)
+            };
+            let ws = rfc3339(start);
+            let info = &*named.info;
+            let cgroup_path = &named.cgroup.path;
+            let mut identity = Identity::of(&named.cgroup.identity, info.wasm.as_ref());
+            if let Some(pod) = named.pod {
                 identity.k8s_namespace = Some(pod.namespace);
                 identity.k8s_pod_name = Some(pod.name);
             }
@@ -301,7 +324,7 @@ impl WindowSum {
                     window_end: we.clone(),
                     identity: identity.clone(),
                     pid: key.tgid,
-                    process_start_time: rfc3339(collector.clock().to_wall(key.start_ns)),
+                    process_start_time: rfc3339(named.start),
                     ppid: info.ppid,
                     comm: info.comm.clone(),
                     exe: info.exe.clone(),
@@ -522,4 +545,106 @@ pub fn descendants<'a>(
         set.extend(chain);
     }
     inside
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{sync::Arc, time::Duration};
+
+    use super::*;
+    use crate::{
+        collect::{CgroupName, ProcessInfo},
+        identity::{pods::PodName, workload::CgroupIdentity},
+    };
+
+    const S: u64 = 1_000_000_000;
+
+    fn wall(ns: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_800_000_000) + Duration::from_nanos(ns)
+    }
+
+    /// A window [start, end) s with one instance (pid 7) whose usage since `since` s is in it.
+    fn window(start: u64, end: u64, since: u64, comm: &str) -> Window {
+        let key = InstanceKey {
+            tgid: 7,
+            start_ns: S,
+            cgroup_id: 42,
+        };
+        let named = Named {
+            info: Arc::new(ProcessInfo {
+                comm: comm.into(),
+                ..ProcessInfo::default()
+            }),
+            cgroup: Arc::new(CgroupName {
+                path: Some("/kubepods/podx/abc".into()),
+                identity: CgroupIdentity {
+                    pod_uid: Some("u-1".into()),
+                    ..CgroupIdentity::default()
+                },
+            }),
+            pod: Some(PodName {
+                namespace: "ns".into(),
+                name: "web".into(),
+            }),
+            start: wall(S),
+            since_ns: since * S,
+            since: wall(since * S),
+        };
+        let mut m = Metered::default();
+        m.mem.rss_byte_ns = u128::from((end - since) * S) * 1024;
+        Window {
+            start_ns: start * S,
+            end_ns: end * S,
+            start: wall(start * S),
+            end: wall(end * S),
+            processes: vec![(key, m)],
+            names: HashMap::from([(key, named)]),
+            cgroup_memory: HashMap::new(),
+            cgroup_counters: HashMap::new(),
+            storage: HashMap::new(),
+            buckets: NodeBuckets::default(),
+            events_lost: 0,
+            gpu_errors: 0,
+            exact: true,
+        }
+    }
+
+    #[test]
+    fn records_are_named_by_what_the_window_carries() {
+        let mut sum = WindowSum::default();
+        sum.add(&window(10, 11, 10, "web"));
+        let r = sum.report("n", |_| true, &[], None, None);
+        let p = &r.processes[0];
+        assert_eq!(p.comm, "web");
+        assert_eq!(p.cgroup_path.as_deref(), Some("/kubepods/podx/abc"));
+        assert_eq!(p.identity.k8s_pod_name.as_deref(), Some("web"));
+        assert_eq!(p.identity.k8s_namespace.as_deref(), Some("ns"));
+        assert_eq!(p.process_start_time, rfc3339(wall(S)));
+        assert_eq!(p.window_start, rfc3339(wall(10 * S)));
+        assert_eq!(p.record_id, process_record_id("n", &p.key, wall(10 * S)));
+    }
+
+    #[test]
+    fn a_process_that_slept_has_one_record_spanning_its_usage() {
+        // Last handed over at 10 s; slept until the window [59, 60) s.
+        let mut sum = WindowSum::default();
+        sum.add(&window(59, 60, 10, "web"));
+        let r = sum.report("n", |_| true, &[], None, None);
+        let p = &r.processes[0];
+        assert_eq!(p.window_start, rfc3339(wall(10 * S)));
+        assert_eq!(p.window_end, rfc3339(wall(60 * S)));
+        // Its own id: distinct from a record of the window alone.
+        assert_eq!(p.record_id, process_record_id("n", &p.key, wall(10 * S)));
+        assert_ne!(p.record_id, process_record_id("n", &p.key, wall(59 * S)));
+        // Buckets and the summary span the window.
+        assert_eq!(r.summary.window_start, rfc3339(wall(59 * S)));
+        // Summed over several windows (`record`), a record spans the sum, and the
+        // latest name wins.
+        let mut sum = WindowSum::default();
+        sum.add(&window(10, 11, 10, "old"));
+        sum.add(&window(11, 12, 11, "new"));
+        let r = sum.report("n", |_| true, &[], None, None);
+        assert_eq!(r.processes[0].window_start, rfc3339(wall(10 * S)));
+        assert_eq!(r.processes[0].comm, "new");
+    }
 }

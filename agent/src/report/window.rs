@@ -63,7 +63,7 @@ impl ReportedWindow {
             collector.host_pid(pid, scope.container_id.as_deref(), scope.pod_uid.as_deref())
         });
         inbox.set_bad_traceparents(collector.bad_traceparents());
-        let report = sum.report(collector, node, |_| true, &[], Some(&index), None);
+        let report = sum.report(node, |_| true, &[], Some(&index), None);
         let taken = new.len();
         let mut tokens = Vec::with_capacity(taken);
         let mut rows = Vec::with_capacity(taken);
