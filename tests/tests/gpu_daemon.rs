@@ -451,13 +451,21 @@ fn gpu_usage_lands_on_the_right_pids_and_containers() {
         assert_eq!(attribution(&w2), ["sampled"], "window {start}");
         // The meter's tick is the window: both clocks are read back to back when a
         // window closes, so only a preemption between the two reads (a few ms on
-        // this 2-core machine) separates them.
-        let end = records
+        // this 2-core machine) separates them. The window is the one that closed
+        // where pid 3's record ends, as its node buckets say: the record itself may
+        // start earlier (a process that did not run since its last record has one
+        // record reaching back to it).
+        let record_end = records
             .iter()
-            .find(|r| start_of(r) == *start)
-            .map(|r| parse_time(&r.window_end).expect("a window end"))
-            .expect("the window's end");
-        let length = (end - *start).whole_nanoseconds();
+            .find(|r| r.pid == Some(p3) && start_of(r) == *start)
+            .map(|r| r.window_end.clone())
+            .expect("pid 3's record");
+        let window = records
+            .iter()
+            .find(|r| r.record_kind == "idle" && r.window_end == record_end)
+            .expect("the idle bucket of the window that closed with pid 3's record");
+        let end = parse_time(&window.window_end).expect("a window end");
+        let length = (end - start_of(window)).whole_nanoseconds();
         assert!(
             (t - length).abs() <= 20_000_000,
             "window {start}: the GPU meter's tick is {t} ns, the window {length} ns"
