@@ -6,13 +6,7 @@ use mentat_tests::{ScratchCgroup, percent_off, record_workload};
 
 #[test]
 fn a_process_moved_into_a_new_cgroup_is_recorded_there() {
-    let cgroup = ScratchCgroup::create().expect("creating a scratch cgroup under the v2 mount");
-    let path = cgroup
-        .path()
-        .to_str()
-        .expect("cgroup path is UTF-8")
-        .to_owned();
-    let expected_id = cgroup.id().expect("the scratch cgroup's inode number");
+    let (cgroup, path, expected_id) = scratch_cgroup();
 
     let recording = record_workload(&[], &["cgroup", "--path", &path, "--ms", "300"])
         .unwrap_or_else(|e| panic!("recording `workload cgroup --path {path} --ms 300`: {e:#}"));
@@ -57,19 +51,12 @@ fn a_process_moved_into_a_new_cgroup_is_recorded_there() {
     cgroup.remove().expect("removing the scratch cgroup");
 }
 
-/// The kernel side caches, per CPU, which slot a task's time goes to (keyed by its
-/// `task_struct` and `css_set`, dropped on any cgroup migration): a process that was charged
-/// in one cgroup, moves, and is then charged almost only at switch-outs must have that time
-/// billed to its new cgroup, not to the slot cached for the old one.
+/// A process that was charged in one cgroup, moves, and is then charged almost only at
+/// switch-outs (it blocks often) must have that time billed to its new cgroup: whatever the
+/// kernel side keeps per CPU between switches must not carry the old cgroup across a move.
 #[test]
 fn a_process_that_blocks_often_is_billed_to_its_new_cgroup_after_a_move() {
-    let cgroup = ScratchCgroup::create().expect("creating a scratch cgroup under the v2 mount");
-    let path = cgroup
-        .path()
-        .to_str()
-        .expect("cgroup path is UTF-8")
-        .to_owned();
-    let expected_id = cgroup.id().expect("the scratch cgroup's inode number");
+    let (cgroup, path, expected_id) = scratch_cgroup();
 
     let args = ["cgroup-hop", "--path", &path, "--pre", "50", "--ms", "300"];
     let recording = record_workload(&[], &args)
@@ -108,4 +95,16 @@ fn a_process_that_blocks_often_is_billed_to_its_new_cgroup_after_a_move() {
         truth.rusage_at_move_ns
     );
     cgroup.remove().expect("removing the scratch cgroup");
+}
+
+/// A fresh scratch cgroup, its path as the workload takes it, and its id.
+fn scratch_cgroup() -> (ScratchCgroup, String, u64) {
+    let cgroup = ScratchCgroup::create().expect("creating a scratch cgroup under the v2 mount");
+    let path = cgroup
+        .path()
+        .to_str()
+        .expect("cgroup path is UTF-8")
+        .to_owned();
+    let id = cgroup.id().expect("the scratch cgroup's inode number");
+    (cgroup, path, id)
 }

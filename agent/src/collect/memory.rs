@@ -98,22 +98,11 @@ pub fn sample_with(
     })
 }
 
-/// Samples one process; `None` if it is gone, a kernel thread, or unreadable.
+/// Samples one process from `status` (RSS and peak) and `io`, with a buffer of
+/// its own; `None` if it is gone, a kernel thread, or unreadable. The
+/// collector reuses one [`ProcReader`] through [`sample_with`] instead.
 pub fn read_sample(proc_root: &Path, pid: u32) -> Option<ProcSample> {
-    let dir = proc_root.join(pid.to_string());
-    let (rss_bytes, hwm_bytes) =
-        parse_status_memory(&fs::read_to_string(dir.join("status")).ok()?)?;
-    // /proc/<pid>/io needs ptrace-read access; without it, memory still counts.
-    let (read_bytes, write_bytes) = fs::read_to_string(dir.join("io"))
-        .ok()
-        .and_then(|s| parse_io(&s))
-        .unwrap_or((0, 0));
-    Some(ProcSample {
-        rss_bytes,
-        hwm_bytes,
-        read_bytes,
-        write_bytes,
-    })
+    sample_with(&mut ProcReader::new(proc_root), pid, true, page_size())
 }
 
 /// Memory and disk usage accumulated for one instance since the last take.

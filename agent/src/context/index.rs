@@ -277,11 +277,12 @@ fn largest_remainder(ns_by_ctx: BTreeMap<RunContext, u128>, len: u128) -> Vec<Sh
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::report::split::split_u64;
 
-    fn span(pid: u32, run: &str, start: u64, end: u64) -> Span {
+    /// A span of `pid` for run `run` over [start, end].
+    pub(crate) fn span(pid: u32, run: &str, start: u64, end: u64) -> Span {
         let mut s = Span {
             pid: Some(pid),
             start_unix_ns: start,

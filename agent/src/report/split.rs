@@ -164,17 +164,7 @@ pub fn token_record(node: &str, span: &Span, own: &RunContext) -> Option<UsageRe
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn span(pid: u32, run: &str, start: u64, end: u64) -> Span {
-        let mut s = Span {
-            pid: Some(pid),
-            start_unix_ns: start,
-            end_unix_ns: end,
-            ..Default::default()
-        };
-        s.context.run_id = Some(run.into());
-        s
-    }
+    use crate::context::index::tests::span;
 
     #[test]
     fn critical_path_follows_the_last_finishing_child() {
