@@ -139,6 +139,7 @@ max_span_duration = "24h"   # a longer span is refused
 max_span_age = "30m"        # a span with tokens that started longer ago is refused (+ span_lag + 2 ticks <= raw_retention)
 max_concurrent_requests = 4
 forward_queue_bytes = 33554432
+forward_message_content = false  # forward prompt/completion text upstream as received (default: stripped)
 read_timeout = "10s"        # a request body must arrive within this, or the request is refused
 max_concurrent_reads = 64   # request bodies read at once, all senders together
 max_reads_per_sender = 8    # request bodies one sender (one cgroup) reads at once; beyond: 429 / UNAVAILABLE

@@ -206,6 +206,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
             upstream,
             ForwardOptions {
                 queue_bytes: config.receiver.forward_queue_bytes,
+                keep_message_content: config.receiver.forward_message_content,
                 // A span's usage is committed once its windows have waited
                 // span_lag and closed; enrich after that.
                 delay: config.span_lag + config.tick * 2 + Duration::from_secs(2),

@@ -52,12 +52,16 @@ pub struct ForwardOptions {
     pub max_attempts: u32,
     /// Mutates each request before it is sent.
     pub enrich: Option<Enricher>,
+    /// Forward prompt and completion text as received; by default it is
+    /// stripped ([`strip_message_content`]) before the request is queued.
+    pub keep_message_content: bool,
 }
 
 impl Default for ForwardOptions {
     fn default() -> Self {
         Self {
             queue_bytes: ReceiverConfig::default().forward_queue_bytes,
+            keep_message_content: false,
             concurrency: 4,
             delay: Duration::ZERO,
             max_attempts: 5,
@@ -95,6 +99,7 @@ pub struct Forwarder {
     queued: Arc<AtomicUsize>,
     limit: usize,
     stats: Arc<ReceiverStats>,
+    keep_message_content: bool,
 }
 
 impl fmt::Debug for Forwarder {
@@ -117,6 +122,7 @@ impl Forwarder {
         };
         let options = ForwardOptions {
             queue_bytes: config.forward_queue_bytes,
+            keep_message_content: config.forward_message_content,
             ..ForwardOptions::default()
         };
         Self::start(upstream, options, stats).map(Some)
@@ -132,6 +138,7 @@ impl Forwarder {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let limit = options.queue_bytes;
+        let keep_message_content = options.keep_message_content;
         tokio::spawn(forward_loop(
             rx,
             upstream,
@@ -144,6 +151,7 @@ impl Forwarder {
             queued,
             limit,
             stats,
+            keep_message_content,
         })
     }
 
@@ -162,6 +170,15 @@ impl Forwarder {
         request: ExportTraceServiceRequest,
         host_pids: Vec<Option<u32>>,
     ) -> bool {
+        let mut request = request;
+        if !self.keep_message_content {
+            let n = strip_message_content(&mut request);
+            if n > 0 {
+                self.stats
+                    .forward_content_stripped
+                    .fetch_add(n, Ordering::Relaxed);
+            }
+        }
         let spans = span_count(&request);
         let bytes = request.encoded_len();
         // Reserve first, so concurrent callers cannot all pass the check.
@@ -331,6 +348,65 @@ pub(super) fn retryable(code: tonic::Code) -> bool {
             | tonic::Code::Unavailable
             | tonic::Code::DataLoss
     )
+}
+
+/// Span and span-event attribute keys that carry prompt or completion text:
+/// the GenAI conventions' `gen_ai.input.messages`, `gen_ai.output.messages`
+/// and `gen_ai.system_instructions`, and OpenInference's message and value
+/// attributes.
+const CONTENT_KEYS: &[&str] = &[
+    "gen_ai.input.messages",
+    "gen_ai.output.messages",
+    "gen_ai.system_instructions",
+    "input.value",
+    "output.value",
+];
+
+/// Key prefixes that carry prompt or completion text: OpenLLMetry's and the
+/// older GenAI conventions' indexed `gen_ai.prompt.N.content` /
+/// `gen_ai.completion.N.content` (and their event attributes `gen_ai.prompt`
+/// / `gen_ai.completion`), and OpenInference's `llm.input_messages.*` /
+/// `llm.output_messages.*`.
+const CONTENT_PREFIXES: &[&str] = &[
+    "gen_ai.prompt",
+    "gen_ai.completion",
+    "llm.input_messages",
+    "llm.output_messages",
+];
+
+/// Whether an attribute named `key` carries message content.
+fn is_content_key(key: &str) -> bool {
+    CONTENT_KEYS.contains(&key)
+        || CONTENT_PREFIXES.iter().any(|p| {
+            key.strip_prefix(p)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        })
+}
+
+/// Removes prompt and completion text from every span and span event of
+/// `request` (token counts, model names and everything else stay); returns
+/// how many attributes were removed. The agent never stores message content
+/// (its ledger keeps span ids, names, times and token counts only); this keeps
+/// it from leaving the node through the forwarder unless configured to.
+pub fn strip_message_content(request: &mut ExportTraceServiceRequest) -> u64 {
+    let mut removed = 0u64;
+    let mut strip = |attributes: &mut Vec<opentelemetry_proto::tonic::common::v1::KeyValue>| {
+        let before = attributes.len();
+        attributes.retain(|kv| !is_content_key(&kv.key));
+        removed += (before - attributes.len()) as u64;
+    };
+    for span in request
+        .resource_spans
+        .iter_mut()
+        .flat_map(|rs| &mut rs.scope_spans)
+        .flat_map(|ss| &mut ss.spans)
+    {
+        strip(&mut span.attributes);
+        for event in &mut span.events {
+            strip(&mut event.attributes);
+        }
+    }
+    removed
 }
 
 impl Onward for Forwarder {

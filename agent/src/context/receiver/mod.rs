@@ -164,6 +164,9 @@ pub struct ReceiverConfig {
     pub max_concurrent_requests: usize,
     /// Forwarding queue bound, encoded bytes (requests in flight included).
     pub forward_queue_bytes: usize,
+    /// Forward prompt and completion text (`gen_ai.input.messages`, …) as
+    /// received; default false: stripped before the request leaves the node.
+    pub forward_message_content: bool,
     /// Where received spans are forwarded; none: not forwarded.
     pub upstream: Option<OtlpConfig>,
     /// Senders whose `process.pid` / `container.id` / `k8s.pod.uid` claims
@@ -194,6 +197,7 @@ impl Default for ReceiverConfig {
             max_span_age: Duration::from_secs(30 * 60),
             max_concurrent_requests: 4,
             forward_queue_bytes: 32 << 20,
+            forward_message_content: false,
             upstream: None,
             trusted_forwarders: Vec::new(),
             read_timeout: Duration::from_secs(10),
@@ -222,6 +226,8 @@ pub struct ReceiverStats {
     pub forward_errors: AtomicU64,
     /// Spans never delivered upstream: queue full, retries spent, or refused.
     pub forward_dropped: AtomicU64,
+    /// Prompt/completion attributes stripped from forwarded spans.
+    pub forward_content_stripped: AtomicU64,
     /// Spans refused for their times, per [`TimeRefusal::ALL`] reason.
     pub bad_times: [AtomicU64; 5],
     /// Spans refused because their sender held its quota of indexed spans.
@@ -302,6 +308,11 @@ impl ReceiverStats {
                 "mentat_agent_forward_dropped_spans_total",
                 "Spans never delivered upstream: queue full, retries spent, or refused.",
                 v(&self.forward_dropped),
+            ),
+            (
+                "mentat_agent_forward_content_stripped_total",
+                "Prompt and completion attributes (gen_ai.input.messages, gen_ai.prompt.*, ...) removed from forwarded spans ([receiver] forward_message_content = false).",
+                v(&self.forward_content_stripped),
             ),
         ]
     }

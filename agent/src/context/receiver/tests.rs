@@ -1179,6 +1179,93 @@ async fn forwarder_enriches_before_sending() {
     let _ = stop_upstream.send(());
 }
 
+/// OpenLLMetry and OpenInference record prompts and completions on spans by
+/// default; the forwarder strips them unless `forward_message_content` is set,
+/// and keeps everything else (token counts, model, ids).
+#[tokio::test]
+async fn prompt_and_completion_text_is_not_forwarded_unless_configured() {
+    use opentelemetry_proto::tonic::trace::v1::span::Event;
+    let content_span = || {
+        let mut sp = span(
+            1,
+            vec![
+                kv("gen_ai.request.model", s("gpt-4o")),
+                kv("gen_ai.usage.input_tokens", Value::IntValue(12)),
+                kv(
+                    "gen_ai.input.messages",
+                    s("[{\"role\":\"user\",\"content\":\"secret\"}]"),
+                ),
+                kv(
+                    "gen_ai.output.messages",
+                    s("[{\"content\":\"secret answer\"}]"),
+                ),
+                kv("gen_ai.prompt.0.content", s("secret")),
+                kv("gen_ai.completion.0.content", s("secret answer")),
+                kv("llm.input_messages.0.message.content", s("secret")),
+                kv("input.value", s("secret")),
+                // Not content, though it shares a prefix's first letters.
+                kv("gen_ai.prompt_tokens_hint", Value::IntValue(3)),
+            ],
+        );
+        sp.events.push(Event {
+            name: "gen_ai.content.prompt".into(),
+            attributes: vec![
+                kv("gen_ai.prompt", s("secret")),
+                kv("n", Value::IntValue(1)),
+            ],
+            ..Default::default()
+        });
+        sp
+    };
+    for keep in [false, true] {
+        let (upstream, addr, stop_upstream) = upstream().await;
+        let stats = Arc::new(ReceiverStats::default());
+        let options = ForwardOptions {
+            delay: Duration::from_millis(10),
+            keep_message_content: keep,
+            ..ForwardOptions::default()
+        };
+        let upstream_config = OtlpConfig {
+            endpoint: format!("http://{addr}"),
+            ..OtlpConfig::default()
+        };
+        let forwarder = Forwarder::start(&upstream_config, options, stats.clone()).unwrap();
+        assert!(forwarder.forward(request(vec![], vec![content_span()])));
+        wait_for("the upstream", || !upstream.got.lock().unwrap().is_empty()).await;
+        let got = upstream.got.lock().unwrap()[0].clone();
+        let span = &got.resource_spans[0].scope_spans[0].spans[0];
+        let keys: Vec<&str> = span.attributes.iter().map(|kv| kv.key.as_str()).collect();
+        let event_keys: Vec<&str> = span.events[0]
+            .attributes
+            .iter()
+            .map(|kv| kv.key.as_str())
+            .collect();
+        let text = format!("{:?}", got);
+        if keep {
+            assert!(text.contains("secret answer"), "{keys:?}");
+            assert_eq!(keys.len(), 9, "{keys:?}");
+            assert_eq!(stats.forward_content_stripped.load(Ordering::Relaxed), 0);
+        } else {
+            assert!(
+                !text.contains("secret"),
+                "content forwarded: {keys:?} {event_keys:?}"
+            );
+            assert_eq!(
+                keys,
+                [
+                    "gen_ai.request.model",
+                    "gen_ai.usage.input_tokens",
+                    "gen_ai.prompt_tokens_hint"
+                ]
+            );
+            assert_eq!(event_keys, ["n"]);
+            assert_eq!(stats.forward_content_stripped.load(Ordering::Relaxed), 7);
+        }
+        wait_for("the queue to empty", || forwarder.queued_bytes() == 0).await;
+        let _ = stop_upstream.send(());
+    }
+}
+
 #[tokio::test]
 async fn forwarding_failures_are_retried_then_counted_and_the_queue_is_bounded() {
     // Nothing listens on the port a dropped listener had.
