@@ -158,15 +158,16 @@ pub struct Integrator {
 impl Integrator {
     /// Records a sample of instance `(tgid, start_ns)` taken at `now_ns`.
     ///
-    /// `metered_since_ns` is when metering began: an instance older than that
-    /// is integrated from its first sample, and its I/O before it is not ours.
+    /// `born_metered`: the instance was born after metering began, so it had
+    /// no memory and no I/O before its first sample; any other is integrated
+    /// from its first sample, and its I/O before it is not ours.
     pub fn sample(
         &mut self,
         tgid: u32,
         start_ns: u64,
         now_ns: u64,
         s: ProcSample,
-        metered_since_ns: u64,
+        born_metered: bool,
     ) {
         let key = (tgid, start_ns);
         // A statm sample has no VmHWM: the last status reading's still holds.
@@ -189,7 +190,7 @@ impl Integrator {
                 );
                 add_io(acc, own_io(&mut self.debit, key, io));
             }
-            None if start_ns >= metered_since_ns => {
+            None if born_metered => {
                 // Born while metered: it had no memory and no I/O at start.
                 let dt = u128::from(now_ns.saturating_sub(start_ns));
                 acc.rss_byte_ns += dt * u128::from(s.rss_bytes) / 2;
@@ -273,7 +274,7 @@ impl Integrator {
         exit_ns: u64,
         read_total: u64,
         write_total: u64,
-        metered_since_ns: u64,
+        born_metered: bool,
     ) {
         let key = (tgid, start_ns);
         let prev = self.last.remove(&key);
@@ -290,7 +291,7 @@ impl Integrator {
             }
             // Never sampled: too short-lived to see its memory; its I/O is all
             // in the exit totals, if it was born while metered.
-            None if start_ns >= metered_since_ns => {
+            None if born_metered => {
                 add_io(acc, own_io(&mut self.debit, key, (read_total, write_total)));
             }
             None => {}
@@ -477,17 +478,17 @@ mod tests {
         let mut i = Integrator::default();
         // Born at 0, read at 1 s with 1 GiB, then idle: carried to 3 s, read
         // again at 4 s (unchanged), exits at 5 s.
-        i.sample(1, 0, S, mem(GIB), 0);
+        i.sample(1, 0, S, mem(GIB), true);
         i.carry(2 * S);
         i.carry(3 * S);
         assert_eq!(i.read_at((1, 0)), Some(S), "a carry is not a reading");
-        i.sample(1, 0, 4 * S, mem(GIB), 0);
-        i.exit(1, 0, 5 * S, 0, 0, 0);
+        i.sample(1, 0, 4 * S, mem(GIB), true);
+        i.exit(1, 0, 5 * S, 0, 0, true);
         let got = i.take()[&(1, 0)];
         // 0.5 (ramp) + 4 × 1 GiB·s.
         assert!((gib_seconds(got.rss_byte_ns) - 4.5).abs() < 1e-9, "{got:?}");
         // Only what is due is taken; the rest is taken whole later.
-        i.sample(3, 0, S, mem(GIB), 0);
+        i.sample(3, 0, S, mem(GIB), true);
         i.take();
         let due = i.take_due(3 * S, |k| k.0 == 9, false);
         assert!(due.is_empty(), "{due:?}");
@@ -497,7 +498,7 @@ mod tests {
             "{due:?}"
         );
         // A process not read since the cut-off is forgotten, carried or not.
-        i.sample(2, 0, S, mem(GIB), 0);
+        i.sample(2, 0, S, mem(GIB), true);
         i.carry(10 * S);
         i.forget_stale(2 * S);
         assert_eq!(i.tracked(), 0);
@@ -507,10 +508,10 @@ mod tests {
     fn constant_rss_integrates_to_rss_times_time() {
         let mut i = Integrator::default();
         // Born at 10 s with 1 GiB at once; sampled each second; exits at 14 s.
-        i.sample(1, 10 * S, 11 * S, mem(GIB), 0);
-        i.sample(1, 10 * S, 12 * S, mem(GIB), 0);
-        i.sample(1, 10 * S, 13 * S, mem(GIB), 0);
-        i.exit(1, 10 * S, 14 * S, 0, 0, 0);
+        i.sample(1, 10 * S, 11 * S, mem(GIB), true);
+        i.sample(1, 10 * S, 12 * S, mem(GIB), true);
+        i.sample(1, 10 * S, 13 * S, mem(GIB), true);
+        i.exit(1, 10 * S, 14 * S, 0, 0, true);
         let got = i.take()[&(1, 10 * S)];
         // The first second is a ramp from 0 (trapezoid): 0.5 + 1 + 1 + 1.
         assert!((gib_seconds(got.rss_byte_ns) - 3.5).abs() < 1e-9, "{got:?}");
@@ -526,7 +527,7 @@ mod tests {
             read_bytes: 100,
             write_bytes: 200,
         };
-        i.sample(1, S, 50 * S, sample, 40 * S);
+        i.sample(1, S, 50 * S, sample, false);
         let first = i.take()[&(1, S)];
         assert_eq!(first.rss_byte_ns, 0);
         assert_eq!((first.disk_read_bytes, first.disk_write_bytes), (0, 0));
@@ -540,7 +541,7 @@ mod tests {
                 write_bytes: 260,
                 ..sample
             },
-            40 * S,
+            false,
         );
         let second = i.take()[&(1, S)];
         assert_eq!((second.disk_read_bytes, second.disk_write_bytes), (50, 60));
@@ -553,13 +554,17 @@ mod tests {
             write_bytes: 1000,
             ..Default::default()
         };
-        i.sample(7, 5 * S, 6 * S, s, 0);
-        i.exit(7, 5 * S, 7 * S, 0, 64 << 20, 0);
+        i.sample(7, 5 * S, 6 * S, s, true);
+        i.exit(7, 5 * S, 7 * S, 0, 64 << 20, true);
         assert_eq!(i.take()[&(7, 5 * S)].disk_write_bytes, 64 << 20);
         // A process never sampled: all its I/O comes from the exit event.
-        i.exit(8, 5 * S, 6 * S, 10, 20, 0);
+        i.exit(8, 5 * S, 6 * S, 10, 20, true);
         let got = i.take()[&(8, 5 * S)];
         assert_eq!((got.disk_read_bytes, got.disk_write_bytes), (10, 20));
+        // One that was running before metering began: its totals are not ours.
+        i.exit(9, 5 * S, 6 * S, 10, 20, false);
+        let got = i.take()[&(9, 5 * S)];
+        assert_eq!((got.disk_read_bytes, got.disk_write_bytes), (0, 0));
     }
 
     #[test]
@@ -569,13 +574,13 @@ mod tests {
             write_bytes: w,
             ..Default::default()
         };
-        i.sample(1, 0, S, io(100), 0);
+        i.sample(1, 0, S, io(100), true);
         // The child wrote 64 MiB and exited; the parent reaps it, then writes 10 itself.
         i.child_exited((1, 0), 0, 64 << 20);
-        i.sample(1, 0, 2 * S, io(100 + (64 << 20) + 10), 0);
+        i.sample(1, 0, 2 * S, io(100 + (64 << 20) + 10), true);
         assert_eq!(i.take()[&(1, 0)].disk_write_bytes, 100 + 10);
         // Nothing is owed any more: later writes are all the parent's.
-        i.sample(1, 0, 3 * S, io(100 + (64 << 20) + 30), 0);
+        i.sample(1, 0, 3 * S, io(100 + (64 << 20) + 30), true);
         assert_eq!(i.take()[&(1, 0)].disk_write_bytes, 20);
     }
 

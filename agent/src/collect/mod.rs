@@ -67,6 +67,11 @@ pub struct ProcessInfo {
     /// Its pid inside its container's pid namespace (`None`: the host's), which
     /// is what an SDK in the container reports as `process.pid`.
     pub ns_pid: Option<u32>,
+    /// Born after metering began (its FORK or EXEC event says so by the
+    /// kernel's exact start): it had no memory and no I/O before its first
+    /// reading. Not decidable from the instance key, whose start is cut to
+    /// clock ticks, which can put a child of the first 10 ms before it.
+    pub born_metered: bool,
 }
 
 /// A cgroup's path under the v2 mount and what it says about the workload.
@@ -391,6 +396,7 @@ impl Collector {
 
     fn apply_event(&mut self, ev: &ProcEvent) {
         let comm = process::c_name(&ev.comm);
+        let born_metered = ev.start_ns >= self.metered_since_ns;
         let ev = &ProcEvent {
             start_ns: instance_start(ev.start_ns),
             ..*ev
@@ -405,6 +411,7 @@ impl Collector {
                 info.parent = parent;
                 info.ppid = Some(ev.ppid);
                 info.comm = comm;
+                info.born_metered = born_metered;
                 info.ns_pid = process::read_ns_pid(&self.proc_root, ev.tgid);
                 // A forked child runs its parent's program until it execs.
                 if let Some(p) = inherited {
@@ -422,6 +429,7 @@ impl Collector {
                     info.ppid = Some(ev.ppid);
                 }
                 info.comm = comm;
+                info.born_metered |= born_metered;
                 // /proc/<pid>/exe is absolute and resolved; the execve argument
                 // may be relative. The process may already be gone, though.
                 info.exe = process::read_exe(&proc_root, ev.tgid)
@@ -475,7 +483,7 @@ impl Collector {
                     ev.ts_ns,
                     ev.io_read_bytes,
                     ev.io_write_bytes,
-                    self.metered_since_ns,
+                    born_metered,
                 );
                 // Its parent's I/O counters will include this process's at reap.
                 if let Some(&parent_start) = self.live.get(&ev.ppid) {
@@ -511,11 +519,14 @@ impl Collector {
         let Some(sample) = memory::sample_with(&mut self.reader, pid, peak, self.page_size) else {
             return false;
         };
+        let born_metered = self
+            .infos
+            .get(&(pid, start))
+            .is_some_and(|i| i.born_metered);
         self.span_start
             .entry((pid, start))
             .or_insert(self.window_start_ns);
-        self.mem
-            .sample(pid, start, now, sample, self.metered_since_ns);
+        self.mem.sample(pid, start, now, sample, born_metered);
         true
     }
 
@@ -951,6 +962,9 @@ impl Collector {
             exited_ns: None,
             wasm,
             exit_cgroup: None,
+            // Found without an event (one was lost): a start cut to ticks at or
+            // after metering began is surely after it.
+            born_metered: start_ns >= self.metered_since_ns,
             ns_pid: if kernel_thread {
                 None
             } else {
