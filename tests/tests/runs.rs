@@ -13,6 +13,9 @@
 //! - Two runs interleaved in one process through overlapping spans (`py/interleave.py`):
 //!   split by the rule in `agent/src/context/index.rs`, to the nanosecond, and the parts sum
 //!   exactly to the process's total.
+//! - A process whose SDK resource (set in code, not in its environment) names the run
+//!   (`py/resource_run.py`): its whole life is the run's, start-up before its first span
+//!   and work after its last one included.
 //!
 //! Each test starts its own daemon (fresh ledger, 1 s tick, free ports) and needs root.
 
@@ -905,5 +908,76 @@ fn interleaved_runs_in_one_process_split_as_documented() -> Result<()> {
         p.rusage_cpu_ns
     );
     eprintln!("{}", table.join("\n"));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 4. A run named by the SDK's resource, in code.
+
+/// A process's resource names its run: all its CPU, and its children's, is the
+/// run's, by `wait4`, though its one span covers a sixth of it and its only export
+/// comes at its end (the windows before were held `span_lag` for it).
+#[test]
+fn a_resource_level_run_binds_the_whole_process() -> Result<()> {
+    require_python_otel()?;
+    // The script's only export comes at its exit, about 1-2 s (more on a loaded
+    // machine: Python's start-up) after the window holding its start closed: 8 s
+    // holds that window until then.
+    let d = TracedDaemon::start("8s", "")?;
+    let run_id = unique_run_id("resource");
+    let endpoint = d.grpc_endpoint();
+    let reaped = run_python(
+        "resource_run.py",
+        &[
+            "--endpoint",
+            &endpoint,
+            "--run-id",
+            &run_id,
+            "--before-ms",
+            "400",
+            "--span-ms",
+            "200",
+            "--after-ms",
+            "400",
+        ],
+        &[],
+        Duration::from_secs(60),
+    )?
+    .ok("py/resource_run.py")?;
+    let truth = reaped.truth()?;
+    d.wait_committed(reaped.ended, COMMIT_TIMEOUT)?;
+    let records = records_where(
+        &d.daemon,
+        reaped.started - time::Duration::seconds(10),
+        &format!("run_id={run_id}"),
+    )?;
+    let mut cpu: i128 = 0;
+    let mut pids = BTreeSet::new();
+    for r in &records {
+        ensure!(
+            r["agent_id"] == "resource-agent",
+            "a record of run {run_id} lacks its resource's agent: {r}"
+        );
+        pids.insert(r["pid"].as_u64().unwrap_or(0));
+        cpu += cpu_ns(&r["cpu_core_seconds"])?;
+    }
+    ensure!(
+        pids.contains(&u64::from(reaped.pid)),
+        "run {run_id} has no record of the script (pid {}): pids {pids:?}",
+        reaped.pid
+    );
+    let cpu = u64::try_from(cpu)?;
+    // wait4 counts the script and the children it reaped (where `python3` is a
+    // version manager's shell shim, its helpers before it execs Python): the run has
+    // them all, as a bound process's children inherit its binding. Without the
+    // binding only the span's 200 ms of some 1,100 ms (the interpreter's start-up,
+    // 400 ms before the span, 400 ms after it, the export) is the run's.
+    ensure!(
+        within(cpu, reaped.rusage_cpu_ns, CPU_TOLERANCE),
+        "run {run_id}: {cpu} ns of CPU in pids {pids:?}; the script (pid {}, {truth}) and its children used {} ns by wait4 ({:+.2} %)",
+        reaped.pid,
+        reaped.rusage_cpu_ns,
+        percent_off(cpu, reaped.rusage_cpu_ns)
+    );
     Ok(())
 }

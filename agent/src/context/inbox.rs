@@ -38,6 +38,7 @@ use std::{
 use tokio::sync::mpsc;
 
 use crate::{
+    context::binding::ProcessBindings,
     context::index::SpanIndex,
     context::spans::{PidScope, Span},
 };
@@ -172,6 +173,8 @@ pub struct SpanInbox {
 #[derive(Debug, Default)]
 struct Inbox {
     index: SpanIndex,
+    /// Processes bound to a run by their resource (`context::binding`).
+    bindings: ProcessBindings,
     /// Spans since the last window: their token records and per-run rows.
     new: Vec<Span>,
     /// Spans whose pid is a container's, waiting for the collector to map it
@@ -297,13 +300,28 @@ impl SpanInbox {
                 // Its slot was held since admission: it always fits.
                 st.index.add_owned(&s, owner);
             }
+            st.bindings.bind(&s);
             st.new.push(s);
         }
-        let snapshot = st.index.window(from, to);
+        let snapshot = st.index.window(from, to).with_bindings(st.bindings.clone());
         st.index.forget_before(from);
         st.split_through = st.split_through.max(to);
         st.in_flight += st.new.len();
         (snapshot, std::mem::take(&mut st.new))
+    }
+
+    /// Drops the resource-level bindings of processes gone (`alive` says
+    /// whether (pid, start) still runs) that no window from `split_from` on
+    /// can hold; see [`ProcessBindings::forget_gone`].
+    pub fn forget_gone_bindings(
+        &self,
+        now_unix_ns: u64,
+        split_from: u64,
+        alive: impl Fn(u32, Option<u64>) -> bool,
+    ) {
+        self.lock()
+            .bindings
+            .forget_gone(now_unix_ns, split_from, alive);
     }
 
     /// `n` spans taken by [`SpanInbox::take_window`] are committed (or their
@@ -349,6 +367,11 @@ impl SpanInbox {
                 "mentat_agent_spans_late_total",
                 "Spans with a run received after a window they cover was split (span_lag had passed): that window's usage stayed with the process's own context; the span's tokens and row are kept.",
                 st.late,
+            ),
+            (
+                "mentat_agent_process_bindings_refused_total",
+                "Resource-level run contexts not bound to their process: 65,536 processes or 16 contexts per process were bound already (that process's time outside its spans stays with its environment's context).",
+                st.bindings.refused(),
             ),
             (
                 "mentat_agent_span_inbox_poisoned_total",
@@ -402,6 +425,7 @@ impl SpanSink for SpanInbox {
                 if indexed {
                     st.index.add_owned(&span, owner);
                 }
+                st.bindings.bind(&span);
                 st.new.push(span);
             }
             a.accepted += 1;

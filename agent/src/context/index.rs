@@ -11,11 +11,15 @@
 //! quantities by them.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
 };
 
-use crate::{context::spans::Span, identity::run::RunContext};
+use crate::{
+    context::{binding::ProcessBindings, spans::Span},
+    identity::run::RunContext,
+};
 
 /// One process's usage in one window, split between runs.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,6 +57,8 @@ pub struct SpanIndex {
     /// Each distinct run context once: a trace's spans share one (an
     /// indexed span then costs its 32-byte interval, not its context).
     contexts: HashSet<Arc<RunContext>>,
+    /// Resource-level run contexts (set on a window's snapshot).
+    bindings: ProcessBindings,
 }
 
 impl SpanIndex {
@@ -150,6 +156,38 @@ impl SpanIndex {
             }
         }
         out
+    }
+
+    /// Attaches the processes' resource-level bindings to this snapshot.
+    pub fn with_bindings(mut self, bindings: ProcessBindings) -> Self {
+        self.bindings = bindings;
+        self
+    }
+
+    /// The resource-level bindings on this snapshot (a window's split adds
+    /// the bound processes' descendants to it).
+    pub fn bindings_mut(&mut self) -> &mut ProcessBindings {
+        &mut self.bindings
+    }
+
+    /// Instance (`pid`, `start_ns`)'s own context at `at_unix_ns`: the run
+    /// its resource bound it to (`context::binding`), filled from its
+    /// environment's `env`; else `env`.
+    pub fn own_context<'a>(
+        &self,
+        pid: u32,
+        start_ns: u64,
+        at_unix_ns: u64,
+        env: &'a RunContext,
+    ) -> Cow<'a, RunContext> {
+        match self.bindings.context_at(pid, start_ns, at_unix_ns) {
+            Some(bound) => {
+                let mut ctx = bound.clone();
+                ctx.inherit(env);
+                Cow::Owned(ctx)
+            }
+            None => Cow::Borrowed(env),
+        }
     }
 
     /// How process `pid`'s usage in `[start, end)` (Unix ns) splits between

@@ -5,6 +5,7 @@
 //! admitted into the bounded [`inbox::SpanInbox`] before the client is
 //! answered, where `report` takes them window by window.
 
+pub mod binding;
 pub mod inbox;
 pub mod index;
 pub mod receiver;

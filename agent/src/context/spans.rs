@@ -4,7 +4,7 @@
 //! it (see `sender`). Its `pid` and `pid_scope` have been checked against
 //! that sender before the span leaves the receiver.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use crate::identity::run::RunContext;
 
@@ -89,6 +89,10 @@ pub struct Span {
     /// Run context from the span's attributes, then its resource's (the
     /// span's own win); `trace_id` is the span's.
     pub context: RunContext,
+    /// The resource's run context, when the resource (not only the span)
+    /// names `flow.run_id`: it binds the emitting process to that run for its
+    /// whole life, as the environment's does (one per resource, shared).
+    pub resource_context: Option<Arc<RunContext>>,
     /// Token usage, if the span reported any.
     pub tokens: Option<SpanTokens>,
     /// Every span attribute, as strings (including those mapped above);

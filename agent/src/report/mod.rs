@@ -281,12 +281,10 @@ impl WindowSum {
                         (start_ns, hi)
                     };
                     let unix_start = crate::probes::clock::unix_ns(start);
-                    index.shares(
-                        key.tgid,
-                        unix_start + (from - start_ns),
-                        unix_start + (to - start_ns),
-                        &info.context,
-                    )
+                    let (from, to) = (unix_start + (from - start_ns), unix_start + (to - start_ns));
+                    // Bound to a run by its resource: that is its own context.
+                    let own = index.own_context(key.tgid, key.start_ns, to, &info.context);
+                    index.shares(key.tgid, from, to, &own)
                 }
                 None => vec![Share {
                     context: info.context.clone(),

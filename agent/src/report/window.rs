@@ -10,13 +10,17 @@
 use std::{
     collections::{BTreeMap, HashMap},
     sync::Arc,
+    time::SystemTime,
 };
 
 use rust_decimal::Decimal;
 
 use crate::{
     collect::{Collector, Window},
-    context::inbox::{HeldSpans, SpanInbox},
+    context::{
+        inbox::{HeldSpans, SpanInbox},
+        index::SpanIndex,
+    },
     identity::run::RunContext,
     probes::clock::unix_ns,
     report::{
@@ -43,6 +47,34 @@ pub struct ReportedWindow {
     pub held: Option<HeldSpans>,
 }
 
+/// Ancestors looked at for a bound one: deeper trees are cut (a shell's
+/// helpers are 3 or 4 deep).
+const MAX_ANCESTRY: usize = 16;
+
+/// Binds each process in `window` without a resource-level binding of its
+/// own to its nearest bound ancestor's, on this window's snapshot (see
+/// `context::binding`): a bound process's children are its run's.
+fn bind_descendants(collector: &Collector, window: &Window, index: &mut SpanIndex, at: u64) {
+    if index.bindings_mut().is_empty() {
+        return;
+    }
+    for (key, _) in &window.processes {
+        let (pid, start) = (key.tgid, key.start_ns);
+        if index.bindings_mut().own_binding(pid, start, at).is_some() {
+            continue;
+        }
+        let mut cur = collector.info(pid, start).and_then(|i| i.parent);
+        for _ in 0..MAX_ANCESTRY {
+            let Some((p, s)) = cur else { break };
+            if let Some(ctx) = index.bindings_mut().own_binding(p, s, at) {
+                index.bindings_mut().bind_descendant(pid, start, ctx);
+                break;
+            }
+            cur = collector.info(p, s).and_then(|i| i.parent);
+        }
+    }
+}
+
 impl ReportedWindow {
     /// Reports one window, split between runs by the spans received so far,
     /// with the token records and span rows of the spans received since the last.
@@ -59,10 +91,16 @@ impl ReportedWindow {
         // split reads the copy while the receiver keeps admitting spans.
         let from = unix_ns(window.start);
         let to = from + window.end_ns.saturating_sub(window.start_ns);
-        let (index, new) = inbox.take_window(from, to, |pid, scope| {
+        let (mut index, new) = inbox.take_window(from, to, |pid, scope| {
             collector.host_pid(pid, scope.container_id.as_deref(), scope.pod_uid.as_deref())
         });
         inbox.set_bad_traceparents(collector.bad_traceparents());
+        inbox.forget_gone_bindings(unix_ns(SystemTime::now()), from, |pid, start| {
+            collector
+                .live_instance(pid)
+                .is_some_and(|live| start.is_none_or(|s| s == live))
+        });
+        bind_descendants(collector, window, &mut index, to);
         let report = sum.report(node, |_| true, &[], Some(&index), None);
         let taken = new.len();
         let mut tokens = Vec::with_capacity(taken);
@@ -71,12 +109,18 @@ impl ReportedWindow {
         // rows rather than being copied (per span, at 50,000 spans/s).
         let no_context = RunContext::default();
         for s in new {
-            let own = s
+            let instance = s
                 .pid
-                .and_then(|pid| collector.live_instance(pid).map(|start| (pid, start)))
+                .and_then(|pid| collector.live_instance(pid).map(|start| (pid, start)));
+            let env = instance
                 .and_then(|(pid, start)| collector.info(pid, start))
                 .map(|i| &i.context)
                 .unwrap_or(&no_context);
+            let own = match instance {
+                Some((pid, start)) => index.own_context(pid, start, s.end_unix_ns, env),
+                None => std::borrow::Cow::Borrowed(env),
+            };
+            let own = own.as_ref();
             tokens.extend(token_record(node, &s, own));
             // The span's own context, else its process's (as `inherit` would).
             let (run_id, agent_id) = (

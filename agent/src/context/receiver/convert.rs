@@ -1,7 +1,7 @@
 //! OTLP spans to the agent's [`Span`]: ids, times, run context, tokens and
 //! attributes, with the resource's claims (pid, container, pod).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use opentelemetry_proto::tonic::{
     collector::trace::v1::ExportTraceServiceRequest,
@@ -84,6 +84,7 @@ fn spans_of_resource_as(
                 }
             }
         }
+        let resource_context = base.run_id.is_some().then(|| Arc::new(base.clone()));
         // A peer's pid is the host's; only a claimed pid can be a container's.
         let pid_scope = (claimed.is_some()
             && (scope.container_id.is_some() || scope.pod_uid.is_some()))
@@ -129,6 +130,7 @@ fn spans_of_resource_as(
                 host: host.clone(),
                 service: service.clone(),
                 context,
+                resource_context: resource_context.clone(),
                 tokens: tokens_of(&span.attributes),
                 attributes,
                 sender: None,
