@@ -63,9 +63,12 @@ pub struct SpanIndex {
 
 impl SpanIndex {
     /// Whether `span` is one the split uses: it names its process, carries a
-    /// run and lasts some time.
+    /// run or an agent (a flow instrumented only with the GenAI conventions
+    /// names agents, not runs), and lasts some time.
     pub fn indexable(span: &Span) -> bool {
-        span.pid.is_some() && span.context.run_id.is_some() && span.end_unix_ns > span.start_unix_ns
+        span.pid.is_some()
+            && (span.context.run_id.is_some() || span.context.agent_id.is_some())
+            && span.end_unix_ns > span.start_unix_ns
     }
 
     /// Adds a span that names its process and carries a run, under owner 0;

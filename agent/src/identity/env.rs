@@ -11,7 +11,7 @@
 
 use std::{fs, io::Read, path::Path};
 
-use crate::identity::run::RunContext;
+use crate::identity::run::{ContextAttributes, RunContext};
 
 /// What a process's environment says.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -73,7 +73,7 @@ pub fn parse_traceparent(v: &str) -> Result<(String, String), TraceparentError> 
 /// Parses `OTEL_RESOURCE_ATTRIBUTES` (`k=v,k2=v2`, values percent-encoded)
 /// into the run context and the service name.
 pub fn parse_resource_attributes(v: &str) -> (RunContext, Option<String>) {
-    let mut ctx = RunContext::default();
+    let mut attrs = ContextAttributes::default();
     let mut service = None;
     for pair in v.split(',') {
         let Some((k, val)) = pair.split_once('=') else {
@@ -83,10 +83,10 @@ pub fn parse_resource_attributes(v: &str) -> (RunContext, Option<String>) {
         if k == "service.name" {
             service = Some(val);
         } else {
-            ctx.set_attribute(k, &val);
+            attrs.set(k, &val);
         }
     }
-    (ctx, service)
+    (attrs.context(), service)
 }
 
 fn percent_decode(s: &str) -> String {

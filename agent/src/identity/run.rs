@@ -79,3 +79,102 @@ impl RunContext {
         }
     }
 }
+
+/// The run context one set of OpenTelemetry attributes (a span's, a
+/// resource's, `OTEL_RESOURCE_ATTRIBUTES`) names, with the GenAI semantic
+/// conventions' agent identity kept apart: `agent.id` wins wherever it is
+/// set (span, resource or environment), and `gen_ai.agent.id`, else
+/// `gen_ai.agent.name`, names the agent only where none is. Flows
+/// instrumented only with the GenAI conventions (`invoke_agent` spans) then
+/// get per-agent costs without a change.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContextAttributes {
+    /// The fields named by this project's keys (`flow.run_id`, `agent.id`, …).
+    pub explicit: RunContext,
+    genai_agent_id: Option<String>,
+    genai_agent_name: Option<String>,
+}
+
+impl ContextAttributes {
+    /// Whether [`ContextAttributes::set`] reads `key`.
+    pub fn is_key(key: &str) -> bool {
+        RunContext::is_context_key(key) || matches!(key, "gen_ai.agent.id" | "gen_ai.agent.name")
+    }
+
+    /// Reads one attribute (others are ignored; empty values set nothing).
+    pub fn set(&mut self, key: &str, value: &str) {
+        let slot = match key {
+            "gen_ai.agent.id" => &mut self.genai_agent_id,
+            "gen_ai.agent.name" => &mut self.genai_agent_name,
+            _ => return self.explicit.set_attribute(key, value),
+        };
+        if !value.is_empty() {
+            *slot = Some(value.to_string());
+        }
+    }
+
+    /// The agent the GenAI attributes name: `gen_ai.agent.id`, else `gen_ai.agent.name`.
+    pub fn genai_agent(&self) -> Option<&String> {
+        self.genai_agent_id
+            .as_ref()
+            .or(self.genai_agent_name.as_ref())
+    }
+
+    /// The context alone: the explicit fields, the GenAI agent where no `agent.id` is.
+    pub fn context(&self) -> RunContext {
+        let mut ctx = self.explicit.clone();
+        if ctx.agent_id.is_none() {
+            ctx.agent_id = self.genai_agent().cloned();
+        }
+        ctx
+    }
+}
+
+/// The agent an `invoke_agent {gen_ai.agent.name}` span names by its name
+/// (GenAI conventions), for a span that lacks the attribute.
+pub fn invoke_agent_name(span_name: &str) -> Option<&str> {
+    span_name
+        .strip_prefix("invoke_agent ")
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(pairs: &[(&str, &str)]) -> ContextAttributes {
+        let mut a = ContextAttributes::default();
+        for (k, v) in pairs {
+            a.set(k, v);
+        }
+        a
+    }
+
+    #[test]
+    fn agent_id_wins_over_the_genai_agent_whatever_the_order() {
+        let a = attrs(&[("gen_ai.agent.name", "writer"), ("agent.id", "planner")]);
+        assert_eq!(a.context().agent_id.as_deref(), Some("planner"));
+        let a = attrs(&[
+            ("gen_ai.agent.name", "writer"),
+            ("gen_ai.agent.id", "asst_1"),
+        ]);
+        assert_eq!(a.context().agent_id.as_deref(), Some("asst_1"));
+        let a = attrs(&[("gen_ai.agent.name", "writer"), ("flow.run_id", "r")]);
+        assert_eq!(a.context().agent_id.as_deref(), Some("writer"));
+        assert_eq!(a.explicit.agent_id, None);
+        assert!(ContextAttributes::is_key("gen_ai.agent.name"));
+        assert!(!ContextAttributes::is_key("gen_ai.conversation.id"));
+    }
+
+    #[test]
+    fn invoke_agent_spans_name_their_agent() {
+        assert_eq!(
+            invoke_agent_name("invoke_agent Math Tutor"),
+            Some("Math Tutor")
+        );
+        assert_eq!(invoke_agent_name("invoke_agent "), None);
+        assert_eq!(invoke_agent_name("invoke_agent"), None);
+        assert_eq!(invoke_agent_name("chat gpt-4o"), None);
+    }
+}

@@ -11,7 +11,7 @@ use opentelemetry_proto::tonic::{
 
 use crate::{
     context::spans::{PidScope, Span, SpanTokens},
-    identity::run::RunContext,
+    identity::run::{ContextAttributes, invoke_agent_name},
 };
 
 /// Converts one request into spans, skipping invalid ids; `peer_pid` stands in for a missing `process.pid`.
@@ -67,7 +67,7 @@ fn spans_of_resource_as(
         let mut scope = PidScope::default();
         let mut host = None;
         let mut service = None;
-        let mut base = RunContext::default();
+        let mut res = ContextAttributes::default();
         for kv in resource {
             let Some(value) = &kv.value else { continue };
             match kv.key.as_str() {
@@ -78,12 +78,15 @@ fn spans_of_resource_as(
                 }
                 "k8s.pod.uid" => scope.pod_uid = scalar(value).map(|v| v.to_ascii_lowercase()),
                 key => {
-                    if let Some(v) = scalar(value) {
-                        base.set_attribute(key, &v);
+                    if ContextAttributes::is_key(key)
+                        && let Some(v) = scalar(value)
+                    {
+                        res.set(key, &v);
                     }
                 }
             }
         }
+        let base = res.context();
         let resource_context = base.run_id.is_some().then(|| Arc::new(base.clone()));
         // A peer's pid is the host's; only a claimed pid can be a container's.
         let pid_scope = (claimed.is_some()
@@ -103,19 +106,30 @@ fn spans_of_resource_as(
                     None => continue,
                 }
             };
-            // The span's own attributes win over its resource's.
-            let mut context = base.clone();
+            // The span's own attributes win over its resource's; an
+            // `agent.id` anywhere wins over the GenAI agent attributes.
+            let mut own = ContextAttributes::default();
             let mut attributes = BTreeMap::new();
             for kv in &span.attributes {
                 let value = kv.value.as_ref();
-                if RunContext::is_context_key(&kv.key)
+                if ContextAttributes::is_key(&kv.key)
                     && let Some(v) = value.and_then(scalar)
                 {
-                    context.set_attribute(&kv.key, &v);
+                    own.set(&kv.key, &v);
                 }
                 if with_attributes {
                     attributes.insert(kv.key.clone(), value.map(render).unwrap_or_default());
                 }
+            }
+            let mut context = own.explicit.clone();
+            context.inherit(&res.explicit);
+            if context.agent_id.is_none() {
+                context.agent_id = own
+                    .genai_agent()
+                    .map(String::as_str)
+                    .or_else(|| invoke_agent_name(&span.name))
+                    .or(res.genai_agent().map(String::as_str))
+                    .map(str::to_string);
             }
             context.trace_id = Some(trace_id.clone());
             out.push(Span {

@@ -146,6 +146,61 @@ fn maps_ids_times_resource_and_context() {
 }
 
 #[test]
+fn genai_agent_identity_where_no_agent_id_is_set() {
+    let mut invoke = span(1, vec![kv("gen_ai.operation.name", s("invoke_agent"))]);
+    invoke.name = "invoke_agent Math Tutor".into();
+    let spans = vec![
+        invoke,
+        span(2, vec![kv("gen_ai.agent.name", s("writer"))]),
+        span(
+            3,
+            vec![
+                kv("gen_ai.agent.name", s("writer")),
+                kv("gen_ai.agent.id", s("asst_9")),
+            ],
+        ),
+        span(
+            4,
+            vec![
+                kv("agent.id", s("planner")),
+                kv("gen_ai.agent.name", s("writer")),
+            ],
+        ),
+        span(5, vec![]),
+    ];
+    let agents = |resource: Vec<KeyValue>| -> Vec<Option<String>> {
+        spans_of(&request(resource, spans.clone()), Some(1))
+            .into_iter()
+            .map(|sp| sp.context.agent_id)
+            .collect()
+    };
+    let some = |v: &str| Some(v.to_string());
+    // The span's name, gen_ai.agent.name, gen_ai.agent.id over it, agent.id over
+    // both; a span naming none takes the resource's.
+    assert_eq!(
+        agents(vec![kv("gen_ai.agent.name", s("support"))]),
+        vec![
+            some("Math Tutor"),
+            some("writer"),
+            some("asst_9"),
+            some("planner"),
+            some("support")
+        ]
+    );
+    // A resource's agent.id wins over every GenAI attribute.
+    assert_eq!(
+        agents(vec![kv("agent.id", s("res"))]),
+        vec![
+            some("res"),
+            some("res"),
+            some("res"),
+            some("planner"),
+            some("res")
+        ]
+    );
+}
+
+#[test]
 fn pid_from_string_resource_else_peer() {
     let req = request(vec![kv("process.pid", s("77"))], vec![span(1, vec![])]);
     assert_eq!(spans_of(&req, Some(5))[0].pid, Some(77));
