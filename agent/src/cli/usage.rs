@@ -399,7 +399,9 @@ fn write_run(out: &mut dyn Write, body: &Value) -> io::Result<()> {
         writeln!(
             out,
             "PENDING: {}",
-            crate::cli::output::printable(body["message"].as_str().unwrap_or("not all committed yet"))
+            crate::cli::output::printable(
+                body["message"].as_str().unwrap_or("not all committed yet")
+            )
         )?;
         if let Some(c) = body["committed_through"].as_str() {
             writeln!(out, "  committed through {c}")?;
@@ -496,7 +498,11 @@ fn write_models(out: &mut dyn Write, body: &Value, currency: &str) -> io::Result
     writeln!(out, "\nby agent × model:")?;
     header(out, "AGENT / MODEL")?;
     for m in body["by_agent_model"].as_array().into_iter().flatten() {
-        row(out, format!("{} / {}", name(&m["agent_id"]), name(&m["model"])), m)?;
+        row(
+            out,
+            format!("{} / {}", name(&m["agent_id"]), name(&m["model"])),
+            m,
+        )?;
     }
     Ok(())
 }

@@ -296,7 +296,11 @@ mod tests {
         assert_eq!(parts[0].types.audio_input, 3);
         // The CPU stays with the record's first model.
         assert_eq!(parts[0].acc.dec[5].to_decimal(), Some(cpu));
-        assert!(parts[1].acc.dec[5].to_decimal().is_some_and(|d| d.is_zero()));
+        assert!(
+            parts[1].acc.dec[5]
+                .to_decimal()
+                .is_some_and(|d| d.is_zero())
+        );
         let mut sum = Acc::default();
         for p in &parts {
             sum.merge(&p.acc).expect("sum");
@@ -315,7 +319,8 @@ mod tests {
         let parts = split(whole, None, Path::new("t")).expect("split");
         assert_eq!(parts.len(), 1);
         assert_eq!(parts[0].model, None);
-        let unnamed = r#"[{"model":"","input":1,"cache_read_input":0,"output":1,"reasoning_output":0}]"#;
+        let unnamed =
+            r#"[{"model":"","input":1,"cache_read_input":0,"output":1,"reasoning_output":0}]"#;
         let parts = split(Acc::default(), Some(unnamed), Path::new("t")).expect("split");
         assert_eq!(parts[0].model, None);
         assert!(split(Acc::default(), Some("not json"), Path::new("t")).is_err());

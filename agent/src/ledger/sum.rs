@@ -169,7 +169,9 @@ impl Acc {
                 .ok_or_else(|| overflow(name))?;
         }
         for (k, name) in INT_COLS.iter().enumerate() {
-            self.ints[k] = self.ints[k].checked_sub(o.ints[k]).ok_or_else(|| under(name))?;
+            self.ints[k] = self.ints[k]
+                .checked_sub(o.ints[k])
+                .ok_or_else(|| under(name))?;
         }
         Ok(())
     }

@@ -1725,7 +1725,12 @@ fn totals_group_and_filter_by_model_exactly_raw_and_rolled_up() {
     let batch = vec![
         priced(rec("cpu", T0), "0.125"),
         token_rec("t1", T0, "a1", &[("m1", 1000, 200, "0.0125")]),
-        token_rec("t2", T0, "a2", &[("m1", 10, 20, "0.0000000000000000000000001")]),
+        token_rec(
+            "t2",
+            T0,
+            "a2",
+            &[("m1", 10, 20, "0.0000000000000000000000001")],
+        ),
         token_rec("t3", T0, "a2", &[("m2", 300, 40, "0.3")]),
         // Two models in one record: m2's usage moves to m2's group.
         token_rec(

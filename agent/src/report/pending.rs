@@ -171,7 +171,9 @@ fn summarise(spans: &[Span]) -> HashMap<String, PendingRun> {
                 },
             );
         }
-        let Some(r) = batch.get_mut(run) else { continue };
+        let Some(r) = batch.get_mut(run) else {
+            continue;
+        };
         r.spans += 1;
         r.token_spans += u64::from(s.tokens.is_some());
         r.start_ns = r.start_ns.min(start);
@@ -239,7 +241,10 @@ mod tests {
         assert_eq!(r.agents.iter().collect::<Vec<_>>(), ["a1", "a2"]);
         assert_eq!(runs.get("nobody"), None);
         runs.committed_through(299);
-        assert!(runs.get("r1").is_some(), "a span still ends after the commit");
+        assert!(
+            runs.get("r1").is_some(),
+            "a span still ends after the commit"
+        );
         runs.committed_through(300);
         assert_eq!(runs.get("r1"), None);
         // A batch the inbox refused whole is not a run.

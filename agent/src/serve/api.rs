@@ -719,8 +719,8 @@ async fn run_view(
         .as_deref()
         .and_then(crate::probes::clock::unix_ns_of);
     let last_span_end = spans.iter().map(|s| s.end_ns).max();
-    let pending = received.is_some()
-        || last_span_end.is_some_and(|end| committed_ns.is_none_or(|c| c < end));
+    let pending =
+        received.is_some() || last_span_end.is_some_and(|end| committed_ns.is_none_or(|c| c < end));
     if spans.is_empty() && records.is_empty() {
         let Some(received) = received else {
             return Err(Problem(
@@ -1366,7 +1366,10 @@ mod tests {
         assert_eq!(find("a2", "m2"), dec(&json!("0.00003")));
         assert_eq!(am.iter().map(|x| x.2).sum::<Decimal>(), total_token);
         // `model` is a group_by and where field of /v1/usage.
-        let (status, body) = get(&format!("{base}/v1/usage?group_by=model&where=model=m2"), None);
+        let (status, body) = get(
+            &format!("{base}/v1/usage?group_by=model&where=model=m2"),
+            None,
+        );
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["root"]["totals"]["tokens_input"], 300);
         assert_eq!(body["root"]["children"][0]["key"], "m2");
@@ -1404,7 +1407,9 @@ mod tests {
         assert_eq!(body["received"]["spans"], 1);
         assert_eq!(body["received"]["agents"], json!(["a9"]));
         assert!(
-            body["message"].as_str().is_some_and(|m| m.contains("span_lag")),
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("span_lag")),
             "{body}"
         );
         // Committed in part: its spans end after the last committed window.
