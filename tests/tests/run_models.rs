@@ -237,6 +237,7 @@ fn the_run_view_splits_tokens_and_cost_by_model_and_agent() {
         out.stdout
     );
     assert!(!out.stdout.contains("PENDING"), "{}", out.stdout);
+    println!("{}", out.stdout);
 }
 
 /// Inside span_lag the run view says pending, with the spans received, rather

@@ -1375,10 +1375,12 @@ impl Ledger {
         type Slot = (Acc, models::TokenTypes);
         let mut currencies = Currencies::default();
         let mut by_ident: HashMap<(i64, Option<usize>, Option<String>), Slot> = HashMap::new();
+        // The tokens' JSON is read only when the model is asked for.
         let raw = format!(
-            "SELECT ident, currency, {}, {}, tokens FROM records WHERE ws_ns >= ?1 AND ws_ns < ?2",
+            "SELECT ident, currency, {}, {}{} FROM records WHERE ws_ns >= ?1 AND ws_ns < ?2",
             DEC_COLS.join(", "),
-            INT_COLS.join(", ")
+            INT_COLS.join(", "),
+            if by_model { ", tokens" } else { "" }
         );
         let tokens_col = 2 + DEC_COLS.len() + INT_COLS.len();
         let mut stmt = self
