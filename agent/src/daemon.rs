@@ -34,7 +34,11 @@ use crate::{
     ledger::{Ledger, writer::SharedLedger},
     pricing::{DEFAULT_BOOK, PriceBook, PriceBookHandle},
     probes::{ProbeError, Probes},
-    report::{Report, window::ReportedWindow},
+    report::{
+        Report,
+        pending::{PendingRuns, PendingSink},
+        window::ReportedWindow,
+    },
     serve::{
         api::{self, AppState},
         enrich,
@@ -169,7 +173,14 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         }))
     };
 
-    let api_state = AppState::new(config.ledger_path.clone(), metrics.clone(), ready.clone());
+    // Runs whose spans are in but whose windows are not committed yet (the run view says so).
+    let pending = Arc::new(PendingRuns::default());
+    {
+        let pending = pending.clone();
+        metrics.add_source(move || pending.counters());
+    }
+    let api_state = AppState::new(config.ledger_path.clone(), metrics.clone(), ready.clone())
+        .with_pending(pending.clone());
     let mut api_stop = stop_rx.clone();
     let api_config = config.api.clone();
     let api_task = tokio::spawn(async move {
@@ -224,7 +235,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     let receiver_task = {
         let mut stop = stop_rx.clone();
         let stats = receiver_stats.clone();
-        let inbox = inbox.clone();
+        let inbox = PendingSink::new(inbox.clone(), pending.clone());
         tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -290,6 +301,9 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
                     .await;
                 let Some(done) = done else { continue };
                 let s = &done.window.report.summary;
+                if let Some(end) = crate::probes::clock::unix_ns_of(&s.window_end) {
+                    pending.committed_through(end);
+                }
                 metrics.observe(
                     &done.records,
                     AgentStats {

@@ -112,7 +112,7 @@ struct UsageArgs {
     /// Range end, RFC 3339 (default now).
     #[arg(long)]
     to: Option<String>,
-    /// Comma-separated fields to group by, outermost first (e.g. user_id,project_id,agent_id).
+    /// Comma-separated fields to group by, outermost first (e.g. user_id,project_id,agent_id; `model` splits by token model).
     #[arg(long, value_delimiter = ',')]
     group_by: Vec<String>,
     /// Exact-match filter, field=value (repeatable).

@@ -27,14 +27,15 @@ const T0: i64 = 1_767_225_600;
 /// - a raw record ≤ 400 B [~270 B: 14 compact decimals, 10 integers, its keys, the
 ///   identity by reference];
 /// - an hourly rollup row ≤ 512 B [~360 B: 14 exact sums as text, 10 integers, (hour,
-///   identity, currency) and its unique-index entry];
+///   identity, currency) and its unique-index entry]; a model rollup row
+///   (`hourly_models`) the same plus 7 token-type integers and the model's name;
 /// - an identity ≤ 768 B [~560 B: 23 columns, 511 B of ids and names in these
 ///   records, and its hash-index entry];
-/// - 16 pages of fixed cost (header, schema, a root page per table and index).
+/// - 17 pages of fixed cost (header, schema, a root page per table and index).
 const RAW_B: u64 = 400;
 const ROLLUP_B: u64 = 512;
 const IDENTITY_B: u64 = 768;
-const FIXED_B: u64 = 16 * 4096;
+const FIXED_B: u64 = 17 * 4096;
 /// The WAL: SQLite checkpoints it at 1,000 pages (4 MiB) and compaction folds 20,000
 /// records (~5 MB of pages) per transaction, then truncates it; the -shm index is a
 /// few pages. 16 MiB covers both with room.
@@ -106,7 +107,9 @@ fn a_day_of_a_thousand_workloads_stays_within_its_disk_budget() {
     let runs_per_hour = 3600 / RUN_S;
     let identities = plain + agents * runs_per_hour * HOURS;
     let rollups_per_hour = plain + agents * runs_per_hour;
-    let final_rollups = compacted_hours * rollups_per_hour;
+    // Plus, per agent identity and hour with tokens (each workload's are of one
+    // model), one `hourly_models` row of the same size: the `model` group-by's parts.
+    let final_rollups = compacted_hours * (rollups_per_hour + agents * runs_per_hour);
     // Peak: just before a compaction, two hours raw (the retained one and the one
     // since), the rollups and identities so far (at most the final counts).
     let peak_budget = with_free_pages(

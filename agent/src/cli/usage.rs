@@ -395,6 +395,18 @@ fn write_run(out: &mut dyn Write, body: &Value) -> io::Result<()> {
         t["tokens_input"].as_u64().unwrap_or(0),
         t["tokens_output"].as_u64().unwrap_or(0),
     )?;
+    if body["pending"].as_bool() == Some(true) {
+        writeln!(
+            out,
+            "PENDING: {}",
+            crate::cli::output::printable(
+                body["message"].as_str().unwrap_or("not all committed yet")
+            )
+        )?;
+        if let Some(c) = body["committed_through"].as_str() {
+            writeln!(out, "  committed through {c}")?;
+        }
+    }
     writeln!(out, "\nby agent:")?;
     writeln!(
         out,
@@ -417,6 +429,7 @@ fn write_run(out: &mut dyn Write, body: &Value) -> io::Result<()> {
             dec(&at["cost"]["total"]).round_dp(6),
         )?;
     }
+    write_models(out, body, currency)?;
     writeln!(
         out,
         "\nspans (cost inclusive of children; * on the critical path):"
@@ -443,6 +456,54 @@ fn write_run(out: &mut dyn Write, body: &Value) -> io::Result<()> {
         .filter_map(|s| s["name"].as_str())
         .collect();
     writeln!(out, "\ncritical path: {}", path.join(" → "))?;
+    Ok(())
+}
+
+/// A run's tokens and token cost by model, then by agent and model.
+fn write_models(out: &mut dyn Write, body: &Value, currency: &str) -> io::Result<()> {
+    let header = |out: &mut dyn Write, first: &str| {
+        writeln!(
+            out,
+            "  {:<40} {:>10} {:>10} {:>10} {:>10} {:>10} {:>18}",
+            first,
+            "IN",
+            "CACHE_RD",
+            "CACHE_WR",
+            "OUT",
+            "REASON",
+            format!("TOKEN_COST {currency}")
+        )
+    };
+    let row = |out: &mut dyn Write, first: String, m: &Value| {
+        let t = &m["tokens"];
+        let n = |k: &str| t[k].as_u64().unwrap_or(0);
+        writeln!(
+            out,
+            "  {:<40} {:>10} {:>10} {:>10} {:>10} {:>10} {:>18}",
+            crate::cli::output::printable(&first),
+            n("input"),
+            n("cache_read_input"),
+            n("cache_creation_input"),
+            n("output"),
+            n("reasoning_output"),
+            dec(&m["token_cost"]),
+        )
+    };
+    let name = |v: &Value| v.as_str().unwrap_or("(none)").to_string();
+    writeln!(out, "\nby model (tokens; cost exact):")?;
+    header(out, "MODEL")?;
+    for m in body["by_model"].as_array().into_iter().flatten() {
+        row(out, name(&m["model"]), m)?;
+    }
+    writeln!(out, "\nby agent × model:")?;
+    header(out, "AGENT / MODEL")?;
+    for m in body["by_agent_model"].as_array().into_iter().flatten() {
+        row(
+            out,
+            format!("{} / {}", name(&m["agent_id"]), name(&m["model"])),
+            m,
+        )?;
+    }
     Ok(())
 }
 

@@ -26,7 +26,9 @@ use rusqlite::{
 
 use super::{
     COMPACTED_BEFORE, CompactStats, DEC_COLS, HOUR_NS, INT_COLS, LedgerError, checkpoint, corrupt,
-    meta_get, sql,
+    meta_get,
+    models::{self, TYPE_COLS, TokenTypes},
+    sql,
     sum::{Acc, Currencies, is_priced},
     times::floor_hour,
     u64_to_i64,
@@ -139,11 +141,12 @@ fn compact_batch(
 ) -> Result<Option<(i64, String)>, LedgerError> {
     let mut currencies = Currencies::default();
     let mut accs: HashMap<(i64, Option<usize>), Acc> = HashMap::new();
+    let mut by_model: HashMap<(i64, Option<usize>, String), (Acc, TokenTypes)> = HashMap::new();
     let mut read = 0u64;
     let mut last: Option<(i64, String)> = None;
     {
         let query = format!(
-            "SELECT ws_ns, record_id, ident, currency, {}, {} FROM records \
+            "SELECT ws_ns, record_id, ident, currency, {}, {}, tokens FROM records \
              WHERE ws_ns >= ?1 AND ws_ns < ?2 AND (ws_ns, record_id) > (?3, ?4) AND {DELIVERED} \
              ORDER BY ws_ns, record_id LIMIT ?5",
             DEC_COLS.join(", "),
@@ -162,12 +165,20 @@ fn compact_batch(
             let e = sql(path, "reading records to compact");
             let ident: i64 = row.get(2).map_err(&e)?;
             let cur = currencies.index(row, 3, path)?;
-            accs.entry((ident, cur)).or_default().add_raw(
-                row,
-                4,
-                is_priced(row, 3, path)?,
-                path,
-            )?;
+            let mut whole = Acc::default();
+            whole.add_raw(row, 4, is_priced(row, 3, path)?, path)?;
+            accs.entry((ident, cur)).or_default().merge(&whole)?;
+            let tokens: Option<String> =
+                row.get(4 + DEC_COLS.len() + INT_COLS.len()).map_err(&e)?;
+            if tokens.is_some() {
+                for part in models::split(whole, tokens.as_deref(), path)? {
+                    if let Some(model) = part.model {
+                        let slot = by_model.entry((ident, cur, model)).or_default();
+                        slot.0.merge(&part.acc)?;
+                        slot.1 = slot.1.checked_add(part.types)?;
+                    }
+                }
+            }
             read += 1;
             last = Some((row.get(0).map_err(&e)?, row.get(1).map_err(&e)?));
         }
@@ -246,8 +257,89 @@ fn compact_batch(
             .map_err(sql(path, "writing a rollup"))?;
         written.insert((ident, cur.map(|c| currencies.name(c))));
     }
+    write_model_rollups(tx, path, hour, by_model, &currencies)?;
     stats.records_compacted += read;
     Ok(Some(last))
+}
+
+/// Adds a batch's model parts to `hourly_models`, merging with the rows already there.
+fn write_model_rollups(
+    tx: &Transaction<'_>,
+    path: &Path,
+    hour: i64,
+    by_model: HashMap<(i64, Option<usize>, String), (Acc, TokenTypes)>,
+    currencies: &Currencies,
+) -> Result<(), LedgerError> {
+    if by_model.is_empty() {
+        return Ok(());
+    }
+    let cols = format!(
+        "records, priced, {}, {}, {}",
+        DEC_COLS.join(", "),
+        INT_COLS.join(", "),
+        TYPE_COLS.join(", ")
+    );
+    let mut existing = tx
+        .prepare_cached(&format!(
+            "SELECT {cols} FROM hourly_models \
+             WHERE hour_ns = ?1 AND ident = ?2 AND currency = ?3 AND model = ?4"
+        ))
+        .map_err(sql(path, "preparing model rollup read"))?;
+    let n = 2 + DEC_COLS.len() + INT_COLS.len() + TYPE_COLS.len();
+    let updates: Vec<String> = ["records", "priced"]
+        .iter()
+        .chain(DEC_COLS.iter())
+        .chain(INT_COLS.iter())
+        .chain(TYPE_COLS.iter())
+        .map(|c| format!("{c} = excluded.{c}"))
+        .collect();
+    let placeholders: Vec<String> = (1..=4 + n).map(|i| format!("?{i}")).collect();
+    let mut upsert = tx
+        .prepare_cached(&format!(
+            "INSERT INTO hourly_models (hour_ns, ident, currency, model, {cols}) VALUES ({}) \
+             ON CONFLICT (hour_ns, ident, currency, model) DO UPDATE SET {}",
+            placeholders.join(", "),
+            updates.join(", ")
+        ))
+        .map_err(sql(path, "preparing model rollup write"))?;
+    for ((ident, cur, model), (mut acc, mut types)) in by_model {
+        let currency = cur.map(|c| currencies.name(c)).unwrap_or_default();
+        let mut rows = existing
+            .query(params![hour, ident, currency, model])
+            .map_err(sql(path, "reading a model rollup"))?;
+        if let Some(row) = rows.next().map_err(sql(path, "reading a model rollup"))? {
+            acc.add_rollup(row, 0, path)?;
+            let first = 2 + DEC_COLS.len() + INT_COLS.len();
+            let mut had = [0u64; 7];
+            for (k, v) in had.iter_mut().enumerate() {
+                let x: i64 = row
+                    .get(first + k)
+                    .map_err(sql(path, "reading a model rollup"))?;
+                *v = u64::try_from(x).map_err(|_| corrupt(path, "a negative token count"))?;
+            }
+            types = types.checked_add(TokenTypes::from_array(had))?;
+        }
+        drop(rows);
+        let mut values: Vec<Value> = vec![
+            Value::Integer(hour),
+            Value::Integer(ident),
+            Value::Text(currency),
+            Value::Text(model),
+            Value::Integer(u64_to_i64(acc.records, "records")?),
+            Value::Integer(u64_to_i64(acc.priced, "priced records")?),
+        ];
+        values.extend(acc.dec.iter().map(|e| Value::Text(e.to_string())));
+        for (v, name) in acc.ints.iter().zip(INT_COLS) {
+            values.push(Value::Integer(u64_to_i64(*v, name)?));
+        }
+        for (v, name) in types.to_array().iter().zip(TYPE_COLS) {
+            values.push(Value::Integer(u64_to_i64(*v, name)?));
+        }
+        upsert
+            .execute(params_from_iter(values))
+            .map_err(sql(path, "writing a model rollup"))?;
+    }
+    Ok(())
 }
 
 /// Returns free pages to the file system when they are a large part of the

@@ -84,6 +84,7 @@
 mod compact;
 mod exact;
 mod identity;
+pub mod models;
 mod row;
 mod schema;
 pub mod sim;
@@ -396,6 +397,10 @@ pub struct Totals {
     pub cost: Cost,
     /// The currency of the priced records (None when none is priced).
     pub currency: Option<String>,
+    /// Σ of the token types kept per usage (cache creation, per modality);
+    /// present only on queries grouped or filtered by `model`, which read them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_types: Option<models::TokenTypes>,
 }
 
 /// What one compaction did.
@@ -1326,7 +1331,10 @@ impl Ledger {
     /// Sums of every quantity and cost component over [from, to), raw records and hourly rollups, grouped by the named fields.
     ///
     /// Rows come sorted by group values (None first); a range with no
-    /// records gives no rows. Filters are exact matches on [`FIELDS`].
+    /// records gives no rows. Filters are exact matches on [`FIELDS`] and
+    /// [`models::MODEL`]; grouping or filtering by `model` splits records by
+    /// their token usages' models (see [`models`]; an empty filter value
+    /// matches what has no model) and adds `token_types` to the totals.
     pub fn totals(
         &self,
         from: &str,
@@ -1337,25 +1345,44 @@ impl Ledger {
         let path = &self.path;
         let from = parse_time("from", from)?;
         let to = parse_time("to", to)?;
+        let model_at = group_by.iter().position(|g| *g == models::MODEL);
         let groups = group_by
             .iter()
+            .filter(|g| **g != models::MODEL)
             .map(|g| field_index(g))
             .collect::<Result<Vec<_>, _>>()?;
-        let matching = if filters.is_empty() {
+        // Every `model=` filter must match; two different ones match nothing.
+        let model_filters: Vec<Option<&str>> = filters
+            .iter()
+            .filter(|(k, _)| k == models::MODEL)
+            .map(|(_, v)| Some(v.as_str()).filter(|v| !v.is_empty()))
+            .collect();
+        let ident_filters: Vec<(String, String)> = filters
+            .iter()
+            .filter(|(k, _)| k != models::MODEL)
+            .cloned()
+            .collect();
+        let by_model = model_at.is_some() || !model_filters.is_empty();
+        let matching = if ident_filters.is_empty() {
             None
         } else {
-            Some(self.matching_identities(filters)?)
+            Some(self.matching_identities(&ident_filters)?)
         };
         let keep = |ident: i64| matching.as_ref().is_none_or(|m| m.contains(&ident));
 
-        // Sum per (identity, currency) first: no strings per row.
+        // Sum per (identity, currency, model) first: no strings per row
+        // (the model is read only when asked for).
+        type Slot = (Acc, models::TokenTypes);
         let mut currencies = Currencies::default();
-        let mut by_ident: HashMap<(i64, Option<usize>), Acc> = HashMap::new();
+        let mut by_ident: HashMap<(i64, Option<usize>, Option<String>), Slot> = HashMap::new();
+        // The tokens' JSON is read only when the model is asked for.
         let raw = format!(
-            "SELECT ident, currency, {}, {} FROM records WHERE ws_ns >= ?1 AND ws_ns < ?2",
+            "SELECT ident, currency, {}, {}{} FROM records WHERE ws_ns >= ?1 AND ws_ns < ?2",
             DEC_COLS.join(", "),
-            INT_COLS.join(", ")
+            INT_COLS.join(", "),
+            if by_model { ", tokens" } else { "" }
         );
+        let tokens_col = 2 + DEC_COLS.len() + INT_COLS.len();
         let mut stmt = self
             .conn
             .prepare_cached(&raw)
@@ -1369,12 +1396,24 @@ impl Ledger {
                 continue;
             }
             let cur = currencies.index(row, 1, path)?;
-            by_ident.entry((ident, cur)).or_default().add_raw(
-                row,
-                2,
-                is_priced(row, 1, path)?,
-                path,
-            )?;
+            if !by_model {
+                by_ident.entry((ident, cur, None)).or_default().0.add_raw(
+                    row,
+                    2,
+                    is_priced(row, 1, path)?,
+                    path,
+                )?;
+                continue;
+            }
+            let mut whole = Acc::default();
+            whole.add_raw(row, 2, is_priced(row, 1, path)?, path)?;
+            let tokens: Option<String> =
+                row.get(tokens_col).map_err(sql(path, "summing records"))?;
+            for part in models::split(whole, tokens.as_deref(), path)? {
+                let slot = by_ident.entry((ident, cur, part.model)).or_default();
+                slot.0.merge(&part.acc)?;
+                slot.1 = slot.1.checked_add(part.types)?;
+            }
         }
         let rollup = format!(
             "SELECT ident, currency, records, priced, {}, {} FROM hourly \
@@ -1396,9 +1435,52 @@ impl Ledger {
             }
             let cur = currencies.index(row, 1, path)?;
             by_ident
-                .entry((ident, cur))
+                .entry((ident, cur, None))
                 .or_default()
+                .0
                 .add_rollup(row, 2, path)?;
+        }
+        if by_model {
+            // An hour's model parts, moved out of its unattributed whole.
+            let query = format!(
+                "SELECT ident, currency, model, records, priced, {}, {}, {} FROM hourly_models \
+                 WHERE hour_ns >= ?1 AND hour_ns < ?2",
+                DEC_COLS.join(", "),
+                INT_COLS.join(", "),
+                models::TYPE_COLS.join(", ")
+            );
+            let types_col = 5 + DEC_COLS.len() + INT_COLS.len();
+            let mut stmt = self
+                .conn
+                .prepare_cached(&query)
+                .map_err(sql(path, "preparing totals"))?;
+            let mut rows = stmt
+                .query(params![from, to])
+                .map_err(sql(path, "summing model rollups"))?;
+            while let Some(row) = rows.next().map_err(sql(path, "summing model rollups"))? {
+                let e = sql(path, "summing model rollups");
+                let ident: i64 = row.get(0).map_err(&e)?;
+                if !keep(ident) {
+                    continue;
+                }
+                let cur = currencies.index(row, 1, path)?;
+                let model: String = row.get(2).map_err(&e)?;
+                let mut part = Acc::default();
+                part.add_rollup(row, 3, path)?;
+                let mut types = [0u64; 7];
+                for (k, v) in types.iter_mut().enumerate() {
+                    let n: i64 = row.get(types_col + k).map_err(&e)?;
+                    *v = u64::try_from(n).map_err(|_| corrupt(path, "a negative token count"))?;
+                }
+                by_ident
+                    .get_mut(&(ident, cur, None))
+                    .ok_or_else(|| corrupt(path, "a model rollup without its hourly row"))?
+                    .0
+                    .sub(&part)?;
+                let slot = by_ident.entry((ident, cur, Some(model))).or_default();
+                slot.0.merge(&part)?;
+                slot.1 = slot.1.checked_add(models::TokenTypes::from_array(types))?;
+            }
         }
 
         // Then fold identities into their groups.
@@ -1415,10 +1497,18 @@ impl Ledger {
             .map(|q| self.conn.prepare(&q))
             .transpose()
             .map_err(sql(path, "preparing group keys"))?;
-        let mut out: BTreeMap<Vec<Option<String>>, (Acc, BTreeSet<usize>)> = BTreeMap::new();
+        type Folded = (Acc, models::TokenTypes, BTreeSet<usize>);
+        let mut out: BTreeMap<Vec<Option<String>>, Folded> = BTreeMap::new();
         let mut keys: HashMap<i64, Vec<Option<String>>> = HashMap::new();
-        for ((ident, cur), acc) in by_ident {
-            let key = match (keys.get(&ident), key_stmt.as_mut()) {
+        for ((ident, cur, model), (acc, types)) in by_ident {
+            if model_filters.iter().any(|f| *f != model.as_deref()) {
+                continue;
+            }
+            // A part that holds nothing (all of an hour went to its models).
+            if by_model && acc.is_zero() && types.is_zero() {
+                continue;
+            }
+            let mut key = match (keys.get(&ident), key_stmt.as_mut()) {
                 (Some(k), _) => k.clone(),
                 (None, None) => Vec::new(),
                 (None, Some(stmt)) => {
@@ -1427,12 +1517,16 @@ impl Ledger {
                     k
                 }
             };
+            if let Some(at) = model_at {
+                key.insert(at, model);
+            }
             let slot = out.entry(key).or_default();
             slot.0.merge(&acc)?;
-            slot.1.extend(cur);
+            slot.1 = slot.1.checked_add(types)?;
+            slot.2.extend(cur);
         }
         out.into_iter()
-            .map(|(key, (acc, curs))| {
+            .map(|(key, (acc, types, curs))| {
                 let names: Vec<String> = curs.iter().map(|&c| currencies.name(c)).collect();
                 if names.len() > 1 {
                     return Err(LedgerError::MixedCurrency {
@@ -1440,7 +1534,10 @@ impl Ledger {
                         currencies: names,
                     });
                 }
-                let totals = acc.totals(names.into_iter().next())?;
+                let mut totals = acc.totals(names.into_iter().next())?;
+                if by_model {
+                    totals.token_types = Some(types);
+                }
                 Ok((key, totals))
             })
             .collect()
@@ -1544,6 +1641,11 @@ impl Ledger {
         let hourly_rows = tx
             .execute("DELETE FROM hourly WHERE hour_ns < ?1", params![cutoff])
             .map_err(sql(path, "deleting expired rollups"))?;
+        tx.execute(
+            "DELETE FROM hourly_models WHERE hour_ns < ?1",
+            params![cutoff],
+        )
+        .map_err(sql(path, "deleting expired model rollups"))?;
         let spans = tx
             .execute("DELETE FROM spans WHERE end_ns < ?1", params![cutoff])
             .map_err(sql(path, "deleting expired spans"))?;

@@ -6,7 +6,7 @@
 //! the file at one version or the next, never between.
 
 /// Every migration, in order.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// Version 1.
 ///
@@ -238,5 +238,53 @@ CREATE TABLE dead_letter (
     dead_ns INTEGER NOT NULL,
     reason TEXT NOT NULL,
     PRIMARY KEY (exporter, ws_ns, record_id)
+) WITHOUT ROWID;
+";
+
+/// Version 5: the model parts of hourly rollups (see `models`): per (hour,
+/// identity, currency, model), the sums the records of that hour moved to
+/// that model, with the token types records keep only in their JSON. The
+/// `hourly` row stays the whole; its part with no model is the row minus
+/// these. Hours compacted before this version have none.
+const V5: &str = "
+CREATE TABLE hourly_models (
+    hour_ns INTEGER NOT NULL,
+    ident INTEGER NOT NULL,
+    currency TEXT NOT NULL,
+    model TEXT NOT NULL,
+    records INTEGER NOT NULL,
+    priced INTEGER NOT NULL,
+    cpu_core_seconds TEXT NOT NULL,
+    memory_gb_seconds TEXT NOT NULL,
+    gpu_seconds TEXT NOT NULL,
+    gpu_memory_gb_seconds TEXT NOT NULL,
+    gpu_energy_joules TEXT NOT NULL,
+    cost_cpu TEXT NOT NULL,
+    cost_memory TEXT NOT NULL,
+    cost_gpu TEXT NOT NULL,
+    cost_network TEXT NOT NULL,
+    cost_storage TEXT NOT NULL,
+    cost_token TEXT NOT NULL,
+    cost_subtotal TEXT NOT NULL,
+    cost_discount TEXT NOT NULL,
+    cost_total TEXT NOT NULL,
+    network_rx_bytes INTEGER NOT NULL,
+    network_tx_bytes INTEGER NOT NULL,
+    disk_read_bytes INTEGER NOT NULL,
+    disk_write_bytes INTEGER NOT NULL,
+    storage_bytes INTEGER NOT NULL,
+    syscalls INTEGER NOT NULL,
+    tokens_input INTEGER NOT NULL,
+    tokens_cache_read_input INTEGER NOT NULL,
+    tokens_output INTEGER NOT NULL,
+    tokens_reasoning_output INTEGER NOT NULL,
+    tokens_cache_creation_input INTEGER NOT NULL,
+    tokens_text_input INTEGER NOT NULL,
+    tokens_image_input INTEGER NOT NULL,
+    tokens_audio_input INTEGER NOT NULL,
+    tokens_video_input INTEGER NOT NULL,
+    tokens_text_output INTEGER NOT NULL,
+    tokens_audio_output INTEGER NOT NULL,
+    PRIMARY KEY (hour_ns, ident, currency, model)
 ) WITHOUT ROWID;
 ";

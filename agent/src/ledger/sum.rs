@@ -152,6 +152,37 @@ impl Acc {
         Ok(())
     }
 
+    /// `self - o`, exactly: takes a part out of a record's or rollup's sums.
+    pub(super) fn sub(&mut self, o: &Acc) -> Result<(), LedgerError> {
+        let under = |what: &str| corrupt_sums(what);
+        self.records = self
+            .records
+            .checked_sub(o.records)
+            .ok_or_else(|| under("records"))?;
+        self.priced = self
+            .priced
+            .checked_sub(o.priced)
+            .ok_or_else(|| under("priced records"))?;
+        for (k, name) in DEC_COLS.iter().enumerate() {
+            self.dec[k] = self.dec[k]
+                .checked_sub(o.dec[k])
+                .ok_or_else(|| overflow(name))?;
+        }
+        for (k, name) in INT_COLS.iter().enumerate() {
+            self.ints[k] = self.ints[k]
+                .checked_sub(o.ints[k])
+                .ok_or_else(|| under(name))?;
+        }
+        Ok(())
+    }
+
+    /// Whether nothing at all was summed (no record, every sum zero).
+    pub(super) fn is_zero(&self) -> bool {
+        self.records == 0
+            && self.dec.iter().all(|d| *d == Exact::ZERO)
+            && self.ints.iter().all(|&v| v == 0)
+    }
+
     /// The totals, each rounded to a `Decimal` once.
     pub(super) fn totals(&self, currency: Option<String>) -> Result<Totals, LedgerError> {
         let mut d = [Decimal::ZERO; DEC_COLS.len()];
@@ -207,7 +238,16 @@ impl Acc {
                 pricing_version: String::new(),
             },
             currency,
+            token_types: None,
         })
+    }
+}
+
+/// A part larger than the whole it is taken from: stored sums disagree.
+fn corrupt_sums(what: &str) -> LedgerError {
+    LedgerError::Corrupt {
+        path: std::path::PathBuf::new(),
+        what: format!("a model's {what} exceed the record's or rollup's"),
     }
 }
 

@@ -970,7 +970,10 @@ fn growth_one_hour_of_ten_second_windows_stays_in_budget() {
     // - an identity ≤ 768 B [~560 B]: 23 columns (511 B of ids and names
     //   here: 64-hex container id, cgroup path, pod uid, trace context), its
     //   hash-index entry;
-    // - 16 pages of fixed cost: header, schema, one root page per table and
+    // - a model rollup row (the model parts of an hour's token-bearing
+    //   records, per identity and model) ≤ 512 B: the same sums plus 7
+    //   token-type integers and the model's name;
+    // - 17 pages of fixed cost: header, schema, one root page per table and
     //   index, the pointer map.
     // The margins cover B-tree pages being ~80% full.
     let identities: u64 = ledger
@@ -978,9 +981,13 @@ fn growth_one_hour_of_ten_second_windows_stays_in_budget() {
         .query_row("SELECT COUNT(*) FROM identities", [], |r| r.get(0))
         .expect("count");
     assert_eq!(identities, 350, "one per workload and run");
-    let budget = stats.rollup_rows * 512 + identities * 768 + 16 * 4096;
+    let model_rows: u64 = ledger
+        .conn
+        .query_row("SELECT COUNT(*) FROM hourly_models", [], |r| r.get(0))
+        .expect("count");
+    let budget = (stats.rollup_rows + model_rows) * 512 + identities * 768 + 17 * 4096;
     println!(
-        "growth: {} records, raw {} B ({} B/record), compacted {} B, budget {} B",
+        "growth: {} records, raw {} B ({} B/record), compacted {} B ({model_rows} model rows), budget {} B",
         report.records,
         raw_bytes,
         raw_bytes / report.records,
@@ -1656,4 +1663,145 @@ fn spend_is_kept_under_the_party_that_pricing_bills() {
             t(before)
         );
     }
+}
+
+/// A token record of `agent` for `usages` (model, input, output, cost).
+fn token_rec(id: &str, ws: i64, agent: &str, usages: &[(&str, u64, u64, &str)]) -> UsageRecord {
+    let mut r = priced(rec(id, ws), "0");
+    r.record_kind = "tokens".into();
+    r.context.agent_id = Some(agent.into());
+    r.tokens = usages
+        .iter()
+        .map(|&(model, input, output, cost)| TokenUsage {
+            model: model.into(),
+            input,
+            cache_read_input: input / 4,
+            output,
+            reasoning_output: output / 2,
+            cache_creation_input: 3,
+            image_input: 1,
+            cost: Some(d(cost)),
+            ..TokenUsage::default()
+        })
+        .collect();
+    let token: Decimal = usages.iter().map(|u| d(u.3)).sum();
+    if let Some(c) = r.cost.as_mut() {
+        c.cpu = Decimal::ZERO;
+        c.token = token;
+        c.subtotal = token;
+        // A 10 % discount, so the split of a discount is exercised too.
+        c.discount = token / Decimal::from(10);
+        c.total = token - c.discount;
+    }
+    r
+}
+
+fn sum_totals(rows: &[(Group, Totals)]) -> Totals {
+    let mut s = Totals::default();
+    for (_, t) in rows {
+        s.records += t.records;
+        s.priced_records += t.priced_records;
+        s.cpu_core_seconds += t.cpu_core_seconds;
+        s.tokens_input += t.tokens_input;
+        s.tokens_cache_read_input += t.tokens_cache_read_input;
+        s.tokens_output += t.tokens_output;
+        s.tokens_reasoning_output += t.tokens_reasoning_output;
+        s.cost.token += t.cost.token;
+        s.cost.subtotal += t.cost.subtotal;
+        s.cost.discount += t.cost.discount;
+        s.cost.total += t.cost.total;
+    }
+    s
+}
+
+/// `model` splits totals by the models of the records' token usages: the
+/// groups add up to the whole exactly, a record without tokens is
+/// unattributed, a filter on model equals its group, and rollups answer the
+/// same to the last digit.
+#[test]
+fn totals_group_and_filter_by_model_exactly_raw_and_rolled_up() {
+    let dir = TempDir::new("models");
+    let mut ledger = Ledger::open(&dir.db(), Duration::ZERO).expect("open");
+    let batch = vec![
+        priced(rec("cpu", T0), "0.125"),
+        token_rec("t1", T0, "a1", &[("m1", 1000, 200, "0.0125")]),
+        token_rec(
+            "t2",
+            T0,
+            "a2",
+            &[("m1", 10, 20, "0.0000000000000000000000001")],
+        ),
+        token_rec("t3", T0, "a2", &[("m2", 300, 40, "0.3")]),
+        // Two models in one record: m2's usage moves to m2's group.
+        token_rec(
+            "t4",
+            T0 + 10,
+            "a1",
+            &[("m1", 7, 9, "0.007"), ("m2", 11, 13, "0.000000011")],
+        ),
+    ];
+    ledger
+        .commit_window(&t(T0), &t(T0 + 20), &batch, &[])
+        .expect("commit");
+    let query = |l: &Ledger, g: &[&str], f: &[(&str, &str)]| {
+        let f: Vec<(String, String)> = f
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        l.totals(&t(T0), &t(T0 + 3600), g, &f).expect("totals")
+    };
+    let check = |l: &Ledger| {
+        let whole = total_of(l, T0, T0 + 3600);
+        let by_model = query(l, &["model"], &[]);
+        let keys: Vec<Option<&str>> = by_model.iter().map(|(k, _)| k[0].as_deref()).collect();
+        assert_eq!(keys, [None, Some("m1"), Some("m2")]);
+        let s = sum_totals(&by_model);
+        assert_eq!(s.records, whole.records);
+        assert_eq!(s.cpu_core_seconds, whole.cpu_core_seconds);
+        assert_eq!(s.tokens_input, whole.tokens_input);
+        assert_eq!(s.tokens_output, whole.tokens_output);
+        assert_eq!(s.tokens_reasoning_output, whole.tokens_reasoning_output);
+        assert_eq!(s.tokens_cache_read_input, whole.tokens_cache_read_input);
+        assert_eq!(s.cost.token, whole.cost.token);
+        assert_eq!(s.cost.subtotal, whole.cost.subtotal);
+        assert_eq!(s.cost.discount, whole.cost.discount);
+        assert_eq!(s.cost.total, whole.cost.total);
+        let (none, m1, m2) = (&by_model[0].1, &by_model[1].1, &by_model[2].1);
+        // The CPU record has no model; its tokens are none.
+        assert_eq!((none.records, none.tokens_input), (1, 0));
+        assert_eq!(none.cost.total, d("0.125"));
+        assert_eq!(m1.tokens_input, 1000 + 10 + 7);
+        assert_eq!(m1.tokens_output, 200 + 20 + 9);
+        assert_eq!(m1.cost.token, d("0.0195000000000000000000001"));
+        assert_eq!(m2.tokens_input, 300 + 11);
+        assert_eq!(m2.cost.token, d("0.300000011"));
+        // Each record counts once, under its first model.
+        assert_eq!((m1.records, m2.records), (3, 1));
+        let types = m1.token_types.expect("token types");
+        assert_eq!((types.cache_creation_input, types.image_input), (9, 3));
+        assert_eq!(m2.token_types.map(|t| t.image_input), Some(2));
+        assert_eq!(whole.token_types, None);
+        // A filter on model is its group; an empty one is "no model".
+        let only = query(l, &[], &[("model", "m2")]);
+        assert_eq!(only.len(), 1);
+        assert_eq!(&only[0].1, m2);
+        let unmodelled = query(l, &[], &[("model", "")]);
+        assert_eq!(&unmodelled[0].1, none);
+        assert!(query(l, &[], &[("model", "m1"), ("model", "m2")]).is_empty());
+        // Agent × model: a2 used m1 and m2, a1 m1 and (through t4) m2.
+        let am = query(l, &["agent_id", "model"], &[("model", "m2")]);
+        let keys: Vec<(Option<&str>, Option<&str>)> = am
+            .iter()
+            .map(|(k, _)| (k[0].as_deref(), k[1].as_deref()))
+            .collect();
+        assert_eq!(keys, [(Some("a1"), Some("m2")), (Some("a2"), Some("m2"))]);
+        assert_eq!(am[0].1.cost.token, d("0.000000011"));
+        assert_eq!(am[1].1.cost.token, d("0.3"));
+        by_model
+    };
+    let raw = check(&ledger);
+    let stats = ledger.compact(&t(T0 + 7200)).expect("compact");
+    assert_eq!(stats.records_compacted, 5);
+    let rolled = check(&ledger);
+    assert_eq!(rolled, raw, "rollups answer per model as raw records do");
 }

@@ -241,7 +241,12 @@ impl PriceBook {
                 },
                 None => Decimal::ZERO,
             };
-            let cost = self.price(r, mtd);
+            let (cost, parts) = self.price_parts(r, mtd);
+            // Each usage keeps its own share of `cost.token`, so a run view
+            // or a `model` group-by can split the token cost exactly.
+            for (t, part) in r.tokens.iter_mut().zip(parts) {
+                t.cost = Some(part.normalize());
+            }
             if let Some(p) = party {
                 spend.insert(p, mtd + cost.total);
             }
@@ -259,6 +264,12 @@ impl PriceBook {
     /// party's others. A record with no billed party ([`UsageRecord::billed_party`]) gets no
     /// discount. A negative month-to-date (credits) counts as 0.
     pub fn price(&self, r: &UsageRecord, month_to_date: Decimal) -> Cost {
+        self.price_parts(r, month_to_date).0
+    }
+
+    /// [`price`](Self::price), with each token usage's cost (in `r.tokens`'
+    /// order; `cost.token` is their sum).
+    fn price_parts(&self, r: &UsageRecord, month_to_date: Decimal) -> (Cost, Vec<Decimal>) {
         let id = r.record_id.as_str();
         let cpu = product(
             &[r.cpu_core_seconds, self.cpu_per_core_hour],
@@ -284,11 +295,8 @@ impl PriceBook {
             ]),
         };
         let storage = self.storage(r);
-        let token = sum(&r
-            .tokens
-            .iter()
-            .map(|t| self.tokens(t, id))
-            .collect::<Vec<_>>());
+        let parts: Vec<Decimal> = r.tokens.iter().map(|t| self.tokens(t, id)).collect();
+        let token = sum(&parts);
         let subtotal = sum(&[cpu, memory, gpu, network, storage, token]);
         let percent = match r.billed_party() {
             Some(_) => self.discount_percent(month_to_date),
@@ -296,7 +304,7 @@ impl PriceBook {
         };
         let discount = product(&[subtotal, percent], Decimal::ONE_HUNDRED, id);
         let total = subtotal - discount;
-        Cost {
+        let cost = Cost {
             cpu: cpu.normalize(),
             memory: memory.normalize(),
             gpu: gpu.normalize(),
@@ -308,7 +316,8 @@ impl PriceBook {
             total: total.normalize(),
             currency: self.currency.clone(),
             pricing_version: self.version.clone(),
-        }
+        };
+        (cost, parts)
     }
 
     /// Storage held over the record's window; 0 where there is nothing held

@@ -6,6 +6,7 @@
 //! Out: usage records (`record`), each process's usage split between the
 //! runs it worked for (`split`).
 
+pub mod pending;
 pub mod record;
 pub mod split;
 pub mod window;

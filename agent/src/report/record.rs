@@ -371,6 +371,10 @@ pub struct TokenUsage {
     /// had no price for `model`, so these tokens were priced at 0.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unpriced: bool,
+    /// What these tokens cost (the record's `cost.token` is the sum over its
+    /// usages), set by pricing; absent on records priced before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Decimal>,
 }
 
 /// For `skip_serializing_if`: token types a usage did not report stay out of

@@ -156,6 +156,7 @@ pub fn token_record(node: &str, span: &Span, own: &RunContext) -> Option<UsageRe
             text_output: tokens.text_output,
             audio_output: tokens.audio_output,
             unpriced: false,
+            cost: None,
         }],
         ..UsageRecord::default()
     })

@@ -41,8 +41,11 @@ use time::{Duration as TimeDuration, OffsetDateTime, format_description::well_kn
 use tracing::info;
 
 use crate::{
-    ledger::{self, Ledger, RecordQuery, Totals},
-    report::record::UsageRecord,
+    ledger::{self, Ledger, RecordQuery, Totals, models::MODEL},
+    report::{
+        pending::{PendingRun, PendingRuns},
+        record::UsageRecord,
+    },
     serve::prometheus::Exposition,
 };
 
@@ -109,6 +112,8 @@ pub const MAX_RUN_RECORDS: usize = 100_000;
 pub const MAX_RUN_SPANS: usize = 10_000;
 /// Reads running at once (more wait their turn).
 pub const MAX_CONCURRENT_READS: usize = 4;
+/// The longest value a `where` clause may compare with.
+pub const MAX_VALUE_LEN: usize = 1024;
 /// Most records or dead letters per quarantine page.
 const MAX_QUARANTINE_PAGE: usize = 1000;
 
@@ -122,6 +127,8 @@ pub struct AppState {
     /// Set once probes are attached and the ledger is open.
     pub ready: Arc<AtomicBool>,
     token: Option<Arc<str>>,
+    /// Runs with spans received but windows not yet committed (the daemon's).
+    pending: Option<Arc<PendingRuns>>,
 }
 
 impl AppState {
@@ -136,7 +143,14 @@ impl AppState {
             metrics,
             ready,
             token: None,
+            pending: None,
         }
+    }
+
+    /// The same, also answering for runs still inside `span_lag` from `pending`.
+    pub fn with_pending(mut self, pending: Arc<PendingRuns>) -> Self {
+        self.pending = Some(pending);
+        self
     }
 }
 
@@ -319,13 +333,13 @@ pub struct Range {
 }
 
 fn field_ok(param: &str, name: &str) -> Result<(), Problem> {
-    if ledger::FIELDS.contains(&name) {
+    if ledger::FIELDS.contains(&name) || name == MODEL {
         Ok(())
     } else {
         Err(bad(
             param,
             format!(
-                "unknown field `{name}`; known: {}",
+                "unknown field `{name}`; known: {}, {MODEL}",
                 ledger::FIELDS.join(", ")
             ),
         ))
@@ -377,6 +391,25 @@ fn range(p: &RangeParams) -> Result<Range, Problem> {
             .ok_or_else(|| bad("where", format!("{clause:?} is not field=value")))?;
         let (k, v) = (k.trim(), v.trim());
         field_ok("where", k)?;
+        if v.len() > MAX_VALUE_LEN {
+            return Err(bad(
+                "where",
+                format!(
+                    "the value of {k} is {} bytes, over the limit of {MAX_VALUE_LEN}",
+                    v.len()
+                ),
+            ));
+        }
+        // An empty model matches what has no model.
+        if k == MODEL && !v.is_empty() && !ledger::models::valid_model_name(v) {
+            return Err(bad(
+                "where",
+                format!(
+                    "model={v:?} is not a model name (1 to {} characters of letters, digits and . _ - : / @ +)",
+                    ledger::models::MAX_MODEL_LEN
+                ),
+            ));
+        }
         // Integer fields are checked here, so a bad value is the caller's 400,
         // not a ledger error.
         if matches!(k, "pid" | "ppid" | "cgroup_id") && v.parse::<u64>().is_err() {
@@ -571,6 +604,12 @@ async fn records(
         }
         None => None,
     };
+    if r.filters.iter().any(|(k, _)| k == MODEL) {
+        return Err(bad(
+            "where",
+            "`model` splits records by their token usages: filter by it on /v1/usage or a run view; /v1/records lists whole records",
+        ));
+    }
     let q = RecordQuery {
         from: r.from,
         to: r.to,
@@ -613,7 +652,7 @@ async fn run_view(
         return Err(bad("run_id", "must be 1 to 256 characters"));
     }
     let id = run_id.clone();
-    let (spans, records, by_agent, total) = with_ledger(&state, move |l| {
+    let (spans, records, by_agent, total, models, committed) = with_ledger(&state, move |l| {
         let too_big = |what: &str, limit: usize| {
             bad(
                 "run_id",
@@ -661,14 +700,49 @@ async fn run_view(
             .totals(&from, &to, &["agent_id"], &filters)
             .map_err(ledger_problem)?;
         let total = l.totals(&from, &to, &[], &filters).map_err(ledger_problem)?;
-        Ok((spans, records, by_agent, total))
+        let models = RunModels {
+            by_model: l
+                .totals(&from, &to, &[MODEL], &filters)
+                .map_err(ledger_problem)?,
+            by_agent_model: l
+                .totals(&from, &to, &["agent_id", MODEL], &filters)
+                .map_err(ledger_problem)?,
+        };
+        let committed = l.last_window_end().map_err(ledger_problem)?;
+        Ok((spans, records, by_agent, total, models, committed))
     })
     .await?;
+    let received = state.pending.as_ref().and_then(|p| p.get(&run_id));
+    // Pending: spans are in that the ledger has not committed every window
+    // of yet (the daemon holds closed windows `span_lag` for late spans).
+    let committed_ns = committed
+        .as_deref()
+        .and_then(crate::probes::clock::unix_ns_of);
+    let last_span_end = spans.iter().map(|s| s.end_ns).max();
+    let pending =
+        received.is_some() || last_span_end.is_some_and(|end| committed_ns.is_none_or(|c| c < end));
     if spans.is_empty() && records.is_empty() {
-        return Err(Problem(
-            StatusCode::NOT_FOUND,
-            format!("no usage or spans for run `{run_id}`"),
-        ));
+        let Some(received) = received else {
+            return Err(Problem(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no usage or spans for run `{run_id}`: no span naming it has been received, and nothing of it is committed"
+                ),
+            ));
+        };
+        return Ok(Json(json!({
+            "run_id": run_id,
+            "pending": true,
+            "message": pending_message(&received),
+            "received": received_json(&received),
+            "committed_through": committed,
+            "totals": Totals::default(),
+            "by_agent": [],
+            "by_model": [],
+            "by_agent_model": [],
+            "spans": [],
+            "critical_path": [],
+        })));
     }
     let path = crate::report::split::critical_path(
         &spans
@@ -753,7 +827,30 @@ async fn run_view(
     };
     Ok(Json(json!({
         "run_id": run_id,
+        "pending": pending,
+        "message": if pending {
+            Some(received.as_ref().map_or_else(
+                || "windows of this run are still held for late spans (span_lag): its usage so far is shown, more is coming".to_string(),
+                pending_message,
+            ))
+        } else {
+            None
+        },
+        "received": received.as_ref().map(received_json),
+        "committed_through": committed,
         "totals": total.first().map(|(_, t)| t.clone()).unwrap_or_default(),
+        "by_model": models.by_model.iter().map(|(g, t)| json!({
+            "model": g.first().cloned().flatten(),
+            "tokens": tokens_json(t),
+            "token_cost": t.cost.token,
+            "totals": t,
+        })).collect::<Vec<_>>(),
+        "by_agent_model": models.by_agent_model.iter().map(|(g, t)| json!({
+            "agent_id": g.first().cloned().flatten(),
+            "model": g.get(1).cloned().flatten(),
+            "tokens": tokens_json(t),
+            "token_cost": t.cost.token,
+        })).collect::<Vec<_>>(),
         "by_agent": by_agent.iter().map(|(g, t)| json!({
             "agent_id": g.first().cloned().flatten(),
             "totals": t,
@@ -770,6 +867,51 @@ async fn run_view(
         // The path's root includes everything under it.
         "critical_path_cost": critical.first().map(|v| v.cost).unwrap_or_default(),
     })))
+}
+
+/// A run's totals split by model, and by agent and model.
+struct RunModels {
+    by_model: Vec<(ledger::Group, Totals)>,
+    by_agent_model: Vec<(ledger::Group, Totals)>,
+}
+
+/// Every token type of a model group.
+fn tokens_json(t: &Totals) -> serde_json::Value {
+    let types = t.token_types.unwrap_or_default();
+    json!({
+        "input": t.tokens_input,
+        "cache_read_input": t.tokens_cache_read_input,
+        "cache_creation_input": types.cache_creation_input,
+        "text_input": types.text_input,
+        "image_input": types.image_input,
+        "audio_input": types.audio_input,
+        "video_input": types.video_input,
+        "output": t.tokens_output,
+        "reasoning_output": t.tokens_reasoning_output,
+        "text_output": types.text_output,
+        "audio_output": types.audio_output,
+    })
+}
+
+/// What the daemon has received of a pending run.
+fn received_json(r: &PendingRun) -> serde_json::Value {
+    json!({
+        "spans": r.spans,
+        "token_spans": r.token_spans,
+        "start": crate::probes::clock::rfc3339_of_ns(r.start_ns),
+        "end": crate::probes::clock::rfc3339_of_ns(r.end_ns),
+        "agents": r.agents,
+    })
+}
+
+fn pending_message(r: &PendingRun) -> String {
+    format!(
+        "pending: {} span(s) received ({} with tokens) from {} to {}; their windows are held for late spans (span_lag) before they are committed, so usage and cost are not final yet",
+        r.spans,
+        r.token_spans,
+        crate::probes::clock::rfc3339_of_ns(r.start_ns),
+        crate::probes::clock::rfc3339_of_ns(r.end_ns),
+    )
 }
 
 fn now_ns() -> i64 {
@@ -1070,6 +1212,241 @@ mod tests {
         );
         assert_eq!(r["record"]["record_kind"], "token");
         assert_eq!(get(&format!("{base}/v1/quarantine?limit=0"), None).0, 400);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A ledger holding run-1: a CPU record of agent a1, and token records of
+    /// agents a1 and a2 for models m1 and m2, priced; its spans end at `span_end`.
+    fn run_ledger(dir: &std::path::Path, span_end: i64) -> Ledger {
+        use crate::{
+            identity::run::RunContext,
+            report::record::{Cost, SpanRow, TokenUsage},
+        };
+        let mut l = Ledger::open(&dir.join("ledger.db"), std::time::Duration::from_secs(3600))
+            .expect("open");
+        let ws_ns = now_ns() - 60_000_000_000;
+        let ws = crate::probes::clock::rfc3339_of_ns(ws_ns);
+        let we = crate::probes::clock::rfc3339_of_ns(ws_ns + 1_000_000_000);
+        let dec = |s: &str| s.parse::<Decimal>().expect("decimal");
+        let ctx = |agent: &str| RunContext {
+            run_id: Some("run-1".into()),
+            agent_id: Some(agent.into()),
+            ..RunContext::default()
+        };
+        let cost = |token: &str, cpu: &str| Cost {
+            cpu: dec(cpu),
+            token: dec(token),
+            subtotal: dec(token) + dec(cpu),
+            total: dec(token) + dec(cpu),
+            currency: "USD".into(),
+            pricing_version: "v".into(),
+            ..Cost::default()
+        };
+        let tok = |id: &str, agent: &str, model: &str, input: u64, c: &str| UsageRecord {
+            record_id: id.into(),
+            node: "n".into(),
+            window_start: ws.clone(),
+            window_end: we.clone(),
+            record_kind: "tokens".into(),
+            context: ctx(agent),
+            tokens: vec![TokenUsage {
+                model: model.into(),
+                input,
+                cache_read_input: 1,
+                cache_creation_input: 2,
+                output: input / 2,
+                reasoning_output: 1,
+                audio_input: 3,
+                cost: Some(dec(c)),
+                ..TokenUsage::default()
+            }],
+            cost: Some(cost(c, "0")),
+            ..Default::default()
+        };
+        let records = vec![
+            UsageRecord {
+                record_id: "cpu".into(),
+                node: "n".into(),
+                window_start: ws.clone(),
+                window_end: we.clone(),
+                record_kind: "process".into(),
+                pid: Some(7),
+                context: ctx("a1"),
+                cpu_core_seconds: dec("0.5"),
+                cost: Some(cost("0", "0.0001")),
+                ..Default::default()
+            },
+            tok("t1", "a1", "m1", 1000, "0.0025"),
+            tok("t2", "a2", "m1", 10, "0.000025"),
+            tok("t3", "a2", "m2", 300, "0.00003"),
+        ];
+        l.commit_window(&ws, &we, &records, &[]).expect("commit");
+        l.commit_spans(&[SpanRow {
+            trace_id: "0".repeat(32),
+            span_id: "1".repeat(16),
+            run_id: "run-1".into(),
+            agent_id: Some("a1".into()),
+            name: "chat".into(),
+            start_ns: ws_ns,
+            end_ns: span_end,
+            pid: Some(7),
+            ..SpanRow::default()
+        }])
+        .expect("spans");
+        l
+    }
+
+    #[test]
+    fn the_run_view_answers_per_model_and_per_agent_and_model_exactly() {
+        let dir = temp_dir("run-models");
+        drop(run_ledger(&dir, now_ns() - 59_500_000_000));
+        let base = serve_in_background(AppState::new(
+            dir.join("ledger.db"),
+            Exposition::default(),
+            Arc::new(AtomicBool::new(true)),
+        ));
+        let (status, body) = get(&format!("{base}/v1/runs/run-1"), None);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["pending"], false, "{body}");
+        let dec = |v: &serde_json::Value| -> Decimal {
+            v.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string())
+                .parse()
+                .expect("decimal")
+        };
+        let models: Vec<(serde_json::Value, Decimal, u64)> = body["by_model"]
+            .as_array()
+            .expect("by_model")
+            .iter()
+            .map(|m| {
+                (
+                    m["model"].clone(),
+                    dec(&m["token_cost"]),
+                    m["tokens"]["input"].as_u64().expect("input"),
+                )
+            })
+            .collect();
+        assert_eq!(
+            models,
+            [
+                (serde_json::Value::Null, Decimal::ZERO, 0),
+                (json!("m1"), dec(&json!("0.002525")), 1010),
+                (json!("m2"), dec(&json!("0.00003")), 300),
+            ]
+        );
+        let m1 = &body["by_model"][1]["tokens"];
+        assert_eq!(m1["cache_creation_input"], 4);
+        assert_eq!(m1["audio_input"], 6);
+        assert_eq!(m1["output"], 505);
+        // The parts add up to the run's totals exactly.
+        let total_token = dec(&body["totals"]["cost"]["token"]);
+        let sum: Decimal = models.iter().map(|m| m.1).sum();
+        assert_eq!(sum, total_token);
+        let am: Vec<(String, String, Decimal)> = body["by_agent_model"]
+            .as_array()
+            .expect("by_agent_model")
+            .iter()
+            .map(|m| {
+                (
+                    m["agent_id"].as_str().unwrap_or("").to_string(),
+                    m["model"].as_str().unwrap_or("").to_string(),
+                    dec(&m["token_cost"]),
+                )
+            })
+            .collect();
+        let find = |a: &str, m: &str| {
+            am.iter()
+                .find(|x| x.0 == a && x.1 == m)
+                .map(|x| x.2)
+                .expect("group")
+        };
+        assert_eq!(find("a1", "m1"), dec(&json!("0.0025")));
+        assert_eq!(find("a2", "m1"), dec(&json!("0.000025")));
+        assert_eq!(find("a2", "m2"), dec(&json!("0.00003")));
+        assert_eq!(am.iter().map(|x| x.2).sum::<Decimal>(), total_token);
+        // `model` is a group_by and where field of /v1/usage.
+        let (status, body) = get(
+            &format!("{base}/v1/usage?group_by=model&where=model=m2"),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["root"]["totals"]["tokens_input"], 300);
+        assert_eq!(body["root"]["children"][0]["key"], "m2");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_run_still_inside_span_lag_is_pending_not_404() {
+        let dir = temp_dir("pending");
+        // Spans committed that end after the last committed window.
+        drop(run_ledger(&dir, now_ns() + 5_000_000_000));
+        let pending = Arc::new(PendingRuns::default());
+        pending.note(&[crate::context::spans::Span {
+            start_unix_ns: 1_800_000_000_000_000_000,
+            end_unix_ns: 1_800_000_001_000_000_000,
+            context: crate::identity::run::RunContext {
+                run_id: Some("run-new".into()),
+                agent_id: Some("a9".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }]);
+        let base = serve_in_background(
+            AppState::new(
+                dir.join("ledger.db"),
+                Exposition::default(),
+                Arc::new(AtomicBool::new(true)),
+            )
+            .with_pending(pending),
+        );
+        // Received, nothing committed: 200, pending, what is known.
+        let (status, body) = get(&format!("{base}/v1/runs/run-new"), None);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["pending"], true);
+        assert_eq!(body["received"]["spans"], 1);
+        assert_eq!(body["received"]["agents"], json!(["a9"]));
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("span_lag")),
+            "{body}"
+        );
+        // Committed in part: its spans end after the last committed window.
+        let (status, body) = get(&format!("{base}/v1/runs/run-1"), None);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["pending"], true, "{body}");
+        // Nobody's run is still a 404.
+        let (status, body) = get(&format!("{base}/v1/runs/run-nobody"), None);
+        assert_eq!(status, 404, "{body}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bad_model_queries_get_a_400_naming_what_was_wrong() {
+        let dir = temp_dir("bad-model");
+        drop(ledger_with(&dir, 1));
+        let base = serve_in_background(AppState::new(
+            dir.join("ledger.db"),
+            Exposition::default(),
+            Arc::new(AtomicBool::new(true)),
+        ));
+        let error = |url: &str| {
+            let (status, body) = get(&format!("{base}{url}"), None);
+            assert_eq!(status, 400, "{url}: {body}");
+            body["error"].as_str().unwrap_or_default().to_string()
+        };
+        assert!(error("/v1/usage?group_by=colour").contains("colour"));
+        assert!(error("/v1/usage?group_by=model,colour").contains("colour"));
+        assert!(error("/v1/usage?where=model=gpt%204o%27%3B").contains("not a model name"));
+        let huge = "x".repeat(MAX_VALUE_LEN + 1);
+        assert!(error(&format!("/v1/usage?where=run_id={huge}")).contains("over the limit"));
+        assert!(error("/v1/records?where=model=m1").contains("/v1/usage"));
+        assert!(error(&format!("/v1/runs/{}", "r".repeat(300))).contains("run_id"));
+        // A good model query answers (nothing matches: an empty tree).
+        let (status, body) = get(&format!("{base}/v1/usage?group_by=model"), None);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["root"]["children"][0]["key"], "unattributed");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
