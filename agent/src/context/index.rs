@@ -6,7 +6,10 @@
 //! window's, to its exit or the window's end); each instant of that belongs
 //! to the runs whose spans (of that process) cover it, shared equally when
 //! several do; instants no span covers belong to the process's environment
-//! context (or to no run). Each run gets the fraction ([`Share`]) it owns, in
+//! context (or to no run). Within one trace only the innermost spans
+//! covering an instant count, filled from the spans around them (a call
+//! inside an agent's span is that agent's; see `nest_within_traces`). Each
+//! run gets the fraction ([`Share`]) it owns, in
 //! parts per [`SCALE`] that sum to it exactly; `report::split` divides the
 //! quantities by them.
 
@@ -219,12 +222,21 @@ impl SpanIndex {
         let mut ids: BTreeMap<RunContext, usize> = BTreeMap::new();
         let mut events: Vec<(u64, bool, usize)> = Vec::new();
         let mut cuts: Vec<u64> = vec![start, end];
-        for s in spans {
-            let (a, b) = (s.start_unix_ns.max(start), s.end_unix_ns.min(end));
-            if a >= b {
-                continue;
-            }
-            let mut ctx = RunContext::clone(&s.context);
+        let pieces: Vec<Piece> = spans
+            .iter()
+            .filter_map(|s| {
+                let (a, b) = (s.start_unix_ns.max(start), s.end_unix_ns.min(end));
+                (a < b).then_some(Piece {
+                    from: a,
+                    to: b,
+                    span: (s.start_unix_ns, s.end_unix_ns),
+                    context: Cow::Borrowed(&*s.context),
+                })
+            })
+            .collect();
+        for p in nest_within_traces(pieces) {
+            let (a, b) = (p.from, p.to);
+            let mut ctx = p.context.into_owned();
             ctx.inherit(own);
             let next = ids.len();
             let id = *ids.entry(ctx).or_insert(next);
@@ -287,6 +299,94 @@ impl SpanIndex {
         }
         largest_remainder(ns_by_ctx, u128::from(end - start))
     }
+}
+
+/// A span's part of a window, with its whole extent (what nesting is judged by).
+struct Piece<'a> {
+    from: u64,
+    to: u64,
+    span: (u64, u64),
+    context: Cow<'a, RunContext>,
+}
+
+/// Spans of one trace (and one process) more than this in a window are
+/// taken as they are, unnested: the nesting below is quadratic in them.
+const MAX_NESTED: usize = 64;
+
+/// Within one trace, at each instant only the innermost spans count (those
+/// whose extent contains no other covering span of the trace), each filled
+/// from the spans around it, innermost first: an LLM call or a tool inside
+/// an `invoke_agent` span is that agent's, a sub-agent's span is the
+/// sub-agent's, not shared with its parent's, and parallel siblings share.
+/// Across traces (and for a trace whose spans carry one context) the rule
+/// of the module holds unchanged.
+fn nest_within_traces(pieces: Vec<Piece<'_>>) -> Vec<Piece<'_>> {
+    let mut by_trace: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    let mut keep = vec![false; pieces.len()];
+    for (i, p) in pieces.iter().enumerate() {
+        match p.context.trace_id.as_deref() {
+            Some(t) => by_trace.entry(t).or_default().push(i),
+            None => keep[i] = true,
+        }
+    }
+    let mut nested: Vec<Piece<'_>> = Vec::new();
+    for idx in by_trace.values() {
+        let first = &pieces[idx[0]].context;
+        if idx.len() > MAX_NESTED || idx.iter().all(|&i| pieces[i].context == *first) {
+            idx.iter().for_each(|&i| keep[i] = true);
+            continue;
+        }
+        let mut cuts: Vec<u64> = idx
+            .iter()
+            .flat_map(|&i| [pieces[i].from, pieces[i].to])
+            .collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        for w in cuts.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            let active: Vec<&Piece<'_>> = idx
+                .iter()
+                .map(|&i| &pieces[i])
+                .filter(|p| p.from <= a && p.to >= b)
+                .collect();
+            let within =
+                |inner: (u64, u64), outer: (u64, u64)| inner.0 >= outer.0 && inner.1 <= outer.1;
+            for (li, leaf) in active.iter().enumerate() {
+                let inner = active
+                    .iter()
+                    .enumerate()
+                    .any(|(j, p)| j != li && p.span != leaf.span && within(p.span, leaf.span));
+                if inner {
+                    continue;
+                }
+                let mut around: Vec<&&Piece<'_>> = active
+                    .iter()
+                    .enumerate()
+                    .filter(|&(j, p)| j != li && within(leaf.span, p.span))
+                    .map(|(_, p)| p)
+                    .collect();
+                // Innermost first: the latest start, then the earliest end.
+                around.sort_by_key(|p| (std::cmp::Reverse(p.span.0), p.span.1));
+                let mut ctx = leaf.context.clone().into_owned();
+                for p in around {
+                    ctx.inherit(&p.context);
+                }
+                nested.push(Piece {
+                    from: a,
+                    to: b,
+                    span: leaf.span,
+                    context: Cow::Owned(ctx),
+                });
+            }
+        }
+    }
+    let mut out: Vec<Piece<'_>> = pieces
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(p, k)| k.then_some(p))
+        .collect();
+    out.extend(nested);
+    out
 }
 
 /// Time per context (ns × SCALE) to parts per SCALE, by largest remainder so
@@ -353,6 +453,48 @@ pub(crate) mod tests {
         assert_eq!(shares.iter().map(|s| s.parts).sum::<u64>(), SCALE);
         let parts = split_u64(1_000_001, &shares);
         assert_eq!(parts.iter().sum::<u64>(), 1_000_001);
+    }
+
+    #[test]
+    fn within_a_trace_the_innermost_spans_count_filled_from_those_around() {
+        let traced = |run: &str, agent: Option<&str>, start: u64, end: u64| {
+            let mut s = span(7, run, start, end);
+            s.context.trace_id = Some("t1".into());
+            s.context.agent_id = agent.map(str::to_string);
+            s
+        };
+        let mut idx = SpanIndex::default();
+        // [0, 100): invoke_agent tutor over [0, 100); inside it an LLM call
+        // [10, 40) naming no agent, and sub-agent `critic` over [50, 90), with
+        // two parallel tool calls [60, 80) and [70, 85) inside it.
+        idx.add(&traced("R", Some("tutor"), 0, 100));
+        idx.add(&traced("R", None, 10, 40));
+        idx.add(&traced("R", Some("critic"), 50, 90));
+        idx.add(&traced("R", None, 60, 80));
+        idx.add(&traced("R", None, 70, 85));
+        let shares = idx.shares(7, 0, 100, &RunContext::default());
+        let of = |agent: &str| {
+            shares
+                .iter()
+                .filter(|s| s.context.agent_id.as_deref() == Some(agent))
+                .map(|s| s.parts)
+                .sum::<u64>()
+        };
+        // tutor: all but the sub-agent's 40; critic: its 40, the tools in it included.
+        assert_eq!(of("tutor"), SCALE / 100 * 60, "{shares:?}");
+        assert_eq!(of("critic"), SCALE / 100 * 40, "{shares:?}");
+        assert_eq!(shares.len(), 2, "no share without an agent: {shares:?}");
+        // Another trace's span in the same process still shares equally.
+        let mut other = span(7, "S", 0, 100);
+        other.context.trace_id = Some("t2".into());
+        idx.add(&other);
+        let shares = idx.shares(7, 0, 100, &RunContext::default());
+        let s_parts: u64 = shares
+            .iter()
+            .filter(|s| s.context.run_id.as_deref() == Some("S"))
+            .map(|s| s.parts)
+            .sum();
+        assert_eq!(s_parts, SCALE / 2, "{shares:?}");
     }
 
     #[test]
