@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mentat_tests::daemon::{Daemon, DaemonOptions, LedgerDir, free_port, now_rfc3339};
+use mentat_tests::daemon::{Daemon, DaemonOptions, LedgerDir, free_port, now_rfc3339, poll};
 use mentat_tests::exact::{Exact, exact_json};
 use rust_decimal::Decimal;
 use serde_json::Value;
@@ -147,15 +147,25 @@ fn one_llm_call_is_billed_once_whatever_instruments_it() {
     }
     let exited = OffsetDateTime::now_utc();
 
-    // Every span was taken (the exporters had their answers before the
-    // workloads exited); then a window starting after that is committed, and
-    // with it every token record (span_lag 2 s).
-    assert_eq!(
-        daemon
-            .counter("mentat_agent_receiver_spans_total")
-            .expect("counter"),
-        spans_sent
-    );
+    // Every span was received (the exporters had their answers before the
+    // workloads exited; polled, as the counter need not be updated before the
+    // answer goes out); then a window starting after that is committed, and with
+    // it every token record (span_lag 2 s).
+    poll(Duration::from_secs(30), || {
+        let got = daemon.counter("mentat_agent_receiver_spans_total")?;
+        Ok(if got == spans_sent {
+            Ok(())
+        } else {
+            Err(format!("{got} spans received, {spans_sent} sent"))
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e:#}; daemon log:\n{}", daemon.log()));
+    for refused in [
+        "mentat_agent_receiver_rejected_spans_total",
+        "mentat_agent_receiver_dropped_spans_total",
+    ] {
+        assert_eq!(daemon.counter(refused).expect("counter"), 0, "{refused}");
+    }
     let records = daemon
         .records_once_past(&from, exited, Duration::from_secs(60))
         .expect("records");
@@ -186,7 +196,10 @@ fn one_llm_call_is_billed_once_whatever_instruments_it() {
         // What the provider answered, priced exactly by the book.
         let mut want: BTreeMap<String, (u64, u64, Exact)> = BTreeMap::new();
         for (model, m) in truth["models"].as_object().expect("models") {
-            let (input, output) = (m["input"].as_u64().unwrap(), m["output"].as_u64().unwrap());
+            let (input, output) = (
+                m["input"].as_u64().expect("input"),
+                m["output"].as_u64().expect("output"),
+            );
             let (pi, po) = prices(model);
             let cost =
                 (Decimal::from(input) * pi + Decimal::from(output) * po) / Decimal::from(1000);

@@ -528,7 +528,9 @@ mod tests {
         assert_eq!(counter(&d, "mentat_agent_duplicate_token_spans_total"), 1);
         // The same response id from another provider is another call.
         let mut other = usage(span(7, 4, None), 5, 5, Some("chatcmpl-1"));
-        other.tokens.as_mut().unwrap().provider = Some("anthropic".into());
+        if let Some(t) = other.tokens.as_mut() {
+            t.provider = Some("anthropic".into());
+        }
         let mut w3 = vec![other];
         d.apply(&mut w3, T0 + 2 * S);
         assert_eq!(billed(&w3), ["4"]);
