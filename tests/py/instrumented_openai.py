@@ -31,7 +31,8 @@ DATED = {"gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-4o": "gpt-4o-2024-08-06"}
 class Provider:
     """What the fake provider answered, summed per returned model."""
 
-    def __init__(self):
+    def __init__(self, fixed_usage):
+        self.fixed_usage = fixed_usage
         self.lock = threading.Lock()
         self.calls = 0
         self.models = {}
@@ -42,8 +43,9 @@ class Provider:
         with self.lock:
             n = self.calls
             self.calls += 1
-            # Distinct counts per call, so a duplicate or a lost call shows.
-            prompt, completion = 100 + 7 * n, 20 + 3 * n
+            # Distinct counts per call, so a duplicate or a lost call shows;
+            # or the same for every call, as repeated prompts get.
+            prompt, completion = (100, 20) if self.fixed_usage else (100 + 7 * n, 20 + 3 * n)
             m = self.models.setdefault(model, {"calls": 0, "input": 0, "output": 0})
             m["calls"] += 1
             m["input"] += prompt
@@ -121,6 +123,8 @@ def main():
     p.add_argument("--calls", type=int, default=7)
     p.add_argument("--models", default="gpt-4o-mini,gpt-4o")
     p.add_argument("--service", default="instrumented-openai", help="service.name")
+    p.add_argument("--one-trace", action="store_true", help="every call in one trace (one agent run)")
+    p.add_argument("--fixed-usage", action="store_true", help="the same usage for every call")
     a = p.parse_args()
 
     from opentelemetry import trace
@@ -153,7 +157,7 @@ def main():
             sys.exit(f"unknown instrumentation {name!r}")
         OpenAIInstrumentor().instrument(tracer_provider=provider)
 
-    fake = Provider()
+    fake = Provider(a.fixed_usage)
     server = serve(fake)
     import openai
 
@@ -164,13 +168,17 @@ def main():
     )
     models = a.models.split(",")
     tracer = trace.get_tracer("instrumented-openai")
-    for i in range(a.calls):
-        # One trace per call, as an agent's step would be.
-        with tracer.start_as_current_span(f"step {i}"):
-            client.chat.completions.create(
-                model=models[i % len(models)],
-                messages=[{"role": "user", "content": f"question {i}"}],
-            )
+    import contextlib
+
+    run = tracer.start_as_current_span("run") if a.one_trace else contextlib.nullcontext()
+    with run:
+        for i in range(a.calls):
+            # One trace per call, as an agent's step would be, or all in the run's.
+            with tracer.start_as_current_span(f"step {i}"):
+                client.chat.completions.create(
+                    model=models[i % len(models)],
+                    messages=[{"role": "user", "content": f"question {i}"}],
+                )
     if not provider.force_flush(30_000):
         sys.exit("the exporter did not flush within 30 s")
     provider.shutdown()

@@ -38,11 +38,13 @@ fn python() -> PathBuf {
     path
 }
 
-/// One workload: its service name, the instrumentations, the protocol.
+/// One workload: its service name, the instrumentations, the protocol, and
+/// more arguments.
 struct Case {
     service: &'static str,
     instrument: &'static str,
     protocol: &'static str,
+    extra: &'static [&'static str],
 }
 
 const CASES: &[Case] = &[
@@ -50,27 +52,40 @@ const CASES: &[Case] = &[
         service: "official",
         instrument: "official",
         protocol: "http",
+        extra: &[],
     },
     Case {
         service: "openllmetry",
         instrument: "openllmetry",
         protocol: "http",
+        extra: &[],
     },
     Case {
         service: "openinference",
         instrument: "openinference",
         protocol: "http",
+        extra: &[],
     },
     // The case: both OpenTelemetry instrumentations, over gRPC.
     Case {
         service: "official-openllmetry",
         instrument: "official,openllmetry",
         protocol: "grpc",
+        extra: &[],
     },
     Case {
         service: "all-three",
         instrument: "official,openllmetry,openinference",
         protocol: "http",
+        extra: &[],
+    },
+    // Distinct calls that look alike: one trace (an agent run), every call with
+    // the same usage; siblings must not be taken for one call.
+    Case {
+        service: "one-trace-alike",
+        instrument: "official,openllmetry,openinference",
+        protocol: "http",
+        extra: &["--one-trace", "--fixed-usage"],
     },
 ];
 
@@ -115,7 +130,7 @@ fn one_llm_call_is_billed_once_whatever_instruments_it() {
             _ => format!("http://127.0.0.1:{http}"),
         };
         let calls = CALLS.to_string();
-        let args = [
+        let mut args = vec![
             script.to_str().expect("path"),
             "--endpoint",
             &endpoint,
@@ -128,6 +143,7 @@ fn one_llm_call_is_billed_once_whatever_instruments_it() {
             "--service",
             case.service,
         ];
+        args.extend(case.extra);
         let out = mentat_tests::traced::run_reaped(&python, &args, &[], Duration::from_secs(120))
             .and_then(|r| r.ok("py/instrumented_openai.py"))
             .expect("the instrumented workload");
