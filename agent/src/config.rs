@@ -143,6 +143,9 @@ forward_message_content = false  # forward prompt/completion text upstream as re
 read_timeout = "10s"        # a request body must arrive within this, or the request is refused
 max_concurrent_reads = 64   # request bodies read at once, all senders together
 max_reads_per_sender = 8    # request bodies one sender (one cgroup) reads at once; beyond: 429 / UNAVAILABLE
+token_dedupe_window = "5m"  # an LLM call's token span is remembered this long to bill a second report of it once
+max_token_dedupe_calls = 50000   # calls remembered for that; past it, the oldest are forgotten (counted)
+max_token_dedupe_links = 200000  # parent links remembered for its nesting rule; past it, the oldest (counted)
 trusted_forwarders = []     # senders whose pid/container/pod claims are believed, e.g.
                             # ["cgroup:/system.slice/otelcol.service", "addr:10.0.0.7"]; see README "Trust model"
 # [receiver.upstream]       # forward received spans, enriched with cost
@@ -322,6 +325,12 @@ impl Config {
         {
             return Err(
                 "[receiver] max_pending_spans, max_indexed_spans and max_indexed_spans_per_process must be at least 1"
+                    .into(),
+            );
+        }
+        if r.max_token_dedupe_calls == 0 || r.max_token_dedupe_links == 0 {
+            return Err(
+                "[receiver] max_token_dedupe_calls and max_token_dedupe_links must be at least 1"
                     .into(),
             );
         }

@@ -26,6 +26,7 @@ use crate::{
     collect::{Collector, Window, gpu::GpuMeter, metered::core_seconds, storage::StorageMeter},
     config::Config,
     context::{
+        dedupe::DedupeLimits,
         inbox::{InboxLimits, SpanInbox},
         receiver::{self, Onward, ReceiverStats},
         sender::{Binder, parse_rules},
@@ -192,11 +193,18 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
 
     // Spans from the agents on this node: the receiver admits them into the
     // inbox before it answers; the collector reads it when it splits windows.
-    let inbox = Arc::new(SpanInbox::new(InboxLimits {
-        max_pending: config.receiver.max_pending_spans,
-        max_indexed: config.receiver.max_indexed_spans,
-        max_indexed_per_sender: config.receiver.max_indexed_spans_per_process,
-    }));
+    let inbox = Arc::new(
+        SpanInbox::new(InboxLimits {
+            max_pending: config.receiver.max_pending_spans,
+            max_indexed: config.receiver.max_indexed_spans,
+            max_indexed_per_sender: config.receiver.max_indexed_spans_per_process,
+        })
+        .with_dedupe(DedupeLimits {
+            window: config.receiver.token_dedupe_window,
+            max_calls: config.receiver.max_token_dedupe_calls,
+            max_links: config.receiver.max_token_dedupe_links,
+        }),
+    );
     let receiver_stats = Arc::new(ReceiverStats::default());
     {
         let (inbox, stats, binder) = (inbox.clone(), receiver_stats.clone(), binder.clone());

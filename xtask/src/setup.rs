@@ -84,6 +84,7 @@ pub fn setup() -> Result<()> {
     ensure_bpf_linker(&mut report)?;
     ensure_apt_packages(&mut report)?;
     ensure_pypi_packages(&mut report)?;
+    ensure_instrumentations_venv(&mut report)?;
     ensure_bpffs(&mut report);
     say!("setup: {} ({})", report.summary(), elapsed(start));
     Ok(())
@@ -309,6 +310,57 @@ fn ensure_pypi_packages(report: &mut Report) -> Result<()> {
         elapsed(start)
     );
     report.done.push(format!("installed {}", missing.join(" ")));
+    Ok(())
+}
+
+/// The pinned set of the instrumentations virtualenv (see the file's opening).
+const INSTRUMENTATIONS_REQUIREMENTS: &str = "tests/py/instrumentations.txt";
+
+/// The Python of the virtualenv with the real GenAI instrumentation packages, which
+/// tests/tests/instrumentations.rs runs its workload with (`TEST_INSTRUMENTATIONS_PYTHON`).
+pub fn instrumentations_python() -> Result<PathBuf> {
+    Ok(data_dir()?.join("py-instrumentations/bin/python"))
+}
+
+// A virtualenv of its own: those packages need versions (wrapt<2) other tests' system
+// packages do not have. Idempotent: a copy of the requirements it was built from lies in
+// it, and it is rebuilt only when that differs from the checkout's.
+fn ensure_instrumentations_venv(report: &mut Report) -> Result<()> {
+    let wanted_path = crate::cargo::workspace_root().join(INSTRUMENTATIONS_REQUIREMENTS);
+    let wanted = fs::read_to_string(&wanted_path)
+        .with_context(|| format!("reading {}", wanted_path.display()))?;
+    let python = instrumentations_python()?;
+    let venv = python
+        .parent()
+        .and_then(Path::parent)
+        .context("the instrumentations virtualenv has no directory")?
+        .to_path_buf();
+    let stamp = venv.join("mentat-requirements.txt");
+    if python.is_file() && fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        report
+            .present
+            .push("instrumentations virtualenv".to_owned());
+        return Ok(());
+    }
+    let start = Instant::now();
+    if venv.exists() {
+        fs::remove_dir_all(&venv).with_context(|| format!("removing {}", venv.display()))?;
+    }
+    cmd::run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    cmd::run(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "-r"])
+            .arg(&wanted_path),
+    )?;
+    fs::write(&stamp, &wanted).with_context(|| format!("writing {}", stamp.display()))?;
+    say!(
+        "setup: built the instrumentations virtualenv {} in {}",
+        venv.display(),
+        elapsed(start)
+    );
+    report
+        .done
+        .push("built the instrumentations virtualenv".to_owned());
     Ok(())
 }
 

@@ -99,6 +99,9 @@ fn build_release_bins() -> Result<()> {
 fn set_bin_env(cmd: &mut Command, target_dir: &Path) {
     cmd.env("TEST_AGENT_BIN", release_bin(target_dir, "mentat-agent"))
         .env("TEST_WORKLOAD_BIN", release_bin(target_dir, "workload"));
+    if let Ok(python) = setup::instrumentations_python() {
+        cmd.env("TEST_INSTRUMENTATIONS_PYTHON", python);
+    }
 }
 
 /// Sets up, builds the release binaries and runs mentat-tests' `bench` with `args`.

@@ -39,6 +39,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     context::binding::ProcessBindings,
+    context::dedupe::{DedupeLimits, TokenDedupe},
     context::index::SpanIndex,
     context::spans::{PidScope, Span},
 };
@@ -199,6 +200,8 @@ struct Inbox {
     bad_traceparents: u64,
     /// Times the lock was found poisoned (a panic while it was held).
     poisoned: u64,
+    /// One LLM call's tokens once: applied to the spans a window takes.
+    dedupe: TokenDedupe,
 }
 
 impl Inbox {
@@ -247,10 +250,17 @@ impl SpanInbox {
         }
     }
 
+    /// This inbox, its token dedupe bounded by `limits`.
+    pub fn with_dedupe(self, limits: DedupeLimits) -> Self {
+        self.lock().dedupe = TokenDedupe::new(limits);
+        self
+    }
+
     /// Maps the held container pids to host pids with `host_pid` (outside
     /// the lock), then takes what one window `[from, to]` (Unix ns) needs:
     /// the indexed spans touching it and the spans new since the last
-    /// window. Spans that ended before `from` leave the index (windows go
+    /// window, the tokens of an LLM call reported before removed
+    /// (`dedupe`). Spans that ended before `from` leave the index (windows go
     /// out in order, so they touch no later window).
     pub fn take_window(
         &self,
@@ -307,7 +317,9 @@ impl SpanInbox {
         st.index.forget_before(from);
         st.split_through = st.split_through.max(to);
         st.in_flight += st.new.len();
-        (snapshot, std::mem::take(&mut st.new))
+        let mut new = std::mem::take(&mut st.new);
+        st.dedupe.apply(&mut new, to);
+        (snapshot, new)
     }
 
     /// Drops the resource-level bindings of processes gone (`alive` says
@@ -352,7 +364,7 @@ impl SpanInbox {
     /// The counters as (name, help, value), for `/metrics`.
     pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
         let st = self.lock();
-        vec![
+        let mut c = vec![
             (
                 "mentat_agent_span_pids_unmapped_total",
                 "Spans naming a pid in a container (container.id or k8s.pod.uid) that matched no process there, or several: they bind no process's usage.",
@@ -378,7 +390,9 @@ impl SpanInbox {
                 "Times the span inbox's lock was found poisoned by a panic; the inbox was used on.",
                 st.poisoned,
             ),
-        ]
+        ];
+        c.extend(st.dedupe.counters());
+        c
     }
 }
 

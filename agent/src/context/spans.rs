@@ -8,7 +8,8 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use crate::identity::run::RunContext;
 
-/// LLM token usage a span reported (`gen_ai.usage.*`).
+/// LLM token usage a span reported (`gen_ai.usage.*`, or OpenInference's
+/// `llm.token_count.*`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SpanTokens {
     /// `gen_ai.response.model`, else `gen_ai.request.model`.
@@ -35,6 +36,12 @@ pub struct SpanTokens {
     pub text_output: u64,
     /// See `text_output`.
     pub audio_output: u64,
+    /// `gen_ai.response.id`: the provider's id of the call, where reported
+    /// (what `context::dedupe` recognises one call by).
+    pub response_id: Option<String>,
+    /// The provider, lowercased: `gen_ai.provider.name`, else the deprecated
+    /// `gen_ai.system`, else OpenInference's `llm.provider` / `llm.system`.
+    pub provider: Option<String>,
 }
 
 /// Where a span's `process.pid` lives: a container's or pod's pid namespace.

@@ -197,8 +197,9 @@ pub(super) fn count(value: &AnyValue) -> Option<u64> {
 /// of the GenAI semantic conventions (input, cache read and creation, output,
 /// reasoning, per-modality input and output). The older
 /// `gen_ai.usage.cache_read_input_tokens`, `cache_creation_input_tokens`,
-/// `prompt_tokens` and `completion_tokens` are read where the current names
-/// are absent.
+/// `prompt_tokens` and `completion_tokens`, then OpenInference's
+/// `llm.token_count.*` (Arize), are read where the current names are absent.
+/// Also the call's `gen_ai.response.id` and provider, which dedupe reads.
 pub(super) fn tokens_of(attributes: &[KeyValue]) -> Option<SpanTokens> {
     // The last occurrence wins, as it does in `Span::attributes`.
     let get = |key: &str| {
@@ -209,24 +210,41 @@ pub(super) fn tokens_of(attributes: &[KeyValue]) -> Option<SpanTokens> {
             .and_then(|kv| kv.value.as_ref())
     };
     let first = |keys: &[&str]| keys.iter().find_map(|k| get(k).and_then(count));
-    let input = first(&["gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens"]);
+    let input = first(&[
+        "gen_ai.usage.input_tokens",
+        "gen_ai.usage.prompt_tokens",
+        "llm.token_count.prompt",
+    ]);
     let output = first(&[
         "gen_ai.usage.output_tokens",
         "gen_ai.usage.completion_tokens",
+        "llm.token_count.completion",
     ]);
     let cache_read = first(&[
         "gen_ai.usage.cache_read.input_tokens",
         "gen_ai.usage.cache_read_input_tokens",
+        "llm.token_count.prompt_details.cache_read",
     ]);
-    let reasoning = first(&["gen_ai.usage.reasoning.output_tokens"]);
+    let reasoning = first(&[
+        "gen_ai.usage.reasoning.output_tokens",
+        "llm.token_count.completion_details.reasoning",
+    ]);
     let cache_creation = first(&[
         "gen_ai.usage.cache_creation.input_tokens",
         "gen_ai.usage.cache_creation_input_tokens",
+        "llm.token_count.prompt_details.cache_write",
     ]);
-    let [text_in, image_in, audio_in, video_in] = ["text", "image", "audio", "video"]
-        .map(|m| first(&[&format!("gen_ai.usage.{m}.input_tokens")]));
-    let [text_out, audio_out] =
-        ["text", "audio"].map(|m| first(&[&format!("gen_ai.usage.{m}.output_tokens")]));
+    let [text_in, image_in, video_in] =
+        ["text", "image", "video"].map(|m| first(&[&format!("gen_ai.usage.{m}.input_tokens")]));
+    let audio_in = first(&[
+        "gen_ai.usage.audio.input_tokens",
+        "llm.token_count.prompt_details.audio",
+    ]);
+    let text_out = first(&["gen_ai.usage.text.output_tokens"]);
+    let audio_out = first(&[
+        "gen_ai.usage.audio.output_tokens",
+        "llm.token_count.completion_details.audio",
+    ]);
     let all = [
         input,
         output,
@@ -243,10 +261,16 @@ pub(super) fn tokens_of(attributes: &[KeyValue]) -> Option<SpanTokens> {
     if all.iter().all(Option::is_none) {
         return None;
     }
-    let model = ["gen_ai.response.model", "gen_ai.request.model"]
-        .iter()
-        .find_map(|k| get(k).and_then(scalar).filter(|m| !m.is_empty()))
-        .unwrap_or_else(|| "unknown".into());
+    let text = |keys: &[&str]| {
+        keys.iter()
+            .find_map(|k| get(k).and_then(scalar).filter(|v| !v.is_empty()))
+    };
+    let model = text(&[
+        "gen_ai.response.model",
+        "gen_ai.request.model",
+        "llm.model_name",
+    ])
+    .unwrap_or_else(|| "unknown".into());
     Some(SpanTokens {
         model,
         input: input.unwrap_or(0),
@@ -260,6 +284,14 @@ pub(super) fn tokens_of(attributes: &[KeyValue]) -> Option<SpanTokens> {
         video_input: video_in.unwrap_or(0),
         text_output: text_out.unwrap_or(0),
         audio_output: audio_out.unwrap_or(0),
+        response_id: text(&["gen_ai.response.id"]),
+        provider: text(&[
+            "gen_ai.provider.name",
+            "gen_ai.system",
+            "llm.provider",
+            "llm.system",
+        ])
+        .map(|p| p.to_ascii_lowercase()),
     })
 }
 

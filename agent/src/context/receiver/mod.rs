@@ -181,6 +181,14 @@ pub struct ReceiverConfig {
     pub max_concurrent_reads: usize,
     /// Request bodies one sender (one cgroup) reads at once.
     pub max_reads_per_sender: usize,
+    /// How long an LLM call's token span is remembered to recognise another
+    /// report of the same call (`context::dedupe`).
+    #[serde(with = "crate::probes::clock::duration_str")]
+    pub token_dedupe_window: Duration,
+    /// LLM calls remembered for the dedupe; past it, the oldest are forgotten (counted).
+    pub max_token_dedupe_calls: usize,
+    /// Parent links remembered for the dedupe's nesting rule; past it, the oldest (counted).
+    pub max_token_dedupe_links: usize,
 }
 
 impl Default for ReceiverConfig {
@@ -203,6 +211,9 @@ impl Default for ReceiverConfig {
             read_timeout: Duration::from_secs(10),
             max_concurrent_reads: 64,
             max_reads_per_sender: 8,
+            token_dedupe_window: Duration::from_secs(300),
+            max_token_dedupe_calls: 50_000,
+            max_token_dedupe_links: 200_000,
         }
     }
 }

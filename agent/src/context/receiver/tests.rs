@@ -309,6 +309,70 @@ fn token_fields_and_model() {
     assert_eq!(spans[4].tokens, None);
 }
 
+/// The attributes the three instrumentations the e2e test runs put on one
+/// call (tests/py/instrumented_openai.py, as they printed them).
+#[test]
+fn openinference_counts_response_ids_and_providers_are_read() {
+    let req = request(
+        vec![],
+        vec![
+            // Arize OpenInference: no gen_ai.* at all.
+            span(
+                1,
+                vec![
+                    kv("llm.system", s("openai")),
+                    kv("llm.model_name", s("gpt-4o-mini-2024-07-18")),
+                    kv("llm.token_count.prompt", Value::IntValue(100)),
+                    kv("llm.token_count.completion", Value::IntValue(20)),
+                    kv("llm.token_count.total", Value::IntValue(120)),
+                    kv(
+                        "llm.token_count.prompt_details.cache_read",
+                        Value::IntValue(30),
+                    ),
+                ],
+            ),
+            // The official openai-v2: the deprecated gen_ai.system.
+            span(
+                2,
+                vec![
+                    kv("gen_ai.system", s("OpenAI")),
+                    kv("gen_ai.response.id", s("chatcmpl-1")),
+                    kv("gen_ai.usage.input_tokens", Value::IntValue(100)),
+                ],
+            ),
+            // OpenLLMetry: gen_ai.provider.name wins over gen_ai.system.
+            span(
+                3,
+                vec![
+                    kv("gen_ai.system", s("other")),
+                    kv("gen_ai.provider.name", s("openai")),
+                    kv("gen_ai.response.id", s("chatcmpl-1")),
+                    kv("gen_ai.usage.output_tokens", Value::IntValue(20)),
+                ],
+            ),
+        ],
+    );
+    let spans = spans_of(&req, None);
+    assert_eq!(
+        spans[0].tokens,
+        Some(SpanTokens {
+            model: "gpt-4o-mini-2024-07-18".into(),
+            input: 100,
+            output: 20,
+            cache_read_input: 30,
+            provider: Some("openai".into()),
+            ..SpanTokens::default()
+        })
+    );
+    let t = spans[1].tokens.as_ref().unwrap();
+    assert_eq!(
+        (t.response_id.as_deref(), t.provider.as_deref()),
+        (Some("chatcmpl-1"), Some("openai"))
+    );
+    let t = spans[2].tokens.as_ref().unwrap();
+    assert_eq!(t.provider.as_deref(), Some("openai"));
+}
+
 #[test]
 fn every_semconv_token_type_is_read() {
     let counts = [
@@ -345,6 +409,7 @@ fn every_semconv_token_type_is_read() {
             reasoning_output: 50,
             text_output: 400,
             audio_output: 50,
+            ..SpanTokens::default()
         })
     );
     // A span reporting only a cache write is token usage too (the older name).
