@@ -286,6 +286,19 @@ pub fn run_python(
     run_reaped("python3", &argv, env, timeout)
 }
 
+/// Runs `py/otlp_client.py ARGS` (at most `timeout`) and checks that the receiver
+/// refused none of its spans; its JSON summary.
+pub fn send_spans(args: &[&str], timeout: Duration) -> Result<Value> {
+    let summary = run_python("otlp_client.py", args, &[], timeout)?
+        .ok("py/otlp_client.py")?
+        .truth()?;
+    anyhow::ensure!(
+        summary["rejected_spans"] == 0,
+        "the receiver refused spans: {summary}"
+    );
+    Ok(summary)
+}
+
 /// A run id no other test run has used: the tests' pid, the time, and a tag.
 pub fn unique_run_id(tag: &str) -> String {
     format!(
