@@ -106,6 +106,15 @@ fn log_window(r: &Report, committed: usize) {
 /// committed and offered to the exporters before exit. SIGHUP reloads the
 /// price book (a bad book keeps the old one).
 pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
+    // No transparent huge pages for the agent's heap: the allocator asks for
+    // them where the host allows, and then memory is resident 2 MiB at a time
+    // and comes back only when a whole 2 MiB is free (+20 MiB RSS at 10,000
+    // idle processes, BENCHMARKS.md issue 13). Best effort: the agent runs
+    // the same without it.
+    // SAFETY: PR_SET_THP_DISABLE takes plain integers and touches no memory of ours.
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+        debug!("PR_SET_THP_DISABLE failed; the heap may use transparent huge pages");
+    }
     let book = match &config.pricing_path {
         Some(path) => PriceBook::load(path)?,
         None => PriceBook::parse(DEFAULT_BOOK, "built-in deploy/pricing.toml")?,

@@ -135,6 +135,8 @@ struct Last {
     /// When `sample` was read from procfs.
     read_ns: u64,
     sample: ProcSample,
+    /// `sample` was a `status` reading (its VmHWM is current, not carried).
+    peak_fresh: bool,
 }
 
 /// Integrates samples per process instance `(tgid, start_ns)`.
@@ -170,6 +172,7 @@ impl Integrator {
         born_metered: bool,
     ) {
         let key = (tgid, start_ns);
+        let peak_fresh = s.hwm_bytes != 0;
         // A statm sample has no VmHWM: the last status reading's still holds.
         let s = match self.last.get(&key) {
             Some(prev) if s.hwm_bytes == 0 => ProcSample {
@@ -205,6 +208,7 @@ impl Integrator {
                 at_ns: now_ns,
                 read_ns: now_ns,
                 sample: s,
+                peak_fresh,
             },
         );
     }
@@ -214,40 +218,47 @@ impl Integrator {
     /// ∫ RSS dt is its last RSS × the time since (what a sample would add
     /// when the RSS is unchanged), without a procfs read.
     pub fn carry(&mut self, now_ns: u64) {
-        self.carry_where(now_ns, |_, _| true);
+        self.carry_all(now_ns);
     }
 
     /// Takes what is due at `now_ns`: every instance with something
     /// accumulated since the last take (sampled or exited), every instance
-    /// `ran` says ran, and with `all`, every instance; each carried to
-    /// `now_ns` first (see [`Integrator::carry`]). Instances not due keep
+    /// in `ran`, and with `all`, every instance; each carried to `now_ns`
+    /// first (see [`Integrator::carry`]). Instances not due keep
     /// accumulating: their memory since their last take is taken, whole,
-    /// when they are next due.
-    pub fn take_due(
+    /// when they are next due. Without `all` the work is proportional to
+    /// what is due, not to the instances tracked (issue 13).
+    pub fn take_due<'a>(
         &mut self,
         now_ns: u64,
-        ran: impl Fn(&(u32, u64)) -> bool,
+        ran: impl IntoIterator<Item = &'a (u32, u64)>,
         all: bool,
     ) -> HashMap<(u32, u64), MemDisk> {
-        self.carry_where(now_ns, |key, pending| all || pending || ran(key));
+        if all {
+            self.carry_all(now_ns);
+        } else {
+            let mut due: Vec<(u32, u64)> = self.pending.keys().copied().collect();
+            due.extend(ran.into_iter().copied());
+            for key in due {
+                if let Some(last) = self.last.get_mut(&key) {
+                    carry_one(&mut self.pending, key, last, now_ns);
+                }
+            }
+        }
         self.take()
     }
 
-    /// Carries the instances `due(key, has_pending)` picks to `now_ns`.
-    fn carry_where(&mut self, now_ns: u64, due: impl Fn(&(u32, u64), bool) -> bool) {
+    /// Carries every instance to `now_ns`.
+    fn carry_all(&mut self, now_ns: u64) {
         for (key, last) in &mut self.last {
-            if last.at_ns >= now_ns || !due(key, self.pending.contains_key(key)) {
-                continue;
-            }
-            let acc = self.pending.entry(*key).or_default();
-            let dt = u128::from(now_ns - last.at_ns);
-            acc.rss_byte_ns += dt * u128::from(last.sample.rss_bytes);
-            acc.peak_rss_bytes = acc
-                .peak_rss_bytes
-                .max(last.sample.hwm_bytes)
-                .max(last.sample.rss_bytes);
-            last.at_ns = now_ns;
+            carry_one(&mut self.pending, *key, last, now_ns);
         }
+    }
+
+    /// Whether the last reading of `key` had its peak (VmHWM from `status`):
+    /// false when a `statm` reading came since, which carries the older peak.
+    pub fn peak_fresh(&self, key: (u32, u64)) -> bool {
+        self.last.get(&key).is_some_and(|l| l.peak_fresh)
     }
 
     /// When instance `key` was last read from procfs, if it is being integrated.
@@ -337,6 +348,27 @@ fn own_io(
     d.0 -= taken.0;
     d.1 -= taken.1;
     (io.0 - taken.0, io.1 - taken.1)
+}
+
+/// Carries one instance to `now_ns` at its last resident set (nothing when
+/// it is integrated that far already).
+fn carry_one(
+    pending: &mut HashMap<(u32, u64), MemDisk>,
+    key: (u32, u64),
+    last: &mut Last,
+    now_ns: u64,
+) {
+    if last.at_ns >= now_ns {
+        return;
+    }
+    let acc = pending.entry(key).or_default();
+    let dt = u128::from(now_ns - last.at_ns);
+    acc.rss_byte_ns += dt * u128::from(last.sample.rss_bytes);
+    acc.peak_rss_bytes = acc
+        .peak_rss_bytes
+        .max(last.sample.hwm_bytes)
+        .max(last.sample.rss_bytes);
+    last.at_ns = now_ns;
 }
 
 fn add_io(acc: &mut MemDisk, (read, write): (u64, u64)) {
@@ -490,9 +522,9 @@ mod tests {
         // Only what is due is taken; the rest is taken whole later.
         i.sample(3, 0, S, mem(GIB), true);
         i.take();
-        let due = i.take_due(3 * S, |k| k.0 == 9, false);
+        let due = i.take_due(3 * S, &[(9, 0)], false);
         assert!(due.is_empty(), "{due:?}");
-        let due = i.take_due(5 * S, |k| k.0 == 3, false);
+        let due = i.take_due(5 * S, &[(3, 0)], false);
         assert!(
             (gib_seconds(due[&(3, 0)].rss_byte_ns) - 4.0).abs() < 1e-9,
             "{due:?}"

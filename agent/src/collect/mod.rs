@@ -222,8 +222,27 @@ pub struct Collector {
     /// How often processes that did not run are read again, and `/proc` swept for
     /// processes the agent has no event of.
     idle_every: Duration,
-    /// The last sweep of `/proc` (0: none yet; the first close sweeps).
+    /// When the current sweep of `/proc` began (0: none yet; the first close
+    /// sweeps all at once).
     last_sweep_ns: u64,
+    /// The pids listed at the sweep's start, read a slice per close over the
+    /// first half of `idle_every`, so that no tick reads them all (issue 13).
+    sweep_pids: Vec<u32>,
+    /// How many of `sweep_pids` were read.
+    sweep_done: usize,
+    /// Instances found gone at the sweep's start (their exit event was lost):
+    /// handed over at the next close, carried to it.
+    gone_due: Vec<(u32, u64)>,
+    /// One live member per cgroup (the oldest), to read the cgroup's memory
+    /// counter and find its container's layer; rebuilt from `live` only when
+    /// a member exited or moved or a cgroup appeared, so an idle tick does
+    /// not walk every process.
+    cgroup_member: HashMap<u64, (u32, u64)>,
+    /// `cgroup_member` needs a rebuild.
+    members_dirty: bool,
+    /// Instances with an exit time, until forgotten: what
+    /// [`Collector::forget_exited_before`] looks at, instead of every instance.
+    exited: Vec<(u32, u64)>,
     /// Instances read at every sample: those that ran in the last window or were
     /// born or exec'd since. The others are carried at their last reading.
     active: HashSet<(u32, u64)>,
@@ -286,6 +305,12 @@ impl Collector {
             last_sample_ns: 0,
             idle_every: DEFAULT_IDLE_EVERY,
             last_sweep_ns: 0,
+            sweep_pids: Vec::new(),
+            sweep_done: 0,
+            gone_due: Vec::new(),
+            cgroup_member: HashMap::new(),
+            members_dirty: true,
+            exited: Vec::new(),
             active: HashSet::new(),
             span_start: HashMap::new(),
             flush_all: false,
@@ -475,6 +500,9 @@ impl Collector {
                 if info.ppid.is_none() {
                     info.ppid = Some(ev.ppid);
                 }
+                if info.exited_ns.is_none() {
+                    self.exited.push((ev.tgid, ev.start_ns));
+                }
                 info.exited_ns = Some(ev.ts_ns);
                 info.exit_cgroup = Some(ev.cgroup_id);
                 self.mem.exit(
@@ -534,21 +562,22 @@ impl Collector {
     /// have changed: the instances that ran in the window (`ran`) or were
     /// born since the last close. Every other process is carried at its last
     /// reading (a process that did not run holds what it held). Every
-    /// `idle_every`, `/proc` is swept instead: every process is read again
-    /// (its RSS, peak, I/O and cgroup), and processes no event named are found.
-    fn sample_window(&mut self, now: u64, ran: &HashMap<(u32, u64), Vec<u64>>) -> bool {
+    /// `idle_every` a sweep of `/proc` begins: over the first half of the
+    /// interval every process is read again, a slice per close (its RSS,
+    /// I/O, cgroup, and its peak where it ran since the last), and processes
+    /// no event named are found. The first sweep reads all at once.
+    fn sample_window(&mut self, now: u64, ran: &HashMap<(u32, u64), Vec<u64>>) {
         self.last_sample_ns = now;
-        let sweep_due = self.last_sweep_ns == 0
-            || now.saturating_sub(self.last_sweep_ns) >= duration_ns(self.idle_every);
-        if sweep_due {
-            self.sweep(now);
-        } else {
-            let active = std::mem::take(&mut self.active);
-            let ran_only = ran.keys().filter(|k| !active.contains(k));
-            for &(pid, start) in active.iter().chain(ran_only) {
-                self.sample_one(pid, start, now, false);
-            }
+        let first = self.last_sweep_ns == 0;
+        if first || now.saturating_sub(self.last_sweep_ns) >= duration_ns(self.idle_every) {
+            self.start_sweep(now);
         }
+        let active = std::mem::take(&mut self.active);
+        let ran_only = ran.keys().filter(|k| !active.contains(k));
+        for &(pid, start) in active.iter().chain(ran_only) {
+            self.sample_one(pid, start, now, false);
+        }
+        self.sweep_slice(now, first);
         // Who ran is likely to run again: read at every sample until a window
         // passes without it running.
         self.active = ran
@@ -557,15 +586,18 @@ impl Collector {
             .copied()
             .collect();
 
-        // One live member per cgroup, to read its memory counter and find its
-        // container's layer. From what is known: no procfs read per process.
-        let mut cgroup_member: HashMap<u64, u32> = HashMap::new();
-        for (&pid, &start) in &self.live {
-            if let Some(&cg) = self.cgroup_of.get(&(pid, start)) {
-                cgroup_member.entry(cg).or_insert(pid);
-            }
+        let stale_member = self.cgroup_member.iter().any(|(cg, (pid, start))| {
+            self.live.get(pid) != Some(start) || self.cgroup_of.get(&(*pid, *start)) != Some(cg)
+        });
+        if self.members_dirty || stale_member {
+            self.rebuild_members();
         }
-        for (cg, pid) in cgroup_member {
+        let members: Vec<(u64, u32)> = self
+            .cgroup_member
+            .iter()
+            .map(|(&cg, &(pid, _))| (cg, pid))
+            .collect();
+        for (cg, pid) in members {
             if let Some(counter) = self.memory_counter(cg, pid) {
                 self.cgroup_mem.sample(&counter, now);
             }
@@ -580,49 +612,120 @@ impl Collector {
         }
         let stale = now.saturating_sub(duration_ns(self.sample_every) * 4);
         self.cgroup_mem.forget_stale(stale);
-        sweep_due
     }
 
-    /// The sweep of `/proc`: reads every user process (status, io, cgroup),
-    /// registers those no event named, and forgets instances gone without an
-    /// exit event (lost events).
-    fn sweep(&mut self, now: u64) {
-        self.last_sweep_ns = now;
-        let mut read = 0usize;
-        let pids = process::proc_pids(&self.proc_root);
-        self.forget_gone(&pids, now);
-        for pid in pids {
-            let start = match self.live.get(&pid) {
-                Some(&s) => s,
-                None => {
-                    let Some(stat) = process::read_stat(&self.proc_root, pid) else {
-                        continue;
-                    };
-                    let start = stat.start_since_boot_ns;
-                    self.register_from_stat(pid, start, stat);
-                    start
+    /// One live member per cgroup, the oldest (a stable choice: a churn of
+    /// short-lived processes does not move it), from what is known: no
+    /// procfs read per process.
+    fn rebuild_members(&mut self) {
+        self.cgroup_member.clear();
+        for (&pid, &start) in &self.live {
+            if let Some(&cg) = self.cgroup_of.get(&(pid, start)) {
+                let m = self.cgroup_member.entry(cg).or_insert((pid, start));
+                if start < m.1 {
+                    *m = (pid, start);
                 }
-            };
-            if !self.sample_one(pid, start, now, true) {
-                continue;
-            }
-            read += 1;
-            // A process that slept may have been moved to another cgroup.
-            if let Some(cg) = self.cgroup_id_from_proc(pid) {
-                self.cgroup_of.insert((pid, start), cg);
             }
         }
+        self.members_dirty = false;
+    }
+
+    /// Notes that live instance `key` is in cgroup `cg`.
+    fn note_cgroup(&mut self, key: (u32, u64), cg: u64) {
+        if self.cgroup_of.insert(key, cg) != Some(cg) && !self.cgroup_member.contains_key(&cg) {
+            self.members_dirty = true;
+        }
+    }
+
+    /// Begins a sweep of `/proc`: lists the pids, forgets instances gone
+    /// without an exit event (lost events) and what only they held; the
+    /// pids are read by [`Collector::sweep_slice`].
+    fn start_sweep(&mut self, now: u64) {
+        // What the last sweep left unread (closes far apart) is read first.
+        self.sweep_slice(now, true);
+        self.last_sweep_ns = now;
+        let pids = process::proc_pids(&self.proc_root);
+        self.forget_gone(&pids, now);
+        self.sweep_pids = pids;
+        self.sweep_done = 0;
         // Processes gone without an exit event stop integrating after two sweeps.
         let stale = now.saturating_sub(duration_ns(self.idle_every).saturating_mul(2) + 1);
         self.mem.forget_stale(stale);
         let mem = &self.mem;
         // Exited but not yet handed over: its span still starts where it did.
         self.span_start.retain(|k, _| mem.knows(*k));
-        debug!(read, tracked = self.mem.tracked(), "swept /proc");
+        self.span_start.shrink_to_fit();
+        self.infos.shrink_to_fit();
+        self.live.shrink_to_fit();
+        self.cgroup_of.shrink_to_fit();
+        self.members_dirty = true;
+        debug!(
+            pids = self.sweep_pids.len(),
+            tracked = self.mem.tracked(),
+            "sweep of /proc begins"
+        );
         // Give freed heap back to the system once a sweep: after a burst of
         // processes glibc keeps the pages of every arena otherwise (issue 13).
         // SAFETY: malloc_trim has no preconditions; it only releases free memory.
         unsafe { libc::malloc_trim(0) };
+    }
+
+    /// Reads the sweep's pids due by `now` (with `all`, every one left): by
+    /// then the share of them that the time since the sweep began, plus one
+    /// sample interval, is of half of `idle_every`.
+    fn sweep_slice(&mut self, now: u64, all: bool) {
+        let total = self.sweep_pids.len();
+        let spread = (duration_ns(self.idle_every) / 2).max(1);
+        let elapsed = now
+            .saturating_sub(self.last_sweep_ns)
+            .saturating_add(duration_ns(self.sample_every));
+        let target = if all || elapsed >= spread {
+            total
+        } else {
+            usize::try_from(u128::from(elapsed) * total as u128 / u128::from(spread))
+                .unwrap_or(total)
+                .min(total)
+        };
+        while self.sweep_done < target {
+            let Some(&pid) = self.sweep_pids.get(self.sweep_done) else {
+                break;
+            };
+            self.sweep_done += 1;
+            self.sweep_one(pid, now);
+        }
+        if self.sweep_done >= total && total > 0 {
+            self.sweep_pids = Vec::new();
+            self.sweep_done = 0;
+        }
+    }
+
+    /// Reads one process of the sweep: registers it when no event named it,
+    /// reads its RSS and I/O (and its peak, from `status`, only when it ran
+    /// since the last one: the peak of a process that did not run cannot
+    /// have grown), and its cgroup (a sleeping process may have been moved).
+    fn sweep_one(&mut self, pid: u32, now: u64) {
+        let start = match self.live.get(&pid) {
+            Some(&s) => s,
+            None => {
+                let Some(stat) = process::read_stat(&self.proc_root, pid) else {
+                    return;
+                };
+                let start = stat.start_since_boot_ns;
+                self.register_from_stat(pid, start, stat);
+                start
+            }
+        };
+        let key = (pid, start);
+        let peak = !self.mem.peak_fresh(key);
+        // Read at this close already (it ran): only its peak is missing.
+        let read_now = self.mem.read_at(key) == Some(now);
+        if (!read_now || peak) && !self.sample_one(pid, start, now, peak) {
+            return;
+        }
+        let known = self.cgroup_of.get(&key).copied();
+        if let Some(cg) = self.cgroup_id_from_proc_known(pid, known) {
+            self.note_cgroup(key, cg);
+        }
     }
 
     /// Bounds what is kept per process by the processes alive now: an
@@ -649,8 +752,10 @@ impl Collector {
                 && info.exited_ns.is_none()
             {
                 Arc::make_mut(info).exited_ns = Some(now);
+                self.exited.push((*pid, *start));
             }
         }
+        self.gone_due.extend_from_slice(&gone);
         if !gone.is_empty() {
             debug!(
                 gone = gone.len(),
@@ -701,7 +806,7 @@ impl Collector {
             }
         }
         if let Some(cg) = self.cgroup_id_from_proc(tgid) {
-            self.cgroup_of.insert((tgid, start_ns), cg);
+            self.note_cgroup((tgid, start_ns), cg);
             return cg;
         }
         self.cgroup_of.get(&(tgid, start_ns)).copied().unwrap_or(0)
@@ -728,8 +833,24 @@ impl Collector {
     /// The v2 cgroup id of a process that has not run since metering began,
     /// from /proc/<pid>/cgroup ("0::/path") and the directory's inode.
     fn cgroup_id_from_proc(&mut self, pid: u32) -> Option<u64> {
+        self.cgroup_id_from_proc_known(pid, None)
+    }
+
+    /// As [`Collector::cgroup_id_from_proc`]; when the path is that of cgroup
+    /// `known` (resolved before), it is `known`, without a `stat` (a cgroup
+    /// with a process in it cannot be removed, so its path is still its own).
+    fn cgroup_id_from_proc_known(&mut self, pid: u32, known: Option<u64>) -> Option<u64> {
         let text = self.reader.read_str(pid, "cgroup")?;
         let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+        if let Some(cg) = known
+            && self
+                .cgroup_identity
+                .get(&cg)
+                .and_then(|n| n.path.as_deref())
+                == Some(rel)
+        {
+            return Some(cg);
+        }
         let root = self.cgroups.root()?;
         let path = root.join(rel.trim_start_matches('/'));
         Some(fs::metadata(path).ok()?.ino())
@@ -787,16 +908,20 @@ impl Collector {
         }
         for (instance, cgroups) in &ran_in {
             if let [only] = cgroups.as_slice() {
-                self.cgroup_of.insert(*instance, *only);
+                self.note_cgroup(*instance, *only);
             }
         }
-        let swept = self.sample_window(end_ns, &ran_in);
-        // What is handed over: the instances that ran, were read or exited in
-        // the window; at a sweep (every idle_interval) and at the last
-        // window, every instance, so a process that sleeps is billed once
-        // per idle_interval, by one record covering exactly that span.
-        let all = swept || std::mem::take(&mut self.flush_all);
-        let due = self.mem.take_due(end_ns, |k| ran_in.contains_key(k), all);
+        self.sample_window(end_ns, &ran_in);
+        // What is handed over: the instances that ran, were read (by the
+        // sweep too) or exited in the window, or were found gone; at the last
+        // window every instance. So a process that sleeps is billed once per
+        // idle_interval, when the sweep reads it, by one record covering
+        // exactly that span.
+        let all = std::mem::take(&mut self.flush_all);
+        let gone_due = std::mem::take(&mut self.gone_due);
+        let due = self
+            .mem
+            .take_due(end_ns, ran_in.keys().chain(&gone_due), all);
         for ((tgid, start_ns), md) in due {
             let cgroup_id = self.current_cgroup(tgid, start_ns, ran_in.get(&(tgid, start_ns)));
             let key = InstanceKey {
@@ -990,15 +1115,20 @@ impl Collector {
 
     /// Forgets instances that exited before `before_ns`: nothing can be charged
     /// to them any more. The daemon calls this once a window's records are out.
+    /// Looks only at the instances that exited, not at every one.
     pub fn forget_exited_before(&mut self, before_ns: u64) {
+        let infos = &mut self.infos;
         let cgroup_of = &mut self.cgroup_of;
-        self.infos.retain(|k, i| {
-            let gone = i.exited_ns.is_some_and(|t| t < before_ns);
-            if gone {
-                cgroup_of.remove(k);
-            }
-            !gone
-        });
+        self.exited
+            .retain(|k| match infos.get(k).and_then(|i| i.exited_ns) {
+                Some(t) if t < before_ns => {
+                    infos.remove(k);
+                    cgroup_of.remove(k);
+                    false
+                }
+                Some(_) => true,
+                None => false,
+            });
     }
 
     /// What is known about instance (tgid, start).
