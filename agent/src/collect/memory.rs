@@ -506,6 +506,52 @@ mod tests {
     }
 
     #[test]
+    fn the_sweep_reads_the_peak_again_only_after_a_statm_reading() {
+        let mut i = Integrator::default();
+        let statm = |rss| ProcSample {
+            rss_bytes: rss,
+            hwm_bytes: 0,
+            ..Default::default()
+        };
+        assert!(!i.peak_fresh((1, 0)), "never read: its peak is wanted");
+        i.sample(1, 0, S, statm(GIB), true);
+        assert!(!i.peak_fresh((1, 0)), "statm has no peak");
+        i.sample(
+            1,
+            0,
+            2 * S,
+            ProcSample {
+                rss_bytes: GIB,
+                hwm_bytes: 3 * GIB,
+                ..Default::default()
+            },
+            true,
+        );
+        assert!(i.peak_fresh((1, 0)), "a status reading is current");
+        // It ran and was read with statm: the peak held is carried, not current.
+        i.sample(1, 0, 3 * S, statm(GIB), true);
+        assert!(!i.peak_fresh((1, 0)));
+        assert_eq!(i.take()[&(1, 0)].peak_rss_bytes, 3 * GIB);
+    }
+
+    #[test]
+    fn take_due_carries_only_what_is_due() {
+        let mut i = Integrator::default();
+        i.sample(1, 0, S, mem(GIB), true);
+        i.sample(2, 0, S, mem(GIB), true);
+        i.take();
+        // 2 ran; 1 did not: it stays at its last reading, taken whole later.
+        let due = i.take_due(3 * S, &[(2, 0)], false);
+        assert_eq!(due.keys().collect::<Vec<_>>(), vec![&(2, 0)]);
+        assert!((gib_seconds(due[&(2, 0)].rss_byte_ns) - 2.0).abs() < 1e-9);
+        let due = i.take_due(4 * S, &[(1, 0)], false);
+        assert!((gib_seconds(due[&(1, 0)].rss_byte_ns) - 3.0).abs() < 1e-9);
+        // With `all`, every instance.
+        let due = i.take_due(5 * S, &[], true);
+        assert_eq!(due.len(), 2);
+    }
+
+    #[test]
     fn an_idle_process_is_carried_at_its_last_rss() {
         let mut i = Integrator::default();
         // Born at 0, read at 1 s with 1 GiB, then idle: carried to 3 s, read
