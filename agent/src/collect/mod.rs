@@ -612,6 +612,8 @@ impl Collector {
         }
         let stale = now.saturating_sub(duration_ns(self.sample_every) * 4);
         self.cgroup_mem.forget_stale(stale);
+        // The files of processes that keep running stay open to the next tick.
+        self.reader.close_unused();
     }
 
     /// One live member per cgroup, the oldest (a stable choice: a churn of
