@@ -187,9 +187,18 @@ impl Daemon {
         } else {
             "span_lag = \"0s\"\n"
         };
+        // Likewise the 1 s tick, unless the caller sets its own `tick`.
+        let tick = if extra_keys.lines().any(|l| {
+            l.strip_prefix("tick")
+                .is_some_and(|r| r.trim_start().starts_with('='))
+        }) {
+            ""
+        } else {
+            "tick = \"1s\"\n"
+        };
         let mut config = format!(
             "node_name = \"{NODE}\"\n\
-             tick = \"1s\"\n\
+             {tick}\
              ledger_path = \"{}\"\n\
              raw_retention = \"1h\"\n\
              {span_lag}\

@@ -84,21 +84,25 @@ impl RunContext {
 /// resource's, `OTEL_RESOURCE_ATTRIBUTES`) names, with the GenAI semantic
 /// conventions' agent identity kept apart: `agent.id` wins wherever it is
 /// set (span, resource or environment), and `gen_ai.agent.id`, else
-/// `gen_ai.agent.name`, names the agent only where none is. Flows
-/// instrumented only with the GenAI conventions (`invoke_agent` spans) then
-/// get per-agent costs without a change.
+/// `gen_ai.agent.name`, else OpenInference's `agent.name` (what
+/// openinference-instrumentation-openai-agents puts on an agent's span), names
+/// the agent only where none is. Flows instrumented only with the GenAI
+/// conventions (`invoke_agent` spans) or OpenInference then get per-agent
+/// costs without a change.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ContextAttributes {
     /// The fields named by this project's keys (`flow.run_id`, `agent.id`, …).
     pub explicit: RunContext,
     genai_agent_id: Option<String>,
     genai_agent_name: Option<String>,
+    openinference_agent_name: Option<String>,
 }
 
 impl ContextAttributes {
     /// Whether [`ContextAttributes::set`] reads `key`.
     pub fn is_key(key: &str) -> bool {
-        RunContext::is_context_key(key) || matches!(key, "gen_ai.agent.id" | "gen_ai.agent.name")
+        RunContext::is_context_key(key)
+            || matches!(key, "gen_ai.agent.id" | "gen_ai.agent.name" | "agent.name")
     }
 
     /// Reads one attribute (others are ignored; empty values set nothing).
@@ -106,6 +110,7 @@ impl ContextAttributes {
         let slot = match key {
             "gen_ai.agent.id" => &mut self.genai_agent_id,
             "gen_ai.agent.name" => &mut self.genai_agent_name,
+            "agent.name" => &mut self.openinference_agent_name,
             _ => return self.explicit.set_attribute(key, value),
         };
         if !value.is_empty() {
@@ -113,11 +118,13 @@ impl ContextAttributes {
         }
     }
 
-    /// The agent the GenAI attributes name: `gen_ai.agent.id`, else `gen_ai.agent.name`.
+    /// The agent the GenAI attributes name: `gen_ai.agent.id`, else
+    /// `gen_ai.agent.name`, else OpenInference's `agent.name`.
     pub fn genai_agent(&self) -> Option<&String> {
         self.genai_agent_id
             .as_ref()
             .or(self.genai_agent_name.as_ref())
+            .or(self.openinference_agent_name.as_ref())
     }
 
     /// The context alone: the explicit fields, the GenAI agent where no `agent.id` is.
@@ -164,6 +171,13 @@ mod tests {
         assert_eq!(a.context().agent_id.as_deref(), Some("writer"));
         assert_eq!(a.explicit.agent_id, None);
         assert!(ContextAttributes::is_key("gen_ai.agent.name"));
+        // OpenInference's agent span (openinference-instrumentation-openai-agents):
+        // its `agent.name` names the agent, below the GenAI attributes.
+        let a = attrs(&[("agent.name", "tutor"), ("graph.node.id", "tutor")]);
+        assert_eq!(a.context().agent_id.as_deref(), Some("tutor"));
+        let a = attrs(&[("agent.name", "tutor"), ("gen_ai.agent.name", "writer")]);
+        assert_eq!(a.context().agent_id.as_deref(), Some("writer"));
+        assert!(ContextAttributes::is_key("agent.name"));
         assert!(!ContextAttributes::is_key("gen_ai.conversation.id"));
     }
 
