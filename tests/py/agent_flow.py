@@ -201,6 +201,7 @@ def main():
     p.add_argument("--triage-ms", type=int, default=600)
     p.add_argument("--tutor-ms", type=int, default=1200)
     p.add_argument("--pad-ms", type=int, default=1000)
+    p.add_argument("--export-delay-ms", type=int, default=200, help="the batch span processor's delay")
     p.add_argument("--instrument", choices=["official", "openinference"], default="openinference")
     a = p.parse_args()
 
@@ -213,10 +214,10 @@ def main():
     recording = recording_processor()
     provider.add_span_processor(recording)
     exporter = OTLPSpanExporter(endpoint=a.endpoint.rstrip("/") + "/v1/traces")
-    # One export at the end (flushed before exit), so an agent's span arrives with
-    # the model calls inside it; see tests/tests/agent_framework.rs for why.
+    # Spans go out as they end (every 200 ms), as a live service's do: a model
+    # call reaches the daemon before the agent span around it.
     provider.add_span_processor(
-        BatchSpanProcessor(exporter, schedule_delay_millis=600_000)
+        BatchSpanProcessor(exporter, schedule_delay_millis=a.export_delay_ms)
     )
 
     import agents

@@ -22,13 +22,11 @@
 //! `agent`; only its `invoke_agent triage` / `invoke_agent tutor` spans' names and
 //! `gen_ai.agent.name` tell them apart.
 //!
-//! The workload exports its spans in one batch, at its end. Exported as they end
-//! (the SDK's default 5 s batch delay, or 200 ms), the first model call of each
-//! agent reaches the daemon before its agent's span, and the daemon's token
-//! records read an orphan token span's agent from the spans received with it
-//! only (report/window.rs `ancestors_agents`): those calls keep the process's
-//! agent (none here). Seen with this flow at 200 ms: 214 of 442 input tokens
-//! billed to no agent. A known limit (README "Tokens"), left for later.
+//! The workload exports its spans as they end (a 200 ms batch delay), as a live
+//! service does: the first model call of each agent reaches the daemon before its
+//! agent's span, and waits in the inbox for it (context/lineage.rs, up to
+//! `span_lag`). Before that wait, such calls kept the process's agent (none here):
+//! 214 of 442 input tokens billed to no agent with this flow.
 //! `span_lag` 10 s: the first window's spans arrive some 4 s after it closes.
 //!
 //! Ground truth, from the workload: the usage the fake provider answered with per
