@@ -16,11 +16,12 @@
 //! nesting (the CPU split) and from their nearest ancestor (tokens).
 //!
 //! The official `opentelemetry-instrumentation-openai-agents-v2` (0.1.0, pinned too;
-//! `--instrument official`) is not the one checked: it stamps
+//! `--instrument official`) is checked the same way: it stamps
 //! `gen_ai.agent.id = "agent"` on every span and `gen_ai.agent.name = "OpenAI Agent"`
-//! on every model call and tool (its defaults), so both agents read as one agent
-//! `agent`; only its `invoke_agent triage` / `invoke_agent tutor` spans' names and
-//! `gen_ai.agent.name` tell them apart.
+//! on every model call and tool (its defaults); only its `invoke_agent triage` /
+//! `invoke_agent tutor` spans name the agents, by `gen_ai.agent.name`. The agent
+//! reads an agent span's name before its id, and a model call's or tool's GenAI
+//! agent attributes not at all (identity/run.rs `ContextAttributes`).
 //!
 //! The workload exports its spans as they end (a 200 ms batch delay), as a live
 //! service does: the first model call of each agent reaches the daemon before its
@@ -95,6 +96,20 @@ fn cpu_ns(s: &str) -> i128 {
 
 #[test]
 fn agents_sdk_flow_is_billed_per_agent_by_its_own_instrumentation() {
+    agents_sdk_flow("openinference");
+}
+
+/// The official instrumentation stamps `gen_ai.agent.id = "agent"` on every span
+/// and `gen_ai.agent.name = "OpenAI Agent"` on every model call and tool: only its
+/// `invoke_agent` spans name the agents (by name; the id is the same for both).
+#[test]
+fn agents_sdk_flow_is_billed_per_agent_by_the_official_instrumentation() {
+    agents_sdk_flow("official");
+}
+
+/// Runs `py/agent_flow.py` instrumented by `instrument` against a daemon and
+/// checks tokens, token cost and CPU per agent against the workload's truth.
+fn agents_sdk_flow(instrument: &str) {
     let python = python();
     let dir = LedgerDir::new().expect("ledger dir");
     let http = free_port().expect("port");
@@ -119,7 +134,7 @@ fn agents_sdk_flow_is_billed_per_agent_by_its_own_instrumentation() {
         "--endpoint",
         &endpoint,
         "--instrument",
-        "openinference",
+        instrument,
         "--triage-ms",
         &triage_ms,
         "--tutor-ms",
