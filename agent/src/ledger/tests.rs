@@ -12,7 +12,7 @@ use super::{
     times::{format_ns, now_ns, parse_time},
     *,
 };
-use crate::report::record::{Cost, TokenUsage};
+use crate::report::record::{Cost, TokenUsage, tests::full_record};
 
 const DAY: Duration = Duration::from_secs(86_400);
 
@@ -74,82 +74,6 @@ fn priced(mut r: UsageRecord, total: &str) -> UsageRecord {
         ..Cost::default()
     });
     r
-}
-
-fn full_record() -> UsageRecord {
-    UsageRecord {
-        record_id: "0123456789abcdef0123456789abcdef".into(),
-        node: "node-a".into(),
-        window_start: "2026-01-01T00:00:00.5Z".into(),
-        window_end: "2026-01-01T00:00:01.500000001Z".into(),
-        record_kind: "process".into(),
-        workload_kind: Some("wasm".into()),
-        pid: Some(u32::MAX),
-        process_start_time: Some("2025-12-31T23:59:59.99Z".into()),
-        ppid: Some(1),
-        comm: Some("python3".into()),
-        exe: Some("/usr/bin/python3 ünïcode".into()),
-        cgroup_id: Some(u64::MAX - 1),
-        cgroup_path: Some("/kubepods.slice/pod-x.slice/cri-containerd-abc.scope".into()),
-        container_id: Some("c".repeat(64)),
-        container_runtime: Some("containerd".into()),
-        pod_uid: Some("1b4e28ba-2fa1-11d2-883f-0016d3cca427".into()),
-        k8s_namespace: Some("team-a".into()),
-        k8s_pod_name: Some("agent-0".into()),
-        wasm_module: Some("spin-app".into()),
-        context: crate::identity::run::RunContext {
-            agent_id: Some("agent-1".into()),
-            flow_id: Some("flow-1".into()),
-            run_id: Some("run-1".into()),
-            user_id: Some("user-1".into()),
-            project_id: Some("project-1".into()),
-            customer_id: Some("customer-1".into()),
-            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
-        },
-        cpu_core_seconds: d("1.500000001"),
-        memory_gb_seconds: d("0.4656612873077392578125000000"),
-        gpu_seconds: d("0.000"),
-        gpu_memory_gb_seconds: d("12.5"),
-        gpu_energy_joules: d("31.415"),
-        gpu_attribution: Some("estimated".into()),
-        network_rx_bytes: i64::MAX as u64,
-        network_tx_bytes: 2,
-        disk_read_bytes: 3,
-        disk_write_bytes: 4,
-        storage_bytes: Some(5),
-        syscalls: 6,
-        tokens: vec![
-            TokenUsage {
-                model: "gpt-4o".into(),
-                input: 1000,
-                cache_read_input: 400,
-                output: 300,
-                reasoning_output: 100,
-                ..TokenUsage::default()
-            },
-            TokenUsage {
-                model: "claude-sonnet-4".into(),
-                input: 7,
-                cache_read_input: 0,
-                output: 9,
-                reasoning_output: 0,
-                ..TokenUsage::default()
-            },
-        ],
-        cost: Some(Cost {
-            cpu: d("0.0000277777777777777777777778"),
-            memory: d("0.0000000006853852"),
-            gpu: Decimal::ZERO,
-            network: d("0.10"),
-            storage: d("0.0000000000385802469135802469"),
-            token: d("0.0075"),
-            subtotal: d("0.1075277784631630"),
-            discount: d("-0.01"),
-            total: d("0.1175277784631630"),
-            currency: "EUR".into(),
-            pricing_version: "2026-01-b".into(),
-        }),
-    }
 }
 
 fn all(ledger: &Ledger, from: i64, to: i64) -> Vec<UsageRecord> {

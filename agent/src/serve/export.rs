@@ -1409,4 +1409,34 @@ mod tests {
             .unwrap_or_default();
         assert!(e.contains("not a url"), "{e}");
     }
+
+    #[test]
+    fn identity_attributes_of_a_full_record_are_unchanged() {
+        let r = crate::report::record::tests::full_record();
+        let got: Vec<String> = identity(&r)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        assert_eq!(got, GOLDEN_ATTRS);
+    }
+
+    /// What `identity` gave for `full_record` before the identity fields moved.
+    const GOLDEN_ATTRS: &[&str] = &[
+        "process.pid=4294967295",
+        "process.executable.name=python3",
+        "mentat.process.start_time=2025-12-31T23:59:59.99Z",
+        "mentat.workload.kind=wasm",
+        "container.id=cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc",
+        "container.runtime=containerd",
+        "k8s.pod.uid=1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+        "k8s.pod.name=agent-0",
+        "k8s.namespace.name=team-a",
+        "mentat.wasm.module=spin-app",
+        "agent.id=agent-1",
+        "flow.id=flow-1",
+        "flow.run_id=run-1",
+        "user.id=user-1",
+        "project.id=project-1",
+        "customer.id=customer-1",
+    ];
 }
