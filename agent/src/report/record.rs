@@ -383,6 +383,38 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// The workload a stored record names, as text: the part of [`Identity`]
+/// the ledger keeps (a pod's QoS class and the WASM runtime are not stored),
+/// embedded flat in [`UsageRecord`], so the record's JSON keys are these.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workload {
+    /// Container id.
+    pub container_id: Option<String>,
+    /// Container runtime.
+    pub container_runtime: Option<String>,
+    /// Pod UID.
+    pub pod_uid: Option<String>,
+    /// Pod namespace.
+    pub k8s_namespace: Option<String>,
+    /// Pod name.
+    pub k8s_pod_name: Option<String>,
+    /// WASM module.
+    pub wasm_module: Option<String>,
+}
+
+impl From<&Identity> for Workload {
+    fn from(i: &Identity) -> Self {
+        Self {
+            container_id: i.container_id.clone(),
+            container_runtime: i.container_runtime.map(|r| serde_name(&r)),
+            pod_uid: i.pod_uid.clone(),
+            k8s_namespace: i.k8s_namespace.clone(),
+            k8s_pod_name: i.k8s_pod_name.clone(),
+            wasm_module: i.wasm_module.clone(),
+        }
+    }
+}
+
 /// One usage record as the ledger stores it and exporters ship it: DESIGN.md's
 /// usage record, raw quantities plus cost. Process records and the node
 /// buckets (`record_kind` idle, irq_steal, kernel, unattributed) both become one.
@@ -398,7 +430,8 @@ pub struct UsageRecord {
     pub window_end: String,
     /// "process", or the bucket: "idle", "irq_steal", "kernel", "unattributed".
     pub record_kind: String,
-    /// process, container, pod or wasm (process records).
+    /// process, container, pod or wasm (process records). Beside, not in,
+    /// [`Workload`]: the record's JSON has it here, before `pid`.
     pub workload_kind: Option<String>,
     /// Process id.
     pub pid: Option<u32>,
@@ -414,18 +447,9 @@ pub struct UsageRecord {
     pub cgroup_id: Option<u64>,
     /// cgroup path.
     pub cgroup_path: Option<String>,
-    /// Container id.
-    pub container_id: Option<String>,
-    /// Container runtime.
-    pub container_runtime: Option<String>,
-    /// Pod UID.
-    pub pod_uid: Option<String>,
-    /// Pod namespace.
-    pub k8s_namespace: Option<String>,
-    /// Pod name.
-    pub k8s_pod_name: Option<String>,
-    /// WASM module.
-    pub wasm_module: Option<String>,
+    /// The container, pod and WASM module, as flat fields of the record.
+    #[serde(flatten)]
+    pub workload: Workload,
     /// The trace context: agent, flow, run, user, project, customer (who is
     /// billed) and trace ids, as flat fields of the record.
     #[serde(flatten)]
@@ -498,37 +522,22 @@ impl UsageRecord {
 
     /// The stored form of a process record.
     pub fn from_process(p: &ProcessRecord) -> Self {
-        let name = |v: &Option<String>| v.clone();
-        let enum_str = |v: Option<String>| v;
         Self {
             record_id: p.record_id.clone(),
             node: p.node.clone(),
             window_start: p.window_start.clone(),
             window_end: p.window_end.clone(),
             record_kind: "process".into(),
-            workload_kind: enum_str(p.identity.workload_kind.map(|k| serde_name(&k))),
+            workload_kind: p.identity.workload_kind.map(|k| serde_name(&k)),
             pid: Some(p.pid),
             process_start_time: Some(p.process_start_time.clone()),
             ppid: p.ppid,
             comm: Some(p.comm.clone()),
-            exe: name(&p.exe),
+            exe: p.exe.clone(),
             cgroup_id: Some(p.cgroup_id),
-            cgroup_path: name(&p.cgroup_path),
-            container_id: name(&p.identity.container_id),
-            container_runtime: p.identity.container_runtime.map(|r| serde_name(&r)),
-            pod_uid: name(&p.identity.pod_uid),
-            k8s_namespace: name(&p.identity.k8s_namespace),
-            k8s_pod_name: name(&p.identity.k8s_pod_name),
-            wasm_module: name(&p.identity.wasm_module),
-            context: RunContext {
-                agent_id: p.context.agent_id.clone(),
-                flow_id: p.context.flow_id.clone(),
-                run_id: p.context.run_id.clone(),
-                user_id: p.context.user_id.clone(),
-                project_id: p.context.project_id.clone(),
-                customer_id: p.context.customer_id.clone(),
-                trace_id: p.context.trace_id.clone(),
-            },
+            cgroup_path: p.cgroup_path.clone(),
+            workload: Workload::from(&p.identity),
+            context: p.context.clone(),
             cpu_core_seconds: decimal_seconds(p.metered.cpu_ns),
             memory_gb_seconds: decimal_gib_seconds(p.metered.mem.rss_byte_ns),
             gpu_seconds: decimal_seconds(p.metered.gpu.gpu_ns),
@@ -702,13 +711,15 @@ pub(crate) mod tests {
             exe: Some("/usr/bin/python3 ünïcode".into()),
             cgroup_id: Some(u64::MAX - 1),
             cgroup_path: Some("/kubepods.slice/pod-x.slice/cri-containerd-abc.scope".into()),
-            container_id: Some("c".repeat(64)),
-            container_runtime: Some("containerd".into()),
-            pod_uid: Some("1b4e28ba-2fa1-11d2-883f-0016d3cca427".into()),
-            k8s_namespace: Some("team-a".into()),
-            k8s_pod_name: Some("agent-0".into()),
-            wasm_module: Some("spin-app".into()),
-            context: crate::identity::run::RunContext {
+            workload: Workload {
+                container_id: Some("c".repeat(64)),
+                container_runtime: Some("containerd".into()),
+                pod_uid: Some("1b4e28ba-2fa1-11d2-883f-0016d3cca427".into()),
+                k8s_namespace: Some("team-a".into()),
+                k8s_pod_name: Some("agent-0".into()),
+                wasm_module: Some("spin-app".into()),
+            },
+            context: RunContext {
                 agent_id: Some("agent-1".into()),
                 flow_id: Some("flow-1".into()),
                 run_id: Some("run-1".into()),

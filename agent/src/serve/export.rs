@@ -465,12 +465,12 @@ fn identity(r: &UsageRecord) -> Vec<(String, String)> {
     put("process.executable.name", &r.comm);
     put("mentat.process.start_time", &r.process_start_time);
     put("mentat.workload.kind", &r.workload_kind);
-    put("container.id", &r.container_id);
-    put("container.runtime", &r.container_runtime);
-    put("k8s.pod.uid", &r.pod_uid);
-    put("k8s.pod.name", &r.k8s_pod_name);
-    put("k8s.namespace.name", &r.k8s_namespace);
-    put("mentat.wasm.module", &r.wasm_module);
+    put("container.id", &r.workload.container_id);
+    put("container.runtime", &r.workload.container_runtime);
+    put("k8s.pod.uid", &r.workload.pod_uid);
+    put("k8s.pod.name", &r.workload.k8s_pod_name);
+    put("k8s.namespace.name", &r.workload.k8s_namespace);
+    put("mentat.wasm.module", &r.workload.wasm_module);
     put("agent.id", &r.context.agent_id);
     put("flow.id", &r.context.flow_id);
     put("flow.run_id", &r.context.run_id);

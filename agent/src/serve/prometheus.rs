@@ -604,9 +604,9 @@ const BASE_NAMES: [&str; BASE_LABELS] = ["kind", "namespace", "pod", "container"
 fn label_values(r: &UsageRecord) -> [&str; BASE_LABELS] {
     [
         r.workload_kind.as_deref().unwrap_or(&r.record_kind),
-        r.k8s_namespace.as_deref().unwrap_or_default(),
-        r.k8s_pod_name.as_deref().unwrap_or_default(),
-        r.container_id.as_deref().unwrap_or_default(),
+        r.workload.k8s_namespace.as_deref().unwrap_or_default(),
+        r.workload.k8s_pod_name.as_deref().unwrap_or_default(),
+        r.workload.container_id.as_deref().unwrap_or_default(),
     ]
 }
 
@@ -630,7 +630,7 @@ mod tests {
     use std::str::FromStr;
 
     use super::*;
-    use crate::report::record::Cost;
+    use crate::report::record::{Cost, Workload};
 
     #[test]
     fn counters_accumulate_with_bounded_labels() {
@@ -638,9 +638,12 @@ mod tests {
         let r = UsageRecord {
             record_kind: "process".into(),
             workload_kind: Some("container".into()),
-            container_id: Some("abc".into()),
-            k8s_namespace: Some("ns".into()),
-            k8s_pod_name: Some("p\"o\nd".into()),
+            workload: Workload {
+                container_id: Some("abc".into()),
+                k8s_namespace: Some("ns".into()),
+                k8s_pod_name: Some("p\"o\nd".into()),
+                ..Workload::default()
+            },
             context: crate::identity::run::RunContext {
                 run_id: Some("run-1".into()),
                 user_id: Some("u".into()),
@@ -695,7 +698,10 @@ mod tests {
         UsageRecord {
             record_kind: "process".into(),
             workload_kind: Some("container".into()),
-            container_id: Some(format!("c{id}")),
+            workload: Workload {
+                container_id: Some(format!("c{id}")),
+                ..Workload::default()
+            },
             cpu_core_seconds: Decimal::ONE,
             ..Default::default()
         }
