@@ -4,14 +4,13 @@
 use std::collections::{BTreeMap, HashMap};
 
 use mentat_tests::truth::{ReusePid, SpawnMany};
-use mentat_tests::{percent_off, record_workload, within};
+use mentat_tests::{percent_off, record_truth, within};
 
 #[test]
 fn three_hundred_short_children_are_each_recorded() {
     const CHILDREN: usize = 300;
-    let recording = record_workload(&[], &["spawn-many", "--n", "300", "--ms", "3"])
-        .expect("recording `workload spawn-many --n 300 --ms 3`");
-    let truth: SpawnMany = recording.ground_truth().expect("spawn-many's ground truth");
+    let (recording, truth): (_, SpawnMany) =
+        record_truth(&[], &["spawn-many", "--n", "300", "--ms", "3"]);
     assert_eq!(
         truth.children.len(),
         CHILDREN,
@@ -95,12 +94,10 @@ fn three_hundred_short_children_are_each_recorded() {
 #[test]
 fn a_reused_pid_gets_a_record_per_process() {
     // Different amounts, so a merge (one record with both) or a swap shows.
-    let recording = record_workload(
+    let (recording, truth): (_, ReusePid) = record_truth(
         &[],
         &["reuse-pid", "--first-ms", "40", "--second-ms", "120"],
-    )
-    .expect("recording `workload reuse-pid --first-ms 40 --second-ms 120`");
-    let truth: ReusePid = recording.ground_truth().expect("reuse-pid's ground truth");
+    );
 
     let records = recording.records.of_pid(truth.pid);
     let mut by_start = BTreeMap::new();

@@ -8,7 +8,7 @@
 //! ground truth does not come from anything the agent reads.
 
 use mentat_tests::truth::{Prefork, Tcp, Udp};
-use mentat_tests::{ProcessRecord, Recording, ScratchCgroup, record_workload};
+use mentat_tests::{ProcessRecord, Recording, ScratchCgroup, record_truth};
 
 /// The records of `pid`, split into those in cgroup `cgroup_id` and the rest.
 fn records_in(
@@ -65,9 +65,7 @@ fn tcp_between_two_cgroups(family: &str) {
         "--client-cgroup",
         &client_dir,
     ];
-    let recording = record_workload(&[], &args)
-        .unwrap_or_else(|e| panic!("recording `workload {}`: {e:#}", args.join(" ")));
-    let truth: Tcp = recording.ground_truth().expect("tcp's ground truth");
+    let (recording, truth): (_, Tcp) = record_truth(&[], &args);
     assert_eq!(
         (truth.bytes_sent, truth.bytes_received),
         (BYTES, BYTES),
@@ -172,9 +170,7 @@ fn udp_datagrams_are_counted_exactly() {
         "--client-cgroup",
         &client_dir,
     ];
-    let recording = record_workload(&[], &args)
-        .unwrap_or_else(|e| panic!("recording `workload {}`: {e:#}", args.join(" ")));
-    let truth: Udp = recording.ground_truth().expect("udp's ground truth");
+    let (recording, truth): (_, Udp) = record_truth(&[], &args);
     assert_eq!(
         (truth.datagrams_sent, truth.bytes_sent),
         (COUNT, COUNT * SIZE),
@@ -251,9 +247,7 @@ fn prefork_workers_are_charged_their_own_traffic() {
         "--reply-bytes",
         &reply_bytes,
     ];
-    let recording = record_workload(&[], &args)
-        .unwrap_or_else(|e| panic!("recording `workload {}`: {e:#}", args.join(" ")));
-    let truth: Prefork = recording.ground_truth().expect("prefork's ground truth");
+    let (recording, truth): (_, Prefork) = record_truth(&[], &args);
     assert_eq!(truth.workers.len(), 2, "workers in the ground truth");
 
     for (worker, cgroup) in truth.workers.iter().zip(&cgroups) {

@@ -2,7 +2,7 @@
 //! amount for a known time, its peak, and the bytes it wrote to storage.
 
 use mentat_tests::truth::{HoldMemory, Wrap, WriteFile};
-use mentat_tests::{record_workload, storage_dir, workload_bin};
+use mentat_tests::{record_truth, record_workload, storage_dir, workload_bin};
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 const MIB: u64 = 1 << 20;
@@ -18,23 +18,16 @@ fn held_memory_is_metered_in_gib_seconds() {
         "--ms",
         &HOLD_MS.to_string(),
     ];
-    let recording = record_workload(&[], &args)
-        .unwrap_or_else(|e| panic!("recording `workload {}`: {e:#}", args.join(" ")));
-    let truth: HoldMemory = recording
-        .ground_truth()
-        .expect("hold-memory's ground truth");
+    let (recording, truth): (_, HoldMemory) = record_truth(&[], &args);
     assert!(
         truth.hold_ns >= HOLD_MS * 1_000_000,
         "the workload held the memory for only {} ns",
         truth.hold_ns
     );
 
-    let records = recording.records.of_pid(truth.pid);
-    assert!(
-        !records.is_empty(),
-        "no record of the hold-memory process (pid {})",
-        truth.pid
-    );
+    let records = recording
+        .records
+        .expect_pid(truth.pid, "the hold-memory process");
     let gib_seconds: f64 = records.iter().map(|r| r.memory_gb_seconds).sum();
     let held_gib = (HELD_MIB * MIB) as f64 / GIB;
     let base_gib = truth.base_rss_bytes as f64 / GIB;
