@@ -410,6 +410,11 @@ impl Records {
         self.processes.iter().filter(|r| r.pid == pid).collect()
     }
 
+    /// CPU time of every record of these pids, summed.
+    pub fn cpu_ns_of_all(&self, pids: impl IntoIterator<Item = u32>) -> u64 {
+        pids.into_iter().map(|pid| self.cpu_ns_of(pid)).sum()
+    }
+
     /// [`Records::of_pid`], for a test: panics naming `what` and listing every
     /// process record when there is none.
     pub fn expect_pid(&self, pid: u32, what: &str) -> Vec<&ProcessRecord> {

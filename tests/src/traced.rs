@@ -299,6 +299,17 @@ pub fn send_spans(args: &[&str], timeout: Duration) -> Result<Value> {
     Ok(summary)
 }
 
+/// The `messages` of an `otlp_client.py` summary: what the receiver said about
+/// the spans it refused (partial success, refusals).
+pub fn summary_messages(summary: &Value) -> Vec<&str> {
+    summary["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
+}
+
 /// A run id no other test run has used: the tests' pid, the time, and a tag.
 pub fn unique_run_id(tag: &str) -> String {
     format!(

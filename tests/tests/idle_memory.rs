@@ -13,7 +13,6 @@ use mentat_tests::truth::HoldMemory;
 use mentat_tests::workload_bin;
 use time::OffsetDateTime;
 
-const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 const MIB: u64 = 1 << 20;
 
 fn ns(t: &str) -> i128 {
@@ -105,12 +104,9 @@ fn an_idle_process_is_billed_once_per_idle_interval_for_rss_times_lifetime() {
                 .expect("sum")
         })
         .to_f64();
-    let held_gib = (HELD_MIB * MIB) as f64 / GIB;
-    let base_gib = truth.base_rss_bytes as f64 / GIB;
-    let (touch_s, hold_s) = (truth.touch_ns as f64 / 1e9, truth.hold_ns as f64 / 1e9);
-    // As tests/resources.rs: the held memory for the hold, half of it over the touch
-    // (a linear ramp), the base all along.
-    let expected = held_gib * (hold_s + touch_s / 2.0) + base_gib * (touch_s + hold_s);
+    assert_eq!(truth.mib, HELD_MIB, "MiB the workload held");
+    let (touch_s, hold_s) = truth.touch_and_hold_s();
+    let expected = truth.expected_gib_seconds();
     // 5 %: over an 8 s hold the 100 ms sampling of the touch and of the exit (at most
     // one interval each, 0.1 s × 0.125 GiB = 0.0125 GiB·s, 1.2 % of ~1 GiB·s each) is
     // small; what is left catches a lost or doubled idle interval (2 s: 25 %), an

@@ -18,7 +18,7 @@ use anyhow::{Context, Result, ensure};
 use mentat_tests::daemon::{
     Daemon, DaemonOptions, LedgerDir, free_port, now_rfc3339, poll, rfc3339,
 };
-use mentat_tests::traced::{require_python_otel, run_python, unique_run_id};
+use mentat_tests::traced::{require_python_otel, run_python, summary_messages, unique_run_id};
 use serde_json::Value;
 
 /// Runs `py/otlp_client.py ARGS`; its JSON summary.
@@ -120,11 +120,8 @@ fn an_old_token_span_is_refused_and_windows_keep_committing() -> Result<()> {
         "the three-hour-old token span was not refused in the response: {summary}"
     );
     ensure!(
-        summary["messages"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
+        summary_messages(&summary)
+            .iter()
             .any(|m| m.contains("max_span_age")),
         "the refusal does not say why: {summary}"
     );

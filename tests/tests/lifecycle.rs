@@ -58,11 +58,7 @@ fn three_hundred_short_children_are_each_recorded() {
     // fixed per-process differences between the two clocks (fork to first switch-in,
     // the exit path after the parent was woken to reap, rusage's µs rounding, a few µs
     // each) weigh more against its CPU time; 2 % of 300 × 3 ms is 18 ms, ~60 µs a child.
-    let cpu_ns: u64 = truth
-        .children
-        .iter()
-        .map(|c| records.cpu_ns_of(c.pid))
-        .sum();
+    let cpu_ns = records.cpu_ns_of_all(truth.children.iter().map(|c| c.pid));
     assert!(
         within(cpu_ns, truth.total_rusage_cpu_ns, 0.02),
         "children's CPU: agent says {cpu_ns} ns, wait4 says {} ns ({:+.2} %); \

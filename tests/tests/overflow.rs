@@ -43,11 +43,7 @@ fn a_full_process_map_spills_into_unattributed() {
     // unattributed bucket, which may hold more (other processes that did not fit). The
     // 10 % margin is for the two clocks disagreeing per short process (see lifecycle.rs),
     // on the side where the agent saw a little less than rusage.
-    let recorded: u64 = truth
-        .children
-        .iter()
-        .map(|c| records.cpu_ns_of(c.pid))
-        .sum();
+    let recorded = records.cpu_ns_of_all(truth.children.iter().map(|c| c.pid));
     let must_be_unattributed = truth.total_rusage_cpu_ns.saturating_sub(recorded);
     assert!(
         records.unattributed.cpu_ns as f64 >= 0.9 * must_be_unattributed as f64,

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use mentat_tests::daemon::rfc3339;
 use mentat_tests::traced::{
-    TracedDaemon, require_python_otel, rss_bytes, run_python, run_reaped, unique_run_id,
+    TracedDaemon, require_python_otel, rss_bytes, run_python, run_reaped, summary_messages,
+    unique_run_id,
 };
 use mentat_tests::truth::Burn;
 use mentat_tests::{record_raw, workload_bin};
@@ -424,11 +425,8 @@ fn a_span_flood_is_refused_past_the_pending_bound() -> Result<()> {
              requests refused: {summary}"
         );
         ensure!(
-            summary["messages"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
+            summary_messages(&summary)
+                .iter()
                 .all(|m| m.contains("pending-span bound")),
             "{proto} flood: partial_success and refusal messages {}",
             summary["messages"]
@@ -522,11 +520,8 @@ fn long_lived_spans_do_not_grow_memory_without_bound() -> Result<()> {
             "long-span flood: {summary}"
         );
         ensure!(
-            !summary["messages"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
+            !summary_messages(&summary)
+                .iter()
                 .any(|m| m.contains("times")),
             "long-span flood: spans refused for their times: {summary}"
         );
