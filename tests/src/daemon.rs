@@ -95,6 +95,12 @@ impl LedgerDir {
     }
 }
 
+/// An unlabelled counter's value in a `/metrics` text.
+pub fn counter_in(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// What a daemon is started with, beyond the ledger and a free API port.
 #[derive(Clone, Debug, Default)]
 pub struct DaemonOptions {
@@ -118,6 +124,19 @@ impl DaemonOptions {
     pub fn exporting_to(endpoint: impl Into<String>) -> Self {
         DaemonOptions {
             otlp_endpoint: Some(endpoint.into()),
+            ..Default::default()
+        }
+    }
+
+    /// A daemon that receives spans: `span_lag`, and `[receiver]` on the loopback
+    /// ports `grpc` and `http`, followed by `more` (more `[receiver]` keys such as
+    /// `max_pending_spans = 100\n`, then any other tables).
+    pub fn receiving(span_lag: &str, grpc: u16, http: u16, more: &str) -> Self {
+        DaemonOptions {
+            extra_keys: Some(format!("span_lag = \"{span_lag}\"\n")),
+            extra_tables: Some(format!(
+                "[receiver]\ngrpc_bind = \"127.0.0.1:{grpc}\"\nhttp_bind = \"127.0.0.1:{http}\"\n{more}"
+            )),
             ..Default::default()
         }
     }
@@ -406,10 +425,26 @@ impl Daemon {
     /// An unlabelled counter's value on `/metrics` (the agent's own, e.g.
     /// `mentat_agent_windows_total`).
     pub fn counter(&self, name: &str) -> Result<u64> {
-        let text = self.metrics()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        counter_in(&self.metrics()?, name)
             .with_context(|| format!("/metrics has no counter {name}"))
+    }
+
+    /// Polls `/metrics` (at most `timeout`) until counter `name` satisfies `ok`; a
+    /// timeout's error says its last value.
+    pub fn wait_counter(
+        &self,
+        name: &str,
+        timeout: Duration,
+        ok: impl Fn(u64) -> bool,
+    ) -> Result<Duration> {
+        poll(timeout, || {
+            let n = self.counter(name)?;
+            Ok(if ok(n) {
+                Ok(())
+            } else {
+                Err(format!("{name} is {n}"))
+            })
+        })
     }
 
     /// Every record whose window starts at or after `from`, once a window

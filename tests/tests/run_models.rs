@@ -41,18 +41,8 @@ fn send(grpc: u16, run: &str, agent: &str, model: &str, spans: u32, tokens: u64,
 }
 
 fn daemon_with_lag(dir: &LedgerDir, grpc: u16, lag: &str) -> Daemon {
-    Daemon::start(
-        dir,
-        &DaemonOptions {
-            extra_keys: Some(format!("span_lag = \"{lag}\"\n")),
-            extra_tables: Some(format!(
-                "[receiver]\ngrpc_bind = \"127.0.0.1:{grpc}\"\nhttp_bind = \"127.0.0.1:{}\"\n",
-                free_port().expect("port")
-            )),
-            ..Default::default()
-        },
-    )
-    .expect("daemon")
+    let http = free_port().expect("port");
+    Daemon::start(dir, &DaemonOptions::receiving(lag, grpc, http, "")).expect("daemon")
 }
 
 fn x(s: &str) -> Exact {
