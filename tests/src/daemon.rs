@@ -430,7 +430,7 @@ impl Daemon {
     }
 
     /// Polls `/metrics` (at most `timeout`) until counter `name` satisfies `ok`; a
-    /// timeout's error says its last value.
+    /// timeout's error says its last value and carries the daemon's log.
     pub fn wait_counter(
         &self,
         name: &str,
@@ -445,6 +445,7 @@ impl Daemon {
                 Err(format!("{name} is {n}"))
             })
         })
+        .with_context(|| format!("daemon log:\n{}", self.log()))
     }
 
     /// Every record whose window starts at or after `from`, once a window
@@ -626,6 +627,15 @@ impl LedgerRecord {
         };
         crate::exact::exact_json(v)
             .with_context(|| format!("record {} field {field}", self.record_id))
+    }
+
+    /// Σ `field` (as [`LedgerRecord::exact`] reads it) over `records`, exactly;
+    /// panics on a field that is not a decimal, or on an overflow (for tests).
+    pub fn sum(records: &[&LedgerRecord], field: &str) -> crate::exact::Exact {
+        records.iter().fold(crate::exact::Exact::ZERO, |acc, r| {
+            acc.add(r.exact(field).unwrap_or_else(|e| panic!("{e:#}")))
+                .unwrap_or_else(|e| panic!("the sum of {field}: {e:#}"))
+        })
     }
 }
 

@@ -6,9 +6,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mentat_tests::daemon::{
-    Daemon, DaemonOptions, LedgerDir, parse_time, rfc3339, truth_of, wait_until,
+    Daemon, DaemonOptions, LedgerDir, LedgerRecord, parse_time, rfc3339, truth_of, wait_until,
 };
-use mentat_tests::exact::Exact;
 use mentat_tests::truth::HoldMemory;
 use mentat_tests::workload_bin;
 use time::OffsetDateTime;
@@ -97,13 +96,7 @@ fn an_idle_process_is_billed_once_per_idle_interval_for_rss_times_lifetime() {
         .count();
     assert!(long >= 2, "no record spans an idle interval: {spans:?}");
 
-    let gib_seconds = mine
-        .iter()
-        .fold(Exact::ZERO, |acc, r| {
-            acc.add(r.exact("memory_gb_seconds").expect("memory"))
-                .expect("sum")
-        })
-        .to_f64();
+    let gib_seconds = LedgerRecord::sum(&mine, "memory_gb_seconds").to_f64();
     assert_eq!(truth.mib, HELD_MIB, "MiB the workload held");
     let (touch_s, hold_s) = truth.touch_and_hold_s();
     let expected = truth.expected_gib_seconds();

@@ -164,7 +164,7 @@ fn one_llm_call_is_billed_once_whatever_instruments_it() {
             Duration::from_secs(30),
             |got| got == spans_sent,
         )
-        .unwrap_or_else(|e| panic!("{e:#}; daemon log:\n{}", daemon.log()));
+        .unwrap_or_else(|e| panic!("{e:#}"));
     for refused in [
         "mentat_agent_receiver_rejected_spans_total",
         "mentat_agent_receiver_dropped_spans_total",

@@ -10,12 +10,13 @@
 use mentat_tests::truth::{Prefork, Tcp, Udp};
 use mentat_tests::{ProcessRecord, Recording, ScratchCgroup, record_truth};
 
-/// The records of `pid`, split into those in cgroup `cgroup_id` and the rest.
-fn records_in(
-    recording: &Recording,
+/// The records of `pid`, split into those in `cgroup` and the rest.
+fn records_in<'a>(
+    recording: &'a Recording,
     pid: u32,
-    cgroup_id: u64,
-) -> (Vec<&ProcessRecord>, Vec<&ProcessRecord>) {
+    cgroup: &ScratchCgroup,
+) -> (Vec<&'a ProcessRecord>, Vec<&'a ProcessRecord>) {
+    let cgroup_id = cgroup.id().expect("a scratch cgroup's id");
     recording
         .records
         .of_pid(pid)
@@ -72,16 +73,8 @@ fn tcp_between_two_cgroups(family: &str) {
         "the workload's client and server disagree with the {BYTES} bytes asked for"
     );
 
-    let (client_a, client_elsewhere) = records_in(
-        &recording,
-        truth.client_pid,
-        client_cgroup.id().expect("A's id"),
-    );
-    let (server_b, server_elsewhere) = records_in(
-        &recording,
-        truth.server_pid,
-        server_cgroup.id().expect("B's id"),
-    );
+    let (client_a, client_elsewhere) = records_in(&recording, truth.client_pid, &client_cgroup);
+    let (server_b, server_elsewhere) = records_in(&recording, truth.server_pid, &server_cgroup);
     assert!(
         !client_a.is_empty() && !server_b.is_empty(),
         "IPv{family}: no record of the client (pid {}) in A ({client_dir}) or of the server (pid {}) in B ({server_dir}); \
@@ -185,16 +178,8 @@ fn udp_datagrams_are_counted_exactly() {
         truth.datagrams_received
     );
 
-    let (sender, _) = records_in(
-        &recording,
-        truth.client_pid,
-        client_cgroup.id().expect("sender's cgroup id"),
-    );
-    let (receiver, _) = records_in(
-        &recording,
-        truth.server_pid,
-        server_cgroup.id().expect("receiver's cgroup id"),
-    );
+    let (sender, _) = records_in(&recording, truth.client_pid, &client_cgroup);
+    let (receiver, _) = records_in(&recording, truth.server_pid, &server_cgroup);
     assert_path(&sender, &client_cgroup, "the UDP sender");
     assert_path(&receiver, &server_cgroup, "the UDP receiver");
     // Exact: a datagram's payload is what one send or recv call returns, and each
@@ -257,11 +242,7 @@ fn prefork_workers_are_charged_their_own_traffic() {
             "worker {} did not serve what it was asked to: {worker:?}",
             worker.pid
         );
-        let (own, elsewhere) = records_in(
-            &recording,
-            worker.pid,
-            cgroup.id().expect("the worker's cgroup id"),
-        );
+        let (own, elsewhere) = records_in(&recording, worker.pid, cgroup);
         assert!(
             !own.is_empty(),
             "no record of worker {} in its cgroup {}; its records: {elsewhere:#?}",
