@@ -422,6 +422,22 @@ impl Daemon {
         Ok(out)
     }
 
+    /// `mentat-agent usage --api <this daemon> ARGS...` (at most 30 s), which must
+    /// exit 0.
+    pub fn usage(&self, args: &[&str]) -> Result<crate::run::Output> {
+        let api = self.url();
+        let mut argv = vec!["usage", "--api", &api];
+        argv.extend_from_slice(args);
+        let out = crate::run::run_agent(&argv, Duration::from_secs(30))?;
+        ensure!(
+            out.exit_code == Some(0),
+            "usage {}: {}",
+            args.join(" "),
+            out.describe()
+        );
+        Ok(out)
+    }
+
     /// An unlabelled counter's value on `/metrics` (the agent's own, e.g.
     /// `mentat_agent_windows_total`).
     pub fn counter(&self, name: &str) -> Result<u64> {

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use mentat_tests::daemon::{Daemon, DaemonOptions, LedgerDir, free_port, poll};
 use mentat_tests::exact::{Exact, exact_json};
-use mentat_tests::run_agent;
 use mentat_tests::traced::unique_run_id;
 use serde_json::Value;
 
@@ -210,11 +209,7 @@ fn the_run_view_splits_tokens_and_cost_by_model_and_agent() {
     assert_eq!(agents, ["coder", "planner"], "{usage}");
 
     // `usage --run` prints the models.
-    let out = run_agent(
-        ["usage", "--api", &daemon.url(), "--run", &run],
-        Duration::from_secs(30),
-    )
-    .expect("usage --run");
+    let out = daemon.usage(&["--run", &run]).expect("usage --run");
     assert!(
         out.stdout.contains("by model") && out.stdout.contains("planner / gpt-4o-mini"),
         "{}",
@@ -247,11 +242,7 @@ fn a_run_inside_span_lag_is_pending_then_final() {
         serde_json::json!(["solo"]),
         "{view}"
     );
-    let out = run_agent(
-        ["usage", "--api", &daemon.url(), "--run", &run],
-        Duration::from_secs(30),
-    )
-    .expect("usage --run");
+    let out = daemon.usage(&["--run", &run]).expect("usage --run");
     assert!(
         out.stdout.contains("PENDING") && out.stdout.contains("span_lag"),
         "{}",

@@ -9,7 +9,6 @@ use mentat_tests::daemon::{
     Daemon, DaemonOptions, LedgerDir, counter_in, free_port, now_rfc3339, poll,
 };
 use mentat_tests::exact::{Exact, exact_json};
-use mentat_tests::run_agent;
 use serde_json::Value;
 
 /// Sends `spans` spans of `tokens` input and 2×`tokens` output tokens for `model`.
@@ -115,11 +114,8 @@ fn dated_names_are_priced_and_unpriced_tokens_are_listed() {
     assert_eq!(unknown, 3);
 
     // `usage --unpriced`: the model, its usages and tokens.
-    let out = run_agent(
-        [
-            "usage",
-            "--api",
-            &daemon.url(),
+    let out = daemon
+        .usage(&[
             "--from",
             &from,
             "--to",
@@ -127,10 +123,8 @@ fn dated_names_are_priced_and_unpriced_tokens_are_listed() {
             "--unpriced",
             "--format",
             "json",
-        ],
-        Duration::from_secs(30),
-    )
-    .expect("usage --unpriced");
+        ])
+        .expect("usage --unpriced");
     let listed: Value = serde_json::from_str(&out.stdout).expect("JSON");
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
     assert_eq!(listed[0]["model"], "no-such-model", "{listed}");
