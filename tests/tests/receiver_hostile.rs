@@ -40,6 +40,17 @@ fn receiver_keys() -> String {
     )
 }
 
+/// A bounded daemon for a memory test: it, its pid, and its resident memory once
+/// the first windows and the ledger have settled (the baseline).
+fn start_for_memory() -> Result<(TracedDaemon, u32, u64)> {
+    require_python_otel()?;
+    let d = TracedDaemon::start("1s", &receiver_keys())?;
+    let pid = d.daemon.pid().context("the daemon's pid")?;
+    thread::sleep(Duration::from_secs(2));
+    let baseline = rss_bytes(pid)?;
+    Ok((d, pid, baseline))
+}
+
 /// Runs `py/otlp_client.py ARGS`; its JSON summary.
 fn client(args: &[&str]) -> Result<Value> {
     run_python("otlp_client.py", args, &[], Duration::from_secs(120))?
@@ -376,12 +387,7 @@ const RSS_GROWTH_BOUND: u64 = 128 << 20;
 /// keeps committing windows, and its memory stays within [`RSS_GROWTH_BOUND`].
 #[test]
 fn a_span_flood_is_refused_past_the_pending_bound() -> Result<()> {
-    require_python_otel()?;
-    let mut d = TracedDaemon::start("1s", &receiver_keys())?;
-    let pid = d.daemon.pid().context("the daemon's pid")?;
-    // Let the first windows and the ledger settle before the baseline.
-    thread::sleep(Duration::from_secs(2));
-    let baseline = rss_bytes(pid)?;
+    let (mut d, pid, baseline) = start_for_memory()?;
     let mut peak = baseline;
     let run_id = unique_run_id("flood");
     let (target, url) = (grpc_target(&d), http_url(&d));
@@ -476,11 +482,7 @@ fn a_span_flood_is_refused_past_the_pending_bound() -> Result<()> {
 /// an hour from now, which this test once sent, are refused at receipt now.)
 #[test]
 fn long_lived_spans_do_not_grow_memory_without_bound() -> Result<()> {
-    require_python_otel()?;
-    let mut d = TracedDaemon::start("1s", &receiver_keys())?;
-    let pid = d.daemon.pid().context("the daemon's pid")?;
-    thread::sleep(Duration::from_secs(2));
-    let baseline = rss_bytes(pid)?;
+    let (mut d, pid, baseline) = start_for_memory()?;
     let run_id = unique_run_id("long-spans");
     let target = grpc_target(&d);
     let mut accepted = 0u64;
