@@ -9,6 +9,7 @@
 
 use mentat_tests::truth::{Prefork, Tcp, Udp};
 use mentat_tests::{ProcessRecord, Recording, ScratchCgroup, record_truth};
+use serde::de::DeserializeOwned;
 
 /// The records of `pid`, split into those in `cgroup` and the rest.
 fn records_in<'a>(
@@ -49,24 +50,31 @@ fn sum(records: &[&ProcessRecord], metric: impl Fn(&ProcessRecord) -> u64) -> u6
     records.iter().map(|r| metric(r)).sum()
 }
 
-fn tcp_between_two_cgroups(family: &str) {
-    const BYTES: u64 = 64 << 20;
-    let client_cgroup = ScratchCgroup::create().expect("creating the client's cgroup (A)");
-    let server_cgroup = ScratchCgroup::create().expect("creating the server's cgroup (B)");
-    let (client_dir, server_dir) = (cgroup_dir(&client_cgroup), cgroup_dir(&server_cgroup));
-    let bytes = BYTES.to_string();
-    let args = [
-        "tcp",
-        "--bytes",
-        &bytes,
-        "--family",
-        family,
+/// `workload ARGS --server-cgroup B --client-cgroup A` recorded, A and B two
+/// fresh cgroups: A, B, the recording and the workload's ground truth.
+fn record_between<T: DeserializeOwned>(
+    args: &[&str],
+) -> (ScratchCgroup, ScratchCgroup, Recording, T) {
+    let client = ScratchCgroup::create().expect("creating the client's cgroup (A)");
+    let server = ScratchCgroup::create().expect("creating the server's cgroup (B)");
+    let (client_dir, server_dir) = (cgroup_dir(&client), cgroup_dir(&server));
+    let mut all = args.to_vec();
+    all.extend([
         "--server-cgroup",
         &server_dir,
         "--client-cgroup",
         &client_dir,
-    ];
-    let (recording, truth): (_, Tcp) = record_truth(&[], &args);
+    ]);
+    let (recording, truth) = record_truth(&[], &all);
+    (client, server, recording, truth)
+}
+
+fn tcp_between_two_cgroups(family: &str) {
+    const BYTES: u64 = 64 << 20;
+    let bytes = BYTES.to_string();
+    let (client_cgroup, server_cgroup, recording, truth): (_, _, _, Tcp) =
+        record_between(&["tcp", "--bytes", &bytes, "--family", family]);
+    let (client_dir, server_dir) = (cgroup_dir(&client_cgroup), cgroup_dir(&server_cgroup));
     assert_eq!(
         (truth.bytes_sent, truth.bytes_received),
         (BYTES, BYTES),
@@ -146,24 +154,9 @@ fn tcp_over_ipv6_between_two_cgroups() {
 fn udp_datagrams_are_counted_exactly() {
     const COUNT: u64 = 10_000;
     const SIZE: u64 = 1_000;
-    let client_cgroup = ScratchCgroup::create().expect("creating the sender's cgroup");
-    let server_cgroup = ScratchCgroup::create().expect("creating the receiver's cgroup");
-    let (client_dir, server_dir) = (cgroup_dir(&client_cgroup), cgroup_dir(&server_cgroup));
     let (count, size) = (COUNT.to_string(), SIZE.to_string());
-    let args = [
-        "udp",
-        "--count",
-        &count,
-        "--size",
-        &size,
-        "--family",
-        "4",
-        "--server-cgroup",
-        &server_dir,
-        "--client-cgroup",
-        &client_dir,
-    ];
-    let (recording, truth): (_, Udp) = record_truth(&[], &args);
+    let (client_cgroup, server_cgroup, recording, truth): (_, _, _, Udp) =
+        record_between(&["udp", "--count", &count, "--size", &size, "--family", "4"]);
     assert_eq!(
         (truth.datagrams_sent, truth.bytes_sent),
         (COUNT, COUNT * SIZE),
