@@ -558,11 +558,7 @@ fn write_quarantine(out: &mut dyn Write, page: &Value, first: bool, csv: bool) -
             s(&r["reason"]),
         ];
         if csv {
-            let quoted: Vec<String> = cols
-                .iter()
-                .map(|c| crate::cli::output::csv_field(c))
-                .collect();
-            writeln!(out, "quarantined,{}", quoted.join(","))?;
+            writeln!(out, "quarantined,{}", crate::cli::output::csv_line(&cols))?;
         } else {
             writeln!(
                 out,
@@ -597,11 +593,7 @@ fn write_quarantine(out: &mut dyn Write, page: &Value, first: bool, csv: bool) -
                 String::new(),
                 s(&d["reason"]),
             ];
-            let quoted: Vec<String> = cols
-                .iter()
-                .map(|c| crate::cli::output::csv_field(c))
-                .collect();
-            writeln!(out, "dead_letter,{}", quoted.join(","))?;
+            writeln!(out, "dead_letter,{}", crate::cli::output::csv_line(&cols))?;
         } else {
             writeln!(
                 out,

@@ -405,32 +405,35 @@ impl Exposition {
                 );
             }
             // GiB-seconds to byte-seconds: Prometheus wants base units.
-            inc(
-                ("mentat_memory_byte_seconds_total", base, None, None),
-                "Resident memory integrated over time, byte-seconds.",
-                gib_to_bytes(r.memory_gb_seconds),
-            );
-            inc(
-                ("mentat_gpu_seconds_total", base, None, None),
-                "GPU time, seconds.",
-                r.gpu_seconds,
-            );
-            // GiB-seconds to byte-seconds, as for memory.
-            inc(
-                ("mentat_gpu_memory_byte_seconds_total", base, None, None),
-                "Used GPU memory integrated over time, byte-seconds.",
-                gib_to_bytes(r.gpu_memory_gb_seconds),
-            );
-            inc(
-                ("mentat_gpu_energy_joules_total", base, None, None),
-                "GPU energy, joules, where the device reports it.",
-                r.gpu_energy_joules,
-            );
-            inc(
-                ("mentat_syscalls_total", base, None, None),
-                "Syscalls entered.",
-                Decimal::from(r.syscalls),
-            );
+            for (name, help, v) in [
+                (
+                    "mentat_memory_byte_seconds_total",
+                    "Resident memory integrated over time, byte-seconds.",
+                    gib_to_bytes(r.memory_gb_seconds),
+                ),
+                (
+                    "mentat_gpu_seconds_total",
+                    "GPU time, seconds.",
+                    r.gpu_seconds,
+                ),
+                (
+                    "mentat_gpu_memory_byte_seconds_total",
+                    "Used GPU memory integrated over time, byte-seconds.",
+                    gib_to_bytes(r.gpu_memory_gb_seconds),
+                ),
+                (
+                    "mentat_gpu_energy_joules_total",
+                    "GPU energy, joules, where the device reports it.",
+                    r.gpu_energy_joules,
+                ),
+                (
+                    "mentat_syscalls_total",
+                    "Syscalls entered.",
+                    Decimal::from(r.syscalls),
+                ),
+            ] {
+                inc((name, base, None, None), help, v);
+            }
             for t in &r.tokens {
                 let model = model_labels
                     .get(t.model.as_str())
