@@ -130,87 +130,34 @@ struct Quantity {
     integer: bool,
 }
 
-const fn q(
-    name: &'static str,
-    unit: &'static str,
-    description: &'static str,
-    integer: bool,
-) -> Quantity {
-    Quantity {
-        name,
-        unit,
-        description,
-        integer,
-    }
+/// Defines each quantity once: a constant, and its place in `ALL` (every
+/// quantity, in the order their metrics are built).
+macro_rules! quantities {
+    ($($id:ident = ($name:literal, $unit:literal, $description:literal, $integer:literal);)*) => {
+        $(const $id: Quantity = Quantity {
+            name: $name,
+            unit: $unit,
+            description: $description,
+            integer: $integer,
+        };)*
+        const ALL: &[&Quantity] = &[$(&$id),*];
+    };
 }
 
-const CPU: Quantity = q(
-    "process.cpu.time",
-    "s",
-    "CPU time by the scheduler's clock",
-    false,
-);
-const NODE_CPU: Quantity = q(
-    "mentat.node.cpu.time",
-    "s",
-    "Node CPU time with no process: idle, irq_steal, kernel, unattributed",
-    false,
-);
-const NET: Quantity = q("process.network.io", "By", "Socket payload bytes", true);
-const DISK: Quantity = q(
-    "process.disk.io",
-    "By",
-    "Storage bytes read and written",
-    true,
-);
-const MEMORY: Quantity = q(
-    "mentat.usage.memory",
-    "GiBy.s",
-    "Resident memory over time",
-    false,
-);
-const GPU: Quantity = q("mentat.usage.gpu.time", "s", "GPU time", false);
-const GPU_MEMORY: Quantity = q(
-    "mentat.usage.gpu.memory",
-    "GiBy.s",
-    "GPU memory over time",
-    false,
-);
-const GPU_ENERGY: Quantity = q("mentat.usage.gpu.energy", "J", "GPU energy", false);
-const SYSCALLS: Quantity = q(
-    "mentat.usage.syscalls",
-    "{syscall}",
-    "Syscalls entered",
-    true,
-);
-const TOKENS: Quantity = q("mentat.usage.tokens", "{token}", "LLM tokens", true);
-const COST: Quantity = q(
-    "mentat.cost",
-    "{currency}",
-    "Cost by component, in the book's currency",
-    false,
-);
-const COST_TOTAL: Quantity = q(
-    "mentat.cost.total",
-    "{currency}",
-    "Total cost after discount",
-    false,
-);
-
-const ALL: [&Quantity; 12] = [
-    &CPU,
-    &NODE_CPU,
-    &NET,
-    &DISK,
-    &MEMORY,
-    &GPU,
-    &GPU_MEMORY,
-    &GPU_ENERGY,
-    &SYSCALLS,
-    &TOKENS,
-    &COST,
-    &COST_TOTAL,
-];
+quantities! {
+    CPU = ("process.cpu.time", "s", "CPU time by the scheduler's clock", false);
+    NODE_CPU = ("mentat.node.cpu.time", "s", "Node CPU time with no process: idle, irq_steal, kernel, unattributed", false);
+    NET = ("process.network.io", "By", "Socket payload bytes", true);
+    DISK = ("process.disk.io", "By", "Storage bytes read and written", true);
+    MEMORY = ("mentat.usage.memory", "GiBy.s", "Resident memory over time", false);
+    GPU = ("mentat.usage.gpu.time", "s", "GPU time", false);
+    GPU_MEMORY = ("mentat.usage.gpu.memory", "GiBy.s", "GPU memory over time", false);
+    GPU_ENERGY = ("mentat.usage.gpu.energy", "J", "GPU energy", false);
+    SYSCALLS = ("mentat.usage.syscalls", "{syscall}", "Syscalls entered", true);
+    TOKENS = ("mentat.usage.tokens", "{token}", "LLM tokens", true);
+    COST = ("mentat.cost", "{currency}", "Cost by component, in the book's currency", false);
+    COST_TOTAL = ("mentat.cost.total", "{currency}", "Total cost after discount", false);
+}
 
 /// What one batch adds to one series.
 #[derive(Clone, Debug)]
