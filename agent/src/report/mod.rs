@@ -180,15 +180,9 @@ impl WindowSum {
     }
 
     /// Σ cgroup memory over the distinct memory counters of a group's members.
-    fn cgroup_memory_of(
-        &self,
-        processes: &[ProcessRecord],
-        by: &[GroupBy],
-        key: Option<&str>,
-    ) -> Option<f64> {
-        let counters: HashSet<&PathBuf> = processes
+    fn cgroup_memory_of(&self, members: &[&ProcessRecord]) -> Option<f64> {
+        let counters: HashSet<&PathBuf> = members
             .iter()
-            .filter(|r| group_key(by, r).as_deref() == key)
             .filter_map(|r| self.cgroup_counters.get(&r.cgroup_id))
             .collect();
         if counters.is_empty() {
@@ -202,15 +196,9 @@ impl WindowSum {
     }
 
     /// Σ writable-layer bytes over the distinct containers of a group's members.
-    fn storage_of(
-        &self,
-        processes: &[ProcessRecord],
-        by: &[GroupBy],
-        key: Option<&str>,
-    ) -> Option<u64> {
-        let containers: HashSet<&str> = processes
+    fn storage_of(&self, members: &[&ProcessRecord]) -> Option<u64> {
+        let containers: HashSet<&str> = members
             .iter()
-            .filter(|r| group_key(by, r).as_deref() == key)
             .filter_map(|r| r.identity.container_id.as_deref())
             .collect();
         let sizes: Vec<u64> = containers
@@ -386,9 +374,12 @@ impl WindowSum {
         let groups = (!group_by.is_empty()).then(|| {
             let mut groups = group(&processes, group_by, node_name, start, &ws, &we);
             for gr in &mut groups {
-                gr.cgroup_memory_gb_seconds =
-                    self.cgroup_memory_of(&processes, group_by, gr.group.as_deref());
-                gr.storage_bytes = self.storage_of(&processes, group_by, gr.group.as_deref());
+                let members: Vec<&ProcessRecord> = processes
+                    .iter()
+                    .filter(|r| group_key(group_by, r) == gr.group)
+                    .collect();
+                gr.cgroup_memory_gb_seconds = self.cgroup_memory_of(&members);
+                gr.storage_bytes = self.storage_of(&members);
             }
             groups
         });
