@@ -599,11 +599,18 @@ mod tests {
         }
     }
 
+    /// The report of `windows` summed, every process in it, ungrouped.
+    fn report_of(windows: &[Window]) -> Report {
+        let mut sum = WindowSum::default();
+        for w in windows {
+            sum.add(w);
+        }
+        sum.report("n", |_| true, &[], None, None)
+    }
+
     #[test]
     fn records_are_named_by_what_the_window_carries() {
-        let mut sum = WindowSum::default();
-        sum.add(&window(10, 11, 10, "web"));
-        let r = sum.report("n", |_| true, &[], None, None);
+        let r = report_of(&[window(10, 11, 10, "web")]);
         let p = &r.processes[0];
         assert_eq!(p.comm, "web");
         assert_eq!(p.cgroup_path.as_deref(), Some("/kubepods/podx/abc"));
@@ -617,9 +624,7 @@ mod tests {
     #[test]
     fn a_process_that_slept_has_one_record_spanning_its_usage() {
         // Last handed over at 10 s; slept until the window [59, 60) s.
-        let mut sum = WindowSum::default();
-        sum.add(&window(59, 60, 10, "web"));
-        let r = sum.report("n", |_| true, &[], None, None);
+        let r = report_of(&[window(59, 60, 10, "web")]);
         let p = &r.processes[0];
         assert_eq!(p.window_start, rfc3339(wall(10 * S)));
         assert_eq!(p.window_end, rfc3339(wall(60 * S)));
@@ -630,10 +635,7 @@ mod tests {
         assert_eq!(r.summary.window_start, rfc3339(wall(59 * S)));
         // Summed over several windows (`record`), a record spans the sum, and the
         // latest name wins.
-        let mut sum = WindowSum::default();
-        sum.add(&window(10, 11, 10, "old"));
-        sum.add(&window(11, 12, 11, "new"));
-        let r = sum.report("n", |_| true, &[], None, None);
+        let r = report_of(&[window(10, 11, 10, "old"), window(11, 12, 11, "new")]);
         assert_eq!(r.processes[0].window_start, rfc3339(wall(10 * S)));
         assert_eq!(r.processes[0].comm, "new");
     }
