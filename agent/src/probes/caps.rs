@@ -93,7 +93,10 @@ mod tests {
 
     #[test]
     fn sys_admin_covers_bpf_and_perfmon() {
-        assert_eq!((CAP_SYS_ADMIN.name, CAP_SYS_ADMIN.bit), ("CAP_SYS_ADMIN", 21));
+        assert_eq!(
+            (CAP_SYS_ADMIN.name, CAP_SYS_ADMIN.bit),
+            ("CAP_SYS_ADMIN", 21)
+        );
         assert!(missing_for_probes(1 << CAP_SYS_ADMIN.bit).is_empty());
         assert_eq!(missing_for_probes(1 << CAP_BPF.bit), vec![CAP_PERFMON]);
         assert_eq!(missing_for_probes(0), vec![CAP_BPF, CAP_PERFMON]);
