@@ -342,7 +342,7 @@ pub(crate) mod tests {
         );
         let storage = &records[6];
         assert_eq!(storage.storage_bytes, Some(4096));
-        assert_eq!(storage.container_id.as_deref(), Some("c1"));
+        assert_eq!(storage.workload.container_id.as_deref(), Some("c1"));
         // The CPU stays with the processes: nothing is billed twice.
         assert!(storage.cpu_core_seconds.is_zero() && storage.pid.is_none());
         let cpu: rust_decimal::Decimal = records.iter().map(|r| r.cpu_core_seconds).sum();
