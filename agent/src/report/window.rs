@@ -13,7 +13,6 @@ use std::{
     time::SystemTime,
 };
 
-use rust_decimal::Decimal;
 
 use crate::{
     collect::{Collector, Window},
@@ -188,16 +187,15 @@ impl ReportedWindow {
                 cgroup_id: None,
                 cgroup_path: None,
                 storage_bytes: Some(bytes),
-                ..UsageRecord {
-                    cpu_core_seconds: Decimal::ZERO,
-                    memory_gb_seconds: Decimal::ZERO,
-                    network_rx_bytes: 0,
-                    network_tx_bytes: 0,
-                    disk_read_bytes: 0,
-                    disk_write_bytes: 0,
-                    syscalls: 0,
-                    ..base
-                }
+                // Who it is, and nothing the process record bills already: a
+                // quantity copied from it (its GPU time once was) is billed twice.
+                node: base.node,
+                window_start: base.window_start,
+                window_end: base.window_end,
+                workload_kind: base.workload_kind,
+                workload: base.workload,
+                context: base.context,
+                ..UsageRecord::default()
             });
         }
         out
@@ -308,7 +306,19 @@ pub(crate) mod tests {
             "2026-01-01T00:00:00Z",
             "2026-01-01T00:00:01Z",
             vec![
-                process(1, Some("c1"), 500_000_000),
+                ProcessRecord {
+                    metered: Metered {
+                        cpu_ns: 500_000_000,
+                        gpu: crate::collect::metered::GpuMetered {
+                            gpu_ns: 2_000_000_000,
+                            memory_byte_ns: 1 << 40,
+                            energy_mj: 7_000,
+                            attribution: None,
+                        },
+                        ..Metered::default()
+                    },
+                    ..process(1, Some("c1"), 500_000_000)
+                },
                 process(2, Some("c1"), 250_000_000),
                 process(3, Some("c2"), 1_000_000_000),
                 process(4, None, 2_000_000_000),
@@ -347,6 +357,16 @@ pub(crate) mod tests {
         assert!(storage.cpu_core_seconds.is_zero() && storage.pid.is_none());
         let cpu: rust_decimal::Decimal = records.iter().map(|r| r.cpu_core_seconds).sum();
         assert_eq!(cpu, "3.75".parse().expect("number"));
+        // Nor the GPU of the process it names the container by.
+        assert!(
+            storage.gpu_seconds.is_zero()
+                && storage.gpu_memory_gb_seconds.is_zero()
+                && storage.gpu_energy_joules.is_zero()
+                && storage.gpu_attribution.is_none(),
+            "{storage:?}"
+        );
+        let gpu: rust_decimal::Decimal = records.iter().map(|r| r.gpu_seconds).sum();
+        assert_eq!(gpu, "2".parse().expect("number"));
         // Ids are deterministic (a retried window writes the same records)
         // and distinct from every process record's.
         assert_eq!(w.records()[6].record_id, storage.record_id);
