@@ -13,7 +13,6 @@ use std::{
     time::SystemTime,
 };
 
-
 use crate::{
     collect::{Collector, Window},
     context::{
