@@ -28,6 +28,7 @@ use crate::{
     context::{
         dedupe::DedupeLimits,
         inbox::{InboxLimits, SpanInbox},
+        lineage::LineageLimits,
         receiver::{self, Onward, ReceiverStats},
         sender::{Binder, parse_rules},
     },
@@ -212,6 +213,11 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
             window: config.receiver.token_dedupe_window,
             max_calls: config.receiver.max_token_dedupe_calls,
             max_links: config.receiver.max_token_dedupe_links,
+        })
+        .with_lineage(LineageLimits {
+            max_wait: config.span_lag,
+            max_span_age: config.receiver.max_span_age,
+            max_waiting: config.receiver.max_pending_spans,
         }),
     );
     let receiver_stats = Arc::new(ReceiverStats::default());

@@ -95,6 +95,12 @@ impl LedgerDir {
     }
 }
 
+/// An unlabelled counter's value in a `/metrics` text.
+pub fn counter_in(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// What a daemon is started with, beyond the ledger and a free API port.
 #[derive(Clone, Debug, Default)]
 pub struct DaemonOptions {
@@ -118,6 +124,19 @@ impl DaemonOptions {
     pub fn exporting_to(endpoint: impl Into<String>) -> Self {
         DaemonOptions {
             otlp_endpoint: Some(endpoint.into()),
+            ..Default::default()
+        }
+    }
+
+    /// A daemon that receives spans: `span_lag`, and `[receiver]` on the loopback
+    /// ports `grpc` and `http`, followed by `more` (more `[receiver]` keys such as
+    /// `max_pending_spans = 100\n`, then any other tables).
+    pub fn receiving(span_lag: &str, grpc: u16, http: u16, more: &str) -> Self {
+        DaemonOptions {
+            extra_keys: Some(format!("span_lag = \"{span_lag}\"\n")),
+            extra_tables: Some(format!(
+                "[receiver]\ngrpc_bind = \"127.0.0.1:{grpc}\"\nhttp_bind = \"127.0.0.1:{http}\"\n{more}"
+            )),
             ..Default::default()
         }
     }
@@ -187,9 +206,18 @@ impl Daemon {
         } else {
             "span_lag = \"0s\"\n"
         };
+        // Likewise the 1 s tick, unless the caller sets its own `tick`.
+        let tick = if extra_keys.lines().any(|l| {
+            l.strip_prefix("tick")
+                .is_some_and(|r| r.trim_start().starts_with('='))
+        }) {
+            ""
+        } else {
+            "tick = \"1s\"\n"
+        };
         let mut config = format!(
             "node_name = \"{NODE}\"\n\
-             tick = \"1s\"\n\
+             {tick}\
              ledger_path = \"{}\"\n\
              raw_retention = \"1h\"\n\
              {span_lag}\
@@ -403,13 +431,46 @@ impl Daemon {
         Ok(out)
     }
 
+    /// `mentat-agent usage --api <this daemon> ARGS...` (at most 30 s), which must
+    /// exit 0.
+    pub fn usage(&self, args: &[&str]) -> Result<crate::run::Output> {
+        let api = self.url();
+        let mut argv = vec!["usage", "--api", &api];
+        argv.extend_from_slice(args);
+        let out = crate::run::run_agent(&argv, Duration::from_secs(30))?;
+        ensure!(
+            out.exit_code == Some(0),
+            "usage {}: {}",
+            args.join(" "),
+            out.describe()
+        );
+        Ok(out)
+    }
+
     /// An unlabelled counter's value on `/metrics` (the agent's own, e.g.
     /// `mentat_agent_windows_total`).
     pub fn counter(&self, name: &str) -> Result<u64> {
-        let text = self.metrics()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        counter_in(&self.metrics()?, name)
             .with_context(|| format!("/metrics has no counter {name}"))
+    }
+
+    /// Polls `/metrics` (at most `timeout`) until counter `name` satisfies `ok`; a
+    /// timeout's error says its last value and carries the daemon's log.
+    pub fn wait_counter(
+        &self,
+        name: &str,
+        timeout: Duration,
+        ok: impl Fn(u64) -> bool,
+    ) -> Result<Duration> {
+        poll(timeout, || {
+            let n = self.counter(name)?;
+            Ok(if ok(n) {
+                Ok(())
+            } else {
+                Err(format!("{name} is {n}"))
+            })
+        })
+        .with_context(|| format!("daemon log:\n{}", self.log()))
     }
 
     /// Every record whose window starts at or after `from`, once a window
@@ -591,6 +652,15 @@ impl LedgerRecord {
         };
         crate::exact::exact_json(v)
             .with_context(|| format!("record {} field {field}", self.record_id))
+    }
+
+    /// Σ `field` (as [`LedgerRecord::exact`] reads it) over `records`, exactly;
+    /// panics on a field that is not a decimal, or on an overflow (for tests).
+    pub fn sum(records: &[&LedgerRecord], field: &str) -> crate::exact::Exact {
+        records.iter().fold(crate::exact::Exact::ZERO, |acc, r| {
+            acc.add(r.exact(field).unwrap_or_else(|e| panic!("{e:#}")))
+                .unwrap_or_else(|e| panic!("the sum of {field}: {e:#}"))
+        })
     }
 }
 

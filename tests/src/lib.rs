@@ -33,7 +33,7 @@ pub use records::{
 };
 pub use run::{
     Output, RawRecording, Recording, agent_bin, node_steal_ns, record, record_command, record_raw,
-    record_workload, run_agent, run_agent_env, workload_bin, workload_command,
+    record_truth, record_workload, run_agent, run_agent_env, workload_bin, workload_command,
 };
 pub use storage::storage_dir;
 

@@ -396,7 +396,6 @@ impl Records {
         })
     }
 
-    /// All records of processes with this pid (one per cgroup the process was in,
     /// The process records of cgroup `cgroup_id` (a v2 cgroup's inode).
     pub fn in_cgroup(&self, cgroup_id: u64) -> Vec<&ProcessRecord> {
         self.processes
@@ -405,9 +404,27 @@ impl Records {
             .collect()
     }
 
+    /// All records of processes with this pid (one per cgroup the process was in,
     /// more if pids were reused during the recording).
     pub fn of_pid(&self, pid: u32) -> Vec<&ProcessRecord> {
         self.processes.iter().filter(|r| r.pid == pid).collect()
+    }
+
+    /// CPU time of every record of these pids, summed.
+    pub fn cpu_ns_of_all(&self, pids: impl IntoIterator<Item = u32>) -> u64 {
+        pids.into_iter().map(|pid| self.cpu_ns_of(pid)).sum()
+    }
+
+    /// [`Records::of_pid`], for a test: panics naming `what` and listing every
+    /// process record when there is none.
+    pub fn expect_pid(&self, pid: u32, what: &str) -> Vec<&ProcessRecord> {
+        let found = self.of_pid(pid);
+        assert!(
+            !found.is_empty(),
+            "no process record of {what} (pid {pid}) among {:#?}",
+            self.processes
+        );
+        found
     }
 
     /// CPU time of every record with this pid, summed.

@@ -256,6 +256,21 @@ pub fn record_workload(agent_args: &[&str], workload_args: &[&str]) -> Result<Re
     Ok(recording)
 }
 
+/// [`record_workload`] and the workload's ground truth, for a test: panics
+/// naming the command and what failed.
+pub fn record_truth<T: DeserializeOwned>(
+    agent_args: &[&str],
+    workload_args: &[&str],
+) -> (Recording, T) {
+    let command = workload_args.join(" ");
+    let recording = record_workload(agent_args, workload_args)
+        .unwrap_or_else(|e| panic!("recording `workload {command}` with {agent_args:?}: {e:#}"));
+    let truth = recording
+        .ground_truth()
+        .unwrap_or_else(|e| panic!("the ground truth of `workload {command}`: {e:#}"));
+    (recording, truth)
+}
+
 /// Steal time of all CPUs since boot, in ns: the 8th value of `/proc/stat`'s `cpu` line.
 pub fn node_steal_ns() -> Result<u64> {
     let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;

@@ -79,13 +79,7 @@ impl TracedDaemon {
         ensure!(grpc != http, "the kernel picked one free port twice");
         let daemon = Daemon::start(
             &dir,
-            &DaemonOptions {
-                extra_keys: Some(format!("span_lag = \"{span_lag}\"\n")),
-                extra_tables: Some(format!(
-                    "[receiver]\ngrpc_bind = \"127.0.0.1:{grpc}\"\nhttp_bind = \"127.0.0.1:{http}\"\n{receiver_keys}"
-                )),
-                ..Default::default()
-            },
+            &DaemonOptions::receiving(span_lag, grpc, http, receiver_keys),
         )?;
         // A receiver that failed to bind does not stop the daemon: check it listens.
         for port in [grpc, http] {
@@ -297,6 +291,17 @@ pub fn send_spans(args: &[&str], timeout: Duration) -> Result<Value> {
         "the receiver refused spans: {summary}"
     );
     Ok(summary)
+}
+
+/// The `messages` of an `otlp_client.py` summary: what the receiver said about
+/// the spans it refused (partial success, refusals).
+pub fn summary_messages(summary: &Value) -> Vec<&str> {
+    summary["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect()
 }
 
 /// A run id no other test run has used: the tests' pid, the time, and a tag.

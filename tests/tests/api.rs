@@ -284,23 +284,9 @@ fn the_usage_tree_conserves_exactly_and_the_cli_agrees() {
     );
 
     // The CLI: a table with a TOTAL line.
-    let api = daemon.url();
-    let out = run_agent(
-        [
-            "usage",
-            "--api",
-            &api,
-            "--from",
-            &from,
-            "--to",
-            &to,
-            "--group-by",
-            "workload_kind",
-        ],
-        Duration::from_secs(30),
-    )
-    .expect("mentat-agent usage");
-    assert_eq!(out.exit_code, Some(0), "usage: {}", out.describe());
+    let out = daemon
+        .usage(&["--from", &from, "--to", &to, "--group-by", "workload_kind"])
+        .expect("mentat-agent usage");
     let total_line = out
         .stdout
         .lines()
@@ -323,11 +309,8 @@ fn the_usage_tree_conserves_exactly_and_the_cli_agrees() {
     );
 
     // --billing: one CloudEvent per record, id = record_id.
-    let out = run_agent(
-        [
-            "usage",
-            "--api",
-            &api,
+    let out = daemon
+        .usage(&[
             "--from",
             &from,
             "--to",
@@ -335,16 +318,8 @@ fn the_usage_tree_conserves_exactly_and_the_cli_agrees() {
             "--format",
             "jsonl",
             "--billing",
-        ],
-        Duration::from_secs(30),
-    )
-    .expect("mentat-agent usage --billing");
-    assert_eq!(
-        out.exit_code,
-        Some(0),
-        "usage --billing: {}",
-        out.describe()
-    );
+        ])
+        .expect("mentat-agent usage --billing");
     let events: Vec<Value> = out
         .stdout
         .lines()
@@ -481,12 +456,9 @@ fn a_token_guarded_api_refuses_requests_without_the_token() {
     fs::write(&token_file, TOKEN).expect("token file");
     let api = daemon.url();
     let token_path = token_file.to_string_lossy().into_owned();
-    let out = run_agent(
-        ["usage", "--api", &api, "--token-file", &token_path],
-        Duration::from_secs(30),
-    )
-    .expect("usage with the token");
-    assert_eq!(out.exit_code, Some(0), "{}", out.describe());
+    daemon
+        .usage(&["--token-file", &token_path])
+        .expect("usage with the token");
     let out = run_agent(["usage", "--api", &api], Duration::from_secs(30))
         .expect("usage without the token");
     assert_ne!(out.exit_code, Some(0), "usage without the token succeeded");

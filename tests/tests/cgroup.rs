@@ -2,15 +2,14 @@
 //! there, under the right id and path.
 
 use mentat_tests::truth::{CgroupHop, CgroupMove};
-use mentat_tests::{ScratchCgroup, percent_off, record_workload};
+use mentat_tests::{ScratchCgroup, percent_off, record_truth};
 
 #[test]
 fn a_process_moved_into_a_new_cgroup_is_recorded_there() {
     let (cgroup, path, expected_id) = scratch_cgroup();
 
-    let recording = record_workload(&[], &["cgroup", "--path", &path, "--ms", "300"])
-        .unwrap_or_else(|e| panic!("recording `workload cgroup --path {path} --ms 300`: {e:#}"));
-    let truth: CgroupMove = recording.ground_truth().expect("cgroup's ground truth");
+    let (recording, truth): (_, CgroupMove) =
+        record_truth(&[], &["cgroup", "--path", &path, "--ms", "300"]);
     assert_eq!(
         truth.cgroup_id, expected_id,
         "the workload and the test disagree on {path}'s inode"
@@ -59,9 +58,7 @@ fn a_process_that_blocks_often_is_billed_to_its_new_cgroup_after_a_move() {
     let (cgroup, path, expected_id) = scratch_cgroup();
 
     let args = ["cgroup-hop", "--path", &path, "--pre", "50", "--ms", "300"];
-    let recording = record_workload(&[], &args)
-        .unwrap_or_else(|e| panic!("recording `workload {}`: {e:#}", args.join(" ")));
-    let truth: CgroupHop = recording.ground_truth().expect("cgroup-hop's ground truth");
+    let (recording, truth): (_, CgroupHop) = record_truth(&[], &args);
     assert_eq!(truth.cgroup_id, expected_id);
 
     let records = recording.records.of_pid(truth.pid);

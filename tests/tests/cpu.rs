@@ -2,7 +2,7 @@
 //! the process's parent through `wait4`.
 
 use mentat_tests::truth::Burn;
-use mentat_tests::{percent_off, record_workload, within};
+use mentat_tests::{percent_off, record_truth, within};
 
 #[test]
 fn two_burning_threads_match_wait4_rusage() {
@@ -15,9 +15,7 @@ fn two_burning_threads_match_wait4_rusage() {
         "--ms",
         &MS.to_string(),
     ];
-    let recording = record_workload(&[], &args)
-        .unwrap_or_else(|e| panic!("recording `workload {}`: {e:#}", args.join(" ")));
-    let truth: Burn = recording.ground_truth().expect("burn's ground truth");
+    let (recording, truth): (_, Burn) = record_truth(&[], &args);
 
     // The helper burns by each thread's own CPU clock, so however loaded the machine is
     // the child has had at least THREADS × MS of CPU; less means the helper is broken
@@ -28,13 +26,9 @@ fn two_burning_threads_match_wait4_rusage() {
         truth.rusage_cpu_ns
     );
 
-    let records = recording.records.of_pid(truth.child_pid);
-    assert!(
-        !records.is_empty(),
-        "no process record for the burn child (pid {}) among {} records",
-        truth.child_pid,
-        recording.records.processes.len()
-    );
+    let records = recording
+        .records
+        .expect_pid(truth.child_pid, "the burn child");
     let cpu_ns = recording.records.cpu_ns_of(truth.child_pid);
 
     // 1 %: rusage (utime + stime, scaled to sum_exec_runtime) and the agent's

@@ -12,7 +12,6 @@ use mentat_tests::daemon::{
     Daemon, DaemonOptions, LedgerDir, LedgerRecord, free_port, now_rfc3339, parse_time, rfc3339,
     truth_of, wait_until,
 };
-use mentat_tests::exact::Exact;
 use mentat_tests::otlp::{Receiver, Resends, check_delivered_once, wait_until_delivered};
 use mentat_tests::truth::Burn;
 use mentat_tests::workload_bin;
@@ -43,6 +42,14 @@ fn committed_windows(ledger: &std::path::Path) -> Vec<(i128, i128, u64)> {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("windows as JSON")
+}
+
+/// Sorted `[start, end)` spans (ns) do not overlap.
+fn assert_disjoint(spans: &[(i128, i128)], what: &str) {
+    for pair in spans.windows(2) {
+        let ((s0, e0), (s1, e1)) = (pair[0], pair[1]);
+        assert!(e0 <= s1, "{what} [{s0}, {e0}) and [{s1}, {e1}) ns overlap");
+    }
 }
 
 #[test]
@@ -174,28 +181,10 @@ fn a_sigkill_loses_and_duplicates_nothing() {
     }
     for (instance, mut s) in spans_of {
         s.sort();
-        for pair in s.windows(2) {
-            assert!(
-                pair[0].1 <= pair[1].0,
-                "process {instance:?}: records [{}, {}) and [{}, {}) ns overlap",
-                pair[0].0,
-                pair[0].1,
-                pair[1].0,
-                pair[1].1
-            );
-        }
+        assert_disjoint(&s, &format!("process {instance:?}: records"));
     }
     let spans: Vec<(i128, i128)> = committed.iter().map(|(ws, we, _)| (*ws, *we)).collect();
-    for pair in spans.windows(2) {
-        assert!(
-            pair[0].1 <= pair[1].0,
-            "windows overlap: [{}, {}) and [{}, {}) ns",
-            pair[0].0,
-            pair[0].1,
-            pair[1].0,
-            pair[1].1
-        );
-    }
+    assert_disjoint(&spans, "windows");
     // Both runs are there: windows before the crash and after the restart.
     let killed_ns = killed_at.unix_timestamp_nanos();
     let before = spans.iter().filter(|w| w.1 <= killed_ns).count();
@@ -213,13 +202,7 @@ fn a_sigkill_loses_and_duplicates_nothing() {
         .iter()
         .filter(|r| r.pid == Some(burn.child_pid) && r.record_kind == "process")
         .collect();
-    let metered = burner
-        .iter()
-        .fold(Exact::ZERO, |acc, r| {
-            acc.add(r.exact("cpu_core_seconds").expect("cpu"))
-                .expect("sum")
-        })
-        .to_f64();
+    let metered = LedgerRecord::sum(&burner, "cpu_core_seconds").to_f64();
     let rusage = burn.rusage_cpu_ns as f64 / 1e9;
     assert!(
         metered <= rusage * 1.01,

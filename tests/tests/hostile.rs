@@ -50,12 +50,9 @@ fn jsonl_stays_one_valid_record_per_line() {
         .ensure_success(&recording.invocation)
         .unwrap_or_else(|e| panic!("{e:#}"));
     let truth: Hostile = recording.ground_truth().expect("hostile's ground truth");
-    let child = recording.records.of_pid(truth.child_pid);
-    assert!(
-        !child.is_empty(),
-        "no record of the hostile child (pid {}, ~1 MiB of argv)",
-        truth.child_pid
-    );
+    let child = recording
+        .records
+        .expect_pid(truth.child_pid, "the hostile child (~1 MiB of argv)");
     for record in &child {
         assert!(
             looks_like_the_hostile_comm(&record.comm),

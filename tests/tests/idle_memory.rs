@@ -6,14 +6,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mentat_tests::daemon::{
-    Daemon, DaemonOptions, LedgerDir, parse_time, rfc3339, truth_of, wait_until,
+    Daemon, DaemonOptions, LedgerDir, LedgerRecord, parse_time, rfc3339, truth_of, wait_until,
 };
-use mentat_tests::exact::Exact;
 use mentat_tests::truth::HoldMemory;
 use mentat_tests::workload_bin;
 use time::OffsetDateTime;
 
-const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 const MIB: u64 = 1 << 20;
 
 fn ns(t: &str) -> i128 {
@@ -98,19 +96,10 @@ fn an_idle_process_is_billed_once_per_idle_interval_for_rss_times_lifetime() {
         .count();
     assert!(long >= 2, "no record spans an idle interval: {spans:?}");
 
-    let gib_seconds = mine
-        .iter()
-        .fold(Exact::ZERO, |acc, r| {
-            acc.add(r.exact("memory_gb_seconds").expect("memory"))
-                .expect("sum")
-        })
-        .to_f64();
-    let held_gib = (HELD_MIB * MIB) as f64 / GIB;
-    let base_gib = truth.base_rss_bytes as f64 / GIB;
-    let (touch_s, hold_s) = (truth.touch_ns as f64 / 1e9, truth.hold_ns as f64 / 1e9);
-    // As tests/resources.rs: the held memory for the hold, half of it over the touch
-    // (a linear ramp), the base all along.
-    let expected = held_gib * (hold_s + touch_s / 2.0) + base_gib * (touch_s + hold_s);
+    let gib_seconds = LedgerRecord::sum(&mine, "memory_gb_seconds").to_f64();
+    assert_eq!(truth.mib, HELD_MIB, "MiB the workload held");
+    let (touch_s, hold_s) = truth.touch_and_hold_s();
+    let expected = truth.expected_gib_seconds();
     // 5 %: over an 8 s hold the 100 ms sampling of the touch and of the exit (at most
     // one interval each, 0.1 s × 0.125 GiB = 0.0125 GiB·s, 1.2 % of ~1 GiB·s each) is
     // small; what is left catches a lost or doubled idle interval (2 s: 25 %), an

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mentat_tests::daemon::{Daemon, DaemonOptions, LedgerDir, free_port, now_rfc3339, poll};
+use mentat_tests::daemon::{Daemon, DaemonOptions, LedgerDir, free_port, now_rfc3339};
 use mentat_tests::exact::{Exact, exact_json};
 use rust_decimal::Decimal;
 use serde_json::Value;
@@ -108,17 +108,8 @@ fn one_llm_call_is_billed_once_whatever_instruments_it() {
     let python = python();
     let dir = LedgerDir::new().expect("ledger dir");
     let (grpc, http) = (free_port().expect("port"), free_port().expect("port"));
-    let daemon = Daemon::start(
-        &dir,
-        &DaemonOptions {
-            extra_keys: Some("span_lag = \"2s\"\n".into()),
-            extra_tables: Some(format!(
-                "[receiver]\ngrpc_bind = \"127.0.0.1:{grpc}\"\nhttp_bind = \"127.0.0.1:{http}\"\n"
-            )),
-            ..Default::default()
-        },
-    )
-    .expect("daemon");
+    let daemon =
+        Daemon::start(&dir, &DaemonOptions::receiving("2s", grpc, http, "")).expect("daemon");
     let from = now_rfc3339();
     let script = mentat_tests::traced::py_script("instrumented_openai.py");
     let mut truths = BTreeMap::new();
@@ -167,15 +158,13 @@ fn one_llm_call_is_billed_once_whatever_instruments_it() {
     // workloads exited; polled, as the counter need not be updated before the
     // answer goes out); then a window starting after that is committed, and with
     // it every token record (span_lag 2 s).
-    poll(Duration::from_secs(30), || {
-        let got = daemon.counter("mentat_agent_receiver_spans_total")?;
-        Ok(if got == spans_sent {
-            Ok(())
-        } else {
-            Err(format!("{got} spans received, {spans_sent} sent"))
-        })
-    })
-    .unwrap_or_else(|e| panic!("{e:#}; daemon log:\n{}", daemon.log()));
+    daemon
+        .wait_counter(
+            "mentat_agent_receiver_spans_total",
+            Duration::from_secs(30),
+            |got| got == spans_sent,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
     for refused in [
         "mentat_agent_receiver_rejected_spans_total",
         "mentat_agent_receiver_dropped_spans_total",

@@ -18,7 +18,7 @@ use anyhow::{Context, Result, ensure};
 use mentat_tests::daemon::{
     Daemon, DaemonOptions, LedgerDir, free_port, now_rfc3339, poll, rfc3339,
 };
-use mentat_tests::traced::{require_python_otel, run_python, unique_run_id};
+use mentat_tests::traced::{require_python_otel, run_python, summary_messages, unique_run_id};
 use serde_json::Value;
 
 /// Runs `py/otlp_client.py ARGS`; its JSON summary.
@@ -31,17 +31,8 @@ fn client(args: &[&str]) -> Result<Value> {
 /// A daemon on `dir` with its receiver on free ports and `receiver_keys`; the gRPC port.
 fn start(dir: &LedgerDir, span_lag: &str, receiver_keys: &str) -> Result<(Daemon, u16)> {
     let grpc = free_port()?;
-    let daemon = Daemon::start(
-        dir,
-        &DaemonOptions {
-            extra_keys: Some(format!("span_lag = \"{span_lag}\"\n")),
-            extra_tables: Some(format!(
-                "[receiver]\ngrpc_bind = \"127.0.0.1:{grpc}\"\nhttp_bind = \"127.0.0.1:{}\"\n{receiver_keys}",
-                free_port()?
-            )),
-            ..Default::default()
-        },
-    )?;
+    let options = DaemonOptions::receiving(span_lag, grpc, free_port()?, receiver_keys);
+    let daemon = Daemon::start(dir, &options)?;
     Ok((daemon, grpc))
 }
 
@@ -67,13 +58,8 @@ fn an_old_token_span_is_refused_and_windows_keep_committing() -> Result<()> {
             .context("compacting the scratch ledger")?;
     }
     let (daemon, grpc) = start(&dir, "0s", "")?;
-    poll(Duration::from_secs(30), || {
-        let n = daemon.counter("mentat_agent_windows_total")?;
-        Ok(if n >= 2 {
-            Ok(())
-        } else {
-            Err(format!("{n} windows committed"))
-        })
+    daemon.wait_counter("mentat_agent_windows_total", Duration::from_secs(30), |n| {
+        n >= 2
     })?;
     // One span with tokens that started three hours ago and lasted a second.
     let start = now_ns() - 3 * 3600 * 1_000_000_000;
@@ -120,11 +106,8 @@ fn an_old_token_span_is_refused_and_windows_keep_committing() -> Result<()> {
         "the three-hour-old token span was not refused in the response: {summary}"
     );
     ensure!(
-        summary["messages"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
+        summary_messages(&summary)
+            .iter()
             .any(|m| m.contains("max_span_age")),
         "the refusal does not say why: {summary}"
     );
@@ -240,13 +223,8 @@ fn a_span_after_span_lag_is_counted_and_its_tokens_kept() -> Result<()> {
     let dir = LedgerDir::new()?;
     let (daemon, grpc) = start(&dir, "0s", "")?;
     // Windows up to now are split as they close (span_lag 0): wait for a few.
-    poll(Duration::from_secs(30), || {
-        let n = daemon.counter("mentat_agent_windows_total")?;
-        Ok(if n >= 3 {
-            Ok(())
-        } else {
-            Err(format!("{n} windows committed"))
-        })
+    daemon.wait_counter("mentat_agent_windows_total", Duration::from_secs(30), |n| {
+        n >= 3
     })?;
     let run_id = unique_run_id("late");
     // A 4-second span of a run that ended a second ago: its windows are split.

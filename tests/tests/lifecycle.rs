@@ -4,14 +4,13 @@
 use std::collections::{BTreeMap, HashMap};
 
 use mentat_tests::truth::{ReusePid, SpawnMany};
-use mentat_tests::{percent_off, record_workload, within};
+use mentat_tests::{percent_off, record_truth, within};
 
 #[test]
 fn three_hundred_short_children_are_each_recorded() {
     const CHILDREN: usize = 300;
-    let recording = record_workload(&[], &["spawn-many", "--n", "300", "--ms", "3"])
-        .expect("recording `workload spawn-many --n 300 --ms 3`");
-    let truth: SpawnMany = recording.ground_truth().expect("spawn-many's ground truth");
+    let (recording, truth): (_, SpawnMany) =
+        record_truth(&[], &["spawn-many", "--n", "300", "--ms", "3"]);
     assert_eq!(
         truth.children.len(),
         CHILDREN,
@@ -59,11 +58,7 @@ fn three_hundred_short_children_are_each_recorded() {
     // fixed per-process differences between the two clocks (fork to first switch-in,
     // the exit path after the parent was woken to reap, rusage's µs rounding, a few µs
     // each) weigh more against its CPU time; 2 % of 300 × 3 ms is 18 ms, ~60 µs a child.
-    let cpu_ns: u64 = truth
-        .children
-        .iter()
-        .map(|c| records.cpu_ns_of(c.pid))
-        .sum();
+    let cpu_ns = records.cpu_ns_of_all(truth.children.iter().map(|c| c.pid));
     assert!(
         within(cpu_ns, truth.total_rusage_cpu_ns, 0.02),
         "children's CPU: agent says {cpu_ns} ns, wait4 says {} ns ({:+.2} %); \
@@ -95,12 +90,10 @@ fn three_hundred_short_children_are_each_recorded() {
 #[test]
 fn a_reused_pid_gets_a_record_per_process() {
     // Different amounts, so a merge (one record with both) or a swap shows.
-    let recording = record_workload(
+    let (recording, truth): (_, ReusePid) = record_truth(
         &[],
         &["reuse-pid", "--first-ms", "40", "--second-ms", "120"],
-    )
-    .expect("recording `workload reuse-pid --first-ms 40 --second-ms 120`");
-    let truth: ReusePid = recording.ground_truth().expect("reuse-pid's ground truth");
+    );
 
     let records = recording.records.of_pid(truth.pid);
     let mut by_start = BTreeMap::new();

@@ -8,14 +8,16 @@
 //! ground truth does not come from anything the agent reads.
 
 use mentat_tests::truth::{Prefork, Tcp, Udp};
-use mentat_tests::{ProcessRecord, Recording, ScratchCgroup, record_workload};
+use mentat_tests::{ProcessRecord, Recording, ScratchCgroup, record_truth};
+use serde::de::DeserializeOwned;
 
-/// The records of `pid`, split into those in cgroup `cgroup_id` and the rest.
-fn records_in(
-    recording: &Recording,
+/// The records of `pid`, split into those in `cgroup` and the rest.
+fn records_in<'a>(
+    recording: &'a Recording,
     pid: u32,
-    cgroup_id: u64,
-) -> (Vec<&ProcessRecord>, Vec<&ProcessRecord>) {
+    cgroup: &ScratchCgroup,
+) -> (Vec<&'a ProcessRecord>, Vec<&'a ProcessRecord>) {
+    let cgroup_id = cgroup.id().expect("a scratch cgroup's id");
     recording
         .records
         .of_pid(pid)
@@ -48,42 +50,39 @@ fn sum(records: &[&ProcessRecord], metric: impl Fn(&ProcessRecord) -> u64) -> u6
     records.iter().map(|r| metric(r)).sum()
 }
 
-fn tcp_between_two_cgroups(family: &str) {
-    const BYTES: u64 = 64 << 20;
-    let client_cgroup = ScratchCgroup::create().expect("creating the client's cgroup (A)");
-    let server_cgroup = ScratchCgroup::create().expect("creating the server's cgroup (B)");
-    let (client_dir, server_dir) = (cgroup_dir(&client_cgroup), cgroup_dir(&server_cgroup));
-    let bytes = BYTES.to_string();
-    let args = [
-        "tcp",
-        "--bytes",
-        &bytes,
-        "--family",
-        family,
+/// `workload ARGS --server-cgroup B --client-cgroup A` recorded, A and B two
+/// fresh cgroups: A, B, the recording and the workload's ground truth.
+fn record_between<T: DeserializeOwned>(
+    args: &[&str],
+) -> (ScratchCgroup, ScratchCgroup, Recording, T) {
+    let client = ScratchCgroup::create().expect("creating the client's cgroup (A)");
+    let server = ScratchCgroup::create().expect("creating the server's cgroup (B)");
+    let (client_dir, server_dir) = (cgroup_dir(&client), cgroup_dir(&server));
+    let mut all = args.to_vec();
+    all.extend([
         "--server-cgroup",
         &server_dir,
         "--client-cgroup",
         &client_dir,
-    ];
-    let recording = record_workload(&[], &args)
-        .unwrap_or_else(|e| panic!("recording `workload {}`: {e:#}", args.join(" ")));
-    let truth: Tcp = recording.ground_truth().expect("tcp's ground truth");
+    ]);
+    let (recording, truth) = record_truth(&[], &all);
+    (client, server, recording, truth)
+}
+
+fn tcp_between_two_cgroups(family: &str) {
+    const BYTES: u64 = 64 << 20;
+    let bytes = BYTES.to_string();
+    let (client_cgroup, server_cgroup, recording, truth): (_, _, _, Tcp) =
+        record_between(&["tcp", "--bytes", &bytes, "--family", family]);
+    let (client_dir, server_dir) = (cgroup_dir(&client_cgroup), cgroup_dir(&server_cgroup));
     assert_eq!(
         (truth.bytes_sent, truth.bytes_received),
         (BYTES, BYTES),
         "the workload's client and server disagree with the {BYTES} bytes asked for"
     );
 
-    let (client_a, client_elsewhere) = records_in(
-        &recording,
-        truth.client_pid,
-        client_cgroup.id().expect("A's id"),
-    );
-    let (server_b, server_elsewhere) = records_in(
-        &recording,
-        truth.server_pid,
-        server_cgroup.id().expect("B's id"),
-    );
+    let (client_a, client_elsewhere) = records_in(&recording, truth.client_pid, &client_cgroup);
+    let (server_b, server_elsewhere) = records_in(&recording, truth.server_pid, &server_cgroup);
     assert!(
         !client_a.is_empty() && !server_b.is_empty(),
         "IPv{family}: no record of the client (pid {}) in A ({client_dir}) or of the server (pid {}) in B ({server_dir}); \
@@ -155,26 +154,9 @@ fn tcp_over_ipv6_between_two_cgroups() {
 fn udp_datagrams_are_counted_exactly() {
     const COUNT: u64 = 10_000;
     const SIZE: u64 = 1_000;
-    let client_cgroup = ScratchCgroup::create().expect("creating the sender's cgroup");
-    let server_cgroup = ScratchCgroup::create().expect("creating the receiver's cgroup");
-    let (client_dir, server_dir) = (cgroup_dir(&client_cgroup), cgroup_dir(&server_cgroup));
     let (count, size) = (COUNT.to_string(), SIZE.to_string());
-    let args = [
-        "udp",
-        "--count",
-        &count,
-        "--size",
-        &size,
-        "--family",
-        "4",
-        "--server-cgroup",
-        &server_dir,
-        "--client-cgroup",
-        &client_dir,
-    ];
-    let recording = record_workload(&[], &args)
-        .unwrap_or_else(|e| panic!("recording `workload {}`: {e:#}", args.join(" ")));
-    let truth: Udp = recording.ground_truth().expect("udp's ground truth");
+    let (client_cgroup, server_cgroup, recording, truth): (_, _, _, Udp) =
+        record_between(&["udp", "--count", &count, "--size", &size, "--family", "4"]);
     assert_eq!(
         (truth.datagrams_sent, truth.bytes_sent),
         (COUNT, COUNT * SIZE),
@@ -189,16 +171,8 @@ fn udp_datagrams_are_counted_exactly() {
         truth.datagrams_received
     );
 
-    let (sender, _) = records_in(
-        &recording,
-        truth.client_pid,
-        client_cgroup.id().expect("sender's cgroup id"),
-    );
-    let (receiver, _) = records_in(
-        &recording,
-        truth.server_pid,
-        server_cgroup.id().expect("receiver's cgroup id"),
-    );
+    let (sender, _) = records_in(&recording, truth.client_pid, &client_cgroup);
+    let (receiver, _) = records_in(&recording, truth.server_pid, &server_cgroup);
     assert_path(&sender, &client_cgroup, "the UDP sender");
     assert_path(&receiver, &server_cgroup, "the UDP receiver");
     // Exact: a datagram's payload is what one send or recv call returns, and each
@@ -251,9 +225,7 @@ fn prefork_workers_are_charged_their_own_traffic() {
         "--reply-bytes",
         &reply_bytes,
     ];
-    let recording = record_workload(&[], &args)
-        .unwrap_or_else(|e| panic!("recording `workload {}`: {e:#}", args.join(" ")));
-    let truth: Prefork = recording.ground_truth().expect("prefork's ground truth");
+    let (recording, truth): (_, Prefork) = record_truth(&[], &args);
     assert_eq!(truth.workers.len(), 2, "workers in the ground truth");
 
     for (worker, cgroup) in truth.workers.iter().zip(&cgroups) {
@@ -263,11 +235,7 @@ fn prefork_workers_are_charged_their_own_traffic() {
             "worker {} did not serve what it was asked to: {worker:?}",
             worker.pid
         );
-        let (own, elsewhere) = records_in(
-            &recording,
-            worker.pid,
-            cgroup.id().expect("the worker's cgroup id"),
-        );
+        let (own, elsewhere) = records_in(&recording, worker.pid, cgroup);
         assert!(
             !own.is_empty(),
             "no record of worker {} in its cgroup {}; its records: {elsewhere:#?}",

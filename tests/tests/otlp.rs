@@ -23,13 +23,6 @@ use time::OffsetDateTime;
 /// sum by ~1e-6 of itself here).
 const REL: f64 = 1e-9;
 
-fn sum(records: &[&LedgerRecord], field: &str) -> Exact {
-    records.iter().fold(Exact::ZERO, |acc, r| {
-        acc.add(r.exact(field).unwrap_or_else(|e| panic!("{e:#}")))
-            .expect("exact sum")
-    })
-}
-
 fn int_sum(records: &[&LedgerRecord], f: impl Fn(&LedgerRecord) -> u64) -> i128 {
     records.iter().map(|r| i128::from(f(r))).sum()
 }
@@ -158,22 +151,22 @@ fn the_receiver_gets_every_ledger_record_once_and_its_sums_equal_the_ledgers() {
     check_f64(
         "process.cpu.time",
         cpu_process,
-        sum(&processes, "cpu_core_seconds"),
+        LedgerRecord::sum(&processes, "cpu_core_seconds"),
     );
     check_f64(
         "mentat.node.cpu.time",
         cpu_node,
-        sum(&others, "cpu_core_seconds"),
+        LedgerRecord::sum(&others, "cpu_core_seconds"),
     );
     check_f64(
         "process.cpu.time + mentat.node.cpu.time",
         cpu_process + cpu_node,
-        sum(&all, "cpu_core_seconds"),
+        LedgerRecord::sum(&all, "cpu_core_seconds"),
     );
     check_f64(
         "mentat.usage.memory",
         double("mentat.usage.memory", None).values().sum(),
-        sum(&all, "memory_gb_seconds"),
+        LedgerRecord::sum(&all, "memory_gb_seconds"),
     );
 
     // Integers cross the wire as integers: exact.
@@ -227,10 +220,10 @@ fn the_receiver_gets_every_ledger_record_once_and_its_sums_equal_the_ledgers() {
         check_f64(
             &format!("mentat.cost{{component={component}}}"),
             cost.get(component).copied().unwrap_or(0.0),
-            sum(&all, &format!("cost.{component}")),
+            LedgerRecord::sum(&all, &format!("cost.{component}")),
         );
     }
-    let total = sum(&all, "cost.total");
+    let total = LedgerRecord::sum(&all, "cost.total");
     assert!(
         total > Exact::ZERO,
         "a run with a CPU burner cost nothing: {total}"
@@ -245,8 +238,14 @@ fn the_receiver_gets_every_ledger_record_once_and_its_sums_equal_the_ledgers() {
     let everything: Vec<&LedgerRecord> = records.iter().collect();
     let t = &usage["root"]["totals"];
     for (field, want) in [
-        ("cpu_core_seconds", sum(&everything, "cpu_core_seconds")),
-        ("memory_gb_seconds", sum(&everything, "memory_gb_seconds")),
+        (
+            "cpu_core_seconds",
+            LedgerRecord::sum(&everything, "cpu_core_seconds"),
+        ),
+        (
+            "memory_gb_seconds",
+            LedgerRecord::sum(&everything, "memory_gb_seconds"),
+        ),
     ] {
         let got = mentat_tests::exact::exact_json(&t[field]).expect("usage total");
         assert_eq!(got, want, "/v1/usage root {field} vs Σ records");
@@ -254,7 +253,7 @@ fn the_receiver_gets_every_ledger_record_once_and_its_sums_equal_the_ledgers() {
     let got = mentat_tests::exact::exact_json(&t["cost"]["total"]).expect("cost total");
     assert_eq!(
         got,
-        sum(&everything, "cost.total"),
+        LedgerRecord::sum(&everything, "cost.total"),
         "/v1/usage root cost.total vs Σ records"
     );
 

@@ -17,7 +17,7 @@ use mentat_tests::daemon::{
     Daemon, DaemonOptions, LedgerDir, LedgerRecord, free_port, now_rfc3339, poll, rfc3339,
     run_workload,
 };
-use mentat_tests::exact::{Exact, close};
+use mentat_tests::exact::close;
 use mentat_tests::otlp::{Receiver, last_points, sum_last};
 use time::OffsetDateTime;
 
@@ -25,16 +25,6 @@ use time::OffsetDateTime;
 /// a few hundred of them add at most a few hundred ulps; a doubled record would move
 /// the sum by far more than 1e-9 of it.
 const REL: f64 = 1e-9;
-
-fn cpu_sum(records: &[&LedgerRecord]) -> Exact {
-    records.iter().fold(Exact::ZERO, |acc, r| {
-        acc.add(
-            r.exact("cpu_core_seconds")
-                .unwrap_or_else(|e| panic!("{e:#}")),
-        )
-        .expect("exact sum")
-    })
-}
 
 #[test]
 fn an_ack_lost_after_receipt_is_resent_and_nothing_is_added_twice() {
@@ -106,7 +96,7 @@ fn an_ack_lost_after_receipt_is_resent_and_nothing_is_added_twice() {
         .flat_map(|m| sum_last(&last, m, None).into_values())
         .map(|s| s.double)
         .sum();
-    let want = cpu_sum(&all).to_f64();
+    let want = LedgerRecord::sum(&all, "cpu_core_seconds").to_f64();
     assert!(
         close(got, want, REL),
         "CPU: the receiver's series add up to {got:e} s, the ledger's records to {want:e} s"

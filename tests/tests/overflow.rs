@@ -3,7 +3,7 @@
 
 use mentat_tests::records::Records;
 use mentat_tests::truth::{Burn, SpawnMany};
-use mentat_tests::{Recording, record_workload};
+use mentat_tests::{Recording, record_truth};
 
 /// The summary's `attributed_cpu_ns` equals `accounted_cpu_ns` exactly, and equals what
 /// the printed lines add up to (with `--all` every process on the node is printed).
@@ -26,12 +26,10 @@ fn assert_conserved(recording: &Recording) {
 
 #[test]
 fn a_full_process_map_spills_into_unattributed() {
-    let recording = record_workload(
+    let (recording, truth): (_, SpawnMany) = record_truth(
         &["--all", "--proc-map-entries", "4"],
         &["spawn-many", "--n", "50", "--ms", "5"],
-    )
-    .expect("recording `workload spawn-many --n 50 --ms 5` with a 4-entry process map");
-    let truth: SpawnMany = recording.ground_truth().expect("spawn-many's ground truth");
+    );
     let records = &recording.records;
 
     assert!(
@@ -45,11 +43,7 @@ fn a_full_process_map_spills_into_unattributed() {
     // unattributed bucket, which may hold more (other processes that did not fit). The
     // 10 % margin is for the two clocks disagreeing per short process (see lifecycle.rs),
     // on the side where the agent saw a little less than rusage.
-    let recorded: u64 = truth
-        .children
-        .iter()
-        .map(|c| records.cpu_ns_of(c.pid))
-        .sum();
+    let recorded = records.cpu_ns_of_all(truth.children.iter().map(|c| c.pid));
     let must_be_unattributed = truth.total_rusage_cpu_ns.saturating_sub(recorded);
     assert!(
         records.unattributed.cpu_ns as f64 >= 0.9 * must_be_unattributed as f64,
@@ -63,9 +57,8 @@ fn a_full_process_map_spills_into_unattributed() {
 
 #[test]
 fn a_recording_without_overflow_conserves_cpu() {
-    let recording = record_workload(&["--all"], &["burn", "--threads", "1", "--ms", "200"])
-        .expect("recording `workload burn --threads 1 --ms 200` with --all");
-    let truth: Burn = recording.ground_truth().expect("burn's ground truth");
+    let (recording, truth): (_, Burn) =
+        record_truth(&["--all"], &["burn", "--threads", "1", "--ms", "200"]);
     let summary = &recording.records.summary;
     assert_eq!(
         summary.map_full_drops, 0,

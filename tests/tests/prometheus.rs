@@ -455,19 +455,10 @@ fn random_model_names_and_exited_containers_leave_the_series_bounded() {
     mentat_tests::traced::require_python_otel().expect("python OpenTelemetry packages");
     let dir = LedgerDir::new().expect("ledger dir");
     let grpc = free_port().expect("port");
-    let daemon = Daemon::start(
-        &dir,
-        &DaemonOptions {
-            extra_keys: Some("span_lag = \"2s\"\n".into()),
-            extra_tables: Some(format!(
-                "[metrics]\nmax_series = {MAX_SERIES}\nseries_grace = \"8s\"\n\
-                 [receiver]\ngrpc_bind = \"127.0.0.1:{grpc}\"\nhttp_bind = \"127.0.0.1:{}\"\n",
-                free_port().expect("port")
-            )),
-            ..Default::default()
-        },
-    )
-    .expect("daemon");
+    let http = free_port().expect("port");
+    let metrics = format!("[metrics]\nmax_series = {MAX_SERIES}\nseries_grace = \"8s\"\n");
+    let daemon =
+        Daemon::start(&dir, &DaemonOptions::receiving("2s", grpc, http, &metrics)).expect("daemon");
     let prom = Prometheus::start(dir.path(), daemon.port());
     let since = unix_ms() as f64 / 1000.0;
 
@@ -510,21 +501,14 @@ fn random_model_names_and_exited_containers_leave_the_series_bounded() {
     });
 
     // Every span's tokens reach /metrics, under one model value.
-    let want = (SPANS as u64 * TOKENS * 3).to_string();
-    poll(Duration::from_secs(60), || {
-        let text = daemon.metrics()?;
-        let got = text
-            .lines()
-            .find_map(|l| l.strip_prefix("mentat_agent_unpriced_tokens_total "))
-            .unwrap_or("none")
-            .to_owned();
-        Ok(if got == want {
-            Ok(())
-        } else {
-            Err(format!("unpriced tokens {got}, want {want}"))
-        })
-    })
-    .unwrap_or_else(|e| panic!("{e:#}; daemon log:\n{}", daemon.log()));
+    let want = SPANS as u64 * TOKENS * 3;
+    daemon
+        .wait_counter(
+            "mentat_agent_unpriced_tokens_total",
+            Duration::from_secs(60),
+            |got| got == want,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
     let text = daemon.metrics().expect("/metrics");
     let usage = usage_series(&text);
     let own = usage.iter().filter(|l| !l.contains("=\"other\"")).count();

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use mentat_tests::daemon::rfc3339;
 use mentat_tests::traced::{
-    TracedDaemon, require_python_otel, rss_bytes, run_python, run_reaped, unique_run_id,
+    TracedDaemon, require_python_otel, rss_bytes, run_python, run_reaped, summary_messages,
+    unique_run_id,
 };
 use mentat_tests::truth::Burn;
 use mentat_tests::{record_raw, workload_bin};
@@ -37,6 +38,17 @@ fn receiver_keys() -> String {
         "max_request_bytes = {MAX_REQUEST}\nmax_pending_spans = {MAX_PENDING}\n\
          max_indexed_spans = {MAX_PENDING}\n"
     )
+}
+
+/// A bounded daemon for a memory test: it, its pid, and its resident memory once
+/// the first windows and the ledger have settled (the baseline).
+fn start_for_memory() -> Result<(TracedDaemon, u32, u64)> {
+    require_python_otel()?;
+    let d = TracedDaemon::start("1s", &receiver_keys())?;
+    let pid = d.daemon.pid().context("the daemon's pid")?;
+    thread::sleep(Duration::from_secs(2));
+    let baseline = rss_bytes(pid)?;
+    Ok((d, pid, baseline))
 }
 
 /// Runs `py/otlp_client.py ARGS`; its JSON summary.
@@ -375,12 +387,7 @@ const RSS_GROWTH_BOUND: u64 = 128 << 20;
 /// keeps committing windows, and its memory stays within [`RSS_GROWTH_BOUND`].
 #[test]
 fn a_span_flood_is_refused_past_the_pending_bound() -> Result<()> {
-    require_python_otel()?;
-    let mut d = TracedDaemon::start("1s", &receiver_keys())?;
-    let pid = d.daemon.pid().context("the daemon's pid")?;
-    // Let the first windows and the ledger settle before the baseline.
-    thread::sleep(Duration::from_secs(2));
-    let baseline = rss_bytes(pid)?;
+    let (mut d, pid, baseline) = start_for_memory()?;
     let mut peak = baseline;
     let run_id = unique_run_id("flood");
     let (target, url) = (grpc_target(&d), http_url(&d));
@@ -424,11 +431,8 @@ fn a_span_flood_is_refused_past_the_pending_bound() -> Result<()> {
              requests refused: {summary}"
         );
         ensure!(
-            summary["messages"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
+            summary_messages(&summary)
+                .iter()
                 .all(|m| m.contains("pending-span bound")),
             "{proto} flood: partial_success and refusal messages {}",
             summary["messages"]
@@ -478,11 +482,7 @@ fn a_span_flood_is_refused_past_the_pending_bound() -> Result<()> {
 /// an hour from now, which this test once sent, are refused at receipt now.)
 #[test]
 fn long_lived_spans_do_not_grow_memory_without_bound() -> Result<()> {
-    require_python_otel()?;
-    let mut d = TracedDaemon::start("1s", &receiver_keys())?;
-    let pid = d.daemon.pid().context("the daemon's pid")?;
-    thread::sleep(Duration::from_secs(2));
-    let baseline = rss_bytes(pid)?;
+    let (mut d, pid, baseline) = start_for_memory()?;
     let run_id = unique_run_id("long-spans");
     let target = grpc_target(&d);
     let mut accepted = 0u64;
@@ -522,11 +522,8 @@ fn long_lived_spans_do_not_grow_memory_without_bound() -> Result<()> {
             "long-span flood: {summary}"
         );
         ensure!(
-            !summary["messages"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
+            !summary_messages(&summary)
+                .iter()
                 .any(|m| m.contains("times")),
             "long-span flood: spans refused for their times: {summary}"
         );

@@ -2,7 +2,7 @@
 //! amount for a known time, its peak, and the bytes it wrote to storage.
 
 use mentat_tests::truth::{HoldMemory, Wrap, WriteFile};
-use mentat_tests::{record_workload, storage_dir, workload_bin};
+use mentat_tests::{record_truth, record_workload, storage_dir, workload_bin};
 
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
 const MIB: u64 = 1 << 20;
@@ -18,35 +18,20 @@ fn held_memory_is_metered_in_gib_seconds() {
         "--ms",
         &HOLD_MS.to_string(),
     ];
-    let recording = record_workload(&[], &args)
-        .unwrap_or_else(|e| panic!("recording `workload {}`: {e:#}", args.join(" ")));
-    let truth: HoldMemory = recording
-        .ground_truth()
-        .expect("hold-memory's ground truth");
+    let (recording, truth): (_, HoldMemory) = record_truth(&[], &args);
     assert!(
         truth.hold_ns >= HOLD_MS * 1_000_000,
         "the workload held the memory for only {} ns",
         truth.hold_ns
     );
 
-    let records = recording.records.of_pid(truth.pid);
-    assert!(
-        !records.is_empty(),
-        "no record of the hold-memory process (pid {})",
-        truth.pid
-    );
+    let records = recording
+        .records
+        .expect_pid(truth.pid, "the hold-memory process");
     let gib_seconds: f64 = records.iter().map(|r| r.memory_gb_seconds).sum();
-    let held_gib = (HELD_MIB * MIB) as f64 / GIB;
-    let base_gib = truth.base_rss_bytes as f64 / GIB;
-    let (touch_s, hold_s) = (truth.touch_ns as f64 / 1e9, truth.hold_ns as f64 / 1e9);
-    // What the process held, by its own clock: 256 MiB for the whole hold, half of it
-    // on average while it touched the pages one by one (RSS climbs linearly), and its
-    // base RSS (binary, stack, heap) throughout. Faulting in 256 MiB takes 100-300 ms
-    // on this VM, so leaving the ramp out (0.25 × hold alone) would be 3-10 % short
-    // of the true integral: an agent matching a 1 ms /proc poller read +5..+16 % above
-    // it. Not counted: the few ms from exec to the base reading and from the print to
-    // exit (< 1 %).
-    let expected = held_gib * (hold_s + touch_s / 2.0) + base_gib * (touch_s + hold_s);
+    assert_eq!(truth.mib, HELD_MIB, "MiB the workload held");
+    let (touch_s, hold_s) = truth.touch_and_hold_s();
+    let expected = truth.expected_gib_seconds();
     // 10 %: RSS is sampled every 100 ms and integrated with the trapezoid rule. Where
     // it steps up, the trapezoid across the step misses at most half an interval's
     // worth: 0.05 s × 0.25 GiB = 0.0125 GiB·s, 2.5 % of the 2 s hold's 0.5 GiB·s. At
@@ -62,7 +47,7 @@ fn held_memory_is_metered_in_gib_seconds() {
         truth.pid,
         truth.base_rss_bytes as f64 / MIB as f64,
         (gib_seconds - expected) / expected * 100.0,
-        held_gib * hold_s
+        (HELD_MIB * MIB) as f64 / GIB * hold_s
     );
 
     // Every page was touched, so the peak resident set holds at least all of them.

@@ -7,10 +7,9 @@
 
 use std::time::Duration;
 
-use mentat_tests::daemon::{Daemon, DaemonOptions, LedgerDir, free_port, poll};
+use mentat_tests::daemon::poll;
 use mentat_tests::exact::{Exact, exact_json};
-use mentat_tests::run_agent;
-use mentat_tests::traced::unique_run_id;
+use mentat_tests::traced::{TracedDaemon, unique_run_id};
 use serde_json::Value;
 
 /// Sends `spans` token spans of run `run` and agent `agent`: `tokens` input
@@ -40,19 +39,10 @@ fn send(grpc: u16, run: &str, agent: &str, model: &str, spans: u32, tokens: u64,
     mentat_tests::traced::send_spans(&args, Duration::from_secs(60)).expect("py/otlp_client.py");
 }
 
-fn daemon_with_lag(dir: &LedgerDir, grpc: u16, lag: &str) -> Daemon {
-    Daemon::start(
-        dir,
-        &DaemonOptions {
-            extra_keys: Some(format!("span_lag = \"{lag}\"\n")),
-            extra_tables: Some(format!(
-                "[receiver]\ngrpc_bind = \"127.0.0.1:{grpc}\"\nhttp_bind = \"127.0.0.1:{}\"\n",
-                free_port().expect("port")
-            )),
-            ..Default::default()
-        },
-    )
-    .expect("daemon")
+/// A daemon that takes spans, with `span_lag` `lag`.
+fn daemon_with_lag(lag: &str) -> TracedDaemon {
+    mentat_tests::traced::require_python_otel().expect("python OpenTelemetry packages");
+    TracedDaemon::start(lag, "").expect("daemon")
 }
 
 fn x(s: &str) -> Exact {
@@ -78,10 +68,8 @@ fn group<'a>(list: &'a Value, agent: Option<&str>, model: &str) -> Option<&'a Va
 /// add up to the run's totals exactly.
 #[test]
 fn the_run_view_splits_tokens_and_cost_by_model_and_agent() {
-    mentat_tests::traced::require_python_otel().expect("python OpenTelemetry packages");
-    let dir = LedgerDir::new().expect("ledger dir");
-    let grpc = free_port().expect("port");
-    let daemon = daemon_with_lag(&dir, grpc, "2s");
+    let traced = daemon_with_lag("2s");
+    let (daemon, grpc) = (&traced.daemon, traced.grpc);
     let run = unique_run_id("models");
     // The shipped book: gpt-4o input 0.0025, cache read 0.00125, output 0.01
     // per 1k; gpt-4o-mini input 0.00015, output 0.0006 per 1k, reasoning at
@@ -220,11 +208,7 @@ fn the_run_view_splits_tokens_and_cost_by_model_and_agent() {
     assert_eq!(agents, ["coder", "planner"], "{usage}");
 
     // `usage --run` prints the models.
-    let out = run_agent(
-        ["usage", "--api", &daemon.url(), "--run", &run],
-        Duration::from_secs(30),
-    )
-    .expect("usage --run");
+    let out = daemon.usage(&["--run", &run]).expect("usage --run");
     assert!(
         out.stdout.contains("by model") && out.stdout.contains("planner / gpt-4o-mini"),
         "{}",
@@ -239,10 +223,8 @@ fn the_run_view_splits_tokens_and_cost_by_model_and_agent() {
 /// the same run is final.
 #[test]
 fn a_run_inside_span_lag_is_pending_then_final() {
-    mentat_tests::traced::require_python_otel().expect("python OpenTelemetry packages");
-    let dir = LedgerDir::new().expect("ledger dir");
-    let grpc = free_port().expect("port");
-    let daemon = daemon_with_lag(&dir, grpc, "20s");
+    let traced = daemon_with_lag("20s");
+    let (daemon, grpc) = (&traced.daemon, traced.grpc);
     let run = unique_run_id("pending");
     send(grpc, &run, "solo", "gpt-4o", 2, 1000, &[]);
     // The receiver admitted the spans before it answered the client.
@@ -257,11 +239,7 @@ fn a_run_inside_span_lag_is_pending_then_final() {
         serde_json::json!(["solo"]),
         "{view}"
     );
-    let out = run_agent(
-        ["usage", "--api", &daemon.url(), "--run", &run],
-        Duration::from_secs(30),
-    )
-    .expect("usage --run");
+    let out = daemon.usage(&["--run", &run]).expect("usage --run");
     assert!(
         out.stdout.contains("PENDING") && out.stdout.contains("span_lag"),
         "{}",

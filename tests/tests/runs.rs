@@ -31,7 +31,7 @@ use mentat_tests::traced::{
     TracedDaemon, require_python_otel, run_python, run_reaped, trace_id, unique_run_id,
 };
 use mentat_tests::truth::Burn;
-use mentat_tests::{Records, percent_off, record_raw, run_agent, within, workload_bin};
+use mentat_tests::{Records, percent_off, record_raw, within, workload_bin};
 use rust_decimal::Decimal;
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -486,11 +486,7 @@ impl Flow<'_> {
 
     /// `mentat-agent usage --run` prints the same view.
     fn cli(&self) -> Result<()> {
-        let out = run_agent(
-            ["usage", "--api", &self.d.daemon.url(), "--run", self.run_id],
-            Duration::from_secs(30),
-        )?;
-        ensure!(out.exit_code == Some(0), "usage --run: {}", out.describe());
+        let out = self.d.daemon.usage(&["--run", self.run_id])?;
         ensure!(
             out.stdout
                 .contains("critical path: flow → run coder → coder work → llm call"),

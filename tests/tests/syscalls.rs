@@ -1,6 +1,6 @@
 //! Syscall counting: a child that makes a known number of syscalls and nothing else.
 
-use mentat_tests::record_workload;
+use mentat_tests::record_truth;
 use mentat_tests::records::SYSCALL_CLASSES;
 use mentat_tests::truth::Getppid;
 
@@ -14,17 +14,12 @@ fn a_million_getppid_calls_are_counted_exactly() {
     const SLACK: u64 = 50;
 
     let args = ["getppid", "--count", &COUNT.to_string()];
-    let recording = record_workload(&[], &args)
-        .unwrap_or_else(|e| panic!("recording `workload {}`: {e:#}", args.join(" ")));
-    let truth: Getppid = recording.ground_truth().expect("getppid's ground truth");
+    let (recording, truth): (_, Getppid) = record_truth(&[], &args);
     assert_eq!(truth.count, COUNT, "the workload ran a different count");
 
-    let records = recording.records.of_pid(truth.child_pid);
-    assert!(
-        !records.is_empty(),
-        "no process record for the getppid child (pid {})",
-        truth.child_pid
-    );
+    let records = recording
+        .records
+        .expect_pid(truth.child_pid, "the getppid child");
     let syscalls: u64 = records.iter().map(|r| r.syscalls).sum();
     let process_class: u64 = records.iter().map(|r| r.syscalls_of_class("process")).sum();
     let in_classes: u64 = records.iter().map(|r| r.syscalls_in_classes()).sum();

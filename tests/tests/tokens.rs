@@ -5,9 +5,10 @@
 
 use std::time::Duration;
 
-use mentat_tests::daemon::{Daemon, DaemonOptions, LedgerDir, free_port, now_rfc3339, poll};
+use mentat_tests::daemon::{
+    Daemon, DaemonOptions, LedgerDir, counter_in, free_port, now_rfc3339, poll,
+};
 use mentat_tests::exact::{Exact, exact_json};
-use mentat_tests::run_agent;
 use serde_json::Value;
 
 /// Sends `spans` spans of `tokens` input and 2×`tokens` output tokens for `model`.
@@ -31,18 +32,9 @@ fn dated_names_are_priced_and_unpriced_tokens_are_listed() {
     mentat_tests::traced::require_python_otel().expect("python OpenTelemetry packages");
     let dir = LedgerDir::new().expect("ledger dir");
     let grpc = free_port().expect("port");
-    let daemon = Daemon::start(
-        &dir,
-        &DaemonOptions {
-            extra_keys: Some("span_lag = \"2s\"\n".into()),
-            extra_tables: Some(format!(
-                "[receiver]\ngrpc_bind = \"127.0.0.1:{grpc}\"\nhttp_bind = \"127.0.0.1:{}\"\n",
-                free_port().expect("port")
-            )),
-            ..Default::default()
-        },
-    )
-    .expect("daemon");
+    let http = free_port().expect("port");
+    let daemon =
+        Daemon::start(&dir, &DaemonOptions::receiving("2s", grpc, http, "")).expect("daemon");
     let from = now_rfc3339();
     // 4 calls of 1000 input (400 cache reads, 100 cache writes) and 2000 output
     // (500 reasoning) under the name the API answers with.
@@ -62,11 +54,7 @@ fn dated_names_are_priced_and_unpriced_tokens_are_listed() {
 
     poll(Duration::from_secs(60), || {
         let text = daemon.metrics()?;
-        let unpriced = text
-            .lines()
-            .find_map(|l| l.strip_prefix("mentat_agent_unpriced_tokens_total "))
-            .unwrap_or("none")
-            .to_owned();
+        let unpriced = counter_in(&text, "mentat_agent_unpriced_tokens_total");
         let mini = text
             .lines()
             .filter(|l| {
@@ -76,11 +64,11 @@ fn dated_names_are_priced_and_unpriced_tokens_are_listed() {
             })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum::<u64>();
-        Ok(if unpriced == "90" && mini == 4000 {
+        Ok(if unpriced == Some(90) && mini == 4000 {
             Ok(())
         } else {
             Err(format!(
-                "unpriced {unpriced} (want 90), gpt-4o-mini input {mini} (want 4000)"
+                "unpriced {unpriced:?} (want 90), gpt-4o-mini input {mini} (want 4000)"
             ))
         })
     })
@@ -126,11 +114,8 @@ fn dated_names_are_priced_and_unpriced_tokens_are_listed() {
     assert_eq!(unknown, 3);
 
     // `usage --unpriced`: the model, its usages and tokens.
-    let out = run_agent(
-        [
-            "usage",
-            "--api",
-            &daemon.url(),
+    let out = daemon
+        .usage(&[
             "--from",
             &from,
             "--to",
@@ -138,10 +123,8 @@ fn dated_names_are_priced_and_unpriced_tokens_are_listed() {
             "--unpriced",
             "--format",
             "json",
-        ],
-        Duration::from_secs(30),
-    )
-    .expect("usage --unpriced");
+        ])
+        .expect("usage --unpriced");
     let listed: Value = serde_json::from_str(&out.stdout).expect("JSON");
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
     assert_eq!(listed[0]["model"], "no-such-model", "{listed}");

@@ -341,18 +341,12 @@ fn slow_senders_hold_their_own_read_slots_and_never_stall_other_clients() -> Res
     let mut lines = BufReader::new(slow.stdout.take().context("no stdout")?).lines();
     let ready = lines.next().context("slow_client.py said nothing")??;
     ensure!(ready == "ready", "slow_client.py: {ready}");
-    poll(Duration::from_secs(60), || {
-        let n = d
-            .daemon
-            .counter("mentat_agent_receiver_rejected_requests_total")?;
-        Ok(if n >= 4 {
-            Ok(())
-        } else {
-            Err(format!(
-                "{n} slow requests refused, expected the 4 past the share"
-            ))
-        })
-    })?;
+    // The 4 slow senders past the share are refused.
+    d.daemon.wait_counter(
+        "mentat_agent_receiver_rejected_requests_total",
+        Duration::from_secs(60),
+        |n| n >= 4,
+    )?;
     // Another sender's spans go through while eight bodies trickle in.
     let run = unique_run_id("prompt");
     let now = OffsetDateTime::now_utc();

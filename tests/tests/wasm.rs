@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use mentat_tests::truth::Wrap;
-use mentat_tests::{percent_off, record_workload, within};
+use mentat_tests::{percent_off, record_truth, within};
 
 /// Iterations of the module's loop: about 1.5 s of CPU for Cranelift's code here.
 const ITERATIONS: u64 = 6_000_000_000;
@@ -124,9 +124,7 @@ fn a_wasmtime_process_is_a_wasm_workload_charged_its_cpu() {
     );
 
     let args = ["wrap", "--", &wasmtime, "run", &module];
-    let recording = record_workload(&[], &args)
-        .unwrap_or_else(|e| panic!("recording `workload {}`: {e:#}", args.join(" ")));
-    let truth: Wrap = recording.ground_truth().expect("wrap's ground truth");
+    let (recording, truth): (_, Wrap) = record_truth(&[], &args);
     assert_eq!(
         truth.exit_code,
         Some(0),
@@ -141,13 +139,9 @@ fn a_wasmtime_process_is_a_wasm_workload_charged_its_cpu() {
         truth.rusage_cpu_ns
     );
 
-    let records = recording.records.of_pid(truth.child_pid);
-    assert!(
-        !records.is_empty(),
-        "no record of the wasmtime process (pid {}) among {:#?}",
-        truth.child_pid,
-        recording.records.processes
-    );
+    let records = recording
+        .records
+        .expect_pid(truth.child_pid, "the wasmtime process");
     for record in &records {
         assert_eq!(
             (

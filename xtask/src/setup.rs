@@ -317,7 +317,8 @@ fn ensure_pypi_packages(report: &mut Report) -> Result<()> {
 const INSTRUMENTATIONS_REQUIREMENTS: &str = "tests/py/instrumentations.txt";
 
 /// The Python of the virtualenv with the real GenAI instrumentation packages, which
-/// tests/tests/instrumentations.rs runs its workload with (`TEST_INSTRUMENTATIONS_PYTHON`).
+/// tests/tests/instrumentations.rs and agent_framework.rs run their workloads with
+/// (`TEST_INSTRUMENTATIONS_PYTHON`).
 pub fn instrumentations_python() -> Result<PathBuf> {
     Ok(data_dir()?.join("py-instrumentations/bin/python"))
 }

@@ -232,8 +232,13 @@ fn opt<T: ToString>(v: Option<T>) -> String {
 }
 
 fn csv_row(out: &mut dyn Write, fields: &[String]) -> io::Result<()> {
-    let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
-    writeln!(out, "{}", line.join(","))
+    writeln!(out, "{}", csv_line(fields))
+}
+
+/// `fields` as one CSV line (each quoted by [`csv_field`]), without the newline.
+pub fn csv_line<S: AsRef<str>>(fields: &[S]) -> String {
+    let quoted: Vec<String> = fields.iter().map(|f| csv_field(f.as_ref())).collect();
+    quoted.join(",")
 }
 
 /// RFC 4180 quoting: fields with a comma, quote, CR or LF are quoted, quotes doubled.

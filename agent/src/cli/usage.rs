@@ -144,11 +144,7 @@ impl UsageQuery {
             let body = self.get(&format!("/v1/runs/{}", url_segment(run)), &[])?;
             return match self.format {
                 UsageFormat::Table => write_run(out, &body).map_err(Into::into),
-                _ => Ok(writeln!(
-                    out,
-                    "{}",
-                    serde_json::to_string_pretty(&body).unwrap_or_default()
-                )?),
+                _ => Ok(write_pretty(out, &body)?),
             };
         }
         if self.billing {
@@ -166,11 +162,7 @@ impl UsageQuery {
         }
         let body = self.get("/v1/usage", &params)?;
         match self.format {
-            UsageFormat::Json => writeln!(
-                out,
-                "{}",
-                serde_json::to_string_pretty(&body).unwrap_or_default()
-            )?,
+            UsageFormat::Json => write_pretty(out, &body)?,
             UsageFormat::Jsonl => {
                 for (path, node) in flatten(&body["root"]) {
                     writeln!(out, "{}", json!({ "path": path, "totals": node["totals"] }))?;
@@ -193,11 +185,7 @@ impl UsageQuery {
             }
             let page = self.get("/v1/quarantine", &params)?;
             match self.format {
-                UsageFormat::Json => writeln!(
-                    out,
-                    "{}",
-                    serde_json::to_string_pretty(&page).unwrap_or_default()
-                )?,
+                UsageFormat::Json => write_pretty(out, &page)?,
                 UsageFormat::Jsonl => {
                     for r in page["records"].as_array().into_iter().flatten() {
                         writeln!(out, "{}", json!({ "quarantined": r }))?;
@@ -275,11 +263,7 @@ impl UsageQuery {
         match self.format {
             UsageFormat::Json => {
                 let all: Vec<Value> = rows.iter().map(|(m, r)| json_row(m, r)).collect();
-                writeln!(
-                    out,
-                    "{}",
-                    serde_json::to_string_pretty(&all).unwrap_or_default()
-                )?;
+                write_pretty(out, &all)?;
             }
             UsageFormat::Jsonl => {
                 for (m, r) in &rows {
@@ -558,11 +542,7 @@ fn write_quarantine(out: &mut dyn Write, page: &Value, first: bool, csv: bool) -
             s(&r["reason"]),
         ];
         if csv {
-            let quoted: Vec<String> = cols
-                .iter()
-                .map(|c| crate::cli::output::csv_field(c))
-                .collect();
-            writeln!(out, "quarantined,{}", quoted.join(","))?;
+            writeln!(out, "quarantined,{}", crate::cli::output::csv_line(&cols))?;
         } else {
             writeln!(
                 out,
@@ -597,11 +577,7 @@ fn write_quarantine(out: &mut dyn Write, page: &Value, first: bool, csv: bool) -
                 String::new(),
                 s(&d["reason"]),
             ];
-            let quoted: Vec<String> = cols
-                .iter()
-                .map(|c| crate::cli::output::csv_field(c))
-                .collect();
-            writeln!(out, "dead_letter,{}", quoted.join(","))?;
+            writeln!(out, "dead_letter,{}", crate::cli::output::csv_line(&cols))?;
         } else {
             writeln!(
                 out,
@@ -709,13 +685,18 @@ fn write_csv(out: &mut dyn Write, body: &Value) -> io::Result<()> {
             dec(&t["cost"]["total"]).to_string(),
             t["currency"].as_str().unwrap_or("").to_string(),
         ]);
-        let row: Vec<String> = row
-            .iter()
-            .map(|f| crate::cli::output::csv_field(f))
-            .collect();
-        writeln!(out, "{}", row.join(","))?;
+        writeln!(out, "{}", crate::cli::output::csv_line(&row))?;
     }
     Ok(())
+}
+
+/// `v` as indented JSON, on lines of its own (`--format json`).
+fn write_pretty<T: serde::Serialize + ?Sized>(out: &mut dyn Write, v: &T) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_default()
+    )
 }
 
 #[cfg(test)]

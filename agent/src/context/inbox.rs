@@ -41,6 +41,7 @@ use crate::{
     context::binding::ProcessBindings,
     context::dedupe::{DedupeLimits, TokenDedupe},
     context::index::SpanIndex,
+    context::lineage::{AgentLineage, LineageLimits},
     context::spans::{PidScope, Span},
 };
 
@@ -202,12 +203,18 @@ struct Inbox {
     poisoned: u64,
     /// One LLM call's tokens once: applied to the spans a window takes.
     dedupe: TokenDedupe,
+    /// Token spans waiting for the agent span around them.
+    lineage: AgentLineage,
 }
 
 impl Inbox {
     /// Spans held for their window: new, unmapped, and taken but not committed.
     fn waiting(&self) -> usize {
-        self.new.len() + self.unmapped.len() + self.mapping + self.in_flight
+        self.new.len()
+            + self.unmapped.len()
+            + self.mapping
+            + self.in_flight
+            + self.lineage.waiting()
     }
 }
 
@@ -248,6 +255,12 @@ impl SpanInbox {
                 g
             }
         }
+    }
+
+    /// This inbox, its token spans waiting for their agent spans within `limits`.
+    pub fn with_lineage(self, limits: LineageLimits) -> Self {
+        self.lock().lineage = AgentLineage::new(limits);
+        self
     }
 
     /// This inbox, its token dedupe bounded by `limits`.
@@ -316,9 +329,11 @@ impl SpanInbox {
         let snapshot = st.index.window(from, to).with_bindings(st.bindings.clone());
         st.index.forget_before(from);
         st.split_through = st.split_through.max(to);
-        st.in_flight += st.new.len();
         let mut new = std::mem::take(&mut st.new);
         st.dedupe.apply(&mut new, to);
+        let now_unix = crate::probes::clock::unix_ns(std::time::SystemTime::now());
+        let new = st.lineage.apply(new, std::time::Instant::now(), now_unix);
+        st.in_flight += new.len();
         (snapshot, new)
     }
 
@@ -392,6 +407,7 @@ impl SpanInbox {
             ),
         ];
         c.extend(st.dedupe.counters());
+        c.extend(st.lineage.counters());
         c
     }
 }

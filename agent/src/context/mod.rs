@@ -10,6 +10,7 @@ pub mod binding;
 pub mod dedupe;
 pub mod inbox;
 pub mod index;
+pub mod lineage;
 pub mod receiver;
 pub mod sender;
 pub mod spans;

@@ -84,21 +84,36 @@ impl RunContext {
 /// resource's, `OTEL_RESOURCE_ATTRIBUTES`) names, with the GenAI semantic
 /// conventions' agent identity kept apart: `agent.id` wins wherever it is
 /// set (span, resource or environment), and `gen_ai.agent.id`, else
-/// `gen_ai.agent.name`, names the agent only where none is. Flows
-/// instrumented only with the GenAI conventions (`invoke_agent` spans) then
-/// get per-agent costs without a change.
+/// `gen_ai.agent.name`, else OpenInference's `agent.name` (what
+/// openinference-instrumentation-openai-agents puts on an agent's span), names
+/// the agent only where none is. Flows instrumented only with the GenAI
+/// conventions (`invoke_agent` spans) or OpenInference then get per-agent
+/// costs without a change.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ContextAttributes {
     /// The fields named by this project's keys (`flow.run_id`, `agent.id`, …).
     pub explicit: RunContext,
     genai_agent_id: Option<String>,
     genai_agent_name: Option<String>,
+    openinference_agent_name: Option<String>,
+    /// `gen_ai.operation.name`.
+    operation: Option<String>,
+    /// OpenInference's `openinference.span.kind`.
+    span_kind: Option<String>,
 }
 
 impl ContextAttributes {
     /// Whether [`ContextAttributes::set`] reads `key`.
     pub fn is_key(key: &str) -> bool {
-        RunContext::is_context_key(key) || matches!(key, "gen_ai.agent.id" | "gen_ai.agent.name")
+        RunContext::is_context_key(key)
+            || matches!(
+                key,
+                "gen_ai.agent.id"
+                    | "gen_ai.agent.name"
+                    | "agent.name"
+                    | "gen_ai.operation.name"
+                    | "openinference.span.kind"
+            )
     }
 
     /// Reads one attribute (others are ignored; empty values set nothing).
@@ -106,6 +121,9 @@ impl ContextAttributes {
         let slot = match key {
             "gen_ai.agent.id" => &mut self.genai_agent_id,
             "gen_ai.agent.name" => &mut self.genai_agent_name,
+            "agent.name" => &mut self.openinference_agent_name,
+            "gen_ai.operation.name" => &mut self.operation,
+            "openinference.span.kind" => &mut self.span_kind,
             _ => return self.explicit.set_attribute(key, value),
         };
         if !value.is_empty() {
@@ -113,11 +131,33 @@ impl ContextAttributes {
         }
     }
 
-    /// The agent the GenAI attributes name: `gen_ai.agent.id`, else `gen_ai.agent.name`.
+    /// The agent the GenAI attributes name: `gen_ai.agent.name`, else
+    /// OpenInference's `agent.name`, else `gen_ai.agent.id`. The name first:
+    /// it is what operators group costs by, and an instrumentation may stamp
+    /// one default id on every agent (`opentelemetry-instrumentation-openai-agents-v2`
+    /// 0.1.0 writes `gen_ai.agent.id = "agent"` on all of them).
     pub fn genai_agent(&self) -> Option<&String> {
-        self.genai_agent_id
+        self.genai_agent_name
             .as_ref()
-            .or(self.genai_agent_name.as_ref())
+            .or(self.openinference_agent_name.as_ref())
+            .or(self.genai_agent_id.as_ref())
+    }
+
+    /// Whether these are a span's attributes and the span is an agent's own
+    /// (`invoke_agent` / `create_agent` by `gen_ai.operation.name` or its
+    /// name, or OpenInference's AGENT kind): only an agent span's GenAI
+    /// agent attributes name its agent. A model call or a tool that repeats
+    /// them takes its agent from the agent span around it instead (the
+    /// split's nesting, the token lineage), since instrumentations stamp
+    /// defaults there (`gen_ai.agent.name = "OpenAI Agent"` on every call).
+    pub fn is_agent_span(&self, span_name: &str) -> bool {
+        let op = |o: &str| o == "invoke_agent" || o == "create_agent";
+        self.operation.as_deref().is_some_and(op)
+            || self
+                .span_kind
+                .as_deref()
+                .is_some_and(|k| k.eq_ignore_ascii_case("agent"))
+            || span_name.split_whitespace().next().is_some_and(op)
     }
 
     /// The context alone: the explicit fields, the GenAI agent where no `agent.id` is.
@@ -156,14 +196,37 @@ mod tests {
         let a = attrs(&[("gen_ai.agent.name", "writer"), ("agent.id", "planner")]);
         assert_eq!(a.context().agent_id.as_deref(), Some("planner"));
         let a = attrs(&[
+            ("gen_ai.agent.id", "agent"),
             ("gen_ai.agent.name", "writer"),
-            ("gen_ai.agent.id", "asst_1"),
         ]);
+        assert_eq!(
+            a.context().agent_id.as_deref(),
+            Some("writer"),
+            "the name first"
+        );
+        let a = attrs(&[("gen_ai.agent.id", "asst_1")]);
         assert_eq!(a.context().agent_id.as_deref(), Some("asst_1"));
         let a = attrs(&[("gen_ai.agent.name", "writer"), ("flow.run_id", "r")]);
         assert_eq!(a.context().agent_id.as_deref(), Some("writer"));
         assert_eq!(a.explicit.agent_id, None);
         assert!(ContextAttributes::is_key("gen_ai.agent.name"));
+        // OpenInference's agent span (openinference-instrumentation-openai-agents):
+        // its `agent.name` names the agent, below the GenAI attributes.
+        let a = attrs(&[("agent.name", "tutor"), ("graph.node.id", "tutor")]);
+        assert_eq!(a.context().agent_id.as_deref(), Some("tutor"));
+        let a = attrs(&[("agent.name", "tutor"), ("gen_ai.agent.name", "writer")]);
+        assert_eq!(a.context().agent_id.as_deref(), Some("writer"));
+        assert!(ContextAttributes::is_key("agent.name"));
+        // Which spans are an agent's own.
+        assert!(attrs(&[("gen_ai.operation.name", "invoke_agent")]).is_agent_span("x"));
+        assert!(attrs(&[("openinference.span.kind", "AGENT")]).is_agent_span("triage"));
+        assert!(attrs(&[]).is_agent_span("invoke_agent tutor"));
+        assert!(attrs(&[]).is_agent_span("create_agent"));
+        let chat = attrs(&[
+            ("gen_ai.operation.name", "chat"),
+            ("gen_ai.agent.name", "OpenAI Agent"),
+        ]);
+        assert!(!chat.is_agent_span("chat gpt-4o"));
         assert!(!ContextAttributes::is_key("gen_ai.conversation.id"));
     }
 

@@ -9,7 +9,10 @@ use rusqlite::{
 };
 
 use super::{FIELDS, IDENTITY_CACHE_MAX, LedgerError, N_FIELDS, record_err, u64_bits};
-use crate::{identity::run::RunContext, report::record::UsageRecord};
+use crate::{
+    identity::run::RunContext,
+    report::record::{UsageRecord, Workload},
+};
 
 /// One identity column's value, borrowed from a record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,12 +96,15 @@ pub(super) fn identity_of(r: &UsageRecord) -> [ValRef<'_>; N_FIELDS] {
         exe,
         cgroup_id,
         cgroup_path,
-        container_id,
-        container_runtime,
-        pod_uid,
-        k8s_namespace,
-        k8s_pod_name,
-        wasm_module,
+        workload:
+            Workload {
+                container_id,
+                container_runtime,
+                pod_uid,
+                k8s_namespace,
+                k8s_pod_name,
+                wasm_module,
+            },
         context:
             RunContext {
                 agent_id,

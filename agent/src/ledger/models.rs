@@ -75,51 +75,35 @@ pub(super) const TYPE_COLS: [&str; 7] = [
     "tokens_audio_output",
 ];
 
+/// `of`, `to_array` and `from_array` of [`TokenTypes`] from its field list,
+/// written once (in [`TYPE_COLS`] order).
+macro_rules! token_type_conversions {
+    ($($field:ident),*) => {
+        fn of(t: &TokenUsage) -> Self {
+            Self { $($field: t.$field),* }
+        }
+
+        pub(super) fn to_array(self) -> [u64; TYPE_COLS.len()] {
+            [$(self.$field),*]
+        }
+
+        pub(super) fn from_array(a: [u64; TYPE_COLS.len()]) -> Self {
+            let [$($field),*] = a;
+            Self { $($field),* }
+        }
+    };
+}
+
 impl TokenTypes {
-    fn of(t: &TokenUsage) -> Self {
-        Self {
-            cache_creation_input: t.cache_creation_input,
-            text_input: t.text_input,
-            image_input: t.image_input,
-            audio_input: t.audio_input,
-            video_input: t.video_input,
-            text_output: t.text_output,
-            audio_output: t.audio_output,
-        }
-    }
-
-    pub(super) fn to_array(self) -> [u64; 7] {
-        [
-            self.cache_creation_input,
-            self.text_input,
-            self.image_input,
-            self.audio_input,
-            self.video_input,
-            self.text_output,
-            self.audio_output,
-        ]
-    }
-
-    pub(super) fn from_array(a: [u64; 7]) -> Self {
-        let [
-            cache_creation_input,
-            text_input,
-            image_input,
-            audio_input,
-            video_input,
-            text_output,
-            audio_output,
-        ] = a;
-        Self {
-            cache_creation_input,
-            text_input,
-            image_input,
-            audio_input,
-            video_input,
-            text_output,
-            audio_output,
-        }
-    }
+    token_type_conversions!(
+        cache_creation_input,
+        text_input,
+        image_input,
+        audio_input,
+        video_input,
+        text_output,
+        audio_output
+    );
 
     /// `self + o`, or an overflow error.
     pub(super) fn checked_add(self, o: TokenTypes) -> Result<TokenTypes, LedgerError> {

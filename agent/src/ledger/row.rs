@@ -9,7 +9,7 @@ use super::{
     CGROUP_ID, FIELDS, LedgerError, PID, PPID, bits_u64, corrupt, exact::DecBlob, overflow,
     record_err, sql, times::format_ns,
 };
-use crate::report::record::{Cost, TokenUsage, UsageRecord};
+use crate::report::record::{Cost, TokenUsage, UsageRecord, Workload};
 
 pub(super) const INSERT_RECORD: &str = "INSERT INTO records (ws_ns, record_id, we_ns, ident, \
      cpu_core_seconds, memory_gb_seconds, gpu_seconds, gpu_memory_gb_seconds, \
@@ -200,12 +200,14 @@ pub(super) fn record_from_row(row: &Row<'_>, path: &Path) -> Result<UsageRecord,
             .map_err(&e)?
             .map(bits_u64),
         cgroup_path: text(f(9))?,
-        container_id: text(f(10))?,
-        container_runtime: text(f(11))?,
-        pod_uid: text(f(12))?,
-        k8s_namespace: text(f(13))?,
-        k8s_pod_name: text(f(14))?,
-        wasm_module: text(f(15))?,
+        workload: Workload {
+            container_id: text(f(10))?,
+            container_runtime: text(f(11))?,
+            pod_uid: text(f(12))?,
+            k8s_namespace: text(f(13))?,
+            k8s_pod_name: text(f(14))?,
+            wasm_module: text(f(15))?,
+        },
         context: crate::identity::run::RunContext {
             agent_id: text(f(16))?,
             flow_id: text(f(17))?,

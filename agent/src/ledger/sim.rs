@@ -303,12 +303,14 @@ fn synthetic_record(
             "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{container_id}.scope",
             pod_uid.replace('-', "_")
         )),
-        container_id: Some(container_id),
-        container_runtime: Some("containerd".into()),
-        pod_uid: Some(pod_uid),
-        k8s_namespace: Some(format!("team-{}", w % 10)),
-        k8s_pod_name: Some(format!("agent-{w}-7d9f8b6c5-x2x4k")),
-        wasm_module: None,
+        workload: crate::report::record::Workload {
+            container_id: Some(container_id),
+            container_runtime: Some("containerd".into()),
+            pod_uid: Some(pod_uid),
+            k8s_namespace: Some(format!("team-{}", w % 10)),
+            k8s_pod_name: Some(format!("agent-{w}-7d9f8b6c5-x2x4k")),
+            wasm_module: None,
+        },
         context: crate::identity::run::RunContext {
             agent_id: agent.then(|| format!("agent-{}", w % 20)),
             flow_id: agent.then(|| format!("flow-{}", w % 50)),

@@ -131,47 +131,44 @@ impl Acc {
     }
 
     pub(super) fn merge(&mut self, o: &Acc) -> Result<(), LedgerError> {
-        self.records = self
-            .records
-            .checked_add(o.records)
-            .ok_or_else(|| overflow("records"))?;
-        self.priced = self
-            .priced
-            .checked_add(o.priced)
-            .ok_or_else(|| overflow("records"))?;
-        for (k, name) in DEC_COLS.iter().enumerate() {
-            self.dec[k] = self.dec[k]
-                .checked_add(o.dec[k])
-                .ok_or_else(|| overflow(name))?;
-        }
-        for (k, name) in INT_COLS.iter().enumerate() {
-            self.ints[k] = self.ints[k]
-                .checked_add(o.ints[k])
-                .ok_or_else(|| overflow(name))?;
-        }
-        Ok(())
+        self.combine(
+            o,
+            u64::checked_add,
+            Exact::checked_add,
+            &overflow,
+            "records",
+        )
     }
 
     /// `self - o`, exactly: takes a part out of a record's or rollup's sums.
     pub(super) fn sub(&mut self, o: &Acc) -> Result<(), LedgerError> {
-        let under = |what: &str| corrupt_sums(what);
-        self.records = self
-            .records
-            .checked_sub(o.records)
-            .ok_or_else(|| under("records"))?;
-        self.priced = self
-            .priced
-            .checked_sub(o.priced)
-            .ok_or_else(|| under("priced records"))?;
+        self.combine(
+            o,
+            u64::checked_sub,
+            Exact::checked_sub,
+            &corrupt_sums,
+            "priced records",
+        )
+    }
+
+    /// `self op o`, field by field. A count or integer sum out of range is
+    /// `out_of_range` of its name (`priced` names the priced count); a decimal
+    /// sum out of range is an overflow.
+    fn combine(
+        &mut self,
+        o: &Acc,
+        int: fn(u64, u64) -> Option<u64>,
+        dec: fn(Exact, Exact) -> Option<Exact>,
+        out_of_range: &dyn Fn(&str) -> LedgerError,
+        priced: &str,
+    ) -> Result<(), LedgerError> {
+        self.records = int(self.records, o.records).ok_or_else(|| out_of_range("records"))?;
+        self.priced = int(self.priced, o.priced).ok_or_else(|| out_of_range(priced))?;
         for (k, name) in DEC_COLS.iter().enumerate() {
-            self.dec[k] = self.dec[k]
-                .checked_sub(o.dec[k])
-                .ok_or_else(|| overflow(name))?;
+            self.dec[k] = dec(self.dec[k], o.dec[k]).ok_or_else(|| overflow(name))?;
         }
         for (k, name) in INT_COLS.iter().enumerate() {
-            self.ints[k] = self.ints[k]
-                .checked_sub(o.ints[k])
-                .ok_or_else(|| under(name))?;
+            self.ints[k] = int(self.ints[k], o.ints[k]).ok_or_else(|| out_of_range(name))?;
         }
         Ok(())
     }

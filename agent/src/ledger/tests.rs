@@ -12,7 +12,7 @@ use super::{
     times::{format_ns, now_ns, parse_time},
     *,
 };
-use crate::report::record::{Cost, TokenUsage};
+use crate::report::record::{Cost, TokenUsage, tests::full_record};
 
 const DAY: Duration = Duration::from_secs(86_400);
 
@@ -39,6 +39,14 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.0);
     }
+}
+
+/// A ledger keeping a day of raw records, in a fresh directory (removed when
+/// the returned guard drops).
+fn fresh(name: &str) -> (TempDir, Ledger) {
+    let dir = TempDir::new(name);
+    let ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    (dir, ledger)
 }
 
 fn d(s: &str) -> Decimal {
@@ -76,82 +84,6 @@ fn priced(mut r: UsageRecord, total: &str) -> UsageRecord {
     r
 }
 
-fn full_record() -> UsageRecord {
-    UsageRecord {
-        record_id: "0123456789abcdef0123456789abcdef".into(),
-        node: "node-a".into(),
-        window_start: "2026-01-01T00:00:00.5Z".into(),
-        window_end: "2026-01-01T00:00:01.500000001Z".into(),
-        record_kind: "process".into(),
-        workload_kind: Some("wasm".into()),
-        pid: Some(u32::MAX),
-        process_start_time: Some("2025-12-31T23:59:59.99Z".into()),
-        ppid: Some(1),
-        comm: Some("python3".into()),
-        exe: Some("/usr/bin/python3 ünïcode".into()),
-        cgroup_id: Some(u64::MAX - 1),
-        cgroup_path: Some("/kubepods.slice/pod-x.slice/cri-containerd-abc.scope".into()),
-        container_id: Some("c".repeat(64)),
-        container_runtime: Some("containerd".into()),
-        pod_uid: Some("1b4e28ba-2fa1-11d2-883f-0016d3cca427".into()),
-        k8s_namespace: Some("team-a".into()),
-        k8s_pod_name: Some("agent-0".into()),
-        wasm_module: Some("spin-app".into()),
-        context: crate::identity::run::RunContext {
-            agent_id: Some("agent-1".into()),
-            flow_id: Some("flow-1".into()),
-            run_id: Some("run-1".into()),
-            user_id: Some("user-1".into()),
-            project_id: Some("project-1".into()),
-            customer_id: Some("customer-1".into()),
-            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
-        },
-        cpu_core_seconds: d("1.500000001"),
-        memory_gb_seconds: d("0.4656612873077392578125000000"),
-        gpu_seconds: d("0.000"),
-        gpu_memory_gb_seconds: d("12.5"),
-        gpu_energy_joules: d("31.415"),
-        gpu_attribution: Some("estimated".into()),
-        network_rx_bytes: i64::MAX as u64,
-        network_tx_bytes: 2,
-        disk_read_bytes: 3,
-        disk_write_bytes: 4,
-        storage_bytes: Some(5),
-        syscalls: 6,
-        tokens: vec![
-            TokenUsage {
-                model: "gpt-4o".into(),
-                input: 1000,
-                cache_read_input: 400,
-                output: 300,
-                reasoning_output: 100,
-                ..TokenUsage::default()
-            },
-            TokenUsage {
-                model: "claude-sonnet-4".into(),
-                input: 7,
-                cache_read_input: 0,
-                output: 9,
-                reasoning_output: 0,
-                ..TokenUsage::default()
-            },
-        ],
-        cost: Some(Cost {
-            cpu: d("0.0000277777777777777777777778"),
-            memory: d("0.0000000006853852"),
-            gpu: Decimal::ZERO,
-            network: d("0.10"),
-            storage: d("0.0000000000385802469135802469"),
-            token: d("0.0075"),
-            subtotal: d("0.1075277784631630"),
-            discount: d("-0.01"),
-            total: d("0.1175277784631630"),
-            currency: "EUR".into(),
-            pricing_version: "2026-01-b".into(),
-        }),
-    }
-}
-
 fn all(ledger: &Ledger, from: i64, to: i64) -> Vec<UsageRecord> {
     let mut out = Vec::new();
     let mut after = None;
@@ -181,8 +113,7 @@ fn total_of(ledger: &Ledger, from: i64, to: i64) -> Totals {
 
 #[test]
 fn round_trip_keeps_every_field_exactly() {
-    let dir = TempDir::new("roundtrip");
-    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let (_dir, mut ledger) = fresh("roundtrip");
     let full = full_record();
     let bare = UsageRecord {
         storage_bytes: None,
@@ -242,8 +173,7 @@ fn round_trip_keeps_every_field_exactly() {
 
 #[test]
 fn recommitting_a_window_writes_and_enqueues_nothing_new() {
-    let dir = TempDir::new("idem");
-    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let (_dir, mut ledger) = fresh("idem");
     let batch: Vec<_> = (0..50)
         .map(|i| priced(rec(&format!("r{i}"), T0), "0.1"))
         .collect();
@@ -290,8 +220,7 @@ fn recommitting_a_window_writes_and_enqueues_nothing_new() {
 
 #[test]
 fn outboxes_are_independent_per_exporter() {
-    let dir = TempDir::new("outbox");
-    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let (_dir, mut ledger) = fresh("outbox");
     for w in 0..3 {
         let ws = T0 + 10 * w;
         let batch: Vec<_> = (0..4).map(|i| rec(&format!("w{w}-r{i}"), ws)).collect();
@@ -412,8 +341,7 @@ fn sigkill_right_after_commit_loses_nothing() {
 
 #[test]
 fn dropping_without_close_keeps_the_window() {
-    let dir = TempDir::new("forget");
-    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let (dir, mut ledger) = fresh("forget");
     assert_eq!(ledger.last_window_end().expect("last"), None);
     ledger
         .commit_window(&t(T0), &t(T0 + 10), &[rec("a", T0)], &["otlp"])
@@ -427,8 +355,7 @@ fn dropping_without_close_keeps_the_window() {
 
 #[test]
 fn paging_returns_each_record_exactly_once_in_time_order() {
-    let dir = TempDir::new("paging");
-    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let (_dir, mut ledger) = fresh("paging");
     let mut expected = Vec::new();
     // Sub-second window starts: as text "…:00Z" sorts after "…:00.5Z".
     for w in 0..20i64 {
@@ -524,8 +451,7 @@ fn paging_returns_each_record_exactly_once_in_time_order() {
 
 #[test]
 fn totals_group_with_nulls_and_stay_exact() {
-    let dir = TempDir::new("totals");
-    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let (_dir, mut ledger) = fresh("totals");
     let mut batch = Vec::new();
     for i in 0..3000 {
         let mut r = priced(rec(&format!("r{i}"), T0), "0.1");
@@ -602,8 +528,7 @@ fn totals_group_with_nulls_and_stay_exact() {
 
 #[test]
 fn totals_refuse_mixed_currencies_in_one_group() {
-    let dir = TempDir::new("currency");
-    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let (_dir, mut ledger) = fresh("currency");
     let usd = priced(rec("a", T0), "1");
     let mut eur = priced(rec("b", T0), "1");
     if let Some(c) = eur.cost.as_mut() {
@@ -625,8 +550,7 @@ fn totals_refuse_mixed_currencies_in_one_group() {
 
 #[test]
 fn unknown_fields_are_refused_by_name() {
-    let dir = TempDir::new("fields");
-    let ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let (_dir, ledger) = fresh("fields");
     let err = ledger
         .totals(&t(T0), &t(T0 + 1), &["user_id", "colour"], &[])
         .expect_err("group");
@@ -1126,8 +1050,7 @@ fn expiry_deletes_rollups_spans_and_identities_past_retention_only() {
 
 #[test]
 fn schema_constants_match_the_tables() {
-    let dir = TempDir::new("schema");
-    let ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let (dir, ledger) = fresh("schema");
     let cols = |table: &str| -> Vec<String> {
         let mut stmt = ledger
             .conn
@@ -1210,8 +1133,7 @@ fn errors_name_the_path() {
 
 #[test]
 fn identities_are_stored_once() {
-    let dir = TempDir::new("idents");
-    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let (dir, mut ledger) = fresh("idents");
     for w in 0..10 {
         let ws = T0 + 10 * w;
         let batch = synthetic_window("n1", 20, ws * 1_000_000_000, 10_000_000_000, 60_000_000_000);
@@ -1385,8 +1307,7 @@ fn a_record_before_the_watermark_is_quarantined_and_the_window_still_commits() {
 /// at nothing (or at someone else's identity).
 #[test]
 fn a_quarantined_record_leaves_no_identity_behind() {
-    let dir = TempDir::new("quarantine-ident");
-    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let (_dir, mut ledger) = fresh("quarantine-ident");
     let mut huge = rec("huge", T0);
     huge.pid = Some(4242);
     huge.comm = Some("only-me".into());
@@ -1427,8 +1348,7 @@ fn a_quarantined_record_leaves_no_identity_behind() {
 /// record is set aside, and nothing is retried.
 #[test]
 fn a_window_with_bad_bounds_is_quarantined_whole() {
-    let dir = TempDir::new("quarantine-window");
-    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let (_dir, mut ledger) = fresh("quarantine-window");
     let c = ledger
         .commit_window_or_quarantine(
             "2262-05-01T00:00:00Z",
@@ -1481,8 +1401,7 @@ fn transient_and_permanent_errors_are_told_apart() {
 /// progress does not block it, and a long read does not block a commit.
 #[test]
 fn read_only_connections_and_the_writer_do_not_wait_for_each_other() {
-    let dir = TempDir::new("readers");
-    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let (dir, mut ledger) = fresh("readers");
     ledger
         .commit_window(&t(T0), &t(T0 + 10), &[rec("a", T0)], &[])
         .expect("commit");
@@ -1518,8 +1437,7 @@ fn read_only_connections_and_the_writer_do_not_wait_for_each_other() {
 #[test]
 fn the_ledger_directory_and_files_are_private() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = TempDir::new("perms");
-    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let (dir, mut ledger) = fresh("perms");
     ledger
         .commit_window(&t(T0), &t(T0 + 10), &[rec("a", T0)], &[])
         .expect("commit");
@@ -1541,8 +1459,7 @@ fn the_ledger_directory_and_files_are_private() {
 /// delivery that fails leaves the totals where they were.
 #[test]
 fn export_series_move_only_with_delivery() {
-    let dir = TempDir::new("series");
-    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let (_dir, mut ledger) = fresh("series");
     ledger
         .commit_window(
             &t(T0),
@@ -1593,8 +1510,7 @@ fn export_series_move_only_with_delivery() {
 /// belong with, then expire: neither grows without bound.
 #[test]
 fn quarantined_records_and_dead_letters_expire_with_retention() {
-    let dir = TempDir::new("quarantine-expiry");
-    let mut ledger = Ledger::open(&dir.db(), DAY).expect("open");
+    let (_dir, mut ledger) = fresh("quarantine-expiry");
     let mut huge = rec("huge", T0);
     huge.syscalls = u64::MAX;
     ledger

@@ -13,42 +13,32 @@ pub struct Cap {
     pub why: &'static str,
 }
 
-/// Loading BPF programs and maps (Linux ≥ 5.8).
-pub const CAP_BPF: Cap = Cap {
-    name: "CAP_BPF",
-    bit: 39,
-    why: "load eBPF programs and maps",
-};
-/// Attaching to tracepoints and perf events (Linux ≥ 5.8).
-pub const CAP_PERFMON: Cap = Cap {
-    name: "CAP_PERFMON",
-    bit: 38,
-    why: "attach tracing programs and the per-CPU timer",
-};
-/// Covers both of the above on any kernel.
-pub const CAP_SYS_ADMIN: Cap = Cap {
-    name: "CAP_SYS_ADMIN",
-    bit: 21,
-    why: "stands in for CAP_BPF and CAP_PERFMON",
-};
-/// Reading other users' /proc/<pid>/exe.
-pub const CAP_SYS_PTRACE: Cap = Cap {
-    name: "CAP_SYS_PTRACE",
-    bit: 19,
-    why: "read other processes' executable paths in /proc",
-};
-/// Reading /proc and cgroup files owned by other users.
-pub const CAP_DAC_READ_SEARCH: Cap = Cap {
-    name: "CAP_DAC_READ_SEARCH",
-    bit: 2,
-    why: "read other users' /proc and cgroup files",
-};
-/// Lifting RLIMIT_MEMLOCK for BPF maps on kernels before 5.11.
-pub const CAP_SYS_RESOURCE: Cap = Cap {
-    name: "CAP_SYS_RESOURCE",
-    bit: 24,
-    why: "lift the locked-memory limit for maps on kernels before 5.11",
-};
+/// Defines each capability as a constant named as the kernel names it (the
+/// name is written once: the constant's, stringified).
+macro_rules! caps {
+    ($($(#[$doc:meta])* $id:ident = ($bit:literal, $why:literal);)*) => {
+        $($(#[$doc])* pub const $id: Cap = Cap {
+            name: stringify!($id),
+            bit: $bit,
+            why: $why,
+        };)*
+    };
+}
+
+caps! {
+    /// Loading BPF programs and maps (Linux ≥ 5.8).
+    CAP_BPF = (39, "load eBPF programs and maps");
+    /// Attaching to tracepoints and perf events (Linux ≥ 5.8).
+    CAP_PERFMON = (38, "attach tracing programs and the per-CPU timer");
+    /// Covers both of the above on any kernel.
+    CAP_SYS_ADMIN = (21, "stands in for CAP_BPF and CAP_PERFMON");
+    /// Reading other users' /proc/<pid>/exe.
+    CAP_SYS_PTRACE = (19, "read other processes' executable paths in /proc");
+    /// Reading /proc and cgroup files owned by other users.
+    CAP_DAC_READ_SEARCH = (2, "read other users' /proc and cgroup files");
+    /// Lifting RLIMIT_MEMLOCK for BPF maps on kernels before 5.11.
+    CAP_SYS_RESOURCE = (24, "lift the locked-memory limit for maps on kernels before 5.11");
+}
 
 /// The effective capability set of this process (`CapEff` in /proc/self/status).
 pub fn effective() -> u64 {
@@ -103,6 +93,10 @@ mod tests {
 
     #[test]
     fn sys_admin_covers_bpf_and_perfmon() {
+        assert_eq!(
+            (CAP_SYS_ADMIN.name, CAP_SYS_ADMIN.bit),
+            ("CAP_SYS_ADMIN", 21)
+        );
         assert!(missing_for_probes(1 << CAP_SYS_ADMIN.bit).is_empty());
         assert_eq!(missing_for_probes(1 << CAP_BPF.bit), vec![CAP_PERFMON]);
         assert_eq!(missing_for_probes(0), vec![CAP_BPF, CAP_PERFMON]);

@@ -180,15 +180,9 @@ impl WindowSum {
     }
 
     /// Σ cgroup memory over the distinct memory counters of a group's members.
-    fn cgroup_memory_of(
-        &self,
-        processes: &[ProcessRecord],
-        by: &[GroupBy],
-        key: Option<&str>,
-    ) -> Option<f64> {
-        let counters: HashSet<&PathBuf> = processes
+    fn cgroup_memory_of(&self, members: &[&ProcessRecord]) -> Option<f64> {
+        let counters: HashSet<&PathBuf> = members
             .iter()
-            .filter(|r| group_key(by, r).as_deref() == key)
             .filter_map(|r| self.cgroup_counters.get(&r.cgroup_id))
             .collect();
         if counters.is_empty() {
@@ -202,15 +196,9 @@ impl WindowSum {
     }
 
     /// Σ writable-layer bytes over the distinct containers of a group's members.
-    fn storage_of(
-        &self,
-        processes: &[ProcessRecord],
-        by: &[GroupBy],
-        key: Option<&str>,
-    ) -> Option<u64> {
-        let containers: HashSet<&str> = processes
+    fn storage_of(&self, members: &[&ProcessRecord]) -> Option<u64> {
+        let containers: HashSet<&str> = members
             .iter()
-            .filter(|r| group_key(by, r).as_deref() == key)
             .filter_map(|r| r.identity.container_id.as_deref())
             .collect();
         let sizes: Vec<u64> = containers
@@ -386,9 +374,12 @@ impl WindowSum {
         let groups = (!group_by.is_empty()).then(|| {
             let mut groups = group(&processes, group_by, node_name, start, &ws, &we);
             for gr in &mut groups {
-                gr.cgroup_memory_gb_seconds =
-                    self.cgroup_memory_of(&processes, group_by, gr.group.as_deref());
-                gr.storage_bytes = self.storage_of(&processes, group_by, gr.group.as_deref());
+                let members: Vec<&ProcessRecord> = processes
+                    .iter()
+                    .filter(|r| group_key(group_by, r) == gr.group)
+                    .collect();
+                gr.cgroup_memory_gb_seconds = self.cgroup_memory_of(&members);
+                gr.storage_bytes = self.storage_of(&members);
             }
             groups
         });
@@ -608,11 +599,18 @@ mod tests {
         }
     }
 
+    /// The report of `windows` summed, every process in it, ungrouped.
+    fn report_of(windows: &[Window]) -> Report {
+        let mut sum = WindowSum::default();
+        for w in windows {
+            sum.add(w);
+        }
+        sum.report("n", |_| true, &[], None, None)
+    }
+
     #[test]
     fn records_are_named_by_what_the_window_carries() {
-        let mut sum = WindowSum::default();
-        sum.add(&window(10, 11, 10, "web"));
-        let r = sum.report("n", |_| true, &[], None, None);
+        let r = report_of(&[window(10, 11, 10, "web")]);
         let p = &r.processes[0];
         assert_eq!(p.comm, "web");
         assert_eq!(p.cgroup_path.as_deref(), Some("/kubepods/podx/abc"));
@@ -626,9 +624,7 @@ mod tests {
     #[test]
     fn a_process_that_slept_has_one_record_spanning_its_usage() {
         // Last handed over at 10 s; slept until the window [59, 60) s.
-        let mut sum = WindowSum::default();
-        sum.add(&window(59, 60, 10, "web"));
-        let r = sum.report("n", |_| true, &[], None, None);
+        let r = report_of(&[window(59, 60, 10, "web")]);
         let p = &r.processes[0];
         assert_eq!(p.window_start, rfc3339(wall(10 * S)));
         assert_eq!(p.window_end, rfc3339(wall(60 * S)));
@@ -639,10 +635,7 @@ mod tests {
         assert_eq!(r.summary.window_start, rfc3339(wall(59 * S)));
         // Summed over several windows (`record`), a record spans the sum, and the
         // latest name wins.
-        let mut sum = WindowSum::default();
-        sum.add(&window(10, 11, 10, "old"));
-        sum.add(&window(11, 12, 11, "new"));
-        let r = sum.report("n", |_| true, &[], None, None);
+        let r = report_of(&[window(10, 11, 10, "old"), window(11, 12, 11, "new")]);
         assert_eq!(r.processes[0].window_start, rfc3339(wall(10 * S)));
         assert_eq!(r.processes[0].comm, "new");
     }

@@ -383,6 +383,38 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// The workload a stored record names, as text: the part of [`Identity`]
+/// the ledger keeps (a pod's QoS class and the WASM runtime are not stored),
+/// embedded flat in [`UsageRecord`], so the record's JSON keys are these.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workload {
+    /// Container id.
+    pub container_id: Option<String>,
+    /// Container runtime.
+    pub container_runtime: Option<String>,
+    /// Pod UID.
+    pub pod_uid: Option<String>,
+    /// Pod namespace.
+    pub k8s_namespace: Option<String>,
+    /// Pod name.
+    pub k8s_pod_name: Option<String>,
+    /// WASM module.
+    pub wasm_module: Option<String>,
+}
+
+impl From<&Identity> for Workload {
+    fn from(i: &Identity) -> Self {
+        Self {
+            container_id: i.container_id.clone(),
+            container_runtime: i.container_runtime.map(|r| serde_name(&r)),
+            pod_uid: i.pod_uid.clone(),
+            k8s_namespace: i.k8s_namespace.clone(),
+            k8s_pod_name: i.k8s_pod_name.clone(),
+            wasm_module: i.wasm_module.clone(),
+        }
+    }
+}
+
 /// One usage record as the ledger stores it and exporters ship it: DESIGN.md's
 /// usage record, raw quantities plus cost. Process records and the node
 /// buckets (`record_kind` idle, irq_steal, kernel, unattributed) both become one.
@@ -398,7 +430,8 @@ pub struct UsageRecord {
     pub window_end: String,
     /// "process", or the bucket: "idle", "irq_steal", "kernel", "unattributed".
     pub record_kind: String,
-    /// process, container, pod or wasm (process records).
+    /// process, container, pod or wasm (process records). Beside, not in,
+    /// [`Workload`]: the record's JSON has it here, before `pid`.
     pub workload_kind: Option<String>,
     /// Process id.
     pub pid: Option<u32>,
@@ -414,18 +447,9 @@ pub struct UsageRecord {
     pub cgroup_id: Option<u64>,
     /// cgroup path.
     pub cgroup_path: Option<String>,
-    /// Container id.
-    pub container_id: Option<String>,
-    /// Container runtime.
-    pub container_runtime: Option<String>,
-    /// Pod UID.
-    pub pod_uid: Option<String>,
-    /// Pod namespace.
-    pub k8s_namespace: Option<String>,
-    /// Pod name.
-    pub k8s_pod_name: Option<String>,
-    /// WASM module.
-    pub wasm_module: Option<String>,
+    /// The container, pod and WASM module, as flat fields of the record.
+    #[serde(flatten)]
+    pub workload: Workload,
     /// The trace context: agent, flow, run, user, project, customer (who is
     /// billed) and trace ids, as flat fields of the record.
     #[serde(flatten)]
@@ -498,37 +522,22 @@ impl UsageRecord {
 
     /// The stored form of a process record.
     pub fn from_process(p: &ProcessRecord) -> Self {
-        let name = |v: &Option<String>| v.clone();
-        let enum_str = |v: Option<String>| v;
         Self {
             record_id: p.record_id.clone(),
             node: p.node.clone(),
             window_start: p.window_start.clone(),
             window_end: p.window_end.clone(),
             record_kind: "process".into(),
-            workload_kind: enum_str(p.identity.workload_kind.map(|k| serde_name(&k))),
+            workload_kind: p.identity.workload_kind.map(|k| serde_name(&k)),
             pid: Some(p.pid),
             process_start_time: Some(p.process_start_time.clone()),
             ppid: p.ppid,
             comm: Some(p.comm.clone()),
-            exe: name(&p.exe),
+            exe: p.exe.clone(),
             cgroup_id: Some(p.cgroup_id),
-            cgroup_path: name(&p.cgroup_path),
-            container_id: name(&p.identity.container_id),
-            container_runtime: p.identity.container_runtime.map(|r| serde_name(&r)),
-            pod_uid: name(&p.identity.pod_uid),
-            k8s_namespace: name(&p.identity.k8s_namespace),
-            k8s_pod_name: name(&p.identity.k8s_pod_name),
-            wasm_module: name(&p.identity.wasm_module),
-            context: RunContext {
-                agent_id: p.context.agent_id.clone(),
-                flow_id: p.context.flow_id.clone(),
-                run_id: p.context.run_id.clone(),
-                user_id: p.context.user_id.clone(),
-                project_id: p.context.project_id.clone(),
-                customer_id: p.context.customer_id.clone(),
-                trace_id: p.context.trace_id.clone(),
-            },
+            cgroup_path: p.cgroup_path.clone(),
+            workload: Workload::from(&p.identity),
+            context: p.context.clone(),
             cpu_core_seconds: decimal_seconds(p.metered.cpu_ns),
             memory_gb_seconds: decimal_gib_seconds(p.metered.mem.rss_byte_ns),
             gpu_seconds: decimal_seconds(p.metered.gpu.gpu_ns),
@@ -673,10 +682,97 @@ pub struct SpanRow {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::{Duration, UNIX_EPOCH};
+pub(crate) mod tests {
+    use std::{
+        str::FromStr,
+        time::{Duration, UNIX_EPOCH},
+    };
 
     use super::*;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).expect("decimal")
+    }
+
+    /// A record with every field set, to odd values (shared with the ledger's
+    /// round-trip tests).
+    pub(crate) fn full_record() -> UsageRecord {
+        UsageRecord {
+            record_id: "0123456789abcdef0123456789abcdef".into(),
+            node: "node-a".into(),
+            window_start: "2026-01-01T00:00:00.5Z".into(),
+            window_end: "2026-01-01T00:00:01.500000001Z".into(),
+            record_kind: "process".into(),
+            workload_kind: Some("wasm".into()),
+            pid: Some(u32::MAX),
+            process_start_time: Some("2025-12-31T23:59:59.99Z".into()),
+            ppid: Some(1),
+            comm: Some("python3".into()),
+            exe: Some("/usr/bin/python3 ünïcode".into()),
+            cgroup_id: Some(u64::MAX - 1),
+            cgroup_path: Some("/kubepods.slice/pod-x.slice/cri-containerd-abc.scope".into()),
+            workload: Workload {
+                container_id: Some("c".repeat(64)),
+                container_runtime: Some("containerd".into()),
+                pod_uid: Some("1b4e28ba-2fa1-11d2-883f-0016d3cca427".into()),
+                k8s_namespace: Some("team-a".into()),
+                k8s_pod_name: Some("agent-0".into()),
+                wasm_module: Some("spin-app".into()),
+            },
+            context: RunContext {
+                agent_id: Some("agent-1".into()),
+                flow_id: Some("flow-1".into()),
+                run_id: Some("run-1".into()),
+                user_id: Some("user-1".into()),
+                project_id: Some("project-1".into()),
+                customer_id: Some("customer-1".into()),
+                trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+            },
+            cpu_core_seconds: d("1.500000001"),
+            memory_gb_seconds: d("0.4656612873077392578125000000"),
+            gpu_seconds: d("0.000"),
+            gpu_memory_gb_seconds: d("12.5"),
+            gpu_energy_joules: d("31.415"),
+            gpu_attribution: Some("estimated".into()),
+            network_rx_bytes: i64::MAX as u64,
+            network_tx_bytes: 2,
+            disk_read_bytes: 3,
+            disk_write_bytes: 4,
+            storage_bytes: Some(5),
+            syscalls: 6,
+            tokens: vec![
+                TokenUsage {
+                    model: "gpt-4o".into(),
+                    input: 1000,
+                    cache_read_input: 400,
+                    output: 300,
+                    reasoning_output: 100,
+                    ..TokenUsage::default()
+                },
+                TokenUsage {
+                    model: "claude-sonnet-4".into(),
+                    input: 7,
+                    cache_read_input: 0,
+                    output: 9,
+                    reasoning_output: 0,
+                    ..TokenUsage::default()
+                },
+            ],
+            cost: Some(Cost {
+                cpu: d("0.0000277777777777777777777778"),
+                memory: d("0.0000000006853852"),
+                gpu: Decimal::ZERO,
+                network: d("0.10"),
+                storage: d("0.0000000000385802469135802469"),
+                token: d("0.0075"),
+                subtotal: d("0.1075277784631630"),
+                discount: d("-0.01"),
+                total: d("0.1175277784631630"),
+                currency: "EUR".into(),
+                pricing_version: "2026-01-b".into(),
+            }),
+        }
+    }
 
     #[test]
     fn record_ids_are_deterministic_and_distinct() {
@@ -727,5 +823,106 @@ mod tests {
         );
         let back: UsageRecord = serde_json::from_value(json).expect("deserialises");
         assert_eq!(back, r);
+    }
+
+    /// A process record with every field set (a container in a pod, running WASM).
+    fn full_process() -> ProcessRecord {
+        let metered = Metered {
+            cpu_ns: 1_500_000_001,
+            syscalls: 7,
+            syscalls_by_class: SyscallsByClass([1; agent_common::SYSCALL_CLASSES]),
+            net: crate::collect::metered::Net {
+                tx_bytes: 1,
+                rx_bytes: 2,
+                tx_calls: 3,
+                rx_calls: 4,
+            },
+            mem: crate::collect::memory::MemDisk {
+                rss_byte_ns: u128::from(1u64 << 29) * 1_000_000_000,
+                peak_rss_bytes: 4096,
+                disk_read_bytes: 5,
+                disk_write_bytes: 6,
+            },
+            gpu: crate::collect::metered::GpuMetered {
+                gpu_ns: 250_000_000,
+                memory_byte_ns: u128::from(1u64 << 30) * 2_000_000_000,
+                energy_mj: 31_415,
+                attribution: Some(Attribution::Sampled),
+            },
+        };
+        ProcessRecord {
+            record_type: "process",
+            record_id: "0123456789abcdef0123456789abcdef".into(),
+            node: "node-a".into(),
+            window_start: "2026-01-01T00:00:00Z".into(),
+            window_end: "2026-01-01T00:00:01Z".into(),
+            identity: Identity {
+                workload_kind: Some(WorkloadKind::Wasm),
+                container_id: Some("c".repeat(64)),
+                container_runtime: Some(Runtime::CriO),
+                pod_uid: Some("1b4e28ba-2fa1-11d2-883f-0016d3cca427".into()),
+                qos_class: Some(QosClass::Burstable),
+                k8s_namespace: Some("team-a".into()),
+                k8s_pod_name: Some("agent-0".into()),
+                wasm_runtime: Some("wasmtime".into()),
+                wasm_module: Some("spin-app".into()),
+            },
+            pid: 42,
+            process_start_time: "2025-12-31T23:59:59.99Z".into(),
+            ppid: Some(1),
+            comm: "python3".into(),
+            exe: Some("/usr/bin/python3".into()),
+            cgroup_id: 7,
+            cgroup_path: Some("/kubepods.slice/pod-x.slice/cri-o-abc.scope".into()),
+            context: RunContext {
+                agent_id: Some("agent-1".into()),
+                flow_id: Some("flow-1".into()),
+                run_id: Some("run-1".into()),
+                user_id: Some("user-1".into()),
+                project_id: Some("project-1".into()),
+                customer_id: Some("customer-1".into()),
+                trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+            },
+            metrics: Metrics::from(&metered),
+            exited: true,
+            key: InstanceKey {
+                tgid: 42,
+                start_ns: 2,
+                cgroup_id: 7,
+            },
+            metered,
+        }
+    }
+
+    /// The stored record's JSON as it was before its identity fields moved
+    /// into [`Workload`]: the format of `/v1/records`, the ledger's
+    /// exports and the CLI, which must not change by a byte.
+    const FULL_RECORD_JSON: &str = r#"{"record_id":"0123456789abcdef0123456789abcdef","node":"node-a","window_start":"2026-01-01T00:00:00.5Z","window_end":"2026-01-01T00:00:01.500000001Z","record_kind":"process","workload_kind":"wasm","pid":4294967295,"process_start_time":"2025-12-31T23:59:59.99Z","ppid":1,"comm":"python3","exe":"/usr/bin/python3 ünïcode","cgroup_id":18446744073709551614,"cgroup_path":"/kubepods.slice/pod-x.slice/cri-containerd-abc.scope","container_id":"cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc","container_runtime":"containerd","pod_uid":"1b4e28ba-2fa1-11d2-883f-0016d3cca427","k8s_namespace":"team-a","k8s_pod_name":"agent-0","wasm_module":"spin-app","agent_id":"agent-1","flow_id":"flow-1","run_id":"run-1","user_id":"user-1","project_id":"project-1","customer_id":"customer-1","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","cpu_core_seconds":"1.500000001","memory_gb_seconds":"0.4656612873077392578125000000","gpu_seconds":"0.000","gpu_memory_gb_seconds":"12.5","gpu_energy_joules":"31.415","gpu_attribution":"estimated","network_rx_bytes":9223372036854775807,"network_tx_bytes":2,"disk_read_bytes":3,"disk_write_bytes":4,"storage_bytes":5,"syscalls":6,"tokens":[{"model":"gpt-4o","input":1000,"cache_read_input":400,"output":300,"reasoning_output":100},{"model":"claude-sonnet-4","input":7,"cache_read_input":0,"output":9,"reasoning_output":0}],"cost":{"cpu":"0.0000277777777777777777777778","memory":"0.0000000006853852","gpu":"0","network":"0.10","storage":"0.0000000000385802469135802469","token":"0.0075","subtotal":"0.1075277784631630","discount":"-0.01","total":"0.1175277784631630","currency":"EUR","pricing_version":"2026-01-b"}}"#;
+
+    /// `from_process` of [`full_process`], as it serialised before.
+    const STORED_PROCESS_JSON: &str = r#"{"record_id":"0123456789abcdef0123456789abcdef","node":"node-a","window_start":"2026-01-01T00:00:00Z","window_end":"2026-01-01T00:00:01Z","record_kind":"process","workload_kind":"wasm","pid":42,"process_start_time":"2025-12-31T23:59:59.99Z","ppid":1,"comm":"python3","exe":"/usr/bin/python3","cgroup_id":7,"cgroup_path":"/kubepods.slice/pod-x.slice/cri-o-abc.scope","container_id":"cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc","container_runtime":"cri-o","pod_uid":"1b4e28ba-2fa1-11d2-883f-0016d3cca427","k8s_namespace":"team-a","k8s_pod_name":"agent-0","wasm_module":"spin-app","agent_id":"agent-1","flow_id":"flow-1","run_id":"run-1","user_id":"user-1","project_id":"project-1","customer_id":"customer-1","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","cpu_core_seconds":"1.500000001","memory_gb_seconds":"0.50","gpu_seconds":"0.25","gpu_memory_gb_seconds":"2","gpu_energy_joules":"31.415","gpu_attribution":"sampled","network_rx_bytes":2,"network_tx_bytes":1,"disk_read_bytes":5,"disk_write_bytes":6,"storage_bytes":null,"syscalls":7,"tokens":[],"cost":null}"#;
+
+    /// The process record's own JSON (`record` prints it).
+    const PROCESS_JSON: &str = r#"{"record_type":"process","record_id":"0123456789abcdef0123456789abcdef","node":"node-a","window_start":"2026-01-01T00:00:00Z","window_end":"2026-01-01T00:00:01Z","workload_kind":"wasm","container_id":"cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc","container_runtime":"cri-o","pod_uid":"1b4e28ba-2fa1-11d2-883f-0016d3cca427","qos_class":"burstable","k8s_namespace":"team-a","k8s_pod_name":"agent-0","wasm_runtime":"wasmtime","wasm_module":"spin-app","pid":42,"process_start_time":"2025-12-31T23:59:59.99Z","ppid":1,"comm":"python3","exe":"/usr/bin/python3","cgroup_id":7,"cgroup_path":"/kubepods.slice/pod-x.slice/cri-o-abc.scope","agent_id":"agent-1","flow_id":"flow-1","run_id":"run-1","user_id":"user-1","project_id":"project-1","customer_id":"customer-1","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","cpu_ns":1500000001,"cpu_core_seconds":1.500000001,"syscalls":7,"syscalls_by_class":{"other":1,"file":1,"network":1,"memory":1,"process":1,"sync":1,"time":1,"ipc":1},"network_rx_bytes":2,"network_tx_bytes":1,"network_rx_calls":4,"network_tx_calls":3,"memory_gb_seconds":0.5,"peak_rss_bytes":4096,"disk_read_bytes":5,"disk_write_bytes":6,"gpu_seconds":0.25,"gpu_memory_gb_seconds":2.0,"gpu_energy_joules":31.415,"gpu_attribution":"sampled","exited":true}"#;
+
+    #[test]
+    fn record_json_is_unchanged_byte_for_byte() {
+        let full = full_record();
+        let json = serde_json::to_string(&full).expect("serialises");
+        assert_eq!(json, FULL_RECORD_JSON);
+        let back: UsageRecord = serde_json::from_str(&json).expect("deserialises");
+        assert_eq!(back, full);
+        assert_eq!(serde_json::to_string(&back).expect("serialises"), json);
+
+        let process = full_process();
+        let stored = UsageRecord::from_process(&process);
+        assert_eq!(
+            serde_json::to_string(&stored).expect("serialises"),
+            STORED_PROCESS_JSON
+        );
+        assert_eq!(
+            serde_json::to_string(&process).expect("serialises"),
+            PROCESS_JSON
+        );
     }
 }

@@ -13,14 +13,11 @@ use std::{
     time::SystemTime,
 };
 
-use rust_decimal::Decimal;
-
 use crate::{
     collect::{Collector, Window},
     context::{
         inbox::{HeldSpans, SpanInbox},
         index::SpanIndex,
-        spans::Span,
     },
     identity::run::RunContext,
     probes::clock::unix_ns,
@@ -76,47 +73,6 @@ fn bind_descendants(collector: &Collector, window: &Window, index: &mut SpanInde
     }
 }
 
-/// For each token span without an agent, the agent of its nearest ancestor
-/// among `spans` (by index in `spans`): an LLM call inside an
-/// `invoke_agent` span is that agent's. Children end, and are exported,
-/// before their parents, so an ancestor exported in a later batch than the
-/// call is not seen: the call keeps its process's agent (README "Tokens").
-fn ancestors_agents(spans: &[Span]) -> HashMap<usize, String> {
-    let orphans: Vec<usize> = spans
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s.tokens.is_some() && s.context.agent_id.is_none())
-        .map(|(i, _)| i)
-        .collect();
-    if orphans.is_empty() {
-        return HashMap::new();
-    }
-    let by_id: HashMap<(&str, &str), &Span> = spans
-        .iter()
-        .map(|s| ((s.trace_id.as_str(), s.span_id.as_str()), s))
-        .collect();
-    let mut out = HashMap::new();
-    for i in orphans {
-        let s = &spans[i];
-        let mut parent = s.parent_span_id.as_deref();
-        for _ in 0..MAX_ANCESTRY {
-            let Some(p) = parent.and_then(|p| by_id.get(&(s.trace_id.as_str(), p))) else {
-                break;
-            };
-            // Only the same process's spans: another's cannot name this one's agent.
-            if p.pid != s.pid {
-                break;
-            }
-            if let Some(agent) = &p.context.agent_id {
-                out.insert(i, agent.clone());
-                break;
-            }
-            parent = p.parent_span_id.as_deref();
-        }
-    }
-    out
-}
-
 impl ReportedWindow {
     /// Reports one window, split between runs by the spans received so far,
     /// with the token records and span rows of the spans received since the last.
@@ -150,11 +106,7 @@ impl ReportedWindow {
         // The spans are consumed: their ids, name and service move into the
         // rows rather than being copied (per span, at 50,000 spans/s).
         let no_context = RunContext::default();
-        let agents = ancestors_agents(&new);
-        for (i, mut s) in new.into_iter().enumerate() {
-            if let Some(agent) = agents.get(&i) {
-                s.context.agent_id = Some(agent.clone());
-            }
+        for s in new {
             let instance = s
                 .pid
                 .and_then(|pid| collector.live_instance(pid).map(|start| (pid, start)));
@@ -234,16 +186,15 @@ impl ReportedWindow {
                 cgroup_id: None,
                 cgroup_path: None,
                 storage_bytes: Some(bytes),
-                ..UsageRecord {
-                    cpu_core_seconds: Decimal::ZERO,
-                    memory_gb_seconds: Decimal::ZERO,
-                    network_rx_bytes: 0,
-                    network_tx_bytes: 0,
-                    disk_read_bytes: 0,
-                    disk_write_bytes: 0,
-                    syscalls: 0,
-                    ..base
-                }
+                // Who it is, and nothing the process record bills already: a
+                // quantity copied from it (its GPU time once was) is billed twice.
+                node: base.node,
+                window_start: base.window_start,
+                window_end: base.window_end,
+                workload_kind: base.workload_kind,
+                workload: base.workload,
+                context: base.context,
+                ..UsageRecord::default()
             });
         }
         out
@@ -263,35 +214,6 @@ impl ReportedWindow {
 #[cfg(test)]
 pub(crate) mod tests {
 
-    #[test]
-    fn a_token_span_takes_the_agent_of_its_nearest_ancestor_in_its_process() {
-        use crate::context::spans::SpanTokens;
-        let span =
-            |id: &str, parent: Option<&str>, pid: u32, agent: Option<&str>, tokens: bool| Span {
-                trace_id: "t".into(),
-                span_id: id.into(),
-                parent_span_id: parent.map(str::to_string),
-                pid: Some(pid),
-                context: RunContext {
-                    agent_id: agent.map(str::to_string),
-                    ..Default::default()
-                },
-                tokens: tokens.then(SpanTokens::default),
-                ..Default::default()
-            };
-        let spans = vec![
-            span("chat", Some("tool"), 1, None, true),
-            span("tool", Some("agent"), 1, None, false),
-            span("agent", None, 1, Some("tutor"), false),
-            // Its own agent stays; another process's ancestor names nothing here.
-            span("own", Some("agent"), 1, Some("writer"), true),
-            span("other", Some("agent"), 2, None, true),
-            span("orphan", Some("gone"), 1, None, true),
-        ];
-        let got = ancestors_agents(&spans);
-        assert_eq!(got.get(&0).map(String::as_str), Some("tutor"));
-        assert_eq!(got.len(), 1, "{got:?}");
-    }
     use super::*;
     use crate::{
         collect::metered::{InstanceKey, Metered},
@@ -383,7 +305,19 @@ pub(crate) mod tests {
             "2026-01-01T00:00:00Z",
             "2026-01-01T00:00:01Z",
             vec![
-                process(1, Some("c1"), 500_000_000),
+                ProcessRecord {
+                    metered: Metered {
+                        cpu_ns: 500_000_000,
+                        gpu: crate::collect::metered::GpuMetered {
+                            gpu_ns: 2_000_000_000,
+                            memory_byte_ns: 1 << 40,
+                            energy_mj: 7_000,
+                            attribution: None,
+                        },
+                        ..Metered::default()
+                    },
+                    ..process(1, Some("c1"), 500_000_000)
+                },
                 process(2, Some("c1"), 250_000_000),
                 process(3, Some("c2"), 1_000_000_000),
                 process(4, None, 2_000_000_000),
@@ -417,11 +351,21 @@ pub(crate) mod tests {
         );
         let storage = &records[6];
         assert_eq!(storage.storage_bytes, Some(4096));
-        assert_eq!(storage.container_id.as_deref(), Some("c1"));
+        assert_eq!(storage.workload.container_id.as_deref(), Some("c1"));
         // The CPU stays with the processes: nothing is billed twice.
         assert!(storage.cpu_core_seconds.is_zero() && storage.pid.is_none());
         let cpu: rust_decimal::Decimal = records.iter().map(|r| r.cpu_core_seconds).sum();
         assert_eq!(cpu, "3.75".parse().expect("number"));
+        // Nor the GPU of the process it names the container by.
+        assert!(
+            storage.gpu_seconds.is_zero()
+                && storage.gpu_memory_gb_seconds.is_zero()
+                && storage.gpu_energy_joules.is_zero()
+                && storage.gpu_attribution.is_none(),
+            "{storage:?}"
+        );
+        let gpu: rust_decimal::Decimal = records.iter().map(|r| r.gpu_seconds).sum();
+        assert_eq!(gpu, "2".parse().expect("number"));
         // Ids are deterministic (a retried window writes the same records)
         // and distinct from every process record's.
         assert_eq!(w.records()[6].record_id, storage.record_id);

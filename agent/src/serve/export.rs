@@ -130,87 +130,34 @@ struct Quantity {
     integer: bool,
 }
 
-const fn q(
-    name: &'static str,
-    unit: &'static str,
-    description: &'static str,
-    integer: bool,
-) -> Quantity {
-    Quantity {
-        name,
-        unit,
-        description,
-        integer,
-    }
+/// Defines each quantity once: a constant, and its place in `ALL` (every
+/// quantity, in the order their metrics are built).
+macro_rules! quantities {
+    ($($id:ident = ($name:literal, $unit:literal, $description:literal, $integer:literal);)*) => {
+        $(const $id: Quantity = Quantity {
+            name: $name,
+            unit: $unit,
+            description: $description,
+            integer: $integer,
+        };)*
+        const ALL: &[&Quantity] = &[$(&$id),*];
+    };
 }
 
-const CPU: Quantity = q(
-    "process.cpu.time",
-    "s",
-    "CPU time by the scheduler's clock",
-    false,
-);
-const NODE_CPU: Quantity = q(
-    "mentat.node.cpu.time",
-    "s",
-    "Node CPU time with no process: idle, irq_steal, kernel, unattributed",
-    false,
-);
-const NET: Quantity = q("process.network.io", "By", "Socket payload bytes", true);
-const DISK: Quantity = q(
-    "process.disk.io",
-    "By",
-    "Storage bytes read and written",
-    true,
-);
-const MEMORY: Quantity = q(
-    "mentat.usage.memory",
-    "GiBy.s",
-    "Resident memory over time",
-    false,
-);
-const GPU: Quantity = q("mentat.usage.gpu.time", "s", "GPU time", false);
-const GPU_MEMORY: Quantity = q(
-    "mentat.usage.gpu.memory",
-    "GiBy.s",
-    "GPU memory over time",
-    false,
-);
-const GPU_ENERGY: Quantity = q("mentat.usage.gpu.energy", "J", "GPU energy", false);
-const SYSCALLS: Quantity = q(
-    "mentat.usage.syscalls",
-    "{syscall}",
-    "Syscalls entered",
-    true,
-);
-const TOKENS: Quantity = q("mentat.usage.tokens", "{token}", "LLM tokens", true);
-const COST: Quantity = q(
-    "mentat.cost",
-    "{currency}",
-    "Cost by component, in the book's currency",
-    false,
-);
-const COST_TOTAL: Quantity = q(
-    "mentat.cost.total",
-    "{currency}",
-    "Total cost after discount",
-    false,
-);
-
-const ALL: [&Quantity; 12] = [
-    &CPU,
-    &NODE_CPU,
-    &NET,
-    &DISK,
-    &MEMORY,
-    &GPU,
-    &GPU_MEMORY,
-    &GPU_ENERGY,
-    &SYSCALLS,
-    &TOKENS,
-    &COST,
-    &COST_TOTAL,
-];
+quantities! {
+    CPU = ("process.cpu.time", "s", "CPU time by the scheduler's clock", false);
+    NODE_CPU = ("mentat.node.cpu.time", "s", "Node CPU time with no process: idle, irq_steal, kernel, unattributed", false);
+    NET = ("process.network.io", "By", "Socket payload bytes", true);
+    DISK = ("process.disk.io", "By", "Storage bytes read and written", true);
+    MEMORY = ("mentat.usage.memory", "GiBy.s", "Resident memory over time", false);
+    GPU = ("mentat.usage.gpu.time", "s", "GPU time", false);
+    GPU_MEMORY = ("mentat.usage.gpu.memory", "GiBy.s", "GPU memory over time", false);
+    GPU_ENERGY = ("mentat.usage.gpu.energy", "J", "GPU energy", false);
+    SYSCALLS = ("mentat.usage.syscalls", "{syscall}", "Syscalls entered", true);
+    TOKENS = ("mentat.usage.tokens", "{token}", "LLM tokens", true);
+    COST = ("mentat.cost", "{currency}", "Cost by component, in the book's currency", false);
+    COST_TOTAL = ("mentat.cost.total", "{currency}", "Total cost after discount", false);
+}
 
 /// What one batch adds to one series.
 #[derive(Clone, Debug)]
@@ -465,12 +412,12 @@ fn identity(r: &UsageRecord) -> Vec<(String, String)> {
     put("process.executable.name", &r.comm);
     put("mentat.process.start_time", &r.process_start_time);
     put("mentat.workload.kind", &r.workload_kind);
-    put("container.id", &r.container_id);
-    put("container.runtime", &r.container_runtime);
-    put("k8s.pod.uid", &r.pod_uid);
-    put("k8s.pod.name", &r.k8s_pod_name);
-    put("k8s.namespace.name", &r.k8s_namespace);
-    put("mentat.wasm.module", &r.wasm_module);
+    put("container.id", &r.workload.container_id);
+    put("container.runtime", &r.workload.container_runtime);
+    put("k8s.pod.uid", &r.workload.pod_uid);
+    put("k8s.pod.name", &r.workload.k8s_pod_name);
+    put("k8s.namespace.name", &r.workload.k8s_namespace);
+    put("mentat.wasm.module", &r.workload.wasm_module);
     put("agent.id", &r.context.agent_id);
     put("flow.id", &r.context.flow_id);
     put("flow.run_id", &r.context.run_id);
@@ -1409,4 +1356,34 @@ mod tests {
             .unwrap_or_default();
         assert!(e.contains("not a url"), "{e}");
     }
+
+    #[test]
+    fn identity_attributes_of_a_full_record_are_unchanged() {
+        let r = crate::report::record::tests::full_record();
+        let got: Vec<String> = identity(&r)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        assert_eq!(got, GOLDEN_ATTRS);
+    }
+
+    /// What `identity` gave for `full_record` before the identity fields moved.
+    const GOLDEN_ATTRS: &[&str] = &[
+        "process.pid=4294967295",
+        "process.executable.name=python3",
+        "mentat.process.start_time=2025-12-31T23:59:59.99Z",
+        "mentat.workload.kind=wasm",
+        "container.id=cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc",
+        "container.runtime=containerd",
+        "k8s.pod.uid=1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+        "k8s.pod.name=agent-0",
+        "k8s.namespace.name=team-a",
+        "mentat.wasm.module=spin-app",
+        "agent.id=agent-1",
+        "flow.id=flow-1",
+        "flow.run_id=run-1",
+        "user.id=user-1",
+        "project.id=project-1",
+        "customer.id=customer-1",
+    ];
 }

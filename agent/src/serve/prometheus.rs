@@ -405,32 +405,35 @@ impl Exposition {
                 );
             }
             // GiB-seconds to byte-seconds: Prometheus wants base units.
-            inc(
-                ("mentat_memory_byte_seconds_total", base, None, None),
-                "Resident memory integrated over time, byte-seconds.",
-                gib_to_bytes(r.memory_gb_seconds),
-            );
-            inc(
-                ("mentat_gpu_seconds_total", base, None, None),
-                "GPU time, seconds.",
-                r.gpu_seconds,
-            );
-            // GiB-seconds to byte-seconds, as for memory.
-            inc(
-                ("mentat_gpu_memory_byte_seconds_total", base, None, None),
-                "Used GPU memory integrated over time, byte-seconds.",
-                gib_to_bytes(r.gpu_memory_gb_seconds),
-            );
-            inc(
-                ("mentat_gpu_energy_joules_total", base, None, None),
-                "GPU energy, joules, where the device reports it.",
-                r.gpu_energy_joules,
-            );
-            inc(
-                ("mentat_syscalls_total", base, None, None),
-                "Syscalls entered.",
-                Decimal::from(r.syscalls),
-            );
+            for (name, help, v) in [
+                (
+                    "mentat_memory_byte_seconds_total",
+                    "Resident memory integrated over time, byte-seconds.",
+                    gib_to_bytes(r.memory_gb_seconds),
+                ),
+                (
+                    "mentat_gpu_seconds_total",
+                    "GPU time, seconds.",
+                    r.gpu_seconds,
+                ),
+                (
+                    "mentat_gpu_memory_byte_seconds_total",
+                    "Used GPU memory integrated over time, byte-seconds.",
+                    gib_to_bytes(r.gpu_memory_gb_seconds),
+                ),
+                (
+                    "mentat_gpu_energy_joules_total",
+                    "GPU energy, joules, where the device reports it.",
+                    r.gpu_energy_joules,
+                ),
+                (
+                    "mentat_syscalls_total",
+                    "Syscalls entered.",
+                    Decimal::from(r.syscalls),
+                ),
+            ] {
+                inc((name, base, None, None), help, v);
+            }
             for t in &r.tokens {
                 let model = model_labels
                     .get(t.model.as_str())
@@ -604,9 +607,9 @@ const BASE_NAMES: [&str; BASE_LABELS] = ["kind", "namespace", "pod", "container"
 fn label_values(r: &UsageRecord) -> [&str; BASE_LABELS] {
     [
         r.workload_kind.as_deref().unwrap_or(&r.record_kind),
-        r.k8s_namespace.as_deref().unwrap_or_default(),
-        r.k8s_pod_name.as_deref().unwrap_or_default(),
-        r.container_id.as_deref().unwrap_or_default(),
+        r.workload.k8s_namespace.as_deref().unwrap_or_default(),
+        r.workload.k8s_pod_name.as_deref().unwrap_or_default(),
+        r.workload.container_id.as_deref().unwrap_or_default(),
     ]
 }
 
@@ -630,7 +633,7 @@ mod tests {
     use std::str::FromStr;
 
     use super::*;
-    use crate::report::record::Cost;
+    use crate::report::record::{Cost, Workload};
 
     #[test]
     fn counters_accumulate_with_bounded_labels() {
@@ -638,9 +641,12 @@ mod tests {
         let r = UsageRecord {
             record_kind: "process".into(),
             workload_kind: Some("container".into()),
-            container_id: Some("abc".into()),
-            k8s_namespace: Some("ns".into()),
-            k8s_pod_name: Some("p\"o\nd".into()),
+            workload: Workload {
+                container_id: Some("abc".into()),
+                k8s_namespace: Some("ns".into()),
+                k8s_pod_name: Some("p\"o\nd".into()),
+                ..Workload::default()
+            },
             context: crate::identity::run::RunContext {
                 run_id: Some("run-1".into()),
                 user_id: Some("u".into()),
@@ -695,7 +701,10 @@ mod tests {
         UsageRecord {
             record_kind: "process".into(),
             workload_kind: Some("container".into()),
-            container_id: Some(format!("c{id}")),
+            workload: Workload {
+                container_id: Some(format!("c{id}")),
+                ..Workload::default()
+            },
             cpu_core_seconds: Decimal::ONE,
             ..Default::default()
         }

@@ -124,10 +124,15 @@ fn spans_of_resource_as(
             let mut context = own.explicit.clone();
             context.inherit(&res.explicit);
             if context.agent_id.is_none() {
-                context.agent_id = own
-                    .genai_agent()
-                    .map(String::as_str)
-                    .or_else(|| invoke_agent_name(&span.name))
+                // Only an agent span names its agent; a call or tool inside
+                // takes it from the span around it (see ContextAttributes).
+                let from_span = own.is_agent_span(&span.name).then(|| {
+                    own.genai_agent()
+                        .map(String::as_str)
+                        .or_else(|| invoke_agent_name(&span.name))
+                });
+                context.agent_id = from_span
+                    .flatten()
                     .or(res.genai_agent().map(String::as_str))
                     .map(str::to_string);
             }

@@ -147,19 +147,24 @@ fn maps_ids_times_resource_and_context() {
 
 #[test]
 fn genai_agent_identity_where_no_agent_id_is_set() {
-    let mut invoke = span(1, vec![kv("gen_ai.operation.name", s("invoke_agent"))]);
-    invoke.name = "invoke_agent Math Tutor".into();
+    let invoke = |n: u8, attrs: Vec<KeyValue>| {
+        let mut a = vec![kv("gen_ai.operation.name", s("invoke_agent"))];
+        a.extend(attrs);
+        span(n, a)
+    };
+    let mut named_by_name = span(1, vec![]);
+    named_by_name.name = "invoke_agent Math Tutor".into();
     let spans = vec![
-        invoke,
-        span(2, vec![kv("gen_ai.agent.name", s("writer"))]),
-        span(
+        named_by_name,
+        invoke(2, vec![kv("gen_ai.agent.name", s("writer"))]),
+        invoke(
             3,
             vec![
-                kv("gen_ai.agent.name", s("writer")),
-                kv("gen_ai.agent.id", s("asst_9")),
+                kv("gen_ai.agent.id", s("agent")),
+                kv("gen_ai.agent.name", s("critic")),
             ],
         ),
-        span(
+        invoke(
             4,
             vec![
                 kv("agent.id", s("planner")),
@@ -167,6 +172,22 @@ fn genai_agent_identity_where_no_agent_id_is_set() {
             ],
         ),
         span(5, vec![]),
+        // A model call stamped with an instrumentation's default agent: not an
+        // agent span, so it takes its agent from around it, not from the stamp.
+        span(
+            6,
+            vec![
+                kv("gen_ai.operation.name", s("chat")),
+                kv("gen_ai.agent.name", s("OpenAI Agent")),
+            ],
+        ),
+        span(
+            7,
+            vec![
+                kv("openinference.span.kind", s("AGENT")),
+                kv("agent.name", s("tutor")),
+            ],
+        ),
     ];
     let agents = |resource: Vec<KeyValue>| -> Vec<Option<String>> {
         spans_of(&request(resource, spans.clone()), Some(1))
@@ -175,18 +196,21 @@ fn genai_agent_identity_where_no_agent_id_is_set() {
             .collect()
     };
     let some = |v: &str| Some(v.to_string());
-    // The span's name, gen_ai.agent.name, gen_ai.agent.id over it, agent.id over
-    // both; a span naming none takes the resource's.
+    // The span's name, gen_ai.agent.name over gen_ai.agent.id, agent.id over both;
+    // a span naming none, or not an agent span, takes the resource's.
     assert_eq!(
         agents(vec![kv("gen_ai.agent.name", s("support"))]),
         vec![
             some("Math Tutor"),
             some("writer"),
-            some("asst_9"),
+            some("critic"),
             some("planner"),
-            some("support")
+            some("support"),
+            some("support"),
+            some("tutor"),
         ]
     );
+    assert_eq!(agents(vec![])[5], None);
     // A resource's agent.id wins over every GenAI attribute.
     assert_eq!(
         agents(vec![kv("agent.id", s("res"))]),
@@ -195,7 +219,9 @@ fn genai_agent_identity_where_no_agent_id_is_set() {
             some("res"),
             some("res"),
             some("planner"),
-            some("res")
+            some("res"),
+            some("res"),
+            some("res"),
         ]
     );
 }
