@@ -280,6 +280,26 @@ pub fn run_python(
     run_reaped("python3", &argv, env, timeout)
 }
 
+/// The virtualenv's Python: `TEST_INSTRUMENTATIONS_PYTHON` (cargo xtask test sets
+/// it), else where `cargo xtask setup` puts it.
+pub fn instrumentations_python() -> PathBuf {
+    let path = std::env::var_os("TEST_INSTRUMENTATIONS_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| {
+                PathBuf::from(h).join(".local/share/mentat-agent/py-instrumentations/bin/python")
+            })
+        })
+        .expect("HOME or TEST_INSTRUMENTATIONS_PYTHON");
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo xtask setup` (it builds the instrumentations virtualenv \
+         from tests/py/instrumentations.txt)",
+        path.display()
+    );
+    path
+}
+
 /// Runs `py/otlp_client.py ARGS` (at most `timeout`) and checks that the receiver
 /// refused none of its spans; its JSON summary.
 pub fn send_spans(args: &[&str], timeout: Duration) -> Result<Value> {

@@ -36,33 +36,12 @@
 //! threads) between each agent span's start and end.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use mentat_tests::daemon::{Daemon, DaemonOptions, LedgerDir, free_port, now_rfc3339};
 use mentat_tests::exact::{Exact, exact_json};
 use rust_decimal::Decimal;
 use serde_json::Value;
-
-/// The virtualenv's Python: `TEST_INSTRUMENTATIONS_PYTHON` (cargo xtask test sets
-/// it), else where `cargo xtask setup` puts it.
-fn python() -> PathBuf {
-    let path = std::env::var_os("TEST_INSTRUMENTATIONS_PYTHON")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| {
-                PathBuf::from(h).join(".local/share/mentat-agent/py-instrumentations/bin/python")
-            })
-        })
-        .expect("HOME or TEST_INSTRUMENTATIONS_PYTHON");
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo xtask setup` (it builds the instrumentations virtualenv \
-         from tests/py/instrumentations.txt)",
-        path.display()
-    );
-    path
-}
 
 /// CPU each agent's tool burns, ms: the tutor twice the triage, so a swap shows
 /// far outside the tolerance.
@@ -110,7 +89,7 @@ fn agents_sdk_flow_is_billed_per_agent_by_the_official_instrumentation() {
 /// Runs `py/agent_flow.py` instrumented by `instrument` against a daemon and
 /// checks tokens, token cost and CPU per agent against the workload's truth.
 fn agents_sdk_flow(instrument: &str) {
-    let python = python();
+    let python = mentat_tests::traced::instrumentations_python();
     let dir = LedgerDir::new().expect("ledger dir");
     let http = free_port().expect("port");
     let grpc = free_port().expect("port");

@@ -9,7 +9,6 @@
 //! virtualenv, which `cargo xtask setup` builds.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use mentat_tests::daemon::{Daemon, DaemonOptions, LedgerDir, free_port, now_rfc3339};
@@ -17,26 +16,6 @@ use mentat_tests::exact::{Exact, exact_json};
 use rust_decimal::Decimal;
 use serde_json::Value;
 use time::OffsetDateTime;
-
-/// The virtualenv's Python: `TEST_INSTRUMENTATIONS_PYTHON` (cargo xtask test sets
-/// it), else where `cargo xtask setup` puts it.
-fn python() -> PathBuf {
-    let path = std::env::var_os("TEST_INSTRUMENTATIONS_PYTHON")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| {
-                PathBuf::from(h).join(".local/share/mentat-agent/py-instrumentations/bin/python")
-            })
-        })
-        .expect("HOME or TEST_INSTRUMENTATIONS_PYTHON");
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo xtask setup` (it builds the instrumentations virtualenv \
-         from tests/py/instrumentations.txt)",
-        path.display()
-    );
-    path
-}
 
 /// One workload: its service name, the instrumentations, the protocol, and
 /// more arguments.
@@ -105,7 +84,7 @@ fn prices(model: &str) -> (Decimal, Decimal) {
 
 #[test]
 fn one_llm_call_is_billed_once_whatever_instruments_it() {
-    let python = python();
+    let python = mentat_tests::traced::instrumentations_python();
     let dir = LedgerDir::new().expect("ledger dir");
     let (grpc, http) = (free_port().expect("port"), free_port().expect("port"));
     let daemon =

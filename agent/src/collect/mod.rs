@@ -1065,9 +1065,16 @@ impl Collector {
             Some(stat) if stat.start_since_boot_ns == start_ns => {
                 self.register_from_stat(tgid, start_ns, stat);
             }
-            // Gone, or the pid already belongs to another instance.
+            // Gone, or the pid already belongs to another instance: it has
+            // exited (its exit event was lost), so its empty entry is
+            // forgotten with the exited ones instead of kept for ever.
             _ => {
-                self.infos.insert((tgid, start_ns), Arc::default());
+                let info = ProcessInfo {
+                    exited_ns: Some(boottime_ns()),
+                    ..ProcessInfo::default()
+                };
+                self.infos.insert((tgid, start_ns), Arc::new(info));
+                self.exited.push((tgid, start_ns));
             }
         }
     }
