@@ -58,4 +58,15 @@ pub struct AlertEvent {
     pub at: String,
     /// The node whose agent decided it.
     pub node: String,
+    /// 0 for a state's first notification; n for the n-th repeat of a
+    /// firing alert (every repeat interval). With (fingerprint, state,
+    /// starts_at) the outbox's idempotency key: re-deciding the same event
+    /// after a restart queues nothing new.
+    #[serde(default)]
+    pub repeat: u32,
+    /// A firing alert holds at least until then (RFC 3339): the engine
+    /// sends a repeat before it (Alertmanager's `endsAt` for a firing alert,
+    /// so that it does not resolve on its own while the agent is up).
+    #[serde(default)]
+    pub valid_until: Option<String>,
 }
