@@ -2,7 +2,9 @@
 //! (PyPI `kubernetes-validate`), the DaemonSet keeps the least-privilege model it
 //! documents, the agent config it ships passes the real agent's `config check` (and a
 //! broken one is refused at the right line), environment variables override config
-//! keys by one rule, the Grafana dashboard only queries metrics the agent exports, and
+//! keys by one rule, the Grafana dashboard and the Prometheus rules only query metrics
+//! the agent exports, the rules pass `promtool check rules` and their own unit tests
+//! (`promtool test rules`) and the PrometheusRule holds the same groups, and
 //! the least-privilege claim holds for real: the agent, as root with every capability
 //! but the DaemonSet's list dropped (`setpriv`), attaches its probes and meters another
 //! user's workload exactly, and without CAP_BPF it refuses, naming it.
@@ -715,8 +717,89 @@ fn dashboard_queries() -> Vec<String> {
     exprs
 }
 
+/// Every `mentat_*` metric a rule's expression names: whole identifiers (a recording
+/// rule's `level:metric:op` name is not one), wherever they stand.
+fn rule_metric_names(expr: &str, into: &mut BTreeSet<String>) {
+    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    for token in expr.split(|c: char| !is_ident(c)) {
+        if token.starts_with("mentat_") && !token.contains(':') {
+            into.insert(token.to_owned());
+        }
+    }
+}
+
+/// The rule groups of deploy/prometheus-rules.yaml.
+fn rule_groups() -> Value {
+    let docs = yaml_documents(
+        &read(&deploy_dir().join("prometheus-rules.yaml")),
+        "prometheus-rules.yaml",
+    );
+    docs[0]["groups"].clone()
+}
+
 #[test]
-fn the_dashboard_queries_only_metrics_the_agent_exports() {
+fn the_prometheus_rules_check_pass_their_unit_tests_and_ship_as_a_prometheusrule() {
+    let dir = deploy_dir();
+    for args in [
+        vec!["check", "rules", "prometheus-rules.yaml"],
+        vec!["test", "rules", "prometheus-rules.test.yaml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .expect("running promtool (Debian's prometheus package)");
+        assert!(
+            out.status.success(),
+            "promtool {}: {}\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let groups = rule_groups();
+    let alerts: BTreeSet<&str> = groups
+        .as_array()
+        .expect("groups")
+        .iter()
+        .flat_map(|g| g["rules"].as_array().expect("rules"))
+        .filter_map(|r| r["alert"].as_str())
+        .collect();
+    for wanted in [
+        "MentatAgentNotCommitting",
+        "MentatAgentCommitFailures",
+        "MentatAgentUsageDropped",
+        "MentatAgentExportLag",
+        "MentatAgentOverhead",
+    ] {
+        assert!(alerts.contains(wanted), "no {wanted} rule: {alerts:?}");
+    }
+    // The alerts whose logic is not a bare `increase > 0` are unit-tested.
+    let tests = read(&dir.join("prometheus-rules.test.yaml"));
+    for alert in [
+        "MentatAgentNotCommitting",
+        "MentatAgentUsageDropped",
+        "MentatAgentExportLag",
+        "MentatAgentOverhead",
+    ] {
+        assert!(
+            tests.contains(&format!("alertname: {alert}")),
+            "prometheus-rules.test.yaml does not test {alert}"
+        );
+    }
+    let crd = &yaml_documents(
+        &read(&dir.join("prometheusrule.yaml")),
+        "prometheusrule.yaml",
+    )[0];
+    assert_eq!(crd["kind"], "PrometheusRule");
+    assert_eq!(
+        crd["spec"]["groups"], groups,
+        "prometheusrule.yaml's groups differ from prometheus-rules.yaml's"
+    );
+}
+
+#[test]
+fn the_dashboard_and_the_rules_query_only_metrics_the_agent_exports() {
     let mut names = BTreeSet::new();
     for e in dashboard_queries() {
         metric_names(&e, &mut names);
@@ -725,12 +808,21 @@ fn the_dashboard_queries_only_metrics_the_agent_exports() {
         names.len() >= 5,
         "the dashboard queries too few metrics: {names:?}"
     );
+    for rule in rule_groups()
+        .as_array()
+        .expect("groups")
+        .iter()
+        .flat_map(|g| g["rules"].as_array().expect("rules"))
+    {
+        rule_metric_names(rule["expr"].as_str().expect("expr"), &mut names);
+    }
 
     // A running agent's /metrics, after it metered some CPU.
     let dir = LedgerDir::new().expect("ledger dir");
     let daemon = Daemon::start(&dir, &DaemonOptions::default()).expect("daemon starts");
     run_workload(&["burn", "--threads", "1", "--ms", "300"]).expect("burn");
-    let source = read(&repo_root().join("agent/src/serve/prometheus.rs"));
+    let source = read(&repo_root().join("agent/src/serve/prometheus.rs"))
+        + &read(&repo_root().join("agent/src/serve/export.rs"));
     // A family appears only once it is non-zero: GPU time needs a GPU, and memory
     // needs a second reading of some process (the first only sets where its
     // integral starts), so the families are awaited, not read after one window.
@@ -738,8 +830,11 @@ fn the_dashboard_queries_only_metrics_the_agent_exports() {
         names
             .iter()
             .filter(|name| !exposed.contains(&format!("# TYPE {name} ")))
+            // GPU time needs a GPU, the OTLP families an OTLP endpoint: those
+            // must at least be what the agent's source names.
             .filter(|name| {
-                !(name.as_str() == "mentat_gpu_seconds_total"
+                !((name.as_str() == "mentat_gpu_seconds_total"
+                    || name.starts_with("mentat_agent_otlp_"))
                     && source.contains(&format!("\"{name}\"")))
             })
             .cloned()

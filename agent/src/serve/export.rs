@@ -631,6 +631,11 @@ pub struct ExportStats {
     pub mark_failures: AtomicU64,
     /// Running-total series evicted after their process went idle or exited.
     pub evicted_series: AtomicU64,
+    /// Export attempts that failed for a reason a retry can fix (receiver down, timeout).
+    pub failures: AtomicU64,
+    /// The latest window end (unix seconds) of a delivered batch: with the
+    /// last committed window's end, the export lag.
+    pub delivered_through_s: AtomicU64,
 }
 
 impl ExportStats {
@@ -657,6 +662,16 @@ impl ExportStats {
                 "mentat_agent_otlp_series_evicted_total",
                 "OTLP running-total series dropped after no delivered record touched them for an hour (their process exited).",
                 get(&self.evicted_series),
+            ),
+            (
+                "mentat_agent_otlp_export_failures_total",
+                "OTLP export attempts that failed and are retried (receiver down, timeout); the usage stays in the ledger.",
+                get(&self.failures),
+            ),
+            (
+                "mentat_agent_otlp_delivered_through_timestamp_seconds",
+                "Window end (unix seconds) of the latest batch the OTLP receiver acknowledged; export lag is mentat_agent_last_window_end_timestamp_seconds minus this.",
+                get(&self.delivered_through_s),
             ),
         ]
     }
@@ -802,6 +817,15 @@ pub async fn drain<T: Transport>(
                         continue;
                     }
                 }
+                if let Some(end) = batch
+                    .iter()
+                    .filter_map(|r| parse_unix_ns(&r.window_end))
+                    .max()
+                {
+                    stats
+                        .delivered_through_s
+                        .fetch_max(end / 1_000_000_000, Ordering::Relaxed);
+                }
                 if failing {
                     info!(endpoint = %exporter.endpoint(), "OTLP export recovered");
                     failing = false;
@@ -835,6 +859,7 @@ pub async fn drain<T: Transport>(
                     warn!(error = %e, "stopping with records not yet exported; they stay in the ledger for the next start");
                     return;
                 }
+                stats.failures.fetch_add(1, Ordering::Relaxed);
                 if !failing {
                     warn!(error = %e, "OTLP export failing; usage stays in the ledger and is retried");
                     failing = true;

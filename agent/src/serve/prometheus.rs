@@ -132,6 +132,8 @@ struct State {
     workloads: HashMap<Labels, Instant>,
     /// Usage series, not counting the `other` ones.
     series: usize,
+    /// End of the last committed window, unix ns (0: none yet).
+    last_window_end_ns: u64,
     folded: u64,
     ended: u64,
     unpriced_tokens: u64,
@@ -498,6 +500,15 @@ impl Exposition {
         s.agent.events_lost += stats.events_lost;
         s.agent.late_windows += stats.late_windows;
         s.agent.gpu_errors += stats.gpu_errors;
+        // Every record of a window shares its end (an idle process's record
+        // starts earlier, never ends later): the first one says it.
+        if let Some(end) = records
+            .first()
+            .and_then(|r| crate::probes::clock::unix_ns_of(&r.window_end))
+            .and_then(|ns| u64::try_from(ns).ok())
+        {
+            s.last_window_end_ns = s.last_window_end_ns.max(end);
+        }
     }
 
     /// The exposition text (format 0.0.4).
@@ -586,12 +597,25 @@ impl Exposition {
              # TYPE mentat_agent_metric_series gauge\nmentat_agent_metric_series {}",
             s.series
         );
+        let _ = writeln!(
+            out,
+            "# HELP mentat_agent_last_window_end_timestamp_seconds End of the last window committed to the ledger (unix seconds; 0 before the first). Alert when it stops moving.\n\
+             # TYPE mentat_agent_last_window_end_timestamp_seconds gauge\nmentat_agent_last_window_end_timestamp_seconds {}",
+            seconds_text(u128::from(s.last_window_end_ns))
+        );
         drop(s);
+        render_self(&mut out);
         if let Ok(sources) = self.sources.lock() {
             for (name, help, v) in sources.iter().flat_map(|f| f()) {
+                // A source's `_total` names are counters, the rest gauges.
+                let kind = if name.ends_with("_total") {
+                    "counter"
+                } else {
+                    "gauge"
+                };
                 let _ = writeln!(
                     out,
-                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
                 );
             }
         }
@@ -626,6 +650,45 @@ fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+/// Nanoseconds as seconds with nine decimals, without a float.
+fn seconds_text(ns: u128) -> String {
+    format!("{}.{:09}", ns / 1_000_000_000, ns % 1_000_000_000)
+}
+
+/// The agent's own CPU time (every thread, from `getrusage`) and resident
+/// memory (from `/proc/self/statm`): its overhead, as operators alert on it.
+fn render_self(out: &mut String) {
+    use std::fmt::Write;
+    // SAFETY: getrusage writes only into the zeroed struct we own.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } == 0 {
+        let us = |t: libc::timeval| {
+            u128::try_from(t.tv_sec).unwrap_or(0) * 1_000_000
+                + u128::try_from(t.tv_usec).unwrap_or(0)
+        };
+        let cpu_ns = (us(usage.ru_utime) + us(usage.ru_stime)) * 1_000;
+        let _ = writeln!(
+            out,
+            "# HELP mentat_agent_process_cpu_seconds_total CPU time the agent itself used, user and system, every thread.\n\
+             # TYPE mentat_agent_process_cpu_seconds_total counter\nmentat_agent_process_cpu_seconds_total {}",
+            seconds_text(cpu_ns)
+        );
+    }
+    let resident = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok());
+    // SAFETY: sysconf has no preconditions.
+    let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    if let Some(pages) = resident {
+        let _ = writeln!(
+            out,
+            "# HELP mentat_agent_process_resident_memory_bytes Resident memory of the agent itself.\n\
+             # TYPE mentat_agent_process_resident_memory_bytes gauge\nmentat_agent_process_resident_memory_bytes {}",
+            pages.saturating_mul(page)
+        );
+    }
 }
 
 #[cfg(test)]
@@ -909,5 +972,32 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains(r#"container="other""#), "{text}");
+    }
+
+    #[test]
+    fn health_families_are_typed_and_follow_the_last_window() {
+        let m = Exposition::default();
+        m.add_source(|| {
+            vec![
+                ("mentat_agent_things_total", "things", 3),
+                ("mentat_agent_queue_depth", "depth", 7),
+            ]
+        });
+        let r = UsageRecord {
+            record_kind: "process".into(),
+            window_end: "2026-12-03T10:00:01.5Z".into(),
+            ..UsageRecord::default()
+        };
+        m.observe(&[r], AgentStats::default());
+        let text = m.render();
+        for want in [
+            "# TYPE mentat_agent_things_total counter\nmentat_agent_things_total 3",
+            "# TYPE mentat_agent_queue_depth gauge\nmentat_agent_queue_depth 7",
+            "mentat_agent_last_window_end_timestamp_seconds 1796292001.500000000",
+            "# TYPE mentat_agent_process_cpu_seconds_total counter",
+            "# TYPE mentat_agent_process_resident_memory_bytes gauge",
+        ] {
+            assert!(text.contains(want), "{want} not in:\n{text}");
+        }
     }
 }
