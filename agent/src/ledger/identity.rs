@@ -187,34 +187,60 @@ pub(super) fn identity_hash(id: &[ValRef<'_>]) -> i64 {
 /// An identity's values, owned.
 pub(super) type IdentityKey = Box<[Val]>;
 
-/// Identity ids already durable in the db, by hash.
+/// Identities by hash, with how many.
+type ByHash = HashMap<i64, Vec<(IdentityKey, i64)>>;
+
+/// Identity ids already durable in the db, by hash, in two generations: an
+/// identity used since the last turn is in `current`; one used only before
+/// it is in `previous`, and goes at the next turn unless used again. So
+/// after a burst of short-lived processes their identities leave the cache
+/// within two turns, and what stays is what is still metered (issue 13: a
+/// cache cleared only when full kept up to 16,384 exited processes' for ever).
 #[derive(Default)]
 pub(super) struct IdentityCache {
-    by_hash: HashMap<i64, Vec<(IdentityKey, i64)>>,
-    len: usize,
+    current: ByHash,
+    current_len: usize,
+    previous: ByHash,
 }
 
 impl IdentityCache {
-    fn get(&self, hash: i64, id: &[ValRef<'_>]) -> Option<i64> {
-        self.by_hash
-            .get(&hash)?
-            .iter()
-            .find(|(k, _)| same_identity(k, id))
-            .map(|(_, v)| *v)
+    /// The id of identity `id`, and whether it must be inserted again (it
+    /// was found only in the previous generation).
+    fn get(&self, hash: i64, id: &[ValRef<'_>]) -> Option<(i64, bool)> {
+        let find = |m: &ByHash| {
+            m.get(&hash)?
+                .iter()
+                .find(|(k, _)| same_identity(k, id))
+                .map(|(_, v)| *v)
+        };
+        find(&self.current)
+            .map(|v| (v, false))
+            .or_else(|| find(&self.previous).map(|v| (v, true)))
     }
 
     pub(super) fn insert(&mut self, hash: i64, key: IdentityKey, id: i64) {
-        if self.len >= IDENTITY_CACHE_MAX {
-            // Crude but bounded: workloads churn slowly, so a refill is rare.
-            // A new map, not `clear`: the old one's capacity is given back.
-            self.by_hash = HashMap::new();
-            self.len = 0;
+        if self.current_len >= IDENTITY_CACHE_MAX {
+            self.turn();
         }
-        let slot = self.by_hash.entry(hash).or_default();
+        let slot = self.current.entry(hash).or_default();
         if !slot.iter().any(|(_, v)| *v == id) {
             slot.push((key, id));
-            self.len += 1;
+            self.current_len += 1;
         }
+    }
+
+    /// Starts a new generation: what was not used since the last turn is
+    /// forgotten (new maps, so the old capacity is given back).
+    pub(super) fn turn(&mut self) {
+        self.previous = std::mem::take(&mut self.current);
+        self.current_len = 0;
+    }
+
+    /// Identities held, both generations.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        let count = |m: &ByHash| m.values().map(Vec::len).sum::<usize>();
+        count(&self.current) + count(&self.previous)
     }
 }
 
@@ -233,8 +259,16 @@ pub(super) fn resolve_identity(
 ) -> Result<i64, LedgerError> {
     let id = identity_of(r);
     let hash = identity_hash(&id);
-    if let Some(found) = cache.get(hash, &id) {
-        return Ok(found);
+    match cache.get(hash, &id) {
+        Some((found, false)) => return Ok(found),
+        // Used again: into the current generation after the commit.
+        Some((found, true)) => {
+            if !fresh.iter().any(|(_, _, i)| *i == found) {
+                fresh.push((hash, id.iter().map(|v| v.owned()).collect(), found));
+            }
+            return Ok(found);
+        }
+        None => {}
     }
     if let Some((_, _, found)) = fresh
         .iter()

@@ -196,6 +196,9 @@ const WRITER_CACHE_KIB: i64 = 32 << 10;
 /// short-lived processes (issue 13); 16,384 covers the processes of a busy
 /// node's window several times over.
 const IDENTITY_CACHE_MAX: usize = 16_384;
+/// How often the identity cache turns a generation (an identity unused for
+/// two turns leaves it) and the writer's page cache is given back.
+const CACHE_TURN_NS: i64 = 120_000_000_000;
 
 /// What went wrong, on which file, field or record.
 #[derive(Debug, thiserror::Error)]
@@ -576,6 +579,8 @@ pub struct Ledger {
     path: PathBuf,
     retention: Duration,
     identities: IdentityCache,
+    /// When the identity cache last turned a generation (unix ns).
+    turned_ns: i64,
 }
 
 impl std::fmt::Debug for Ledger {
@@ -661,6 +666,7 @@ impl Ledger {
             path: path.to_path_buf(),
             retention,
             identities: IdentityCache::default(),
+            turned_ns: now_ns(),
         })
     }
 
@@ -693,6 +699,7 @@ impl Ledger {
             path: path.to_path_buf(),
             retention: Duration::ZERO,
             identities: IdentityCache::default(),
+            turned_ns: now_ns(),
         })
     }
 
@@ -772,6 +779,7 @@ impl Ledger {
             conn,
             path,
             identities,
+            turned_ns,
             ..
         } = self;
         let path = path.as_path();
@@ -897,6 +905,16 @@ impl Ledger {
         // Only now are the new identity rows durable, so only now cached.
         for (hash, key, id) in new_identities {
             identities.insert(hash, key, id);
+        }
+        if now.saturating_sub(*turned_ns) >= CACHE_TURN_NS {
+            *turned_ns = now;
+            identities.turn();
+            // The writer's page cache fills to WRITER_CACHE_KIB under a burst
+            // and SQLite keeps it; the pages are in the OS cache anyway, so
+            // give the memory back now and then (issue 13's churn).
+            if let Err(e) = conn.execute_batch("PRAGMA shrink_memory") {
+                tracing::debug!(error = %e, "PRAGMA shrink_memory failed");
+            }
         }
         Ok(committed)
     }

@@ -1167,6 +1167,41 @@ fn identities_are_stored_once() {
     );
 }
 
+#[test]
+fn identities_of_exited_processes_leave_the_cache_within_two_turns() {
+    let (_dir, mut ledger) = fresh("turns");
+    let proc_rec = |pid: u32, ws: i64| {
+        let mut r = rec(&format!("p{pid}-{ws}"), ws);
+        r.pid = Some(pid);
+        r
+    };
+    // A burst of 500 processes, then only pid 1 keeps running.
+    let burst: Vec<UsageRecord> = (1..=500).map(|p| proc_rec(p, T0)).collect();
+    ledger
+        .commit_window(&t(T0), &t(T0 + 10), &burst, &[])
+        .expect("commit");
+    assert_eq!(ledger.identities.len(), 500);
+    ledger.identities.turn();
+    let ws = T0 + 10;
+    ledger
+        .commit_window(&t(ws), &t(ws + 10), &[proc_rec(1, ws)], &[])
+        .expect("commit");
+    // Still cached, from the previous generation; pid 1 is in both.
+    assert_eq!(ledger.identities.len(), 501);
+    ledger.identities.turn();
+    assert_eq!(ledger.identities.len(), 1, "only the running process stays");
+    // pid 2 again: looked up in the table, not stored twice.
+    let ws = T0 + 20;
+    ledger
+        .commit_window(&t(ws), &t(ws + 10), &[proc_rec(2, ws)], &[])
+        .expect("commit");
+    let n: i64 = ledger
+        .conn
+        .query_row("SELECT COUNT(*) FROM identities", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(n, 500, "one identity row per process, however often cached");
+}
+
 /// Release-mode write cost: `cargo test --release -- --ignored --nocapture commit_cost`.
 #[test]
 #[ignore = "benchmark"]
