@@ -588,11 +588,21 @@ impl Exposition {
         );
         drop(s);
         if let Ok(sources) = self.sources.lock() {
+            // A source may give one name several times with labels
+            // (`name{channel="x"}`): its HELP and TYPE go once. A name
+            // without `_total` is a gauge (a queue's length).
+            let mut described = std::collections::HashSet::new();
             for (name, help, v) in sources.iter().flat_map(|f| f()) {
-                let _ = writeln!(
-                    out,
-                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-                );
+                let base = name.split_once('{').map_or(name, |(b, _)| b);
+                if described.insert(base) {
+                    let kind = if base.ends_with("_total") {
+                        "counter"
+                    } else {
+                        "gauge"
+                    };
+                    let _ = writeln!(out, "# HELP {base} {help}\n# TYPE {base} {kind}");
+                }
+                let _ = writeln!(out, "{name} {v}");
             }
         }
         out
