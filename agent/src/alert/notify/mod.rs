@@ -428,7 +428,7 @@ impl Task {
     }
 
     /// Sends one batch; Some(when to look again) when the loop must stop here.
-    async fn deliver(&mut self, batch: Vec<(AlertRow, AlertEvent)>) -> Option<i64> {
+    async fn deliver(&mut self, batch: Batch) -> Option<i64> {
         let ids: Vec<i64> = batch.iter().map(|(r, _)| r.id).collect();
         let attempts = batch.iter().map(|(r, _)| r.attempts).max().unwrap_or(0);
         let events: Vec<AlertEvent> = batch.into_iter().map(|(_, e)| e).collect();
@@ -504,15 +504,15 @@ impl Task {
     }
 }
 
+/// A batch: rows with their decoded events.
+type Batch = Vec<(AlertRow, AlertEvent)>;
+
 /// Groups due rows into batches of one rule's events, at most `max` each and
 /// at most one event per alert, in queue order (a batch's place is its
 /// first row's); rows whose event does not decode come back apart.
-fn batches(
-    rows: Vec<AlertRow>,
-    max: usize,
-) -> (Vec<Vec<(AlertRow, AlertEvent)>>, Vec<(AlertRow, String)>) {
+fn batches(rows: Vec<AlertRow>, max: usize) -> (Vec<Batch>, Vec<(AlertRow, String)>) {
     let max = max.max(1);
-    let mut out: Vec<Vec<(AlertRow, AlertEvent)>> = Vec::new();
+    let mut out: Vec<Batch> = Vec::new();
     let mut open: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
     let mut bad = Vec::new();
     for row in rows {
