@@ -338,6 +338,7 @@ impl Task {
                 return;
             }
             let next_ns = self.drain().await;
+            self.count_pending().await;
             let until_next = next_ns.map(|ns| {
                 Duration::from_nanos(u64::try_from(ns.saturating_sub(now_ns())).unwrap_or(0))
             });
@@ -395,14 +396,8 @@ impl Task {
             };
             if rows.is_empty() {
                 let name = self.name.clone();
-                let counted = self
-                    .ledger(move |l| Ok((l.pending_alert_count(&name)?, l.next_alert_due(&name)?)))
-                    .await;
-                return match counted {
-                    Ok((pending, next)) => {
-                        self.stats.pending.store(pending, Ordering::Relaxed);
-                        next
-                    }
+                return match self.ledger(move |l| l.next_alert_due(&name)).await {
+                    Ok(next) => next,
                     Err(e) => {
                         self.warn_limited("reading the alert outbox failed", &e);
                         Some(now_ns().saturating_add(ns_of(LEDGER_RETRY)))
@@ -424,6 +419,15 @@ impl Task {
                 // the next pass finds none due and sleeps.
                 continue;
             }
+        }
+    }
+
+    /// Refreshes the pending gauge (through the queue's index: cheap).
+    async fn count_pending(&mut self) {
+        let name = self.name.clone();
+        match self.ledger(move |l| l.pending_alert_count(&name)).await {
+            Ok(n) => self.stats.pending.store(n, Ordering::Relaxed),
+            Err(e) => self.warn_limited("counting the alert outbox failed", &e),
         }
     }
 
@@ -486,11 +490,11 @@ impl Task {
 
     async fn refused(&mut self, ids: Vec<i64>, reason: String) {
         let n = ids.len() as u64;
-        warn!(
-            channel = %self.name,
-            notifications = n,
-            %reason,
-            "alert channel refused notifications for good; kept as dead letters in the ledger"
+        self.warn_limited(
+            &format!(
+                "alert channel refused {n} notification(s) for good; kept as dead letters in the ledger"
+            ),
+            &reason,
         );
         match self
             .ledger(move |l| l.dead_letter_alert_rows(&ids, &reason))

@@ -388,3 +388,50 @@ fn counters_carry_the_channel_label() {
     drop(rt);
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// A run id is whatever the workload put in its environment: in Slack's
+/// mrkdwn `<!channel>` would page everyone in the channel, `<url|text>` would
+/// disguise a link.
+#[test]
+fn slack_text_escapes_what_a_workload_controls() {
+    let mut e = event("r", "f", AlertState::Firing, 0);
+    e.labels
+        .insert("run_id".into(), "<!channel> <https://evil|docs>".into());
+    e.annotations
+        .insert("summary".into(), "run <!here> & co".into());
+    let t = slack::text(&[e]);
+    assert!(!t.contains('<') && !t.contains('>'), "{t}");
+    assert!(
+        t.contains("&lt;!channel&gt;") && t.contains("&amp; co"),
+        "{t}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pending_gauge_counts_the_queue_while_the_channel_is_down() {
+    let (dir, l) = temp_ledger("gauge");
+    let events: Vec<AlertEvent> = (0..4)
+        .map(|i| event("r", &format!("f{i}"), AlertState::Firing, 0))
+        .collect();
+    l.lock().enqueue_alert_events(&pairs("c", &events)).unwrap();
+    let stats = Arc::new(Stats::default());
+    let (_stop_tx, stop) = watch::channel(false);
+    let (_wake_tx, wake) = watch::channel(0u64);
+    let task = Task {
+        ledger: l.clone(),
+        name: "c".into(),
+        channel: Arc::new(Scripted {
+            fail: Mutex::new(u32::MAX),
+            reject: false,
+            got: Mutex::new(Vec::new()),
+        }),
+        stats: stats.clone(),
+        options: options(),
+        last_warning: None,
+    };
+    let handle = tokio::spawn(task.run(wake, stop));
+    until("failures", || stats.failures.load(Ordering::Relaxed) >= 2).await;
+    until("gauge", || stats.pending.load(Ordering::Relaxed) == 4).await;
+    handle.abort();
+    std::fs::remove_dir_all(dir).ok();
+}
