@@ -362,4 +362,21 @@ mod tests {
         assert!(e.contains("twice"), "{e}");
         assert!(is_loopback("127.0.0.1") && is_loopback("[::1]") && is_loopback("localhost"));
     }
+
+    /// Through the daemon's own config: the channel's error names the file's problem.
+    #[test]
+    fn the_daemon_config_takes_and_checks_alert_channels() {
+        let c = crate::config::Config::parse(
+            "[[alert_channels]]\nname = \"am\"\nurl = \"http://127.0.0.1:9093\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.alert_channels.len(), 1);
+        assert_eq!(c.alert_channels[0].kind, ChannelKind::Alertmanager);
+        let e = crate::config::Config::parse(
+            "[[alert_channels]]\nname = \"pd\"\nkind = \"pagerduty\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("\"pd\"") && e.contains("routing_key_file"), "{e}");
+    }
 }
