@@ -377,6 +377,9 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("\"pd\"") && e.contains("routing_key_file"), "{e}");
+        assert!(
+            e.contains("\"pd\"") && e.contains("routing_key_file"),
+            "{e}"
+        );
     }
 }
