@@ -68,6 +68,8 @@ pub struct Config {
     pub span_lag: Duration,
     /// Bounds on `/metrics`' series.
     pub metrics: crate::serve::prometheus::MetricsConfig,
+    /// Where alert notifications go (`[[alert_channels]]`, see `alert::notify::config`).
+    pub alert_channels: Vec<crate::alert::notify::ChannelConfig>,
 }
 
 impl Default for Config {
@@ -92,6 +94,7 @@ impl Default for Config {
             gpu: GpuConfig::default(),
             span_lag: Duration::from_secs(10),
             metrics: crate::serve::prometheus::MetricsConfig::default(),
+            alert_channels: Vec::new(),
         }
     }
 }
@@ -163,6 +166,21 @@ url = ""                    # e.g. "https://kubernetes.default.svc/api/v1/pods?f
 [metrics]                   # bounds on /metrics' usage series
 max_series = 10000          # past it, new series are folded into namespace/pod/container/kind="other" (counted)
 series_grace = "5m"         # a workload's series end this long after its last record (exited containers, pods, processes)
+
+# [[alert_channels]]        # where alert notifications go (none by default); one table per channel,
+# name = "alertmanager"     # unique; secrets only from files, never logged. Keys by kind:
+# kind = "alertmanager"     # alertmanager | webhook | slack | pagerduty | smtp
+# url = "http://alertmanager:9093"   # alertmanager (POST {url}/api/v2/alerts), webhook, pagerduty
+#                                    # (default https://events.pagerduty.com/v2/enqueue)
+# bearer_token_file = "..." # alertmanager
+# secret_file = "..."       # webhook (required): HMAC-SHA256 key, header X-Mentat-Signature: sha256=<hex>
+# headers = {}              # alertmanager, webhook: extra request headers
+# webhook_url_file = "..."  # slack (required): the incoming webhook URL
+# routing_key_file = "..."  # pagerduty (required): the integration's routing key
+# host = ""                 # smtp (required), with port (0: 587 / 465 / 25), tls = "starttls" | "tls" |
+# tls = "starttls"          #   "none" (loopback only), username + password_file, from, to = [...]
+# ca_file = "..."           # PEM CAs trusted instead of the built-in web roots (https, smtp)
+# timeout = "10s"           # one delivery attempt at most
 "#;
 
 /// Environment variables that override config keys: `MENTAT_` followed by the
@@ -318,6 +336,7 @@ impl Config {
         if c.proc_map_entries == 0 {
             return Err("proc_map_entries must be at least 1".into());
         }
+        crate::alert::notify::config::validate(&c.alert_channels)?;
         let r = &c.receiver;
         if r.max_pending_spans == 0
             || r.max_indexed_spans == 0

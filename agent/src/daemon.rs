@@ -72,6 +72,9 @@ pub enum DaemonError {
     /// The exporter is misconfigured.
     #[error(transparent)]
     Export(#[from] export::ExportError),
+    /// An alert channel cannot be set up (a secret file unreadable, ...).
+    #[error(transparent)]
+    Notify(#[from] crate::alert::notify::NotifyError),
     /// The OTLP receiver is misconfigured.
     #[error(transparent)]
     Receiver(#[from] receiver::ReceiverError),
@@ -183,6 +186,20 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
             export::drain(&mut exporter, &mut outbox, &stats, wake_rx, stop).await;
         }))
     };
+
+    // Alert notifications: one delivery task per `[[alert_channels]]` entry,
+    // resuming whatever the ledger's alert outbox holds. Whoever queues
+    // events (`AlertOutbox::enqueue_alert_events`) then calls `notifier.wake()`.
+    let (notifier, notify_tasks) = crate::alert::notify::start(
+        ledger.clone(),
+        &config.alert_channels,
+        crate::alert::notify::DeliveryOptions::default(),
+        stop_rx.clone(),
+    )?;
+    {
+        let notifier = notifier.clone();
+        metrics.add_source(move || notifier.counters());
+    }
 
     // Runs whose spans are in but whose windows are not committed yet (the run view says so).
     let pending = Arc::new(PendingRuns::default());
@@ -356,6 +373,11 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         .join()
         .map_err(|_| DaemonError::Panicked("collector"));
     compaction.abort();
+    // A send cut short here is acknowledged or not: either way the row is
+    // still queued and goes out after the restart (at least once).
+    for t in notify_tasks {
+        t.abort();
+    }
     if let Some(t) = exporter_task {
         // `drain` sends what is still pending (the last window included) before it returns.
         let _ = t.await;

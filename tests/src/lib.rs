@@ -15,6 +15,7 @@
 //! Paths to both binaries come from the environment (`TEST_AGENT_BIN`,
 //! `TEST_WORKLOAD_BIN`), set by `cargo xtask test`.
 
+pub mod alerts;
 pub mod cgroup;
 pub mod daemon;
 pub mod exact;

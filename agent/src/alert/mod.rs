@@ -10,6 +10,8 @@
 //! Per-run and per-customer cost cannot be Prometheus labels (cardinality),
 //! so the agent evaluates these rules itself.
 
+pub mod notify;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};

@@ -81,6 +81,7 @@
 //! A rollup row counts when its hour starts in `[from, to)`: over compacted
 //! time, bounds are in effect rounded up to the hour.
 
+pub mod alert_outbox;
 mod compact;
 mod exact;
 mod identity;
@@ -430,6 +431,8 @@ pub struct ExpireStats {
     pub quarantined: u64,
     /// Dead letters (exporters' refused records) set aside before it.
     pub dead_letters: u64,
+    /// Alert notifications sent or refused before it.
+    pub alert_notifications: u64,
 }
 
 /// What a window's commit did.
@@ -1643,7 +1646,8 @@ impl Ledger {
 
     /// Deletes usage older than `retention` before `now`: hourly rollups,
     /// stored spans, quarantined records and dead letters set aside before
-    /// it, and the identities only they referred to. Raw records an
+    /// it, alert notifications sent or refused before it (pending ones stay),
+    /// and the identities only they referred to. Raw records an
     /// exporter has not confirmed are never deleted here (compaction keeps and
     /// counts them); the month-to-date spend rows are a few per party and stay.
     pub fn expire(&mut self, now: &str, retention: Duration) -> Result<ExpireStats, LedgerError> {
@@ -1680,6 +1684,7 @@ impl Ledger {
                 params![cutoff],
             )
             .map_err(sql(path, "deleting expired dead letters"))?;
+        let alert_notifications = Ledger::expire_alert_rows(&tx, path, cutoff)?;
         // NOT IN with a subquery is evaluated once, into a temporary index.
         let identities = tx
             .execute(
@@ -1700,6 +1705,7 @@ impl Ledger {
             identities: count(identities),
             quarantined: count(quarantined),
             dead_letters: count(dead_letters),
+            alert_notifications,
         })
     }
 

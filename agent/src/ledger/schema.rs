@@ -6,7 +6,10 @@
 //! the file at one version or the next, never between.
 
 /// Every migration, in order.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
+///
+/// Issue 15: the alert rules' state is V6 and the alert outbox V7; each is
+/// self-contained (its own tables only), so their order does not matter.
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V7];
 
 /// Version 1.
 ///
@@ -287,4 +290,37 @@ CREATE TABLE hourly_models (
     tokens_audio_output INTEGER NOT NULL,
     PRIMARY KEY (hour_ns, ident, currency, model)
 ) WITHOUT ROWID;
+";
+
+/// Version 7: the alert outbox (issue 15), one row per (channel, alert
+/// event) — see `alert_outbox.rs`.
+///
+/// Unique by (channel, fingerprint, state, starts_at, repeat): the rules
+/// engine re-deciding an event after a restart queues nothing new. A row is
+/// pending while `sent_ns` and `dead_ns` are NULL; it is never deleted before
+/// it is sent or dead-lettered, and then only past the retention (expiry).
+/// `next_ns` is when it may be tried again (its enqueue time at first);
+/// `attempts` and `last_error` say how its delivery went so far. The partial
+/// index keeps each channel's queue in enqueue order (`id`), so finding the
+/// due head costs the queue's pending rows, not the table's history.
+const V7: &str = "
+CREATE TABLE alert_outbox (
+    id INTEGER PRIMARY KEY,
+    channel TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL,
+    starts_at TEXT NOT NULL,
+    repeat INTEGER NOT NULL,
+    rule TEXT NOT NULL,
+    event TEXT NOT NULL,
+    queued_ns INTEGER NOT NULL,
+    next_ns INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    sent_ns INTEGER,
+    dead_ns INTEGER,
+    UNIQUE (channel, fingerprint, state, starts_at, repeat)
+);
+CREATE INDEX alert_outbox_pending ON alert_outbox (channel, id)
+    WHERE sent_ns IS NULL AND dead_ns IS NULL;
 ";

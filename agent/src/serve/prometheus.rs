@@ -606,17 +606,21 @@ impl Exposition {
         drop(s);
         render_self(&mut out);
         if let Ok(sources) = self.sources.lock() {
+            // A source may give one name several times with labels
+            // (`name{channel="x"}`): its HELP and TYPE go once. A name
+            // without `_total` is a gauge (a queue's length).
+            let mut described = std::collections::HashSet::new();
             for (name, help, v) in sources.iter().flat_map(|f| f()) {
-                // A source's `_total` names are counters, the rest gauges.
-                let kind = if name.ends_with("_total") {
-                    "counter"
-                } else {
-                    "gauge"
-                };
-                let _ = writeln!(
-                    out,
-                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-                );
+                let base = name.split_once('{').map_or(name, |(b, _)| b);
+                if described.insert(base) {
+                    let kind = if base.ends_with("_total") {
+                        "counter"
+                    } else {
+                        "gauge"
+                    };
+                    let _ = writeln!(out, "# HELP {base} {help}\n# TYPE {base} {kind}");
+                }
+                let _ = writeln!(out, "{name} {v}");
             }
         }
         out
@@ -671,7 +675,7 @@ fn render_self(out: &mut String) {
         let cpu_ns = (us(usage.ru_utime) + us(usage.ru_stime)) * 1_000;
         let _ = writeln!(
             out,
-            "# HELP mentat_agent_process_cpu_seconds_total CPU time the agent itself used, user and system, every thread.\n\
+            "# HELP mentat_agent_process_cpu_seconds_total CPU time the agent itself used (utime + stime), every thread.\n\
              # TYPE mentat_agent_process_cpu_seconds_total counter\nmentat_agent_process_cpu_seconds_total {}",
             seconds_text(cpu_ns)
         );
