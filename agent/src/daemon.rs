@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    alert,
     collect::{Collector, Window, gpu::GpuMeter, metered::core_seconds, storage::StorageMeter},
     config::Config,
     context::{
@@ -75,6 +76,12 @@ pub enum DaemonError {
     /// The OTLP receiver is misconfigured.
     #[error(transparent)]
     Receiver(#[from] receiver::ReceiverError),
+    /// The alert rules are not valid.
+    #[error(transparent)]
+    Rules(#[from] alert::rules::RuleError),
+    /// The alert engine could not start.
+    #[error(transparent)]
+    Alerts(#[from] alert::engine::EngineError),
     /// A thread of the daemon died.
     #[error("the {0} thread panicked")]
     Panicked(&'static str),
@@ -305,6 +312,32 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     };
     ready.store(true, Ordering::SeqCst);
 
+    // Alert rules: evaluated after each committed window, off the commit path.
+    let alert_stats = Arc::new(alert::engine::AlertStats::default());
+    {
+        let stats = alert_stats.clone();
+        metrics.add_source(move || stats.counters());
+    }
+    let alert_rules = alert::engine::RulesHandle::load(
+        &config.alerts,
+        config.alerting.rules_file.as_deref(),
+        alert_stats,
+    )?;
+    let (alert_tx, alert_rx) = watch::channel(0i64);
+    let alert_task = {
+        // Channels come with the notification stage; until then events are decided and kept.
+        let engine = alert::engine::Engine::open(
+            &config.ledger_path,
+            alert_rules.clone(),
+            &config.alerting,
+            &node,
+            Vec::new(),
+            Box::new(alert::engine::NoChannels),
+        )?;
+        info!(rules = alert_rules.current().len(), "alert rules in force");
+        tokio::spawn(alert::engine::run(engine, alert_rx, stop_rx.clone()))
+    };
+
     let commit = {
         let ledger = ledger.clone();
         let metrics = metrics.clone();
@@ -326,6 +359,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
                 let s = &done.window.report.summary;
                 if let Some(end) = crate::probes::clock::unix_ns_of(&s.window_end) {
                     pending.committed_through(end);
+                    let _ = alert_tx.send(end);
                 }
                 metrics.observe(
                     &done.records,
@@ -344,7 +378,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         }
     };
     let signals = async {
-        shutdown_signal(&prices, config.pricing_path.clone()).await;
+        shutdown_signal(&prices, config.pricing_path.clone(), &alert_rules).await;
         info!("stopping: closing the last window");
         stop_flag.store(true, Ordering::SeqCst);
     };
@@ -356,6 +390,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         .join()
         .map_err(|_| DaemonError::Panicked("collector"));
     compaction.abort();
+    let _ = alert_task.await;
     if let Some(t) = exporter_task {
         // `drain` sends what is still pending (the last window included) before it returns.
         let _ = t.await;
@@ -425,7 +460,11 @@ fn collect_loop(
     }
 }
 
-async fn shutdown_signal(prices: &PriceBookHandle, pricing_path: Option<PathBuf>) {
+async fn shutdown_signal(
+    prices: &PriceBookHandle,
+    pricing_path: Option<PathBuf>,
+    alert_rules: &alert::engine::RulesHandle,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -449,6 +488,8 @@ async fn shutdown_signal(prices: &PriceBookHandle, pricing_path: Option<PathBuf>
                     }
                     None => info!("SIGHUP: no pricing_path configured; the built-in book stays"),
                 }
+                // On failure reload() has logged and counted why; the old rules stay in force.
+                let _ = alert_rules.reload();
             }
         }
     }

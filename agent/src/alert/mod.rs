@@ -10,6 +10,11 @@
 //! Per-run and per-customer cost cannot be Prometheus labels (cardinality),
 //! so the agent evaluates these rules itself.
 
+pub mod engine;
+pub mod eval;
+pub mod rules;
+pub mod state;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};

@@ -81,6 +81,7 @@
 //! A rollup row counts when its hour starts in `[from, to)`: over compacted
 //! time, bounds are in effect rounded up to the hour.
 
+pub mod alerts;
 mod compact;
 mod exact;
 mod identity;

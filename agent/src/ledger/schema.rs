@@ -6,7 +6,7 @@
 //! the file at one version or the next, never between.
 
 /// Every migration, in order.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
 
 /// Version 1.
 ///
@@ -287,4 +287,22 @@ CREATE TABLE hourly_models (
     tokens_audio_output INTEGER NOT NULL,
     PRIMARY KEY (hour_ns, ident, currency, model)
 ) WITHOUT ROWID;
+";
+
+/// Version 6: alert states (`alert::state`), one row per alert (a rule × a
+/// group), keyed by its fingerprint (a stable hash of the rule and the group
+/// key). `body` is the whole state as JSON (labels, annotations, value,
+/// when it was last notified and its repeat count), so a restart resumes
+/// every pending and firing alert and re-announces none; `rule`, `state` and
+/// `updated_ns` are columns for `/v1/alerts`' filters and for forgetting
+/// resolved alerts after `keep_resolved`.
+const V6: &str = "
+CREATE TABLE alert_states (
+    fingerprint TEXT PRIMARY KEY,
+    rule TEXT NOT NULL,
+    state TEXT NOT NULL,
+    updated_ns INTEGER NOT NULL,
+    body TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX alert_states_by_rule ON alert_states (rule, state);
 ";

@@ -589,9 +589,15 @@ impl Exposition {
         drop(s);
         if let Ok(sources) = self.sources.lock() {
             for (name, help, v) in sources.iter().flat_map(|f| f()) {
+                // A source's names without `_total` are gauges (alert counts).
+                let kind = if name.ends_with("_total") {
+                    "counter"
+                } else {
+                    "gauge"
+                };
                 let _ = writeln!(
                     out,
-                    "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
                 );
             }
         }

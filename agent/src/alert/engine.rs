@@ -1,0 +1,359 @@
+//! The evaluation loop: after each committed window, every rule is
+//! evaluated over the ledger and the state machine advanced; changed states
+//! are persisted and the events handed to the notification sink.
+//!
+//! In: the end of each committed window (a `watch`: when evaluation is
+//! slower than the ticks, windows in between are skipped, never queued, and
+//! the commit loop never waits), the rules in force ([`RulesHandle`],
+//! swapped by SIGHUP). Out: [`AlertEvent`]s to an [`AlertSink`] (the
+//! ledger's alert outbox), states in the ledger, counters for `/metrics`.
+//!
+//! It reads on a read-only connection of its own and writes its states on
+//! another, in one short transaction per evaluation that changed something.
+//! Order: events are enqueued (idempotently) before the states that say they
+//! were sent are saved, so a crash between the two re-decides the same
+//! events, which the outbox takes once.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::{
+    AlertEvent,
+    eval::Measurer,
+    rules::{self, AlertingConfig, Rule, RuleConfig, RuleError},
+    state::{AlertStatus, StateConfig, StateTable},
+};
+use crate::ledger::{Ledger, LedgerError};
+
+/// Where notifications go: the ledger's durable alert outbox, per channel.
+/// Must be idempotent on (channel, fingerprint, state, starts_at, repeat).
+pub trait AlertSink: Send {
+    /// Queues `items`; returns how many were new.
+    fn enqueue(&mut self, items: &[(String, AlertEvent)]) -> Result<usize, String>;
+}
+
+/// A sink that keeps nothing (no channel is configured).
+#[derive(Debug, Default)]
+pub struct NoChannels;
+
+impl AlertSink for NoChannels {
+    fn enqueue(&mut self, _items: &[(String, AlertEvent)]) -> Result<usize, String> {
+        Ok(0)
+    }
+}
+
+/// Why the engine could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The ledger failed.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// The sink refused the events.
+    #[error("queueing alert notifications: {0}")]
+    Sink(String),
+}
+
+/// The rules in force: the config's `[[alerts]]` and the rules file's,
+/// swapped whole on reload (a bad file keeps the old rules).
+#[derive(Clone, Debug)]
+pub struct RulesHandle {
+    config_rules: Arc<Vec<Rule>>,
+    file: Option<PathBuf>,
+    current: Arc<RwLock<Arc<Vec<Rule>>>>,
+    stats: Arc<AlertStats>,
+}
+
+impl RulesHandle {
+    /// Compiles the config's rules and reads the rules file.
+    pub fn load(
+        config_rules: &[RuleConfig],
+        file: Option<&Path>,
+        stats: Arc<AlertStats>,
+    ) -> Result<Self, RuleError> {
+        let config_rules = compile_config(config_rules)?;
+        let mut h = Self {
+            config_rules: Arc::new(config_rules),
+            file: file.map(Path::to_path_buf),
+            current: Arc::new(RwLock::new(Arc::new(Vec::new()))),
+            stats,
+        };
+        let all = h.read()?;
+        h.set(all);
+        Ok(h)
+    }
+
+    fn read(&mut self) -> Result<Vec<Rule>, RuleError> {
+        let from_file = match &self.file {
+            Some(f) => rules::load_file(f)?,
+            None => Vec::new(),
+        };
+        rules::merge(self.config_rules.to_vec(), from_file)
+    }
+
+    fn set(&self, rules: Vec<Rule>) {
+        self.stats.rules.store(rules.len() as u64, Ordering::Relaxed);
+        if let Ok(mut c) = self.current.write() {
+            *c = Arc::new(rules);
+        }
+    }
+
+    /// The rules now.
+    pub fn current(&self) -> Arc<Vec<Rule>> {
+        self.current
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Reads the rules file again (SIGHUP). On error the old rules stay
+    /// (logged and counted) and the error is returned.
+    pub fn reload(&self) -> Result<usize, RuleError> {
+        let mut me = self.clone();
+        match me.read() {
+            Ok(rules) => {
+                let n = rules.len();
+                self.set(rules);
+                self.stats.reloads.fetch_add(1, Ordering::Relaxed);
+                info!(rules = n, "alert rules reloaded");
+                Ok(n)
+            }
+            Err(e) => {
+                self.stats.reload_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(error = %e, "alert rules not reloaded; the old rules stay in force");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The config's own rules (its `[[alerts]]`), named by their position.
+pub fn compile_config(raw: &[RuleConfig]) -> Result<Vec<Rule>, RuleError> {
+    let mut out: Vec<Rule> = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        let origin = format!("config [[alerts]] #{}", i + 1);
+        let invalid = |message: String| RuleError::Invalid {
+            origin: "config".into(),
+            line: i + 1,
+            rule: r.name.clone(),
+            message,
+        };
+        if out.iter().any(|x| x.name == r.name) {
+            return Err(invalid("the name is used by an earlier rule".into()));
+        }
+        out.push(rules::compile(r, origin).map_err(invalid)?);
+    }
+    Ok(out)
+}
+
+/// The engine's counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct AlertStats {
+    evaluations: AtomicU64,
+    failures: AtomicU64,
+    micros_total: AtomicU64,
+    last_micros: AtomicU64,
+    rules: AtomicU64,
+    pending: AtomicU64,
+    firing: AtomicU64,
+    inhibited: AtomicU64,
+    untracked: AtomicU64,
+    events: AtomicU64,
+    reloads: AtomicU64,
+    reload_failures: AtomicU64,
+}
+
+impl AlertStats {
+    /// (name, HELP, value); names without `_total` are gauges.
+    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        vec![
+            ("mentat_agent_alert_evaluations_total", "Evaluations of the alert rules (one after each committed window; skipped windows are not queued).", g(&self.evaluations)),
+            ("mentat_agent_alert_evaluation_failures_total", "Evaluations that failed (a ledger error; logged, retried at the next window).", g(&self.failures)),
+            ("mentat_agent_alert_evaluation_microseconds_total", "Time spent evaluating alert rules, in microseconds.", g(&self.micros_total)),
+            ("mentat_agent_alert_evaluation_last_microseconds", "How long the last evaluation of every rule took, in microseconds.", g(&self.last_micros)),
+            ("mentat_agent_alert_rules", "Alert rules in force.", g(&self.rules)),
+            ("mentat_agent_alerts_pending", "Alerts whose condition holds, for less than their rule's `for`.", g(&self.pending)),
+            ("mentat_agent_alerts_firing", "Alerts firing now (inhibited ones included).", g(&self.firing)),
+            ("mentat_agent_alerts_inhibited", "Pending or firing alerts silenced by a firing budget alert of their customer or project.", g(&self.inhibited)),
+            ("mentat_agent_alerts_untracked_total", "New alerts not tracked because [alerting] max_alerts were (their condition held; nothing was notified).", g(&self.untracked)),
+            ("mentat_agent_alert_events_total", "Alert notifications decided (firing, repeats and resolved), one per event before channels.", g(&self.events)),
+            ("mentat_agent_alert_rule_reloads_total", "Alert rules reloaded (SIGHUP).", g(&self.reloads)),
+            ("mentat_agent_alert_rule_reload_failures_total", "Alert rule reloads refused (a bad rules file; the old rules stay in force).", g(&self.reload_failures)),
+        ]
+    }
+}
+
+/// Evaluates rules over a ledger and keeps the alert states.
+pub struct Engine {
+    reader: Ledger,
+    writer: Ledger,
+    rules: RulesHandle,
+    table: StateTable,
+    cfg: StateConfig,
+    sink: Box<dyn AlertSink>,
+    stats: Arc<AlertStats>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Opens its two connections to the ledger at `path` and loads the persisted states.
+    pub fn open(
+        path: &Path,
+        rules: RulesHandle,
+        alerting: &AlertingConfig,
+        node: &str,
+        all_channels: Vec<String>,
+        sink: Box<dyn AlertSink>,
+    ) -> Result<Self, EngineError> {
+        let writer = Ledger::open(path, std::time::Duration::ZERO)?;
+        let reader = Ledger::open_read_only(path)?;
+        let (table, bad) = StateTable::from_bodies(&writer.alert_bodies()?);
+        if bad > 0 {
+            warn!(bad, "alert states that do not decode were skipped");
+        }
+        let stats = rules.stats.clone();
+        Ok(Self {
+            reader,
+            writer,
+            rules,
+            table,
+            cfg: StateConfig {
+                node: node.to_string(),
+                repeat_interval: alerting.repeat_interval,
+                keep_resolved: alerting.keep_resolved,
+                max_alerts: alerting.max_alerts.max(1),
+                all_channels,
+            },
+            sink,
+            stats,
+        })
+    }
+
+    /// The tracked alerts.
+    pub fn alerts(&self) -> impl Iterator<Item = &AlertStatus> {
+        self.table.alerts.values()
+    }
+
+    /// Evaluates every rule at `at` (ns, a committed window's end); returns the events notified.
+    pub fn evaluate(&mut self, at: i64) -> Result<Vec<AlertEvent>, EngineError> {
+        let started = Instant::now();
+        let out = self.evaluate_inner(at);
+        let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.stats.evaluations.fetch_add(1, Ordering::Relaxed);
+        self.stats.micros_total.fetch_add(us, Ordering::Relaxed);
+        self.stats.last_micros.store(us, Ordering::Relaxed);
+        if out.is_err() {
+            self.stats.failures.fetch_add(1, Ordering::Relaxed);
+            // Memory may be ahead of the ledger: take the ledger's word.
+            if let Ok(bodies) = self.writer.alert_bodies() {
+                let untracked = self.table.untracked;
+                self.table = StateTable::from_bodies(&bodies).0;
+                self.table.untracked = untracked;
+            }
+        }
+        let (p, f, i) = self.table.counts();
+        self.stats.pending.store(p, Ordering::Relaxed);
+        self.stats.firing.store(f, Ordering::Relaxed);
+        self.stats.inhibited.store(i, Ordering::Relaxed);
+        self.stats
+            .untracked
+            .store(self.table.untracked, Ordering::Relaxed);
+        out
+    }
+
+    fn evaluate_inner(&mut self, at: i64) -> Result<Vec<AlertEvent>, EngineError> {
+        let rules = self.rules.current();
+        let mut m = Measurer::new(&self.reader);
+        let mut obs = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            obs.extend(m.observe(i, r, at)?);
+        }
+        let reader = &self.reader;
+        let mut parents_of: HashMap<(String, String), Vec<(Option<String>, Option<String>)>> =
+            HashMap::new();
+        let mut inhibited = |a: &AlertStatus, firing: &[(String, String)]| {
+            if firing.iter().any(|(f, v)| *f == a.group_field && *v == a.group) {
+                return true;
+            }
+            let key = (a.group_field.clone(), a.group.clone());
+            let parents = parents_of.entry(key).or_insert_with(|| {
+                // `model` is no identity column: its alerts are not inhibited.
+                reader
+                    .group_parents(&a.group_field, &a.group, 64)
+                    .unwrap_or_default()
+            });
+            parents.iter().any(|(customer, project)| {
+                firing.iter().any(|(f, v)| {
+                    (f == "customer_id" && customer.as_deref() == Some(v.as_str()))
+                        || (f == "project_id" && project.as_deref() == Some(v.as_str()))
+                })
+            })
+        };
+        let decided = self.table.step(&rules, &obs, at, &self.cfg, &mut inhibited);
+        let items: Vec<(String, AlertEvent)> = decided
+            .iter()
+            .flat_map(|(chans, e)| chans.iter().map(move |c| (c.clone(), e.clone())))
+            .collect();
+        if !items.is_empty() {
+            self.sink.enqueue(&items).map_err(EngineError::Sink)?;
+        }
+        let (rows, deletes) = self.table.take_changes();
+        self.writer.save_alert_states(&rows, &deletes)?;
+        let events: Vec<AlertEvent> = decided.into_iter().map(|(_, e)| e).collect();
+        self.stats
+            .events
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        for e in &events {
+            info!(rule = %e.rule, state = ?e.state, fingerprint = %e.fingerprint, value = %e.value, repeat = e.repeat, "alert");
+        }
+        Ok(events)
+    }
+}
+
+/// Evaluates after each committed window until `stop`: `windows` carries
+/// the newest committed window's end (ns; 0 before the first).
+pub async fn run(
+    engine: Engine,
+    mut windows: watch::Receiver<i64>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut engine = Some(engine);
+    loop {
+        tokio::select! {
+            changed = windows.changed() => if changed.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let at = *windows.borrow_and_update();
+        let Some(mut e) = engine.take() else { return };
+        // SQLite reads block: off the async threads.
+        let joined = tokio::task::spawn_blocking(move || {
+            if let Err(err) = e.evaluate(at) {
+                warn!(error = %err, "alert evaluation failed; retried at the next window");
+            }
+            e
+        })
+        .await;
+        match joined {
+            Ok(e) => engine = Some(e),
+            Err(_) => {
+                warn!("alert evaluation panicked; alerting stops");
+                return;
+            }
+        }
+    }
+}
