@@ -14,6 +14,8 @@ pub mod engine;
 pub mod eval;
 pub mod rules;
 pub mod state;
+#[cfg(test)]
+mod testutil;
 
 use std::collections::BTreeMap;
 

@@ -312,7 +312,19 @@ pub fn measure_of(t: &Totals, m: usize) -> Decimal {
 }
 
 /// Placeholders every template may use, besides label names.
-const PLACEHOLDERS: [&str; 5] = ["group", "value", "threshold", "rule", "forecast"];
+const PLACEHOLDERS: [&str; 4] = ["group", "value", "threshold", "rule"];
+
+/// Placeholders a kind adds: budget `percent` and `forecast` (when spend
+/// crosses the budget at its month-to-date rate), anomaly `median` and `z`,
+/// waste `gpu_busy` (the fraction of the window the GPU was busy).
+fn kind_placeholders(kind: Kind) -> &'static [&'static str] {
+    match kind {
+        Kind::Threshold => &[],
+        Kind::Budget => &["percent", "forecast"],
+        Kind::Anomaly => &["median", "z"],
+        Kind::Waste => &["gpu_busy"],
+    }
+}
 
 /// A checked rule, ready to evaluate.
 #[derive(Clone, Debug, PartialEq)]
@@ -593,7 +605,8 @@ pub fn compile(raw: &RuleConfig, origin: String) -> Result<Rule, String> {
         }
     }
     for (k, t) in &raw.annotations {
-        check_template(t, &raw.labels, group_field).map_err(|e| format!("annotation {k}: {e}"))?;
+        check_template(t, &raw.labels, group_field, kind)
+            .map_err(|e| format!("annotation {k}: {e}"))?;
     }
     if raw.channels.iter().any(String::is_empty) {
         return Err("a channel name is empty".into());
@@ -647,9 +660,12 @@ fn check_template(
     t: &str,
     labels: &BTreeMap<String, String>,
     group_field: &str,
+    kind: Kind,
 ) -> Result<(), String> {
+    let extra = kind_placeholders(kind);
     for p in placeholders(t)? {
         let known = PLACEHOLDERS.contains(&p)
+            || extra.contains(&p)
             || labels.contains_key(p)
             || p == "alertname"
             || p == "node"
@@ -657,7 +673,7 @@ fn check_template(
         if !known {
             return Err(format!(
                 "unknown placeholder {{{{ {p} }}}}; known: {}, {group_field}, alertname, node and the rule's labels",
-                PLACEHOLDERS.join(", ")
+                PLACEHOLDERS.iter().chain(extra).copied().collect::<Vec<_>>().join(", ")
             ));
         }
     }
