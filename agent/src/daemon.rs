@@ -153,6 +153,27 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         let l = ledger.clone();
         metrics.add_source(move || l.counters());
     }
+    // Alert rules: checked before anything runs; evaluated after each committed window, off the commit path.
+    let alert_stats = Arc::new(alert::engine::AlertStats::default());
+    {
+        let stats = alert_stats.clone();
+        metrics.add_source(move || stats.counters());
+    }
+    let alert_rules = alert::engine::RulesHandle::load(
+        &config.alerts,
+        config.alerting.rules_file.as_deref(),
+        alert_stats,
+    )?;
+    // Channels come with the notification stage; until then events are decided and kept.
+    let alert_engine = alert::engine::Engine::open(
+        &config.ledger_path,
+        alert_rules.clone(),
+        &config.alerting,
+        &node,
+        Vec::new(),
+        Box::new(alert::engine::NoChannels),
+    )?;
+    info!(rules = alert_rules.current().len(), "alert rules in force");
     let ready = Arc::new(AtomicBool::new(false));
 
     let mut probes = Probes::load(&config.probe_config())?;
@@ -312,31 +333,8 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     };
     ready.store(true, Ordering::SeqCst);
 
-    // Alert rules: evaluated after each committed window, off the commit path.
-    let alert_stats = Arc::new(alert::engine::AlertStats::default());
-    {
-        let stats = alert_stats.clone();
-        metrics.add_source(move || stats.counters());
-    }
-    let alert_rules = alert::engine::RulesHandle::load(
-        &config.alerts,
-        config.alerting.rules_file.as_deref(),
-        alert_stats,
-    )?;
     let (alert_tx, alert_rx) = watch::channel(0i64);
-    let alert_task = {
-        // Channels come with the notification stage; until then events are decided and kept.
-        let engine = alert::engine::Engine::open(
-            &config.ledger_path,
-            alert_rules.clone(),
-            &config.alerting,
-            &node,
-            Vec::new(),
-            Box::new(alert::engine::NoChannels),
-        )?;
-        info!(rules = alert_rules.current().len(), "alert rules in force");
-        tokio::spawn(alert::engine::run(engine, alert_rx, stop_rx.clone()))
-    };
+    let alert_task = tokio::spawn(alert::engine::run(alert_engine, alert_rx, stop_rx.clone()));
 
     let commit = {
         let ledger = ledger.clone();

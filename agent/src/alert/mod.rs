@@ -15,6 +15,8 @@ pub mod eval;
 pub mod rules;
 pub mod state;
 #[cfg(test)]
+mod bench;
+#[cfg(test)]
 mod testutil;
 
 use std::collections::BTreeMap;

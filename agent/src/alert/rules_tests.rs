@@ -132,3 +132,15 @@ fn the_daemon_config_refuses_a_bad_rule_with_its_line() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(e.contains("agent.toml:3: alert rule \"a\": measure \"cost\""), "{e}");
 }
+
+#[test]
+fn the_readme_alert_example_parses() {
+    let readme = include_str!("../../../README.md");
+    let block = readme
+        .split("```toml\n")
+        .find(|b| b.starts_with("[[alerts]]"))
+        .and_then(|b| b.split("```").next())
+        .expect("README has a ```toml block starting with [[alerts]]");
+    let rules = parse_text(block, "README.md").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(rules[0].name, "run-cost");
+}
