@@ -6,11 +6,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use mentat_agent::{
     cli::{
-        check,
+        alerts, check,
         output::Format,
         pricing,
         record::{self, RecordOptions},
-        alerts,
         usage::{self, UsageFormat, UsageQuery},
     },
     config::{self, Config},

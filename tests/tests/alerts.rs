@@ -51,7 +51,10 @@ fn start(dir: &LedgerDir) -> Result<Daemon> {
     Daemon::start(
         dir,
         &DaemonOptions {
-            extra_tables: Some(format!("[alerting]\nrules_file = \"{}\"\n", rules.display())),
+            extra_tables: Some(format!(
+                "[alerting]\nrules_file = \"{}\"\n",
+                rules.display()
+            )),
             ..DaemonOptions::default()
         },
     )
@@ -107,7 +110,9 @@ fn wait_state(d: &Daemon, run: &str, state: &str, timeout: Duration) -> Result<V
 
 fn tail(s: &str) -> &str {
     let start = s.len().saturating_sub(3000);
-    let start = (start..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(s.len());
+    let start = (start..s.len())
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(s.len());
     &s[start..]
 }
 
@@ -119,11 +124,16 @@ fn dec(v: &Value) -> Result<Decimal> {
 /// The run's whole cost, from the usage API (independent of the alert engine).
 fn run_cost(d: &Daemon, run: &str) -> Result<Decimal> {
     let from = mentat_tests::daemon::rfc3339(d.started - time::Duration::minutes(1));
-    let to = mentat_tests::daemon::rfc3339(time::OffsetDateTime::now_utc() + time::Duration::minutes(1));
+    let to =
+        mentat_tests::daemon::rfc3339(time::OffsetDateTime::now_utc() + time::Duration::minutes(1));
     let filter = format!("run_id={run}");
     let body = d.get_json(
         "/v1/usage",
-        &[("from", from.as_str()), ("to", to.as_str()), ("where", filter.as_str())],
+        &[
+            ("from", from.as_str()),
+            ("to", to.as_str()),
+            ("where", filter.as_str()),
+        ],
     )?;
     dec(&body["root"]["totals"]["cost"]["total"])
 }
@@ -149,7 +159,10 @@ fn a_run_over_its_cost_threshold_fires_alone_and_resolves() -> Result<()> {
     ensure!(value > threshold, "fired at {value}, not over {threshold}");
     // Within 20 s it summed at most the whole run's cost.
     let whole = run_cost(&d, &heavy)?;
-    ensure!(value <= whole, "alert value {value} > the run's whole cost {whole}");
+    ensure!(
+        value <= whole,
+        "alert value {value} > the run's whole cost {whole}"
+    );
     ensure!(
         fired["annotations"]["summary"]
             == format!("run {heavy} cost {value} USD > {threshold} on {NODE}").as_str(),
@@ -163,9 +176,18 @@ fn a_run_over_its_cost_threshold_fires_alone_and_resolves() -> Result<()> {
     );
     // The light run was evaluated in every window and never held.
     let light_cost = run_cost(&d, &light)?;
-    ensure!(light_cost > Decimal::ZERO && light_cost < threshold, "light run cost {light_cost}");
-    ensure!(alert_of(&d, &light)?.is_none(), "the light run has an alert");
-    ensure!(alerts(&d, &[("state", "firing")])?.is_empty(), "still firing");
+    ensure!(
+        light_cost > Decimal::ZERO && light_cost < threshold,
+        "light run cost {light_cost}"
+    );
+    ensure!(
+        alert_of(&d, &light)?.is_none(),
+        "the light run has an alert"
+    );
+    ensure!(
+        alerts(&d, &[("state", "firing")])?.is_empty(),
+        "still firing"
+    );
     let m = d.metrics()?;
     ensure!(
         mentat_tests::daemon::counter_in(&m, "mentat_agent_alert_rules") == Some(1)
@@ -173,7 +195,10 @@ fn a_run_over_its_cost_threshold_fires_alone_and_resolves() -> Result<()> {
                 .is_some_and(|n| n > 0)
             && mentat_tests::daemon::counter_in(&m, "mentat_agent_alert_events_total") == Some(2),
         "metrics:\n{}",
-        m.lines().filter(|l| l.contains("alert")).collect::<Vec<_>>().join("\n")
+        m.lines()
+            .filter(|l| l.contains("alert"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     Ok(())
 }
@@ -193,7 +218,11 @@ fn a_hostile_rules_file_on_sighup_is_refused_and_the_old_rules_keep_firing() -> 
     hup(&d)?;
     poll(Duration::from_secs(30), || {
         let n = d.counter("mentat_agent_alert_rule_reload_failures_total")?;
-        Ok(if n == 1 { Ok(()) } else { Err(format!("{n} reload failures")) })
+        Ok(if n == 1 {
+            Ok(())
+        } else {
+            Err(format!("{n} reload failures"))
+        })
     })?;
     let log = d.log();
     let want = format!("{}:7:", rules.display());
@@ -202,11 +231,17 @@ fn a_hostile_rules_file_on_sighup_is_refused_and_the_old_rules_keep_firing() -> 
         "the log does not name {want} and the reason:\n{}",
         tail(&log)
     );
-    ensure!(d.counter("mentat_agent_alert_rules")? == 1, "rules in force changed");
+    ensure!(
+        d.counter("mentat_agent_alert_rules")? == 1,
+        "rules in force changed"
+    );
     // The old rule (0.00001) still fires for a new heavy run.
     let second = burn_in_run("alert-second", 1500)?;
     wait_state(&d, &second, "firing", FIRE_TIMEOUT)?;
-    ensure!(d.counter("mentat_agent_alert_rule_reloads_total")? == 0, "a reload was counted");
+    ensure!(
+        d.counter("mentat_agent_alert_rule_reloads_total")? == 0,
+        "a reload was counted"
+    );
     let _ = Path::new(&rules);
     Ok(())
 }

@@ -26,25 +26,45 @@ const WINDOW_S: i64 = 10;
 fn rules_text() -> String {
     let mut t = String::new();
     for i in 0..50 {
-        t += &format!("[[alerts]]\nname = \"run-cost-{i}\"\nvalue = \"0.00{:02}\"\n", i + 1);
+        t += &format!(
+            "[[alerts]]\nname = \"run-cost-{i}\"\nvalue = \"0.00{:02}\"\n",
+            i + 1
+        );
     }
     for i in 0..10 {
-        t += &format!("[[alerts]]\nname = \"agent-cpu-{i}\"\ngroup = \"agent\"\nmeasure = \"cpu_core_seconds\"\nwindow = \"1m\"\nas = \"per_second\"\nvalue = {}\nfor = \"5m\"\n", i + 1);
+        t += &format!(
+            "[[alerts]]\nname = \"agent-cpu-{i}\"\ngroup = \"agent\"\nmeasure = \"cpu_core_seconds\"\nwindow = \"1m\"\nas = \"per_second\"\nvalue = {}\nfor = \"5m\"\n",
+            i + 1
+        );
     }
     for i in 0..10 {
-        t += &format!("[[alerts]]\nname = \"cust-run-{i}\"\nwhere = {{ customer_id = \"c{i}\" }}\nvalue = \"0.002\"\n");
+        t += &format!(
+            "[[alerts]]\nname = \"cust-run-{i}\"\nwhere = {{ customer_id = \"c{i}\" }}\nvalue = \"0.002\"\n"
+        );
     }
     for i in 0..10 {
-        t += &format!("[[alerts]]\nname = \"budget-{i}\"\nkind = \"budget\"\nbudget = \"{}\"\n", (i + 1) * 10);
+        t += &format!(
+            "[[alerts]]\nname = \"budget-{i}\"\nkind = \"budget\"\nbudget = \"{}\"\n",
+            (i + 1) * 10
+        );
     }
     for i in 0..10 {
-        t += &format!("[[alerts]]\nname = \"lifetime-{i}\"\nwindow = \"lifetime\"\nlookback = \"2h\"\nvalue = \"0.00{:02}\"\n", i + 1);
+        t += &format!(
+            "[[alerts]]\nname = \"lifetime-{i}\"\nwindow = \"lifetime\"\nlookback = \"2h\"\nvalue = \"0.00{:02}\"\n",
+            i + 1
+        );
     }
     for i in 0..5 {
-        t += &format!("[[alerts]]\nname = \"anomaly-{i}\"\nkind = \"anomaly\"\nz = \"{}\"\n", i + 3);
+        t += &format!(
+            "[[alerts]]\nname = \"anomaly-{i}\"\nkind = \"anomaly\"\nz = \"{}\"\n",
+            i + 3
+        );
     }
     for i in 0..5 {
-        t += &format!("[[alerts]]\nname = \"waste-{i}\"\nkind = \"waste\"\nvalue = \"{}\"\n", i + 1);
+        t += &format!(
+            "[[alerts]]\nname = \"waste-{i}\"\nkind = \"waste\"\nvalue = \"{}\"\n",
+            i + 1
+        );
     }
     t
 }
@@ -137,14 +157,25 @@ fn alert_evaluation_cost() {
             times.push(t.elapsed());
         }
         times.sort();
-        println!("{label}: {:?} (median of 5), {queries} ledger queries, {found} holding", times[2]);
+        println!(
+            "{label}: {:?} (median of 5), {queries} ledger queries, {found} holding",
+            times[2]
+        );
     }
     // The whole engine: measures, state machine, saving states.
     let file = tmp.0.join("rules.toml");
     std::fs::write(&file, &text).expect("rules file");
-    let handle = RulesHandle::load(&[], Some(&file), Arc::new(AlertStats::default())).expect("load");
-    let mut e = Engine::open(&tmp.db(), handle, &AlertingConfig::default(), "n1", Vec::new(), Box::new(NoChannels))
-        .expect("engine");
+    let handle =
+        RulesHandle::load(&[], Some(&file), Arc::new(AlertStats::default())).expect("load");
+    let mut e = Engine::open(
+        &tmp.db(),
+        handle,
+        &AlertingConfig::default(),
+        "n1",
+        Vec::new(),
+        Box::new(NoChannels),
+    )
+    .expect("engine");
     let mut times = Vec::new();
     for k in 0..10 {
         let t = Instant::now();

@@ -33,7 +33,7 @@ use super::{
     rules::{self, AlertingConfig, Rule, RuleConfig, RuleError},
     state::{AlertStatus, StateConfig, StateTable},
 };
-use crate::ledger::{Ledger, LedgerError};
+use crate::ledger::{Ledger, LedgerError, alerts::Parents};
 
 /// Where notifications go: the ledger's durable alert outbox, per channel.
 /// Must be idempotent on (channel, fingerprint, state, starts_at, repeat).
@@ -101,7 +101,9 @@ impl RulesHandle {
     }
 
     fn set(&self, rules: Vec<Rule>) {
-        self.stats.rules.store(rules.len() as u64, Ordering::Relaxed);
+        self.stats
+            .rules
+            .store(rules.len() as u64, Ordering::Relaxed);
         if let Ok(mut c) = self.current.write() {
             *c = Arc::new(rules);
         }
@@ -177,18 +179,66 @@ impl AlertStats {
     pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         vec![
-            ("mentat_agent_alert_evaluations_total", "Evaluations of the alert rules (one after each committed window; skipped windows are not queued).", g(&self.evaluations)),
-            ("mentat_agent_alert_evaluation_failures_total", "Evaluations that failed (a ledger error; logged, retried at the next window).", g(&self.failures)),
-            ("mentat_agent_alert_evaluation_microseconds_total", "Time spent evaluating alert rules, in microseconds.", g(&self.micros_total)),
-            ("mentat_agent_alert_evaluation_last_microseconds", "How long the last evaluation of every rule took, in microseconds.", g(&self.last_micros)),
-            ("mentat_agent_alert_rules", "Alert rules in force.", g(&self.rules)),
-            ("mentat_agent_alerts_pending", "Alerts whose condition holds, for less than their rule's `for`.", g(&self.pending)),
-            ("mentat_agent_alerts_firing", "Alerts firing now (inhibited ones included).", g(&self.firing)),
-            ("mentat_agent_alerts_inhibited", "Pending or firing alerts silenced by a firing budget alert of their customer or project.", g(&self.inhibited)),
-            ("mentat_agent_alerts_untracked_total", "New alerts not tracked because [alerting] max_alerts were (their condition held; nothing was notified).", g(&self.untracked)),
-            ("mentat_agent_alert_events_total", "Alert notifications decided (firing, repeats and resolved), one per event before channels.", g(&self.events)),
-            ("mentat_agent_alert_rule_reloads_total", "Alert rules reloaded (SIGHUP).", g(&self.reloads)),
-            ("mentat_agent_alert_rule_reload_failures_total", "Alert rule reloads refused (a bad rules file; the old rules stay in force).", g(&self.reload_failures)),
+            (
+                "mentat_agent_alert_evaluations_total",
+                "Evaluations of the alert rules (one after each committed window; skipped windows are not queued).",
+                g(&self.evaluations),
+            ),
+            (
+                "mentat_agent_alert_evaluation_failures_total",
+                "Evaluations that failed (a ledger error; logged, retried at the next window).",
+                g(&self.failures),
+            ),
+            (
+                "mentat_agent_alert_evaluation_microseconds_total",
+                "Time spent evaluating alert rules, in microseconds.",
+                g(&self.micros_total),
+            ),
+            (
+                "mentat_agent_alert_evaluation_last_microseconds",
+                "How long the last evaluation of every rule took, in microseconds.",
+                g(&self.last_micros),
+            ),
+            (
+                "mentat_agent_alert_rules",
+                "Alert rules in force.",
+                g(&self.rules),
+            ),
+            (
+                "mentat_agent_alerts_pending",
+                "Alerts whose condition holds, for less than their rule's `for`.",
+                g(&self.pending),
+            ),
+            (
+                "mentat_agent_alerts_firing",
+                "Alerts firing now (inhibited ones included).",
+                g(&self.firing),
+            ),
+            (
+                "mentat_agent_alerts_inhibited",
+                "Pending or firing alerts silenced by a firing budget alert of their customer or project.",
+                g(&self.inhibited),
+            ),
+            (
+                "mentat_agent_alerts_untracked_total",
+                "New alerts not tracked because [alerting] max_alerts were (their condition held; nothing was notified).",
+                g(&self.untracked),
+            ),
+            (
+                "mentat_agent_alert_events_total",
+                "Alert notifications decided (firing, repeats and resolved), one per event before channels.",
+                g(&self.events),
+            ),
+            (
+                "mentat_agent_alert_rule_reloads_total",
+                "Alert rules reloaded (SIGHUP).",
+                g(&self.reloads),
+            ),
+            (
+                "mentat_agent_alert_rule_reload_failures_total",
+                "Alert rule reloads refused (a bad rules file; the old rules stay in force).",
+                g(&self.reload_failures),
+            ),
         ]
     }
 }
@@ -284,10 +334,12 @@ impl Engine {
             obs.extend(m.observe(i, r, at)?);
         }
         let reader = &self.reader;
-        let mut parents_of: HashMap<(String, String), Vec<(Option<String>, Option<String>)>> =
-            HashMap::new();
+        let mut parents_of: HashMap<(String, String), Vec<Parents>> = HashMap::new();
         let mut inhibited = |a: &AlertStatus, firing: &[(String, String)]| {
-            if firing.iter().any(|(f, v)| *f == a.group_field && *v == a.group) {
+            if firing
+                .iter()
+                .any(|(f, v)| *f == a.group_field && *v == a.group)
+            {
                 return true;
             }
             let key = (a.group_field.clone(), a.group.clone());

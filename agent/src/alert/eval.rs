@@ -233,7 +233,8 @@ impl<'a> Measurer<'a> {
             };
             if held >= r.value && busy <= r.max_gpu_busy {
                 let mut o = obs(i, group, held, r.value);
-                o.vars.insert("gpu_busy".into(), busy.round_dp(6).to_string());
+                o.vars
+                    .insert("gpu_busy".into(), busy.round_dp(6).to_string());
                 out.push(o);
             }
         }
@@ -260,9 +261,7 @@ pub fn ns(d: Duration) -> i64 {
 /// `total` per `unit_s` seconds over `w`.
 fn rate(total: Decimal, w: Duration, unit_s: u32) -> Option<Decimal> {
     let secs = Decimal::from_i128_with_scale(i128::try_from(w.as_nanos()).ok()?, 9);
-    total
-        .checked_mul(Decimal::from(unit_s))?
-        .checked_div(secs)
+    total.checked_mul(Decimal::from(unit_s))?.checked_div(secs)
 }
 
 /// When spend crosses the budget at its month-to-date average rate: a

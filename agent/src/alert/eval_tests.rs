@@ -38,10 +38,16 @@ fn threshold_fires_for_the_group_over_it_exactly() {
     // A record before the 5-minute window does not count.
     commit(&mut l, T0 - 400 * S, &[run("r2", "100")]);
     let at = T0 + 2 * S;
-    assert_eq!(seen(&l, &rule("value = \"5\""), at), vec![("r1".into(), d("6"))]);
+    assert_eq!(
+        seen(&l, &rule("value = \"5\""), at),
+        vec![("r1".into(), d("6"))]
+    );
     // Exact decimals: 6 is not > 6, and is > 5.9999999999999999999.
     assert!(seen(&l, &rule("value = \"6\""), at).is_empty());
-    assert_eq!(seen(&l, &rule("value = \"5.9999999999999999999\""), at).len(), 1);
+    assert_eq!(
+        seen(&l, &rule("value = \"5.9999999999999999999\""), at).len(),
+        1
+    );
     assert_eq!(seen(&l, &rule("value = \"6\"\nop = \">=\""), at).len(), 1);
     // The filter narrows to what it names.
     let r = rule("value = \"0\"\nwhere = { run_id = \"r2\" }");
@@ -60,11 +66,15 @@ fn rates_divide_by_the_window() {
     commit(&mut l, T0, &[a]);
     let at = T0 + S;
     // 120 core-seconds in a 1-minute window: 2 cores; 7,200 per hour.
-    let r = rule("group = \"run\"\nmeasure = \"cpu_core_seconds\"\nwindow = \"1m\"\nas = \"per_second\"\nop = \">=\"\nvalue = 2");
+    let r = rule(
+        "group = \"run\"\nmeasure = \"cpu_core_seconds\"\nwindow = \"1m\"\nas = \"per_second\"\nop = \">=\"\nvalue = 2",
+    );
     assert_eq!(seen(&l, &r, at), vec![("r1".into(), d("2"))]);
     let r = rule("measure = \"cpu_core_seconds\"\nwindow = \"1m\"\nas = \"per_second\"\nvalue = 2");
     assert!(seen(&l, &r, at).is_empty());
-    let r = rule("measure = \"cpu_core_seconds\"\nwindow = \"1m\"\nas = \"per_hour\"\nop = \"==\"\nvalue = 7200");
+    let r = rule(
+        "measure = \"cpu_core_seconds\"\nwindow = \"1m\"\nas = \"per_hour\"\nop = \"==\"\nvalue = 7200",
+    );
     assert_eq!(seen(&l, &r, at).len(), 1);
 }
 
@@ -105,9 +115,15 @@ fn budget_fires_per_percent_with_a_forecast() {
     assert_eq!(obs[0].threshold, d("50"));
     // 60 spent in 9 days and 2 s since Jan 1: 100 at 100/60 of that,
     // 15 days 3.33 s in.
-    assert!(obs[0].vars["forecast"].starts_with("2026-01-16T00:00:03.333"), "{:?}", obs[0].vars);
+    assert!(
+        obs[0].vars["forecast"].starts_with("2026-01-16T00:00:03.333"),
+        "{:?}",
+        obs[0].vars
+    );
     commit(&mut l, T0 + 2 * S, &[c("40")]);
-    let obs = Measurer::new(&l).observe(0, &r, T0 + 3 * S).expect("observe");
+    let obs = Measurer::new(&l)
+        .observe(0, &r, T0 + 3 * S)
+        .expect("observe");
     let mut p: Vec<&str> = obs.iter().map(|o| o.extra["percent"].as_str()).collect();
     p.sort();
     assert_eq!(p, ["100", "50", "80"]);
@@ -118,7 +134,9 @@ fn budget_fires_per_percent_with_a_forecast() {
 fn anomaly_flags_a_run_far_above_its_flows_median() {
     let t = Temp::new("anomaly");
     let mut l = t.ledger();
-    let costs = ["1.0", "1.1", "0.9", "1.2", "0.8", "1.0", "1.05", "0.95", "1.1", "1.0"];
+    let costs = [
+        "1.0", "1.1", "0.9", "1.2", "0.8", "1.0", "1.05", "0.95", "1.1", "1.0",
+    ];
     let names: Vec<String> = (0..costs.len()).map(|i| format!("h{i}")).collect();
     let history: Vec<R> = names
         .iter()

@@ -10,12 +10,12 @@
 //! Per-run and per-customer cost cannot be Prometheus labels (cardinality),
 //! so the agent evaluates these rules itself.
 
+#[cfg(test)]
+mod bench;
 pub mod engine;
 pub mod eval;
 pub mod rules;
 pub mod state;
-#[cfg(test)]
-mod bench;
 #[cfg(test)]
 mod testutil;
 

@@ -464,7 +464,8 @@ pub fn check_channels(rules: &[Rule], known: &[String]) -> Result<(), RuleError>
 }
 
 fn duration(what: &str, s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| format!("{what} = {s:?} is not a duration: {e}"))
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{what} = {s:?} is not a duration: {e}"))
 }
 
 /// Checks one rule as written.
@@ -477,7 +478,11 @@ pub fn compile(raw: &RuleConfig, origin: String) -> Result<Rule, String> {
         "budget" => Kind::Budget,
         "anomaly" => Kind::Anomaly,
         "waste" => Kind::Waste,
-        k => return Err(format!("kind {k:?} is not threshold, budget, anomaly or waste")),
+        k => {
+            return Err(format!(
+                "kind {k:?} is not threshold, budget, anomaly or waste"
+            ));
+        }
     };
     let mut filters = Vec::new();
     for (k, v) in &raw.filters {
@@ -524,7 +529,10 @@ pub fn compile(raw: &RuleConfig, origin: String) -> Result<Rule, String> {
     } else {
         let d = duration("window", &raw.window)?;
         if d < Duration::from_secs(1) || d > Duration::from_secs(31 * 24 * 3600) {
-            return Err(format!("window = {:?} must be between 1s and 31d", raw.window));
+            return Err(format!(
+                "window = {:?} must be between 1s and 31d",
+                raw.window
+            ));
         }
         Window::Last(d)
     };
@@ -567,7 +575,10 @@ pub fn compile(raw: &RuleConfig, origin: String) -> Result<Rule, String> {
             if raw.measure != "cost_total" {
                 return Err("a budget is on cost_total".into());
             }
-            budget = raw.budget.map(|a| a.0).ok_or("a budget rule needs `budget`")?;
+            budget = raw
+                .budget
+                .map(|a| a.0)
+                .ok_or("a budget rule needs `budget`")?;
             if budget <= Decimal::ZERO {
                 return Err(format!("budget = {budget} must be positive"));
             }
@@ -673,7 +684,12 @@ fn check_template(
         if !known {
             return Err(format!(
                 "unknown placeholder {{{{ {p} }}}}; known: {}, {group_field}, alertname, node and the rule's labels",
-                PLACEHOLDERS.iter().chain(extra).copied().collect::<Vec<_>>().join(", ")
+                PLACEHOLDERS
+                    .iter()
+                    .chain(extra)
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
     }
@@ -701,7 +717,9 @@ pub fn render(t: &str, vars: &BTreeMap<&str, String>) -> String {
 impl FromStr for Amount {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Decimal::from_str_exact(s).map(Amount).map_err(|e| e.to_string())
+        Decimal::from_str_exact(s)
+            .map(Amount)
+            .map_err(|e| e.to_string())
     }
 }
 

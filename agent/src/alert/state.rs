@@ -100,6 +100,9 @@ pub struct StateConfig {
     pub all_channels: Vec<String>,
 }
 
+/// Whether an alert is silenced, given the firing budget alerts' (field, value).
+pub type Inhibits<'a> = dyn FnMut(&AlertStatus, &[(String, String)]) -> bool + 'a;
+
 /// Every tracked alert, and what changed since the last save.
 #[derive(Debug, Default)]
 pub struct StateTable {
@@ -112,7 +115,12 @@ pub struct StateTable {
 }
 
 /// The fingerprint of an alert.
-pub fn fingerprint(rule: &str, field: &str, group: &str, extra: &BTreeMap<String, String>) -> String {
+pub fn fingerprint(
+    rule: &str,
+    field: &str,
+    group: &str,
+    extra: &BTreeMap<String, String>,
+) -> String {
     let mut parts: Vec<&[u8]> = vec![rule.as_bytes(), field.as_bytes(), group.as_bytes()];
     for (k, v) in extra {
         parts.push(k.as_bytes());
@@ -150,7 +158,10 @@ impl StateTable {
                 body: serde_json::to_string(a).unwrap_or_default(),
             })
             .collect();
-        (rows, std::mem::take(&mut self.deleted).into_iter().collect())
+        (
+            rows,
+            std::mem::take(&mut self.deleted).into_iter().collect(),
+        )
     }
 
     /// Counts by state: (pending, firing, inhibited).
@@ -210,7 +221,7 @@ impl StateTable {
         obs: &[Observation],
         at: i64,
         cfg: &StateConfig,
-        inhibited: &mut dyn FnMut(&AlertStatus, &[(String, String)]) -> bool,
+        inhibited: &mut Inhibits<'_>,
     ) -> Vec<(Vec<String>, AlertEvent)> {
         let now = rfc3339_of_ns(at);
         let mut seen = BTreeSet::new();
@@ -230,7 +241,8 @@ impl StateTable {
                     seen.remove(&fp);
                     continue;
                 }
-                self.alerts.insert(fp.clone(), new_alert(rule, o, &fp, at, &now, cfg));
+                self.alerts
+                    .insert(fp.clone(), new_alert(rule, o, &fp, at, &now, cfg));
             }
             let Some(a) = self.alerts.get_mut(&fp) else {
                 continue;
@@ -301,8 +313,7 @@ impl StateTable {
             if a.state != AlertState::Firing || a.inhibited {
                 continue;
             }
-            let due = !a.notified
-                || at.saturating_sub(a.last_sent_ns) >= ns(cfg.repeat_interval);
+            let due = !a.notified || at.saturating_sub(a.last_sent_ns) >= ns(cfg.repeat_interval);
             if !due {
                 continue;
             }

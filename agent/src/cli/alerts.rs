@@ -42,7 +42,11 @@ pub fn list(
     }
     let body = q.get("/v1/alerts", &params)?;
     if json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&body).unwrap_or_default())?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&body).unwrap_or_default()
+        )?;
         return Ok(());
     }
     writeln!(
@@ -62,7 +66,11 @@ pub fn list(
             s("value"),
             s("threshold"),
             s("starts_at"),
-            if a["inhibited"] == Value::Bool(true) { "yes" } else { "no" }
+            if a["inhibited"] == Value::Bool(true) {
+                "yes"
+            } else {
+                "no"
+            }
         )?;
     }
     Ok(())
@@ -128,7 +136,8 @@ pub fn test(
                 .join(", "),
         })?;
     let l = Ledger::open_read_only(ledger)?;
-    let time = |s: &str| unix_ns_of(s).ok_or_else(|| TestError::Time(format!("{s:?} is not RFC 3339")));
+    let time =
+        |s: &str| unix_ns_of(s).ok_or_else(|| TestError::Time(format!("{s:?} is not RFC 3339")));
     let to = match to {
         Some(t) => time(t)?,
         None => l

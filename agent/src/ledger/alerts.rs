@@ -25,6 +25,9 @@ pub struct AlertRow {
     pub body: String,
 }
 
+/// A group's (customer_id, project_id), each where its records name one.
+pub type Parents = (Option<String>, Option<String>);
+
 /// Start of the UTC calendar month `ns` lies in, and of the next one.
 pub fn month_of(ns: i64) -> Option<(i64, i64)> {
     month_bounds(ns)
@@ -93,8 +96,14 @@ impl Ledger {
                 )
                 .map_err(sql(&path, "saving alert states"))?;
             for r in upserts {
-                up.execute(params![r.fingerprint, r.rule, r.state, r.updated_ns, r.body])
-                    .map_err(sql(&path, "saving alert states"))?;
+                up.execute(params![
+                    r.fingerprint,
+                    r.rule,
+                    r.state,
+                    r.updated_ns,
+                    r.body
+                ])
+                .map_err(sql(&path, "saving alert states"))?;
             }
             let mut del = tx
                 .prepare_cached("DELETE FROM alert_states WHERE fingerprint = ?1")
@@ -113,7 +122,7 @@ impl Ledger {
         field: &str,
         value: &str,
         limit: usize,
-    ) -> Result<Vec<(Option<String>, Option<String>)>, LedgerError> {
+    ) -> Result<Vec<Parents>, LedgerError> {
         let i = field_index(field)?;
         let path = &self.path;
         let query = format!(

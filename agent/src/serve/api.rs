@@ -976,14 +976,20 @@ async fn alerts(
     if let Some(s) = p.state.as_deref()
         && !matches!(s, "pending" | "firing" | "resolved")
     {
-        return Err(bad("state", format!("{s:?} is not pending, firing or resolved")));
+        return Err(bad(
+            "state",
+            format!("{s:?} is not pending, firing or resolved"),
+        ));
     }
     if p.rule.as_ref().is_some_and(|r| r.len() > MAX_VALUE_LEN) {
         return Err(bad("rule", format!("over {MAX_VALUE_LEN} bytes")));
     }
     let limit = p.limit.unwrap_or(MAX_QUARANTINE_PAGE);
     if !(1..=MAX_QUARANTINE_PAGE).contains(&limit) {
-        return Err(bad("limit", format!("{limit} is outside 1..={MAX_QUARANTINE_PAGE}")));
+        return Err(bad(
+            "limit",
+            format!("{limit} is outside 1..={MAX_QUARANTINE_PAGE}"),
+        ));
     }
     let bodies = with_ledger(&state, move |l| {
         l.alert_list(p.state.as_deref(), p.rule.as_deref(), limit)
