@@ -175,6 +175,7 @@ series_grace = "5m"         # a workload's series end this long after its last r
 repeat_interval = "4h"      # a firing alert is notified again this often
 keep_resolved = "24h"       # resolved alerts stay listed (/v1/alerts) this long
 max_alerts = 10000          # alerts tracked at once; past it, new ones are not tracked (counted)
+slow_interval = "1m"        # long-range rules (budget, anomaly, lifetime, windows >= 1h) are evaluated at most this often
 
 # [[alerts]]                # a rule; any number of them, here or in rules_file (README "Alerts")
 # name = "run-cost"

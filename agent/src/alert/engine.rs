@@ -252,6 +252,9 @@ pub struct Engine {
     cfg: StateConfig,
     sink: Box<dyn AlertSink>,
     stats: Arc<AlertStats>,
+    slow_interval: std::time::Duration,
+    /// Slow rules' last observations: (the rule as evaluated, when, what held).
+    slow: HashMap<String, (Rule, i64, Vec<super::eval::Observation>)>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -291,6 +294,8 @@ impl Engine {
             },
             sink,
             stats,
+            slow_interval: alerting.slow_interval,
+            slow: HashMap::new(),
         })
     }
 
@@ -330,7 +335,27 @@ impl Engine {
         let rules = self.rules.current();
         let mut m = Measurer::new(&self.reader);
         let mut obs = Vec::new();
+        let interval = super::eval::ns(self.slow_interval);
+        self.slow.retain(|name, _| rules.iter().any(|r| r.name == *name));
         for (i, r) in rules.iter().enumerate() {
+            if r.is_slow() {
+                if let Some((rule, t, last)) = self.slow.get(&r.name)
+                    && rule == r
+                    && at >= *t
+                    && at - *t < interval
+                {
+                    obs.extend(last.iter().cloned().map(|mut o| {
+                        o.rule = i;
+                        o
+                    }));
+                    continue;
+                }
+                let seen = m.observe(i, r, at)?;
+                self.slow
+                    .insert(r.name.clone(), (r.clone(), at, seen.clone()));
+                obs.extend(seen);
+                continue;
+            }
             obs.extend(m.observe(i, r, at)?);
         }
         let reader = &self.reader;

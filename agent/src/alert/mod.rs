@@ -17,7 +17,7 @@ pub mod eval;
 pub mod rules;
 pub mod state;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 
 use std::collections::BTreeMap;
 

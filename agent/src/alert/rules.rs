@@ -647,6 +647,16 @@ pub fn compile(raw: &RuleConfig, origin: String) -> Result<Rule, String> {
     })
 }
 
+impl Rule {
+    /// Whether it sums a long range (see [`AlertingConfig::slow_interval`]).
+    pub fn is_slow(&self) -> bool {
+        match (self.kind, self.window) {
+            (Kind::Budget | Kind::Anomaly, _) | (_, Window::Lifetime) => true,
+            (_, Window::Last(w)) => w >= Duration::from_secs(3600),
+        }
+    }
+}
+
 fn valid_label_name(k: &str) -> bool {
     let mut c = k.chars();
     c.next()
@@ -737,6 +747,10 @@ pub struct AlertingConfig {
     pub keep_resolved: Duration,
     /// Alerts tracked at once (pending, firing, recently resolved); past it, new ones are not tracked (counted).
     pub max_alerts: usize,
+    /// Rules over long ranges (budget, anomaly, lifetime windows, windows of 1h or more) are
+    /// evaluated again at most this often; between, their last result stands.
+    #[serde(with = "crate::probes::clock::duration_str")]
+    pub slow_interval: Duration,
 }
 
 impl Default for AlertingConfig {
@@ -746,6 +760,7 @@ impl Default for AlertingConfig {
             repeat_interval: Duration::from_secs(4 * 3600),
             keep_resolved: Duration::from_secs(24 * 3600),
             max_alerts: 10_000,
+            slow_interval: Duration::from_secs(60),
         }
     }
 }

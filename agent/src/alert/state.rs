@@ -192,9 +192,14 @@ impl StateTable {
     }
 
     /// Room for one more alert: forgets the oldest resolved one at the bound.
-    fn room(&mut self, max: usize) -> bool {
+    /// `full` remembers, within one step, that there was none to forget (so
+    /// a flood of new alerts past the bound costs one scan, not one each).
+    fn room(&mut self, max: usize, full: &mut bool) -> bool {
         if self.alerts.len() < max {
             return true;
+        }
+        if *full {
+            return false;
         }
         let oldest = self
             .alerts
@@ -207,7 +212,10 @@ impl StateTable {
                 self.forget(&f);
                 true
             }
-            None => false,
+            None => {
+                *full = true;
+                false
+            }
         }
     }
 
@@ -225,6 +233,7 @@ impl StateTable {
     ) -> Vec<(Vec<String>, AlertEvent)> {
         let now = rfc3339_of_ns(at);
         let mut seen = BTreeSet::new();
+        let mut full = false;
         for o in obs {
             let Some(rule) = rules.get(o.rule) else {
                 continue;
@@ -236,7 +245,7 @@ impl StateTable {
                 .get(&fp)
                 .is_some_and(|a| a.state != AlertState::Resolved);
             if !active {
-                if !self.alerts.contains_key(&fp) && !self.room(cfg.max_alerts) {
+                if !self.alerts.contains_key(&fp) && !self.room(cfg.max_alerts, &mut full) {
                     self.untracked += 1;
                     seen.remove(&fp);
                     continue;

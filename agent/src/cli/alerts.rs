@@ -200,3 +200,52 @@ pub fn test(
     writeln!(out, "{fired} firing")?;
     Ok(fired)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alert::testutil::{R, S, T0, Temp, commit};
+
+    #[test]
+    fn a_replay_prints_when_the_rule_would_have_fired_and_resolved() {
+        let t = Temp::new("replay");
+        let mut l = t.ledger();
+        let run = |r, cost| R {
+            run: Some(r),
+            cost,
+            ..R::default()
+        };
+        commit(&mut l, T0, &[run("r1", "6"), run("r2", "1")]);
+        drop(l);
+        let rules = rules::parse_text(
+            "[[alerts]]\nname = \"cost\"\nwindow = \"1m\"\nvalue = \"5\"\nfor = \"20s\"\n",
+            "t.toml",
+        )
+        .expect("rules");
+        let mut out = Vec::new();
+        let fired = test(
+            &rules,
+            "cost",
+            &t.db(),
+            Some(&rfc3339_of_ns(T0 - 60 * S)),
+            Some(&rfc3339_of_ns(T0 + 120 * S)),
+            Duration::from_secs(10),
+            &mut out,
+        )
+        .expect("replay");
+        let out = String::from_utf8(out).expect("utf8");
+        assert_eq!(fired, 1, "{out}");
+        // The record starts at T0: in the window from the step after it,
+        // firing 20 s later, resolved once it leaves the 1-minute window.
+        let lines: Vec<&str> = out.lines().skip(1).collect();
+        assert_eq!(lines.len(), 4, "{out}");
+        assert!(lines[0].starts_with(&format!("{}  pending  run_id=r1  value 6", rfc3339_of_ns(T0 + 10 * S))), "{out}");
+        assert!(lines[1].starts_with(&format!("{}  firing   run_id=r1", rfc3339_of_ns(T0 + 30 * S))), "{out}");
+        assert!(lines[2].starts_with(&format!("{}  resolved run_id=r1", rfc3339_of_ns(T0 + 70 * S))), "{out}");
+        assert_eq!(lines[3], "1 firing");
+        let e = test(&rules, "nope", &t.db(), None, None, Duration::from_secs(60), &mut Vec::new())
+            .expect_err("unknown rule")
+            .to_string();
+        assert!(e.contains("no alert rule named \"nope\"; rules: cost"), "{e}");
+    }
+}
