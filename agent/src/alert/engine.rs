@@ -255,6 +255,7 @@ pub struct Engine {
     slow_interval: std::time::Duration,
     /// Slow rules' last observations: (the rule as evaluated, when, what held).
     slow: HashMap<String, (Rule, i64, Vec<super::eval::Observation>)>,
+    keys: super::eval::GroupKeys,
 }
 
 impl std::fmt::Debug for Engine {
@@ -296,6 +297,7 @@ impl Engine {
             stats,
             slow_interval: alerting.slow_interval,
             slow: HashMap::new(),
+            keys: super::eval::GroupKeys::default(),
         })
     }
 
@@ -333,10 +335,11 @@ impl Engine {
 
     fn evaluate_inner(&mut self, at: i64) -> Result<Vec<AlertEvent>, EngineError> {
         let rules = self.rules.current();
-        let mut m = Measurer::new(&self.reader);
+        let mut m = Measurer::with_keys(&self.reader, &mut self.keys);
         let mut obs = Vec::new();
         let interval = super::eval::ns(self.slow_interval);
-        self.slow.retain(|name, _| rules.iter().any(|r| r.name == *name));
+        self.slow
+            .retain(|name, _| rules.iter().any(|r| r.name == *name));
         for (i, r) in rules.iter().enumerate() {
             if r.is_slow() {
                 if let Some((rule, t, last)) = self.slow.get(&r.name)

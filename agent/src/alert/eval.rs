@@ -54,10 +54,35 @@ pub struct Observation {
 
 type Key = (Vec<(String, String)>, Vec<&'static str>, i64, i64);
 
+/// Identity → group key, per group-by fields, kept across evaluations
+/// (identities never change; see [`Ledger::totals_keyed`]).
+#[derive(Debug, Default)]
+pub struct GroupKeys {
+    by_fields: HashMap<Vec<&'static str>, HashMap<i64, Group>>,
+    entries: usize,
+    started_ns: i64,
+}
+
+impl GroupKeys {
+    /// Most identities remembered; past it (or an hour on) the cache starts
+    /// afresh, so identities deleted by expiry are not remembered for long.
+    const MAX: usize = 200_000;
+
+    fn for_fields(&mut self, fields: &[&'static str], at: i64) -> &mut HashMap<i64, Group> {
+        if self.entries > Self::MAX || at.saturating_sub(self.started_ns) > 3_600_000_000_000 {
+            self.by_fields.clear();
+            self.entries = 0;
+            self.started_ns = at;
+        }
+        self.by_fields.entry(fields.to_vec()).or_default()
+    }
+}
+
 /// Sums from one ledger at one instant, each distinct query asked once.
 pub struct Measurer<'a> {
     ledger: &'a Ledger,
     cache: HashMap<Key, Rc<Vec<(Group, Totals)>>>,
+    keys: Option<&'a mut GroupKeys>,
     /// Distinct ledger queries asked.
     pub queries: usize,
 }
@@ -68,7 +93,16 @@ impl<'a> Measurer<'a> {
         Self {
             ledger,
             cache: HashMap::new(),
+            keys: None,
             queries: 0,
+        }
+    }
+
+    /// Over `ledger`, remembering group keys in `keys` (kept by the caller across evaluations).
+    pub fn with_keys(ledger: &'a Ledger, keys: &'a mut GroupKeys) -> Self {
+        Self {
+            keys: Some(keys),
+            ..Self::new(ledger)
         }
     }
 
@@ -84,12 +118,18 @@ impl<'a> Measurer<'a> {
             return Ok(v.clone());
         }
         self.queries += 1;
-        let rows = Rc::new(self.ledger.totals(
-            &rfc3339_of_ns(from),
-            &rfc3339_of_ns(to),
-            group,
-            filters,
-        )?);
+        let (f, t) = (rfc3339_of_ns(from), rfc3339_of_ns(to));
+        let rows = Rc::new(match self.keys.as_deref_mut() {
+            Some(k) => {
+                let before = k.for_fields(group, to).len();
+                let map = k.for_fields(group, to);
+                let rows = self.ledger.totals_keyed(&f, &t, group, filters, map)?;
+                let added = map.len().saturating_sub(before);
+                k.entries += added;
+                rows
+            }
+            None => self.ledger.totals(&f, &t, group, filters)?,
+        });
         self.cache.insert(key, rows.clone());
         Ok(rows)
     }

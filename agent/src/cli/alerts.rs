@@ -239,13 +239,42 @@ mod tests {
         // firing 20 s later, resolved once it leaves the 1-minute window.
         let lines: Vec<&str> = out.lines().skip(1).collect();
         assert_eq!(lines.len(), 4, "{out}");
-        assert!(lines[0].starts_with(&format!("{}  pending  run_id=r1  value 6", rfc3339_of_ns(T0 + 10 * S))), "{out}");
-        assert!(lines[1].starts_with(&format!("{}  firing   run_id=r1", rfc3339_of_ns(T0 + 30 * S))), "{out}");
-        assert!(lines[2].starts_with(&format!("{}  resolved run_id=r1", rfc3339_of_ns(T0 + 70 * S))), "{out}");
+        assert!(
+            lines[0].starts_with(&format!(
+                "{}  pending  run_id=r1  value 6",
+                rfc3339_of_ns(T0 + 10 * S)
+            )),
+            "{out}"
+        );
+        assert!(
+            lines[1].starts_with(&format!(
+                "{}  firing   run_id=r1",
+                rfc3339_of_ns(T0 + 30 * S)
+            )),
+            "{out}"
+        );
+        assert!(
+            lines[2].starts_with(&format!(
+                "{}  resolved run_id=r1",
+                rfc3339_of_ns(T0 + 70 * S)
+            )),
+            "{out}"
+        );
         assert_eq!(lines[3], "1 firing");
-        let e = test(&rules, "nope", &t.db(), None, None, Duration::from_secs(60), &mut Vec::new())
-            .expect_err("unknown rule")
-            .to_string();
-        assert!(e.contains("no alert rule named \"nope\"; rules: cost"), "{e}");
+        let e = test(
+            &rules,
+            "nope",
+            &t.db(),
+            None,
+            None,
+            Duration::from_secs(60),
+            &mut Vec::new(),
+        )
+        .expect_err("unknown rule")
+        .to_string();
+        assert!(
+            e.contains("no alert rule named \"nope\"; rules: cost"),
+            "{e}"
+        );
     }
 }
