@@ -174,6 +174,20 @@ fn a_run_over_its_cost_threshold_fires_alone_and_resolves() -> Result<()> {
         resolved["ends_at"].is_string() && resolved["starts_at"] == fired["starts_at"],
         "resolved: {resolved:#}"
     );
+    // `mentat-agent alerts` lists it from the API.
+    let url = d.url();
+    let out = mentat_tests::run::run_agent(
+        ["alerts", "--api", url.as_str(), "--state", "resolved"],
+        Duration::from_secs(30),
+    )?;
+    out.ensure_success("mentat-agent alerts")?;
+    ensure!(
+        out.stdout
+            .lines()
+            .any(|l| l.starts_with("resolved") && l.contains(&format!("run_id={heavy}"))),
+        "mentat-agent alerts:\n{}",
+        out.stdout
+    );
     // The light run was evaluated in every window and never held.
     let light_cost = run_cost(&d, &light)?;
     ensure!(
