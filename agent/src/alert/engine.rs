@@ -37,9 +37,15 @@ use crate::ledger::{Ledger, LedgerError, alerts::Parents};
 
 /// Where notifications go: the ledger's durable alert outbox, per channel.
 /// Must be idempotent on (channel, fingerprint, state, starts_at, repeat).
+/// It is given the engine's own writable ledger connection, the one the
+/// states are saved on right after (e.g. `Ledger::enqueue_alert_events`).
 pub trait AlertSink: Send {
     /// Queues `items`; returns how many were new.
-    fn enqueue(&mut self, items: &[(String, AlertEvent)]) -> Result<usize, String>;
+    fn enqueue(
+        &mut self,
+        ledger: &mut Ledger,
+        items: &[(String, AlertEvent)],
+    ) -> Result<usize, String>;
 }
 
 /// A sink that keeps nothing (no channel is configured).
@@ -47,7 +53,11 @@ pub trait AlertSink: Send {
 pub struct NoChannels;
 
 impl AlertSink for NoChannels {
-    fn enqueue(&mut self, _items: &[(String, AlertEvent)]) -> Result<usize, String> {
+    fn enqueue(
+        &mut self,
+        _ledger: &mut Ledger,
+        _items: &[(String, AlertEvent)],
+    ) -> Result<usize, String> {
         Ok(0)
     }
 }
@@ -256,6 +266,7 @@ pub struct Engine {
     /// Slow rules' last observations: (the rule as evaluated, when, what held).
     slow: HashMap<String, (Rule, i64, Vec<super::eval::Observation>)>,
     keys: super::eval::GroupKeys,
+    events: Option<tokio::sync::broadcast::Sender<AlertEvent>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -298,7 +309,15 @@ impl Engine {
             slow_interval: alerting.slow_interval,
             slow: HashMap::new(),
             keys: super::eval::GroupKeys::default(),
+            events: None,
         })
+    }
+
+    /// Also sends every event (after it is queued and saved) to `tx`, e.g.
+    /// for `/v1/stream`; a lagging receiver misses events, never blocks this.
+    pub fn with_events(mut self, tx: tokio::sync::broadcast::Sender<AlertEvent>) -> Self {
+        self.events = Some(tx);
+        self
     }
 
     /// The tracked alerts.
@@ -390,7 +409,9 @@ impl Engine {
             .flat_map(|(chans, e)| chans.iter().map(move |c| (c.clone(), e.clone())))
             .collect();
         if !items.is_empty() {
-            self.sink.enqueue(&items).map_err(EngineError::Sink)?;
+            self.sink
+                .enqueue(&mut self.writer, &items)
+                .map_err(EngineError::Sink)?;
         }
         let (rows, deletes) = self.table.take_changes();
         self.writer.save_alert_states(&rows, &deletes)?;
@@ -399,6 +420,9 @@ impl Engine {
             .events
             .fetch_add(events.len() as u64, Ordering::Relaxed);
         for e in &events {
+            if let Some(tx) = &self.events {
+                let _ = tx.send(e.clone());
+            }
             info!(rule = %e.rule, state = ?e.state, fingerprint = %e.fingerprint, value = %e.value, repeat = e.repeat, "alert");
         }
         Ok(events)

@@ -128,7 +128,11 @@ fn new_alerts_past_the_bound_are_counted_not_tracked() {
 struct Kept(Arc<Mutex<Vec<(String, AlertEvent)>>>);
 
 impl AlertSink for Kept {
-    fn enqueue(&mut self, items: &[(String, AlertEvent)]) -> Result<usize, String> {
+    fn enqueue(
+        &mut self,
+        _ledger: &mut crate::ledger::Ledger,
+        items: &[(String, AlertEvent)],
+    ) -> Result<usize, String> {
         let mut v = self.0.lock().map_err(|e| e.to_string())?;
         v.extend_from_slice(items);
         Ok(items.len())
