@@ -46,8 +46,12 @@ const FIRE_TIMEOUT: Duration = Duration::from_secs(60);
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(90);
 
 fn start(dir: &LedgerDir) -> Result<Daemon> {
+    start_with(dir, RULES)
+}
+
+fn start_with(dir: &LedgerDir, text: &str) -> Result<Daemon> {
     let rules = dir.path().join("rules.toml");
-    std::fs::write(&rules, RULES).context("writing the rules")?;
+    std::fs::write(&rules, text).context("writing the rules")?;
     Daemon::start(
         dir,
         &DaemonOptions {
@@ -62,10 +66,17 @@ fn start(dir: &LedgerDir) -> Result<Daemon> {
 
 /// Runs `workload burn` for `ms` ms in a run of its own (context from the environment).
 fn burn_in_run(tag: &str, ms: u32) -> Result<String> {
+    burn_for(tag, ms, "alert-customer")
+}
+
+/// The same, for `customer`.
+fn burn_for(tag: &str, ms: u32, customer: &str) -> Result<String> {
     let run_id = unique_run_id(tag);
     let trace = trace_id();
     let traceparent = format!("00-{trace}-00f067aa0ba902b7-01");
-    let attrs = format!("flow.id=alert-flow,flow.run_id={run_id},agent.id=alert-agent");
+    let attrs = format!(
+        "flow.id=alert-flow,flow.run_id={run_id},agent.id=alert-agent,customer.id={customer}"
+    );
     let env = [
         ("TRACEPARENT", traceparent.as_str()),
         ("OTEL_RESOURCE_ATTRIBUTES", attrs.as_str()),
@@ -257,6 +268,69 @@ fn a_hostile_rules_file_on_sighup_is_refused_and_the_old_rules_keep_firing() -> 
         "a reload was counted"
     );
     let _ = Path::new(&rules);
+    Ok(())
+}
+
+#[test]
+fn a_firing_budget_silences_its_customers_run_alerts_only() -> Result<()> {
+    // Customer A's budget: 0.00002 USD, alerting at 50 %; a heavy run (1.75e-5)
+    // crosses it. Its run alert fires too, silenced; customer B's is not.
+    let (a, b) = (unique_run_id("cust-a"), unique_run_id("cust-b"));
+    let rules = format!(
+        "{RULES}\n[[alerts]]\nname = \"budget\"\nkind = \"budget\"\ngroup = \"customer\"\n\
+         where = {{ customer_id = \"{a}\" }}\nbudget = \"0.00002\"\npercents = [50]\n\
+         annotations = {{ summary = \"{{{{ group }}}} spent {{{{ value }}}}, 100 % at {{{{ forecast }}}}\" }}\n"
+    );
+    let dir = LedgerDir::new()?;
+    let d = start_with(&dir, &rules)?;
+    let run_a = burn_for("alert-a", 1500, &a)?;
+    let run_b = burn_for("alert-b", 1500, &b)?;
+    let mut seen = (None, None, None);
+    poll(FIRE_TIMEOUT, || {
+        let all = alerts(&d, &[("state", "firing")])?;
+        let find = |k: &str, v: &str| all.iter().find(|x| x["labels"][k] == v).cloned();
+        seen = (
+            find("customer_id", &a),
+            find("run_id", &run_a),
+            find("run_id", &run_b),
+        );
+        Ok(match &seen {
+            (Some(_), Some(_), Some(_)) => Ok(()),
+            other => Err(format!("firing: {other:?}")),
+        })
+    })
+    .with_context(|| format!("daemon log:\n{}", tail(&d.log())))?;
+    let (Some(budget), Some(silenced), Some(other)) = seen else {
+        unreachable!("polled until all three were seen")
+    };
+    ensure!(
+        budget["labels"]["percent"] == "50" && budget["threshold"] == "0.00001",
+        "budget: {budget:#}"
+    );
+    ensure!(
+        budget["annotations"]["summary"]
+            .as_str()
+            .is_some_and(|s| s.starts_with(&format!("{a} spent "))),
+        "budget: {budget:#}"
+    );
+    ensure!(
+        silenced["inhibited"] == true,
+        "customer A's run: {silenced:#}"
+    );
+    ensure!(other["inhibited"] == false, "customer B's run: {other:#}");
+    // Once both runs' alerts resolved: notified were the budget's firing and
+    // B's firing and resolve; A's run alert, silenced, never.
+    for run in [&run_a, &run_b] {
+        wait_state(&d, run, "resolved", RESOLVE_TIMEOUT)?;
+    }
+    poll(Duration::from_secs(30), || {
+        let n = d.counter("mentat_agent_alert_events_total")?;
+        Ok(if n == 3 {
+            Ok(())
+        } else {
+            Err(format!("{n} events"))
+        })
+    })?;
     Ok(())
 }
 
