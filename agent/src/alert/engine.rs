@@ -196,7 +196,7 @@ impl AlertStats {
             ),
             (
                 "mentat_agent_alert_evaluation_failures_total",
-                "Evaluations that failed (a ledger error; logged, retried at the next window).",
+                "Evaluations that failed or panicked (logged; states reloaded from the ledger, retried at the next window).",
                 g(&self.failures),
             ),
             (
@@ -334,13 +334,7 @@ impl Engine {
         self.stats.micros_total.fetch_add(us, Ordering::Relaxed);
         self.stats.last_micros.store(us, Ordering::Relaxed);
         if out.is_err() {
-            self.stats.failures.fetch_add(1, Ordering::Relaxed);
-            // Memory may be ahead of the ledger: take the ledger's word.
-            if let Ok(bodies) = self.writer.alert_bodies() {
-                let untracked = self.table.untracked;
-                self.table = StateTable::from_bodies(&bodies).0;
-                self.table.untracked = untracked;
-            }
+            self.recover();
         }
         let (p, f, i) = self.table.counts();
         self.stats.pending.store(p, Ordering::Relaxed);
@@ -350,6 +344,18 @@ impl Engine {
             .untracked
             .store(self.table.untracked, Ordering::Relaxed);
         out
+    }
+
+    /// After a failed or panicked evaluation: counted, and the states taken
+    /// from the ledger (memory may be ahead of what was saved and queued).
+    fn recover(&mut self) {
+        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+        if let Ok(bodies) = self.writer.alert_bodies() {
+            let untracked = self.table.untracked;
+            self.table = StateTable::from_bodies(&bodies).0;
+            self.table.untracked = untracked;
+        }
+        self.slow.clear();
     }
 
     fn evaluate_inner(&mut self, at: i64) -> Result<Vec<AlertEvent>, EngineError> {
@@ -446,8 +452,18 @@ pub async fn run(
         let Some(mut e) = engine.take() else { return };
         // SQLite reads block: off the async threads.
         let joined = tokio::task::spawn_blocking(move || {
-            if let Err(err) = e.evaluate(at) {
-                warn!(error = %err, "alert evaluation failed; retried at the next window");
+            // A panic (a bug) must not end alerting: counted, logged, and the
+            // states taken again from the ledger, as after a failed evaluation.
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| e.evaluate(at)));
+            match run {
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => {
+                    warn!(error = %err, "alert evaluation failed; retried at the next window");
+                }
+                Err(_) => {
+                    warn!("alert evaluation panicked; states reloaded, retried at the next window");
+                    e.recover();
+                }
             }
             e
         })
@@ -455,7 +471,7 @@ pub async fn run(
         match joined {
             Ok(e) => engine = Some(e),
             Err(_) => {
-                warn!("alert evaluation panicked; alerting stops");
+                warn!("the alert evaluation task was cancelled; alerting stops");
                 return;
             }
         }
