@@ -70,6 +70,10 @@ pub struct Config {
     pub metrics: crate::serve::prometheus::MetricsConfig,
     /// Where alert notifications go (`[[alert_channels]]`, see `alert::notify::config`).
     pub alert_channels: Vec<crate::alert::notify::ChannelConfig>,
+    /// Alert rules evaluated after each committed window (besides `[alerting] rules_file`'s).
+    pub alerts: Vec<crate::alert::rules::RuleConfig>,
+    /// How alerts are evaluated and kept.
+    pub alerting: crate::alert::rules::AlertingConfig,
 }
 
 impl Default for Config {
@@ -95,6 +99,8 @@ impl Default for Config {
             span_lag: Duration::from_secs(10),
             metrics: crate::serve::prometheus::MetricsConfig::default(),
             alert_channels: Vec::new(),
+            alerts: Vec::new(),
+            alerting: crate::alert::rules::AlertingConfig::default(),
         }
     }
 }
@@ -181,6 +187,27 @@ series_grace = "5m"         # a workload's series end this long after its last r
 # tls = "starttls"          #   "none" (loopback only), username + password_file, from, to = [...]
 # ca_file = "..."           # PEM CAs trusted instead of the built-in web roots (https, smtp)
 # timeout = "10s"           # one delivery attempt at most
+[alerting]                  # alert rules, evaluated over the ledger after each committed window (README "Alerts")
+# rules_file = "/etc/mentat-agent/alerts.toml"   # [[alerts]] tables, read at start and again on SIGHUP
+repeat_interval = "4h"      # a firing alert is notified again this often
+keep_resolved = "24h"       # resolved alerts stay listed (/v1/alerts) this long
+max_alerts = 10000          # alerts tracked at once; past it, new ones are not tracked (counted)
+slow_interval = "1m"        # long-range rules (budget, anomaly, lifetime, windows >= 1h) are evaluated at most this often
+
+# [[alerts]]                # a rule; any number of them, here or in rules_file (README "Alerts")
+# name = "run-cost"
+# kind = "threshold"        # threshold | budget | anomaly | waste
+# group = "run"             # run | flow | agent | customer | project | container | model
+# measure = "cost_total"    # any summed column: cost_*, cpu_core_seconds, gpu_*, network_*, tokens_*, ...
+# window = "5m"             # or "lifetime" (since the group began, within lookback)
+# as = "total"              # total | per_second | per_hour
+# op = ">"
+# value = "5"               # exact decimal (a string or an integer)
+# for = "0s"
+# where = { customer_id = "acme" }
+# labels = { severity = "warning" }
+# annotations = { summary = "run {{ group }} cost {{ value }} > {{ threshold }}" }
+# channels = []             # alert channel names; empty: every channel
 "#;
 
 /// Environment variables that override config keys: `MENTAT_` followed by the
@@ -254,6 +281,8 @@ impl Config {
                 })?;
                 // Deserializing the text itself is what gives line-precise errors.
                 toml::from_str::<Config>(&text).map_err(|e| invalid(e.to_string()))?;
+                crate::alert::rules::parse_text(&text, &path.display().to_string())
+                    .map_err(|e| invalid(e.to_string()))?;
                 toml::from_str::<toml::Table>(&text).map_err(|e| invalid(e.to_string()))?
             }
             None => toml::Table::new(),
@@ -364,6 +393,7 @@ impl Config {
                 r.max_span_age, c.span_lag, c.raw_retention
             ));
         }
+        crate::alert::engine::compile_config(&c.alerts).map_err(|e| e.to_string())?;
         if c.retention < c.raw_retention {
             return Err(format!(
                 "retention = {:?} is shorter than raw_retention ({:?}): rollups would be deleted before the records they replace",

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    alert,
     collect::{Collector, Window, gpu::GpuMeter, metered::core_seconds, storage::StorageMeter},
     config::Config,
     context::{
@@ -78,6 +79,12 @@ pub enum DaemonError {
     /// The OTLP receiver is misconfigured.
     #[error(transparent)]
     Receiver(#[from] receiver::ReceiverError),
+    /// The alert rules are not valid.
+    #[error(transparent)]
+    Rules(#[from] alert::rules::RuleError),
+    /// The alert engine could not start.
+    #[error(transparent)]
+    Alerts(#[from] alert::engine::EngineError),
     /// A thread of the daemon died.
     #[error("the {0} thread panicked")]
     Panicked(&'static str),
@@ -149,6 +156,43 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         let l = ledger.clone();
         metrics.add_source(move || l.counters());
     }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Alert notifications: one delivery task per `[[alert_channels]]` entry,
+    // resuming whatever the ledger's alert outbox holds. Whoever queues
+    // events (`AlertOutbox::enqueue_alert_events`) then calls `notifier.wake()`.
+    let (notifier, notify_tasks) = crate::alert::notify::start(
+        ledger.clone(),
+        &config.alert_channels,
+        crate::alert::notify::DeliveryOptions::default(),
+        stop_rx.clone(),
+    )?;
+    {
+        let notifier = notifier.clone();
+        metrics.add_source(move || notifier.counters());
+    }
+
+    // Alert rules: checked before anything runs; evaluated after each committed window, off the commit path.
+    let alert_stats = Arc::new(alert::engine::AlertStats::default());
+    {
+        let stats = alert_stats.clone();
+        metrics.add_source(move || stats.counters());
+    }
+    let alert_rules = alert::engine::RulesHandle::load(
+        &config.alerts,
+        config.alerting.rules_file.as_deref(),
+        notifier.channel_names(),
+        alert_stats,
+    )?;
+    // The engine queues its events in the ledger's alert outbox and wakes the channels.
+    let alert_engine = alert::engine::Engine::open(
+        &config.ledger_path,
+        alert_rules.clone(),
+        &config.alerting,
+        &node,
+        notifier.channel_names(),
+        Box::new(notifier.clone()),
+    )?;
+    info!(rules = alert_rules.current().len(), "alert rules in force");
     let ready = Arc::new(AtomicBool::new(false));
 
     let mut probes = Probes::load(&config.probe_config())?;
@@ -161,7 +205,6 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     ));
     info!(node, tick = ?config.tick, "probes attached; metering");
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let (wake_tx, wake_rx) = watch::channel(0u64);
     let otlp = config.otlp.clone();
     let exporters: Vec<&'static str> = if otlp.endpoint.is_empty() {
@@ -186,20 +229,6 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
             export::drain(&mut exporter, &mut outbox, &stats, wake_rx, stop).await;
         }))
     };
-
-    // Alert notifications: one delivery task per `[[alert_channels]]` entry,
-    // resuming whatever the ledger's alert outbox holds. Whoever queues
-    // events (`AlertOutbox::enqueue_alert_events`) then calls `notifier.wake()`.
-    let (notifier, notify_tasks) = crate::alert::notify::start(
-        ledger.clone(),
-        &config.alert_channels,
-        crate::alert::notify::DeliveryOptions::default(),
-        stop_rx.clone(),
-    )?;
-    {
-        let notifier = notifier.clone();
-        metrics.add_source(move || notifier.counters());
-    }
 
     // Runs whose spans are in but whose windows are not committed yet (the run view says so).
     let pending = Arc::new(PendingRuns::default());
@@ -322,6 +351,9 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     };
     ready.store(true, Ordering::SeqCst);
 
+    let (alert_tx, alert_rx) = watch::channel(0i64);
+    let alert_task = tokio::spawn(alert::engine::run(alert_engine, alert_rx, stop_rx.clone()));
+
     let commit = {
         let ledger = ledger.clone();
         let metrics = metrics.clone();
@@ -343,6 +375,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
                 let s = &done.window.report.summary;
                 if let Some(end) = crate::probes::clock::unix_ns_of(&s.window_end) {
                     pending.committed_through(end);
+                    let _ = alert_tx.send(end);
                 }
                 metrics.observe(
                     &done.records,
@@ -361,7 +394,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         }
     };
     let signals = async {
-        shutdown_signal(&prices, config.pricing_path.clone()).await;
+        shutdown_signal(&prices, config.pricing_path.clone(), &alert_rules).await;
         info!("stopping: closing the last window");
         stop_flag.store(true, Ordering::SeqCst);
     };
@@ -373,6 +406,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         .join()
         .map_err(|_| DaemonError::Panicked("collector"));
     compaction.abort();
+    let _ = alert_task.await;
     // A send cut short here is acknowledged or not: either way the row is
     // still queued and goes out after the restart (at least once).
     for t in notify_tasks {
@@ -447,7 +481,11 @@ fn collect_loop(
     }
 }
 
-async fn shutdown_signal(prices: &PriceBookHandle, pricing_path: Option<PathBuf>) {
+async fn shutdown_signal(
+    prices: &PriceBookHandle,
+    pricing_path: Option<PathBuf>,
+    alert_rules: &alert::engine::RulesHandle,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -471,6 +509,8 @@ async fn shutdown_signal(prices: &PriceBookHandle, pricing_path: Option<PathBuf>
                     }
                     None => info!("SIGHUP: no pricing_path configured; the built-in book stays"),
                 }
+                // On failure reload() has logged and counted why; the old rules stay in force.
+                let _ = alert_rules.reload();
             }
         }
     }

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use mentat_agent::{
     cli::{
-        check,
+        alerts, check,
         output::Format,
         pricing,
         record::{self, RecordOptions},
@@ -48,6 +48,8 @@ enum Cmd {
     },
     /// Query a running agent's ledger: usage over a time range as a tree, or billing events.
     Usage(UsageArgs),
+    /// List a running agent's alerts, or (`alerts test RULE`) replay a rule over the ledger's history.
+    Alerts(AlertsArgs),
     /// List what the agent needs from the kernel and whether each is present; exit 1 if it cannot run.
     Check {
         /// Where to read kernel BTF from.
@@ -139,6 +141,48 @@ struct UsageArgs {
     /// Bearer token file for an API bound off loopback.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+struct AlertsArgs {
+    #[command(subcommand)]
+    cmd: Option<AlertsCmd>,
+    /// Only alerts in this state: pending, firing or resolved.
+    #[arg(long)]
+    state: Option<String>,
+    /// Only this rule's alerts.
+    #[arg(long)]
+    rule: Option<String>,
+    /// Output: table (default) or json.
+    #[arg(long, value_enum, default_value = "table")]
+    format: UsageFormat,
+    /// The agent's API.
+    #[arg(long, default_value = "http://127.0.0.1:9464")]
+    api: String,
+    /// Bearer token file for an API bound off loopback.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum AlertsCmd {
+    /// Evaluate one rule over the ledger's history; print when its alerts would have fired and resolved.
+    Test {
+        /// The rule's name.
+        rule: String,
+        /// The daemon's config file (its [[alerts]], [alerting] rules_file and ledger_path).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Start (RFC 3339); default: an hour before --to.
+        #[arg(long)]
+        from: Option<String>,
+        /// End (RFC 3339); default: the last committed window's end.
+        #[arg(long)]
+        to: Option<String>,
+        /// One evaluation per step.
+        #[arg(long, value_parser = parse_duration, default_value = "1m")]
+        step: Duration,
+    },
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -392,6 +436,55 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 r => r.map(|()| 0).map_err(Into::into),
             }
         }
+        Cmd::Alerts(a) => match a.cmd {
+            Some(AlertsCmd::Test {
+                rule,
+                config,
+                from,
+                to,
+                step,
+            }) => {
+                let cfg = match &config {
+                    Some(p) => Config::load(p)?,
+                    None => Config::default(),
+                };
+                let rules = alerts::config_rules(&cfg)?;
+                let fired = alerts::test(
+                    &rules,
+                    &rule,
+                    &cfg.ledger_path,
+                    from.as_deref(),
+                    to.as_deref(),
+                    step,
+                    &mut std::io::stdout().lock(),
+                )?;
+                Ok(i32::from(fired == 0))
+            }
+            None => {
+                let q = UsageQuery {
+                    api: a.api,
+                    token_file: a.token_file,
+                    since: None,
+                    from: None,
+                    to: None,
+                    group_by: Vec::new(),
+                    filters: Vec::new(),
+                    format: a.format,
+                    billing: false,
+                    run: None,
+                    quarantine: false,
+                    unpriced: false,
+                };
+                alerts::list(
+                    &q,
+                    a.state.as_deref(),
+                    a.rule.as_deref(),
+                    a.format == UsageFormat::Json,
+                    &mut std::io::stdout().lock(),
+                )?;
+                Ok(0)
+            }
+        },
         Cmd::Check { btf } => {
             let items = check::run(&ProbeConfig {
                 btf_path: btf,

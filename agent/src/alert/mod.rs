@@ -10,7 +10,15 @@
 //! Per-run and per-customer cost cannot be Prometheus labels (cardinality),
 //! so the agent evaluates these rules itself.
 
+#[cfg(test)]
+mod bench;
+pub mod engine;
+pub mod eval;
 pub mod notify;
+pub mod rules;
+pub mod state;
+#[cfg(test)]
+pub(crate) mod testutil;
 
 use std::collections::BTreeMap;
 

@@ -5,6 +5,7 @@
 //! API; `check` lists what the kernel offers the agent; `pricing` makes
 //! price books.
 
+pub mod alerts;
 pub mod check;
 pub mod output;
 pub mod pricing;

@@ -99,7 +99,8 @@ impl UsageQuery {
         p
     }
 
-    fn get(&self, path: &str, params: &[(String, String)]) -> Result<Value, QueryError> {
+    /// GETs `path` from the API with `params`, as JSON (errors carry the API's message).
+    pub(crate) fn get(&self, path: &str, params: &[(String, String)]) -> Result<Value, QueryError> {
         let url = format!("{}{path}", self.api.trim_end_matches('/'));
         let mut req = ureq::get(&url);
         for (k, v) in params {

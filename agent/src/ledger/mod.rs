@@ -82,6 +82,7 @@
 //! time, bounds are in effect rounded up to the hour.
 
 pub mod alert_outbox;
+pub mod alerts;
 mod compact;
 mod exact;
 mod identity;
@@ -1363,6 +1364,20 @@ impl Ledger {
         group_by: &[&str],
         filters: &[(String, String)],
     ) -> Result<Vec<(Group, Totals)>, LedgerError> {
+        self.totals_keyed(from, to, group_by, filters, &mut HashMap::new())
+    }
+
+    /// [`Ledger::totals`], remembering each identity's group key (for these
+    /// `group_by` fields, model excluded) in `keys` across calls: identities
+    /// never change, so a caller asking every window (alert rules) looks each up once.
+    pub fn totals_keyed(
+        &self,
+        from: &str,
+        to: &str,
+        group_by: &[&str],
+        filters: &[(String, String)],
+        keys: &mut HashMap<i64, Vec<Option<String>>>,
+    ) -> Result<Vec<(Group, Totals)>, LedgerError> {
         let path = &self.path;
         let from = parse_time("from", from)?;
         let to = parse_time("to", to)?;
@@ -1520,7 +1535,6 @@ impl Ledger {
             .map_err(sql(path, "preparing group keys"))?;
         type Folded = (Acc, models::TokenTypes, BTreeSet<usize>);
         let mut out: BTreeMap<Vec<Option<String>>, Folded> = BTreeMap::new();
-        let mut keys: HashMap<i64, Vec<Option<String>>> = HashMap::new();
         for ((ident, cur, model), (acc, types)) in by_ident {
             if model_filters.iter().any(|f| *f != model.as_deref()) {
                 continue;

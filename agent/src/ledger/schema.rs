@@ -8,8 +8,8 @@
 /// Every migration, in order.
 ///
 /// Issue 15: the alert rules' state is V6 and the alert outbox V7; each is
-/// self-contained (its own tables only), so their order does not matter.
-pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V7];
+/// self-contained (its own tables only).
+pub(super) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
 
 /// Version 1.
 ///
@@ -290,6 +290,24 @@ CREATE TABLE hourly_models (
     tokens_audio_output INTEGER NOT NULL,
     PRIMARY KEY (hour_ns, ident, currency, model)
 ) WITHOUT ROWID;
+";
+
+/// Version 6: alert states (`alert::state`), one row per alert (a rule × a
+/// group), keyed by its fingerprint (a stable hash of the rule and the group
+/// key). `body` is the whole state as JSON (labels, annotations, value,
+/// when it was last notified and its repeat count), so a restart resumes
+/// every pending and firing alert and re-announces none; `rule`, `state` and
+/// `updated_ns` are columns for `/v1/alerts`' filters and for forgetting
+/// resolved alerts after `keep_resolved`.
+const V6: &str = "
+CREATE TABLE alert_states (
+    fingerprint TEXT PRIMARY KEY,
+    rule TEXT NOT NULL,
+    state TEXT NOT NULL,
+    updated_ns INTEGER NOT NULL,
+    body TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX alert_states_by_rule ON alert_states (rule, state);
 ";
 
 /// Version 7: the alert outbox (issue 15), one row per (channel, alert

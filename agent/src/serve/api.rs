@@ -259,6 +259,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/records", get(records))
         .route("/v1/runs/{run_id}", get(run_view))
         .route("/v1/quarantine", get(quarantine))
+        .route("/v1/alerts", get(alerts))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -954,6 +955,52 @@ async fn quarantine(
         "next": next,
         "dead_letters": dead,
     })))
+}
+
+/// `GET /v1/alerts` parameters.
+#[derive(Debug, Deserialize)]
+pub struct AlertParams {
+    /// `pending`, `firing` or `resolved`.
+    pub state: Option<String>,
+    /// A rule's name.
+    pub rule: Option<String>,
+    /// At most this many (default 1,000).
+    pub limit: Option<usize>,
+}
+
+/// `GET /v1/alerts`: active and recently resolved alerts, most recently changed first.
+async fn alerts(
+    State(state): State<AppState>,
+    Query(p): Query<AlertParams>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    if let Some(s) = p.state.as_deref()
+        && !matches!(s, "pending" | "firing" | "resolved")
+    {
+        return Err(bad(
+            "state",
+            format!("{s:?} is not pending, firing or resolved"),
+        ));
+    }
+    if p.rule.as_ref().is_some_and(|r| r.len() > MAX_VALUE_LEN) {
+        return Err(bad("rule", format!("over {MAX_VALUE_LEN} bytes")));
+    }
+    let limit = p.limit.unwrap_or(MAX_QUARANTINE_PAGE);
+    if !(1..=MAX_QUARANTINE_PAGE).contains(&limit) {
+        return Err(bad(
+            "limit",
+            format!("{limit} is outside 1..={MAX_QUARANTINE_PAGE}"),
+        ));
+    }
+    let bodies = with_ledger(&state, move |l| {
+        l.alert_list(p.state.as_deref(), p.rule.as_deref(), limit)
+            .map_err(ledger_problem)
+    })
+    .await?;
+    let alerts: Vec<serde_json::Value> = bodies
+        .iter()
+        .filter_map(|b| serde_json::from_str(b).ok())
+        .collect();
+    Ok(Json(json!({ "alerts": alerts })))
 }
 
 #[cfg(test)]

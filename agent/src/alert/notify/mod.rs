@@ -545,3 +545,22 @@ fn batches(rows: Vec<AlertRow>, max: usize) -> (Vec<Batch>, Vec<(AlertRow, Strin
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests;
+
+/// The rules engine queues its events here: into the ledger's alert outbox
+/// (on the engine's own connection, before it saves the states), then the
+/// channels' delivery tasks are woken.
+impl crate::alert::engine::AlertSink for Notifier {
+    fn enqueue(
+        &mut self,
+        ledger: &mut crate::ledger::Ledger,
+        items: &[(String, AlertEvent)],
+    ) -> Result<usize, String> {
+        let n = ledger
+            .enqueue_alert_events(items)
+            .map_err(|e| e.to_string())?;
+        if n > 0 {
+            self.wake();
+        }
+        Ok(n)
+    }
+}
