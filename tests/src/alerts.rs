@@ -298,7 +298,11 @@ impl Alertmanager {
     /// Starts `/usr/bin/prometheus-alertmanager` in `dir` (storage there),
     /// grouping by alertname with 1 s waits, notifying `webhook_url`.
     pub fn start(dir: &Path, webhook_url: &str) -> Result<Self> {
-        let port = free_port()?;
+        Self::start_on(dir, webhook_url, free_port()?)
+    }
+
+    /// As [`Alertmanager::start`], on `port` (one an agent was told of before it came up).
+    pub fn start_on(dir: &Path, webhook_url: &str, port: u16) -> Result<Self> {
         let config = dir.join("alertmanager.yml");
         fs::write(
             &config,

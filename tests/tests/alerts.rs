@@ -7,6 +7,9 @@
 //!   the group's labels, and resolves once the run's cost leaves the window.
 //! - A hostile rules file sent with SIGHUP is refused, the error naming its
 //!   file and line, and the old rules keep firing.
+//! - The run's alert reaches a real Alertmanager exactly once across an
+//!   outage and a SIGKILL of the agent between firing and notifying, with the
+//!   rule's labels, and is resolved there.
 //!
 //! Every wait is a poll with a deadline (a loaded 2-core machine). Needs root.
 
@@ -14,7 +17,8 @@ use std::{path::Path, process::Command, str::FromStr, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use mentat_tests::{
-    daemon::{Daemon, DaemonOptions, LedgerDir, NODE, poll},
+    alerts::{Alertmanager, HttpReceiver},
+    daemon::{Daemon, DaemonOptions, LedgerDir, NODE, free_port, poll},
     traced::{run_reaped, trace_id, unique_run_id},
     workload_bin,
 };
@@ -50,13 +54,18 @@ fn start(dir: &LedgerDir) -> Result<Daemon> {
 }
 
 fn start_with(dir: &LedgerDir, text: &str) -> Result<Daemon> {
+    start_with_tables(dir, text, "")
+}
+
+/// As [`start_with`], with more config tables (`[[alert_channels]]`).
+fn start_with_tables(dir: &LedgerDir, text: &str, tables: &str) -> Result<Daemon> {
     let rules = dir.path().join("rules.toml");
     std::fs::write(&rules, text).context("writing the rules")?;
     Daemon::start(
         dir,
         &DaemonOptions {
             extra_tables: Some(format!(
-                "[alerting]\nrules_file = \"{}\"\n",
+                "[alerting]\nrules_file = \"{}\"\n{tables}",
                 rules.display()
             )),
             ..DaemonOptions::default()
@@ -341,5 +350,120 @@ fn hup(d: &Daemon) -> Result<()> {
         .status()
         .context("running kill -HUP")?;
     ensure!(status.success(), "kill -HUP {pid}: {status}");
+    Ok(())
+}
+
+/// A counter or gauge of the daemon's `/metrics`, by its full series name (0 when absent).
+fn metric(d: &Daemon, series: &str) -> Result<u64> {
+    let text = d.metrics()?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0))
+}
+
+#[test]
+fn a_run_alert_reaches_alertmanager_once_across_an_outage_and_a_sigkill() -> Result<()> {
+    let dir = LedgerDir::new()?;
+    let hook = HttpReceiver::start(dir.path(), None, None)?;
+    // The port Alertmanager will listen on; nothing does while the alert fires.
+    let port = free_port()?;
+    let channel = format!(
+        "[[alert_channels]]\nname = \"am\"\nkind = \"alertmanager\"\nurl = \"http://127.0.0.1:{port}\"\n"
+    );
+    let d = start_with_tables(&dir, RULES, &channel)?;
+    let heavy = burn_in_run("alert-am", 1500)?;
+    wait_state(&d, &heavy, "firing", FIRE_TIMEOUT)?;
+    // Queued, and its delivery failing: Alertmanager is down.
+    poll(FIRE_TIMEOUT, || {
+        let failures = metric(
+            &d,
+            r#"mentat_agent_alert_notification_failures_total{channel="am"}"#,
+        )?;
+        let pending = metric(
+            &d,
+            r#"mentat_agent_alert_notifications_pending{channel="am"}"#,
+        )?;
+        Ok(if failures >= 1 && pending >= 1 {
+            Ok(())
+        } else {
+            Err(format!("{failures} failures, {pending} pending"))
+        })
+    })?;
+    ensure!(
+        metric(
+            &d,
+            r#"mentat_agent_alert_notifications_sent_total{channel="am"}"#
+        )? == 0,
+        "sent while Alertmanager was down"
+    );
+    // A crash between firing and notifying.
+    d.kill()?;
+    let am = Alertmanager::start_on(dir.path(), &hook.url("/am"), port)?;
+    let d = start_with_tables(&dir, RULES, &channel)?;
+    // The queued firing goes out after the restart, to Alertmanager's own API
+    // with the rule's labels and annotation, and on to its receiver.
+    poll(FIRE_TIMEOUT, || {
+        let alerts = am.alerts()?;
+        Ok(
+            match alerts
+                .iter()
+                .find(|a| a["labels"]["run_id"] == heavy.as_str())
+            {
+                Some(a) => {
+                    ensure!(
+                        a["labels"]["alertname"] == "run-cost"
+                            && a["labels"]["severity"] == "warning"
+                            && a["labels"]["node"] == NODE,
+                        "labels in alertmanager: {a:#}"
+                    );
+                    ensure!(
+                        a["annotations"]["summary"]
+                            .as_str()
+                            .is_some_and(|s| s.starts_with(&format!("run {heavy} cost "))),
+                        "annotation in alertmanager: {a:#}"
+                    );
+                    Ok(())
+                }
+                None => Err("not in alertmanager yet".to_string()),
+            },
+        )
+    })?;
+    let notified = |status: &str| {
+        hook.requests()
+            .iter()
+            .filter(|r| {
+                r["body"]["status"] == status
+                    && r["body"]["alerts"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|a| a["labels"]["run_id"] == heavy.as_str()))
+            })
+            .count()
+    };
+    poll(FIRE_TIMEOUT, || {
+        Ok((notified("firing") >= 1)
+            .then_some(())
+            .ok_or_else(|| "alertmanager has not notified its receiver".to_string()))
+    })?;
+    // It resolves once the run leaves the rule's 20 s window: sent, and
+    // Alertmanager tells its receiver.
+    wait_state(&d, &heavy, "resolved", RESOLVE_TIMEOUT)?;
+    poll(FIRE_TIMEOUT, || {
+        Ok((notified("resolved") >= 1)
+            .then_some(())
+            .ok_or_else(|| "no resolved notification from alertmanager".to_string()))
+    })?;
+    // Exactly once each: the restarted agent sent the queued firing and the
+    // resolve, and did not announce the firing alert again (its state was
+    // in the ledger). Counters start at 0 with the process.
+    let sent = metric(
+        &d,
+        r#"mentat_agent_alert_notifications_sent_total{channel="am"}"#,
+    )?;
+    ensure!(
+        sent == 2,
+        "the restarted agent sent {sent} notifications, not 2 (firing, resolved)"
+    );
+    d.stop()?;
     Ok(())
 }
