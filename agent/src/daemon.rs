@@ -48,6 +48,7 @@ use crate::{
         forward::{ForwardOptions, Forwarder},
         outbox::LedgerOutbox,
         prometheus::{AgentStats, Exposition},
+        stream::{StreamHub, StreamLimits},
     },
 };
 
@@ -190,8 +191,22 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         let pending = pending.clone();
         metrics.add_source(move || pending.counters());
     }
+    // `/v1/stream`: fed after each commit below; never waits on a client.
+    let stream = StreamHub::new(
+        node.clone(),
+        config.ledger_path.clone(),
+        StreamLimits {
+            client_buffer: config.api.stream_client_buffer,
+            max_clients: config.api.stream_max_clients,
+        },
+    );
+    {
+        let stream = stream.clone();
+        metrics.add_source(move || stream.counters());
+    }
     let api_state = AppState::new(config.ledger_path.clone(), metrics.clone(), ready.clone())
-        .with_pending(pending.clone());
+        .with_pending(pending.clone())
+        .with_stream(stream.clone());
     let mut api_stop = stop_rx.clone();
     let api_config = config.api.clone();
     let api_task = tokio::spawn(async move {
@@ -338,6 +353,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
                     },
                 );
                 log_window(&done.window.report, done.committed.new);
+                stream.publish_committed(&done);
                 committed_windows += 1;
                 let _ = wake_tx.send(committed_windows);
             }

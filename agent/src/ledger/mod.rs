@@ -92,7 +92,10 @@ mod sum;
 #[cfg(test)]
 mod tests;
 mod times;
+mod windows;
 pub mod writer;
+
+pub use self::windows::WindowsAfter;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
