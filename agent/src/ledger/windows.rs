@@ -22,9 +22,14 @@ pub struct WindowsAfter {
     pub skipped: u64,
     /// The start of the newest window skipped, when some were.
     pub skipped_until: Option<i64>,
-    /// (window start, window end) in Unix ns, oldest first, at most `limit`.
-    pub windows: Vec<(i64, i64)>,
+    /// (window start, window end, earliest start of a record committed with
+    /// it) in Unix ns, oldest first, at most `limit`.
+    pub windows: Vec<(i64, i64, i64)>,
 }
+
+/// The longest a committed record may reach back before its window: an
+/// idle process's record spans at most 1.5 idle_interval (≤ 1 h), so 2 h.
+const MAX_RECORD_SPAN_NS: i64 = 2 * 3600 * 1_000_000_000;
 
 impl Ledger {
     /// The newest `limit` committed windows starting after `after` (Unix ns),
@@ -63,6 +68,33 @@ impl Ledger {
             .collect::<Result<Vec<(i64, i64)>, _>>()
             .map_err(&e)?;
         windows.reverse();
+        // A record committed with a window may start windows before it (an
+        // idle process's spans up to 1.5 idle_interval, at most 1.5 h): one
+        // pass finds each window's earliest, so each is then read exactly.
+        let mut earliest = std::collections::HashMap::new();
+        if let Some(&(first, _)) = windows.first() {
+            let mut stmt = self
+                .conn
+                .prepare(
+                    "SELECT we_ns, MIN(ws_ns) FROM records WHERE ws_ns >= ?1 AND we_ns > ?2 \
+                     GROUP BY we_ns",
+                )
+                .map_err(&e)?;
+            let rows = stmt
+                .query_map(
+                    params![first.saturating_sub(MAX_RECORD_SPAN_NS), first],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+                )
+                .map_err(&e)?;
+            for row in rows {
+                let (we, ws) = row.map_err(&e)?;
+                earliest.insert(we, ws);
+            }
+        }
+        let windows: Vec<(i64, i64, i64)> = windows
+            .into_iter()
+            .map(|(ws, we)| (ws, we, earliest.get(&we).copied().unwrap_or(ws).min(ws)))
+            .collect();
         let skipped = u64::try_from(total.saturating_sub(limit_i).max(0)).unwrap_or(0);
         let skipped_until = if skipped > 0 {
             self.conn

@@ -84,6 +84,9 @@ pub enum Note {
         start_ns: i64,
         /// End.
         end_ns: i64,
+        /// The earliest start of a record committed with it (an idle
+        /// process's record spans several windows).
+        min_start_ns: i64,
     },
     /// An alert state change.
     Alert(Arc<AlertEvent>),
@@ -163,14 +166,25 @@ impl StreamHub {
         if let (Some(start_ns), Some(end_ns)) =
             (unix_ns_of(&s.window_start), unix_ns_of(&s.window_end))
         {
-            self.publish_window(start_ns, end_ns);
+            let min_start_ns = done
+                .records
+                .iter()
+                .filter_map(|r| unix_ns_of(&r.window_start))
+                .fold(start_ns, i64::min);
+            self.publish_window(start_ns, end_ns, min_start_ns);
         }
     }
 
-    /// Offers the committed window [start_ns, end_ns) to every client.
-    pub fn publish_window(&self, start_ns: i64, end_ns: i64) {
+    /// Offers the committed window [start_ns, end_ns) to every client; its
+    /// records start at `min_start_ns` or later (idle processes' records
+    /// reach back).
+    pub fn publish_window(&self, start_ns: i64, end_ns: i64, min_start_ns: i64) {
         self.0.windows.fetch_add(1, Ordering::Relaxed);
-        self.publish(Note::Window { start_ns, end_ns });
+        self.publish(Note::Window {
+            start_ns,
+            end_ns,
+            min_start_ns,
+        });
     }
 
     /// Offers an alert state change to every client (whose filters it matches).
@@ -293,20 +307,17 @@ pub struct StreamQuery {
     pub after: Option<i64>,
 }
 
-/// A window's message: its totals (filtered) and, when asked, per group.
+/// A window's message: the totals (filtered) of the records committed with
+/// it and, when asked, per group.
 pub fn render_window(
     l: &Ledger,
     node: &str,
-    start_ns: i64,
-    end_ns: i64,
+    (start_ns, end_ns, min_start_ns): (i64, i64, i64),
     q: &StreamQuery,
 ) -> Result<Value, LedgerError> {
-    // A record belongs to the window its start is in: [start, start + 1 ns)
-    // is exactly this window's records.
     let from = rfc3339_of_ns(start_ns);
-    let to = rfc3339_of_ns(start_ns.saturating_add(1));
     let totals = l
-        .totals(&from, &to, &[], &q.filters)?
+        .totals_committed_with(start_ns, end_ns, min_start_ns, &[], &q.filters)?
         .into_iter()
         .next()
         .map(|(_, t)| t)
@@ -320,14 +331,16 @@ pub fn render_window(
         "totals": totals,
     });
     if !q.filters.is_empty() {
-        msg["where"] = q
-            .filters
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
+        msg["where"] = q.filters.iter().map(|(k, v)| format!("{k}={v}")).collect();
     }
     if let Some(field) = &q.group_by {
-        let rows = l.totals(&from, &to, &[field.as_str()], &q.filters)?;
+        let rows = l.totals_committed_with(
+            start_ns,
+            end_ns,
+            min_start_ns,
+            &[field.as_str()],
+            &q.filters,
+        )?;
         let truncated = rows.len().saturating_sub(MAX_STREAM_GROUPS);
         let groups: Vec<Value> = rows
             .into_iter()
@@ -353,7 +366,7 @@ fn group_json(key: Option<String>, t: &Totals) -> Value {
 
 /// The `gap` messages for a resume after `after`: what the ledger cannot replay.
 pub fn gaps(after: i64, w: &WindowsAfter) -> Vec<Value> {
-    let first = w.windows.first().map(|(s, _)| s.to_string());
+    let first = w.windows.first().map(|(s, _, _)| s.to_string());
     let mut out = Vec::new();
     if !w.known {
         let reason = match w.compacted_before {
@@ -424,14 +437,22 @@ mod tests {
         let mut slow = h.subscribe().expect("slow");
         let mut fast = h.subscribe().expect("fast");
         for k in 0..5 {
-            h.publish_window(k, k + 1);
+            h.publish_window(k, k + 1, k);
             // The fast client keeps up.
-            assert!(matches!(fast.rx.try_recv(), Ok(Note::Window { start_ns, .. }) if start_ns == k));
+            assert!(
+                matches!(fast.rx.try_recv(), Ok(Note::Window { start_ns, .. }) if start_ns == k)
+            );
         }
         assert_eq!(h.0.dropped.load(Ordering::Relaxed), 1);
         // The slow one got what fit, then its queue was closed.
-        assert!(matches!(slow.rx.try_recv(), Ok(Note::Window { start_ns: 0, .. })));
-        assert!(matches!(slow.rx.try_recv(), Ok(Note::Window { start_ns: 1, .. })));
+        assert!(matches!(
+            slow.rx.try_recv(),
+            Ok(Note::Window { start_ns: 0, .. })
+        ));
+        assert!(matches!(
+            slow.rx.try_recv(),
+            Ok(Note::Window { start_ns: 1, .. })
+        ));
         assert!(slow.rx.try_recv().is_err());
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -463,13 +484,17 @@ mod tests {
             compacted_before: Some(100),
             skipped: 0,
             skipped_until: None,
-            windows: vec![(150, 160)],
+            windows: vec![(150, 160, 150)],
         };
         let g = gaps(50, &w);
         assert_eq!(g.len(), 1);
         assert_eq!(g[0]["type"], "gap");
         assert_eq!(g[0]["until"], "150");
-        assert!(g[0]["reason"].as_str().is_some_and(|r| r.contains("raw_retention")));
+        assert!(
+            g[0]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("raw_retention"))
+        );
         // A known id with nothing skipped has no gap.
         let known = WindowsAfter {
             known: true,
@@ -478,7 +503,11 @@ mod tests {
         assert!(gaps(50, &known).is_empty());
         // An unknown id above the watermark is named as unknown.
         let g = gaps(120, &w);
-        assert!(g[0]["reason"].as_str().is_some_and(|r| r.contains("not the id")));
+        assert!(
+            g[0]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("not the id"))
+        );
         let many = WindowsAfter {
             known: true,
             skipped: 7,

@@ -68,7 +68,10 @@ fn group_field(name: &str) -> String {
 }
 
 /// Validates the parameters; a bad one is a 400 naming it.
-pub(crate) fn parse_query(p: &StreamParams, last_event_id: Option<&str>) -> Result<StreamQuery, Problem> {
+pub(crate) fn parse_query(
+    p: &StreamParams,
+    last_event_id: Option<&str>,
+) -> Result<StreamQuery, Problem> {
     let group_by = match p.group_by.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(g) if g.contains(',') => {
@@ -90,10 +93,7 @@ pub(crate) fn parse_query(p: &StreamParams, last_event_id: Option<&str>) -> Resu
     ] {
         if let Some(v) = v {
             if v.is_empty() || v.len() > MAX_VALUE_LEN {
-                return Err(bad(
-                    param,
-                    format!("must be 1 to {MAX_VALUE_LEN} bytes"),
-                ));
+                return Err(bad(param, format!("must be 1 to {MAX_VALUE_LEN} bytes")));
             }
             filters.push((field.to_string(), v.clone()));
         }
@@ -257,9 +257,9 @@ async fn render(
     hub: &StreamHub,
     reader: &mut Option<Ledger>,
     q: &StreamQuery,
-    start_ns: i64,
-    end_ns: i64,
+    window: (i64, i64, i64),
 ) -> Value {
+    let start_ns = window.0;
     let _permit = hub.render_permit().await;
     let l = reader.take();
     let (node, q) = (hub.node().to_string(), q.clone());
@@ -272,7 +272,7 @@ async fn render(
                 Err(e) => return (None, Err(e)),
             },
         };
-        let r = render_window(&l, &node, start_ns, end_ns, &q);
+        let r = render_window(&l, &node, window, &q);
         (Some(l), r)
     })
     .await;
@@ -333,14 +333,18 @@ async fn pump(
                 for g in gaps(after, &plan) {
                     send!(g);
                 }
-                for (start, end) in plan.windows {
-                    let msg = render(hub, &mut reader, q, start, end).await;
+                for (start, end, min_start) in plan.windows {
+                    let msg = render(hub, &mut reader, q, (start, end, min_start)).await;
                     send!(msg);
                     last = Some(start);
                 }
             }
-            Ok(Err(e)) => send!(json!({ "type": "gap", "after": after.to_string(), "until": null, "reason": format!("the ledger could not list the windows to replay: {e}") })),
-            Err(e) => send!(json!({ "type": "gap", "after": after.to_string(), "until": null, "reason": e.to_string() })),
+            Ok(Err(e)) => send!(
+                json!({ "type": "gap", "after": after.to_string(), "until": null, "reason": format!("the ledger could not list the windows to replay: {e}") })
+            ),
+            Err(e) => send!(
+                json!({ "type": "gap", "after": after.to_string(), "until": null, "reason": e.to_string() })
+            ),
         }
     }
     loop {
@@ -354,11 +358,15 @@ async fn pump(
         };
         match note {
             None => return,
-            Some(Note::Window { start_ns, end_ns }) => {
+            Some(Note::Window {
+                start_ns,
+                end_ns,
+                min_start_ns,
+            }) => {
                 if last.is_some_and(|l| start_ns <= l) {
                     continue;
                 }
-                let msg = render(hub, &mut reader, q, start_ns, end_ns).await;
+                let msg = render(hub, &mut reader, q, (start_ns, end_ns, min_start_ns)).await;
                 send!(msg);
                 last = Some(start_ns);
             }
