@@ -2,11 +2,12 @@
 //! printed (`output`).
 //!
 //! `record` meters for a while and prints; `usage` queries a running agent's
-//! API; `check` lists what the kernel offers the agent; `pricing` makes
+//! API; `top` shows it live; `check` lists what the kernel offers the agent; `pricing` makes
 //! price books.
 
 pub mod check;
 pub mod output;
 pub mod pricing;
 pub mod record;
+pub mod top;
 pub mod usage;
