@@ -81,11 +81,16 @@ fn record_value(r: &Value, f: &str) -> Result<Exact> {
 /// Every record in the ledger, through `/v1/records` (all pages).
 fn all_records(d: &Daemon) -> Result<Vec<Value>> {
     let from = mentat_tests::daemon::rfc3339(d.started - time::Duration::minutes(5));
-    let to = mentat_tests::daemon::rfc3339(time::OffsetDateTime::now_utc() + time::Duration::hours(1));
+    let to =
+        mentat_tests::daemon::rfc3339(time::OffsetDateTime::now_utc() + time::Duration::hours(1));
     let mut out = Vec::new();
     let mut after: Option<String> = None;
     loop {
-        let mut q = vec![("from", from.as_str()), ("to", to.as_str()), ("limit", "1000")];
+        let mut q = vec![
+            ("from", from.as_str()),
+            ("to", to.as_str()),
+            ("limit", "1000"),
+        ];
         if let Some(a) = &after {
             q.push(("after", a));
         }
@@ -137,12 +142,10 @@ fn check_totals_equal_records(
                     .filter(|g| g["key"] == key.as_str())
                     .map(|g| num(field(&g["totals"], f)))
             }))?;
-            let ledger = sum(
-                records
-                    .iter()
-                    .filter(|r| r["run_id"].as_str().unwrap_or("unattributed") == key)
-                    .map(|r| record_value(r, f)),
-            )?;
+            let ledger = sum(records
+                .iter()
+                .filter(|r| r["run_id"].as_str().unwrap_or("unattributed") == key)
+                .map(|r| record_value(r, f)))?;
             ensure!(
                 streamed == ledger,
                 "{what}: run {key}: Σ {f} is {streamed} on the stream, {ledger} in the ledger's records"
@@ -249,7 +252,10 @@ fn windows_sum_to_the_ledger_filter_resume_and_sse_lose_nothing() -> Result<()> 
     let mut burned = Exact::ZERO;
     for w in &rw {
         for g in w["groups"].as_array().context("groups")? {
-            ensure!(g["key"] == run_id.as_str(), "run filter let another group in: {g}");
+            ensure!(
+                g["key"] == run_id.as_str(),
+                "run filter let another group in: {g}"
+            );
         }
         burned = burned.add(num(&w["totals"]["cpu_core_seconds"])?)?;
         if let Some(same) = aw.iter().find(|x| x["id"] == w["id"]) {
@@ -326,7 +332,10 @@ fn windows_sum_to_the_ledger_filter_resume_and_sse_lose_nothing() -> Result<()> 
         .filter_map(|l| l.strip_prefix("data: "))
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()?;
-    let ids: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("id: ")).collect();
+    let ids: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .collect();
     let sw = windows(&data);
     ensure!(
         sw.len() >= 4 && sw.iter().zip(&aw[1..5]).all(|(x, y)| x == y),
@@ -341,7 +350,8 @@ fn windows_sum_to_the_ledger_filter_resume_and_sse_lose_nothing() -> Result<()> 
     // An id the ledger never committed: an explicit gap first.
     let g = messages(spawn_client(&d, "after=123", 1)?, "unknown id")?;
     ensure!(
-        g.first().is_some_and(|m| m["type"] == "gap" && m["after"] == "123"),
+        g.first()
+            .is_some_and(|m| m["type"] == "gap" && m["after"] == "123"),
         "after=123 did not start with a gap: {g:?}"
     );
 
@@ -416,7 +426,10 @@ fn a_client_that_never_reads_is_dropped_and_counted_while_windows_commit() -> Re
     out.read_line(&mut line)?;
     let _ = stalled.wait();
     let report: Value = serde_json::from_str(line.trim()).with_context(|| line.clone())?;
-    ensure!(report["eof"] == true, "the stalled connection was not closed: {report}");
+    ensure!(
+        report["eof"] == true,
+        "the stalled connection was not closed: {report}"
+    );
     // A client that reads still gets windows.
     let url = format!("ws://127.0.0.1:{}/v1/stream", d.port());
     let ok = Command::new("python3")
@@ -425,6 +438,9 @@ fn a_client_that_never_reads_is_dropped_and_counted_while_windows_commit() -> Re
         .output()?;
     let msgs: Vec<Value> = serde_json::from_slice(&ok.stdout)
         .with_context(|| String::from_utf8_lossy(&ok.stderr).to_string())?;
-    ensure!(windows(&msgs).len() == 2, "a reading client after the drop: {msgs:?}");
+    ensure!(
+        windows(&msgs).len() == 2,
+        "a reading client after the drop: {msgs:?}"
+    );
     Ok(())
 }

@@ -230,9 +230,13 @@ impl Model {
     pub fn apply(&mut self, msg: &Value) {
         match msg["type"].as_str() {
             Some("window") => self.apply_window(msg),
-            Some("gap") if msg["reason"].as_str().is_some_and(|r| r.contains("rollups")) => {
-                self.status = "history before raw_retention is not per window: cost starts later"
-                    .into();
+            Some("gap")
+                if msg["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("rollups")) =>
+            {
+                self.status =
+                    "history before raw_retention is not per window: cost starts later".into();
             }
             Some("alert") => {
                 self.status = format!(
@@ -393,10 +397,19 @@ fn update_row(row: &mut Row, t: &Value, secs: f64) {
 }
 
 /// Reads the agent's counters from a `/metrics` text.
-pub fn health_from_metrics(text: &str, previous: &AgentHealth, seconds_between: f64) -> AgentHealth {
+pub fn health_from_metrics(
+    text: &str,
+    previous: &AgentHealth,
+    seconds_between: f64,
+) -> AgentHealth {
     let counter = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+        text.lines().find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
     };
     let own = counter("mentat_agent_process_cpu_seconds_total").unwrap_or(0.0);
     AgentHealth {
@@ -559,11 +572,17 @@ fn draw_run(f: &mut Frame, area: ratatui::layout::Rect, view: &Value, currency: 
         )));
     }
     lines.push(Line::from(""));
-    lines.push(Line::from("SPAN                           AGENT           DURATION    COST   (* critical path)"));
+    lines.push(Line::from(
+        "SPAN                           AGENT           DURATION    COST   (* critical path)",
+    ));
     for s in view["spans"].as_array().into_iter().flatten() {
         lines.push(Line::from(format!(
             "{}{:<29} {:<15} {:>8.3}s  {}",
-            if s["on_critical_path"] == true { "*" } else { " " },
+            if s["on_critical_path"] == true {
+                "*"
+            } else {
+                " "
+            },
             s["name"].as_str().unwrap_or("?"),
             s["agent_id"].as_str().unwrap_or("-"),
             s["duration_ns"].as_f64().unwrap_or(0.0) / 1e9,
@@ -597,7 +616,13 @@ fn request(opts: &TopOptions, path: &str) -> Result<ureq::http::Response<ureq::B
 }
 
 /// Follows the stream for `grouping` until `generation` moves on.
-fn follow(opts: TopOptions, grouping: Grouping, generation: Arc<AtomicU64>, mine: u64, tx: mpsc::Sender<Input>) {
+fn follow(
+    opts: TopOptions,
+    grouping: Grouping,
+    generation: Arc<AtomicU64>,
+    mine: u64,
+    tx: mpsc::Sender<Input>,
+) {
     let mut after = SystemTime::now()
         .checked_sub(opts.since)
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -630,7 +655,10 @@ fn follow(opts: TopOptions, grouping: Grouping, generation: Arc<AtomicU64>, mine
                 let _ = tx.send(Input::StreamDown(mine, "stream ended; reconnecting".into()));
             }
             Err(e) => {
-                if tx.send(Input::StreamDown(mine, format!("stream: {e}"))).is_err() {
+                if tx
+                    .send(Input::StreamDown(mine, format!("stream: {e}")))
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -639,7 +667,12 @@ fn follow(opts: TopOptions, grouping: Grouping, generation: Arc<AtomicU64>, mine
     }
 }
 
-fn start_stream(opts: &TopOptions, grouping: Grouping, generation: &Arc<AtomicU64>, tx: &mpsc::Sender<Input>) {
+fn start_stream(
+    opts: &TopOptions,
+    grouping: Grouping,
+    generation: &Arc<AtomicU64>,
+    tx: &mpsc::Sender<Input>,
+) {
     let mine = generation.fetch_add(1, Ordering::SeqCst) + 1;
     let (opts, generation, tx) = (opts.clone(), generation.clone(), tx.clone());
     thread::spawn(move || follow(opts, grouping, generation, mine, tx));
@@ -659,7 +692,9 @@ pub fn run(opts: TopOptions) -> anyhow::Result<()> {
                 let text = request(&opts, "/metrics")
                     .and_then(|mut r| r.body_mut().read_to_string().map_err(|e| e.to_string()));
                 if let Ok(text) = text
-                    && tx.send(Input::Health(text, last.elapsed().as_secs_f64())).is_err()
+                    && tx
+                        .send(Input::Health(text, last.elapsed().as_secs_f64()))
+                        .is_err()
                 {
                     return;
                 }
@@ -746,12 +781,22 @@ mod tests {
     #[test]
     fn windows_make_rows_with_rates_and_sums_and_the_screen_shows_them() {
         let mut m = Model::new("http://x");
-        let g = |cpu: &str, cost: &str| json!([
-            {"key": "run-a", "totals": {"cost": {"total": cost}, "cpu_core_seconds": cpu}},
-            {"key": "run-b", "totals": {"cost": {"total": "0.0001"}, "cpu_core_seconds": "0.1"}},
-        ]);
-        m.apply(&window("2026-01-01T00:00:00Z", "2026-01-01T00:00:02Z", g("1", "0.001")));
-        m.apply(&window("2026-01-01T00:00:02Z", "2026-01-01T00:00:04Z", g("1.5", "0.002")));
+        let g = |cpu: &str, cost: &str| {
+            json!([
+                {"key": "run-a", "totals": {"cost": {"total": cost}, "cpu_core_seconds": cpu}},
+                {"key": "run-b", "totals": {"cost": {"total": "0.0001"}, "cpu_core_seconds": "0.1"}},
+            ])
+        };
+        m.apply(&window(
+            "2026-01-01T00:00:00Z",
+            "2026-01-01T00:00:02Z",
+            g("1", "0.001"),
+        ));
+        m.apply(&window(
+            "2026-01-01T00:00:02Z",
+            "2026-01-01T00:00:04Z",
+            g("1.5", "0.002"),
+        ));
         let a = &m.rows["run-a"];
         // The last window: 1.5 core-seconds over 2 s; 0.002 over 2 s is 3.6/h.
         assert!((a.cpu_cores - 0.75).abs() < 1e-9);
@@ -764,7 +809,11 @@ mod tests {
         assert!(s.contains("run-a"), "{s}");
         assert!(s.contains("2.5"), "{s}");
         // A group absent from a window has no rate, but keeps its sums.
-        m.apply(&window("2026-01-01T00:00:04Z", "2026-01-01T00:00:06Z", json!([])));
+        m.apply(&window(
+            "2026-01-01T00:00:04Z",
+            "2026-01-01T00:00:06Z",
+            json!([]),
+        ));
         assert_eq!(m.rows["run-a"].cpu_cores, 0.0);
         assert_eq!(m.rows["run-a"].cost, Decimal::new(3, 3));
     }
@@ -805,11 +854,13 @@ mod tests {
 
     #[test]
     fn health_reads_drops_and_the_agents_own_cpu() {
-        let text = "mentat_agent_map_full_drops_total 7\nmentat_agent_process_cpu_seconds_total 10.5\n";
+        let text =
+            "mentat_agent_map_full_drops_total 7\nmentat_agent_process_cpu_seconds_total 10.5\n";
         let first = health_from_metrics(text, &AgentHealth::default(), 2.0);
         assert_eq!(first.drops, 7);
         assert_eq!(first.own_cpu_cores, None);
-        let text = "mentat_agent_map_full_drops_total 7\nmentat_agent_process_cpu_seconds_total 10.7\n";
+        let text =
+            "mentat_agent_map_full_drops_total 7\nmentat_agent_process_cpu_seconds_total 10.7\n";
         let second = health_from_metrics(text, &first, 2.0);
         assert!(second.own_cpu_cores.is_some_and(|c| (c - 0.1).abs() < 1e-9));
     }
