@@ -40,6 +40,9 @@ use crate::{
     },
 };
 
+/// The largest WebSocket message a client may send (it is ignored anyway).
+const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+
 /// How long a final message may take to leave before the socket is just closed.
 const FINAL_WRITE: Duration = Duration::from_secs(1);
 
@@ -147,7 +150,12 @@ pub(crate) async fn stream(
         let sub = hub
             .subscribe()
             .map_err(|e| Problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-        Ok(upgrade.on_upgrade(move |socket| ws_client(hub, sub, q, socket)))
+        // Clients have nothing to say: what they send is read and dropped,
+        // so a large frame is refused rather than buffered.
+        Ok(upgrade
+            .max_message_size(MAX_CLIENT_MESSAGE)
+            .max_frame_size(MAX_CLIENT_MESSAGE)
+            .on_upgrade(move |socket| ws_client(hub, sub, q, socket)))
     } else {
         let sub = hub
             .subscribe()
