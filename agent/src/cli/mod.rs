@@ -10,4 +10,5 @@ pub mod output;
 pub mod pricing;
 pub mod record;
 pub mod top;
+pub mod top_draw;
 pub mod usage;

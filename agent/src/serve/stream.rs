@@ -15,6 +15,8 @@
 //!   fallen behind: it is dropped (its task closes the connection with a
 //!   reason), counted in `mentat_agent_stream_clients_dropped_total`, and
 //!   logged at most once a minute. The commit loop is never slowed by a client.
+//! - Clients asking the same (window, group_by, filters) share one ledger
+//!   read: the newest messages are kept by that key.
 //! - A window's `id` is its start in Unix nanoseconds (decimal text, as
 //!   JavaScript numbers cannot hold it): unique per node and increasing.
 //! - Resume (`?after=<id>`): the client subscribes first, then replays the
@@ -24,6 +26,8 @@
 //!   one in both is sent once. So nothing is missed or repeated.
 
 use std::{
+    collections::BTreeMap,
+    future::Future,
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -33,7 +37,7 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::{Notify, OnceCell, Semaphore, mpsc};
 use tracing::warn;
 
 use crate::{
@@ -109,7 +113,16 @@ struct Inner {
     windows: AtomicU64,
     last_drop_log: Mutex<Option<Instant>>,
     renders: Semaphore,
+    /// Recent window messages by (window, query): clients asking the same
+    /// read the ledger once between them.
+    rendered: Mutex<BTreeMap<RenderKey, Arc<OnceCell<Value>>>>,
 }
+
+/// (window start, end, earliest record start, group_by, filters).
+type RenderKey = (i64, i64, i64, Option<String>, Vec<(String, String)>);
+
+/// Window messages kept for clients asking the same (the newest windows).
+const RENDER_CACHE: usize = 256;
 
 /// The stream's hub; cheap to clone.
 #[derive(Clone)]
@@ -157,6 +170,7 @@ impl StreamHub {
             windows: AtomicU64::new(0),
             last_drop_log: Mutex::new(None),
             renders: Semaphore::new(MAX_CONCURRENT_RENDERS),
+            rendered: Mutex::new(BTreeMap::new()),
         }))
     }
 
@@ -267,6 +281,34 @@ impl StreamHub {
     /// The per-client queue length in force.
     pub fn client_buffer(&self) -> usize {
         self.0.limits.client_buffer
+    }
+
+    /// The message for `window` and `q`: rendered by `render` once for all
+    /// clients asking the same while it is among the newest [`RENDER_CACHE`].
+    pub async fn window_message<F: Future<Output = Value>>(
+        &self,
+        window: (i64, i64, i64),
+        q: &StreamQuery,
+        render: F,
+    ) -> Value {
+        let key: RenderKey = (
+            window.0,
+            window.1,
+            window.2,
+            q.group_by.clone(),
+            q.filters.clone(),
+        );
+        let cell = match self.0.rendered.lock() {
+            Ok(mut cache) => {
+                let cell = cache.entry(key).or_default().clone();
+                while cache.len() > RENDER_CACHE {
+                    cache.pop_first();
+                }
+                cell
+            }
+            Err(_) => Arc::new(OnceCell::new()),
+        };
+        cell.get_or_init(|| render).await.clone()
     }
 
     /// Waits for a turn to read the ledger (bounded across clients).

@@ -342,7 +342,10 @@ async fn pump(
                     send!(g);
                 }
                 for (start, end, min_start) in plan.windows {
-                    let msg = render(hub, &mut reader, q, (start, end, min_start)).await;
+                    let window = (start, end, min_start);
+                    let msg = hub
+                        .window_message(window, q, render(hub, &mut reader, q, window))
+                        .await;
                     send!(msg);
                     last = Some(start);
                 }
@@ -374,7 +377,10 @@ async fn pump(
                 if last.is_some_and(|l| start_ns <= l) {
                     continue;
                 }
-                let msg = render(hub, &mut reader, q, (start_ns, end_ns, min_start_ns)).await;
+                let window = (start_ns, end_ns, min_start_ns);
+                let msg = hub
+                    .window_message(window, q, render(hub, &mut reader, q, window))
+                    .await;
                 send!(msg);
                 last = Some(start_ns);
             }
