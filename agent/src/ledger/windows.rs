@@ -117,3 +117,105 @@ impl Ledger {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{str::FromStr, time::Duration};
+
+    use rust_decimal::Decimal;
+
+    use super::*;
+    use crate::{
+        probes::clock::rfc3339_of_ns,
+        report::record::{Cost, UsageRecord},
+    };
+
+    const S: i64 = 1_000_000_000;
+    /// 2026-01-01T00:00:00Z.
+    const T0: i64 = 1_767_225_600 * S;
+
+    fn rec(id: &str, ws: i64, we: i64, total: &str) -> UsageRecord {
+        let total = Decimal::from_str(total).expect("decimal");
+        UsageRecord {
+            record_id: id.into(),
+            node: "n1".into(),
+            window_start: rfc3339_of_ns(ws),
+            window_end: rfc3339_of_ns(we),
+            record_kind: "process".into(),
+            cost: Some(Cost {
+                cpu: total,
+                subtotal: total,
+                total,
+                currency: "USD".into(),
+                pricing_version: "v1".into(),
+                ..Cost::default()
+            }),
+            ..UsageRecord::default()
+        }
+    }
+
+    #[test]
+    fn a_window_holds_the_idle_record_committed_with_it_and_resume_lists_it() {
+        let dir = std::env::temp_dir().join(format!("mentat-windows-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let mut l = Ledger::open(&dir.join("l.db"), Duration::from_secs(86_400)).expect("open");
+        let w = |k: i64| (T0 + k * 10 * S, T0 + (k + 1) * 10 * S);
+        for (k, records) in [
+            (0, vec![rec("a", w(0).0, w(0).1, "0.1")]),
+            (1, vec![rec("b", w(1).0, w(1).1, "0.2")]),
+            // An idle process's record: from the first window's start to the
+            // third's end, committed with the third.
+            (
+                2,
+                vec![
+                    rec("c", w(2).0, w(2).1, "0.3"),
+                    rec("idle", w(0).0, w(2).1, "0.04"),
+                ],
+            ),
+        ] {
+            let (ws, we) = w(k);
+            l.commit_window(&rfc3339_of_ns(ws), &rfc3339_of_ns(we), &records, &[])
+                .expect("commit");
+        }
+        let total = |rows: Vec<(super::super::Group, super::super::Totals)>| {
+            rows.into_iter()
+                .next()
+                .map(|(_, t)| t.cost.total)
+                .unwrap_or_default()
+        };
+        let third = l
+            .totals_committed_with(w(2).0, w(2).1, w(0).0, &[], &[])
+            .expect("totals");
+        assert_eq!(total(third), Decimal::from_str("0.34").expect("d"));
+        // By start alone the third window misses the idle record.
+        let by_start = l
+            .totals(&rfc3339_of_ns(w(2).0), &rfc3339_of_ns(w(2).0 + 1), &[], &[])
+            .expect("totals");
+        assert_eq!(total(by_start), Decimal::from_str("0.3").expect("d"));
+        // Resume after the first window: the other two, the third reaching back.
+        let after = l.windows_after(w(0).0, 10).expect("windows");
+        assert!(after.known);
+        assert_eq!(
+            after.windows,
+            vec![(w(1).0, w(1).1, w(1).0), (w(2).0, w(2).1, w(0).0)]
+        );
+        // The committed-with sums of every window are the whole ledger's.
+        let mut sum = Decimal::ZERO;
+        for (ws, we, min) in l.windows_after(0, 10).expect("windows").windows {
+            sum += total(
+                l.totals_committed_with(ws, we, min, &[], &[])
+                    .expect("totals"),
+            );
+        }
+        assert_eq!(sum, Decimal::from_str("0.64").expect("d"));
+        // An id it never committed, and the limit.
+        let unknown = l.windows_after(123, 1).expect("windows");
+        assert!(!unknown.known);
+        assert_eq!(unknown.skipped, 2);
+        assert_eq!(unknown.skipped_until, Some(w(1).0));
+        assert_eq!(unknown.windows.len(), 1);
+        drop(l);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
