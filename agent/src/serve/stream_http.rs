@@ -392,3 +392,144 @@ async fn pump(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{BufRead, BufReader},
+        str::FromStr,
+        sync::{Arc, atomic::AtomicBool},
+        time::Duration,
+    };
+
+    use rust_decimal::Decimal;
+
+    use super::*;
+    use crate::{
+        alert::{AlertEvent, AlertState},
+        probes::clock::rfc3339_of_ns,
+        report::record::{Cost, UsageRecord},
+        serve::{api::router, prometheus::Exposition, stream::StreamLimits},
+    };
+
+    const S: i64 = 1_000_000_000;
+    const T0: i64 = 1_767_225_600 * S;
+
+    fn serve(state: AppState) -> String {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let _ = tx.send(listener.local_addr().expect("addr"));
+                let _ = axum::serve(listener, router(state)).await;
+            });
+        });
+        format!("http://{}", rx.recv().expect("address"))
+    }
+
+    fn alert(run: &str) -> AlertEvent {
+        AlertEvent {
+            rule: "run-cost".into(),
+            kind: "threshold".into(),
+            fingerprint: "f".into(),
+            state: AlertState::Firing,
+            labels: [("run_id".to_string(), run.to_string())].into(),
+            annotations: Default::default(),
+            value: "6".into(),
+            threshold: "5".into(),
+            starts_at: rfc3339_of_ns(T0),
+            ends_at: None,
+            at: rfc3339_of_ns(T0),
+            node: "n1".into(),
+            repeat: 0,
+            valid_until: None,
+        }
+    }
+
+    /// SSE in-process: a committed window and an alert arrive, in order, and
+    /// an alert for another run is filtered out; bad parameters are 400s.
+    #[test]
+    fn sse_carries_windows_and_matching_alerts_and_bad_parameters_are_named() {
+        let dir = std::env::temp_dir().join(format!("mentat-stream-http-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("l.db");
+        let mut l = Ledger::open(&path, Duration::from_secs(86_400)).expect("open");
+        let hub = StreamHub::new("n1", path.clone(), StreamLimits::default());
+        let state = AppState::new(
+            path,
+            Exposition::new(Default::default(), |_| true),
+            Arc::new(AtomicBool::new(true)),
+        )
+        .with_stream(hub.clone());
+        let base = serve(state);
+        let bad = ureq::get(format!("{base}/v1/stream?group_by=nope"))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call()
+            .expect("call");
+        assert_eq!(bad.status(), 400);
+        let resp = ureq::get(format!("{base}/v1/stream?run=r1&group_by=run"))
+            .call()
+            .expect("stream");
+        let mut lines = BufReader::new(resp.into_body().into_reader()).lines();
+        // The hello comment: the client is subscribed.
+        assert!(lines.next().is_some());
+        let total = Decimal::from_str("0.25").expect("d");
+        let record = UsageRecord {
+            record_id: "a".into(),
+            node: "n1".into(),
+            window_start: rfc3339_of_ns(T0),
+            window_end: rfc3339_of_ns(T0 + S),
+            record_kind: "process".into(),
+            context: crate::identity::run::RunContext {
+                run_id: Some("r1".into()),
+                ..Default::default()
+            },
+            cost: Some(Cost {
+                cpu: total,
+                subtotal: total,
+                total,
+                currency: "USD".into(),
+                pricing_version: "v1".into(),
+                ..Cost::default()
+            }),
+            ..UsageRecord::default()
+        };
+        l.commit_window(&rfc3339_of_ns(T0), &rfc3339_of_ns(T0 + S), &[record], &[])
+            .expect("commit");
+        hub.publish_window(T0, T0 + S, T0);
+        hub.publish_alert(&alert("other"));
+        hub.publish_alert(&alert("r1"));
+        let mut data = Vec::new();
+        let mut ids = Vec::new();
+        for line in lines.by_ref() {
+            let line = line.expect("line");
+            if let Some(id) = line.strip_prefix("id: ") {
+                ids.push(id.to_string());
+            }
+            if let Some(d) = line.strip_prefix("data: ") {
+                data.push(serde_json::from_str::<Value>(d).expect("json"));
+                if data.len() == 2 {
+                    break;
+                }
+            }
+        }
+        assert_eq!(data[0]["type"], "window");
+        assert_eq!(data[0]["id"], T0.to_string());
+        assert_eq!(ids, vec![T0.to_string()]);
+        assert_eq!(data[0]["totals"]["cost"]["total"], "0.25");
+        assert_eq!(data[0]["groups"][0]["key"], "r1");
+        assert_eq!(data[1]["type"], "alert");
+        assert_eq!(data[1]["alert"]["labels"]["run_id"], "r1");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
