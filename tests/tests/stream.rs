@@ -209,7 +209,7 @@ fn check_consecutive(ws: &[&Value], what: &str) -> Result<()> {
 }
 
 fn sum(values: impl Iterator<Item = Result<Exact>>) -> Result<Exact> {
-    values.fold(Ok(Exact::ZERO), |acc, v| acc?.add(v?))
+    values.try_fold(Exact::ZERO, |acc, v| acc.add(v?))
 }
 
 #[test]
