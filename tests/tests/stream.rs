@@ -208,7 +208,7 @@ fn check_consecutive(ws: &[&Value], what: &str) -> Result<()> {
     Ok(())
 }
 
-fn sum(values: impl Iterator<Item = Result<Exact>>) -> Result<Exact> {
+fn sum(mut values: impl Iterator<Item = Result<Exact>>) -> Result<Exact> {
     values.try_fold(Exact::ZERO, |acc, v| acc.add(v?))
 }
 
