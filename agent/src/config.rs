@@ -129,6 +129,8 @@ pod_refresh = "30s"         # how often the pod list is fetched (when [kubernete
 [api]                       # read-only query API, /metrics, /healthz, /readyz
 bind = "127.0.0.1:9464"
 # token_file = "/var/run/secrets/mentat/api-token"  # required when bind is not loopback
+stream_client_buffer = 256  # /v1/stream: messages queued per client; a client further behind is dropped (counted)
+stream_max_clients = 64     # /v1/stream: clients at once; more get a 503
 
 [otlp]                      # usage export; OTEL_EXPORTER_OTLP_* variables override these
 endpoint = ""               # e.g. "http://otel-collector:4317"; empty: export off

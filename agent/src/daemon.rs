@@ -49,6 +49,7 @@ use crate::{
         forward::{ForwardOptions, Forwarder},
         outbox::LedgerOutbox,
         prometheus::{AgentStats, Exposition},
+        stream::{StreamHub, StreamLimits},
     },
 };
 
@@ -236,8 +237,22 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
         let pending = pending.clone();
         metrics.add_source(move || pending.counters());
     }
+    // `/v1/stream`: fed after each commit below; never waits on a client.
+    let stream = StreamHub::new(
+        node.clone(),
+        config.ledger_path.clone(),
+        StreamLimits {
+            client_buffer: config.api.stream_client_buffer,
+            max_clients: config.api.stream_max_clients,
+        },
+    );
+    {
+        let stream = stream.clone();
+        metrics.add_source(move || stream.counters());
+    }
     let api_state = AppState::new(config.ledger_path.clone(), metrics.clone(), ready.clone())
-        .with_pending(pending.clone());
+        .with_pending(pending.clone())
+        .with_stream(stream.clone());
     let mut api_stop = stop_rx.clone();
     let api_config = config.api.clone();
     let api_task = tokio::spawn(async move {
@@ -352,6 +367,28 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
     ready.store(true, Ordering::SeqCst);
 
     let (alert_tx, alert_rx) = watch::channel(0i64);
+    // Alert state changes go to `/v1/stream` too (as they are decided; the
+    // channels get them from the outbox).
+    let (events_tx, mut events_rx) = tokio::sync::broadcast::channel(1024);
+    let alert_engine = alert_engine.with_events(events_tx);
+    {
+        let stream = stream.clone();
+        tokio::spawn(async move {
+            use tokio::sync::broadcast::error::RecvError;
+            loop {
+                match events_rx.recv().await {
+                    Ok(event) => stream.publish_alert(&event),
+                    Err(RecvError::Lagged(n)) => {
+                        warn!(
+                            missed = n,
+                            "alert events not shown on /v1/stream (they are notified and listed as usual)"
+                        );
+                    }
+                    Err(RecvError::Closed) => break,
+                }
+            }
+        });
+    }
     let alert_task = tokio::spawn(alert::engine::run(alert_engine, alert_rx, stop_rx.clone()));
 
     let commit = {
@@ -388,6 +425,7 @@ pub async fn run(config: Config, node: String) -> Result<(), DaemonError> {
                     },
                 );
                 log_window(&done.window.report, done.committed.new);
+                stream.publish_committed(&done);
                 committed_windows += 1;
                 let _ = wake_tx.send(committed_windows);
             }

@@ -10,6 +10,7 @@ use mentat_agent::{
         output::Format,
         pricing,
         record::{self, RecordOptions},
+        top::{self, TopOptions},
         usage::{self, UsageFormat, UsageQuery},
     },
     config::{self, Config},
@@ -50,6 +51,18 @@ enum Cmd {
     Usage(UsageArgs),
     /// List a running agent's alerts, or (`alerts test RULE`) replay a rule over the ledger's history.
     Alerts(AlertsArgs),
+    /// A live view of what costs money now, per run, agent, flow, container or customer (q quits).
+    Top {
+        /// The agent's API (local or remote).
+        #[arg(long, default_value = "http://127.0.0.1:9464")]
+        url: String,
+        /// Bearer token file for an API bound off loopback.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// How far back the cost column starts (replayed from the agent's ledger).
+        #[arg(long, value_parser = parse_duration, default_value = "5m")]
+        since: Duration,
+    },
     /// List what the agent needs from the kernel and whether each is present; exit 1 if it cannot run.
     Check {
         /// Where to read kernel BTF from.
@@ -404,6 +417,18 @@ fn dispatch(cmd: Cmd) -> anyhow::Result<i32> {
                 &mut std::io::stdout().lock(),
                 &mut std::io::stderr(),
             )?;
+            Ok(0)
+        }
+        Cmd::Top {
+            url,
+            token_file,
+            since,
+        } => {
+            top::run(TopOptions {
+                api: url,
+                token_file,
+                since,
+            })?;
             Ok(0)
         }
         Cmd::Usage(a) => {

@@ -2,7 +2,7 @@
 //! printed (`output`).
 //!
 //! `record` meters for a while and prints; `usage` queries a running agent's
-//! API; `check` lists what the kernel offers the agent; `pricing` makes
+//! API; `top` shows it live; `check` lists what the kernel offers the agent; `pricing` makes
 //! price books.
 
 pub mod alerts;
@@ -10,4 +10,6 @@ pub mod check;
 pub mod output;
 pub mod pricing;
 pub mod record;
+pub mod top;
+pub mod top_draw;
 pub mod usage;

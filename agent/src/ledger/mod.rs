@@ -94,7 +94,10 @@ mod sum;
 #[cfg(test)]
 mod tests;
 mod times;
+mod windows;
 pub mod writer;
+
+pub use self::windows::WindowsAfter;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -356,6 +359,19 @@ pub struct Page {
     pub records: Vec<UsageRecord>,
     /// The cursor for the next page; None on the last page.
     pub next: Option<(String, String)>,
+}
+
+/// Which raw records a totals query sums.
+#[derive(Clone, Copy, Debug)]
+enum RawRange {
+    /// Window start in [from, to), Unix ns (rollups too).
+    Starts(i64, i64),
+    /// Committed with the window [start, end): ending at `end`, starting in [min_start, start].
+    CommittedWith {
+        min_start: i64,
+        start: i64,
+        end: i64,
+    },
 }
 
 /// One group's values of the group-by fields, in their order (None: the record has none).
@@ -1378,9 +1394,48 @@ impl Ledger {
         filters: &[(String, String)],
         keys: &mut HashMap<i64, Vec<Option<String>>>,
     ) -> Result<Vec<(Group, Totals)>, LedgerError> {
-        let path = &self.path;
         let from = parse_time("from", from)?;
         let to = parse_time("to", to)?;
+        self.totals_in(RawRange::Starts(from, to), group_by, filters, keys)
+    }
+
+    /// The same sums over the records committed with one window: those
+    /// ending at its end, `window_start_ns - min_start_ns` back at most
+    /// (an idle process's record spans several windows and is committed
+    /// with the last). No rollups: a compacted window has no raw records.
+    pub fn totals_committed_with(
+        &self,
+        window_start_ns: i64,
+        window_end_ns: i64,
+        min_start_ns: i64,
+        group_by: &[&str],
+        filters: &[(String, String)],
+    ) -> Result<Vec<(Group, Totals)>, LedgerError> {
+        self.totals_in(
+            RawRange::CommittedWith {
+                min_start: min_start_ns.min(window_start_ns),
+                start: window_start_ns,
+                end: window_end_ns,
+            },
+            group_by,
+            filters,
+            &mut HashMap::new(),
+        )
+    }
+
+    fn totals_in(
+        &self,
+        range: RawRange,
+        group_by: &[&str],
+        filters: &[(String, String)],
+        keys: &mut HashMap<i64, Vec<Option<String>>>,
+    ) -> Result<Vec<(Group, Totals)>, LedgerError> {
+        let path = &self.path;
+        // Rollups count only for a range of starts.
+        let (from, to) = match range {
+            RawRange::Starts(from, to) => (from, to),
+            RawRange::CommittedWith { .. } => (0, 0),
+        };
         let model_at = group_by.iter().position(|g| *g == models::MODEL);
         let groups = group_by
             .iter()
@@ -1412,8 +1467,19 @@ impl Ledger {
         let mut currencies = Currencies::default();
         let mut by_ident: HashMap<(i64, Option<usize>, Option<String>), Slot> = HashMap::new();
         // The tokens' JSON is read only when the model is asked for.
+        let (raw_where, raw_params) = match range {
+            RawRange::Starts(from, to) => ("ws_ns >= ?1 AND ws_ns < ?2", vec![from, to]),
+            RawRange::CommittedWith {
+                min_start,
+                start,
+                end,
+            } => (
+                "ws_ns >= ?1 AND ws_ns <= ?2 AND we_ns = ?3",
+                vec![min_start, start, end],
+            ),
+        };
         let raw = format!(
-            "SELECT ident, currency, {}, {}{} FROM records WHERE ws_ns >= ?1 AND ws_ns < ?2",
+            "SELECT ident, currency, {}, {}{} FROM records WHERE {raw_where}",
             DEC_COLS.join(", "),
             INT_COLS.join(", "),
             if by_model { ", tokens" } else { "" }
@@ -1424,7 +1490,7 @@ impl Ledger {
             .prepare_cached(&raw)
             .map_err(sql(path, "preparing totals"))?;
         let mut rows = stmt
-            .query(params![from, to])
+            .query(params_from_iter(raw_params))
             .map_err(sql(path, "summing records"))?;
         while let Some(row) = rows.next().map_err(sql(path, "summing records"))? {
             let ident: i64 = row.get(0).map_err(sql(path, "summing records"))?;

@@ -57,6 +57,10 @@ pub struct ApiConfig {
     pub bind: String,
     /// A file holding the bearer token; required when `bind` is not loopback.
     pub token_file: Option<PathBuf>,
+    /// `/v1/stream`: messages queued per client before it counts as fallen behind and is dropped (at least 1).
+    pub stream_client_buffer: usize,
+    /// `/v1/stream`: clients connected at once; more get a 503.
+    pub stream_max_clients: usize,
 }
 
 impl Default for ApiConfig {
@@ -64,6 +68,8 @@ impl Default for ApiConfig {
         Self {
             bind: "127.0.0.1:9464".into(),
             token_file: None,
+            stream_client_buffer: crate::serve::stream::DEFAULT_CLIENT_BUFFER,
+            stream_max_clients: crate::serve::stream::DEFAULT_MAX_CLIENTS,
         }
     }
 }
@@ -129,6 +135,8 @@ pub struct AppState {
     token: Option<Arc<str>>,
     /// Runs with spans received but windows not yet committed (the daemon's).
     pending: Option<Arc<PendingRuns>>,
+    /// The live stream's hub (`/v1/stream`), where the daemon feeds one.
+    pub(crate) stream: Option<crate::serve::stream::StreamHub>,
 }
 
 impl AppState {
@@ -144,12 +152,19 @@ impl AppState {
             ready,
             token: None,
             pending: None,
+            stream: None,
         }
     }
 
     /// The same, also answering for runs still inside `span_lag` from `pending`.
     pub fn with_pending(mut self, pending: Arc<PendingRuns>) -> Self {
         self.pending = Some(pending);
+        self
+    }
+
+    /// The same, serving `/v1/stream` from `hub`.
+    pub fn with_stream(mut self, hub: crate::serve::stream::StreamHub) -> Self {
+        self.stream = Some(hub);
         self
     }
 }
@@ -197,7 +212,7 @@ fn token_matches(given: &[u8], expected: &[u8]) -> bool {
 }
 
 /// A 400/500 with a JSON body naming what was wrong.
-struct Problem(StatusCode, String);
+pub(crate) struct Problem(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
@@ -205,7 +220,7 @@ impl IntoResponse for Problem {
     }
 }
 
-fn bad(param: &str, why: impl std::fmt::Display) -> Problem {
+pub(crate) fn bad(param: &str, why: impl std::fmt::Display) -> Problem {
     Problem(
         StatusCode::BAD_REQUEST,
         format!("parameter `{param}`: {why}"),
@@ -260,6 +275,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/runs/{run_id}", get(run_view))
         .route("/v1/quarantine", get(quarantine))
         .route("/v1/alerts", get(alerts))
+        .route("/v1/stream", get(crate::serve::stream_http::stream))
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
@@ -333,7 +349,7 @@ pub struct Range {
     pub filters: Vec<(String, String)>,
 }
 
-fn field_ok(param: &str, name: &str) -> Result<(), Problem> {
+pub(crate) fn field_ok(param: &str, name: &str) -> Result<(), Problem> {
     if ledger::FIELDS.contains(&name) || name == MODEL {
         Ok(())
     } else {
@@ -380,6 +396,16 @@ fn range(p: &RangeParams) -> Result<Range, Problem> {
         ));
     }
     let fmt = |t: OffsetDateTime| t.format(&Rfc3339).map_err(|e| bad("to", e));
+    let filters = parse_where(p)?;
+    Ok(Range {
+        from: fmt(from)?,
+        to: fmt(to)?,
+        filters,
+    })
+}
+
+/// The `where` clauses of `p`: `field=value` exact matches, each checked.
+pub(crate) fn parse_where(p: &RangeParams) -> Result<Vec<(String, String)>, Problem> {
     let mut filters = Vec::new();
     for clause in p
         .filter
@@ -421,11 +447,7 @@ fn range(p: &RangeParams) -> Result<Range, Problem> {
         }
         filters.push((k.to_string(), v.to_string()));
     }
-    Ok(Range {
-        from: fmt(from)?,
-        to: fmt(to)?,
-        filters,
-    })
+    Ok(filters)
 }
 
 /// Runs a ledger read off the async threads, on a read-only connection of

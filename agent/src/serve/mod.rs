@@ -12,3 +12,5 @@ pub mod forward;
 pub mod otlp;
 pub mod outbox;
 pub mod prometheus;
+pub mod stream;
+pub mod stream_http;
