@@ -140,10 +140,10 @@ fn record_sender(sk: *const u8, family: u16) {
     };
     // SAFETY: the value is copied out at once; LRU entries may be replaced
     // concurrently, and a stale copy only costs one more write.
-    if unsafe { SENDERS.get(&key) }.is_some_and(|v| *v == value) {
+    if unsafe { SENDERS.get(key) }.is_some_and(|v| *v == value) {
         return;
     }
-    let slot = match SENDERS.insert(&key, &value, 0) {
+    let slot = match SENDERS.insert(key, value, 0) {
         Ok(()) => 0,
         Err(_) => 1,
     };
