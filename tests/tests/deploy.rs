@@ -708,7 +708,16 @@ fn dashboard_queries() -> Vec<String> {
         .iter()
         .filter_map(|p| p["title"].as_str().map(str::to_lowercase))
         .collect();
-    for wanted in ["namespace", "pod", "agent", "runs", "gpu", "drops"] {
+    for wanted in [
+        "namespace",
+        "pod",
+        "agent",
+        "runs",
+        "gpu",
+        "drops",
+        "alerts",
+        "export lag",
+    ] {
         assert!(
             titles.iter().any(|t| t.contains(wanted)),
             "no panel about {wanted}: {titles:?}"
@@ -781,6 +790,7 @@ fn the_prometheus_rules_check_pass_their_unit_tests_and_ship_as_a_prometheusrule
         "MentatAgentUsageDropped",
         "MentatAgentExportLag",
         "MentatAgentOverhead",
+        "MentatAgentAlertNotificationsFailing",
     ] {
         assert!(
             tests.contains(&format!("alertname: {alert}")),
@@ -822,7 +832,8 @@ fn the_dashboard_and_the_rules_query_only_metrics_the_agent_exports() {
     let daemon = Daemon::start(&dir, &DaemonOptions::default()).expect("daemon starts");
     run_workload(&["burn", "--threads", "1", "--ms", "300"]).expect("burn");
     let source = read(&repo_root().join("agent/src/serve/prometheus.rs"))
-        + &read(&repo_root().join("agent/src/serve/export.rs"));
+        + &read(&repo_root().join("agent/src/serve/export.rs"))
+        + &read(&repo_root().join("agent/src/alert/notify/mod.rs"));
     // A family appears only once it is non-zero: GPU time needs a GPU, and memory
     // needs a second reading of some process (the first only sets where its
     // integral starts), so the families are awaited, not read after one window.
@@ -830,11 +841,13 @@ fn the_dashboard_and_the_rules_query_only_metrics_the_agent_exports() {
         names
             .iter()
             .filter(|name| !exposed.contains(&format!("# TYPE {name} ")))
-            // GPU time needs a GPU, the OTLP families an OTLP endpoint: those
-            // must at least be what the agent's source names.
+            // GPU time needs a GPU, the OTLP families an OTLP endpoint, the
+            // notification families an alert channel: those must at least be
+            // what the agent's source names.
             .filter(|name| {
                 !((name.as_str() == "mentat_gpu_seconds_total"
-                    || name.starts_with("mentat_agent_otlp_"))
+                    || name.starts_with("mentat_agent_otlp_")
+                    || name.starts_with("mentat_agent_alert_notification"))
                     && source.contains(&format!("\"{name}\"")))
             })
             .cloned()
