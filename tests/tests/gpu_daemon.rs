@@ -182,9 +182,12 @@ impl Tenant {
         stdin.flush().expect("flushing the gate line");
     }
 
-    /// Closes stdin, reaps it; its truth, and the CPU `wait4` reports for the
-    /// workload itself (the workload's own rusage when `unshare` is in between).
-    fn finish(mut self) -> (Gated, u64) {
+    /// Closes stdin, reaps it; its truth, the CPU `wait4` reports for the
+    /// workload itself (the workload's own rusage when `unshare` is in between),
+    /// and an upper bound of it: `wait4` of what the test started (with
+    /// `unshare`, its own CPU and the workload's exit, which the workload's own
+    /// rusage, read before it prints its truth and exits, does not hold).
+    fn finish(mut self) -> (Gated, u64, u64) {
         drop(self.stdin.take());
         let mut out = String::new();
         self.stdout
@@ -221,7 +224,7 @@ impl Tenant {
             );
             truth.rusage_cpu_ns
         };
-        (truth, cpu_ns)
+        (truth, cpu_ns, wait4_ns)
     }
 }
 
@@ -361,7 +364,7 @@ fn gpu_usage_lands_on_the_right_pids_and_containers() {
     })
     .expect("the script's totals in the ledger");
 
-    let truths: Vec<(Gated, u64)> = tenants.into_iter().map(Tenant::finish).collect();
+    let truths: Vec<(Gated, u64, u64)> = tenants.into_iter().map(Tenant::finish).collect();
     let exited = OffsetDateTime::now_utc();
     let records = daemon
         .records_once_past(&from, exited, Duration::from_secs(30))
@@ -557,16 +560,21 @@ fn gpu_usage_lands_on_the_right_pids_and_containers() {
     // tests/cpu.rs allows (both read the scheduler's clock; they differ by µs at the
     // edges of a run). The agent meters from its start; what the workload used
     // before it (start-up and the cgroup move, until the gate) is not its to see.
-    for ((truth, cpu_ns), pid) in truths.iter().zip([p1, p2, p3]) {
+    // A namespaced workload's own rusage misses its exit (CI once saw +1.10 %
+    // on a loaded machine): there the agent may reach up to unshare's wait4
+    // figure, which adds the exit and unshare's own few milliseconds.
+    for ((truth, cpu_ns, upper_ns), pid) in truths.iter().zip([p1, p2, p3]) {
         let expected = cpu_ns - truth.rusage_at_gate_ns;
+        let upper = upper_ns - truth.rusage_at_gate_ns;
         assert!(
             expected >= BURN_MS * 1_000_000,
             "pid {pid} burned only {expected} ns"
         );
         let metered = cpu_ns_of(&records, pid).expect("the CPU of the pid");
         assert!(
-            mentat_tests::within(metered, expected, 0.01),
-            "pid {pid}: the agent metered {metered} ns of CPU, rusage says {expected} ns ({:+.2} %)",
+            metered as f64 >= expected as f64 * 0.99 && metered as f64 <= upper as f64 * 1.01,
+            "pid {pid}: the agent metered {metered} ns of CPU, rusage says {expected} ns ({:+.2} %), \
+             at most {upper} ns with the exit",
             percent_off(metered, expected)
         );
     }
@@ -674,7 +682,7 @@ fn without_the_library_the_daemon_meters_cpu_and_check_says_so() {
     let mut tenant = Tenant::start("the workload", root.path(), false);
     let pid = tenant.pid;
     tenant.release();
-    let (truth, cpu_ns) = tenant.finish();
+    let (truth, cpu_ns, _) = tenant.finish();
     let exited = OffsetDateTime::now_utc();
     let records = daemon
         .records_once_past(&from, exited, Duration::from_secs(30))

@@ -1950,12 +1950,26 @@ fn private_files(path: &Path) -> Result<(), LedgerError> {
             source,
         }
     };
-    fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(path, "creating the ledger file"))?;
+    // Only a missing file is created here. Opening an existing one would be
+    // fatal: closing any descriptor of a file drops every POSIX lock this
+    // process holds on it, SQLite's included, so a second `Ledger::open` in a
+    // process that has the ledger open (the alert engine's) let another
+    // process's sqlite3 take it for the last connection, checkpoint and delete
+    // the WAL under the agent (readers then failed with "disk I/O error").
+    if !path.exists() {
+        match fs::OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+        {
+            // Closed at once, before SQLite opens it.
+            Ok(_) => {}
+            // Another process created it in between.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(path, "creating the ledger file")(e)),
+        }
+    }
     for suffix in ["", "-wal", "-shm"] {
         let mut p = path.as_os_str().to_owned();
         p.push(suffix);

@@ -339,6 +339,47 @@ fn sigkill_right_after_commit_loses_nothing() {
     assert_eq!(mtd, Decimal::ZERO, "records have no party");
 }
 
+/// A second `Ledger::open` in a process that has the ledger open (the alert
+/// engine's) must keep the first one's locks: otherwise another process's
+/// connection, closing, takes itself for the last one and deletes the WAL
+/// under the agent, and new readers fail with "disk I/O error".
+#[test]
+fn a_second_open_keeps_the_wal_when_another_process_closes_the_ledger() {
+    let (dir, mut ledger) = fresh("locks");
+    let db = dir.db();
+    ledger
+        .commit_window(&t(T0), &t(T0 + 10), &[rec("a", T0)], &[])
+        .expect("commit");
+    let _second = Ledger::open(&db, DAY).expect("a second connection in this process");
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys\n\
+             c = sqlite3.connect(sys.argv[1])\n\
+             c.execute('PRAGMA wal_checkpoint(TRUNCATE)').fetchall()\n\
+             c.close()",
+        ])
+        .arg(&db)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    assert!(
+        PathBuf::from(wal).exists(),
+        "another process deleted the WAL: it took itself for the last connection"
+    );
+    ledger
+        .commit_window(&t(T0 + 10), &t(T0 + 20), &[rec("b", T0 + 10)], &[])
+        .expect("commit after");
+    let reader = Ledger::open_read_only(&db).expect("a new reader");
+    assert_eq!(all(&reader, T0, T0 + 20).len(), 2);
+}
+
 #[test]
 fn dropping_without_close_keeps_the_window() {
     let (dir, mut ledger) = fresh("forget");
