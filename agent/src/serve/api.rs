@@ -1026,7 +1026,7 @@ async fn alerts(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use rust_decimal::Decimal;
 
     use super::*;
@@ -1088,7 +1088,7 @@ mod tests {
     }
 
     /// Serves `state` on a free loopback port from its own thread; returns the base URL.
-    fn serve_in_background(state: AppState) -> String {
+    pub(crate) fn serve_in_background(state: AppState) -> String {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -409,30 +409,13 @@ mod tests {
         alert::{AlertEvent, AlertState},
         probes::clock::rfc3339_of_ns,
         report::record::{Cost, UsageRecord},
-        serve::{api::router, prometheus::Exposition, stream::StreamLimits},
+        serve::{prometheus::Exposition, stream::StreamLimits},
     };
 
     const S: i64 = 1_000_000_000;
     const T0: i64 = 1_767_225_600 * S;
 
-    fn serve(state: AppState) -> String {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                    .await
-                    .expect("bind");
-                let _ = tx.send(listener.local_addr().expect("addr"));
-                let _ = axum::serve(listener, router(state)).await;
-            });
-        });
-        format!("http://{}", rx.recv().expect("address"))
-    }
+    use crate::serve::api::tests::serve_in_background as serve;
 
     fn alert(run: &str) -> AlertEvent {
         AlertEvent {
